@@ -1,0 +1,21 @@
+"""parallax-jax: Parallax attention and the Local Linear Attention family in JAX."""
+from parallax_jax.api import (
+    AFFINES,
+    IMPLEMENTATIONS,
+    MEMBERS,
+    PROBES,
+    attention,
+    linear_attention,
+    lla_attention,
+    member,
+    parallax_attention,
+    softmax_attention,
+)
+from parallax_jax.chunked import BlockSizes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AFFINES", "IMPLEMENTATIONS", "MEMBERS", "PROBES", "BlockSizes", "attention",
+    "linear_attention", "lla_attention", "member", "parallax_attention", "softmax_attention",
+]

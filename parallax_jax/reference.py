@@ -1,0 +1,151 @@
+"""Dense reference for the whole attention family (the `"xla"` implementation).
+
+Materialises the [T, S] weight matrix per head, so it is O(T*S) in memory. Every other
+implementation is tested against it; it follows the spec's formulas literally.
+Internal layout: heads split into kv-heads and groups, `[B, Hkv, G, T, D]`, so GQA never
+repeats K/V (q-head h = kv_head * G + g reads kv-head h // G).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from parallax_jax import masks
+
+
+def split_heads(x, num_kv_heads):
+  """[B, T, Hq, D] -> [B, Hkv, G, T, D]."""
+  b, t, h, d = x.shape
+  return x.reshape(b, t, num_kv_heads, h // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def merge_heads(x):
+  """[B, Hkv, G, T, D] -> [B, T, Hq, D]."""
+  b, k, g, t, d = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, d)
+
+
+def kv_heads_first(x):
+  """[B, S, Hkv, D] -> [B, Hkv, S, D]."""
+  return x.transpose(0, 2, 1, 3)
+
+
+def weights(q, k, scale, mask):
+  """Masked softmax weights a [B, Hkv, G, T, S]; rows without keys are all zero."""
+  s = jnp.einsum("bkgtd,bksd->bkgts", q, k) * scale[None, :, :, None, None]
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  d = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(d > 0, d, 1.0)
+
+
+def _cg(op, b, iters):
+  """Conjugate gradient with a fixed iteration count (jit- and grad-friendly).
+
+  Divisions are guarded so a converged (zero) residual stays at zero instead of NaN.
+  """
+  def dot(x, y):
+    return jnp.sum(x * y, axis=-1, keepdims=True)
+
+  def body(_, state):
+    x, r, p, rr = state
+    ap = op(p)
+    pap = dot(p, ap)
+    alpha = jnp.where(pap > 0, rr / jnp.where(pap > 0, pap, 1.0), 0.0)
+    x = x + alpha * p
+    r = r - alpha * ap
+    rr_new = dot(r, r)
+    beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
+    return x, r, r + beta * p, rr_new
+
+  x0 = jnp.zeros_like(b)
+  x, *_ = jax.lax.fori_loop(0, iters, body, (x0, b, b, dot(b, b)))
+  return x
+
+
+def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
+  """The exact local-regression probe rho (spec, `solve` row).
+
+  linear:          rho = (sum_j a_j k_j k_j^T + lam I)^-1 q
+  affine/boundary: rho = (M + lam I)^-1 mu,  M = sum_j a_j (k_j - q)(k_j - q)^T,  mu = kbar - q
+  """
+  kbar = jnp.einsum("bkgts,bksd->bkgtd", a, k)
+  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
+  # Rows without keys get the identity system instead of a zero one: their output is
+  # zeroed anyway, and a singular solve there would turn gradients into NaN.
+  ridge = ridge + jnp.where(has_keys, 0.0, 1.0)
+  if affine == "linear":
+    rhs = q
+  else:
+    rhs = kbar - q
+
+  if solver == "direct":
+    kk = jnp.einsum("bkgts,bksd,bkse->bkgtde", a, k, k)
+    if affine != "linear":
+      # Second moment about the query: E[kk^T] - kbar q^T - q kbar^T + q q^T (weights sum to 1).
+      kk = (kk - kbar[..., :, None] * q[..., None, :] - q[..., :, None] * kbar[..., None, :]
+            + q[..., :, None] * q[..., None, :])
+    return jnp.linalg.solve(kk + ridge[..., None] * eye, rhs[..., None])[..., 0]
+
+  def op(x):  # matrix-free: never forms the D x D moment
+    akx = a * jnp.einsum("bkgtd,bksd->bkgts", x, k)
+    y = jnp.einsum("bkgts,bksd->bkgtd", akx, k) + ridge * x
+    if affine != "linear":
+      qx = jnp.sum(q * x, axis=-1, keepdims=True)
+      y = y - kbar * qx - q * jnp.sum(akx, axis=-1, keepdims=True) + q * qx
+    return y
+
+  return _cg(op, rhs, cg_iters)
+
+
+def family_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",
+                cg_iters=None):
+  """All members on split-head inputs: q, r [B,K,G,T,D]; k [B,K,S,D]; v [B,K,S,Dv].
+
+  scale [K, G] = 1/bandwidth (0 for an infinite bandwidth); mask broadcastable to
+  [B, K, G, T, S]. Returns [B, K, G, T, Dv] in the inputs' dtype.
+  """
+  a = weights(q, k, scale, mask)
+  vbar = jnp.einsum("bkgts,bksd->bkgtd", a, v)
+  has_keys = jnp.any(mask, axis=-1)[..., None]
+  if affine == "constant" or probe == "none" and affine != "linear":
+    return jnp.where(has_keys, vbar, 0.0)
+  if probe == "none":  # linear model through the origin with a zero probe
+    return jnp.zeros_like(vbar)
+  if probe == "query":
+    rho = q
+  elif probe == "learned":
+    rho = r
+  else:
+    rho = solve_probe(q, k, a, has_keys, affine=affine, ridge=ridge, solver=solver,
+                      cg_iters=cg_iters or q.shape[-1])
+
+  t = jnp.einsum("bkgtd,bksd->bkgts", rho, k)
+  u = jnp.einsum("bkgts,bksd->bkgtd", a * t, v)  # sum_j a_j (rho . k_j) v_j
+  tbar = jnp.sum(a * t, axis=-1, keepdims=True)  # rho . kbar
+  if affine == "linear":
+    o = u
+  elif affine == "affine":  # vbar - C^T rho, with C^T rho = u - tbar * vbar
+    o = (1.0 + tbar) * vbar - u
+  else:  # boundary: divide the correction by 1 - rho . mu = 1 - tbar + rho . q
+    den = 1.0 - tbar + jnp.sum(rho * q, axis=-1, keepdims=True)
+    o = vbar - (u - tbar * vbar) / den
+  return jnp.where(has_keys, o, 0.0)
+
+
+def dense_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iters, causal,
+                    window, q_seg, kv_seg, compute_dtype):
+  """[B,T,Hq,D] layout wrapper around `family_core` (validated inputs; see api.attention)."""
+  hkv = k.shape[2]
+  t, s = q.shape[1], k.shape[1]
+  mask = masks.full_mask(t, s, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg)
+  mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
+  cast = lambda x: None if x is None else x.astype(compute_dtype)
+  o = family_core(
+      split_heads(cast(q), hkv), kv_heads_first(cast(k)), kv_heads_first(cast(v)),
+      None if r is None else split_heads(cast(r), hkv),
+      scale.astype(compute_dtype).reshape(hkv, -1), mask,
+      probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters)
+  return merge_heads(o).astype(q.dtype)
