@@ -12,10 +12,11 @@ from parallax_jax.api import (
     softmax_attention,
 )
 from parallax_jax.chunked import BlockSizes
+from parallax_jax import diagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AFFINES", "IMPLEMENTATIONS", "MEMBERS", "PROBES", "BlockSizes", "attention",
+    "AFFINES", "IMPLEMENTATIONS", "diagnostics", "MEMBERS", "PROBES", "BlockSizes", "attention",
     "linear_attention", "lla_attention", "member", "parallax_attention", "softmax_attention",
 ]
