@@ -124,9 +124,30 @@ def _compute_dtype(dtype):
   return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _choose(implementation, probe, affine, q, k, causal, window, segment_ids):
+def _pallas_member(probe, affine):
+  """'softmax' or 'parallax' when the fused kernels compute this member, else None."""
+  if affine == "constant" or (probe == "none" and affine != "linear"):
+    return "softmax"
+  if (probe, affine) == ("learned", "affine"):
+    return "parallax"
+  return None
+
+
+def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg):
+  """`implementation=None`: the fused kernels on GPU where they apply, else dense for short
+  sequences and chunked for long ones."""
   if implementation is not None:
     return implementation
+  if jax.default_backend() == "gpu" and _pallas_member(probe, affine):
+    try:
+      import pallas_kernels
+      ok, _ = pallas_kernels.is_supported(
+          q, k, v, r if _pallas_member(probe, affine) == "parallax" else None, window=window,
+          q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    except ImportError:
+      ok = False
+    if ok:
+      return "pallas"
   if q.shape[1] * k.shape[1] <= DENSE_MAX_PAIRS:
     return "xla"
   return "chunked"
@@ -162,7 +183,7 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
                                 implementation, cg_iters)
   compute_dtype = _compute_dtype(q.dtype)
   scale = _scale(bandwidth, q.shape[2], q.shape[3], compute_dtype)
-  impl = _choose(implementation, probe, affine, q, k, causal, window, segment_ids)
+  impl = _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg)
   kwargs = dict(probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters,
                 causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg,
                 compute_dtype=compute_dtype)
@@ -174,8 +195,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
 
 
 def _pallas(q, k, v, r, scale, *, probe, affine, causal, window, q_seg, kv_seg, **_):
-  softmax = affine == "constant" or (probe == "none" and affine != "linear")
-  if not softmax and (probe, affine) != ("learned", "affine"):
+  kind = _pallas_member(probe, affine)
+  if kind is None:
     _fail(f"implementation='pallas' supports softmax and Parallax (probe='learned', "
           f"affine='affine'), got probe={probe!r}, affine={affine!r}")
   try:
@@ -183,7 +204,7 @@ def _pallas(q, k, v, r, scale, *, probe, affine, causal, window, q_seg, kv_seg, 
   except ImportError as e:  # pragma: no cover - depends on the install
     raise ValueError(f"implementation='pallas' is unavailable: {e}") from e
   return pallas_kernels.parallax_flash_attention(
-      q, k, v, None if softmax else r, scale=scale, causal=causal, window=window,
+      q, k, v, r if kind == "parallax" else None, scale=scale, causal=causal, window=window,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
 

@@ -124,7 +124,7 @@ def test_long_sequence_chunked_matches_dense_output(rng):
   dense = pj.parallax_attention(q, k, v, r, implementation="xla")
   chunk = pj.parallax_attention(q, k, v, r, implementation="chunked")
   np.testing.assert_allclose(np.asarray(chunk), np.asarray(dense), atol=2e-5, rtol=2e-5)
-  assert pj.api._choose(None, "learned", "affine", q, k, True, None, None) == "chunked"
+  assert pj.api._choose(None, "learned", "affine", q, k, v, r, None, None, None) == "chunked"
 
 
 @pytest.mark.slow
