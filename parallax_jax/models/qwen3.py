@@ -1,0 +1,280 @@
+"""Qwen3-style decoder-only LM with a swappable attention-family member.
+
+    model = Qwen3Model(config)
+    params = init_params(config, jax.random.key(0))          # unboxed fp32 params
+    logits = model.apply({"params": params}, tokens)         # [B, T, V] float32
+
+Parameter tree: `embed/embedding` [V, d], `layers_{i}/...` (or `layers/...` with a leading
+layer axis when `scan_layers`), `final_norm/scale` [d], `lm_head/kernel` [d, V] unless tied.
+Also here: `KVCache`, `param_count`, `flops_per_token`, orbax `save_checkpoint` /
+`load_checkpoint`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from parallax_jax.models.config import ModelConfig
+from parallax_jax.nn.layers import (BLD, Projection, RMSNorm, block_class, constrain,
+                                    rope_cos_sin)
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys and values plus how many slots each sequence has filled.
+
+  k, v: [num_layers, B, S, Hkv, Dh] (compute dtype); lengths: [B] int32. Only k and v are
+  cached: the Parallax probe r = W_R x is recomputed from the current token.
+  """
+  k: Array
+  v: Array
+  lengths: Array
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+class Embed(nn.Module):
+  """Token embedding `embedding` [V, d]; `attend` is the tied LM head x E^T."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                  ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+
+  def attend(self, x):
+    dt = self.config.compute_dtype
+    return jnp.einsum("btd,vd->btv", x.astype(dt), self.embedding.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+class Qwen3Model(nn.Module):
+  """Qwen3 decoder LM. See `parallax_jax.nn.layers.Attention` for the cache modes.
+
+  __call__(tokens [B,T] int, positions [B,T] (default arange, or cache.lengths when decoding),
+           segment_ids [B,T] (packed sequences; training/prefill only), cache: KVCache | None)
+  -> logits [B,T,V] float32, or (logits, new_cache) when a cache is given.
+  With a cache, T > 1 is a prefill into an empty cache and T == 1 a decode step; both advance
+  `cache.lengths` by T (set it to the true prompt lengths after a padded prefill).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    cfg = self.config
+    b, t = tokens.shape
+    if positions is None:
+      if cache is not None and t == 1:
+        positions = cache.lengths[:, None]
+      else:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are not supported together with a KV cache")
+    embed = Embed(cfg, name="embed")
+    x = constrain(embed(tokens), BLD)
+    cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
+    lengths = None if cache is None else cache.lengths
+
+    if cfg.scan_layers:
+      block = block_class(cfg, cfg.layer_remat_policy(0), scan=True)
+      scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                        split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      layer_cache = None if cache is None else (cache.k, cache.v)
+      x, new_kv = scanned(cfg, name="layers")(x, cos, sin, segment_ids, layer_cache, lengths)
+    else:
+      new_k, new_v = (None, None) if cache is None else (cache.k, cache.v)
+      for i in range(cfg.num_layers):
+        block = block_class(cfg, cfg.layer_remat_policy(i))
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        x, nc = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_cache, lengths)
+        if cache is not None:
+          new_k, new_v = new_k.at[i].set(nc[0]), new_v.at[i].set(nc[1])
+      new_kv = (new_k, new_v)
+
+    x = RMSNorm("embed", cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Projection((cfg.vocab_size,), ("embed", "vocab"),
+                          kernel_init=nn.initializers.normal(cfg.init_std),
+                          dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                          out_dtype=jnp.float32, name="lm_head")(x)
+    logits = constrain(logits.astype(jnp.float32),
+                       ("activation_batch", "activation_length", "activation_vocab"))
+    if cache is None:
+      return logits
+    return logits, cache.replace(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + t)
+
+
+# --------------------------------------------------------------------------- params
+def _dummy_tokens():
+  return jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: ModelConfig, rng: Any, *, boxed: bool = False):
+  """Initialised parameters (unboxed arrays unless boxed=True keeps nn.Partitioned)."""
+  if not isinstance(rng, jax.Array) or not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+  variables = Qwen3Model(config).init(rng, _dummy_tokens())
+  return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig, *, boxed: bool = False):
+  """ShapeDtypeStruct tree of the parameters (no memory allocated; jax.eval_shape)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=boxed))
+
+
+def logical_param_specs(config: ModelConfig):
+  """Tree of logical PartitionSpecs (axis names) matching the parameter tree."""
+  return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def count_params(params) -> int:
+  """Number of scalars in a (possibly abstract) parameter tree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def param_count(config: ModelConfig, *, embeddings: bool = True) -> int:
+  """Analytic parameter count (equals `count_params(abstract_params(config))`).
+
+  embeddings=False drops the token embedding and the (untied) LM head.
+  """
+  d, hq, hkv, dh, f = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                       config.resolved_head_dim, config.intermediate_size)
+  attn = d * hq * dh + 2 * d * hkv * dh + hq * dh * d + 2 * dh
+  if config.has_probe_params:
+    attn += d * hq * dh + (dh if config.r_norm else 0)
+  if config.learnable_bandwidth:
+    attn += hq
+  if config.correction_gate:
+    attn += d * hq + hq
+  layer = attn + 3 * d * f + 2 * d
+  total = config.num_layers * layer + d
+  if embeddings:
+    total += config.vocab_size * d * (1 if config.tie_embeddings else 2)
+  return total
+
+
+def mean_context(config: ModelConfig, seq_len: int) -> float:
+  """Average number of keys a query sees in a causal sequence of seq_len (with the window)."""
+  w = config.window
+  if w is None or w >= seq_len:
+    return (seq_len + 1) / 2
+  # positions 0..w-1 see i+1 keys, the rest see w
+  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def attention_core_flops(config: ModelConfig, seq_len: int, context: float | None = None) -> float:
+  """Forward FLOPs per token of one layer's attention core (no projections).
+
+  Counted as the quadratic (parallel) form with 2 FLOPs per multiply-add, each [T,S]x[S,Dh]
+  -like matmul costing 2 * Hq * Dh * ctx per token (ctx = mean visible keys):
+    softmax (constant): S = Q K^T, O = P V                            -> 2 matmuls
+    learned probe, affine/boundary: S1, S2 = R K^T, O1, O2 = P2 V     -> 4 matmuls
+    query probe, affine/boundary: S2 = h S1 is free                   -> 3 matmuls
+    linear affine: S (unless h = inf), t = rho K^T, (a t) V           -> 2-3 matmuls
+    solve probe: weighted second moments sum_j a_j (k_j - c)(k_j - c)^T (2 Hq Dh^2 ctx), a
+      D x D solve per query and head (2/3 Dh^3 + 2 Dh^2), then the learned-probe matmuls.
+  The two-call gate fallback (boundary or solve with correction_gate) adds a softmax pass.
+  Elementwise work (exp, masks) is not counted. `context` overrides ctx (e.g. seq_len for a
+  dense implementation that computes every (query, key) pair).
+  """
+  hq, dh = config.num_heads, config.resolved_head_dim
+  ctx = mean_context(config, seq_len) if context is None else context
+  mm = 2.0 * hq * dh * ctx
+  probe, affine = config.resolved_probe, config.resolved_affine
+  finite = math.isfinite(config.resolved_bandwidth) or config.learnable_bandwidth
+  extra = 0.0
+  if affine == "constant":
+    n = 2
+  elif affine == "linear":
+    n = 2 + (1 if finite else 0)
+  elif probe == "query":
+    n = 3
+  elif probe == "none":
+    n = 2
+  else:
+    n = 4
+  if probe == "solve":
+    extra += 2.0 * hq * dh * dh * ctx + hq * (2.0 / 3.0 * dh ** 3 + 2.0 * dh * dh)
+  if config.correction_gate and not (affine == "affine" and probe in ("learned", "query")):
+    n += 2
+  return n * mm + extra
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = False,
+                    context: float | None = None) -> float:
+  """Matmul FLOPs per token for sequences of seq_len (forward; x3 with training=True).
+
+  = 2 * (matmul parameters per layer) * num_layers + attention core (`attention_core_flops`)
+    * num_layers + 2 * d * V for the LM head. The embedding lookup is free; norms, RoPE,
+  the gate's sigmoid and the bandwidth are not counted. `context`: see attention_core_flops.
+  """
+  d, hq, hkv, dh, f = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                       config.resolved_head_dim, config.intermediate_size)
+  mat = 2 * d * hq * dh + 2 * d * hkv * dh + 3 * d * f
+  if config.has_probe_params:
+    mat += d * hq * dh
+  if config.correction_gate:
+    mat += d * hq
+  per_layer = 2.0 * mat + attention_core_flops(config, seq_len, context)
+  fwd = config.num_layers * per_layer + 2.0 * d * config.vocab_size
+  return 3.0 * fwd if training else fwd
+
+
+# --------------------------------------------------------------------------- checkpoints
+CONFIG_FILE = "model_config.json"
+
+
+def save_checkpoint(path: str, params, config: ModelConfig) -> str:
+  """Save unboxed params (orbax, under path/params) and the config (path/model_config.json)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(config.to_dict(), f, indent=1)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, "params"), nn.unbox(params), force=True)
+  ckptr.wait_until_finished()
+  return path
+
+
+def load_config(path: str) -> ModelConfig:
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+def load_checkpoint(path: str, config: ModelConfig | None = None):
+  """(config, params) from `save_checkpoint`'s layout; `config` overrides the stored one
+  (it must describe the same parameter shapes)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  config = load_config(path) if config is None else config
+  target = abstract_params(config)
+  params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+  return config, params

@@ -1,0 +1,316 @@
+"""Flax Linen layers of a Qwen3-style decoder with a swappable attention-family member.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
+activation a logical constraint (`nn.with_logical_constraint`); `LOGICAL_AXIS_NAMES` lists them
+all so a training setup can map them to a mesh with one rule table. Without rules in scope the
+constraints are no-ops.
+
+Parameter paths (relied on by the optimizer's routing; keep them stable), inside a layer:
+  attn/{q,r}_proj/kernel [d, Hq, Dh]   attn/{k,v}_proj/kernel [d, Hkv, Dh]
+  attn/o_proj/kernel [Hq, Dh, d]       attn/{q,k,r}_norm/scale [Dh]
+  attn/log_bandwidth [Hq]              attn/gate/{kernel [d, Hq], bias [Hq]}
+  mlp/{gate,up}_proj/kernel [d, F]     mlp/down_proj/kernel [F, d]
+  input_norm/scale [d]                 post_attn_norm/scale [d]
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from parallax_jax import api as _api
+from parallax_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+# Logical axis names of parameters.
+PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers")
+# Logical axis names of activations (kept distinct from the parameter names so that e.g.
+# FSDP can shard parameter 'embed' while activation 'activation_embed' stays replicated).
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
+                   "activation_q_heads", "activation_kv_heads", "activation_head_dim",
+                   "activation_mlp", "activation_vocab", "cache_length")
+LOGICAL_AXIS_NAMES = PARAM_AXES + ACTIVATION_AXES
+
+BLD = ("activation_batch", "activation_length", "activation_embed")
+BLHD_Q = ("activation_batch", "activation_length", "activation_q_heads", "activation_head_dim")
+BLHD_KV = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+BSHD_CACHE = ("activation_batch", "cache_length", "activation_kv_heads", "activation_head_dim")
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+def remat_policy(name: str):
+  """jax.checkpoint policy for a config name (None for 'none', which means no remat)."""
+  cp = jax.checkpoint_policies
+  return {
+      "none": None,
+      "full": cp.nothing_saveable,
+      "dots": cp.checkpoint_dots,
+      "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+      "attn_out": cp.save_only_these_names("attn_out"),
+      "qkv_attn_out": cp.save_only_these_names("q", "k", "v", "r", "attn_out"),
+  }[name]
+
+
+class Projection(nn.Module):
+  """y = x . W contracting the last `in_dims` axes of x with the first of W ('kernel')."""
+  features: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  in_dims: int = 1
+  kernel_init: Callable = nn.initializers.normal(0.02)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  out_dtype: Any = None  # preferred_element_type of the contraction (None: dtype)
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        tuple(in_shape) + tuple(self.features), self.param_dtype)
+    x_axes = tuple(range(x.ndim - self.in_dims, x.ndim))
+    k_axes = tuple(range(self.in_dims))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                               ((x_axes, k_axes), ((), ())),
+                               preferred_element_type=self.out_dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, statistics in float32 (Qwen3: y = scale * x / rms(x))."""
+  axis_name: str = "embed"
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos, sin [B, T, Dh] (float32) for rotate-half RoPE at integer `positions` [B, T]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotate-half RoPE on x [B, T, H, Dh] with cos/sin [B, T, Dh]; computed in float32."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def decode_kv_segments(lengths: Array, cache_len: int, window: int | None):
+  """(q_ids [B,1], kv_ids [B,S]) masking cache slots a decode step must not see.
+
+  After writing the new token at slot `lengths[b]`, slots j <= lengths[b] (and, with a window,
+  j > lengths[b] - window) are visible: kv id 0 = the query's id; others get -1.
+  """
+  j = jnp.arange(cache_len, dtype=jnp.int32)[None, :]
+  n = lengths.astype(jnp.int32)[:, None]
+  valid = j <= n
+  if window is not None:
+    valid = valid & (j > n - window)
+  kv_ids = jnp.where(valid, 0, -1).astype(jnp.int32)
+  q_ids = jnp.zeros((lengths.shape[0], 1), jnp.int32)
+  return q_ids, kv_ids
+
+
+class Attention(nn.Module):
+  """Attention with q/k/v/o projections, QK-norm, RoPE and the family member from the config.
+
+  Parallax's probe r = W_R x is a separate projection shaped like W_Q (`r_proj`), with optional
+  RMSNorm, then the same RoPE as q. The optional sigmoid gate g (per position and q-head)
+  multiplies the correction: o = vbar - g C^T r. For affine='affine' the output is linear in r,
+  so this is computed exactly with ONE attention call by passing g * r as the probe. For
+  'boundary' (nonlinear in r) or the 'solve' probe it costs a second, softmax, call:
+  o = vbar + g (o_full - vbar).
+
+  Call: `(x [B,T,d], cos, sin, segment_ids, cache, cache_lengths) -> (y, new_cache)`.
+  - cache None: training / full forward (causal over x, optional packed `segment_ids`).
+  - cache (k, v) [B,S,Hkv,Dh] and T > 1: prefill from an empty cache: causal attention over x,
+    k and v written to slots [0, T).
+  - cache and T == 1: one decode step: k, v written at slot cache_lengths[b]; the query attends
+    over the cache with unfilled slots masked by segment ids. Only k and v are cached; r is
+    recomputed from the token.
+  """
+  config: ModelConfig
+
+  def _init(self, zero=False):
+    if zero:
+      return nn.initializers.zeros
+    return nn.initializers.normal(self.config.init_std)
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_lengths=None):
+    cfg = self.config
+    hq, hkv, dh, dt, pdt = (cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                            cfg.compute_dtype, cfg.weight_dtype)
+    probe, affine = cfg.resolved_probe, cfg.resolved_affine
+
+    def proj(name, heads, axis, zero=False):
+      return Projection((heads, dh), ("embed", axis, "head_dim"), kernel_init=self._init(zero),
+                        dtype=dt, param_dtype=pdt, name=name)(x)
+
+    def norm(name):
+      return RMSNorm("head_dim", cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name=name)
+
+    q = apply_rope(norm("q_norm")(proj("q_proj", hq, "q_heads")), cos, sin)
+    k = apply_rope(norm("k_norm")(proj("k_proj", hkv, "kv_heads")), cos, sin)
+    v = proj("v_proj", hkv, "kv_heads")
+    q = checkpoint_name(constrain(q, BLHD_Q), "q")
+    k = checkpoint_name(constrain(k, BLHD_KV), "k")
+    v = checkpoint_name(constrain(v, BLHD_KV), "v")
+
+    r = None
+    if cfg.has_probe_params:
+      r = proj("r_proj", hq, "q_heads", zero=cfg.r_init == "zeros")
+      if cfg.r_norm:
+        r = norm("r_norm")(r)
+      r = checkpoint_name(constrain(apply_rope(r, cos, sin), BLHD_Q), "r")
+
+    gate = None
+    if cfg.correction_gate:
+      gate = _Gate(hq, cfg.gate_bias_init, dt, pdt, name="gate")(x)  # [B, T, Hq]
+      self.sow("intermediates", "g", gate)
+
+    if cfg.learnable_bandwidth:
+      log_bw = self.param("log_bandwidth", nn.with_logical_partitioning(
+          nn.initializers.constant(math.log(cfg.resolved_bandwidth)), ("q_heads",)), (hq,), pdt)
+      bandwidth = jnp.exp(log_bw.astype(jnp.float32))
+    else:
+      bandwidth = cfg.resolved_bandwidth
+
+    # Diagnostics (COR, effective weights, ...): apply(..., mutable=["intermediates"]) collects
+    # q, k, v, r after norm and RoPE (r before the gate; the gate value is sown as "g"), as the
+    # family API receives them in training; free when not requested.
+    for name, val in (("q", q), ("k", k), ("v", v), ("r", r)):
+      if val is not None:
+        self.sow("intermediates", name, val)
+
+    new_cache = None
+    causal, window, seg = True, cfg.window, segment_ids
+    if cache is not None:
+      ck, cv = cache
+      t = x.shape[1]
+      if t == 1:  # decode step
+        b = jnp.arange(x.shape[0])
+        ck = ck.at[b, cache_lengths].set(k[:, 0].astype(ck.dtype))
+        cv = cv.at[b, cache_lengths].set(v[:, 0].astype(cv.dtype))
+        seg = decode_kv_segments(cache_lengths, ck.shape[1], cfg.window)
+        causal, window = False, None
+        k, v = ck.astype(dt), cv.astype(dt)
+      else:  # prefill from an empty cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
+      new_cache = (constrain(ck, BSHD_CACHE), constrain(cv, BSHD_CACHE))
+
+    def family(probe_, affine_, r_):
+      return _api.attention(q, k, v, r_ if probe_ == "learned" else None, probe=probe_,
+                            affine=affine_, bandwidth=bandwidth, ridge=cfg.ridge,
+                            solver=cfg.solver, causal=causal, window=window, segment_ids=seg,
+                            implementation=cfg.implementation)
+
+    if gate is None:
+      out = family(probe, affine, r)
+    elif affine == "affine" and probe == "learned":
+      out = family(probe, affine, r * gate[..., None].astype(r.dtype))  # exact, one call
+    elif affine == "affine" and probe == "query":
+      # o = vbar - g C^T q: the probe q only enters the correction; still one call, but the
+      # probe must differ from q, so route it through the 'learned' probe slot.
+      out = family("learned", affine, q * gate[..., None].astype(q.dtype))
+    else:  # nonlinear in the probe: o = vbar + g (o_full - vbar), two calls
+      base = family("none", "constant", None)
+      full = family(probe, affine, r)
+      out = base + gate[..., None].astype(base.dtype) * (full - base)
+    out = checkpoint_name(constrain(out, BLHD_Q), "attn_out")
+    y = Projection((cfg.hidden_size,), ("q_heads", "head_dim", "embed"), in_dims=2,
+                   kernel_init=self._init(), dtype=dt, param_dtype=pdt, name="o_proj")(out)
+    return constrain(y, BLD), new_cache
+
+
+class _Gate(nn.Module):
+  """g = sigmoid(x W_g + b), W_g [d, Hq] zero-initialised, b [Hq] = bias_init."""
+  heads: int
+  bias_init: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("embed", "q_heads")),
+                        (x.shape[-1], self.heads), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.constant(self.bias_init), ("q_heads",)), (self.heads,), self.param_dtype)
+    logits = jnp.einsum("btd,dh->bth", x.astype(self.dtype), kernel.astype(self.dtype))
+    return jax.nn.sigmoid(logits.astype(jnp.float32) + bias.astype(jnp.float32))
+
+
+class MLP(nn.Module):
+  """SwiGLU without bias: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.init_std)
+    kw = dict(kernel_init=init, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    f = cfg.intermediate_size
+    g = Projection((f,), ("embed", "mlp"), name="gate_proj", **kw)(x)
+    u = Projection((f,), ("embed", "mlp"), name="up_proj", **kw)(x)
+    h = constrain(jax.nn.silu(g) * u, ("activation_batch", "activation_length", "activation_mlp"))
+    return Projection((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: h = x + attn(input_norm(x)); y = h + mlp(post_attn_norm(h)).
+
+  Returns (y, new_layer_cache) so it can be used directly as an `nn.scan` body.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_lengths=None):
+    cfg = self.config
+    kw = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    x = constrain(x, BLD)
+    a, new_cache = Attention(cfg, name="attn")(RMSNorm("embed", name="input_norm", **kw)(x),
+                                               cos, sin, segment_ids, cache, cache_lengths)
+    h = x + a
+    y = h + MLP(cfg, name="mlp")(RMSNorm("embed", name="post_attn_norm", **kw)(h))
+    return constrain(y.astype(cfg.compute_dtype), BLD), new_cache
+
+
+def block_class(config: ModelConfig, policy: str, scan: bool = False) -> type[nn.Module]:
+  """DecoderBlock wrapped in nn.remat with `policy` ('none': unwrapped)."""
+  if policy == "none":
+    return DecoderBlock
+  return nn.remat(DecoderBlock, policy=remat_policy(policy), prevent_cse=not scan)
+
+
+def logical_axis_rules_example() -> Sequence[tuple[str, Any]]:
+  """A starting rule table (FSDP over 'data', tensor parallel over 'model'); adapt per mesh."""
+  return (
+      ("activation_batch", "data"), ("activation_length", None), ("activation_embed", None),
+      ("activation_q_heads", "model"), ("activation_kv_heads", "model"),
+      ("activation_head_dim", None), ("activation_mlp", "model"), ("activation_vocab", "model"),
+      ("cache_length", None),
+      ("vocab", "model"), ("embed", "data"), ("q_heads", "model"), ("kv_heads", "model"),
+      ("head_dim", None), ("mlp", "model"), ("layers", None),
+  )

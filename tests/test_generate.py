@@ -1,0 +1,177 @@
+"""KV-cache generation: cached decoding == full forward, per-sequence lengths, sampling."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parallax_jax.models import qwen3
+from parallax_jax.models.config import ModelConfig
+from parallax_jax.models.generate import (KVCache, decode_step, generate, init_cache, prefill,
+                                          sample_logits)
+
+V = 40
+
+
+def small(**kw):
+  base = dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+              head_dim=8, intermediate_size=40, max_seq_len=64, dtype="float32",
+              init_std=0.3, implementation="xla")
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def rand_params(cfg, seed=0):
+  """Random parameters drawn on the host (no XLA compile of initialisers); W_R non-zero."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = getattr(path[-1], "key", "")
+    if name == "scale":
+      x = 1.0 + 0.2 * rng.standard_normal(a.shape)
+    elif name == "log_bandwidth":
+      x = math.log(math.sqrt(cfg.resolved_head_dim)) + 0.1 * rng.standard_normal(a.shape)
+    else:
+      x = cfg.init_std * rng.standard_normal(a.shape)
+    return jnp.asarray(x, a.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, qwen3.abstract_params(cfg))
+
+
+def forward(cfg, params, toks):
+  return qwen3.Qwen3Model(cfg).apply({"params": params}, toks)
+
+
+CASES = {
+    "softmax": dict(attention="softmax"),
+    "parallax": dict(r_norm=True, correction_gate=True, learnable_bandwidth=True),
+    "parallax-window-chunked": dict(window=3, implementation="chunked"),
+    "parallax-scan": dict(scan_layers=True, remat_policy="full"),
+    "lla": dict(attention="lla", ridge=0.1),
+    "linear": dict(attention="linear"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decoding_equals_full_forward(case):
+  cfg = small(**CASES[case])
+  params = rand_params(cfg, 1)
+  t_total, lengths = 9, np.array([3, 6])
+  toks = jax.random.randint(jax.random.key(2), (2, t_total), 0, V)
+  full = forward(cfg, params, toks)  # [B, T, V]
+
+  # right-padded prompts; the padding holds junk that must never be attended to
+  p = int(lengths.max())
+  prompts = np.array(toks[:, :p])
+  prompts[0, lengths[0]:] = V - 1
+  cache = init_cache(cfg, 2, t_total + 1)
+  assert cache.k.shape == (2, 2, t_total + 1, 2, 8) and cache.v.shape == cache.k.shape
+  tol = dict(rtol=2e-4, atol=2e-4) if cfg.resolved_probe == "solve" else dict(rtol=1e-5,
+                                                                               atol=1e-5)
+  logits, cache = prefill(cfg, params, jnp.asarray(prompts), jnp.asarray(lengths), cache)
+  np.testing.assert_array_equal(cache.lengths, lengths)
+  np.testing.assert_allclose(logits, full[np.arange(2), lengths - 1], **tol)
+  for s in range(t_total - p):
+    pos = lengths + s
+    logits, cache = decode_step(cfg, params, toks[np.arange(2), pos], cache)
+    np.testing.assert_allclose(logits, full[np.arange(2), pos], **tol, err_msg=f"step {s}")
+  np.testing.assert_array_equal(cache.lengths, lengths + t_total - p)
+
+
+def test_generate_greedy_batched_equals_single_and_naive():
+  cfg = small(r_norm=True)
+  params = rand_params(cfg, 3)
+  prompts = [[5, 7, 9], [1, 2, 3, 4, 11]]
+  n_new = 4
+  batch = np.zeros((2, 5), np.int32)
+  for i, pr in enumerate(prompts):
+    batch[i, :len(pr)] = pr
+  out = generate(cfg, params, batch, [3, 5], max_new_tokens=n_new)
+  assert out.tokens.shape == (2, n_new)
+  np.testing.assert_array_equal(out.lengths, [n_new, n_new])
+  # naive reference: re-run the full forward on the growing sequences (kept in a fixed-size
+  # right-padded buffer: causal, so the padding never affects the positions read)
+  buf, n = batch.copy(), np.array([3, 5])
+  buf = np.concatenate([buf, np.zeros((2, n_new), np.int32)], axis=1)
+  for _ in range(n_new):
+    nxt = np.asarray(jnp.argmax(forward(cfg, params, jnp.asarray(buf))[np.arange(2), n - 1], -1))
+    buf[np.arange(2), n] = nxt
+    n = n + 1
+  for i, pr in enumerate(prompts):
+    np.testing.assert_array_equal(out.tokens[i], buf[i, len(pr):len(pr) + n_new])
+  single = generate(cfg, params, np.asarray([prompts[0]]), max_new_tokens=n_new)
+  np.testing.assert_array_equal(single.tokens[0], out.tokens[0])
+
+
+def test_generate_stops_at_eos_and_pads():
+  cfg = small()
+  params = rand_params(cfg, 4)
+  prompts = np.array([[3, 4, 5], [6, 7, 8]], np.int32)
+  ref = generate(cfg, params, prompts, max_new_tokens=5)
+  eos = int(ref.tokens[0, 1])
+  out = generate(cfg, params, prompts, max_new_tokens=5, eos_id=eos, pad_id=V - 1)
+  first = [int(np.argmax(np.asarray(r) == eos)) if eos in np.asarray(r) else None
+           for r in ref.tokens]
+  for b in range(2):
+    if first[b] is None:
+      np.testing.assert_array_equal(out.tokens[b], ref.tokens[b])
+      assert out.lengths[b] == 5
+    else:
+      k = first[b]
+      np.testing.assert_array_equal(out.tokens[b, :k + 1], ref.tokens[b, :k + 1])
+      assert np.all(np.asarray(out.tokens[b, k + 1:]) == V - 1)
+      assert out.lengths[b] == k + 1
+  assert out.lengths[0] <= 2
+
+
+def test_sampling_temperature_top_k_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.07, 0.03]]))
+  key = jax.random.key(0)
+  assert int(sample_logits(key, logits, temperature=0.0)[0]) == 0
+  assert int(sample_logits(key, logits, temperature=1.0, top_k=1)[0]) == 0
+  assert int(sample_logits(key, logits, temperature=1.0, top_p=0.01)[0]) == 0
+  n = 4000
+  many = jnp.repeat(logits, n, axis=0)
+  s = np.asarray(sample_logits(key, many, temperature=1.0))
+  freq = np.bincount(s, minlength=5) / n
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.1, 0.07, 0.03], atol=0.03)
+  s = np.asarray(sample_logits(key, many, temperature=1.0, top_p=0.7))  # nucleus {0, 1}
+  assert set(np.unique(s)) == {0, 1}
+  np.testing.assert_allclose(np.mean(s == 0), 0.5 / 0.8, atol=0.03)
+  s = np.asarray(sample_logits(key, many, temperature=1.0, top_k=3))
+  assert set(np.unique(s)) == {0, 1, 2}
+  s = np.asarray(sample_logits(key, many, temperature=5.0))  # hotter: flatter
+  assert np.mean(s == 0) < 0.35
+  with pytest.raises(ValueError):
+    sample_logits(key, logits, top_p=0.0)
+
+
+def test_generate_with_sampling_is_seeded():
+  cfg = small()
+  params = rand_params(cfg, 5)
+  prompts = np.array([[3, 4, 5, 6]], np.int32)
+  kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9)
+  a = generate(cfg, params, prompts, rng=jax.random.key(1), **kw)
+  b = generate(cfg, params, prompts, rng=jax.random.key(1), **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert np.all((np.asarray(a.tokens) >= 0) & (np.asarray(a.tokens) < V))
+  with pytest.raises(ValueError, match="rng"):
+    generate(cfg, params, prompts, max_new_tokens=2, temperature=1.0)
+  assert isinstance(a.cache, KVCache)
+
+
+def test_cli_samples_from_a_checkpoint(tmp_path, capsys):
+  import json
+
+  from parallax_jax.models import cli
+  cfg = small()
+  params = rand_params(cfg, 6)
+  path = qwen3.save_checkpoint(str(tmp_path / "ckpt"), params, cfg)
+  ref = generate(cfg, params, np.array([[1, 2, 3], [4, 5, 0]], np.int32), [3, 2],
+                 max_new_tokens=3)
+  assert cli.main(["--checkpoint", path, "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
+                   "--max-new-tokens", "3", "--json"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert [x["prompt_ids"] for x in lines] == [[1, 2, 3], [4, 5]]
+  assert [x["new_ids"] for x in lines] == np.asarray(ref.tokens).tolist()
