@@ -1,0 +1,740 @@
+"""Fused Parallax attention (and softmax attention) through the Pallas Triton lowering.
+
+Math (spec `attention_family.md`, identity 2 and "Backward pass of Parallax"), per q-head and
+query row i over its visible keys j:
+
+    S1 = q.k_j * scale      (scale = 1/h; 0 means h = inf, uniform weights)
+    S2 = r.k_j              (no scale)
+    one running max m over S1;  P1 = exp(S1 - m);  P2 = P1 * S2
+    O1 = P1 V, O2 = P2 V, d1 = sum P1, d2 = sum P2
+    o  = (1 + d2/d1) O1/d1 - O2/d1          (r = None: o = O1/d1, softmax attention)
+
+Kernels (all stream K/V tiles once per query tile, fp32 accumulation):
+  * forward: grid (q tiles, B, Hq); writes o, lse (log2 domain: m*log2e + log2 d1), and for
+    Parallax tbar = d2/d1 and vbar = O1/d1.
+  * dq/dr kernel: grid (q tiles, B, Hq), loops over K/V tiles; it also computes the backward
+    preprocess delta = do.o and gbar = do.vbar for its rows and writes them for dk/dv.
+  * dk/dv kernel: grid (kv tiles, B, Hkv), loops over the G q-heads of the GQA group and the
+    q tiles, so dk/dv are summed over the group in registers (no repeated K/V in HBM).
+Masks: causal is end-aligned (query i sits at position i + S - T); window W keeps keys with
+pos - W < j (and j < pos + W without causal); segment ids; rows without keys give 0.
+Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary tiles.
+
+T, S are padded to the tile sizes and D to a power of two (>= 16) by the wrapper; padded keys
+are masked, padded query rows are computed and dropped (their cotangents are zero).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+NEG_INF = -1e30  # finite "minus infinity" for masked logits (keeps exp2(m_old - m_new) finite)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes and Triton launch parameters of the three kernels (all powers of two >= 16).
+
+  block_q/block_k: forward tiles; *_dq: dq/dr kernel; *_dkv: dk/dv kernel.
+  Tiles larger than the (padded) sequence are shrunk automatically.
+  """
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  block_q_dq: int = 64
+  block_k_dq: int = 32
+  num_warps_dq: int = 4
+  num_stages_dq: int = 2
+  block_q_dkv: int = 32
+  block_k_dkv: int = 64
+  num_warps_dkv: int = 4
+  num_stages_dkv: int = 2
+  # Parallax with bf16 inputs: run the forward's P1 V and P2 V products in fp16 (3 more
+  # mantissa bits than bf16). The output subtracts O2/d1 from (1 + tbar) vbar, which amplifies
+  # the rounding of P2 = P1 * r.k by about std(r.k); with bf16 P2 the max relative error
+  # reaches ~1e-2 at D=64 (see bench/NOTES.md). V is converted once outside the kernel, scaled
+  # by a power of two so that max|v| < 2^15 (exact; undone on the output); |r.k| must stay
+  # below 65504 (fp16 range).
+  fp16_p2: bool = True
+
+  def __post_init__(self):
+    for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
+      b = getattr(self, f)
+      if b < 16 or b & (b - 1):
+        raise ValueError(f"BlockSizes.{f}={b} must be a power of two >= 16")
+
+
+# Heuristic table: (head_dim bucket, parallax?) -> BlockSizes, for Hopper-class GPUs.
+# Picked per kernel from the CUPTI block sweeps of bench/attention_train.py on an H100
+# (B=4, L=4096, Hq=16, Hkv=8, causal, bf16; bench/results/attention_train.md, NOTES.md).
+# The 256 entries are unmeasured guesses. Override with `block_sizes=`.
+_TABLE: dict[tuple[int, bool], BlockSizes] = {
+    # fwd 0.47 ms, dq 0.45 ms, dk/dv 0.70 ms (softmax, D=64)
+    (64, False): BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    # fwd 0.73 ms, dq 0.70 ms, dk/dv 1.14 ms (Parallax, D=64)
+    (64, True): BlockSizes(128, 128, 8, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    # fwd 0.75 ms, dq 0.83 ms, dk/dv 1.19 ms (softmax, D=128)
+    (128, False): BlockSizes(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3),
+    # fwd 1.11 ms, dq 1.25 ms, dk/dv 1.85 ms (Parallax, D=128)
+    (128, True): BlockSizes(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3),
+    (256, False): BlockSizes(64, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2),
+    (256, True): BlockSizes(64, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2),
+}
+
+
+def default_block_sizes(head_dim: int, parallax: bool = True) -> BlockSizes:
+  """Block sizes from the heuristic table for a (padded) head_dim."""
+  d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+  return _TABLE[(d, parallax)]
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  T: int  # real query length
+  S: int  # real key length
+  Tp: int  # padded
+  Sp: int
+  D: int  # padded head dim
+  Hq: int
+  Hkv: int
+  causal: bool
+  window: int | None
+  has_r: bool
+  has_seg: bool
+  need_dscale: bool
+  blocks: BlockSizes
+  interpret: bool
+  fp16_pv: bool = False  # forward PV products in fp16 (bf16 Parallax, see BlockSizes.fp16_p2)
+
+  @property
+  def G(self):
+    return self.Hq // self.Hkv
+
+  @property
+  def offset(self):
+    return self.S - self.T
+
+
+def _visible(qi, kj, cfg: _Cfg, qseg=None, kseg=None):
+  """Mask for query indices qi and key indices kj (broadcast against each other)."""
+  pos = qi + cfg.offset
+  m = kj < cfg.S
+  if cfg.causal:
+    m = m & (kj <= pos)
+  if cfg.window is not None:
+    m = m & (kj > pos - cfg.window)
+    if not cfg.causal:
+      m = m & (kj < pos + cfg.window)
+  if qseg is not None:
+    m = m & (qseg == kseg)
+  return m
+
+
+def _cdiv(a, b: int):
+  """ceil(a / b) for a >= 0 (a may be traced)."""
+  return lax.div(a + (b - 1), b)
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
+  """K/V tile ranges for query rows [qs, qs + bq).
+
+  Returns (lo, mid_lo, mid_hi, hi): tiles [lo, hi) hold visible keys; tiles in
+  [mid_lo, mid_hi) are visible to every row of the tile (no mask needed).
+  """
+  off, W = cfg.offset, cfg.window
+  nk = cfg.Sp // bk
+  zero = jnp.int32(0)
+  # last visible key (inclusive) over the tile's rows
+  if cfg.causal:
+    jmax = qs + (bq - 1 + off)
+  elif W is not None:
+    jmax = qs + (bq - 1 + off + W - 1)
+  else:
+    jmax = qs * 0 + (cfg.S - 1)
+  jmax = jnp.minimum(jmax, cfg.S - 1)
+  hi = jnp.minimum(_cdiv(jnp.maximum(jmax + 1, zero), bk), nk)
+  if W is not None:
+    lo = lax.div(jnp.maximum(qs + (off - W + 1), zero), bk)
+  else:
+    lo = zero
+  lo = jnp.minimum(lo, hi)
+  if cfg.has_seg:
+    return lo, hi, hi, hi
+  # tiles fully visible to all rows
+  full_hi = qs * 0 + cfg.S // bk
+  if cfg.causal:
+    full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(qs + (off + 1), zero), bk))
+  elif W is not None:
+    full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(qs + (off + W), zero), bk))
+  if W is not None:
+    full_lo = _cdiv(jnp.maximum(qs + (bq + off - W), zero), bk)
+  else:
+    full_lo = zero
+  mid_lo = _clip(full_lo, lo, hi)
+  mid_hi = _clip(full_hi, mid_lo, hi)
+  return lo, mid_lo, mid_hi, hi
+
+
+def _q_tiles(ks, bk: int, bq: int, cfg: _Cfg):
+  """Query tile ranges for key rows [ks, ks + bk) (see `_kv_tiles`); rows >= T are skipped."""
+  off, W = cfg.offset, cfg.window
+  zero = jnp.int32(0)
+  if cfg.causal:
+    imin = ks - off
+  elif W is not None:
+    imin = ks - (off + W - 1)
+  else:
+    imin = ks * 0
+  if W is not None:
+    ihi = ks + (bk - 1 - off + W)  # exclusive
+  else:
+    ihi = ks * 0 + cfg.T
+  ihi = _clip(ihi, zero, cfg.T)
+  hi = _cdiv(ihi, bq)
+  lo = jnp.minimum(lax.div(jnp.maximum(imin, zero), bq), hi)
+  if cfg.has_seg:
+    return lo, hi, hi, hi
+  if cfg.causal:
+    full_lo = _cdiv(jnp.maximum(ks + (bk - 1 - off), zero), bq)
+  elif W is not None:
+    full_lo = _cdiv(jnp.maximum(ks + (bk - off - W), zero), bq)
+  else:
+    full_lo = zero
+  if W is not None:
+    full_hi = lax.div(jnp.maximum(ks + (W - off), zero), bq)
+  else:
+    full_hi = hi
+  # a key tile that reaches into the key padding is always masked
+  full_hi = jnp.where(ks + bk <= cfg.S, full_hi, zero)
+  mid_lo = _clip(full_lo, lo, hi)
+  mid_hi = _clip(full_hi, mid_lo, hi)
+  return lo, mid_lo, mid_hi, hi
+
+
+def _loop3(ranges, body, carry):
+  """Run body(i, carry, masked) over [lo, mid_lo) masked, [mid_lo, mid_hi) not, [mid_hi, hi)."""
+  lo, mid_lo, mid_hi, hi = ranges
+  carry = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), carry)
+  carry = lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), carry)
+  return carry
+
+
+def _dot(a, b, trans_b=False):
+  """a @ b (or a @ b.T) with fp32 accumulation (fp32 inputs: full-precision IEEE dot)."""
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _iota(n, axis, ndim=2):
+  shape = [1] * ndim
+  shape[axis] = n
+  return lax.broadcasted_iota(jnp.int32, tuple(shape), axis)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _qtile(i, cfg: _Cfg, bq: int):
+  """Query tile of grid index i: with causal masks the heaviest (last) tiles launch first."""
+  return cfg.Tp // bq - 1 - i if cfg.causal else i
+
+
+def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref,
+                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int):
+  iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
+  qs = iq * bq
+  scale = scale_ref[h] * LOG2E
+  q = q_ref[...]
+  r = r_ref[...] if cfg.has_r else None
+  qseg = qseg_ref[...] if cfg.has_seg else None
+  D = q.shape[-1]
+  dt = v_ref.dtype  # fp16 when cfg.fp16_pv (v converted by the wrapper), else the input dtype
+
+  def body(kb, carry, masked):
+    if cfg.has_r:
+      m, d1, o1, d2, o2 = carry
+    else:
+      m, d1, o1 = carry
+    ks = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(ks, bk), :]
+    v = v_ref[pl.ds(ks, bk), :]
+    s = _dot(q, k, trans_b=True) * scale
+    if masked:
+      kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
+      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+                      None if qseg is None else qseg[:, None],
+                      None if kseg is None else kseg[None, :])
+      s = jnp.where(mask, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      p = jnp.where(mask, p, 0.0)
+    d1 = d1 * alpha + jnp.sum(p, axis=1)
+    o1 = o1 * alpha[:, None] + _dot(p.astype(dt), v)
+    if not cfg.has_r:
+      return m_new, d1, o1
+    t = _dot(r, k, trans_b=True)
+    p2 = p * t
+    d2 = d2 * alpha + jnp.sum(p2, axis=1)
+    o2 = o2 * alpha[:, None] + _dot(p2.astype(dt), v)
+    return m_new, d1, o1, d2, o2
+
+  zrow = jnp.zeros((bq,), jnp.float32)
+  zacc = jnp.zeros((bq, D), jnp.float32)
+  carry = (zrow + NEG_INF, zrow, zacc)
+  if cfg.has_r:
+    carry = carry + (zrow, zacc)
+  carry = _loop3(_kv_tiles(qs, bq, bk, cfg), body, carry)
+  m, d1, o1 = carry[:3]
+  has_keys = d1 > 0.0
+  inv = 1.0 / jnp.where(has_keys, d1, 1.0)
+  if cfg.fp16_pv:
+    inv_v = inv * scale_ref[cfg.Hq]  # undo the power-of-two scaling of v
+  else:
+    inv_v = inv
+  vbar = o1 * inv_v[:, None]
+  if cfg.has_r:
+    d2, o2 = carry[3:]
+    tbar = d2 * inv
+    o = (1.0 + tbar)[:, None] * vbar - o2 * inv_v[:, None]
+    tbar_ref[...] = tbar
+    vbar_ref[...] = vbar.astype(vbar_ref.dtype)
+  else:
+    o = vbar
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
+
+
+def _compiler_params(num_warps, num_stages):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _fp16_values(v):
+  """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar)."""
+  vmax = jnp.max(jnp.abs(v)).astype(jnp.float32)
+  e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
+  return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
+
+
+def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
+  if cfg.fp16_pv:
+    v, vmul = _fp16_values(v)
+    scale = jnp.concatenate([scale, vmul[None]])
+  B = q.shape[0]
+  bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+  D, G = cfg.D, cfg.G
+  grid = (cfg.Tp // bq, B, cfg.Hq)
+  qt = lambda i: _qtile(i, cfg, bq)
+  q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0))
+  kv_spec = pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i)))
+  in_specs = [
+      pl.BlockSpec(scale.shape, lambda i, b, h: (0,)),
+      q_spec, kv_spec, kv_spec,
+      q_spec if cfg.has_r else None,
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
+      pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
+  ]
+  rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
+  out_specs = [q_spec, row_spec]
+  if cfg.has_r:
+    out_shape += [rows, jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs += [row_spec, q_spec]
+
+  def kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
+             *rest):
+    tbar_ref, vbar_ref = rest if cfg.has_r else (None, None)
+    _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
+                tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk)
+
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
+      interpret=cfg.interpret, name="parallax_fwd" if cfg.has_r else "softmax_fwd",
+  )(scale, q, k, v, r, qseg, kseg)
+  if cfg.has_r:
+    return outs
+  return outs[0], outs[1], None, None
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, lse_ref,
+               tbar_ref, qseg_ref, kseg_ref, dq_ref, dr_ref, delta_ref, gbar_ref, qdq_ref, *,
+               cfg: _Cfg, bq: int, bk: int):
+  iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
+  qs = iq * bq
+  scale_raw = scale_ref[h]
+  scale = scale_raw * LOG2E
+  q = q_ref[...]
+  do = do_ref[...]
+  do32 = do.astype(jnp.float32)
+  # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv
+  delta_row = jnp.sum(do32 * o_ref[...].astype(jnp.float32), axis=1)
+  delta_ref[...] = delta_row
+  lse = lse_ref[...][:, None]
+  delta = delta_row[:, None]
+  if cfg.has_r:
+    r = r_ref[...]
+    tbar1 = 1.0 + tbar_ref[...][:, None]
+    gbar_row = jnp.sum(do32 * vbar_ref[...].astype(jnp.float32), axis=1)
+    gbar_ref[...] = gbar_row
+    gbar = gbar_row[:, None]
+    gmd = gbar - delta
+  qseg = qseg_ref[...] if cfg.has_seg else None
+  D = q.shape[-1]
+  dt = k_ref.dtype
+
+  def body(kb, carry, masked):
+    ks = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(ks, bk), :]
+    v = v_ref[pl.ds(ks, bk), :]
+    a = jnp.exp2(_dot(q, k, trans_b=True) * scale - lse)
+    if masked:
+      kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
+      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+                      None if qseg is None else qseg[:, None],
+                      None if kseg is None else kseg[None, :])
+      a = jnp.where(mask, a, 0.0)
+    g = _dot(do, v, trans_b=True)
+    if cfg.has_r:
+      dq, dr = carry
+      t = _dot(r, k, trans_b=True)
+      dtt = a * (gbar - g)
+      ds = a * gmd - dtt * (tbar1 - t)
+      dr = dr + _dot(dtt.astype(dt), k)
+    else:
+      dq = carry
+      ds = a * (g - delta)
+    dq = dq + _dot(ds.astype(dt), k)
+    return (dq, dr) if cfg.has_r else dq
+
+  zacc = jnp.zeros((bq, D), jnp.float32)
+  carry = (zacc, zacc) if cfg.has_r else zacc
+  carry = _loop3(_kv_tiles(qs, bq, bk, cfg), body, carry)
+  dq = carry[0] if cfg.has_r else carry
+  dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
+  if cfg.has_r:
+    dr_ref[...] = carry[1].astype(dr_ref.dtype)
+  if cfg.need_dscale:
+    qdq_ref[...] = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
+
+
+def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
+  B = q.shape[0]
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  D, G = cfg.D, cfg.G
+  grid = (cfg.Tp // bq, B, cfg.Hq)
+  qt = lambda i: _qtile(i, cfg, bq)
+  q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0))
+  kv_spec = pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i)))
+  pr = cfg.has_r
+  in_specs = [
+      pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)),
+      q_spec, kv_spec, kv_spec, q_spec if pr else None, q_spec, q_spec,
+      q_spec if pr else None, row_spec, row_spec if pr else None,
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
+      pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
+  ]
+  rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  out_specs = [q_spec]
+  if pr:
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
+    out_specs.append(q_spec)
+  out_shape.append(rows)  # delta
+  out_specs.append(row_spec)
+  if pr:
+    out_shape.append(rows)  # gbar
+    out_specs.append(row_spec)
+  if cfg.need_dscale:
+    out_shape.append(rows)
+    out_specs.append(row_spec)
+
+  def kernel(*refs):
+    ins, outs = refs[:12], list(refs[12:])
+    dq_ref = outs.pop(0)
+    dr_ref = outs.pop(0) if pr else None
+    delta_ref = outs.pop(0)
+    gbar_ref = outs.pop(0) if pr else None
+    qdq_ref = outs.pop(0) if cfg.need_dscale else None
+    _dq_kernel(*ins, dq_ref, dr_ref, delta_ref, gbar_ref, qdq_ref, cfg=cfg, bq=bq, bk=bk)
+
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq),
+      interpret=cfg.interpret, name="parallax_bwd_dq" if pr else "softmax_bwd_dq",
+  )(scale, q, k, v, r, do, o, vbar, lse, tbar, qseg, kseg)
+  outs = list(outs)
+  dq = outs.pop(0)
+  dr = outs.pop(0) if pr else None
+  delta = outs.pop(0)
+  gbar = outs.pop(0) if pr else None
+  qdq = outs.pop(0) if cfg.need_dscale else None
+  return dq, dr, delta, gbar, qdq
+
+
+def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
+                gbar_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, *, cfg: _Cfg, bq: int, bk: int):
+  ikv, hkv = pl.program_id(0), pl.program_id(2)
+  ks = ikv * bk
+  k = k_ref[...]
+  v = v_ref[...]
+  kseg = kseg_ref[...] if cfg.has_seg else None
+  D = k.shape[-1]
+  dt = k.dtype
+  ranges = _q_tiles(ks, bk, bq, cfg)
+
+  def head_body(g, carry):
+    h = hkv * cfg.G + g
+    scale_raw = scale_ref[h]
+    scale = scale_raw * LOG2E
+
+    def body(qb, carry, masked):
+      dk, dv = carry
+      qs = pl.multiple_of(qb * bq, bq)
+      q = q_ref[pl.ds(qs, bq), h, :]
+      do = do_ref[pl.ds(qs, bq), h, :]
+      lse = lse_ref[h, pl.ds(qs, bq)][None, :]
+      delta = delta_ref[h, pl.ds(qs, bq)][None, :]
+      a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
+      if masked:
+        qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
+        mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
+                        None if qseg is None else qseg[None, :],
+                        None if kseg is None else kseg[:, None])
+        a = jnp.where(mask, a, 0.0)
+      gt = _dot(v, do, trans_b=True)  # [bk, bq]
+      if cfg.has_r:
+        r = r_ref[pl.ds(qs, bq), h, :]
+        tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
+        gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
+        c = tbar1 - _dot(k, r, trans_b=True)
+        dtt = a * (gbar - gt)
+        ds = a * (gbar - delta) - dtt * c
+        dv = dv + _dot((a * c).astype(dt), do)
+        dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
+      else:
+        ds = a * (gt - delta)
+        dv = dv + _dot(a.astype(dt), do)
+        dk = dk + _dot((ds * scale_raw).astype(dt), q)
+      return dk, dv
+
+    return _loop3(ranges, body, carry)
+
+  zacc = jnp.zeros((bk, D), jnp.float32)
+  dk, dv = lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg):
+  B = q.shape[0]
+  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+  D = cfg.D
+  grid = (cfg.Sp // bk, B, cfg.Hkv)
+  qfull = pl.BlockSpec((None, cfg.Tp, cfg.Hq, D), lambda j, b, h: (b, 0, 0, 0))
+  kv_spec = pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))
+  rows = pl.BlockSpec((None, cfg.Hq, cfg.Tp), lambda j, b, h: (b, 0, 0))
+  pr = cfg.has_r
+  in_specs = [
+      pl.BlockSpec((cfg.Hq,), lambda j, b, h: (0,)),
+      qfull, kv_spec, kv_spec, qfull if pr else None, qfull,
+      rows, rows, rows if pr else None, rows if pr else None,
+      pl.BlockSpec((None, cfg.Tp), lambda j, b, h: (b, 0)) if cfg.has_seg else None,
+      pl.BlockSpec((None, bk), lambda j, b, h: (b, j)) if cfg.has_seg else None,
+  ]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  out_specs = [kv_spec, kv_spec]
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk),
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv),
+      interpret=cfg.interpret, name="parallax_bwd_dkv" if pr else "softmax_bwd_dkv",
+  )(scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, r, scale, qseg, kseg):
+  return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)[0]
+
+
+def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
+  # symbolic_zeros=True: primals arrive wrapped with a `perturbed` flag; dscale is only
+  # computed when the scale array is being differentiated.
+  need_dscale = cfg.need_dscale and scale.perturbed
+  q, k, v, r, scale, qseg, kseg = (
+      None if x is None else x.value for x in (q, k, v, r, scale, qseg, kseg))
+  o, lse, tbar, vbar = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  flag = jnp.zeros((0,), jnp.float32) if need_dscale else None
+  return o, (q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag)
+
+
+def _flash_bwd(cfg, res, do):
+  q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag = res
+  cfg = dataclasses.replace(cfg, need_dscale=flag is not None)
+  if isinstance(do, jax.custom_derivatives.SymbolicZero):
+    do = jnp.zeros(o.shape, o.dtype)
+  do = do.astype(q.dtype)
+  dq, dr, delta, gbar, qdq = _dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg,
+                                      kseg)
+  dk, dv = _dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  if cfg.need_dscale:
+    dscale = jnp.sum(qdq, axis=(0, 2))
+  else:
+    dscale = jnp.zeros_like(scale)
+  return dq, dk, dv, dr, dscale, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def is_supported(q, k, v, r=None, *, window=None, q_segment_ids=None, kv_segment_ids=None,
+                 interpret=False, platform=None) -> tuple[bool, str]:
+  """(True, "") if `parallax_flash_attention` can run these inputs, else (False, reason).
+
+  Accepts arrays or jax.ShapeDtypeStruct. `platform` defaults to the default backend; the
+  kernel runs on "gpu"/"cuda" (or anywhere with interpret=True).
+  """
+  try:
+    _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
+  except ValueError as e:
+    return False, str(e)
+  if not interpret:
+    platform = platform or jax.default_backend()
+    if platform not in ("gpu", "cuda", "rocm"):
+      return False, f"the Pallas Triton kernel needs a GPU (platform is {platform!r})"
+  return True, ""
+
+
+def _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"expected [B, L, H, D] inputs, got {q.shape=}, {k.shape=}, {v.shape=}")
+  B, T, Hq, D = q.shape
+  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+    raise ValueError(f"k and v must be [B, S, Hkv, {D}], got {k.shape=}, {v.shape=}")
+  if r is not None and r.shape != q.shape:
+    raise ValueError(f"r must have q's shape {q.shape}, got {r.shape}")
+  Hkv = k.shape[2]
+  if Hq % Hkv:
+    raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+  if D > MAX_HEAD_DIM:
+    raise ValueError(f"head_dim {D} > {MAX_HEAD_DIM} is not supported")
+  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
+  if len(dts) != 1 or next(iter(dts)) not in SUPPORTED_DTYPES:
+    raise ValueError(f"q, k, v, r must share one dtype among float32/bfloat16/float16, got {dts}")
+  if window is not None and int(window) < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+  if q_segment_ids is not None:
+    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, k.shape[1]):
+      raise ValueError(f"segment ids must be [B, T] and [B, S], got {q_segment_ids.shape}, "
+                       f"{kv_segment_ids.shape}")
+
+
+def _pad(x, axis, new, value=0):
+  if x is None or x.shape[axis] == new:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, new - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _fit_blocks(bs: BlockSizes, T: int, S: int) -> BlockSizes:
+  """Shrink tiles that are larger than the sequence (keeping powers of two >= 16)."""
+  tq = max(16, _next_pow2(T))
+  tk = max(16, _next_pow2(S))
+  return dataclasses.replace(
+      bs, block_q=min(bs.block_q, tq), block_k=min(bs.block_k, tk),
+      block_q_dq=min(bs.block_q_dq, tq), block_k_dq=min(bs.block_k_dq, tk),
+      block_q_dkv=min(bs.block_q_dkv, tq), block_k_dkv=min(bs.block_k_dkv, tk))
+
+
+def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None,
+                             q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
+                             interpret=False):
+  """Fused Parallax attention (softmax attention when r is None), differentiable.
+
+  q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (Hq a multiple of Hkv; q-head h reads kv-head
+  h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
+  0 meaning uniform weights; an array scale gets a cotangent. causal: end-aligned (query i
+  sees keys j <= S - T + i). window: keep keys with j > S - T + i - window (and
+  j < S - T + i + window without causal). q_segment_ids [B, T], kv_segment_ids [B, S]: int
+  ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, D] in
+  q's dtype. block_sizes: `BlockSizes` override (default: heuristic table).
+  """
+  _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  if isinstance(scale, (int, float, np.floating, np.integer)):
+    need_dscale = False
+    scale_arr = jnp.full((Hq,), float(scale), jnp.float32)
+  else:
+    need_dscale = True
+    scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
+  Dp = max(16, _next_pow2(D))
+  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None)
+  bs = _fit_blocks(bs, T, S)
+  Tp = _round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
+  Sp = _round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
+  has_seg = q_segment_ids is not None
+  cfg = _Cfg(T=T, S=S, Tp=Tp, Sp=Sp, D=Dp, Hq=Hq, Hkv=Hkv, causal=bool(causal),
+             window=None if window is None else int(window), has_r=r is not None,
+             has_seg=has_seg, need_dscale=need_dscale, blocks=bs, interpret=bool(interpret),
+             fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2))
+  qp = _pad(_pad(q, 1, Tp), 3, Dp)
+  rp = None if r is None else _pad(_pad(r, 1, Tp), 3, Dp)
+  kp = _pad(_pad(k, 1, Sp), 3, Dp)
+  vp = _pad(_pad(v, 1, Sp), 3, Dp)
+  qseg = kseg = None
+  if has_seg:
+    qseg = _pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
+    kseg = _pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
+  o = _flash(cfg, qp, kp, vp, rp, scale_arr, qseg, kseg)
+  if Tp != T or Dp != D:
+    o = o[:, :T, :, :D]
+  return o
