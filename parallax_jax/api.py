@@ -203,9 +203,14 @@ def _pallas(q, k, v, r, scale, *, probe, affine, causal, window, q_seg, kv_seg, 
     import pallas_kernels
   except ImportError as e:  # pragma: no cover - depends on the install
     raise ValueError(f"implementation='pallas' is unavailable: {e}") from e
+  r = r if kind == "parallax" else None
+  ok, why = pallas_kernels.is_supported(q, k, v, r, window=window, q_segment_ids=q_seg,
+                                        kv_segment_ids=kv_seg)
+  if not ok:
+    _fail(f"implementation='pallas' cannot run this call: {why}")
   return pallas_kernels.parallax_flash_attention(
-      q, k, v, r if kind == "parallax" else None, scale=scale, causal=causal, window=window,
-      q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+      q, k, v, r, scale=scale, causal=causal, window=window, q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg)
 
 
 def softmax_attention(q, k, v, **kwargs):

@@ -77,9 +77,12 @@ def test_jit_with_traced_bandwidth_and_ridge(qkvr):
 
 
 def test_pallas_rejects_unsupported_members(qkvr):
-  q, k, v, _ = qkvr
+  q, k, v, r = qkvr
   with pytest.raises(ValueError, match="supports softmax and Parallax"):
     pj.lla_attention(q, k, v, implementation="pallas")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a GPU"):
+      pj.parallax_attention(q, k, v, r, implementation="pallas")
 
 
 def test_correction_ratio_and_stable_rank(qkvr):
@@ -106,3 +109,22 @@ def test_weight_statistics(qkvr):
   zero = pj.diagnostics.weight_statistics(q, k, jnp.zeros_like(r))
   np.testing.assert_allclose(zero["first_token_mass"], zero["first_token_mass_softmax"], rtol=1e-6)
   np.testing.assert_array_equal(zero["negative_mass"], np.zeros(H))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_default_implementation_on_gpu_is_the_fused_kernel_and_matches_reference():
+  ks = jax.random.split(jax.random.PRNGKey(7), 4)
+  q = jax.random.normal(ks[0], (2, 300, 8, 64), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (2, 300, 2, 64), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (2, 300, 2, 64), jnp.bfloat16)
+  r = (0.1 * jax.random.normal(ks[3], q.shape)).astype(jnp.bfloat16)
+  assert pj.api._choose(None, "learned", "affine", q, k, v, r, None, None, None) == "pallas"
+  f = lambda impl: jax.grad(lambda q, k, v, r: jnp.sum(
+      pj.parallax_attention(q, k, v, r, window=100, implementation=impl).astype(jnp.float32)
+      * jnp.cos(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))), argnums=(0, 1, 2, 3))
+  up = lambda x: x.astype(jnp.float32)
+  want = f("xla")(up(q), up(k), up(v), up(r))
+  got = f(None)(q, k, v, r)
+  for g, w in zip(got, want):
+    assert float(jnp.max(jnp.abs(up(g) - w)) / jnp.max(jnp.abs(w))) <= 1e-2
