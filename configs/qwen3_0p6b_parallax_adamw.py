@@ -1,0 +1,6 @@
+"""qwen3_0p6b_parallax trained with AdamW alone."""
+from configs._common import gpu_config, model_0p6b
+
+
+def get_config():
+  return gpu_config("qwen3_0p6b_parallax_adamw", model_0p6b(), optimizer="adamw", lr=1.5e-3)

@@ -1,0 +1,360 @@
+"""Typed, frozen, validated training configuration and the `--set a.b=value` override parser.
+
+A run is described by one `TrainConfig` (sections: model, mesh, data, optimizer, schedule,
+run). Every section is a frozen dataclass that checks itself in `__post_init__`; errors are
+`ValueError("<section>.<key>: ...")` so the offending key is named. Presets live in
+`configs/*.py`, each defining `get_config() -> TrainConfig`.
+
+Overrides: `apply_overrides(cfg, ["optimizer.lr=3e-3", "model.num_layers=4"])` parses each
+value to the field's declared type (int, float incl. 'inf', bool true/false, str, None for
+optional fields, comma-separated tuples) and rebuilds the frozen dataclasses, re-running all
+checks. Unknown keys and bad values fail here, before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import types
+import typing
+from typing import Any
+
+from parallax_jax.models.config import ModelConfig
+
+
+def _err(section: str, key: str, msg: str):
+  raise ValueError(f"{section}.{key}: {msg}")
+
+
+def _pos_int(section, obj, key, minimum=1):
+  v = getattr(obj, key)
+  if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+    _err(section, key, f"must be an int >= {minimum}, got {v!r}")
+
+
+def _num(section, obj, key, lo=None, hi=None, lo_open=False, allow_none=False):
+  v = getattr(obj, key)
+  if v is None and allow_none:
+    return
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    _err(section, key, f"must be a finite number, got {v!r}")
+  if lo is not None and (v < lo or (lo_open and v == lo)):
+    _err(section, key, f"must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+  if hi is not None and v > hi:
+    _err(section, key, f"must be <= {hi}, got {v!r}")
+
+
+def _choice(section, obj, key, choices):
+  v = getattr(obj, key)
+  if v not in choices:
+    _err(section, key, f"unknown value {v!r}; expected one of {tuple(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh: data x fsdp x tensor. One size may be -1 (all remaining devices)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    for k in ("data", "fsdp", "tensor"):
+      v = getattr(self, k)
+      if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+        _err("mesh", k, f"must be an int >= 1 or -1 (use the remaining devices), got {v!r}")
+    if sizes.count(-1) > 1:
+      _err("mesh", "data", "at most one mesh axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Tokenized shards (see train/data.py for the format) and batching.
+
+  path: directory written by `python -m train.prepare`; prepared automatically with the
+    default corpus (Python stdlib sources, BPE of `vocab_size`) when missing and
+    `auto_prepare` is set. global_batch_size sequences of seq_len tokens per optimizer step,
+    split into grad_accum micro-batches.
+  """
+  path: str = "data/stdlib"
+  seq_len: int = 128
+  global_batch_size: int = 16
+  grad_accum: int = 1
+  seed: int = 0
+  prefetch: int = 2
+  eval_batches: int = 4
+  auto_prepare: bool = True
+  vocab_size: int = 1024
+  max_corpus_mb: float = 6.0
+
+  def __post_init__(self):
+    for k in ("seq_len", "global_batch_size", "grad_accum", "eval_batches", "vocab_size"):
+      _pos_int("data", self, k)
+    _pos_int("data", self, "seed", 0)
+    _pos_int("data", self, "prefetch", 0)
+    _num("data", self, "max_corpus_mb", 0, lo_open=True)
+    if not isinstance(self.path, str) or not self.path:
+      _err("data", "path", f"must be a non-empty string, got {self.path!r}")
+    if not isinstance(self.auto_prepare, bool):
+      _err("data", "auto_prepare", f"must be a bool, got {self.auto_prepare!r}")
+    if self.global_batch_size % self.grad_accum:
+      _err("data", "grad_accum", f"must divide global_batch_size ({self.global_batch_size}), "
+           f"got {self.grad_accum}")
+
+
+OPTIMIZERS = ("muon", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """muon: Muon on hidden matrices + AdamW for embeddings/norms/scalars; adamw: AdamW alone.
+
+  lr: peak learning rate (Muon group, or everything for adamw); adam_lr: the AdamW group's
+  peak (None: lr). clip_grad_norm: global-norm clipping (0 disables). z_loss: coefficient of
+  log(Z)^2 (0 disables).
+  """
+  name: str = "muon"
+  lr: float = 3e-3
+  adam_lr: float | None = None
+  weight_decay: float = 0.0
+  adam_weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  muon_beta: float = 0.95
+  muon_rms: float = 0.2
+  muon_update_scale: str = "rms"
+  per_head: bool = False
+  clip_grad_norm: float = 1.0
+  z_loss: float = 0.0
+
+  def __post_init__(self):
+    _choice("optimizer", self, "name", OPTIMIZERS)
+    _num("optimizer", self, "lr", 0, lo_open=True)
+    _num("optimizer", self, "adam_lr", 0, lo_open=True, allow_none=True)
+    for k in ("weight_decay", "adam_weight_decay", "clip_grad_norm", "z_loss", "muon_rms"):
+      _num("optimizer", self, k, 0)
+    for k in ("b1", "b2", "muon_beta"):
+      _num("optimizer", self, k, 0, 0.999999)
+    _num("optimizer", self, "eps", 0, lo_open=True)
+    _choice("optimizer", self, "muon_update_scale", ("rms", "shape"))
+    if not isinstance(self.per_head, bool):
+      _err("optimizer", "per_head", f"must be a bool, got {self.per_head!r}")
+
+
+DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """WSD: linear warmup over warmup_steps, constant, then decay over the last
+  decay_fraction of the run to final_lr_fraction * peak with shape linear / 1-sqrt / cosine."""
+  warmup_steps: int = 20
+  decay_fraction: float = 0.2
+  decay_shape: str = "1-sqrt"
+  final_lr_fraction: float = 0.0
+
+  def __post_init__(self):
+    _pos_int("schedule", self, "warmup_steps", 0)
+    _num("schedule", self, "decay_fraction", 0, 1)
+    _num("schedule", self, "final_lr_fraction", 0, 1)
+    _choice("schedule", self, "decay_shape", DECAY_SHAPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Loop, logging, checkpoint and sampling settings.
+
+  out_dir: run directory (checkpoints/, metrics.jsonl, TensorBoard events, config.json).
+  checkpoint_every: 0 saves only at the end (and on SIGTERM). diag_every: COR per layer and
+  stable ranks of W_R / W_Q (0 disables). peak_tflops: per-device peak for MFU (0: auto from
+  the device kind; unknown devices such as CPU report no MFU).
+  """
+  steps: int = 300
+  seed: int = 0
+  out_dir: str = "runs/tiny"
+  log_every: int = 10
+  eval_every: int = 100
+  diag_every: int = 100
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = True
+  resume: bool = True
+  progress: bool = True
+  peak_tflops: float = 0.0
+  sample_lines: int = 3
+  sample_tokens: int = 48
+  sample_temperature: float = 0.7
+
+  def __post_init__(self):
+    _pos_int("run", self, "steps")
+    _pos_int("run", self, "log_every")
+    for k in ("seed", "eval_every", "diag_every", "checkpoint_every", "sample_lines"):
+      _pos_int("run", self, k, 0)
+    _pos_int("run", self, "keep_checkpoints")
+    _pos_int("run", self, "sample_tokens")
+    _num("run", self, "peak_tflops", 0)
+    _num("run", self, "sample_temperature", 0)
+    for k in ("async_checkpoint", "resume", "progress"):
+      if not isinstance(getattr(self, k), bool):
+        _err("run", k, f"must be a bool, got {getattr(self, k)!r}")
+    if not isinstance(self.out_dir, str) or not self.out_dir:
+      _err("run", "out_dir", f"must be a non-empty string, got {self.out_dir!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  name: str = "tiny"
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+  def __post_init__(self):
+    for k, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("data", DataConfig),
+                   ("optimizer", OptimizerConfig), ("schedule", ScheduleConfig),
+                   ("run", RunConfig)):
+      if not isinstance(getattr(self, k), cls):
+        _err("config", k, f"must be a {cls.__name__}, got {type(getattr(self, k)).__name__}")
+    if self.data.seq_len > self.model.max_seq_len:
+      _err("data", "seq_len", f"{self.data.seq_len} exceeds model.max_seq_len "
+           f"{self.model.max_seq_len}")
+    if self.schedule.warmup_steps > self.run.steps:
+      _err("schedule", "warmup_steps", f"{self.schedule.warmup_steps} exceeds run.steps "
+           f"{self.run.steps}")
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {"name": self.name}
+    for f in dataclasses.fields(self):
+      if f.name == "name":
+        continue
+      v = getattr(self, f.name)
+      d[f.name] = v.to_dict() if isinstance(v, ModelConfig) else dataclasses.asdict(v)
+    return d
+
+  def replace(self, **kw) -> TrainConfig:
+    return dataclasses.replace(self, **kw)
+
+
+# --------------------------------------------------------------------------- overrides
+def _hints(cls) -> dict[str, Any]:
+  mod = __import__(cls.__module__, fromlist=["_"])
+  return typing.get_type_hints(cls, vars(mod))
+
+
+def _parse_one(tp, text: str, key: str):
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if type(None) in args and text.strip().lower() in ("none", "null"):
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _parse_one(a, text, key)
+      except ValueError as e:
+        errors.append(str(e))
+    raise ValueError(f"{key}: cannot parse {text!r} as {tp}")
+  if origin is tuple:
+    (elem, *_rest) = typing.get_args(tp)
+    return tuple(_parse_one(elem, t.strip(), key) for t in text.split(",") if t.strip())
+  if tp is bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+      return True
+    if low in ("false", "0", "no", "off"):
+      return False
+    raise ValueError(f"{key}: expected a bool (true/false), got {text!r}")
+  if tp is int:
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"{key}: expected an int, got {text!r}") from None
+  if tp is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"{key}: expected a number, got {text!r}") from None
+  if tp is str:
+    return text
+  raise ValueError(f"{key}: cannot override a field of type {tp}")
+
+
+def _apply(obj, tree: dict, prefix: str):
+  """Rebuild `obj` with every override in `tree` ({field: text | subtree}) in ONE replace per
+  dataclass, so checks that tie several keys together see all the new values at once."""
+  names = {f.name for f in dataclasses.fields(obj)}
+  hints = _hints(type(obj))
+  changes = {}
+  for head, sub in tree.items():
+    full = prefix + head
+    if head not in names:
+      raise ValueError(f"{full}: unknown key {head!r}; known keys here: {sorted(names)}")
+    cur = getattr(obj, head)
+    if isinstance(sub, dict):
+      if not dataclasses.is_dataclass(cur):
+        raise ValueError(f"{full}: unknown key ({full} is a leaf value, not a section)")
+      changes[head] = _apply(cur, sub, full + ".")
+    else:
+      if dataclasses.is_dataclass(cur):
+        raise ValueError(f"{full}: is a section; set one of its keys, e.g. {full}.<key>")
+      changes[head] = _parse_one(hints[head], sub, full)
+  return dataclasses.replace(obj, **changes)
+
+
+def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
+  """Apply 'a.b=value' strings (a later one for the same key wins); raises ValueError naming
+  the key on any problem. All overrides are applied together, then validated."""
+  tree: dict = {}
+  for item in overrides or ():
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. optimizer.lr=3e-3")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for k, part in enumerate(parts[:-1]):
+      nxt = node.setdefault(part, {})
+      if not isinstance(nxt, dict):
+        raise ValueError(f"{key.strip()}: {'.'.join(parts[:k + 1])} is also set as a value")
+      node = nxt
+    if isinstance(node.get(parts[-1]), dict):
+      raise ValueError(f"{key.strip()}: is a section; set one of its keys")
+    node[parts[-1]] = text.strip()
+  return _apply(cfg, tree, "")
+
+
+def flat_keys(obj, prefix: str = "") -> list[tuple[str, Any, str]]:
+  """(dotted key, default/current value, type) for every leaf key, in declaration order."""
+  out = []
+  hints = _hints(type(obj))
+  for f in dataclasses.fields(obj):
+    v = getattr(obj, f.name)
+    key = f"{prefix}{f.name}"
+    if dataclasses.is_dataclass(v):
+      out.extend(flat_keys(v, key + "."))
+    else:
+      tp = hints[f.name]
+      out.append((key, v, getattr(tp, "__name__", None) or str(tp)))
+  return out
+
+
+def load_config_file(path: str) -> TrainConfig:
+  """Import a preset file and call its `get_config()`."""
+  if not os.path.exists(path):
+    raise ValueError(f"--config: no such file {path!r}")
+  spec = importlib.util.spec_from_file_location(
+      "_train_config_" + os.path.basename(path).removesuffix(".py"), path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ValueError(f"--config: {path} defines no get_config()")
+  cfg = mod.get_config()
+  if not isinstance(cfg, TrainConfig):
+    raise ValueError(f"--config: {path}: get_config() returned {type(cfg).__name__}, "
+                     "not a TrainConfig")
+  return cfg

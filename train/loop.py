@@ -1,0 +1,341 @@
+"""The training loop: resume, train, log, evaluate, diagnose, checkpoint, sample.
+
+`train(cfg)` runs `cfg.run.steps` optimizer steps (continuing from the newest checkpoint in
+`<out_dir>/checkpoints` when `run.resume`), and returns a summary dict. Per step it logs
+loss, perplexity, tokens/s, MFU (from `flops_per_token(model, seq_len, training=True)`, which
+counts Parallax's extra attention matmuls; only when the device peak is known or
+`run.peak_tflops` is set), gradient norm and learning rate; every `diag_every` steps the
+correction-to-output ratio of each layer and the stable ranks of W_Q and W_R; every
+`eval_every` steps the loss on `data.eval_batches` batches of the held-out 'val' shards.
+Metrics go to `<out_dir>/metrics.jsonl` always and to TensorBoard event files when
+tensorboardX (or torch's SummaryWriter) is importable.
+
+Metrics are fetched one step late so the host never stalls the device queue; before every
+checkpoint the pending step is checked, so a NaN / inf loss raises `NonFiniteLossError`
+without saving: the last checkpoint on disk is the last good one. SIGTERM (and SIGINT) makes
+the loop save a checkpoint at the current step and return.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from parallax_jax.models.qwen3 import flops_per_token
+from train import data as data_lib
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig
+from train.mesh import make_mesh
+from train.step import Trainer
+
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0, "b200": 2250.0,
+               "gh200": 989.0, "l4": 121.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def device_peak_flops(override_tflops: float = 0.0) -> float | None:
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind.lower()
+  for name, tf in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name in kind.replace(" ", ""):
+      return tf * 1e12
+  return None
+
+
+class MetricsWriter:
+  def __init__(self, out_dir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        try:
+          from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+          SummaryWriter = None
+      if SummaryWriter is not None:
+        self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+  def write(self, step: int, metrics: dict[str, float]):
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.jsonl:
+      self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+class _Progress:
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self.bar = None
+    if enabled:
+      try:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
+      except ImportError:
+        pass
+    self.enabled = enabled
+
+  def update(self, n: int, text: str):
+    if self.bar is not None:
+      self.bar.update(n)
+      self.bar.set_postfix_str(text, refresh=False)
+
+  def write(self, text: str):
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def ensure_data(cfg: TrainConfig, log=print):
+  path = cfg.data.path
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    if not cfg.data.auto_prepare:
+      raise FileNotFoundError(f"data.path {path!r} has no meta.json; run python -m "
+                              f"train.prepare --out {path} (or set data.auto_prepare=true)")
+    from train.prepare import prepare
+    if jax.process_index() == 0:
+      log(f"preparing {path} from the Python standard library sources ...")
+      prepare(path, None, vocab_size=cfg.data.vocab_size, max_mb=cfg.data.max_corpus_mb)
+  meta = data_lib.read_meta(path)
+  if meta["vocab_size"] > cfg.model.vocab_size:
+    raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
+                     f"tokenizer vocabulary {meta['vocab_size']} ({path})")
+  return meta
+
+
+def sample(cfg: TrainConfig, params, meta: dict, n: int, max_new: int, temperature: float,
+           seed: int = 0) -> list[str]:
+  from tokenizers import Tokenizer
+
+  from parallax_jax.models import generate
+  tok = Tokenizer.from_file(os.path.join(cfg.data.path, meta["tokenizer"]))
+  prompts = ["def ", "import ", "class ", "    return ", "# ", "if __name__"][:n]
+  ids = [tok.encode(p).ids or [meta["eos_id"]] for p in prompts]
+  t = max(len(x) for x in ids)
+  arr = np.zeros((len(ids), t), np.int32)
+  for i, x in enumerate(ids):
+    arr[i, :len(x)] = x
+  host_params = jax.device_get(params)
+  out = generate(cfg.model, host_params, arr, np.asarray([len(x) for x in ids], np.int32),
+                 max_new_tokens=max_new, temperature=temperature, top_p=0.95,
+                 rng=jax.random.key(seed), eos_id=meta["eos_id"])
+  toks = np.asarray(out.tokens)
+  lens = np.asarray(out.lengths)
+  texts = []
+  for i, p in enumerate(prompts):
+    new = [int(x) for x in toks[i, :lens[i]] if int(x) != meta["eos_id"]]
+    texts.append(p + tok.decode(new))
+  return texts
+
+
+def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
+  local_b = cfg.data.global_batch_size // jax.process_count()
+  ds = data_lib.make_dataset(cfg.data.path, split="val", seq_len=cfg.data.seq_len,
+                             batch_size=local_b, shuffle=False, prefetch=0)
+  it = iter(ds)
+  nll, n = 0.0, 0.0
+  for _ in range(cfg.data.eval_batches):
+    out = jax.device_get(trainer.eval_step(params, trainer.device_batch(next(it))))
+    nll += float(out["nll"])
+    n += float(out["tokens"])
+  loss = nll / max(n, 1.0)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[str, Any]:
+  """Run (or resume) training. stop_after: return after this global step (tests: simulate an
+  interruption) after saving a checkpoint there."""
+  is_main = jax.process_index() == 0
+  log = log or (lambda s: print(s, flush=True) if is_main else None)
+  rc = cfg.run
+  os.makedirs(rc.out_dir, exist_ok=True)
+  meta = ensure_data(cfg, log)
+  if is_main:
+    with open(os.path.join(rc.out_dir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=1)
+  mesh = make_mesh(cfg.mesh)
+  trainer = Trainer(cfg, mesh)
+  ckpt = Checkpointer(os.path.join(rc.out_dir, "checkpoints"), keep=rc.keep_checkpoints,
+                      async_save=rc.async_checkpoint)
+  cfg_dict = cfg.to_dict()
+  accum = cfg.data.grad_accum
+  local_b = cfg.data.global_batch_size // jax.process_count()
+  ds = data_lib.make_dataset(cfg.data.path, split="train", seq_len=cfg.data.seq_len,
+                             batch_size=local_b, seed=cfg.data.seed, prefetch=cfg.data.prefetch)
+  it = iter(ds)
+  start = ckpt.latest_step() if rc.resume else None
+  if start is not None:
+    state, data_state = ckpt.restore(start, trainer.abstract_state_with_shardings(), cfg_dict)
+    it.set_state(data_state)
+    log(f"resumed from {ckpt.directory}/{start}")
+  else:
+    start = 0
+    state = trainer.init_state(rc.seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params_abstract))
+  log(f"{cfg.name}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
+      f"{jax.device_count()} {jax.devices()[0].platform} devices, steps {start}->{rc.steps}")
+
+  tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+  flops_tok = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
+  peak = device_peak_flops(rc.peak_tflops)
+  writer = MetricsWriter(rc.out_dir, enabled=is_main)
+  bar = _Progress(rc.steps, start, rc.progress and is_main)
+
+  stop = {"signal": None}
+  old_handlers = {}
+
+  def on_signal(signum, frame):
+    stop["signal"] = signum
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    try:
+      old_handlers[sig] = signal.signal(sig, on_signal)
+    except ValueError:  # not the main thread
+      pass
+
+  losses: dict[int, float] = {}
+  history: list[dict] = []
+  window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "gn": 0.0}
+  pending = None
+  last_saved = start if ckpt.latest_step() is not None else None
+  eval_metrics: dict[str, float] = {}
+  stopped_by = None
+
+  def drain():
+    nonlocal pending
+    if pending is None:
+      return
+    step_no, m = pending
+    pending = None
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not math.isfinite(m["loss"]):
+      where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
+               is not None else "no checkpoint was written yet")
+      raise NonFiniteLossError(f"loss is {m['loss']} at step {step_no} (grad norm "
+                               f"{m['grad_norm']}); stopping without saving: {where}")
+    losses[step_no] = m["loss"]
+    if step_no == start + 1:  # the first step includes compilation: not in tokens/s
+      window["t"], window["tsteps"] = time.perf_counter(), -1
+    window["tsteps"] = window.get("tsteps", 0) + 1
+    window["steps"] += 1
+    window["loss"] += m["loss"]
+    window["gn"] += m["grad_norm"]
+    window["lr"] = m["lr"]
+    bar.update(1, f"loss {m['loss']:.3f} lr {m['lr']:.2e}")
+    if step_no % rc.log_every == 0 or step_no == rc.steps:
+      now = time.perf_counter()
+      dt = now - window["t"]
+      k = window["steps"]
+      kt = window.get("tsteps", k)
+      tps = kt * tokens_per_step / dt if dt > 0 and kt > 0 else float("nan")
+      loss = window["loss"] / k
+      rec = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "grad_norm": window["gn"] / k,
+             "lr": window["lr"], "tokens_per_s": tps, "step_time_s": dt / kt if kt > 0 else float("nan"),
+             "z_loss": m["z_loss"]}
+      if peak is not None and math.isfinite(tps):
+        rec["mfu"] = flops_tok * tps / (peak * jax.device_count())
+      writer.write(step_no, rec)
+      history.append({"step": step_no, **rec})
+      bar.write(f"step {step_no:6d}  loss {loss:.4f}  ppl {rec['perplexity']:.1f}  "
+                f"gnorm {rec['grad_norm']:.3f}  lr {rec['lr']:.2e}  tok/s {tps:,.0f}"
+                + (f"  mfu {rec['mfu']:.1%}" if "mfu" in rec else ""))
+      window.update(t=time.perf_counter(), steps=0, tsteps=0, loss=0.0, gn=0.0)
+
+  def save(step_no):
+    nonlocal last_saved
+    ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
+    last_saved = step_no
+
+  try:
+    step = start
+    while step < rc.steps:
+      batch = trainer.device_batch(next(it), accum=accum)
+      state, metrics = trainer.train_step(state, batch)
+      drain()
+      step += 1
+      pending = (step, metrics)
+      last = step == rc.steps
+      boundary = (last or step == stop_after or stop["signal"] is not None
+                  or (rc.checkpoint_every and step % rc.checkpoint_every == 0)
+                  or (rc.eval_every and step % rc.eval_every == 0)
+                  or (rc.diag_every and step % rc.diag_every == 0))
+      if not boundary:
+        continue
+      drain()
+      t_extra = time.perf_counter()
+      if rc.diag_every and (step % rc.diag_every == 0 or last):
+        diag_batch = trainer.device_batch(next(iter(data_lib.make_dataset(
+            cfg.data.path, split="val", seq_len=cfg.data.seq_len, batch_size=local_b,
+            shuffle=False, prefetch=0))))
+        d = {k: float(v) for k, v in jax.device_get(
+            trainer.diagnostics(state["params"], diag_batch)).items()}
+        writer.write(step, d)
+        cors = [v for k, v in sorted(d.items()) if k.startswith("cor/")]
+        if cors:
+          bar.write(f"step {step:6d}  COR per layer " + " ".join(f"{c:.3f}" for c in cors))
+      if rc.eval_every and (step % rc.eval_every == 0 or last):
+        eval_metrics = evaluate(trainer, cfg, state["params"])
+        writer.write(step, eval_metrics)
+        history.append({"step": step, **eval_metrics})
+        bar.write(f"step {step:6d}  eval loss {eval_metrics['eval/loss']:.4f}  "
+                  f"ppl {eval_metrics['eval/perplexity']:.1f}")
+      if (last or step == stop_after or stop["signal"] is not None
+          or (rc.checkpoint_every and step % rc.checkpoint_every == 0)):
+        save(step)
+      window["t"] += time.perf_counter() - t_extra  # keep tokens/s about training only
+      if stop["signal"] is not None:
+        stopped_by = signal.Signals(stop["signal"]).name
+        log(f"{stopped_by}: saved checkpoint {ckpt.directory}/{step}; exiting")
+        break
+      if step == stop_after:
+        stopped_by = "stop_after"
+        break
+    drain()
+  finally:
+    bar.close()
+    try:
+      ckpt.close()
+    finally:
+      writer.close()
+      for sig, h in old_handlers.items():
+        signal.signal(sig, h)
+      close = getattr(it, "close", None)
+      if close:
+        close()
+
+  samples = []
+  if stopped_by is None and rc.sample_lines > 0 and is_main:
+    samples = sample(cfg, state["params"], meta, rc.sample_lines, rc.sample_tokens,
+                     rc.sample_temperature, rc.seed)
+    log("samples:")
+    for s in samples:
+      log("  | " + s.replace("\n", "\n  | "))
+  return {"losses": losses, "history": history, "eval": eval_metrics, "final_step": step,
+          "stopped_by": stopped_by, "samples": samples, "state": state,
+          "checkpoint_dir": ckpt.directory}

@@ -1,0 +1,177 @@
+"""Tokenize text into the shard format of train/data.py.
+
+    python -m train.prepare --out data/stdlib                       # default corpus, new BPE
+    python -m train.prepare --out data/mine --input a.txt b.jsonl --tokenizer tokenizer.json
+    python -m train.prepare --out data/mine --input docs/ --vocab-size 8192 --jsonl-key text
+
+Inputs: .txt / .md / .py / any text file is one document; .jsonl has one document per line
+(field --jsonl-key, default 'text'); directories are walked for such files. With no --input
+the default corpus is the Python standard library's own .py sources
+(`sysconfig.get_paths()['stdlib']`), present on every machine, so nothing is downloaded.
+Without --tokenizer a byte-level BPE of --vocab-size is trained with the `tokenizers`
+library on the (train part of the) corpus. Every document gets an end-of-text token
+appended. Documents are assigned to the 'val' split deterministically (a hash of their
+index, --val-fraction), the rest to 'train'; shards hold at most --shard-tokens tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+import zlib
+from typing import Iterator
+
+import numpy as np
+
+from train.data import FORMAT
+
+EOS = "<|endoftext|>"
+TEXT_EXTS = (".py", ".txt", ".md", ".rst", ".json", ".jsonl")
+
+
+def _walk(paths: list[str]) -> list[str]:
+  files = []
+  for p in paths:
+    if os.path.isdir(p):
+      for root, dirs, names in os.walk(p):
+        dirs.sort()
+        dirs[:] = [d for d in dirs if d not in ("__pycache__", "test", "tests", "idlelib",
+                                                "site-packages")]
+        files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(TEXT_EXTS))
+    elif os.path.exists(p):
+      files.append(p)
+    else:
+      raise FileNotFoundError(f"--input {p!r} does not exist")
+  return files
+
+
+def iter_documents(paths: list[str], jsonl_key: str = "text",
+                   max_bytes: int | None = None) -> Iterator[str]:
+  total = 0
+  for f in _walk(paths):
+    if f.endswith(".jsonl"):
+      with open(f, encoding="utf-8", errors="replace") as fh:
+        docs = [json.loads(line)[jsonl_key] for line in fh if line.strip()]
+    else:
+      with open(f, encoding="utf-8", errors="replace") as fh:
+        docs = [fh.read()]
+    for d in docs:
+      if not d.strip():
+        continue
+      total += len(d)
+      yield d
+      if max_bytes is not None and total >= max_bytes:
+        return
+
+
+def default_corpus() -> list[str]:
+  return [sysconfig.get_paths()["stdlib"]]
+
+
+def train_bpe(docs: list[str], vocab_size: int):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(docs, trainer=trainer)
+  return tok
+
+
+def _is_val(i: int, fraction: float) -> bool:
+  return (zlib.crc32(str(i).encode()) % 10_000) < fraction * 10_000
+
+
+def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None = None,
+            vocab_size: int = 1024, val_fraction: float = 0.02, shard_tokens: int = 50_000_000,
+            jsonl_key: str = "text", max_mb: float | None = None, quiet: bool = False) -> dict:
+  """Write shards + meta.json into `out`; returns the meta dict."""
+  from tokenizers import Tokenizer
+  inputs = inputs or default_corpus()
+  max_bytes = None if max_mb is None else int(max_mb * 1e6)
+  docs = list(iter_documents(inputs, jsonl_key, max_bytes))
+  if not docs:
+    raise ValueError(f"no documents found in {inputs}")
+  os.makedirs(out, exist_ok=True)
+  if tokenizer:
+    tok = Tokenizer.from_file(tokenizer)
+  else:
+    tok = train_bpe([d for i, d in enumerate(docs) if not _is_val(i, val_fraction)], vocab_size)
+  eos_id = tok.token_to_id(EOS)
+  if eos_id is None:
+    eos_id = tok.get_vocab_size()
+    tok.add_special_tokens([EOS])
+  tok.save(os.path.join(out, "tokenizer.json"))
+  vocab = tok.get_vocab_size()
+  dtype = np.uint16 if vocab <= 65535 else np.uint32
+  splits: dict[str, list[str]] = {"train": [], "val": []}
+  buffers: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+  counts = {"train": 0, "val": 0}
+
+  def flush(split):
+    if not buffers[split]:
+      return
+    name = f"{split}-{len(splits[split]):05d}"
+    arrs = buffers[split]
+    offsets = np.zeros(len(arrs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(a) for a in arrs])
+    np.concatenate(arrs).astype(np.dtype(dtype).newbyteorder("<")).tofile(
+        os.path.join(out, name + ".bin"))
+    np.save(os.path.join(out, name + ".offsets.npy"), offsets)
+    splits[split].append(name)
+    buffers[split], counts[split] = [], 0
+
+  batch = 256
+  for start in range(0, len(docs), batch):
+    encs = tok.encode_batch(docs[start:start + batch])
+    for k, enc in enumerate(encs):
+      ids = np.asarray(enc.ids + [eos_id], np.int64)
+      if len(ids) < 2:
+        continue
+      split = "val" if _is_val(start + k, val_fraction) else "train"
+      buffers[split].append(ids)
+      counts[split] += len(ids)
+      if counts[split] >= shard_tokens:
+        flush(split)
+  flush("train")
+  flush("val")
+  if not splits["val"]:  # tiny corpora: hold out the last train document's shard copy
+    raise ValueError("no validation documents; raise --val-fraction or add input")
+  meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
+          "eos_id": int(eos_id), "tokenizer": "tokenizer.json", "splits": splits,
+          "num_documents": len(docs), "inputs": inputs}
+  tmp = os.path.join(out, "meta.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(out, "meta.json"))  # meta.json last: a complete dataset
+  if not quiet:
+    ntok = {s: sum(int(np.load(os.path.join(out, n + ".offsets.npy"))[-1]) for n in names)
+            for s, names in splits.items()}
+    print(f"prepared {out}: {len(docs)} documents, vocab {vocab}, tokens {ntok}", flush=True)
+  return meta
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", required=True, help="output directory")
+  ap.add_argument("--input", nargs="*", default=None,
+                  help="text/JSONL files or directories (default: Python stdlib sources)")
+  ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use (default: train BPE)")
+  ap.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size (default 1024)")
+  ap.add_argument("--val-fraction", type=float, default=0.02, help="held-out fraction (0.02)")
+  ap.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard")
+  ap.add_argument("--jsonl-key", default="text", help="JSONL text field (default 'text')")
+  ap.add_argument("--max-mb", type=float, default=None, help="stop after this many MB of text")
+  a = ap.parse_args(argv)
+  prepare(a.out, a.input, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+          val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, jsonl_key=a.jsonl_key,
+          max_mb=a.max_mb)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,227 @@
+"""The optimizer, the sharded train state and the pure train / eval / diagnostics steps.
+
+`Trainer(cfg, mesh)` builds:
+  tx            Muon (hidden matrices) + AdamW (rest), or AdamW alone; both behind global-norm
+                clipping and the WSD schedule.
+  shardings     parameters through the model's logical names and train.mesh.RULES; optimizer
+                state leaves like their parameter; batches over data x fsdp.
+  init_state    jitted with out_shardings: parameters are created already sharded.
+  train_step    jitted ONCE with in_shardings / out_shardings and the state donated:
+                (state, batch [A, B/A, T]) -> (state, metrics). A = grad_accum micro-batches
+                run in a lax.scan; the loss is a token-weighted sum over all of them, so
+                accumulation equals the full batch. Compute dtype is the model config's
+                (bfloat16 for the GPU presets); parameters and optimizer state stay float32.
+  eval_step     summed NLL and token count of one batch.
+  diagnostics   COR per layer and stable ranks of W_Q / W_R on one batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from parallax_jax import diagnostics as pdiag
+from parallax_jax.models import Qwen3Model, init_params, logical_param_specs
+from parallax_jax.optim import muon, stable_ranks
+from train import mesh as mesh_lib
+from train.config import TrainConfig
+from train.schedule import wsd
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def make_optimizer(cfg: TrainConfig):
+  oc = cfg.optimizer
+  lr = wsd(oc.lr, cfg.run.steps, cfg.schedule)
+  adam_lr = lr if oc.adam_lr is None else wsd(oc.adam_lr, cfg.run.steps, cfg.schedule)
+  if oc.name == "muon":
+    tx = muon(lr, weight_decay=oc.weight_decay, adam_learning_rate=adam_lr, adam_b1=oc.b1,
+              adam_b2=oc.b2, adam_eps=oc.eps, adam_weight_decay=oc.adam_weight_decay,
+              per_head=oc.per_head, beta=oc.muon_beta, update_scale=oc.muon_update_scale,
+              rms=oc.muon_rms)
+  else:
+    tx = optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  if oc.clip_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(oc.clip_grad_norm), tx)
+  return tx, lr
+
+
+def token_losses(logits, targets, mask):
+  """(sum of NLL, sum of log(Z)^2, token count) over masked positions, float32."""
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  m = mask.astype(jnp.float32)
+  return jnp.sum((logz - picked) * m), jnp.sum(jnp.square(logz) * m), jnp.sum(m)
+
+
+class Trainer:
+  def __init__(self, cfg: TrainConfig, mesh):
+    self.cfg, self.mesh = cfg, mesh
+    self.model = Qwen3Model(cfg.model)
+    self.tx, self.lr_schedule = make_optimizer(cfg)
+    with self.context():
+      abstract = jax.eval_shape(functools.partial(init_params, cfg.model), jax.random.key(0))
+      self.params_abstract = abstract
+      self.param_shardings = mesh_lib.logical_to_sharding(
+          logical_param_specs(cfg.model), abstract, mesh)
+      opt_abstract = jax.eval_shape(self.tx.init, abstract)
+      self.opt_shardings = mesh_lib.state_like_params_sharding(
+          opt_abstract, self.param_shardings, abstract, mesh)
+    rep = mesh_lib.replicated(mesh)
+    self.state_shardings = {"step": rep, "params": self.param_shardings,
+                            "opt_state": self.opt_shardings}
+    self.state_abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract,
+                           "opt_state": opt_abstract}
+    self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
+    self.eval_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    self._train_step = jax.jit(self._train_step_impl,
+                               in_shardings=(self.state_shardings, self.batch_shardings),
+                               out_shardings=(self.state_shardings, rep),
+                               donate_argnums=(0,))
+    self._eval_step = jax.jit(self._eval_step_impl,
+                              in_shardings=(self.param_shardings, self.eval_batch_shardings),
+                              out_shardings=rep)
+    self._diag = jax.jit(self._diag_impl,
+                         in_shardings=(self.param_shardings, self.eval_batch_shardings),
+                         out_shardings=rep)
+    self._init = jax.jit(self._init_impl, out_shardings=self.state_shardings)
+
+  # ------------------------------------------------------------------ context
+  def context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(mesh_lib.RULES))
+    return stack
+
+  def abstract_state_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.state_abstract, self.state_shardings)
+
+  # ------------------------------------------------------------------ state
+  def _init_impl(self, rng):
+    params = init_params(self.cfg.model, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params)}
+
+  def init_state(self, seed: int):
+    with self.context():
+      return self._init(jax.random.key(seed))
+
+  # ------------------------------------------------------------------ steps
+  def _loss_sums(self, params, mb):
+    logits = self.model.apply({"params": params}, mb["inputs"], positions=mb["positions"],
+                              segment_ids=mb["segment_ids"])
+    nll, zsq, n = token_losses(logits, mb["targets"], mb["segment_ids"] != 0)
+    return nll + self.cfg.optimizer.z_loss * zsq, (nll, zsq, n)
+
+  def _train_step_impl(self, state, batch):
+    params = state["params"]
+    grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+    accum = batch["inputs"].shape[0]
+    if accum == 1:
+      (_, (nll, zsq, n)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+      def body(carry, mb):
+        g_acc, s_acc = carry
+        (_, sums), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, (nll, zsq, n)), _ = jax.lax.scan(
+          body, (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0))), batch)
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    step = state["step"]
+    metrics = {"loss": nll / denom, "z_loss": zsq / denom, "grad_norm": grad_norm,
+               "lr": jnp.asarray(self.lr_schedule(step), jnp.float32), "tokens": n}
+    return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def train_step(self, state, batch):
+    with self.context():
+      return self._train_step(state, batch)
+
+  def _eval_step_impl(self, params, batch):
+    logits = self.model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"])
+    nll, _, n = token_losses(logits, batch["targets"], batch["segment_ids"] != 0)
+    return {"nll": nll, "tokens": n}
+
+  def eval_step(self, params, batch):
+    with self.context():
+      return self._eval_step(params, batch)
+
+  def _diag_impl(self, params, batch):
+    out = {}
+    for path, sr in stable_ranks(params).items():
+      out["stable_rank/" + path.replace("/kernel", "")] = jnp.mean(sr)
+    if self.cfg.model.has_probe_params:
+      calls = []
+      # q/k/v/r must not come from inside a scan or remat trace: use an unrolled, un-remat
+      # model with the same weights (stacked layers sliced apart)
+      model = Qwen3Model(self.cfg.model.replace(scan_layers=False, remat_policy="none"))
+      p = params
+      if self.cfg.model.scan_layers:
+        p = {k: v for k, v in params.items() if k != "layers"}
+        for i in range(self.cfg.model.num_layers):
+          p[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+      with _record_attention(calls):
+        model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
+                    segment_ids=batch["segment_ids"])
+      for i, (q, k, v, r, kw) in enumerate(calls):
+        if r is None:
+          continue
+        cor = pdiag.correction_to_output_ratio(q, k, v, r, **kw)
+        out[f"cor/layer_{i}"] = jnp.mean(cor)
+    return out
+
+  def diagnostics(self, params, batch):
+    with self.context():
+      return self._diag(params, batch)
+
+  # ------------------------------------------------------------------ batches
+  def device_batch(self, host_batch: dict, accum: int | None = None):
+    """Per-process numpy batch [B_local, T] -> global arrays; [A, B/A, T] when accum given."""
+    out = {}
+    for k in BATCH_KEYS:
+      x = host_batch[k]
+      if accum is not None:
+        x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+        sh = self.batch_shardings[k]
+      else:
+        sh = self.eval_batch_shardings[k]
+      out[k] = jax.make_array_from_process_local_data(sh, x)
+    return out
+
+
+@contextlib.contextmanager
+def _record_attention(calls: list):
+  """Record (q, k, v, r, kwargs) of every family-API call the model's layers make.
+
+  Workaround: the model does not `sow` q/k/v/r, so the attention module's reference to the
+  family API is swapped for a recording proxy while tracing one forward pass."""
+  from parallax_jax.nn import layers
+
+  real = layers._api
+
+  class Proxy:
+    def __getattr__(self, name):
+      return getattr(real, name)
+
+    @staticmethod
+    def attention(q, k, v, r=None, **kw):
+      keep = {n: kw[n] for n in ("causal", "window", "segment_ids", "bandwidth") if n in kw}
+      calls.append((q, k, v, r, keep))
+      return real.attention(q, k, v, r, **kw)
+
+  layers._api = Proxy()
+  try:
+    yield
+  finally:
+    layers._api = real
