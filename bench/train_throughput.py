@@ -28,9 +28,11 @@ def main(argv=None):
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
   p.add_argument("--data", default="data/stdlib", help="token shards (prepared if missing)")
   p.add_argument("--presets", nargs="*", default=list(PRESETS))
+  p.add_argument("--name", default="train_throughput", help="results file stem under bench/results")
   p.add_argument("--out", default=None, help="also copy the result files here (e.g. $OUT)")
   a = p.parse_args(argv)
 
+  import jax
   from train import prepare
   from train.config import apply_overrides, load_config_file
   from train.loop import train
@@ -50,7 +52,7 @@ def main(argv=None):
         "run.resume=false"])
     row = {"preset": name, "batch": a.batch, "seq_len": cfg.data.seq_len, "grad_accum": a.grad_accum,
            "attention": cfg.model.attention, "implementation": str(cfg.model.implementation),
-           "remat": str(cfg.model.remat_policy), "steps": a.steps}
+           "remat": str(cfg.model.remat_policy), "steps": a.steps, "devices": jax.device_count()}
     try:
       res = train(cfg)
       hist = [h for h in res["history"] if "tokens_per_s" in h][1:]  # drop the first window
@@ -76,10 +78,10 @@ def main(argv=None):
               f"{r.get('step_time_s', float('nan')):.3f} | {r.get('mfu', float('nan')):.1%} | "
               f"{r.get('first_loss', float('nan')):.3f} -> {r.get('last_loss', float('nan')):.3f} | "
               f"{r.get('error', '')} |")
-  common.write_results("train_throughput", env, rows, "\n".join(md), ratio)
+  common.write_results(a.name, env, rows, "\n".join(md), ratio)
   if a.out:
     for ext in ("json", "md"):
-      shutil.copy(f"bench/results/train_throughput.{ext}", a.out)
+      shutil.copy(f"bench/results/{a.name}.{ext}", a.out)
   return 0
 
 
