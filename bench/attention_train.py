@@ -31,6 +31,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import jax
 import jax.numpy as jnp
+
+import parallax_jax as pj
 import numpy as np
 
 import pallas_kernels
@@ -95,30 +97,13 @@ def kernel_breakdown(fn, args):
 
 
 def reference(q, k, v, r, scale, *, causal=True, window=None):
-  """Dense float32 Parallax (softmax if r is None)."""
+  """Dense float32 Parallax (softmax if r is None): the library's `xla` reference at full
+  matmul precision."""
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  q, k, v, r = f32(q), f32(k), f32(v), f32(r)
-  B, T, H, D = q.shape
-  S, G = k.shape[1], H // k.shape[2]
-  k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-  s = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * scale
-  pos = jnp.arange(T)[:, None] + (S - T)
-  j = jnp.arange(S)[None, :]
-  mask = jnp.ones((T, S), bool)
-  if causal:
-    mask &= j <= pos
-  if window is not None:
-    mask &= j > pos - window
-  s = jnp.where(mask, s, -jnp.inf)
-  a = jax.nn.softmax(s, axis=-1)
-  a = jnp.where(mask, a, 0.0)
-  vbar = jnp.einsum("bhts,bshd->bthd", a, v, precision=HIGHEST)
-  if r is None:
-    return vbar
-  t = jnp.einsum("bthd,bshd->bhts", r, k, precision=HIGHEST)
-  tbar = jnp.sum(a * t, -1).transpose(0, 2, 1)[..., None]
-  u = jnp.einsum("bhts,bshd->bthd", a * t, v, precision=HIGHEST)
-  return (1.0 + tbar) * vbar - u
+  with jax.default_matmul_precision("highest"):
+    return pj.attention(f32(q), f32(k), f32(v), f32(r), probe="none" if r is None else "learned",
+                        affine="constant" if r is None else "affine", bandwidth=1.0 / scale,
+                        causal=causal, window=window, implementation="xla")
 
 
 def rel_err(x, ref):

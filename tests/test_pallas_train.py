@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from parallax_jax import masks
 from pallas_kernels import BlockSizes, parallax_flash_attention
 from pallas_kernels import parallax_triton as pt
 
@@ -40,19 +41,9 @@ def has_gpu():
 
 
 def ref_mask(T, S, causal, window, qseg=None, kseg=None):
-  pos = jnp.arange(T)[:, None] + (S - T)
-  j = jnp.arange(S)[None, :]
-  m = jnp.ones((T, S), bool)
-  if causal:
-    m &= j <= pos
-  if window is not None:
-    m &= j > pos - window
-    if not causal:
-      m &= j < pos + window
-  m = m[None, None]  # [1, 1, T, S]
-  if qseg is not None:
-    m = m & (qseg[:, None, :, None] == kseg[:, None, None, :])
-  return m
+  """[1|B, 1, T, S] visibility, from the library's one mask definition."""
+  m = masks.full_mask(T, S, causal=causal, window=window, q_seg=qseg, kv_seg=kseg)
+  return m[:, None] if m.ndim == 3 else m[None, None]
 
 
 def reference(q, k, v, r, scale, *, causal=True, window=None, q_segment_ids=None,
@@ -324,6 +315,20 @@ def test_input_validation():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
+def verify_triton_modules(mods):
+  """Each kernel's Triton IR parses, verifies and contains a tensor-core dot."""
+  from jax._src.lib import triton as tlib
+  from jax._src.interpreters import mlir
+  from jax._src.lib.mlir import ir
+  for name, raw in mods:
+    ctx = mlir.make_ir_context()
+    tlib.dialect.register_dialect(ctx)
+    with ctx:
+      module = ir.Module.parse(raw)
+      assert module.operation.verify(), name
+      assert "tt.dot" in str(module), name
+
+
 def _triton_modules(lowered):
   """(name, TTIR bytecode) of every Triton custom call in a lowered module."""
   from jax._src.lib.mlir import ir
@@ -367,10 +372,6 @@ def test_cuda_lowering_abstract_h100(lc):
   (jax-cuda*-plugin), which a CPU jaxlib does not have; those errors show up only in the
   `gpu`-marked tests.
   """
-  from jax._src.interpreters import mlir
-  from jax._src.lib import triton as tlib
-  from jax._src.lib.mlir import ir
-
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   B = 2
@@ -395,13 +396,7 @@ def test_cuda_lowering_abstract_h100(lc):
   kind = "parallax" if lc["parallax"] else "softmax"
   assert sorted(n for n, _ in mods) == sorted(
       [f"{kind}_fwd", f"{kind}_bwd_dq", f"{kind}_bwd_dkv"])
-  for name, raw in mods:
-    ctx = mlir.make_ir_context()
-    tlib.dialect.register_dialect(ctx)
-    with ctx:
-      module = ir.Module.parse(raw)
-      assert module.operation.verify(), name
-      assert "tt.dot" in str(module), name
+  verify_triton_modules(mods)
 
 
 # ----------------------------------------------------------------------------- GPU
