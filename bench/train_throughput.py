@@ -30,6 +30,8 @@ def main(argv=None):
   p.add_argument("--presets", nargs="*", default=list(PRESETS))
   p.add_argument("--name", default="train_throughput", help="results file stem under bench/results")
   p.add_argument("--out", default=None, help="also copy the result files here (e.g. $OUT)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="extra config override for every preset (e.g. model.remat_policy=dots_attn)")
   a = p.parse_args(argv)
 
   import jax
@@ -49,8 +51,8 @@ def main(argv=None):
         f"data.path={a.data}", f"run.steps={a.steps}", f"data.global_batch_size={a.batch}",
         f"data.grad_accum={a.grad_accum}", "schedule.warmup_steps=5", "run.eval_every=0",
         "run.diag_every=0", "run.sample_lines=0", "run.log_every=5", f"run.out_dir={out_dir}",
-        "run.resume=false"])
-    row = {"preset": name, "batch": a.batch, "seq_len": cfg.data.seq_len, "grad_accum": a.grad_accum,
+        "run.resume=false", *a.overrides])
+    row = {"preset": name, "overrides": a.overrides, "batch": a.batch, "seq_len": cfg.data.seq_len, "grad_accum": a.grad_accum,
            "attention": cfg.model.attention, "implementation": str(cfg.model.implementation),
            "remat": str(cfg.model.remat_policy), "steps": a.steps, "devices": jax.device_count()}
     try:
@@ -78,6 +80,8 @@ def main(argv=None):
               f"{r.get('step_time_s', float('nan')):.3f} | {r.get('mfu', float('nan')):.1%} | "
               f"{r.get('first_loss', float('nan')):.3f} -> {r.get('last_loss', float('nan')):.3f} | "
               f"{r.get('error', '')} |")
+  if a.overrides:
+    ratio += f"\nOverrides: {' '.join(a.overrides)}; grad_accum {a.grad_accum}."
   common.write_results(a.name, env, rows, "\n".join(md), ratio)
   if a.out:
     for ext in ("json", "md"):

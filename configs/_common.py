@@ -28,12 +28,12 @@ def gpu_config(name: str, model, *, optimizer: str = "muon", lr: float = 3e-3,
 
 
 def model_0p6b(**kw):
-  kw = {"max_seq_len": SEQ_LEN, "remat_policy": "dots", "scan_layers": True, **kw}
+  kw = {"max_seq_len": SEQ_LEN, "remat_policy": "dots_attn", "scan_layers": True, **kw}
   return presets.qwen3_0p6b(**kw)
 
 
 def model_1p7b(**kw):
-  kw = {"max_seq_len": SEQ_LEN, "remat_policy": "dots", "scan_layers": True, **kw}
+  kw = {"max_seq_len": SEQ_LEN, "remat_policy": "dots_attn", "scan_layers": True, **kw}
   return presets.qwen3_1p7b(**kw)
 
 

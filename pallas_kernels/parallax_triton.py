@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -593,6 +594,8 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
 
 # ----------------------------------------------------------------------------- custom_vjp
 
+ATTN_RESIDUALS = "attn_residuals"
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, r, scale, qseg, kseg):
@@ -606,6 +609,9 @@ def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
   q, k, v, r, scale, qseg, kseg = (
       None if x is None else x.value for x in (q, k, v, r, scale, qseg, kseg))
   o, lse, tbar, vbar = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  # Named so a remat policy can keep them (`save_only_these_names(ATTN_RESIDUALS)`): without
+  # it, a rematerialised layer reruns this forward kernel in its backward pass.
+  o, lse, tbar, vbar = (checkpoint_name(x, ATTN_RESIDUALS) for x in (o, lse, tbar, vbar))
   flag = jnp.zeros((0,), jnp.float32) if need_dscale else None
   return o, (q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag)
 

@@ -150,8 +150,8 @@ def test_block_remat_policies_agree():
 
   ref_v, ref_g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "none")
   assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_no_batch", "attn_out",
-                                 "qkv_attn_out"}
-  for policy in ("full", "qkv_attn_out"):  # the others are plain jax policies
+                                 "qkv_attn_out", "dots_attn"}
+  for policy in ("full", "qkv_attn_out", "dots_attn"):  # the others are plain jax policies
     v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, policy)
     np.testing.assert_allclose(v, ref_v, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(

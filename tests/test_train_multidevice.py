@@ -24,6 +24,16 @@ from train.data import make_dataset
 from train.mesh import make_mesh
 from train.prepare import prepare
 from train.step import Trainer
+from parallax_jax import api
+
+# Record the q shape each attention call sees while a train step traces: under a mesh the
+# layer runs attention per shard (shard_map), so it must see the local batch / heads.
+seen, _orig, _rec = [], api.attention, [False]
+def _recording(q, *a, **kw):
+  if _rec[0]:
+    seen.append(list(q.shape))
+  return _orig(q, *a, **kw)
+api.attention = _recording
 
 out = sys.argv[1]
 prepare(out, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
@@ -45,13 +55,15 @@ for name, mesh_cfg, ndev, accum in [("single", MeshConfig(1, 1, 1), 1, 1),
   tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:ndev]))
   st = tr.init_state(0)
   ls = []
+  seen.clear(); _rec[0] = True
   for b in batches:
     st, m = tr.train_step(st, tr.device_batch(b, accum=accum))
     ls.append([float(m["loss"]), float(m["grad_norm"])])
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
-               "mu_spec": None}
+               "mu_spec": None, "attn_q": sorted({tuple(x) for x in seen})}
+  _rec[0] = False
 print("RESULT" + json.dumps(res))
 """)
 
@@ -71,4 +83,10 @@ def test_parallelisms_match_single_device(tmp_path):
       assert abs(l0 - l1) <= 2e-4 * abs(l0), (name, ref, got)
       assert abs(g0 - g1) <= 2e-3 * abs(g0), (name, ref, got)
   assert "fsdp" in res["fsdp"]["q_spec"]
+  # [batch, length, q_heads, head_dim] per shard (tiny preset: 4 q heads, 2 kv heads).
+  assert res["single"]["attn_q"] == [[8, 32, 4, 16]], res["single"]
+  assert res["data"]["attn_q"] == [[1, 32, 4, 16]], res["data"]
+  assert res["fsdp"]["attn_q"] == [[1, 32, 4, 16]], res["fsdp"]
+  assert res["tensor_accum"]["attn_q"] == [[1, 32, 2, 16]], res["tensor_accum"]
+  assert res["all3"]["attn_q"] == [[2, 32, 2, 16]], res["all3"]
   assert "tensor" in res["tensor_accum"]["q_spec"] and "tensor" in res["tensor_accum"]["e_spec"]

@@ -13,10 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from parallax_jax.api import AFFINES, IMPLEMENTATIONS, MEMBERS, PROBES, SOLVERS
+from parallax_jax.api import (AFFINES, DECODE_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMBERS, PROBES,
+                              SOLVERS)
 
 # Per-layer rematerialisation policies (see `parallax_jax.nn.layers.remat_policy`).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out",
+                  "dots_attn")
 R_INITS = ("zeros", "like_q")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -62,6 +64,9 @@ class ModelConfig:
     ridge, solver: for the 'solve' probe.
     window: sliding-window size (keys kept, including the diagonal) or None.
     implementation: 'xla' | 'chunked' | 'pallas' | None (the family API chooses).
+    decode_implementation: 'xla' | 'pallas' | None for a generation decode step
+      (`parallax_jax.decode_attention`); None follows `implementation` ('chunked' -> 'xla';
+      None: the Pallas decode kernel on GPU where it applies).
     r_init: 'zeros' (W_R = 0: exactly the softmax model at init) or 'like_q'.
     r_norm: per-head RMSNorm on r (`attn/r_norm/scale`), like Qwen3's QK-norm.
     correction_gate: o = vbar - g * C^T r with g = sigmoid(x W_g + b) per position and head
@@ -94,6 +99,7 @@ class ModelConfig:
   solver: str = "direct"
   window: int | None = None
   implementation: str | None = None
+  decode_implementation: str | None = None
   r_init: str = "zeros"
   r_norm: bool = False
   correction_gate: bool = False
@@ -132,6 +138,7 @@ class ModelConfig:
     _check_choice(self, "affine", AFFINES, allow_none=True)
     _check_choice(self, "solver", SOLVERS)
     _check_choice(self, "implementation", IMPLEMENTATIONS, allow_none=True)
+    _check_choice(self, "decode_implementation", DECODE_IMPLEMENTATIONS, allow_none=True)
     _check_choice(self, "r_init", R_INITS)
     if self.bandwidth is not None:
       bw = self.bandwidth
@@ -186,6 +193,13 @@ class ModelConfig:
     """The initial / fixed bandwidth h as a float (sqrt(head_dim) when unset)."""
     bw = self.bandwidth if self.bandwidth is not None else MEMBERS[self.attention][0]
     return float(bw) if bw is not None else math.sqrt(self.resolved_head_dim)
+
+  @property
+  def resolved_decode_implementation(self) -> str | None:
+    """The `implementation` of `decode_attention` in a decode step."""
+    if self.decode_implementation is not None:
+      return self.decode_implementation
+    return "xla" if self.implementation == "chunked" else self.implementation
 
   @property
   def has_probe_params(self) -> bool:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.parallax_triton import ATTN_RESIDUALS
 from parallax_jax import api as _api
 from parallax_jax.models.config import ModelConfig
 
@@ -46,6 +47,51 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def _mesh_axis_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def shard_attention(call: Callable, q, k, v, r, seg, bandwidth):
+  """call(q, k, v, r, seg, bandwidth) per shard of the context mesh (`jax.set_mesh`).
+
+  Attention is independent per sequence and per head, but XLA cannot partition a Pallas
+  custom call: left to the SPMD partitioner, a batch-sharded q/k/v is all-gathered and every
+  device runs the whole global batch. Under a mesh this wraps the call in `jax.shard_map` with
+  the batch and head axes the logical rules give the activations (heads only when Hq and Hkv
+  both divide, so every GQA group stays on one shard). Without a mesh (or rules) it is a plain
+  call.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  spec_q = nn.logical_to_mesh_axes(BLHD_Q)
+  if mesh.empty or mesh.size == 1 or spec_q is None:
+    return call(q, k, v, r, seg, bandwidth)
+  batch, heads = spec_q[0], spec_q[2]
+  if nn.logical_to_mesh_axes(BLHD_KV)[2] != heads:
+    heads = None
+  if batch is not None and q.shape[0] % _mesh_axis_size(mesh, batch):
+    batch = None
+  if heads is not None and (q.shape[2] % _mesh_axis_size(mesh, heads)
+                            or k.shape[2] % _mesh_axis_size(mesh, heads)):
+    heads = None
+  if batch is None and heads is None:
+    return call(q, k, v, r, seg, bandwidth)
+  P = jax.sharding.PartitionSpec
+  bhd = P(batch, None, heads, None)
+  seg_spec = jax.tree.map(lambda _: P(batch, None), seg)
+  bw_spec = P(heads) if isinstance(bandwidth, jax.Array) and bandwidth.ndim == 1 else P()
+  r_spec = None if r is None else bhd
+  if not isinstance(bandwidth, jax.Array):  # python float: keep it static
+    fn = lambda q_, k_, v_, r_, s_: call(q_, k_, v_, r_, s_, bandwidth)
+    args, specs = (q, k, v, r, seg), (bhd, bhd, bhd, r_spec, seg_spec)
+  else:
+    fn, args, specs = call, (q, k, v, r, seg, bandwidth), (bhd, bhd, bhd, r_spec, seg_spec,
+                                                           bw_spec)
+  return jax.shard_map(fn, in_specs=specs, out_specs=bhd, check_vma=False)(*args)
+
+
 def remat_policy(name: str):
   """jax.checkpoint policy for a config name (None for 'none', which means no remat)."""
   cp = jax.checkpoint_policies
@@ -56,6 +102,10 @@ def remat_policy(name: str):
       "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
       "attn_out": cp.save_only_these_names("attn_out"),
       "qkv_attn_out": cp.save_only_these_names("q", "k", "v", "r", "attn_out"),
+      # dots plus the Pallas attention residuals (o, lse, tbar, vbar): the backward pass
+      # then skips rerunning the forward attention kernel.
+      "dots_attn": cp.save_from_both_policies(
+          cp.checkpoint_dots, cp.save_only_these_names(ATTN_RESIDUALS)),
   }[name]
 
 
@@ -146,8 +196,9 @@ class Attention(nn.Module):
   - cache (k, v) [B,S,Hkv,Dh] and T > 1: prefill from an empty cache: causal attention over x,
     k and v written to slots [0, T).
   - cache and T == 1: one decode step: k, v written at slot cache_lengths[b]; the query attends
-    over the cache with unfilled slots masked by segment ids. Only k and v are cached; r is
-    recomputed from the token.
+    over the first cache_lengths[b] + 1 slots (and the window) through
+    `parallax_jax.decode_attention` (the Pallas split-KV kernel reading the cache in place on
+    GPU, `config.decode_implementation`). Only k and v are cached; r is recomputed.
   """
   config: ModelConfig
 
@@ -204,27 +255,39 @@ class Attention(nn.Module):
         self.sow("intermediates", name, val)
 
     new_cache = None
-    causal, window, seg = True, cfg.window, segment_ids
+    decode = False
     if cache is not None:
       ck, cv = cache
       t = x.shape[1]
       if t == 1:  # decode step
+        decode = True
         b = jnp.arange(x.shape[0])
         ck = ck.at[b, cache_lengths].set(k[:, 0].astype(ck.dtype))
         cv = cv.at[b, cache_lengths].set(v[:, 0].astype(cv.dtype))
-        seg = decode_kv_segments(cache_lengths, ck.shape[1], cfg.window)
-        causal, window = False, None
-        k, v = ck.astype(dt), cv.astype(dt)
+        # The cache is read in place, in its stored dtype (no per-step copy or cast); valid
+        # slots j <= cache_lengths[b] (and within the window), as `decode_kv_segments`.
+        k, v = ck, cv
+        lengths = (cache_lengths.astype(jnp.int32) + 1)[:, None]  # [B, 1]: shards like seg ids
       else:  # prefill from an empty cache
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
       new_cache = (constrain(ck, BSHD_CACHE), constrain(cv, BSHD_CACHE))
 
     def family(probe_, affine_, r_):
-      return _api.attention(q, k, v, r_ if probe_ == "learned" else None, probe=probe_,
-                            affine=affine_, bandwidth=bandwidth, ridge=cfg.ridge,
-                            solver=cfg.solver, causal=causal, window=window, segment_ids=seg,
-                            implementation=cfg.implementation)
+      r_ = r_ if probe_ == "learned" else None
+      if decode:
+        def call(q_, k_, v_, r_, len_, bw_):
+          return _api.decode_attention(q_, k_, v_, r_, lengths=len_[:, 0], probe=probe_,
+                                       affine=affine_, bandwidth=bw_, window=cfg.window,
+                                       ridge=cfg.ridge, solver=cfg.solver,
+                                       implementation=cfg.resolved_decode_implementation)
+        return shard_attention(call, q, k, v, r_, lengths, bandwidth)
+
+      def call(q_, k_, v_, r_, seg_, bw_):
+        return _api.attention(q_, k_, v_, r_, probe=probe_, affine=affine_, bandwidth=bw_,
+                              ridge=cfg.ridge, solver=cfg.solver, causal=True, window=cfg.window,
+                              segment_ids=seg_, implementation=cfg.implementation)
+      return shard_attention(call, q, k, v, r_, segment_ids, bandwidth)
 
     if gate is None:
       out = family(probe, affine, r)
