@@ -1,9 +1,14 @@
-"""Decode-attention benchmark: Pallas split-KV Parallax decode vs cuDNN / XLA softmax decode and
-the XLA Parallax path, one new token per sequence, KV cache [B, L, Hkv, D] (all L slots valid).
+"""Decode-attention benchmark: Pallas split-KV Parallax decode vs cuDNN / XLA softmax decode,
+the XLA Parallax path and torch's FlashAttention-2 (SDPA flash backend, on the same cache
+through DLPack), one new token per sequence, KV cache [B, L, Hkv, D] (all L slots valid).
 
+Grids: GQA Hq=16 Hkv=8 D=128 over --Bs x --Ls, and MHA Hq=Hkv=8 D=64 over --mha-Bs x --Ls.
 Timing: CUPTI kernel time (`jax.experimental.mosaic.gpu.profiler.measure`, median over
-iterations), wall-clock median as fallback. GB/s counts the K and V bytes of the valid cache.
-Error: max |o - ref| / max |ref| against a float32 dense reference (small shapes only).
+iterations); torch is timed with CUDA events around each call (launch included), so it is an
+anchor, not a like-for-like kernel time. GB/s counts the K and V bytes of the valid cache; the
+HBM rate it is compared with is a measured device copy (read + write bytes / time).
+Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only). The
+XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
   PYTHONPATH=. python3 bench/decode.py --out DIR [--budget 300]
 """
@@ -50,7 +55,38 @@ def time_us(fn, args, iters=30):
   return statistics.median(ts) * 1e6, "wall"
 
 
-def impls(B, L, Hq, Hkv, D):
+def torch_fa2(B, L, Hq, Hkv, D, scale):
+  """torch SDPA with only the flash backend, on the JAX arrays (DLPack, no copy)."""
+  import torch
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  import torch.nn.functional as F
+
+  def run(q, k, v):
+    tq = torch.from_dlpack(q).unsqueeze(2)                   # [B, Hq, 1, D]
+    tk = torch.from_dlpack(k).transpose(1, 2)                # [B, Hkv, L, D] (view)
+    tv = torch.from_dlpack(v).transpose(1, 2)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+      f = lambda: F.scaled_dot_product_attention(tq, tk, tv, scale=scale, enable_gqa=Hq != Hkv)
+      for _ in range(3):
+        f()
+      ts = []
+      for _ in range(30):
+        ev[0].record(); f(); ev[1].record(); torch.cuda.synchronize()
+        ts.append(ev[0].elapsed_time(ev[1]) * 1e3)
+      out = f().squeeze(2).float().cpu().numpy()
+    return statistics.median(ts), out
+  return run
+
+
+def hbm_copy_gbps():
+  """Measured HBM rate: a 4 GiB bf16 copy (x + 1), read + write bytes over CUPTI time."""
+  x = jnp.zeros((2**31,), jnp.bfloat16)
+  us, _ = time_us(jax.jit(lambda a: a + 1), (x,), iters=10)
+  return 2 * x.nbytes / (us * 1e-6) / 1e9
+
+
+def impls(B, L, Hq, Hkv, D, with_xla=True):
   import parallax_jax
   scale = 1.0 / np.sqrt(D)
   out = {}
@@ -66,6 +102,8 @@ def impls(B, L, Hq, Hkv, D):
           query_seq_lengths=jnp.ones((B,), jnp.int32), key_value_seq_lengths=lens)[:, 0]
     return jax.jit(f)
   out["cudnn_softmax"] = sdpa("cudnn")
+  if not with_xla:
+    return out
   out["xla_softmax"] = sdpa("xla")
 
   def xla_parallax(q, k, v, r, lens):
@@ -79,83 +117,120 @@ def impls(B, L, Hq, Hkv, D):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="bench/results")
-  ap.add_argument("--budget", type=float, default=300.0)
-  ap.add_argument("--Bs", default="1,8,64,256")
-  ap.add_argument("--Ls", default="1024,8192,32768")
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="bench/results", help="directory for decode.json / decode.md")
+  ap.add_argument("--budget", type=float, default=300.0, help="seconds; later shapes are skipped")
+  ap.add_argument("--Bs", default="1,8,32,64,128,256", help="batch sizes of the GQA grid")
+  ap.add_argument("--Ls", default="1024,4096,8192,32768", help="cache lengths")
+  ap.add_argument("--mha-Bs", default="1,8,64,256", help="batch sizes of the MHA D=64 grid")
+  ap.add_argument("--no-torch", action="store_true", help="skip the torch FA2 anchor")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  Hq, Hkv, D, dt = 16, 8, 128, jnp.bfloat16
-  res = {"env": environment(), "config": dict(Hq=Hq, Hkv=Hkv, D=D, dtype="bfloat16"),
-         "rows": []}
-  for L in map(int, args.Ls.split(",")):
-    for B in map(int, args.Bs.split(",")):
-      if B * L > 2 * 2**20:
-        log(f"skip B={B} L={L} (KV {B*L*Hkv*D*4/1e9:.1f} GB; XLA paths would not fit)")
-        continue
-      if time.time() - T0 > args.budget:
-        log("budget spent; stopping")
-        break
-      ks = jax.random.split(jax.random.key(B * 100003 + L), 4)
-      q = jax.random.normal(ks[0], (B, Hq, D), dt)
-      r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(dt)
-      k = jax.random.normal(ks[2], (B, L, Hkv, D), dt)
-      v = jax.random.normal(ks[3], (B, L, Hkv, D), dt)
-      lens = jnp.full((B,), L, jnp.int32)
-      kv_bytes = 2 * B * L * Hkv * D * 2
-      refs = {}
-      if B * L <= 256 * 1024:
-        refs["parallax"] = dk.reference_decode(q, k, v, r, scale=1 / np.sqrt(D), lengths=lens)
-        refs["softmax"] = dk.reference_decode(q, k, v, None, scale=1 / np.sqrt(D), lengths=lens)
-      row = {"B": B, "L": L, "num_splits": dk.default_num_splits(B, Hkv, L), "kv_GB": kv_bytes / 1e9}
-      for name, fn in impls(B, L, Hq, Hkv, D).items():
-        try:
-          us, how = time_us(fn, (q, k, v, r, lens))
-          ent = {"us": us, "GBps": kv_bytes / (us * 1e-6) / 1e9, "timer": how}
-          ref = refs.get("parallax" if "parallax" in name else "softmax")
-          if ref is not None:
-            o = np.asarray(fn(q, k, v, r, lens), np.float32)
-            ref = np.asarray(ref)
-            ent["rel_err"] = float(np.max(np.abs(o - ref)) / np.max(np.abs(ref)))
-        except Exception as e:  # noqa: BLE001
-          ent = {"error": repr(e)[:300]}
-        row[name] = ent
-        log(B, L, name, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in ent.items()})
-      c = row.get("cudnn_softmax", {}).get("us")
-      for name in list(row):
-        if isinstance(row[name], dict) and "us" in row[name] and c:
-          row[name]["vs_cudnn"] = row[name]["us"] / c
-      res["rows"].append(row)
-      with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(res, f, indent=1)
-      write_md(res, os.path.join(args.out, "decode.md"))
-      del q, k, v, r
+  res = {"env": environment(), "rows": []}
+  try:
+    res["hbm_copy_GBps"] = hbm_copy_gbps()
+    log("HBM copy GB/s", round(res["hbm_copy_GBps"]))
+  except Exception as e:  # noqa: BLE001
+    log("hbm copy failed", repr(e)[:200])
+  grids = [("gqa", 16, 8, 128, args.Bs), ("mha", 8, 8, 64, args.mha_Bs)]
+  for grid, Hq, Hkv, D, Bs in grids:
+    for L in map(int, args.Ls.split(",")):
+      for B in map(int, Bs.split(",")):
+        if B * L > 4 * 2**20:
+          log(f"skip B={B} L={L}: KV {2 * B * L * Hkv * D * 2 / 1e9:.0f} GB")
+          continue
+        if time.time() - T0 > args.budget:
+          log(f"budget spent; skip {grid} B={B} L={L}")
+          continue
+        res["rows"].append(bench_shape(grid, B, L, Hq, Hkv, D, not args.no_torch))
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+          json.dump(res, f, indent=1)
+        write_md(res, os.path.join(args.out, "decode.md"))
+
+
+def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
+  dt = jnp.bfloat16
+  scale = 1.0 / np.sqrt(D)
+  ks = jax.random.split(jax.random.key(B * 100003 + L + D), 4)
+  q = jax.random.normal(ks[0], (B, Hq, D), dt)
+  r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(dt)
+  k = jax.random.normal(ks[2], (B, L, Hkv, D), dt)
+  v = jax.random.normal(ks[3], (B, L, Hkv, D), dt)
+  lens = jnp.full((B,), L, jnp.int32)
+  kv_bytes = 2 * B * L * Hkv * D * 2
+  small = B * L <= 256 * 1024
+  refs = {}
+  if small:
+    refs["parallax"] = np.asarray(dk.reference_decode(q, k, v, r, scale=scale, lengths=lens))
+    refs["softmax"] = np.asarray(dk.reference_decode(q, k, v, None, scale=scale, lengths=lens))
+  row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
+         "num_splits": dk.default_num_splits(B, Hkv, L), "kv_GB": kv_bytes / 1e9}
+
+  def record(name, us, how, o=None):
+    ent = {"us": us, "GBps": kv_bytes / (us * 1e-6) / 1e9, "timer": how}
+    ref = refs.get("parallax" if "parallax" in name else "softmax")
+    if ref is not None and o is not None:
+      ent["rel_err"] = float(np.max(np.abs(np.asarray(o, np.float32) - ref)) /
+                             np.max(np.abs(ref)))
+    row[name] = ent
+    log(grid, B, L, name, {a: (round(b, 4) if isinstance(b, float) else b)
+                           for a, b in ent.items()})
+
+  for name, fn in impls(B, L, Hq, Hkv, D, with_xla=small).items():
+    try:
+      us, how = time_us(fn, (q, k, v, r, lens))
+      record(name, us, how, fn(q, k, v, r, lens) if small else None)
+    except Exception as e:  # noqa: BLE001
+      row[name] = {"error": repr(e)[:300]}
+      log(grid, B, L, name, row[name])
+  if with_torch:
+    try:
+      us, o = torch_fa2(B, L, Hq, Hkv, D, scale)(q, k, v)
+      record("torch_fa2_softmax", us, "cuda_events", o)
+    except Exception as e:  # noqa: BLE001
+      row["torch_fa2_softmax"] = {"error": repr(e)[:300]}
+      log(grid, B, L, "torch", row["torch_fa2_softmax"])
+  c = row.get("cudnn_softmax", {}).get("us")
+  for name in list(row):
+    if isinstance(row[name], dict) and "us" in row[name] and c:
+      row[name]["vs_cudnn"] = row[name]["us"] / c
+  return row
 
 
 def write_md(res, path):
-  names = ["pallas_parallax", "pallas_softmax", "cudnn_softmax", "xla_softmax", "xla_parallax"]
+  names = ["pallas_parallax", "pallas_softmax", "cudnn_softmax", "torch_fa2_softmax",
+           "xla_softmax", "xla_parallax"]
+  hbm = res.get("hbm_copy_GBps")
   lines = [f"# Decode attention, {res['env']['device']}, jax {res['env']['jax']}, "
            f"{res['env']['date']}", "",
-           f"Hq={res['config']['Hq']} Hkv={res['config']['Hkv']} D={res['config']['D']} bf16, "
-           "one token per sequence, all L slots valid. us = median kernel time (CUPTI); "
-           "GB/s of K+V read; xC = time / cuDNN time; err = max rel error vs fp32 reference.",
-           "", "| B | L | splits | " + " | ".join(names) + " |",
-           "|---|---|---|" + "---|" * len(names)]
-  for row in res["rows"]:
-    cells = []
-    for n in names:
-      e = row.get(n, {})
-      if "us" not in e:
-        cells.append("err" if "error" in e else "-")
-        continue
-      s = f"{e['us']:.1f} us, {e['GBps']:.0f} GB/s"
-      if "vs_cudnn" in e:
-        s += f", x{e['vs_cudnn']:.2f}"
-      if "rel_err" in e:
-        s += f", err {e['rel_err']:.1e}"
-      cells.append(s)
-    lines.append(f"| {row['B']} | {row['L']} | {row['num_splits']} | " + " | ".join(cells) + " |")
+           "bf16, one token per sequence, all L slots valid. us = median kernel time (CUPTI; "
+           "torch: CUDA events, launch included); GB/s of K+V read"
+           + (f" (% of the measured HBM copy rate, {hbm:.0f} GB/s)" if hbm else "")
+           + "; xC = time / cuDNN time; err = max rel error vs fp32 reference.", ""]
+  for grid, title in (("gqa", "GQA: Hq=16, Hkv=8, D=128"), ("mha", "MHA: Hq=Hkv=8, D=64")):
+    rows = [r for r in res["rows"] if r.get("grid", "gqa") == grid]
+    if not rows:
+      continue
+    lines += [f"## {title}", "", "| B | L | splits | " + " | ".join(names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for row in rows:
+      cells = []
+      for n in names:
+        e = row.get(n, {})
+        if "us" not in e:
+          cells.append("err" if "error" in e else "-")
+          continue
+        s = f"{e['us']:.1f} us, {e['GBps']:.0f} GB/s"
+        if hbm and n.startswith("pallas"):
+          s += f" ({e['GBps'] / hbm:.0%})"
+        if "vs_cudnn" in e:
+          s += f", x{e['vs_cudnn']:.2f}"
+        if "rel_err" in e:
+          s += f", err {e['rel_err']:.1e}"
+        cells.append(s)
+      lines.append(f"| {row['B']} | {row['L']} | {row['num_splits']} | " + " | ".join(cells)
+                   + " |")
+    lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

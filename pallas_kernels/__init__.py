@@ -1,6 +1,5 @@
 """Pallas GPU kernels for parallax_jax: fused Parallax / softmax attention for training, and
 split-KV decode."""
-from pallas_kernels.decode import DecodeConfig
 from pallas_kernels.decode import default_num_splits
 from pallas_kernels.decode import parallax_decode
 from pallas_kernels.decode import reference_decode
@@ -9,5 +8,5 @@ from pallas_kernels.parallax_triton import default_block_sizes
 from pallas_kernels.parallax_triton import is_supported
 from pallas_kernels.parallax_triton import parallax_flash_attention
 
-__all__ = ["BlockSizes", "DecodeConfig", "default_block_sizes", "default_num_splits",
+__all__ = ["BlockSizes", "default_block_sizes", "default_num_splits",
            "is_supported", "parallax_decode", "parallax_flash_attention", "reference_decode"]

@@ -15,7 +15,6 @@ Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -29,22 +28,33 @@ from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler
 NUM_SMS = 132  # H100 SXM
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-  """Static launch parameters of the decode kernel."""
-  block_kv: int = 64
-  num_splits: int = 1
-  num_warps: int = 4
-  num_stages: int = 2
-
-
 def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int = 64,
                        num_sms: int = NUM_SMS) -> int:
-  """Enough splits that B*Hkv*splits covers ~2 waves of SMs, each split >= 4 tiles."""
+  """Enough splits that B*Hkv*splits covers ~2 waves of SMs, each split >= 2 tiles.
+
+  H100 sweep (bench/results/decode_sweep.json): at B=1, L=1k, 8 splits of 2 tiles beat 4 of 4
+  (10.0 vs 11.4 us); beyond ~2 waves more splits only add merge work (B=64, L=4k: 370 us at
+  1 split, 392 at 4, 470 at 16).
+  """
   progs = batch * num_kv_heads
   want = max(1, -(-2 * num_sms // progs))
-  max_by_len = max(1, s_max // (4 * block_kv))
+  max_by_len = max(1, s_max // (2 * block_kv))
   return int(min(want, max_by_len, 64))
+
+
+def _p2v(p2, v):
+  """P2 V with ~16-bit P2 precision on the tensor cores.
+
+  The output subtracts O2/d1, which amplifies the rounding of P2 (P2 in bf16 alone costs
+  ~1e-2 relative error); an fp32 dot runs off the tensor cores (it cost 20-50% of the decode
+  time). P2 = hi + lo with both in V's dtype keeps 16 (bf16) or 22 (fp16) bits for two cheap
+  MMAs: decode pads the G rows to 16, so the MMA count, not its size, is what matters.
+  """
+  if v.dtype == jnp.float32:
+    return _dot(p2, v)
+  hi = p2.astype(v.dtype)
+  lo = (p2 - hi.astype(jnp.float32)).astype(v.dtype)
+  return _dot(hi, v) + _dot(lo, v)
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, o2_ref, *,
@@ -76,8 +86,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, 
       s2 = _dot(r, k, trans_b=True)
       p2 = p1 * s2
       d2 = d2 * alpha + jnp.sum(p2, axis=1)
-      # P2 V in fp32: the output subtracts O2/d1, which amplifies low-precision P2 rounding.
-      o2 = o2 * alpha[:, None] + _dot(p2, v.astype(jnp.float32))
+      o2 = o2 * alpha[:, None] + _p2v(p2, v)
     return m_new, d1, d2, o1, o2
 
   zr = jnp.zeros((bh,), jnp.float32)
@@ -111,7 +120,7 @@ def _merge(m, d1, d2, o1, o2):
 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
-                    num_splits=None, block_kv=None, num_warps=4, num_stages=2,
+                    num_splits=None, block_kv=None, num_warps=4, num_stages=None,
                     interpret=False):
   """Decode attention of one new token per sequence.
 
@@ -119,6 +128,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   kv-head h // (Hq//Hkv)); lengths: [B] int32, keys j < lengths[b] valid, the token sits at
   lengths[b]-1 and with `window` sees j > lengths[b]-1-window. scale: python float.
   Returns [B, Hq, D] in q's dtype.
+  num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
+  prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
   """
   B, Hq, D = q.shape
   _, S, Hkv, Dk = k_cache.shape
@@ -137,6 +148,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     bk = max(16, min(bk, _next_pow2(S)))
     k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
+  if num_stages is None:
+    num_stages = 3 if r is not None else 2
   ns = num_splits if num_splits is not None else default_num_splits(B, Hkv, S, bk)
   chunk = _round_up(-(-Sp // ns), bk)
   ns = -(-Sp // chunk)

@@ -1,10 +1,12 @@
 """parallax-jax: Parallax attention and the Local Linear Attention family in JAX."""
 from parallax_jax.api import (
     AFFINES,
+    DECODE_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     MEMBERS,
     PROBES,
     attention,
+    decode_attention,
     linear_attention,
     lla_attention,
     member,
@@ -17,6 +19,7 @@ from parallax_jax import diagnostics
 __version__ = "0.1.0"
 
 __all__ = [
-    "AFFINES", "IMPLEMENTATIONS", "diagnostics", "MEMBERS", "PROBES", "BlockSizes", "attention",
-    "linear_attention", "lla_attention", "member", "parallax_attention", "softmax_attention",
+    "AFFINES", "DECODE_IMPLEMENTATIONS", "IMPLEMENTATIONS", "diagnostics", "MEMBERS", "PROBES",
+    "BlockSizes", "attention", "decode_attention", "linear_attention", "lla_attention", "member",
+    "parallax_attention", "softmax_attention",
 ]

@@ -40,6 +40,14 @@ def _is_concrete(x):
 
 def _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
                   implementation, cg_iters):
+  _check_qkv(q, k, v, r)
+  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    _fail(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+  return _segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+
+
+def _check_qkv(q, k, v, r):
   for name, x in (("q", q), ("k", k), ("v", v)) + ((("r", r),) if r is not None else ()):
     if getattr(x, "ndim", None) != 4:
       _fail(f"{name} must have rank 4 [batch, length, heads, head_dim], got shape "
@@ -61,6 +69,9 @@ def _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
     _fail(f"query heads ({hq}) must be a multiple of kv heads ({hkv}) for GQA/MQA")
   if r is not None and r.shape != q.shape:
     _fail(f"r must have q's shape {q.shape}, got {r.shape}")
+
+
+def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters):
   if probe not in PROBES:
     _fail(f"unknown probe {probe!r}; expected one of {PROBES}")
   if affine not in AFFINES:
@@ -78,9 +89,6 @@ def _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
   if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
                              or window <= 0):
     _fail(f"window must be a positive int (number of keys kept), got {window!r}")
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    _fail(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS} or None")
-  return _segments(segment_ids, b, t, k.shape[1])
 
 
 def _segments(segment_ids, b, t, s):
@@ -211,6 +219,185 @@ def _pallas(q, k, v, r, scale, *, probe, affine, causal, window, q_seg, kv_seg, 
   return pallas_kernels.parallax_flash_attention(
       q, k, v, r, scale=scale, causal=causal, window=window, q_segment_ids=q_seg,
       kv_segment_ids=kv_seg)
+
+
+# ----------------------------------------------------------------------------- decode
+
+DECODE_IMPLEMENTATIONS = ("xla", "pallas")
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, solver, window,
+                         implementation, cg_iters, num_splits, block_kv):
+  for name, x in (("q", q), ("r", r)):
+    if x is None:
+      continue
+    ndim = getattr(x, "ndim", None)
+    if ndim not in (3, 4) or (ndim == 4 and x.shape[1] != 1):
+      _fail(f"{name} must be [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim] (one "
+            f"new token per sequence), got shape {getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      _fail(f"{name} must be floating point, got dtype {x.dtype}")
+  if r is not None and r.shape != q.shape:
+    _fail(f"r must have q's shape {q.shape}, got {r.shape}")
+  if r is not None and r.dtype != q.dtype:
+    _fail(f"q and r must share one dtype, got q {q.dtype}, r {r.dtype}")
+  for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+    if getattr(x, "ndim", None) != 4:
+      _fail(f"{name} must have rank 4 [batch, max_len, kv_heads, head_dim], got shape "
+            f"{getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      _fail(f"{name} must be floating point, got dtype {x.dtype}")
+  if k_cache.dtype != v_cache.dtype:
+    _fail(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+  if k_cache.shape[:3] != v_cache.shape[:3]:
+    _fail(f"k_cache and v_cache must agree in [batch, max_len, kv_heads], got "
+          f"{k_cache.shape} and {v_cache.shape}")
+  b, hq, d = q.shape[0], q.shape[-2], q.shape[-1]
+  if k_cache.shape[0] != b:
+    _fail(f"batch sizes differ: q {q.shape}, k_cache {k_cache.shape}")
+  if k_cache.shape[-1] != d:
+    _fail(f"head_dim mismatch: q has {d}, k_cache has {k_cache.shape[-1]} (shapes q {q.shape}, "
+          f"k_cache {k_cache.shape})")
+  hkv = k_cache.shape[2]
+  if hq % hkv:
+    _fail(f"query heads ({hq}) must be a multiple of kv heads ({hkv}) for GQA/MQA")
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (b,):
+    _fail(f"lengths must have shape [batch]=({b},), got {lengths.shape}")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    _fail(f"lengths must be integers, got dtype {lengths.dtype}")
+  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
+  if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
+    _fail(f"unknown decode implementation {implementation!r}; expected one of "
+          f"{DECODE_IMPLEMENTATIONS} or None")
+  if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
+      num_splits, (int, np.integer)) or num_splits <= 0):
+    _fail(f"num_splits must be a positive int or None, got {num_splits!r}")
+  if block_kv is not None and (isinstance(block_kv, bool) or not isinstance(
+      block_kv, (int, np.integer)) or block_kv < 16 or block_kv & (block_kv - 1)):
+    _fail(f"block_kv must be a power of two >= 16 or None, got {block_kv!r}")
+  return lengths.astype(jnp.int32)
+
+
+def _decode_pallas_kind(probe, affine, q, k_cache, v_cache):
+  """('softmax' | 'parallax', '') when the decode kernel runs this call, else (None, reason)."""
+  kind = _pallas_member(probe, affine)
+  if kind is None:
+    return None, (f"the decode kernel computes softmax and Parallax (probe='learned', "
+                  f"affine='affine'), got probe={probe!r}, affine={affine!r}")
+  try:
+    from pallas_kernels.parallax_triton import SUPPORTED_DTYPES
+  except ImportError as e:  # pragma: no cover - depends on the install
+    return None, f"pallas_kernels is unavailable: {e}"
+  d = q.shape[-1]
+  if d < 16 or d & (d - 1):
+    return None, f"the decode kernel needs head_dim a power of two >= 16, got {d}"
+  if v_cache.shape != k_cache.shape:
+    return None, (f"the decode kernel needs v_cache shaped like k_cache, got {v_cache.shape} "
+                  f"and {k_cache.shape}")
+  if jnp.dtype(k_cache.dtype) not in SUPPORTED_DTYPES:
+    return None, (f"the decode kernel reads caches of float32/bfloat16/float16, got "
+                  f"{k_cache.dtype}")
+  return kind, ""
+
+
+def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine: str,
+                     bandwidth: Any = None, window: int | None = None, ridge: float = 0.0,
+                     solver: str = "direct", cg_iters: int | None = None,
+                     implementation: str | None = None, num_splits: int | None = None,
+                     block_kv: int | None = None):
+  """One decode step of family member `(bandwidth, probe, affine)` over a KV cache.
+
+  Each sequence b has one new query row that attends over the first `lengths[b]` slots of its
+  cache (after writing the new token's k, v at slot n, pass lengths = n + 1), with `window`
+  keeping only the `window` most recent of them (slots j >= lengths[b] - window), the same
+  keys as causal `attention` over the sequence. Rows with no key (lengths 0) are zero;
+  lengths above max_len count as max_len.
+
+  Args:
+    q: the new queries [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+      r: the learned probe, same shape and dtype (probe='learned').
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim], the model's cache layout, read in
+      place; their dtype may differ from q's (the kernel then runs in the cache's dtype).
+    lengths: [batch] ints, the number of valid cache slots per sequence.
+    probe, affine, bandwidth, window, ridge, solver, cg_iters: as in `attention`. bandwidth
+      may be None (sqrt(head_dim)), a scalar, a per-head array [q_heads] or inf.
+    implementation: 'pallas' (the split-KV decode kernel, `pallas_kernels.parallax_decode`; on
+      a non-GPU backend it runs in Pallas interpret mode, for tests), 'xla' (dense masked
+      computation over the whole cache, every member), or None: 'pallas' on GPU when the
+      kernel applies (softmax or Parallax, head_dim a power of two >= 16, a float32/bfloat16/
+      float16 cache), else 'xla'.
+    num_splits, block_kv: kernel launch overrides (None: its heuristics); ignored by 'xla'.
+
+  The kernel takes a python-float scale; an array bandwidth (e.g. a learnable per-head one)
+  is folded into q (q / h in float32, then cast to the kernel's dtype) with scale 1. Not
+  differentiable through the 'pallas' path.
+
+  Returns:
+    [batch, (1,) q_heads, v_head_dim] (q's rank) in q's dtype.
+  """
+  lengths = _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, solver,
+                                 window, implementation, cg_iters, num_splits, block_kv)
+  squeeze = q.ndim == 4
+  q3 = q[:, 0] if squeeze else q
+  r3 = None if r is None else (r[:, 0] if squeeze else r)
+  kind, why = _decode_pallas_kind(probe, affine, q3, k_cache, v_cache)
+  impl = implementation
+  if impl is None:
+    impl = "pallas" if kind is not None and jax.default_backend() in _GPU_PLATFORMS else "xla"
+  if impl == "pallas":
+    if kind is None:
+      _fail(f"implementation='pallas' cannot run this decode call: {why}")
+    o = _decode_pallas(q3, k_cache, v_cache, r3 if kind == "parallax" else None, bandwidth,
+                       lengths=lengths, window=window, num_splits=num_splits,
+                       block_kv=block_kv)
+  else:
+    o = _decode_xla(q3, k_cache, v_cache, r3, bandwidth, lengths=lengths, window=window,
+                    probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters)
+  return o[:, None] if squeeze else o
+
+
+def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_splits,
+                   block_kv):
+  import pallas_kernels
+  hq, d, out_dtype = q.shape[1], q.shape[2], q.dtype
+  if bandwidth is None:
+    scale = 1.0 / math.sqrt(d)
+  elif isinstance(bandwidth, (int, float, np.integer, np.floating)) and not isinstance(
+      bandwidth, bool):
+    h = float(bandwidth)
+    if not h > 0:
+      _fail(f"bandwidth must be > 0 (or inf), got {bandwidth!r}")
+    scale = 0.0 if math.isinf(h) else 1.0 / h
+  else:  # array / traced bandwidth: fold 1/h into q, exact in float32
+    q = q.astype(jnp.float32) * _scale(bandwidth, hq, d, jnp.float32)[None, :, None]
+    scale = 1.0
+  dt = k_cache.dtype
+  o = pallas_kernels.parallax_decode(
+      q.astype(dt), k_cache, v_cache, None if r is None else r.astype(dt), scale=scale,
+      lengths=lengths, window=window, num_splits=num_splits, block_kv=block_kv,
+      interpret=jax.default_backend() not in _GPU_PLATFORMS)
+  return o.astype(out_dtype)
+
+
+def _decode_xla(q, k_cache, v_cache, r, bandwidth, *, lengths, window, probe, affine, ridge,
+                solver, cg_iters):
+  b, s = k_cache.shape[:2]
+  compute_dtype = _compute_dtype(jnp.result_type(q.dtype, k_cache.dtype))
+  scale = _scale(bandwidth, q.shape[1], q.shape[2], compute_dtype)
+  n = jnp.minimum(lengths, s)[:, None]
+  j = jnp.arange(s, dtype=jnp.int32)[None, :]
+  valid = j < n
+  if window is not None:
+    valid &= j >= n - window
+  kv_seg = jnp.where(valid, 0, -1).astype(jnp.int32)
+  q_seg = jnp.zeros((b, 1), jnp.int32)
+  o = _reference.dense_attention(
+      q[:, None], k_cache, v_cache, None if r is None else r[:, None], scale, probe=probe,
+      affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters, causal=False, window=None,
+      q_seg=q_seg, kv_seg=kv_seg, compute_dtype=compute_dtype)
+  return o[:, 0]
 
 
 def softmax_attention(q, k, v, **kwargs):

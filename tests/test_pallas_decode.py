@@ -131,3 +131,153 @@ def test_cuda_lowering_abstract_h100(parallax):
   mods = _triton_modules(lowered)
   assert [n for n, _ in mods] == ["parallax_decode" if parallax else "softmax_decode"]
   verify_triton_modules(mods)
+
+
+# ----------------------------------------------------------------------------- decode_attention
+# The public decode entry `parallax_jax.decode_attention`: 'pallas' (the kernel above, interpret
+# mode on CPU) against 'xla' and against the generic `attention` with the model's decode
+# segment ids (the path the model's decode step took before).
+
+MEMBER_ARGS = {"softmax": dict(probe="none", affine="constant"),
+               "parallax": dict(probe="learned", affine="affine")}
+
+
+def _old_generic(q, k, v, r, lengths, window, bandwidth=None, **member):
+  import parallax_jax
+  import parallax_jax.models  # noqa: F401  (import order: models before nn.layers)
+  from parallax_jax.nn.layers import decode_kv_segments
+  seg = decode_kv_segments(jnp.asarray(lengths) - 1, k.shape[1], window)
+  dt = q.dtype
+  return parallax_jax.attention(
+      q[:, None], k.astype(dt), v.astype(dt), None if r is None else r[:, None],
+      bandwidth=bandwidth, causal=False, segment_ids=seg, implementation="xla", **member)[:, 0]
+
+
+def _decode_three_ways(rng, B, Hq, Hkv, S, D, dtype, lengths, member, window=None,
+                       bandwidth=None, bk=16, ns=2):
+  import parallax_jax
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, dtype, parallax=member == "parallax")
+  k, v = poison_tail(k, lengths), poison_tail(v, lengths)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  kw = dict(lengths=lengths, window=window, bandwidth=bandwidth, **MEMBER_ARGS[member])
+  o_p = parallax_jax.decode_attention(q, k, v, r, implementation="pallas", block_kv=bk,
+                                      num_splits=ns, **kw)
+  o_x = parallax_jax.decode_attention(q, k, v, r, implementation="xla", **kw)
+  o_old = _old_generic(q, k, v, r, lengths, window, bandwidth, **MEMBER_ARGS[member])
+  for o in (o_p, o_x):
+    assert o.shape == q.shape and o.dtype == q.dtype
+  return [np.asarray(o, np.float32) for o in (o_p, o_x, o_old)]
+
+
+def _close(a, b, dtype):
+  err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-6)
+  assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("member", ["softmax", "parallax"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2)])
+def test_decode_attention_gqa(rng, member, Hq, Hkv):
+  # lengths 1, a non-multiple of the 16-key tile, the full (non-multiple) cache
+  o_p, o_x, o_old = _decode_three_ways(rng, 3, Hq, Hkv, 50, 16, jnp.float32, [1, 21, 50],
+                                       member)
+  np.testing.assert_array_equal(o_x, o_old)  # 'xla' is the old generic path
+  _close(o_p, o_x, jnp.float32)
+
+
+@pytest.mark.parametrize("member", ["softmax", "parallax"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_window_and_dtype(rng, member, dtype):
+  o_p, o_x, o_old = _decode_three_ways(rng, 4, 4, 2, 40, 16, dtype, [1, 3, 19, 40], member,
+                                       window=5, ns=3)
+  np.testing.assert_array_equal(o_x, o_old)
+  _close(o_p, o_x, dtype)
+
+
+@pytest.mark.parametrize("bandwidth", [2.5, "per_head", "inf"])
+def test_decode_attention_bandwidth(rng, bandwidth):
+  """Python-float bandwidth -> the kernel's scale; an array is folded into q; inf: uniform."""
+  bw = {"per_head": jnp.asarray([2.0, 3.0, 5.0, 8.0]), "inf": np.inf}.get(bandwidth, bandwidth)
+  o_p, o_x, o_old = _decode_three_ways(rng, 2, 4, 2, 33, 16, jnp.float32, [7, 33], "parallax",
+                                       bandwidth=bw)
+  np.testing.assert_allclose(o_x, o_old, rtol=1e-6, atol=1e-6)
+  _close(o_p, o_x, jnp.float32)
+
+
+def test_decode_attention_ranks_dtypes_and_auto(rng):
+  import parallax_jax
+  q, k, v, r = make(rng, 2, 4, 2, 24, 16, jnp.float32)
+  lengths = jnp.asarray([5, 24], jnp.int32)
+  kw = dict(lengths=lengths, probe="learned", affine="affine")
+  o3 = parallax_jax.decode_attention(q, k, v, r, implementation="xla", **kw)
+  o4 = parallax_jax.decode_attention(q[:, None], k, v, r[:, None], implementation="xla", **kw)
+  assert o4.shape == (2, 1, 4, 16)
+  np.testing.assert_array_equal(o4[:, 0], o3)
+  # None on CPU is 'xla'
+  np.testing.assert_array_equal(parallax_jax.decode_attention(q, k, v, r, **kw), o3)
+  # a cache stored in another dtype than q: read as stored, output in q's dtype
+  qb, rb = q.astype(jnp.bfloat16), r.astype(jnp.bfloat16)
+  for impl in ("pallas", "xla"):
+    o = parallax_jax.decode_attention(qb, k, v, rb, implementation=impl, block_kv=16, **kw)
+    assert o.dtype == jnp.bfloat16
+    _close(np.asarray(o, np.float32), np.asarray(o3), jnp.bfloat16)
+  # lengths 0: zero rows; a probe of zeros: softmax
+  z = parallax_jax.decode_attention(q, k, v, jnp.zeros_like(r), implementation="pallas",
+                                    lengths=jnp.asarray([0, 9]), probe="learned",
+                                    affine="affine", block_kv=16)
+  s = parallax_jax.decode_attention(q, k, v, implementation="pallas", lengths=jnp.asarray([0, 9]),
+                                    probe="none", affine="constant", block_kv=16)
+  assert np.all(np.asarray(z[0]) == 0)
+  np.testing.assert_allclose(z, s, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_attention_other_members_xla(rng):
+  """Members the kernel does not compute run on 'xla' (and None); 'pallas' refuses them."""
+  import parallax_jax
+  q, k, v, _ = make(rng, 2, 4, 2, 20, 16, jnp.float32)
+  lengths = jnp.asarray([6, 20], jnp.int32)
+  kw = dict(lengths=lengths, probe="solve", affine="boundary", ridge=0.1, window=8)
+  o = parallax_jax.decode_attention(q, k, v, **kw)
+  np.testing.assert_allclose(o, _old_generic(q, k, v, None, lengths, 8, probe="solve",
+                                             affine="boundary", ridge=0.1), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="decode kernel computes softmax and Parallax"):
+    parallax_jax.decode_attention(q, k, v, implementation="pallas", **kw)
+
+
+def test_decode_attention_bad_inputs(rng):
+  import parallax_jax
+  q, k, v, r = make(rng, 2, 4, 2, 20, 16, jnp.float32)
+  L = jnp.asarray([3, 4], jnp.int32)
+  par = dict(probe="learned", affine="affine")
+
+  def bad(match, *args, **kw):
+    a = dict(zip(("q", "k_cache", "v_cache", "r"), (q, k, v, r)))
+    a.update(zip(("q", "k_cache", "v_cache", "r"), args))
+    kw = {"lengths": L, **par, **kw}
+    with pytest.raises(ValueError, match=match):
+      parallax_jax.decode_attention(a["q"], a["k_cache"], a["v_cache"], a["r"], **kw)
+
+  bad(r"q must be \[batch, q_heads, head_dim\]", q[:, :, :1, None])
+  bad(r"q must be \[batch, q_heads, head_dim\] or \[batch, 1", jnp.stack([q, q], 1))
+  bad("r must have q's shape", q, k, v, r[:, :2])
+  bad("q and r must share one dtype", q, k, v, r.astype(jnp.bfloat16))
+  bad("k_cache must have rank 4", q, k[:, 0])
+  bad("k_cache and v_cache must share one dtype", q, k, v.astype(jnp.bfloat16))
+  bad("k_cache and v_cache must agree", q, k, v[:, :10])
+  bad("batch sizes differ", q, k[:1], v[:1])
+  bad("head_dim mismatch", q[..., :8], k, v, r[..., :8])
+  bad(r"multiple of kv heads", q[:, :3], k, v, r[:, :3])
+  bad(r"lengths must have shape \[batch\]=\(2,\)", lengths=L[:1])
+  bad("lengths must be integers", lengths=jnp.asarray([1.0, 2.0]))
+  bad("probe='learned' needs r", q, k, v, None)
+  bad("unknown decode implementation 'chunked'", implementation="chunked")
+  bad("window must be a positive int", window=0)
+  bad("block_kv must be a power of two", block_kv=24)
+  bad("num_splits must be a positive int", num_splits=0)
+  bad("bandwidth must be > 0", bandwidth=-1.0, implementation="pallas")
+  bad("bandwidth must be > 0", bandwidth=-1.0, implementation="xla")
+  bad("head_dim a power of two >= 16", q[..., :8], k[..., :8], v[..., :8], r[..., :8],
+      implementation="pallas")
+  with jax.enable_x64(True):
+    k64, v64 = k.astype(jnp.float64), v.astype(jnp.float64)
+    assert k64.dtype == jnp.float64
+    bad("reads caches of float32/bfloat16/float16", q, k64, v64, implementation="pallas")

@@ -3,9 +3,10 @@
 Only k and v are cached (`KVCache`, [layers, B, S, Hkv, Dh] each); the Parallax probe
 r = W_R x of the current token is recomputed, so the cache is the same size as softmax's.
 Prompts of different lengths are right-padded into one [B, T] batch with `prompt_lengths`:
-each sequence's new tokens go to its own next slot and RoPE position, and unfilled / padded
-cache slots are masked through the family API's (q_segment_ids, kv_segment_ids) form.
-Decode attention goes through `parallax_jax.attention` like training does.
+each sequence's new tokens go to its own next slot and RoPE position, and a decode step
+attends over each sequence's first `lengths[b] + 1` slots only, through
+`parallax_jax.decode_attention` (the Pallas split-KV kernel on GPU, reading the cache in
+place; `ModelConfig.decode_implementation`).
 
     out = generate(config, params, prompts, prompt_lengths, max_new_tokens=32,
                    temperature=0.8, top_p=0.95, rng=jax.random.key(0), eos_id=2)
