@@ -178,6 +178,19 @@ def impls(sh: Shape, blocks=None):
       q, k, v, scale=scale, is_causal=sh.causal, implementation="cudnn"), False)
   out["xla_softmax"] = (lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, scale=scale, is_causal=sh.causal, implementation="xla"), False)
+  # Mosaic GPU (Hopper) forward, forward only (no VJP): pallas_kernels/parallax_mgpu.py
+  from pallas_kernels import parallax_mgpu
+
+  def mgpu(q, k, v, r=None):
+    interp = None
+    if INTERPRET["on"]:
+      from jax.experimental.pallas import mosaic_gpu as plgpu
+      interp = plgpu.InterpretGPUParams()
+    return parallax_mgpu.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=sh.causal,
+                                               interpret=interp)[0]
+
+  out["pallas_mgpu_parallax"] = (lambda q, k, v, r: mgpu(q, k, v, r), True)
+  out["pallas_mgpu_softmax"] = (lambda q, k, v: mgpu(q, k, v), False)
   try:
     import parallax_jax
     out["chunked_parallax"] = (lambda q, k, v, r: parallax_jax.attention(
@@ -192,6 +205,24 @@ def impls(sh: Shape, blocks=None):
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+FWD_ONLY = {"pallas_mgpu_parallax", "pallas_mgpu_softmax"}  # no backward: time the forward
+
+
+def fwd_errors(sh: Shape, attn, parallax: bool, inputs):
+  """Error of the output only vs the float32 reference (batch 0, kv heads 0..1)."""
+  q, k, v, r, do = inputs
+  fwd, _ = fwd_and_train_fns(attn, parallax)
+  o = fwd(q, k, v, r, do)
+  G = sh.Hq // sh.Hkv
+  nkv = min(2, sh.Hkv)
+  sl_q = lambda x: x[:1, :, : nkv * G]
+  sl_k = lambda x: x[:1, :, :nkv]
+  f32 = lambda x: x.astype(jnp.float32)
+  o_ref = reference(f32(sl_q(q)), f32(sl_k(k)), f32(sl_k(v)),
+                    f32(sl_q(r)) if parallax else None, 1.0 / math.sqrt(sh.D), causal=sh.causal)
+  return {"o": rel_err(sl_q(o), o_ref)}
 
 
 def errors(sh: Shape, attn, parallax: bool, inputs):
@@ -238,6 +269,14 @@ def bench_shape(sh: Shape, names, results, blocks=None, iters=20, check=False):
       entry["fwd_ms"] = t_f
       entry["fwd_ms_all"] = ts_f
       entry["fwd_tflops"] = sh.flops(parallax, False) / (t_f * 1e-3) / 1e12
+      if name in FWD_ONLY:
+        entry["kernels_fwd"] = kernel_breakdown(fwd, inputs)
+        if check:
+          entry["errors"] = fwd_errors(sh, attn, parallax, inputs)
+        log(f"{name:18s} {sh.L:6d} D{sh.D:<4d} fwd {t_f:8.3f} ms ({entry['fwd_tflops']:6.1f} "
+            f"TF/s)  (forward only)" + (f"  err {entry['errors']}" if check else ""))
+        row["impls"][name] = entry
+        continue
       t_fb, ts_fb = time_ms(train, inputs, iters)
       entry["fwdbwd_ms"] = t_fb
       entry["fwdbwd_ms_all"] = ts_fb
@@ -375,6 +414,11 @@ def markdown(out):
         es = ", ".join(f"{v:.1e}" for v in errs.values()) if errs else ""
         rf = f"{e['fwd_ms'] / cud['fwd_ms']:.2f}x" if "fwd_ms" in cud else ""
         rb = f"{e['fwdbwd_ms'] / cud['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in cud else ""
+        if "fwdbwd_ms" not in e:  # forward-only entries
+          lines.append(
+              f"| {name} | {s['B']} | {s['L']} | {s['Hq']}/{s['Hkv']} | {s['D']} | "
+              f"{e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | {rf} | | | | {es} |")
+          continue
         lines.append(
             f"| {name} | {s['B']} | {s['L']} | {s['Hq']}/{s['Hkv']} | {s['D']} | "
             f"{e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | {rf} | {e['fwdbwd_ms']:.3f} | "
@@ -437,8 +481,8 @@ def main():
     global SWEEP_BLOCKS_D64
     SWEEP_BLOCKS_D64 = SWEEP_BLOCKS_D64[:1]
     SWEEP_L = (64,)
-  names = ["pallas_parallax", "pallas_softmax", "cudnn_softmax", "xla_softmax",
-           "chunked_parallax", "dense_parallax"]
+  names = ["pallas_parallax", "pallas_softmax", "pallas_mgpu_parallax", "pallas_mgpu_softmax",
+           "cudnn_softmax", "xla_softmax", "chunked_parallax", "dense_parallax"]
   tuned = {128: None, 64: None}  # None: the heuristic table
   # 1. block sweeps; each kernel's best time picks its tiles (kernels are independent)
   if not args.no_block_sweep:
@@ -463,7 +507,8 @@ def main():
         if L == main_shape.L and D == main_shape.D:
           continue
         sh = dataclasses.replace(main_shape, L=L, D=D)
-        bench_shape(sh, ["pallas_parallax", "pallas_softmax", "cudnn_softmax"], out["sweep"],
+        bench_shape(sh, ["pallas_parallax", "pallas_softmax", "pallas_mgpu_parallax",
+                         "pallas_mgpu_softmax", "cudnn_softmax"], out["sweep"],
                     blocks=tuned.get(D), iters=10)
         save(out)
   save(out)

@@ -1,0 +1,583 @@
+"""Hopper (sm_90a) forward kernel for Parallax / softmax attention in Pallas Mosaic GPU.
+
+Same math and residuals as the Pallas-Triton forward (`parallax_triton._fwd_kernel`), per
+q-head and query row, fp32 accumulation:
+
+    S1 = q.k * scale (log2 domain), one running max m;  P1 = exp2(S1 - m)
+    S2 = r.k;  P2 = P1 * S2;  d1 = sum P1, d2 = sum P2, O1 = P1 V, O2 = P2 V
+    o = (1 + d2/d1) O1/d1 - O2/d1           (r = None: o = O1/d1)
+
+Residuals, in the Triton forward's layout so its backward consumes them unchanged:
+lse [B, Hq, T] f32 = m + log2 d1 (log2 domain), and for Parallax tbar [B, Hq, T] f32 = d2/d1
+and vbar [B, T, Hq, D] (input dtype) = O1/d1.
+
+Structure (after jax/experimental/pallas/ops/gpu/attention_mgpu.py, FlashAttention-3 style):
+one CTA per (head, 2 * block_q query rows, batch), three warpgroups. Warpgroup 2 is the
+producer: it streams K and V tiles by TMA into a `num_stages`-deep SMEM ring guarded by
+"loaded" / "consumed" barriers. Warpgroups 0 and 1 each own block_q query rows: they TMA their
+Q (and R) tiles once, then per K/V tile issue S1 = Q K^T and S2 = R K^T on the tensor cores
+(wgmma), do the online softmax in registers, and issue O1 += P1 V, O2 += P2 V (P from
+registers, V from SMEM). A schedule barrier ping-pongs the two consumers so one's softmax
+overlaps the other's matmuls.
+
+Numerics: with bf16 inputs and r given, both PV products run in fp16 (as the Triton forward
+with `BlockSizes.fp16_p2`): V is converted once outside the kernel, scaled by a power of two
+so that max|v| < 2^15, and the scale is undone on vbar and o. bf16 P2 = P1 * S2 loses ~3 bits
+that the output's cancellation ((1 + tbar) vbar - O2/d1) amplifies (bench/NOTES.md).
+
+Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA (q-head h reads kv-head
+h // (Hq // Hkv)), non-causal, causal with T <= S (end-aligned, as the Triton kernel),
+T a multiple of 2 * block_q and S a multiple of block_kv; no window, no segment ids.
+Everything else goes to the Triton kernel (`fwd_call` falls back automatically).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HEAD_DIMS = (64, 128)
+_COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+  """Tiles of the Mosaic GPU forward.
+
+  block_q: query rows per consumer warpgroup (a CTA covers 2 * block_q rows); must be 64
+    (one wgmma M tile; more would not fit O1, O2 in registers at D=128).
+  block_kv: keys per K/V tile (multiple of 64). Each consumer holds O1, O2 [block_q, D] and
+    S1, S2 [block_q, block_kv] in fp32 registers: D=128 -> 64, D=64 -> 128 by default.
+  num_stages: depth of the K/V SMEM ring (>= 2).
+  schedule_barrier: ping-pong the two consumer warpgroups (softmax of one overlaps the
+    matmuls of the other), as in attention_mgpu.
+  fp16_pv: bf16 Parallax: PV products in fp16 (accuracy; see module docstring).
+  """
+  block_q: int = 64
+  block_kv: int = 64
+  num_stages: int = 2
+  schedule_barrier: bool = True
+  fp16_pv: bool = True
+
+  def __post_init__(self):
+    if self.block_q != 64:
+      raise ValueError(f"block_q={self.block_q} must be 64")
+    if self.block_kv % 64 or self.block_kv <= 0:
+      raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+
+
+def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
+  """Defaults by register budget (unmeasured until a GPU run; `main` sweeps alternatives).
+
+  Parallax D=128: O1 + O2 take 128 of the ~232 registers per thread, S1 + S2 at block_kv=64
+  another 64. Softmax has half the accumulators, so block_kv=128 fits.
+  """
+  if head_dim <= 64:
+    return MgpuConfig(block_kv=128, num_stages=2)
+  return MgpuConfig(block_kv=64 if parallax else 128, num_stages=2)
+
+
+# ----------------------------------------------------------------------------- support
+
+_SMEM_LIMIT = 232448 - 4096  # H100 max dynamic SMEM per block, minus barriers and slack
+
+
+def smem_bytes(cfg: MgpuConfig, head_dim: int, parallax: bool, itemsize: int = 2) -> int:
+  """SMEM of the kernel's buffers: Q (+R) per consumer, the K and V rings, row vectors."""
+  qr = _COMPUTE_WGS * cfg.block_q * head_dim * itemsize * (2 if parallax else 1)
+  kv = 2 * cfg.num_stages * cfg.block_kv * head_dim * itemsize
+  return qr + kv + 2 * _COMPUTE_WGS * 2 * cfg.block_q * 4
+
+
+def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
+              kv_segment_ids=None, config: MgpuConfig | None = None,
+              platform: str | None = None) -> tuple[bool, str]:
+  """(True, "") if `parallax_forward_mgpu` handles these inputs, else (False, reason).
+
+  Accepts arrays or jax.ShapeDtypeStruct. platform: None checks the default device (must be
+  a CUDA GPU of compute capability 9.x, wgmma being sm_90a only); "cuda"/"gpu" skips the
+  device check (e.g. for lowering on an abstract H100); "interpret" skips it too.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    return False, "expected [B, L, H, D] inputs"
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  if v.shape != k.shape or k.shape[0] != B or k.shape[3] != D:
+    return False, f"k and v must be [B, S, Hkv, {D}]"
+  if r is not None and r.shape != q.shape:
+    return False, "r must have q's shape"
+  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
+  if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+    return False, f"dtypes {dts}: need one of bfloat16/float16"
+  if D not in _HEAD_DIMS:
+    return False, f"head_dim {D} not in {_HEAD_DIMS}"
+  if Hq % Hkv:
+    return False, "Hq must be a multiple of Hkv"
+  if window is not None:
+    return False, "window masks are not implemented"
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    return False, "segment ids are not implemented"
+  cfg = config or default_config(D, r is not None)
+  if T % (_COMPUTE_WGS * cfg.block_q):
+    return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"
+  if S % cfg.block_kv:
+    return False, f"S={S} is not a multiple of block_kv={cfg.block_kv}"
+  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > _SMEM_LIMIT:
+    return False, f"{cfg} needs more SMEM than {_SMEM_LIMIT} bytes"
+  if causal and T > S:
+    return False, "causal with T > S (rows without keys) is not implemented"
+  if platform is None:
+    try:
+      dev = jax.devices()[0]
+    except RuntimeError:
+      return False, "no device"
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None or not str(cc).startswith("9."):
+      return False, f"needs a Hopper GPU (sm_90), got {dev.platform} {cc}"
+    platform = "cuda"
+  if platform not in ("cuda", "gpu", "interpret"):
+    return False, f"platform {platform!r} is not cuda"
+  if causal and platform != "interpret":
+    try:  # attention_mgpu: ptxas miscompiles the causal kernel on CUDA 12.8.0 - 12.9.0
+      from jax._src.lib import cuda_versions
+      ver = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+    except Exception:  # noqa: BLE001
+      ver = None
+    if ver is not None and 12080 <= ver < 12091:
+      return False, f"causal masks miscompile with CUDA runtime {ver} (12.8.0 - 12.9.0)"
+  return True, ""
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _fp16_values(v):
+  """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar).
+
+  Same conversion as parallax_triton._fp16_values (kept identical so both forwards round V
+  the same way)."""
+  vmax = jnp.max(jnp.abs(v)).astype(jnp.float32)
+  e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
+  return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
+
+
+def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=None):
+  """The plgpu.kernel call. params: [Hq, 2, block_q] f32 (row 0 = scale*log2e, row 1 = the
+  V scale to undo), loaded into SMEM as per-row vectors (no scalar GMEM loads needed)."""
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  G = Hq // Hkv
+  dtype, vdtype = q.dtype, v.dtype
+  has_r = r is not None
+  bq, bkv = cfg.block_q, cfg.block_kv
+  off = S - T  # end-aligned causal: query i sits at key position i + off
+  n_kv = S // bkv
+  stages = min(cfg.num_stages, n_kv)
+  nq = T // (_COMPUTE_WGS * bq)
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def kernel(refs, scoped):
+    if has_r:
+      q_ref, k_ref, v_ref, r_ref, p_ref, o_ref, lse_ref, tbar_ref, vbar_ref = refs
+    else:
+      (q_ref, k_ref, v_ref, p_ref, o_ref, lse_ref), r_ref, tbar_ref, vbar_ref = (
+          refs, None, None, None)
+    (q_smem2, r_smem2, k_smem, v_smem, p_smem2, row_smem2), (
+        k_bar, v_bar, q_bar, r_bar, p_bar), (k_free, v_free), sched = scoped
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    # causal: heaviest query tiles (largest index) launch first
+    qt = (nq - 1 - lax.axis_index("q_seq")) if causal else lax.axis_index("q_seq")
+    cta_q0 = qt * (_COMPUTE_WGS * bq)
+    if causal:  # K/V tiles this CTA needs = those of its last row
+      cta_steps = jnp.minimum(lax.div(cta_q0 + (_COMPUTE_WGS * bq + off + bkv - 1), bkv), n_kv)
+    else:
+      cta_steps = n_kv
+
+    if cfg.schedule_barrier:
+      def sched_arrive():
+        plgpu.barrier_arrive(sched)
+
+      def sched_wait():
+        plgpu.barrier_wait(sched)
+    else:
+      sched_arrive = sched_wait = lambda: None
+
+    def sched_sync():
+      sched_arrive()
+      sched_wait()
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      r_smem = r_smem2.at[wg] if has_r else None
+      p_smem = p_smem2.at[wg]
+      row_smem = row_smem2.at[wg]
+      q0 = cta_q0 + wg * bq
+      if causal:
+        steps = jnp.minimum(lax.div(q0 + (bq + off + bkv - 1), bkv), n_kv)
+        # tiles [0, full) are visible to every row of this warpgroup: no mask
+        full = jnp.minimum(lax.div(q0 + (off + 1), bkv), steps)
+      else:
+        steps = full = n_kv
+
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_bar.at[wg])
+      if has_r:
+        plgpu.copy_gmem_to_smem(r_ref.at[b, pl.ds(q0, bq), h], r_smem, r_bar.at[wg])
+      plgpu.copy_gmem_to_smem(p_ref.at[h], p_smem, p_bar.at[wg])
+      plgpu.barrier_wait(p_bar.at[wg])
+      c = plgpu.load(p_smem.at[0], layout=row_layout)  # scale * log2e, per row
+      plgpu.barrier_wait(q_bar.at[wg])
+      if has_r:
+        plgpu.barrier_wait(r_bar.at[wg])
+
+      zrow = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+      zacc = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), wgmma_layout)
+      m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+      carry = (zacc, m0, zrow) + ((zacc, zrow) if has_r else ())
+
+      plgpu.barrier_wait(k_bar.at[0])  # steps >= 1: T <= S causal rows all see key 0
+      pl.when(wg == 1)(sched_sync)  # warpgroup 0 goes first
+
+      def body(step, carry, masked: bool):
+        if has_r:
+          o1, m, d1, o2, d2 = carry
+        else:
+          o1, m, d1 = carry
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        kt = k_smem.at[slot].transpose((1, 0))
+
+        def scores(s1_ref, s2_ref=None):
+          plgpu.wgmma(s1_ref, q_smem, kt)
+          if has_r:
+            plgpu.wgmma(s2_ref, r_smem, kt)
+          sched_sync()  # let the other warpgroup issue its matmuls
+          return (s1_ref[...], s2_ref[...]) if has_r else (s1_ref[...], None)
+
+        acc_t = plgpu.ACC((bq, bkv), jnp.float32)
+        s1, s2 = pl.run_scoped(scores, *((acc_t, acc_t) if has_r else (acc_t,)))
+        plgpu.barrier_arrive(k_free.at[slot])
+
+        s1 = s1 * lax.broadcast_in_dim(c, s1.shape, [0])
+        if masked:
+          qi = plgpu.broadcasted_iota(jnp.int32, s1.shape, 0, layout=wgmma_layout)
+          kj = plgpu.broadcasted_iota(jnp.int32, s1.shape, 1, layout=wgmma_layout)
+          s1 = jnp.where(qi + (q0 + off) >= kj + step * bkv, s1, -jnp.inf)
+        m_new = jnp.maximum(m, s1.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p1 = jnp.exp2(s1 - lax.broadcast_in_dim(m_new, s1.shape, [0]))
+        alpha2 = lax.broadcast_in_dim(alpha, o1.shape, [0])
+        o1 = o1 * alpha2
+        d1 = d1 * alpha + p1.sum(axis=1)
+        if has_r:
+          p2 = p1 * s2  # masked keys: p1 = 0 and s2 finite
+          o2 = o2 * alpha2
+          d2 = d2 * alpha + p2.sum(axis=1)
+          p2h = p2.astype(vdtype)
+        p1h = p1.astype(vdtype)
+        # attention_mgpu: pinning the softmax before the barriers keeps the schedule tight
+        if has_r:
+          o1, o2, m_new, d1, d2, p1h, p2h = lax.optimization_barrier(
+              (o1, o2, m_new, d1, d2, p1h, p2h))
+        else:
+          o1, m_new, d1, p1h = lax.optimization_barrier((o1, m_new, d1, p1h))
+        sched_arrive()  # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        sched_wait()  # tensor cores free
+
+        def wait_next_k():  # issued after the PV matmuls so the wait overlaps them
+          nxt = step + 1
+
+          @pl.when(nxt < steps)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, step.dtype))])
+
+        def pv(accs):
+          plgpu.wgmma(accs[0], p1h, v_smem.at[slot])
+          if has_r:
+            plgpu.wgmma(accs[1], p2h, v_smem.at[slot])
+          wait_next_k()
+
+        accs = (o1, o2) if has_r else (o1,)
+        if interpret is None:  # accumulate in place: no second [block_q, D] register block
+          accs = pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in accs))
+        else:
+          # The GPU interpreter (jax 0.11.2) supports neither wgmma with a register LHS nor
+          # pl.run_state: same arithmetic (fp16/bf16 operands, fp32 sums) as a plain dot.
+          vt = v_smem.at[slot][...]
+          ps = (p1h, p2h) if has_r else (p1h,)
+          accs = tuple(a + lax.dot(p, vt, preferred_element_type=jnp.float32)
+                       for a, p in zip(accs, ps))
+          # This read is a generic-proxy SMEM access (wgmma's is async-proxy): fence it
+          # before the slot is released to the TMA, as the race detector requires.
+          plgpu.commit_smem()
+          wait_next_k()
+        plgpu.barrier_arrive(v_free.at[slot])
+        if has_r:
+          return accs[0], m_new, d1, accs[1], d2
+        return accs[0], m_new, d1
+
+      carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+      if causal:
+        carry = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
+
+        def flush(step, _):  # tiles only the other warpgroup needs: release them
+          slot = lax.rem(step, jnp.array(stages, step.dtype))
+          # Observe every phase of the load barriers (free: this warpgroup is in lockstep
+          # with the other through the schedule barrier anyway); the GPU interpreter
+          # rejects a thread that skips a barrier phase it would later have seen.
+          plgpu.barrier_wait(k_bar.at[slot])
+          plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_arrive(v_free.at[slot])
+          sched_sync()  # the two schedule syncs a computed step does
+          sched_sync()
+
+        lax.fori_loop(steps, cta_steps, flush, None)
+      pl.when(wg == 0)(sched_sync)
+
+      if has_r:
+        o1, m, d1, o2, d2 = carry
+      else:
+        o1, m, d1 = carry
+      inv = 1.0 / d1  # every row has >= 1 visible key (non-causal, or causal with T <= S)
+      if has_r:
+        vmul = plgpu.load(p_smem.at[1], layout=row_layout)  # undoes the fp16 V scaling
+        inv_v = lax.broadcast_in_dim(inv * vmul, o1.shape, [0])
+        vbar = o1 * inv_v
+        tbar = d2 * inv
+        o = lax.broadcast_in_dim(1.0 + tbar, o1.shape, [0]) * vbar - o2 * inv_v
+        r_smem[...] = vbar.astype(dtype)  # R no longer needed: reuse its SMEM
+        row_smem.at[1][...] = tbar
+      else:
+        o = o1 * lax.broadcast_in_dim(inv, o1.shape, [0])
+      q_smem[...] = o.astype(dtype)
+      row_smem.at[0][...] = m + jnp.log2(d1)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
+      plgpu.copy_smem_to_gmem(row_smem.at[0], lse_ref.at[b, h, pl.ds(q0, bq)])
+      if has_r:
+        plgpu.copy_smem_to_gmem(r_smem, vbar_ref.at[b, pl.ds(q0, bq), h])
+        plgpu.copy_smem_to_gmem(row_smem.at[1], tbar_ref.at[b, h, pl.ds(q0, bq)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      hk = lax.div(h, jnp.array(G, h.dtype))
+
+      def load(step, slot):
+        src = (b, pl.ds(step * bkv, bkv), hk)
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(stages):
+        # causal CTAs near the start may need fewer tiles than stages: never leave a TMA
+        # in flight that no consumer waits for
+        pl.when(i < cta_steps)(functools.partial(load, i, i))
+
+      @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
+      def _(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        nxt = step + stages
+        src = (b, pl.ds(nxt * bkv, bkv), hk)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+      @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+      def _(step):  # observe the last releases too (the interpreter checks every phase)
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+  def entry(*refs):
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
+    smem = (
+        tiled((_COMPUTE_WGS, bq, D), dtype),  # Q, then o
+        tiled((_COMPUTE_WGS, bq, D), dtype) if has_r else None,  # R, then vbar
+        tiled((stages, bkv, D), dtype),  # K ring
+        tiled((stages, bkv, D), vdtype),  # V ring
+        plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # params rows
+        plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # lse, tbar out
+    )
+    loaded = (
+        plgpu.Barrier(num_barriers=stages),  # K tile landed
+        plgpu.Barrier(num_barriers=stages),  # V tile landed
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS) if has_r else None,  # R
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # params
+    )
+    free = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
+    sched = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+    pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free, sched,
+                  collective_axes="wg")
+
+  rows = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
+  out_type = [jax.ShapeDtypeStruct(q.shape, dtype), rows]
+  if has_r:
+    out_type += [rows, jax.ShapeDtypeStruct(q.shape, dtype)]
+  args = (q, k, v, r, params) if has_r else (q, k, v, params)
+  outs = plgpu.kernel(
+      entry,
+      out_type=out_type,
+      grid=(Hq, nq, B),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+  if has_r:
+    o, lse, tbar, vbar = outs
+    return o, (lse, tbar, vbar)
+  o, lse = outs
+  return o, (lse, None, None)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True,
+                          config: MgpuConfig | None = None, interpret=None):
+  """Forward of Parallax attention (softmax when r is None) with the Mosaic GPU kernel.
+
+  q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D], as `parallax_flash_attention`. scale: python
+  float, scalar or [Hq] array (1/bandwidth, 0 = uniform weights). causal: end-aligned.
+  Returns (o, (lse, tbar, vbar)) as parallax_triton._fwd_call returns (o, lse, tbar, vbar):
+  o, vbar [B, T, Hq, D] in q's dtype, lse, tbar [B, Hq, T] f32; tbar, vbar None without r.
+  interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
+  """
+  B, T, Hq, D = q.shape
+  cfg = config or default_config(D, r is not None)
+  ok, why = supported(q, k, v, r, causal=causal, config=cfg,
+                      platform="interpret" if interpret is not None else "cuda")
+  if not ok:
+    raise ValueError(f"parallax_forward_mgpu: unsupported inputs: {why}")
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
+  vmul = jnp.float32(1.0)
+  if r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and cfg.fp16_pv:
+    v, vmul = _fp16_values(v)
+  params = jnp.stack([scale * LOG2E, jnp.broadcast_to(vmul, (Hq,))], axis=1)
+  params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
+  return _forward(q, k, v, r, params, causal=bool(causal), cfg=cfg, interpret=interpret)
+
+
+def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None = None):
+  """Drop-in replacement for `parallax_triton._fwd_call(cfg, q, k, v, r, scale, qseg, kseg)`
+  (same arguments and (o, lse, tbar, vbar) result): the Mosaic GPU kernel when it supports
+  the call, else the Triton forward. For wiring into `_flash` / `_flash_fwd`."""
+  from pallas_kernels import parallax_triton as pt
+  mg = tcfg.window is None and not tcfg.has_seg and not tcfg.interpret
+  # padded keys would need masking; zero-padded head dims are harmless (Dp = D here anyway)
+  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S
+  cfg = config or default_config(q.shape[-1], tcfg.has_r)
+  if tcfg.has_r and jnp.dtype(q.dtype) == jnp.bfloat16:
+    cfg = dataclasses.replace(cfg, fp16_pv=tcfg.fp16_pv)  # follow BlockSizes.fp16_p2
+  if mg:
+    mg, _ = supported(q, k, v, r, causal=tcfg.causal, config=cfg)
+  if not mg:
+    return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
+  o, (lse, tbar, vbar) = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
+                                               config=cfg)
+  return o, lse, tbar, vbar
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def main():
+  """Time the Mosaic GPU forward against the Triton forward on a GPU (CUPTI kernel time).
+
+  PYTHONPATH=. python3 pallas_kernels/parallax_mgpu.py [--quick]
+  """
+  import argparse
+  import statistics
+
+  import numpy as np
+  from jax.experimental.mosaic.gpu import profiler
+
+  from pallas_kernels import parallax_triton as pt
+
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true", help="main shape only, defaults only")
+  args = ap.parse_args()
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+
+  def kernel_ms(fn, xs, iters=20):
+    jax.block_until_ready(fn(*xs))
+    _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*xs)
+    return statistics.median(float(t) for t in ts)
+
+  def triton_fwd(q, k, v, r, scale, causal):
+    B, T, Hq, D = q.shape
+    bs = pt.default_block_sizes(D, r is not None)
+    tcfg = pt._Cfg(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
+                   causal=causal, window=None, has_r=r is not None, has_seg=False,
+                   need_dscale=False, blocks=bs, interpret=False,
+                   fp16_pv=(r is not None and q.dtype == jnp.bfloat16 and bs.fp16_p2))
+    return pt._fwd_call(tcfg, q, k, v, r, jnp.full((Hq,), scale, jnp.float32), None, None)
+
+  shapes = [(4, 4096, 16, 8, 128, True)]
+  if not args.quick:
+    shapes += [(4, 4096, 16, 8, 64, True), (4, 4096, 16, 8, 128, False),
+               (2, 16384, 16, 8, 128, True), (8, 1024, 16, 8, 128, True)]
+  for B, L, Hq, Hkv, D, causal in shapes:
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(ks[0], (B, L, Hq, D), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
+    r = (0.5 * jax.random.normal(ks[3], (B, L, Hq, D), jnp.float32)).astype(jnp.bfloat16)
+    scale = 1.0 / math.sqrt(D)
+    pairs = (L * (L + 1) // 2 if causal else L * L) * B * Hq
+    for parallax in (True, False):
+      rr = r if parallax else None
+      flops = (8 if parallax else 4) * D * pairs
+      tri = jax.jit(lambda q, k, v, r: triton_fwd(q, k, v, r, scale, causal))
+      t_tri = kernel_ms(tri, (q, k, v, rr))
+      ref = tri(q, k, v, rr)
+      configs = [default_config(D, parallax)]
+      if not args.quick:
+        configs += [MgpuConfig(block_kv=bkv, num_stages=st, schedule_barrier=sb)
+                    for bkv in (64, 128) for st in (2, 3) for sb in (True, False)]
+        configs = list(dict.fromkeys(configs))
+      print(f"== B={B} L={L} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} "
+            f"{'parallax' if parallax else 'softmax'}: triton {t_tri:.3f} ms "
+            f"({flops / t_tri / 1e9:.0f} TF/s)", flush=True)
+      for cfg in configs:
+        f = jax.jit(lambda q, k, v, r, cfg=cfg: parallax_forward_mgpu(
+            q, k, v, r, scale=scale, causal=causal, config=cfg))
+        try:
+          t = kernel_ms(f, (q, k, v, rr))
+          o, res = f(q, k, v, rr)
+        except Exception as e:  # noqa: BLE001  (e.g. SMEM overflow for big tiles)
+          print(f"  {cfg}: failed {repr(e)[:300]}", flush=True)
+          continue
+        d = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) -
+                                              np.asarray(b, np.float32))))
+        diffs = [d(o, ref[0]), d(res[0], ref[1])]
+        if parallax:
+          diffs += [d(res[1], ref[2]), d(res[2], ref[3])]
+        print(f"  mgpu {cfg}: {t:.3f} ms ({flops / t / 1e9:.0f} TF/s, {t_tri / t:.2f}x "
+              f"triton); max |diff| vs triton o, lse, tbar, vbar: "
+              + ", ".join(f"{x:.1e}" for x in diffs), flush=True)
+
+
+if __name__ == "__main__":
+  main()
