@@ -413,12 +413,12 @@ def markdown(out):
         errs = e.get("errors")
         es = ", ".join(f"{v:.1e}" for v in errs.values()) if errs else ""
         rf = f"{e['fwd_ms'] / cud['fwd_ms']:.2f}x" if "fwd_ms" in cud else ""
-        rb = f"{e['fwdbwd_ms'] / cud['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in cud else ""
         if "fwdbwd_ms" not in e:  # forward-only entries
           lines.append(
               f"| {name} | {s['B']} | {s['L']} | {s['Hq']}/{s['Hkv']} | {s['D']} | "
               f"{e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | {rf} | | | | {es} |")
           continue
+        rb = f"{e['fwdbwd_ms'] / cud['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in cud else ""
         lines.append(
             f"| {name} | {s['B']} | {s['L']} | {s['Hq']}/{s['Hkv']} | {s['D']} | "
             f"{e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | {rf} | {e['fwdbwd_ms']:.3f} | "

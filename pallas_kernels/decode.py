@@ -34,10 +34,15 @@ def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int 
 
   H100 sweep (bench/results/decode_sweep.json): at B=1, L=1k, 8 splits of 2 tiles beat 4 of 4
   (10.0 vs 11.4 us); beyond ~2 waves more splits only add merge work (B=64, L=4k: 370 us at
-  1 split, 392 at 4, 470 at 16).
+  1 split, 392 at 4, 470 at 16). Below one program per SM the count is rounded down so the
+  programs fit the ~2 resident per SM (3-stage Parallax tiles): at B=8, L=4k, 5 splits (320
+  programs) took 70 us against 60 at a count fitting one wave.
   """
   progs = batch * num_kv_heads
-  want = max(1, -(-2 * num_sms // progs))
+  if progs <= num_sms:
+    want = max(1, (2 * num_sms) // progs)
+  else:
+    want = max(1, -(-2 * num_sms // progs))
   max_by_len = max(1, s_max // (2 * block_kv))
   return int(min(want, max_by_len, 64))
 

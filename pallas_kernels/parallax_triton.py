@@ -74,6 +74,11 @@ class BlockSizes:
   # by a power of two so that max|v| < 2^15 (exact; undone on the output); |r.k| must stay
   # below 65504 (fp16 range).
   fp16_p2: bool = True
+  # Forward on Hopper through the Mosaic GPU kernel (`parallax_mgpu`: TMA, wgmma, two
+  # ping-ponged consumer warpgroups) where it supports the call (no window / segments,
+  # aligned lengths); else, and in interpret mode, the Triton forward. Same residuals, so the
+  # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
+  mosaic_forward: bool = True
 
   def __post_init__(self):
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
@@ -100,8 +105,15 @@ _TABLE: dict[tuple[int, bool], BlockSizes] = {
 }
 
 
-def default_block_sizes(head_dim: int, parallax: bool = True) -> BlockSizes:
-  """Block sizes from the heuristic table for a (padded) head_dim."""
+def default_block_sizes(head_dim: int, parallax: bool = True, dtype=None) -> BlockSizes:
+  """Block sizes from the heuristic table for a (padded) head_dim and input dtype.
+
+  The table is tuned for 2-byte inputs; float32 tiles take twice the shared memory (the
+  Parallax dq kernel's 128x64 / 3-stage entry asks for 262656 > 232448 bytes on an H100), so
+  4-byte inputs get the small default tiles.
+  """
+  if dtype is not None and jnp.dtype(dtype).itemsize > 2:
+    return BlockSizes()
   d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
   return _TABLE[(d, parallax)]
 
@@ -599,7 +611,14 @@ ATTN_RESIDUALS = "attn_residuals"
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, r, scale, qseg, kseg):
-  return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)[0]
+  return _forward(cfg, q, k, v, r, scale, qseg, kseg)[0]
+
+
+def _forward(cfg, q, k, v, r, scale, qseg, kseg):
+  if cfg.blocks.mosaic_forward and not cfg.interpret:
+    from pallas_kernels import parallax_mgpu  # lazy: it imports this module
+    return parallax_mgpu.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
 
 
 def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
@@ -608,7 +627,7 @@ def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
   need_dscale = cfg.need_dscale and scale.perturbed
   q, k, v, r, scale, qseg, kseg = (
       None if x is None else x.value for x in (q, k, v, r, scale, qseg, kseg))
-  o, lse, tbar, vbar = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  o, lse, tbar, vbar = _forward(cfg, q, k, v, r, scale, qseg, kseg)
   # Named so a remat policy can keep them (`save_only_these_names(ATTN_RESIDUALS)`): without
   # it, a rematerialised layer reruns this forward kernel in its backward pass.
   o, lse, tbar, vbar = (checkpoint_name(x, ATTN_RESIDUALS) for x in (o, lse, tbar, vbar))
@@ -723,7 +742,8 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
     need_dscale = True
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
   Dp = max(16, _next_pow2(D))
-  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None)
+  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None,
+                                                                         q.dtype)
   bs = _fit_blocks(bs, T, S)
   Tp = _round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
   Sp = _round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))

@@ -114,6 +114,31 @@ def test_gpu(rng, D, dtype, parallax):
         parallax=parallax, interpret=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("member", ["parallax", "softmax"])
+def test_gpu_decode_attention_auto_picks_kernel(member):
+  """implementation=None on a GPU runs the compiled kernel and matches the dense path."""
+  import parallax_jax
+  B, Hq, Hkv, S, D = 3, 16, 8, 2048, 128
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
+  r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(jnp.bfloat16)
+  kc = jax.random.normal(ks[2], (B, S, Hkv, D), jnp.bfloat16)
+  vc = jax.random.normal(ks[3], (B, S, Hkv, D), jnp.bfloat16)
+  lens = jnp.asarray([1, 1000, 2048], jnp.int32)
+  kw = (dict(probe="learned", affine="affine") if member == "parallax"
+        else dict(probe="none", affine="constant"))
+  rr = r if member == "parallax" else None
+  f = lambda impl: jax.jit(lambda *a: parallax_jax.decode_attention(
+      *a, lengths=lens, implementation=impl, **kw))
+  assert "pallas_call" in str(jax.make_jaxpr(f(None))(q, kc, vc, rr))
+  o, ref = f(None)(q, kc, vc, rr), f("xla")(q, kc, vc, rr)
+  err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) /
+              jnp.max(jnp.abs(ref.astype(jnp.float32))))
+  assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("parallax", [True, False])
 def test_cuda_lowering_abstract_h100(parallax):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
