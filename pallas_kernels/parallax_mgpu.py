@@ -42,6 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# The Triton forward's V -> fp16 conversion: both forwards must round V the same way.
+from pallas_kernels.parallax_triton import _fp16_values
+
 LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
@@ -77,10 +80,11 @@ class MgpuConfig:
 
 
 def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
-  """Defaults by register budget (unmeasured until a GPU run; `main` sweeps alternatives).
+  """Defaults by register budget, confirmed by `main`'s H100 sweep (bench/NOTES.md v3).
 
   Parallax D=128: O1 + O2 take 128 of the ~232 registers per thread, S1 + S2 at block_kv=64
-  another 64. Softmax has half the accumulators, so block_kv=128 fits.
+  another 64 (block_kv=128 ran 2x slower). Softmax has half the accumulators, so
+  block_kv=128 fits (0.88 vs 1.03 ms at block_kv=64, L=4096 non-causal).
   """
   if head_dim <= 64:
     return MgpuConfig(block_kv=128, num_stages=2)
@@ -159,16 +163,6 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
 
 
 # ----------------------------------------------------------------------------- kernel
-
-
-def _fp16_values(v):
-  """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar).
-
-  Same conversion as parallax_triton._fp16_values (kept identical so both forwards round V
-  the same way)."""
-  vmax = jnp.max(jnp.abs(v)).astype(jnp.float32)
-  e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
-  return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
 
 
 def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=None):

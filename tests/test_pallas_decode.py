@@ -169,9 +169,11 @@ MEMBER_ARGS = {"softmax": dict(probe="none", affine="constant"),
 
 def _old_generic(q, k, v, r, lengths, window, bandwidth=None, **member):
   import parallax_jax
-  import parallax_jax.models  # noqa: F401  (import order: models before nn.layers)
-  from parallax_jax.nn.layers import decode_kv_segments
-  seg = decode_kv_segments(jnp.asarray(lengths) - 1, k.shape[1], window)
+  # the mask the model's decode step used before: slot j visible iff j < n (and j >= n - W)
+  n = jnp.asarray(lengths, jnp.int32)[:, None]
+  j = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+  valid = (j < n) & ((j >= n - window) if window is not None else True)
+  seg = (jnp.zeros((q.shape[0], 1), jnp.int32), jnp.where(valid, 0, -1).astype(jnp.int32))
   dt = q.dtype
   return parallax_jax.attention(
       q[:, None], k.astype(dt), v.astype(dt), None if r is None else r[:, None],

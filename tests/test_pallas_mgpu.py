@@ -240,21 +240,9 @@ def test_fwd_call_falls_back_to_triton():
 def _mosaic_modules(lowered):
   """Serialized Mosaic GPU modules of every mosaic_gpu custom call in a lowered module."""
   from jax._src.lib.mlir import ir
-  out = []
-
-  def walk(op):
-    for region in op.regions:
-      for block in region.blocks:
-        for o in block.operations:
-          o = o.operation
-          if o.name == "stablehlo.custom_call" and "mosaic_gpu" in str(
-              o.attributes["call_target_name"]):
-            cfg = o.attributes["mhlo.backend_config"]
-            out.append(ir.StringAttr(cfg["module"]).value_bytes)
-          walk(o)
-
-  walk(lowered.compiler_ir("stablehlo").operation)
-  return out
+  from tests.test_pallas_train import custom_call_configs
+  return [ir.StringAttr(cfg["module"]).value_bytes
+          for cfg in custom_call_configs(lowered, "mosaic_gpu")]
 
 
 @pytest.mark.parametrize("D,parallax,causal", [(128, True, True), (64, True, False),

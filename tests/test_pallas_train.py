@@ -329,9 +329,8 @@ def verify_triton_modules(mods):
       assert "tt.dot" in str(module), name
 
 
-def _triton_modules(lowered):
-  """(name, TTIR bytecode) of every Triton custom call in a lowered module."""
-  from jax._src.lib.mlir import ir
+def custom_call_configs(lowered, target: str):
+  """`mhlo.backend_config` of every custom call whose target name contains `target`."""
   out = []
 
   def walk(op):
@@ -339,14 +338,20 @@ def _triton_modules(lowered):
       for block in region.blocks:
         for o in block.operations:
           o = o.operation
-          if o.name == "stablehlo.custom_call" and "triton" in str(
+          if o.name == "stablehlo.custom_call" and target in str(
               o.attributes["call_target_name"]):
-            bc = o.attributes["mhlo.backend_config"]
-            out.append((ir.StringAttr(bc["name"]).value, ir.StringAttr(bc["ir"]).value_bytes))
+            out.append(o.attributes["mhlo.backend_config"])
           walk(o)
 
   walk(lowered.compiler_ir("stablehlo").operation)
   return out
+
+
+def _triton_modules(lowered):
+  """(name, TTIR bytecode) of every Triton custom call in a lowered module."""
+  from jax._src.lib.mlir import ir
+  return [(ir.StringAttr(bc["name"]).value, ir.StringAttr(bc["ir"]).value_bytes)
+          for bc in custom_call_configs(lowered, "triton")]
 
 
 LOWER_CASES = [

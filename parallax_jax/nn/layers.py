@@ -15,7 +15,7 @@ Parameter paths (relied on by the optimizer's routing; keep them stable), inside
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.parallax_triton import ATTN_RESIDUALS
 from parallax_jax import api as _api
-from parallax_jax.models.config import ModelConfig
+
+if TYPE_CHECKING:  # annotation only: importing parallax_jax.models here would be circular
+  from parallax_jax.models.config import ModelConfig
 
 Array = jax.Array
 
@@ -165,22 +167,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def decode_kv_segments(lengths: Array, cache_len: int, window: int | None):
-  """(q_ids [B,1], kv_ids [B,S]) masking cache slots a decode step must not see.
-
-  After writing the new token at slot `lengths[b]`, slots j <= lengths[b] (and, with a window,
-  j > lengths[b] - window) are visible: kv id 0 = the query's id; others get -1.
-  """
-  j = jnp.arange(cache_len, dtype=jnp.int32)[None, :]
-  n = lengths.astype(jnp.int32)[:, None]
-  valid = j <= n
-  if window is not None:
-    valid = valid & (j > n - window)
-  kv_ids = jnp.where(valid, 0, -1).astype(jnp.int32)
-  q_ids = jnp.zeros((lengths.shape[0], 1), jnp.int32)
-  return q_ids, kv_ids
-
-
 class Attention(nn.Module):
   """Attention with q/k/v/o projections, QK-norm, RoPE and the family member from the config.
 
@@ -265,7 +251,7 @@ class Attention(nn.Module):
         ck = ck.at[b, cache_lengths].set(k[:, 0].astype(ck.dtype))
         cv = cv.at[b, cache_lengths].set(v[:, 0].astype(cv.dtype))
         # The cache is read in place, in its stored dtype (no per-step copy or cast); valid
-        # slots j <= cache_lengths[b] (and within the window), as `decode_kv_segments`.
+        # slots are j <= cache_lengths[b] (and, with a window, the `window` latest of them).
         k, v = ck, cv
         lengths = (cache_lengths.astype(jnp.int32) + 1)[:, None]  # [B, 1]: shards like seg ids
       else:  # prefill from an empty cache
