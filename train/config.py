@@ -170,6 +170,11 @@ class RunConfig:
   checkpoint_every: 0 saves only at the end (and on SIGTERM). diag_every: COR per layer and
   stable ranks of W_R / W_Q (0 disables). peak_tflops: per-device peak for MFU (0: auto from
   the device kind; unknown devices such as CPU report no MFU).
+  profile_start / profile_steps: when profile_steps > 0, record a JAX profiler trace
+  (TensorBoard xplane + a Perfetto trace.json.gz) of steps profile_start+1 ..
+  profile_start+profile_steps under <out_dir>/profile; summarise it with
+  `python -m bench.trace_summary <out_dir>/profile`. Only process 0 traces; the window must
+  end by `steps`; a resumed run traces what is left of the window.
   """
   steps: int = 300
   seed: int = 0
@@ -186,11 +191,14 @@ class RunConfig:
   sample_lines: int = 3
   sample_tokens: int = 48
   sample_temperature: float = 0.7
+  profile_start: int = 0
+  profile_steps: int = 0
 
   def __post_init__(self):
     _pos_int("run", self, "steps")
     _pos_int("run", self, "log_every")
-    for k in ("seed", "eval_every", "diag_every", "checkpoint_every", "sample_lines"):
+    for k in ("seed", "eval_every", "diag_every", "checkpoint_every", "sample_lines",
+              "profile_start", "profile_steps"):
       _pos_int("run", self, k, 0)
     _pos_int("run", self, "keep_checkpoints")
     _pos_int("run", self, "sample_tokens")
@@ -201,6 +209,9 @@ class RunConfig:
         _err("run", k, f"must be a bool, got {getattr(self, k)!r}")
     if not isinstance(self.out_dir, str) or not self.out_dir:
       _err("run", "out_dir", f"must be a non-empty string, got {self.out_dir!r}")
+    if self.profile_steps and self.profile_start + self.profile_steps > self.steps:
+      _err("run", "profile_steps", f"profile_start + profile_steps = "
+           f"{self.profile_start + self.profile_steps} exceeds run.steps {self.steps}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,17 @@ Metrics are fetched one step late so the host never stalls the device queue; bef
 checkpoint the pending step is checked, so a NaN / inf loss raises `NonFiniteLossError`
 without saving: the last checkpoint on disk is the last good one. SIGTERM (and SIGINT) makes
 the loop save a checkpoint at the current step and return.
+
+With `run.profile_steps > 0`, process 0 records a JAX profiler trace of steps
+`profile_start+1 .. profile_start+profile_steps` into `<out_dir>/profile` (xplane.pb for
+TensorBoard plus a Perfetto-compatible trace.json.gz); the last traced step is waited for
+before the trace stops, and the trace is stopped on any early exit. Summarise it with
+`python -m bench.trace_summary <out_dir>/profile`.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
@@ -272,14 +280,58 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
     last_saved = step_no
 
+  # Profiling (process 0 only: each process would write its own host file, and
+  # jax's Perfetto export expects one trace per run folder).
+  prof_dir = os.path.join(rc.out_dir, "profile")
+  prof_first, prof_last = rc.profile_start + 1, rc.profile_start + rc.profile_steps
+  prof = {"on": False, "first": None}
+
+  def start_profile(step_no):
+    prof["first"] = step_no  # one attempt per run
+    try:
+      jax.profiler.start_trace(prof_dir, create_perfetto_trace=True)
+    except Exception as e:  # profiling is a diagnostic: never kill the run for it
+      log(f"profile: could not start the trace at step {step_no}: {e!r}")
+      return
+    prof["on"] = True
+
+  def stop_profile(step_no, complete):
+    if not prof["on"]:
+      return
+    prof["on"] = False
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:
+      log(f"profile: stopping the trace failed: {e!r}")
+      return
+    runs = glob.glob(os.path.join(prof_dir, "plugins", "profile", "*"))
+    where = max(runs, key=os.path.getmtime) if runs else prof_dir
+    what = (f"steps {prof['first']}..{step_no}" if step_no >= prof["first"]
+            else f"step {prof['first']} (unfinished)") + ("" if complete else " (stopped early)")
+    log(f"profile: {what} traced to {where}; summarise with "
+        f"`python -m bench.trace_summary {prof_dir}`")
+
+  if rc.profile_steps and is_main and start >= prof_last:
+    log(f"profile: steps {prof_first}..{prof_last} were done before step {start}; not tracing")
+  step = start
   try:
-    step = start
     while step < rc.steps:
-      batch = trainer.device_batch(next(it), accum=accum)
-      state, metrics = trainer.train_step(state, batch)
+      profiled = rc.profile_steps > 0 and is_main and prof_first <= step + 1 <= prof_last
+      if profiled and prof["first"] is None:
+        jax.block_until_ready(state)  # earlier steps finish before the trace starts
+        start_profile(step + 1)
+      with (jax.profiler.StepTraceAnnotation("train", step_num=step + 1) if prof["on"]
+            else contextlib.nullcontext()):
+        batch = trainer.device_batch(next(it), accum=accum)
+        state, metrics = trainer.train_step(state, batch)
       drain()
       step += 1
       pending = (step, metrics)
+      if prof["on"] and step == prof_last:
+        jax.block_until_ready((state, metrics))  # so this step's device work is in the trace
+        t_prof = time.perf_counter()
+        stop_profile(step, complete=True)
+        window["t"] += time.perf_counter() - t_prof  # writing the trace is not training time
       last = step == rc.steps
       boundary = (last or step == stop_after or stop["signal"] is not None
                   or (rc.checkpoint_every and step % rc.checkpoint_every == 0)
@@ -318,16 +370,19 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         break
     drain()
   finally:
-    bar.close()
     try:
-      ckpt.close()
+      stop_profile(step, complete=False)  # no-op unless the loop left the window early
     finally:
-      writer.close()
-      for sig, h in old_handlers.items():
-        signal.signal(sig, h)
-      close = getattr(it, "close", None)
-      if close:
-        close()
+      bar.close()
+      try:
+        ckpt.close()
+      finally:
+        writer.close()
+        for sig, h in old_handlers.items():
+          signal.signal(sig, h)
+        close = getattr(it, "close", None)
+        if close:
+          close()
 
   samples = []
   if stopped_by is None and rc.sample_lines > 0 and is_main:
