@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from parallax_jax.models.config import ModelConfig
-from parallax_jax.nn.layers import (BLD, Projection, RMSNorm, block_class, constrain,
+from parallax_jax.nn.layers import (BLD, RMSNorm, block_class, constrain, logits_dot,
                                     rope_cos_sin)
 
 Array = jax.Array
@@ -65,9 +65,20 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
 
   def attend(self, x):
-    dt = self.config.compute_dtype
-    return jnp.einsum("btd,vd->btv", x.astype(dt), self.embedding.astype(dt),
-                      preferred_element_type=jnp.float32)
+    return logits_dot(x, self.embedding, self.config.compute_dtype, "vd")
+
+
+class LMHead(nn.Module):
+  """Untied LM head `kernel` [d, V]: float32 logits, bf16 backward (`logits_dot`)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+        (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+    return logits_dot(x, kernel, cfg.compute_dtype, "dv")
 
 
 class Qwen3Model(nn.Module):
@@ -120,10 +131,7 @@ class Qwen3Model(nn.Module):
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = Projection((cfg.vocab_size,), ("embed", "vocab"),
-                          kernel_init=nn.initializers.normal(cfg.init_std),
-                          dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                          out_dtype=jnp.float32, name="lm_head")(x)
+      logits = LMHead(cfg, name="lm_head")(x)
     logits = constrain(logits.astype(jnp.float32),
                        ("activation_batch", "activation_length", "activation_vocab"))
     if cache is None:

@@ -14,6 +14,7 @@ Parameter paths (relied on by the optimizer's routing; keep them stable), inside
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -131,6 +132,48 @@ class Projection(nn.Module):
     return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                                ((x_axes, k_axes), ((), ())),
                                preferred_element_type=self.out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def logits_dot(x, w, dtype, w_layout: str = "dv"):
+  """LM-head logits `x . W` in float32 from `dtype` (bf16) operands, with a bf16 backward.
+
+  x [..., d] (any float dtype); w: [d, V] (w_layout "dv", a Projection kernel) or [V, d]
+  ("vd", a tied embedding), usually the float32 parameter. Forward: one `dtype` matmul with
+  float32 accumulation and output. Backward: the float32 logits cotangent is rounded to
+  `dtype` once, so both gradient matmuls run on `dtype` tensor cores with float32
+  accumulation (autodiff of a mixed bf16 x bf16 -> f32 dot would upcast W and run two f32
+  (TF32) matmuls over the [tokens, vocab] cotangent: 2.5x slower on H100, bench/NOTES.md).
+  dW is returned in w's dtype from the float32 accumulator; dx in x's dtype.
+  """
+  return _logits_fwd(x, w, dtype, w_layout)[0]
+
+
+def _logits_spec(x, w_layout):
+  xa = "".join("abcefgh"[i] for i in range(x.ndim - 1))
+  return f"{xa}d,{'dv' if w_layout == 'dv' else 'vd'}->{xa}v", xa
+
+
+def _logits_fwd(x, w, dtype, w_layout):
+  if w_layout not in ("dv", "vd"):
+    raise ValueError(f"w_layout must be 'dv' or 'vd', got {w_layout!r}")
+  spec, _ = _logits_spec(x, w_layout)
+  y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return y, (x, w)
+
+
+def _logits_bwd(dtype, w_layout, res, g):
+  x, w = res
+  spec, xa = _logits_spec(x, w_layout)
+  gh = g.astype(dtype)
+  wh, xh = w.astype(dtype), x.astype(dtype)
+  wspec = "dv" if w_layout == "dv" else "vd"
+  dx = jnp.einsum(f"{xa}v,{wspec}->{xa}d", gh, wh, preferred_element_type=jnp.float32)
+  dw = jnp.einsum(f"{xa}d,{xa}v->{wspec}", xh, gh, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+logits_dot.defvjp(_logits_fwd, _logits_bwd)
 
 
 class RMSNorm(nn.Module):
