@@ -29,9 +29,11 @@ SHAPES = [  # (grid, B, L, Hq, Hkv, D)
     ("gqa", 1, 1024, 16, 8, 128), ("gqa", 1, 8192, 16, 8, 128), ("gqa", 1, 32768, 16, 8, 128),
     ("gqa", 8, 4096, 16, 8, 128), ("gqa", 32, 4096, 16, 8, 128), ("gqa", 64, 4096, 16, 8, 128),
     ("gqa", 64, 8192, 16, 8, 128), ("gqa", 32, 32768, 16, 8, 128), ("gqa", 128, 4096, 16, 8, 128),
-    ("mha", 8, 4096, 8, 8, 64), ("mha", 256, 1024, 8, 8, 64),
+    ("mha", 8, 4096, 8, 8, 64), ("mha", 256, 1024, 8, 8, 64), ("mha", 256, 4096, 8, 8, 64),
+    ("mha", 64, 4096, 8, 8, 64),
 ]
-LAUNCH = [(64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (32, 2, 4), (32, 4, 4)]
+LAUNCH = [(64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (32, 2, 4), (32, 4, 4),
+          (128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8)]
 
 
 def measure(fn, args, iters=20):
@@ -57,9 +59,14 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="bench/results")
   ap.add_argument("--budget", type=float, default=240.0)
+  ap.add_argument("--grid", choices=("all", "gqa", "mha"), default="all",
+                  help="only the shapes of this grid")
+  ap.add_argument("--name", default="decode_sweep", help="results file stem")
   a = ap.parse_args()
   res = {"env": environment(), "rows": []}
   for grid, B, L, Hq, Hkv, D in SHAPES:
+    if a.grid not in ("all", grid):
+      continue
     ks = jax.random.split(jax.random.key(B + L), 4)
     q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
     r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(jnp.bfloat16)
@@ -99,7 +106,7 @@ def main():
           f"{row['default_us_parallax']:.1f} softmax {row['default_us_softmax']:.1f} best "
           f"{row.get('best')} breakdown {row['breakdown_us']}", flush=True)
     res["rows"].append(row)
-    with open(os.path.join(a.out, "decode_sweep.json"), "w") as fh:
+    with open(os.path.join(a.out, f"{a.name}.json"), "w") as fh:
       json.dump(res, fh, indent=1)
     del q, k, v, r
 

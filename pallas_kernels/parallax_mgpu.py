@@ -27,7 +27,8 @@ that the output's cancellation ((1 + tbar) vbar - O2/d1) amplifies (bench/NOTES.
 
 Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA (q-head h reads kv-head
 h // (Hq // Hkv)), non-causal, causal with T <= S (end-aligned, as the Triton kernel),
-T a multiple of 2 * block_q and S a multiple of block_kv; no window, no segment ids.
+T a multiple of 2 * block_q and S a multiple of block_kv, segment ids (int32, any values:
+every K/V tile is masked by id); no window.
 Everything else goes to the Triton kernel (`fwd_call` falls back automatically).
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
+# consumer cap -> producer cap: 2 * 128 * consumer + 128 * producer = 168 * 384 (the launch's
+# even split of the 64K register file, rounded to 8)
+_PRODUCER_REGISTERS = {232: 40, 240: 24}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +67,22 @@ class MgpuConfig:
   schedule_barrier: ping-pong the two consumer warpgroups (softmax of one overlaps the
     matmuls of the other), as in attention_mgpu.
   fp16_pv: bf16 Parallax: PV products in fp16 (accuracy; see module docstring).
+  split_waits: Parallax: wait for S1 alone and start its softmax (max, exp2, d1) while the
+    tensor cores still compute S2, instead of waiting for both.
+  consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240; the
+    producer gets what is left of the 64K file: 40 or 24). H100, main shape: 232 -> 240
+    took the Parallax forward from 1.026 to 0.987 ms, and with split_waits to 0.970 ms.
+  pin_softmax: an optimization barrier on the softmax results before the schedule barrier
+    (as attention_mgpu), so the compiler cannot sink the softmax past the barrier waits.
   """
   block_q: int = 64
   block_kv: int = 64
   num_stages: int = 2
   schedule_barrier: bool = True
   fp16_pv: bool = True
+  split_waits: bool = True
+  consumer_registers: int = 240
+  pin_softmax: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -77,18 +91,24 @@ class MgpuConfig:
       raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+    if self.consumer_registers not in _PRODUCER_REGISTERS:
+      raise ValueError(f"consumer_registers={self.consumer_registers} must be one of "
+                       f"{sorted(_PRODUCER_REGISTERS)}")
 
 
 def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
   """Defaults by register budget, confirmed by `main`'s H100 sweep (bench/NOTES.md v3).
 
-  Parallax D=128: O1 + O2 take 128 of the ~232 registers per thread, S1 + S2 at block_kv=64
+  Parallax D=128: O1 + O2 take 128 of the 240 registers per thread, S1 + S2 at block_kv=64
   another 64 (block_kv=128 ran 2x slower). Softmax has half the accumulators, so
   block_kv=128 fits (0.88 vs 1.03 ms at block_kv=64, L=4096 non-causal).
+  Parallax runs without the ping-pong schedule barrier: its spills drop (108 -> 64 bytes per
+  thread) and the main shape goes 0.967 -> 0.934 ms; softmax keeps it (0.471 vs 0.514 ms).
   """
   if head_dim <= 64:
-    return MgpuConfig(block_kv=128, num_stages=2)
-  return MgpuConfig(block_kv=64 if parallax else 128, num_stages=2)
+    return MgpuConfig(block_kv=128, num_stages=2, schedule_barrier=not parallax)
+  return MgpuConfig(block_kv=64 if parallax else 128, num_stages=2,
+                    schedule_barrier=not parallax)
 
 
 # ----------------------------------------------------------------------------- support
@@ -129,8 +149,13 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
     return False, "Hq must be a multiple of Hkv"
   if window is not None:
     return False, "window masks are not implemented"
-  if q_segment_ids is not None or kv_segment_ids is not None:
-    return False, "segment ids are not implemented"
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    return False, "give both q_segment_ids and kv_segment_ids, or neither"
+  if q_segment_ids is not None:
+    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S):
+      return False, f"segment ids must be [B, T] and [B, S] = {(B, T)}, {(B, S)}"
+    if {jnp.dtype(q_segment_ids.dtype), jnp.dtype(kv_segment_ids.dtype)} != {jnp.dtype(jnp.int32)}:
+      return False, "segment ids must be int32"
   cfg = config or default_config(D, r is not None)
   if T % (_COMPUTE_WGS * cfg.block_q):
     return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"
@@ -165,14 +190,17 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
 # ----------------------------------------------------------------------------- kernel
 
 
-def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=None):
+def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: MgpuConfig,
+             interpret=None):
   """The plgpu.kernel call. params: [Hq, 2, block_q] f32 (row 0 = scale*log2e, row 1 = the
-  V scale to undo), loaded into SMEM as per-row vectors (no scalar GMEM loads needed)."""
+  V scale to undo), loaded into SMEM as per-row vectors (no scalar GMEM loads needed).
+  qseg [B, T], kseg [B, S] int32 or None: segment ids (a query sees keys of its own id)."""
   B, T, Hq, D = q.shape
   S, Hkv = k.shape[1], k.shape[2]
   G = Hq // Hkv
   dtype, vdtype = q.dtype, v.dtype
   has_r = r is not None
+  has_seg = qseg is not None
   bq, bkv = cfg.block_q, cfg.block_kv
   off = S - T  # end-aligned causal: query i sits at key position i + off
   n_kv = S // bkv
@@ -180,15 +208,18 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
   nq = T // (_COMPUTE_WGS * bq)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
 
   def kernel(refs, scoped):
-    if has_r:
-      q_ref, k_ref, v_ref, r_ref, p_ref, o_ref, lse_ref, tbar_ref, vbar_ref = refs
-    else:
-      (q_ref, k_ref, v_ref, p_ref, o_ref, lse_ref), r_ref, tbar_ref, vbar_ref = (
-          refs, None, None, None)
-    (q_smem2, r_smem2, k_smem, v_smem, p_smem2, row_smem2), (
-        k_bar, v_bar, q_bar, r_bar, p_bar), (k_free, v_free), sched = scoped
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    r_ref = refs.pop(3) if has_r else None
+    p_ref = refs[3]
+    qseg_ref, kseg_ref = (refs.pop(4), refs.pop(4)) if has_seg else (None, None)
+    o_ref, lse_ref = refs[4:6]
+    tbar_ref, vbar_ref = refs[6:8] if has_r else (None, None)
+    (q_smem2, r_smem2, k_smem, v_smem, p_smem2, row_smem2, qs_smem2, ks_smem), (
+        k_bar, v_bar, q_bar, r_bar, p_bar, qs_bar, ks_bar), (k_free, v_free), sched = scoped
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -215,7 +246,7 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
 
     @pl.when(wg < _COMPUTE_WGS)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(cfg.consumer_registers, action="increase")
       q_smem = q_smem2.at[wg]
       r_smem = r_smem2.at[wg] if has_r else None
       p_smem = p_smem2.at[wg]
@@ -232,8 +263,13 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
       if has_r:
         plgpu.copy_gmem_to_smem(r_ref.at[b, pl.ds(q0, bq), h], r_smem, r_bar.at[wg])
       plgpu.copy_gmem_to_smem(p_ref.at[h], p_smem, p_bar.at[wg])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q0, bq)], qs_smem2.at[wg], qs_bar.at[wg])
       plgpu.barrier_wait(p_bar.at[wg])
       c = plgpu.load(p_smem.at[0], layout=row_layout)  # scale * log2e, per row
+      if has_seg:
+        plgpu.barrier_wait(qs_bar.at[wg])
+        qsv = plgpu.load(qs_smem2.at[wg], layout=row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
       if has_r:
         plgpu.barrier_wait(r_bar.at[wg])
@@ -244,6 +280,8 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
       carry = (zacc, m0, zrow) + ((zacc, zrow) if has_r else ())
 
       plgpu.barrier_wait(k_bar.at[0])  # steps >= 1: T <= S causal rows all see key 0
+      if has_seg:
+        plgpu.barrier_wait(ks_bar.at[0])
       pl.when(wg == 1)(sched_sync)  # warpgroup 0 goes first
 
       def body(step, carry, masked: bool):
@@ -254,25 +292,42 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         slot = lax.rem(step, jnp.array(stages, step.dtype))
         kt = k_smem.at[slot].transpose((1, 0))
 
+        def softmax1(s1):  # online softmax of the S1 tile against the running max
+          s1 = s1 * lax.broadcast_in_dim(c, s1.shape, [0])
+          if masked:
+            qi = plgpu.broadcasted_iota(jnp.int32, s1.shape, 0, layout=wgmma_layout)
+            kj = plgpu.broadcasted_iota(jnp.int32, s1.shape, 1, layout=wgmma_layout)
+            s1 = jnp.where(qi + (q0 + off) >= kj + step * bkv, s1, -jnp.inf)
+          if has_seg:
+            ksv = plgpu.load(ks_smem.at[slot], layout=col_layout)
+            same = (lax.broadcast_in_dim(qsv, s1.shape, [0]) ==
+                    lax.broadcast_in_dim(ksv, s1.shape, [1]))
+            s1 = jnp.where(same, s1, -jnp.inf)
+          m_new = jnp.maximum(m, s1.max(axis=1))
+          if has_seg:  # a row may have seen no key yet: exp2(-inf - (-inf)) would be NaN
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          else:  # every row sees key 0 first (causal T <= S, or non-causal)
+            m_use = m_new
+          alpha = jnp.exp2(m - m_use)
+          p1 = jnp.exp2(s1 - lax.broadcast_in_dim(m_use, s1.shape, [0]))
+          return m_new, alpha, p1
+
         def scores(s1_ref, s2_ref=None):
           plgpu.wgmma(s1_ref, q_smem, kt)
           if has_r:
             plgpu.wgmma(s2_ref, r_smem, kt)
           sched_sync()  # let the other warpgroup issue its matmuls
-          return (s1_ref[...], s2_ref[...]) if has_r else (s1_ref[...], None)
+          if has_r and cfg.split_waits:  # S1's softmax overlaps the S2 matmul
+            sm = softmax1(plgpu.wgmma_accumulator_load(s1_ref, wait_n=1))
+            return sm, s2_ref[...]
+          return softmax1(s1_ref[...]), (s2_ref[...] if has_r else None)
 
         acc_t = plgpu.ACC((bq, bkv), jnp.float32)
-        s1, s2 = pl.run_scoped(scores, *((acc_t, acc_t) if has_r else (acc_t,)))
+        (m_new, alpha, p1), s2 = pl.run_scoped(scores, *((acc_t, acc_t) if has_r else (acc_t,)))
+        if has_seg:  # order the generic-proxy read of the k-id slot before its TMA refill
+          plgpu.commit_smem()
         plgpu.barrier_arrive(k_free.at[slot])
 
-        s1 = s1 * lax.broadcast_in_dim(c, s1.shape, [0])
-        if masked:
-          qi = plgpu.broadcasted_iota(jnp.int32, s1.shape, 0, layout=wgmma_layout)
-          kj = plgpu.broadcasted_iota(jnp.int32, s1.shape, 1, layout=wgmma_layout)
-          s1 = jnp.where(qi + (q0 + off) >= kj + step * bkv, s1, -jnp.inf)
-        m_new = jnp.maximum(m, s1.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p1 = jnp.exp2(s1 - lax.broadcast_in_dim(m_new, s1.shape, [0]))
         alpha2 = lax.broadcast_in_dim(alpha, o1.shape, [0])
         o1 = o1 * alpha2
         d1 = d1 * alpha + p1.sum(axis=1)
@@ -283,10 +338,10 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
           p2h = p2.astype(vdtype)
         p1h = p1.astype(vdtype)
         # attention_mgpu: pinning the softmax before the barriers keeps the schedule tight
-        if has_r:
+        if cfg.pin_softmax and has_r:
           o1, o2, m_new, d1, d2, p1h, p2h = lax.optimization_barrier(
               (o1, o2, m_new, d1, d2, p1h, p2h))
-        else:
+        elif cfg.pin_softmax:
           o1, m_new, d1, p1h = lax.optimization_barrier((o1, m_new, d1, p1h))
         sched_arrive()  # softmax done
         plgpu.barrier_wait(v_bar.at[slot])
@@ -298,6 +353,8 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
           @pl.when(nxt < steps)
           def _():
             plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, step.dtype))])
+            if has_seg:
+              plgpu.barrier_wait(ks_bar.at[lax.rem(nxt, jnp.array(stages, step.dtype))])
 
         def pv(accs):
           plgpu.wgmma(accs[0], p1h, v_smem.at[slot])
@@ -325,6 +382,7 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         return accs[0], m_new, d1
 
       carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+      # (with segment ids every tile is masked by id in softmax1; `masked` adds the causal part)
       if causal:
         carry = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
 
@@ -334,6 +392,8 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
           # with the other through the schedule barrier anyway); the GPU interpreter
           # rejects a thread that skips a barrier phase it would later have seen.
           plgpu.barrier_wait(k_bar.at[slot])
+          if has_seg:
+            plgpu.barrier_wait(ks_bar.at[slot])
           plgpu.barrier_wait(v_bar.at[slot])
           plgpu.barrier_arrive(k_free.at[slot])
           plgpu.barrier_arrive(v_free.at[slot])
@@ -347,7 +407,11 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         o1, m, d1, o2, d2 = carry
       else:
         o1, m, d1 = carry
-      inv = 1.0 / d1  # every row has >= 1 visible key (non-causal, or causal with T <= S)
+      if has_seg:  # rows without a visible key: o = 0, lse = +inf (as the Triton forward)
+        has_keys = d1 > 0.0
+        inv = 1.0 / jnp.where(has_keys, d1, 1.0)
+      else:  # every row has >= 1 visible key (non-causal, or causal with T <= S)
+        inv = 1.0 / d1
       if has_r:
         vmul = plgpu.load(p_smem.at[1], layout=row_layout)  # undoes the fp16 V scaling
         inv_v = lax.broadcast_in_dim(inv * vmul, o1.shape, [0])
@@ -359,7 +423,11 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
       else:
         o = o1 * lax.broadcast_in_dim(inv, o1.shape, [0])
       q_smem[...] = o.astype(dtype)
-      row_smem.at[0][...] = m + jnp.log2(d1)
+      if has_seg:
+        row_smem.at[0][...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)),
+                                        jnp.inf)
+      else:
+        row_smem.at[0][...] = m + jnp.log2(d1)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
       plgpu.copy_smem_to_gmem(row_smem.at[0], lse_ref.at[b, h, pl.ds(q0, bq)])
@@ -370,12 +438,18 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
 
     @pl.when(wg == _COMPUTE_WGS)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
       hk = lax.div(h, jnp.array(G, h.dtype))
+
+      def load_kseg(step, slot):
+        if has_seg:
+          plgpu.copy_gmem_to_smem(kseg_ref.at[b, pl.ds(step * bkv, bkv)], ks_smem.at[slot],
+                                  ks_bar.at[slot])
 
       def load(step, slot):
         src = (b, pl.ds(step * bkv, bkv), hk)
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+        load_kseg(step, slot)
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
 
       for i in range(stages):
@@ -390,6 +464,7 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         src = (b, pl.ds(nxt * bkv, bkv), hk)
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+        load_kseg(nxt, slot)
         plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
 
@@ -410,6 +485,8 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         tiled((stages, bkv, D), vdtype),  # V ring
         plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # params rows
         plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # lse, tbar out
+        plgpu.SMEM((_COMPUTE_WGS, bq), jnp.int32) if has_seg else None,  # q segment ids
+        plgpu.SMEM((stages, bkv), jnp.int32) if has_seg else None,  # k segment ids ring
     )
     loaded = (
         plgpu.Barrier(num_barriers=stages),  # K tile landed
@@ -417,6 +494,8 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q
         plgpu.Barrier(num_barriers=_COMPUTE_WGS) if has_r else None,  # R
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # params
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS) if has_seg else None,  # q segment ids
+        plgpu.Barrier(num_barriers=stages) if has_seg else None,  # k segment ids landed
     )
     free = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     sched = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
@@ -427,7 +506,7 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype), rows]
   if has_r:
     out_type += [rows, jax.ShapeDtypeStruct(q.shape, dtype)]
-  args = (q, k, v, r, params) if has_r else (q, k, v, params)
+  args = (q, k, v) + ((r,) if has_r else ()) + (params,) + ((qseg, kseg) if has_seg else ())
   outs = plgpu.kernel(
       entry,
       out_type=out_type,
@@ -448,19 +527,24 @@ def _forward(q, k, v, r, params, *, causal: bool, cfg: MgpuConfig, interpret=Non
 # ----------------------------------------------------------------------------- wrappers
 
 
-def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True,
-                          config: MgpuConfig | None = None, interpret=None):
+def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=None,
+                          kv_segment_ids=None, config: MgpuConfig | None = None,
+                          interpret=None):
   """Forward of Parallax attention (softmax when r is None) with the Mosaic GPU kernel.
 
   q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D], as `parallax_flash_attention`. scale: python
   float, scalar or [Hq] array (1/bandwidth, 0 = uniform weights). causal: end-aligned.
   Returns (o, (lse, tbar, vbar)) as parallax_triton._fwd_call returns (o, lse, tbar, vbar):
   o, vbar [B, T, Hq, D] in q's dtype, lse, tbar [B, Hq, T] f32; tbar, vbar None without r.
+  q_segment_ids [B, T], kv_segment_ids [B, S] int32 (optional, both or neither): a query
+  sees only keys of its own id (packed sequences); rows that see no key give o = 0 and
+  lse = +inf, as the Triton forward.
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
   """
   B, T, Hq, D = q.shape
   cfg = config or default_config(D, r is not None)
-  ok, why = supported(q, k, v, r, causal=causal, config=cfg,
+  ok, why = supported(q, k, v, r, causal=causal, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids, config=cfg,
                       platform="interpret" if interpret is not None else "cuda")
   if not ok:
     raise ValueError(f"parallax_forward_mgpu: unsupported inputs: {why}")
@@ -470,7 +554,8 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True,
     v, vmul = _fp16_values(v)
   params = jnp.stack([scale * LOG2E, jnp.broadcast_to(vmul, (Hq,))], axis=1)
   params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
-  return _forward(q, k, v, r, params, causal=bool(causal), cfg=cfg, interpret=interpret)
+  return _forward(q, k, v, r, params, q_segment_ids, kv_segment_ids, causal=bool(causal),
+                  cfg=cfg, interpret=interpret)
 
 
 def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None = None):
@@ -478,19 +563,30 @@ def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None =
   (same arguments and (o, lse, tbar, vbar) result): the Mosaic GPU kernel when it supports
   the call, else the Triton forward. For wiring into `_flash` / `_flash_fwd`."""
   from pallas_kernels import parallax_triton as pt
-  mg = tcfg.window is None and not tcfg.has_seg and not tcfg.interpret
+  mg = tcfg.window is None and not tcfg.interpret
   # padded keys would need masking; zero-padded head dims are harmless (Dp = D here anyway)
   mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S
   cfg = config or default_config(q.shape[-1], tcfg.has_r)
   if tcfg.has_r and jnp.dtype(q.dtype) == jnp.bfloat16:
     cfg = dataclasses.replace(cfg, fp16_pv=tcfg.fp16_pv)  # follow BlockSizes.fp16_p2
   if mg:
-    mg, _ = supported(q, k, v, r, causal=tcfg.causal, config=cfg)
+    mg, _ = supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg, kv_segment_ids=kseg,
+                      config=cfg)
   if not mg:
     return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
   o, (lse, tbar, vbar) = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
+                                               q_segment_ids=qseg, kv_segment_ids=kseg,
                                                config=cfg)
-  return o, lse, tbar, vbar
+  # In a scanned model the residuals are also written into the stacked per-layer buffers.
+  # XLA's dynamic-slice fusion then clones the Mosaic custom call (one copy feeding the layer,
+  # one writing in place into the stack): the forward kernel ran twice per layer (H100
+  # profile, bench/NOTES.md). A barrier gives the call a single user; the stack write becomes
+  # a copy, as for the Triton kernel.
+  outs = (o, lse) if r is None else (o, lse, tbar, vbar)
+  outs = lax.optimization_barrier(outs)
+  if r is None:
+    return outs[0], outs[1], None, None
+  return outs
 
 
 # ----------------------------------------------------------------------------- timing
@@ -511,6 +607,12 @@ def main():
 
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true", help="main shape only, defaults only")
+  ap.add_argument("--tiles", action="store_true",
+                  help="also sweep block_kv x num_stages x schedule_barrier")
+  ap.add_argument("--shapes", default="all", choices=("all", "main"),
+                  help="main: B=4 L=4096 Hq/Hkv 16/8 D=128 causal only")
+  ap.add_argument("--segments", action="store_true",
+                  help="packed-sequence segment ids (4 documents of random length per row)")
   args = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
 
@@ -519,17 +621,17 @@ def main():
     _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*xs)
     return statistics.median(float(t) for t in ts)
 
-  def triton_fwd(q, k, v, r, scale, causal):
+  def triton_fwd(q, k, v, r, ids, scale, causal):
     B, T, Hq, D = q.shape
     bs = pt.default_block_sizes(D, r is not None)
     tcfg = pt._Cfg(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
-                   causal=causal, window=None, has_r=r is not None, has_seg=False,
+                   causal=causal, window=None, has_r=r is not None, has_seg=ids is not None,
                    need_dscale=False, blocks=bs, interpret=False,
                    fp16_pv=(r is not None and q.dtype == jnp.bfloat16 and bs.fp16_p2))
-    return pt._fwd_call(tcfg, q, k, v, r, jnp.full((Hq,), scale, jnp.float32), None, None)
+    return pt._fwd_call(tcfg, q, k, v, r, jnp.full((Hq,), scale, jnp.float32), ids, ids)
 
   shapes = [(4, 4096, 16, 8, 128, True)]
-  if not args.quick:
+  if not args.quick and args.shapes == "all":
     shapes += [(4, 4096, 16, 8, 64, True), (4, 4096, 16, 8, 128, False),
                (2, 16384, 16, 8, 128, True), (8, 1024, 16, 8, 128, True)]
   for B, L, Hq, Hkv, D, causal in shapes:
@@ -539,27 +641,40 @@ def main():
     v = jax.random.normal(ks[2], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
     r = (0.5 * jax.random.normal(ks[3], (B, L, Hq, D), jnp.float32)).astype(jnp.bfloat16)
     scale = 1.0 / math.sqrt(D)
-    pairs = (L * (L + 1) // 2 if causal else L * L) * B * Hq
+    pairs = (L * (L + 1) // 2 if causal else L * L) * B * Hq  # FLOPs as if unmasked
+    ids = None
+    if args.segments:
+      rng = np.random.default_rng(0)
+      cuts = np.sort(rng.choice(np.arange(1, L), size=(B, 3), replace=True), axis=1)
+      ids = jnp.asarray(np.stack([np.searchsorted(c, np.arange(L), side="right") + 1
+                                  for c in cuts]), jnp.int32)
     for parallax in (True, False):
       rr = r if parallax else None
       flops = (8 if parallax else 4) * D * pairs
-      tri = jax.jit(lambda q, k, v, r: triton_fwd(q, k, v, r, scale, causal))
-      t_tri = kernel_ms(tri, (q, k, v, rr))
-      ref = tri(q, k, v, rr)
-      configs = [default_config(D, parallax)]
+      tri = jax.jit(lambda q, k, v, r, ids: triton_fwd(q, k, v, r, ids, scale, causal))
+      t_tri = kernel_ms(tri, (q, k, v, rr, ids))
+      ref = tri(q, k, v, rr, ids)
+      base = default_config(D, parallax)
+      configs = [base]
       if not args.quick:
+        configs += [dataclasses.replace(base, schedule_barrier=sb, pin_softmax=pin,
+                                        num_stages=st, split_waits=sw)
+                    for sb in (True, False) for pin in (True, False) for st in (2, 3)
+                    for sw in ((True, False) if parallax else (True,))]
+      if args.tiles:
         configs += [MgpuConfig(block_kv=bkv, num_stages=st, schedule_barrier=sb)
                     for bkv in (64, 128) for st in (2, 3) for sb in (True, False)]
-        configs = list(dict.fromkeys(configs))
-      print(f"== B={B} L={L} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} "
+      configs = list(dict.fromkeys(configs))
+      print(f"== B={B} L={L} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} segments={args.segments} "
             f"{'parallax' if parallax else 'softmax'}: triton {t_tri:.3f} ms "
             f"({flops / t_tri / 1e9:.0f} TF/s)", flush=True)
       for cfg in configs:
-        f = jax.jit(lambda q, k, v, r, cfg=cfg: parallax_forward_mgpu(
-            q, k, v, r, scale=scale, causal=causal, config=cfg))
+        f = jax.jit(lambda q, k, v, r, ids, cfg=cfg: parallax_forward_mgpu(
+            q, k, v, r, scale=scale, causal=causal, q_segment_ids=ids, kv_segment_ids=ids,
+            config=cfg))
         try:
-          t = kernel_ms(f, (q, k, v, rr))
-          o, res = f(q, k, v, rr)
+          t = kernel_ms(f, (q, k, v, rr, ids))
+          o, res = f(q, k, v, rr, ids)
         except Exception as e:  # noqa: BLE001  (e.g. SMEM overflow for big tiles)
           print(f"  {cfg}: failed {repr(e)[:300]}", flush=True)
           continue

@@ -46,8 +46,9 @@ def has_hopper():
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(q, k, v, r, scale, causal):
-  """Dense float32 forward: o, lse (log2 domain), tbar, vbar in the Triton layouts."""
+def reference(q, k, v, r, scale, causal, qseg=None, kseg=None):
+  """Dense float32 forward: o, lse (log2 domain), tbar, vbar in the Triton layouts.
+  Rows without a visible key: o = vbar = tbar = 0 and lse = +inf (the kernels' convention)."""
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   q, k, v, r = f32(q), f32(k), f32(v), f32(r)
   B, T, H, D = q.shape
@@ -57,12 +58,16 @@ def reference(q, k, v, r, scale, causal):
   s = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * scale[None, :, None, None]
   if causal:  # end-aligned
     s = jnp.where(jnp.arange(S)[None] <= jnp.arange(T)[:, None] + (S - T), s, -jnp.inf)
-  a = jax.nn.softmax(s, axis=-1)
+  if qseg is not None:
+    s = jnp.where(qseg[:, None, :, None] == kseg[:, None, None, :], s, -jnp.inf)
+  has_keys = jnp.any(s > -jnp.inf, axis=-1, keepdims=True)
+  a = jnp.where(has_keys, jax.nn.softmax(jnp.where(has_keys, s, 0.0), axis=-1), 0.0)
   vbar = jnp.einsum("bhts,bshd->bthd", a, v, precision=HIGHEST)
-  lse = jax.nn.logsumexp(s, axis=-1) * pm.LOG2E
+  lse = jnp.where(has_keys[..., 0], jax.nn.logsumexp(s, axis=-1) * pm.LOG2E, jnp.inf)
   if r is None:
     return vbar, lse, None, None
   t = jnp.einsum("bthd,bshd->bhts", r, k, precision=HIGHEST)
+  t = jnp.where(jnp.isfinite(s), t, 0.0)
   tbar = jnp.sum(a * t, axis=-1)
   o2 = jnp.einsum("bhts,bshd->bthd", a * t, v, precision=HIGHEST)
   o = (1.0 + jnp.transpose(tbar, (0, 2, 1)))[..., None] * vbar - o2
@@ -89,6 +94,32 @@ class Case:
   config: pm.MgpuConfig | None = None
   array_scale: bool = False
   races: bool = False
+  segments: str | None = None  # "packed": shared sorted ids; "cross": q ids != kv ids
+
+
+def segment_ids(c: Case, seed=0):
+  """Packed-sequence ids [B, T], [B, S] int32 (None, None without c.segments).
+
+  "packed" (T == S): documents of random lengths (some shorter than a tile, some spanning
+  several), id 0 padding at the end of row 0. "cross": independent random ids in {0, 1, 2},
+  so some query rows see no key at all.
+  """
+  if c.segments is None:
+    return None, None
+  rng = np.random.default_rng(seed)
+  if c.segments == "cross":
+    return (jnp.asarray(rng.integers(0, 3, (c.B, c.T)), jnp.int32),
+            jnp.asarray(rng.integers(0, 3, (c.B, c.S)), jnp.int32))
+  assert c.T == c.S
+  rows = []
+  for b in range(c.B):
+    cuts = np.sort(rng.choice(np.arange(1, c.T), size=5, replace=False))
+    ids = np.searchsorted(cuts, np.arange(c.T), side="right") + 1
+    if b == 0:
+      ids[-37:] = 0
+    rows.append(ids)
+  seg = jnp.asarray(np.stack(rows), jnp.int32)
+  return seg, seg
 
 
 def inputs(c: Case, seed=0):
@@ -110,7 +141,10 @@ def check(c: Case, outs, ref):
   tol = TOL[c.dtype]
   assert o.shape == ro.shape and o.dtype == jnp.dtype(c.dtype)
   assert lse.shape == (c.B, c.Hq, c.T) and lse.dtype == jnp.float32
-  errs = {"o": rel(o, ro), "lse": float(np.max(np.abs(np.asarray(lse) - np.asarray(rlse))))}
+  lse, rlse = np.asarray(lse), np.asarray(rlse)
+  assert np.array_equal(np.isinf(lse), np.isinf(rlse))  # rows without keys: +inf
+  fin = np.isfinite(rlse)
+  errs = {"o": rel(o, ro), "lse": float(np.max(np.abs(lse[fin] - rlse[fin]), initial=0.0))}
   if c.parallax:
     assert tbar.shape == (c.B, c.Hq, c.T) and tbar.dtype == jnp.float32
     assert vbar.shape == ro.shape and vbar.dtype == jnp.dtype(c.dtype)
@@ -147,6 +181,14 @@ CASES = {
     "fp16_softmax_noncausal_d128_B2": Case(B=2, T=128, S=256, D=128, dtype=jnp.float16,
                                            parallax=False, causal=False),
     "bf16_parallax_bf16_pv": Case(config=pm.MgpuConfig(block_kv=128, fp16_pv=False)),
+    "bf16_parallax_causal_joint_waits_232regs": Case(
+        config=pm.MgpuConfig(block_kv=64, split_waits=False, consumer_registers=232)),
+    "bf16_parallax_causal_packed_segments_d128_races": Case(
+        B=2, D=128, segments="packed", races=True),
+    "fp16_softmax_causal_packed_segments_d64": Case(
+        dtype=jnp.float16, parallax=False, segments="packed"),
+    "bf16_parallax_noncausal_cross_segments_T<S": Case(T=128, S=256, causal=False,
+                                                       segments="cross"),
 }
 
 
@@ -154,16 +196,19 @@ CASES = {
 def test_interpret_matches_reference(name):
   c = CASES[name]
   q, k, v, r, scale = inputs(c)
-  ok, why = pm.supported(q, k, v, r, causal=c.causal, config=c.config, platform="interpret")
+  qs, ks = segment_ids(c)
+  ok, why = pm.supported(q, k, v, r, causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
+                         config=c.config, platform="interpret")
   assert ok, why
   if c.races:
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-  outs = pm.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=c.causal, config=c.config,
+  outs = pm.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=c.causal, q_segment_ids=qs,
+                                  kv_segment_ids=ks, config=c.config,
                                   interpret=interpret_params(c.races))
   jax.block_until_ready(outs)
   if c.races:
     assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
-  errs = check(c, outs, reference(q, k, v, r, scale, c.causal))
+  errs = check(c, outs, reference(q, k, v, r, scale, c.causal, qs, ks))
   print(name, errs)
 
 
@@ -214,7 +259,12 @@ def test_supported():
   assert "head_dim" in sup(z(1, 256, 4, 96), z(1, 256, 2, 96), z(1, 256, 2, 96))[1]
   assert "multiple" in sup(z(1, 200, 4, 128), kv, kv)[1]
   assert "window" in sup(q, kv, kv, window=16)[1]
-  assert "segment" in sup(q, kv, kv, q_segment_ids=z(1, 256, dt=jnp.int32))[1]
+  ids = z(1, 256, dt=jnp.int32)
+  assert "neither" in sup(q, kv, kv, q_segment_ids=ids)[1]
+  assert sup(q, kv, kv, q, q_segment_ids=ids, kv_segment_ids=ids) == (True, "")
+  assert "[B, T]" in sup(q, kv, kv, q_segment_ids=z(1, 128, dt=jnp.int32), kv_segment_ids=ids)[1]
+  assert "int32" in sup(q, kv, kv, q_segment_ids=z(1, 256, dt=jnp.int16),
+                        kv_segment_ids=z(1, 256, dt=jnp.int16))[1]
   assert not sup(z(1, 256, 4, 128), z(1, 128, 2, 128), z(1, 128, 2, 128), causal=True)[0]
   assert sup(z(1, 256, 4, 128), z(1, 128, 2, 128), z(1, 128, 2, 128), causal=False)[0]
   assert "SMEM" in sup(q, kv, kv, q, config=pm.MgpuConfig(block_kv=256, num_stages=4))[1]
@@ -245,9 +295,15 @@ def _mosaic_modules(lowered):
           for cfg in custom_call_configs(lowered, "mosaic_gpu")]
 
 
-@pytest.mark.parametrize("D,parallax,causal", [(128, True, True), (64, True, False),
-                                               (128, False, False), (64, False, True)])
-def test_cuda_lowering_abstract_h100(D, parallax, causal):
+# the defaults before split waits and the 240-register cap (both paths stay covered)
+_JOINT232 = pm.MgpuConfig(split_waits=False, consumer_registers=232)
+
+
+@pytest.mark.parametrize("D,parallax,causal,config,seg", [
+    (128, True, True, None, False), (64, True, False, None, False),
+    (128, False, False, None, False), (64, False, True, None, False),
+    (128, True, True, _JOINT232, False), (128, True, True, None, True)])
+def test_cuda_lowering_abstract_h100(D, parallax, causal, config, seg):
   """Lower for CUDA on an abstract H100 without a GPU.
 
   Covers Mosaic GPU's Python lowering in full (Lane semantics: register layouts of every
@@ -260,23 +316,26 @@ def test_cuda_lowering_abstract_h100(D, parallax, causal):
   q = jax.ShapeDtypeStruct((2, 1024, 8, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 1024, 4, D), jnp.bfloat16)
   sc = jax.ShapeDtypeStruct((8,), jnp.float32)
+  ids = jax.ShapeDtypeStruct((2, 1024), jnp.int32) if seg else None
 
-  def f(q, k, v, r, sc):
-    return pm.parallax_forward_mgpu(q, k, v, r, scale=sc, causal=causal)
+  def f(q, k, v, r, sc, ids):
+    return pm.parallax_forward_mgpu(q, k, v, r, scale=sc, causal=causal, q_segment_ids=ids,
+                                    kv_segment_ids=ids, config=config)
 
   with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(q, kv, kv, q if parallax else None, sc).lower(
+    lowered = jax.jit(f).trace(q, kv, kv, q if parallax else None, sc, ids).lower(
         lowering_platforms=("cuda",))
   mods = _mosaic_modules(lowered)
   assert len(mods) == 1
   ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
-  cfg = pm.default_config(D, parallax)
+  cfg = config or pm.default_config(D, parallax)
   pv_type = b"f16" if parallax else b"bf16"  # bf16 Parallax: PV products in fp16
   assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % cfg.block_kv in ops
   assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s" % (D, pv_type, pv_type) in ops
   assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
   assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops  # TMA stores
   assert b"setmaxnreg.inc.sync.aligned.u32" in ops and b"setmaxnreg.dec.sync.aligned.u32" in ops
+  assert (b"wgmma.wait_group.sync.aligned 1" in mods[0]) == (cfg.split_waits and parallax)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -295,6 +354,12 @@ GPU_CASES = {
     "bf16_parallax_array_scale_3stages": Case(B=1, T=1024, S=1024, Hq=8, Hkv=4, D=128,
                                               array_scale=True,
                                               config=pm.MgpuConfig(num_stages=3)),
+    "bf16_parallax_causal_joint_waits_232regs": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
+                                                     config=_JOINT232),
+    "bf16_parallax_causal_packed_segments_d128": Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128,
+                                                      segments="packed"),
+    "bf16_parallax_noncausal_cross_segments_d64": Case(B=1, T=1024, S=1024, Hq=4, Hkv=2, D=64,
+                                                       causal=False, segments="cross"),
 }
 
 requires_hopper = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
@@ -306,10 +371,14 @@ requires_hopper = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GP
 def test_gpu_matches_reference(name):
   c = GPU_CASES[name]
   q, k, v, r, scale = inputs(c)
-  assert pm.supported(q, k, v, r, causal=c.causal, config=c.config)[0]
-  f = jax.jit(lambda q, k, v, r, scale: pm.parallax_forward_mgpu(
-      q, k, v, r, scale=scale, causal=c.causal, config=c.config))
-  errs = check(c, f(q, k, v, r, scale), reference(q, k, v, r, scale, c.causal))
+  qs, ks = segment_ids(c)
+  assert pm.supported(q, k, v, r, causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
+                      config=c.config)[0]
+  f = jax.jit(lambda q, k, v, r, scale, qs, ks: pm.parallax_forward_mgpu(
+      q, k, v, r, scale=scale, causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
+      config=c.config))
+  errs = check(c, f(q, k, v, r, scale, qs, ks),
+               reference(q, k, v, r, scale, c.causal, qs, ks))
   if c.parallax and c.dtype == jnp.bfloat16 and c.D == 128 and c.T == 1024:
     assert errs["o"] <= 5e-3, errs  # the brief's accuracy target (bench/NOTES.md)
   print(name, errs)

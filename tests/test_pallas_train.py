@@ -410,6 +410,9 @@ def test_cuda_lowering_abstract_h100(lc):
 GPU_CASES = {
     "bf16_parallax_causal_gqa": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
                                      dtype=jnp.bfloat16, blocks=None),
+    # aligned T == S with packed segments: the Mosaic GPU forward (segment-id masks) + Triton bwd
+    "bf16_parallax_causal_gqa_segments": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
+                                              dtype=jnp.bfloat16, segments=True, blocks=None),
     "bf16_parallax_d64_window_odd": Case(B=2, T=1000, S=1000, Hq=4, Hkv=1, D=64,
                                          dtype=jnp.bfloat16, window=100, blocks=None),
     "fp16_parallax_segments_T<S": Case(B=2, T=500, S=777, Hq=4, Hkv=2, D=128,
