@@ -154,7 +154,7 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   if q_segment_ids is not None:
     if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S):
       return False, f"segment ids must be [B, T] and [B, S] = {(B, T)}, {(B, S)}"
-    if {jnp.dtype(q_segment_ids.dtype), jnp.dtype(kv_segment_ids.dtype)} != {jnp.dtype(jnp.int32)}:
+    if any(jnp.dtype(x.dtype) != jnp.int32 for x in (q_segment_ids, kv_segment_ids)):
       return False, "segment ids must be int32"
   cfg = config or default_config(D, r is not None)
   if T % (_COMPUTE_WGS * cfg.block_q):
@@ -381,8 +381,8 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
           return accs[0], m_new, d1, accs[1], d2
         return accs[0], m_new, d1
 
+      # `masked` adds the causal mask; with segment ids softmax1 masks every tile by id
       carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
-      # (with segment ids every tile is masked by id in softmax1; `masked` adds the causal part)
       if causal:
         carry = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
 
@@ -409,9 +409,9 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
         o1, m, d1 = carry
       if has_seg:  # rows without a visible key: o = 0, lse = +inf (as the Triton forward)
         has_keys = d1 > 0.0
-        inv = 1.0 / jnp.where(has_keys, d1, 1.0)
-      else:  # every row has >= 1 visible key (non-causal, or causal with T <= S)
-        inv = 1.0 / d1
+        d1 = jnp.where(has_keys, d1, 1.0)
+      # else every row has >= 1 visible key (non-causal, or causal with T <= S)
+      inv = 1.0 / d1
       if has_r:
         vmul = plgpu.load(p_smem.at[1], layout=row_layout)  # undoes the fp16 V scaling
         inv_v = lax.broadcast_in_dim(inv * vmul, o1.shape, [0])
@@ -423,11 +423,8 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
       else:
         o = o1 * lax.broadcast_in_dim(inv, o1.shape, [0])
       q_smem[...] = o.astype(dtype)
-      if has_seg:
-        row_smem.at[0][...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)),
-                                        jnp.inf)
-      else:
-        row_smem.at[0][...] = m + jnp.log2(d1)
+      lse = m + jnp.log2(d1)
+      row_smem.at[0][...] = jnp.where(has_keys, lse, jnp.inf) if has_seg else lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
       plgpu.copy_smem_to_gmem(row_smem.at[0], lse_ref.at[b, h, pl.ds(q0, bq)])
@@ -517,6 +514,11 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
   )(*args)
+  # In a scanned model the outputs are also written into stacked per-layer buffers. XLA's
+  # dynamic-slice fusion then clones the custom call (one copy feeding the layer, one writing
+  # in place into the stack), so the kernel ran twice per layer (H100 profile,
+  # bench/NOTES.md). A barrier leaves the call a single user; the stack write becomes a copy.
+  outs = lax.optimization_barrier(tuple(outs))
   if has_r:
     o, lse, tbar, vbar = outs
     return o, (lse, tbar, vbar)
@@ -577,16 +579,7 @@ def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None =
   o, (lse, tbar, vbar) = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
                                                q_segment_ids=qseg, kv_segment_ids=kseg,
                                                config=cfg)
-  # In a scanned model the residuals are also written into the stacked per-layer buffers.
-  # XLA's dynamic-slice fusion then clones the Mosaic custom call (one copy feeding the layer,
-  # one writing in place into the stack): the forward kernel ran twice per layer (H100
-  # profile, bench/NOTES.md). A barrier gives the call a single user; the stack write becomes
-  # a copy, as for the Triton kernel.
-  outs = (o, lse) if r is None else (o, lse, tbar, vbar)
-  outs = lax.optimization_barrier(outs)
-  if r is None:
-    return outs[0], outs[1], None, None
-  return outs
+  return o, lse, tbar, vbar
 
 
 # ----------------------------------------------------------------------------- timing
