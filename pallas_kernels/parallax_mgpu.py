@@ -190,6 +190,11 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
 # ----------------------------------------------------------------------------- kernel
 
 
+# A jit boundary makes JAX lower the kernel once per (shapes, config) and reuse the function
+# at every call site. Without it each call site gets its own Mosaic module (Pallas stamps a
+# fresh `dump_basename` into each), so an unrolled 28-layer model compiled 28 identical
+# kernels through ptxas (bench/NOTES.md).
+@functools.partial(jax.jit, static_argnames=("causal", "cfg", "interpret"))
 def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: MgpuConfig,
              interpret=None):
   """The plgpu.kernel call. params: [Hq, 2, block_q] f32 (row 0 = scale*log2e, row 1 = the

@@ -338,6 +338,28 @@ def test_cuda_lowering_abstract_h100(D, parallax, causal, config, seg):
   assert (b"wgmma.wait_group.sync.aligned 1" in mods[0]) == (cfg.split_waits and parallax)
 
 
+
+def test_one_mosaic_module_per_config_across_call_sites():
+  """An unrolled model calls the kernel once per layer: every call must reuse one lowered
+  Mosaic module (one ptxas compile), not carry its own (Pallas stamps a fresh dump name
+  into each lowering; 28 of them made the unrolled 0.6B step fail to compile)."""
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+  q = jax.ShapeDtypeStruct((1, 1024, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+
+  def f(q, k, v, r):
+    o = q
+    for i in range(3):
+      with jax.named_scope(f"layer{i}"):
+        o = pm.parallax_forward_mgpu(o * 2, k, v, r, scale=0.1, causal=True)[0]
+    return o
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(f).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",))
+  assert len(_mosaic_modules(lowered)) == 1
+
+
 # ----------------------------------------------------------------------------- GPU
 
 GPU_CASES = {
