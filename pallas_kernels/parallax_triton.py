@@ -18,7 +18,9 @@ Kernels (all stream K/V tiles once per query tile, fp32 accumulation):
     q tiles, so dk/dv are summed over the group in registers (no repeated K/V in HBM).
 Masks: causal is end-aligned (query i sits at position i + S - T); window W keeps keys with
 pos - W < j (and j < pos + W without causal); segment ids; rows without keys give 0.
-Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary tiles.
+Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary tiles. With
+segment ids in packed (sorted) rows the loops also skip tiles of other documents and keep
+single-document interior tiles unmasked (`_seg_ranges`); unsorted ids mask every tile.
 
 T, S are padded to the tile sizes and D to a power of two (>= 16) by the wrapper; padded keys
 are masked, padded query rows are computed and dropped (their cotangents are zero).
@@ -75,7 +77,7 @@ class BlockSizes:
   # below 65504 (fp16 range).
   fp16_p2: bool = True
   # Forward on Hopper through the Mosaic GPU kernel (`parallax_mgpu`: TMA, wgmma, two
-  # ping-ponged consumer warpgroups) where it supports the call (no window / segments,
+  # ping-ponged consumer warpgroups) where it supports the call (no window,
   # aligned lengths); else, and in interpret mode, the Triton forward. Same residuals, so the
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
   mosaic_forward: bool = True
@@ -203,9 +205,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
   else:
     lo = zero
   lo = jnp.minimum(lo, hi)
-  if cfg.has_seg:
-    return lo, hi, hi, hi
-  # tiles fully visible to all rows
+  # tiles fully visible to all rows (segment ids aside: see `_seg_ranges`)
   full_hi = qs * 0 + cfg.S // bk
   if cfg.causal:
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(qs + (off + 1), zero), bk))
@@ -237,8 +237,6 @@ def _q_tiles(ks, bk: int, bq: int, cfg: _Cfg):
   ihi = _clip(ihi, zero, cfg.T)
   hi = _cdiv(ihi, bq)
   lo = jnp.minimum(lax.div(jnp.maximum(imin, zero), bq), hi)
-  if cfg.has_seg:
-    return lo, hi, hi, hi
   if cfg.causal:
     full_lo = _cdiv(jnp.maximum(ks + (bk - 1 - off), zero), bq)
   elif W is not None:
@@ -265,6 +263,49 @@ def _loop3(ranges, body, carry):
   return carry
 
 
+def _seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
+  """Column-tile ranges segment ids allow, per row tile: int32 [B, rows tiles, 4] =
+  (lo, mid_lo, mid_hi, hi) as `_kv_tiles`, intersected with the geometric ranges in the
+  kernels (`_with_seg_ranges`). rows [B, Rp], cols [B, Cp]: padded ids, n_rows / n_cols real.
+
+  Packed rows hold non-decreasing ids, so the columns whose id falls in a row tile's id span
+  are one run [a, b): tiles outside it are skipped, tiles inside it need no segment mask
+  when the row tile holds a single id. Rows whose real ids are not sorted get every column
+  tile, all masked. Computed in XLA once per call ([B, tiles, n_cols] compares).
+  """
+  big = jnp.int32(jnp.iinfo(jnp.int32).max)
+  r, c = rows[:, :n_rows], cols[:, :n_cols]
+  ok = (jnp.all(r[:, 1:] >= r[:, :-1], axis=1) & jnp.all(c[:, 1:] >= c[:, :-1], axis=1))
+  B, Rp = rows.shape
+  nt, nc = Rp // b_rows, cols.shape[1] // b_cols
+  real = (jnp.arange(Rp) < n_rows).reshape(nt, b_rows)
+  tiles = rows.reshape(B, nt, b_rows)
+  tmin = jnp.min(jnp.where(real, tiles, big), axis=2)
+  tmax = jnp.max(jnp.where(real, tiles, -big), axis=2)
+  a = jnp.sum(c[:, None, :] < tmin[:, :, None], axis=2, dtype=jnp.int32)
+  b = jnp.sum(c[:, None, :] <= tmax[:, :, None], axis=2, dtype=jnp.int32)
+  lo, hi = a // b_cols, _cdiv(b, b_cols)
+  one = tmin == tmax
+  mid_lo = jnp.where(one, _cdiv(a, b_cols), lo)
+  mid_hi = jnp.where(one, b // b_cols, lo)
+  okb = ok[:, None]
+  out = [jnp.where(okb, lo, 0), jnp.where(okb, mid_lo, 0), jnp.where(okb, mid_hi, 0),
+         jnp.where(okb, hi, nc)]
+  return jnp.stack(out, axis=-1).astype(jnp.int32)
+
+
+def _with_seg_ranges(ranges, srng_ref):
+  """Geometric tile ranges intersected with a `_seg_ranges` row (None: no segment ids)."""
+  if srng_ref is None:
+    return ranges
+  lo, mid_lo, mid_hi, hi = ranges
+  lo = jnp.maximum(lo, srng_ref[0])
+  hi = jnp.minimum(hi, srng_ref[3])
+  mid_lo = _clip(jnp.maximum(mid_lo, srng_ref[1]), lo, hi)
+  mid_hi = _clip(jnp.minimum(mid_hi, srng_ref[2]), mid_lo, hi)
+  return lo, mid_lo, mid_hi, hi
+
+
 def _dot(a, b, trans_b=False):
   """a @ b (or a @ b.T) with fp32 accumulation (fp32 inputs: full-precision IEEE dot)."""
   dims = (((1,), (1 if trans_b else 0,)), ((), ()))
@@ -285,7 +326,7 @@ def _qtile(i, cfg: _Cfg, bq: int):
   return cfg.Tp // bq - 1 - i if cfg.causal else i
 
 
-def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref,
+def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
                 o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int):
   iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
   qs = iq * bq
@@ -331,7 +372,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref,
   carry = (zrow + NEG_INF, zrow, zacc)
   if cfg.has_r:
     carry = carry + (zrow, zacc)
-  carry = _loop3(_kv_tiles(qs, bq, bk, cfg), body, carry)
+  carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
   m, d1, o1 = carry[:3]
   has_keys = d1 > 0.0
   inv = 1.0 / jnp.where(has_keys, d1, 1.0)
@@ -381,7 +422,9 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
       q_spec if cfg.has_r else None,
       pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
       pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
+      pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if cfg.has_seg else None,
   ]
+  srng = _seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if cfg.has_seg else None
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
   out_specs = [q_spec, row_spec]
@@ -389,17 +432,17 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
     out_shape += [rows, jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs += [row_spec, q_spec]
 
-  def kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
-             *rest):
+  def kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref, o_ref,
+             lse_ref, *rest):
     tbar_ref, vbar_ref = rest if cfg.has_r else (None, None)
-    _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
-                tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk)
+    _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref, o_ref,
+                lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk)
 
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
       interpret=cfg.interpret, name="parallax_fwd" if cfg.has_r else "softmax_fwd",
-  )(scale, q, k, v, r, qseg, kseg)
+  )(scale, q, k, v, r, qseg, kseg, srng)
   if cfg.has_r:
     return outs
   return outs[0], outs[1], None, None
@@ -409,7 +452,8 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
 
 
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, lse_ref,
-               tbar_ref, qseg_ref, kseg_ref, dq_ref, dr_ref, delta_ref, gbar_ref, qdq_ref, *,
+               tbar_ref, qseg_ref, kseg_ref, srng_ref, dq_ref, dr_ref, delta_ref, gbar_ref,
+               qdq_ref, *,
                cfg: _Cfg, bq: int, bk: int):
   iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
   qs = iq * bq
@@ -460,7 +504,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
 
   zacc = jnp.zeros((bq, D), jnp.float32)
   carry = (zacc, zacc) if cfg.has_r else zacc
-  carry = _loop3(_kv_tiles(qs, bq, bk, cfg), body, carry)
+  carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
   dq = carry[0] if cfg.has_r else carry
   dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
   if cfg.has_r:
@@ -485,7 +529,9 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
       q_spec if pr else None, row_spec, row_spec if pr else None,
       pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
       pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
+      pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if cfg.has_seg else None,
   ]
+  srng = _seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if cfg.has_seg else None
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   out_specs = [q_spec]
@@ -502,7 +548,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
     out_specs.append(row_spec)
 
   def kernel(*refs):
-    ins, outs = refs[:12], list(refs[12:])
+    ins, outs = refs[:13], list(refs[13:])
     dq_ref = outs.pop(0)
     dr_ref = outs.pop(0) if pr else None
     delta_ref = outs.pop(0)
@@ -514,7 +560,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq),
       interpret=cfg.interpret, name="parallax_bwd_dq" if pr else "softmax_bwd_dq",
-  )(scale, q, k, v, r, do, o, vbar, lse, tbar, qseg, kseg)
+  )(scale, q, k, v, r, do, o, vbar, lse, tbar, qseg, kseg, srng)
   outs = list(outs)
   dq = outs.pop(0)
   dr = outs.pop(0) if pr else None
@@ -525,7 +571,8 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
 
 
 def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
-                gbar_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, *, cfg: _Cfg, bq: int, bk: int):
+                gbar_ref, qseg_ref, kseg_ref, srng_ref, dk_ref, dv_ref, *, cfg: _Cfg, bq: int,
+                bk: int):
   ikv, hkv = pl.program_id(0), pl.program_id(2)
   ks = ikv * bk
   k = k_ref[...]
@@ -533,7 +580,7 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
   kseg = kseg_ref[...] if cfg.has_seg else None
   D = k.shape[-1]
   dt = k.dtype
-  ranges = _q_tiles(ks, bk, bq, cfg)
+  ranges = _with_seg_ranges(_q_tiles(ks, bk, bq, cfg), srng_ref)
 
   def head_body(g, carry):
     h = hkv * cfg.G + g
@@ -593,7 +640,10 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
       rows, rows, rows if pr else None, rows if pr else None,
       pl.BlockSpec((None, cfg.Tp), lambda j, b, h: (b, 0)) if cfg.has_seg else None,
       pl.BlockSpec((None, bk), lambda j, b, h: (b, j)) if cfg.has_seg else None,
+      pl.BlockSpec((None, None, 4), lambda j, b, h: (b, j, 0)) if cfg.has_seg else None,
   ]
+  # key tiles are the rows here: the query tiles each one's ids allow
+  srng = _seg_ranges(kseg, qseg, cfg.S, cfg.T, bk, bq) if cfg.has_seg else None
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [kv_spec, kv_spec]
   return pl.pallas_call(
@@ -601,7 +651,7 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv),
       interpret=cfg.interpret, name="parallax_bwd_dkv" if pr else "softmax_bwd_dkv",
-  )(scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg)
+  )(scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng)
 
 
 # ----------------------------------------------------------------------------- custom_vjp

@@ -85,7 +85,7 @@ class Case:
   causal: bool = True
   window: int | None = None
   parallax: bool = True
-  segments: bool = False
+  segments: bool | str = False  # True: sorted random ids; "docs": long documents
   array_scale: bool = False
   blocks: BlockSizes = B32
   B: int = 2
@@ -103,7 +103,17 @@ def make_inputs(c: Case, rng):
   else:
     scale = float(1.0 / np.sqrt(c.D))
   kw = dict(causal=c.causal, window=c.window)
-  if c.segments:
+  if c.segments in ("docs", "docs_unsorted"):
+    # documents long next to a tile: in packed (sorted) rows, interior tiles of one id take
+    # the unmasked path and tiles of two different documents are skipped; unsorted ids (an
+    # id that comes back later) fall back to masking every tile
+    ids = [5, 1, 5, 2, 0] if c.segments == "docs_unsorted" else [1, 2, 3, 4, 5]
+
+    def docs(n):
+      return np.broadcast_to(np.repeat(ids, [70, 3, 50, 40, max(n - 163, 0)])[:n], (c.B, n))
+    kw.update(q_segment_ids=jnp.asarray(docs(c.T), jnp.int32),
+              kv_segment_ids=jnp.asarray(docs(c.S), jnp.int32))
+  elif c.segments:
     # packed sequences: sorted random segment ids, the same split for q and k where T == S
     qseg = np.sort(rng.integers(0, 3, (c.B, c.T)), axis=1)
     kseg = np.sort(rng.integers(0, 3, (c.B, c.S)), axis=1)
@@ -172,6 +182,10 @@ CASES = {
     "window_noncausal": Case(T=100, S=100, window=20, causal=False),
     "segments_causal": Case(T=97, S=97, segments=True),
     "segments_window_noncausal": Case(T=64, S=96, segments=True, causal=False, window=40),
+    "segments_docs_causal": Case(T=200, S=200, segments="docs", B=1),
+    "segments_docs_noncausal_T<S": Case(T=96, S=200, segments="docs", causal=False, B=1,
+                                        blocks=MIXED),
+    "segments_docs_unsorted": Case(T=200, S=200, segments="docs_unsorted", B=1),
     # heads / dims / probe / scale
     "gqa4_d128": Case(T=64, S=80, Hq=4, Hkv=1, D=128, B=1),
     "gqa2_d128_mixed": Case(T=100, S=100, Hq=4, Hkv=2, D=128, blocks=MIXED, B=1),
@@ -207,6 +221,37 @@ def test_rows_without_keys_are_zero(rng):
   assert np.all(np.asarray(dq[:, :40]) == 0.0) and np.all(np.asarray(dr[:, :40]) == 0.0)
   for g in (dq, dk, dv, dr):
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_seg_ranges_cover_visible_tiles(sort, rng):
+  """`_seg_ranges`: every tile pair with a shared id lies in [lo, hi); every tile in
+  [mid_lo, mid_hi) shares one id with all real rows of its row tile (safe to leave unmasked)."""
+  from pallas_kernels.parallax_triton import _seg_ranges
+  B, R, C, br, bc = 3, 90, 70, 16, 8
+  Rp, Cp = 96, 72
+  rows = rng.integers(0, 4, (B, R))
+  cols = rng.integers(0, 4, (B, C))
+  if sort:
+    rows, cols = np.sort(rows, axis=1), np.sort(cols, axis=1)
+  rows_p = np.pad(rows, ((0, 0), (0, Rp - R)), constant_values=-1)
+  cols_p = np.pad(cols, ((0, 0), (0, Cp - C)), constant_values=-2)
+  rng_ = np.asarray(_seg_ranges(jnp.asarray(rows_p, jnp.int32), jnp.asarray(cols_p, jnp.int32),
+                                R, C, br, bc))
+  n_mid = 0
+  for b in range(B):
+    for i in range(Rp // br):
+      lo, mid_lo, mid_hi, hi = rng_[b, i]
+      rt = rows_p[b, i * br:(i + 1) * br]
+      rt = rt[rt >= 0]
+      for j in range(Cp // bc):
+        ct = cols_p[b, j * bc:(j + 1) * bc]
+        if np.isin(rt, ct).any():
+          assert lo <= j < hi, (b, i, j, rng_[b, i])
+        if mid_lo <= j < mid_hi:
+          n_mid += 1
+          assert len(set(rt)) == 1 and set(ct) == set(rt), (b, i, j, rng_[b, i])
+  assert (n_mid > 0) == sort  # sorted rows do use the unmasked path; unsorted never
 
 
 def test_segment_without_keys(rng):
@@ -417,6 +462,9 @@ GPU_CASES = {
                                          dtype=jnp.bfloat16, window=100, blocks=None),
     "fp16_parallax_segments_T<S": Case(B=2, T=500, S=777, Hq=4, Hkv=2, D=128,
                                        dtype=jnp.float16, segments=True, blocks=None),
+    # long documents: skipped, single-id (unmasked) and mixed tiles in the Triton backward
+    "bf16_parallax_causal_docs": Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128,
+                                      dtype=jnp.bfloat16, segments="docs", blocks=None),
     "bf16_softmax_noncausal": Case(B=2, T=1024, S=1024, Hq=8, Hkv=8, D=128,
                                    dtype=jnp.bfloat16, parallax=False, causal=False,
                                    blocks=None),
