@@ -3,7 +3,8 @@
 Runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must
 be set before JAX starts). Three optimizer steps (Muon + AdamW, grad clipping) on the same
 batches for each mesh; losses and grad norms must agree with the 1-device run to float32
-reduction-order tolerance, and the parameters must end up sharded as the rules say.
+reduction-order tolerance, and the parameters must end up sharded as the rules say. The
+1-device run uses the unfused loss, the meshes the fused chunked one (fused_cross_entropy).
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ for name, mesh_cfg, ndev, accum in [("single", MeshConfig(1, 1, 1), 1, 1),
   cfg = TrainConfig(model=presets.tiny(vocab_size=320, max_seq_len=64, implementation="xla"),
                     mesh=mesh_cfg,
                     data=DataConfig(path=out, seq_len=32, global_batch_size=8, grad_accum=accum),
-                    optimizer=OptimizerConfig(name="muon", lr=1e-2, clip_grad_norm=1.0),
+                    # the unfused loss on 1 device; fused, several chunks, on the meshes
+                    optimizer=OptimizerConfig(name="muon", lr=1e-2, clip_grad_norm=1.0,
+                                              loss_chunk_tokens=0 if ndev == 1 else 64),
                     schedule=ScheduleConfig(warmup_steps=1),
                     run=RunConfig(steps=2))
   tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:ndev]))

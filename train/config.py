@@ -112,7 +112,10 @@ class OptimizerConfig:
 
   lr: peak learning rate (Muon group, or everything for adamw); adam_lr: the AdamW group's
   peak (None: lr). clip_grad_norm: global-norm clipping (0 disables). z_loss: coefficient of
-  log(Z)^2 (0 disables).
+  log(Z)^2 (0 disables). loss_chunk_tokens: the LM head + cross-entropy run fused, this many
+  tokens at a time, with the gradient computed in the forward
+  (`parallax_jax.nn.losses.fused_cross_entropy`: no [tokens, vocab] float32 logits); 0 uses
+  the unfused path (full logits, then the loss).
   """
   name: str = "muon"
   lr: float = 3e-3
@@ -128,9 +131,11 @@ class OptimizerConfig:
   per_head: bool = False
   clip_grad_norm: float = 1.0
   z_loss: float = 0.0
+  loss_chunk_tokens: int = 4096
 
   def __post_init__(self):
     _choice("optimizer", self, "name", OPTIMIZERS)
+    _pos_int("optimizer", self, "loss_chunk_tokens", 0)
     _num("optimizer", self, "lr", 0, lo_open=True)
     _num("optimizer", self, "adam_lr", 0, lo_open=True, allow_none=True)
     for k in ("weight_decay", "adam_weight_decay", "clip_grad_norm", "z_loss", "muon_rms"):

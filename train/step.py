@@ -11,6 +11,8 @@
                 run in a lax.scan; the loss is a token-weighted sum over all of them, so
                 accumulation equals the full batch. Compute dtype is the model config's
                 (bfloat16 for the GPU presets); parameters and optimizer state stay float32.
+                The LM head + loss run fused and chunked (`optimizer.loss_chunk_tokens`;
+                parallax_jax.nn.losses), so no [tokens, vocab] logits are materialized.
   eval_step     summed NLL and token count of one batch.
   diagnostics   COR per layer and stable ranks of W_Q / W_R on one batch.
 """
@@ -26,6 +28,7 @@ import optax
 
 from parallax_jax import diagnostics as pdiag
 from parallax_jax.models import Qwen3Model, init_params, logical_param_specs
+from parallax_jax.nn.losses import chunked_cross_entropy, fused_cross_entropy
 from parallax_jax.optim import muon, stable_ranks
 from train import mesh as mesh_lib
 from train.config import TrainConfig
@@ -113,7 +116,19 @@ class Trainer:
       return self._init(jax.random.key(seed))
 
   # ------------------------------------------------------------------ steps
+  def _head_loss(self, params, batch, loss_fn):
+    """loss_fn over the model's final hidden state and head weight (chunked; no full logits)."""
+    x, w, layout = self.model.apply({"params": params}, batch["inputs"],
+                                    positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"], return_hidden=True)
+    return loss_fn(x, w, batch["targets"], batch["segment_ids"] != 0,
+                   z_loss=self.cfg.optimizer.z_loss, dtype=self.cfg.model.compute_dtype,
+                   w_layout=layout, chunk_tokens=self.cfg.optimizer.loss_chunk_tokens)
+
   def _loss_sums(self, params, mb):
+    """(nll + z_loss * zsq, (nll, zsq, tokens)) summed over one micro-batch."""
+    if self.cfg.optimizer.loss_chunk_tokens:
+      return self._head_loss(params, mb, fused_cross_entropy)
     logits = self.model.apply({"params": params}, mb["inputs"], positions=mb["positions"],
                               segment_ids=mb["segment_ids"])
     nll, zsq, n = token_losses(logits, mb["targets"], mb["segment_ids"] != 0)
@@ -148,6 +163,9 @@ class Trainer:
       return self._train_step(state, batch)
 
   def _eval_step_impl(self, params, batch):
+    if self.cfg.optimizer.loss_chunk_tokens:
+      _, (nll, _, n) = self._head_loss(params, batch, chunked_cross_entropy)
+      return {"nll": nll, "tokens": n}
     logits = self.model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"])
     nll, _, n = token_losses(logits, batch["targets"], batch["segment_ids"] != 0)

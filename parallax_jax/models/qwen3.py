@@ -72,29 +72,38 @@ class LMHead(nn.Module):
   """Untied LM head `kernel` [d, V]: float32 logits, bf16 backward (`logits_dot`)."""
   config: ModelConfig
 
-  @nn.compact
-  def __call__(self, x):
+  def setup(self):
     cfg = self.config
-    kernel = self.param("kernel", nn.with_logical_partitioning(
+    self.kernel = self.param("kernel", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
         (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
-    return logits_dot(x, kernel, cfg.compute_dtype, "dv")
+
+  def __call__(self, x):
+    return logits_dot(x, self.kernel, self.config.compute_dtype, "dv")
 
 
 class Qwen3Model(nn.Module):
   """Qwen3 decoder LM. See `parallax_jax.nn.layers.Attention` for the cache modes.
 
   __call__(tokens [B,T] int, positions [B,T] (default arange, or cache.lengths when decoding),
-           segment_ids [B,T] (packed sequences; training/prefill only), cache: KVCache | None)
+           segment_ids [B,T] (packed sequences; training/prefill only), cache: KVCache | None,
+           return_hidden: bool = False)
   -> logits [B,T,V] float32, or (logits, new_cache) when a cache is given.
+  return_hidden=True (no cache) skips the LM head and returns (hidden, w, w_layout): the final
+  hidden state [B,T,d] (after final_norm, compute dtype) and the head weight, the tied
+  embedding [V,d] ("vd") or the lm_head kernel [d,V] ("dv"), for a fused loss
+  (`parallax_jax.nn.losses.fused_cross_entropy`) that never materializes all the logits.
   With a cache, T > 1 is a prefill into an empty cache and T == 1 a decode step; both advance
   `cache.lengths` by T (set it to the true prompt lengths after a padded prefill).
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+               return_hidden: bool = False):
     cfg = self.config
+    if return_hidden and cache is not None:
+      raise ValueError("return_hidden is for training / scoring; not supported with a cache")
     b, t = tokens.shape
     if positions is None:
       if cache is not None and t == 1:
@@ -128,10 +137,13 @@ class Qwen3Model(nn.Module):
 
     x = RMSNorm("embed", cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = LMHead(cfg, name="lm_head")(x)
+    head = None if cfg.tie_embeddings else LMHead(cfg, name="lm_head")
+    if return_hidden:
+      x = constrain(x, BLD)
+      if head is None:
+        return x, embed.embedding, "vd"
+      return x, head.kernel, "dv"
+    logits = embed.attend(x) if head is None else head(x)
     logits = constrain(logits.astype(jnp.float32),
                        ("activation_batch", "activation_length", "activation_vocab"))
     if cache is None:
