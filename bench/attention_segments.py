@@ -42,12 +42,8 @@ def tile_kinds(seg: np.ndarray, tile: int = 64) -> dict:
 
 def visible_fraction(seg: np.ndarray) -> float:
   """Causal (query, key) pairs with equal ids / all causal pairs."""
-  T = seg.shape[1]
-  tot = 0
-  for row in seg:
-    _, n = np.unique(row, return_counts=True)  # ids are contiguous runs in packed rows
-    tot += int((n * (n + 1) // 2).sum())
-  return tot / (seg.shape[0] * T * (T + 1) / 2)
+  from bench.common import document_context
+  return document_context(seg) / ((seg.shape[1] + 1) / 2)
 
 
 def stdlib_rows(path: str, B: int, L: int) -> np.ndarray:

@@ -58,3 +58,16 @@ def write_results(name, env, rows, table_md, notes=""):
     if notes:
       f.write("\n" + notes + "\n")
   print(f"wrote {base}.json and .md")
+
+
+def document_context(segment_ids) -> float:
+  """Mean number of keys a query sees inside its own document under a causal mask, over
+  packed rows [N, T] of segment ids (ids are runs; 0 = padding, not counted)."""
+  import numpy as np
+  seg = np.asarray(segment_ids)
+  ctx = []
+  for row in seg:
+    _, n = np.unique(row[row > 0], return_counts=True)
+    ctx.append(float((n * (n + 1) / 2).sum()) / seg.shape[1])
+  return sum(ctx) / len(ctx)
+

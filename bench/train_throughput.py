@@ -28,16 +28,13 @@ PRESETS = ("qwen3_0p6b_parallax", "qwen3_0p6b_softmax")
 def in_document_context(path: str, seq_len: int, batch: int, batches: int) -> float:
   """Mean keys a query sees inside its own document (causal) over the first `batches`
   batches of the training stream (seed 0, as the loop reads it); packed ids are runs."""
-  import numpy as np
+  from bench import common
   from train.data import make_dataset
   it = iter(make_dataset(path, split="train", seq_len=seq_len, batch_size=batch, seed=0,
                          prefetch=0))
-  ctx = []
-  for _ in range(batches):
-    for row in next(it)["segment_ids"]:
-      _, n = np.unique(row[row > 0], return_counts=True)
-      ctx.append(float((n * (n + 1) / 2).sum()) / seq_len)
-  return sum(ctx) / len(ctx)
+  import numpy as np
+  return common.document_context(np.concatenate([next(it)["segment_ids"]
+                                                 for _ in range(batches)]))
 
 
 def report(name, env, rows, presets, *, data, batch, steps, overrides, grad_accum):

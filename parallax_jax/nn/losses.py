@@ -84,8 +84,7 @@ def _chunk_stats(xc, wh, tc, mc, dtype, w_layout):
   spec = "cd,vd->cv" if w_layout == "vd" else "cd,dv->cv"
   logits = jnp.einsum(spec, xc.astype(dtype), wh, preferred_element_type=jnp.float32)
   v = logits.shape[-1]
-  mx = jnp.max(logits, axis=-1)
-  lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[:, None]), axis=-1))
+  lse = jax.nn.logsumexp(logits, axis=-1)
   valid = (tc >= 0) & (tc < v)
   picked = jnp.take_along_axis(logits, jnp.clip(tc, 0, v - 1)[:, None], axis=-1)[:, 0]
   picked = jnp.where(valid, picked, jnp.nan)  # unmasked bad target -> NaN, not garbage
