@@ -32,6 +32,18 @@ SHAPES = [  # (grid, B, L, Hq, Hkv, D)
     ("mha", 8, 4096, 8, 8, 64), ("mha", 256, 1024, 8, 8, 64), ("mha", 256, 4096, 8, 8, 64),
     ("mha", 64, 4096, 8, 8, 64),
 ]
+SMALL = [  # B * Hkv < 132 programs: the split regime (in-kernel merge)
+    ("gqa", 1, 1024, 16, 8, 128), ("gqa", 1, 4096, 16, 8, 128), ("gqa", 1, 8192, 16, 8, 128),
+    ("gqa", 1, 32768, 16, 8, 128), ("gqa", 8, 1024, 16, 8, 128), ("gqa", 8, 4096, 16, 8, 128),
+    ("gqa", 8, 32768, 16, 8, 128), ("mha", 1, 1024, 8, 8, 64), ("mha", 1, 4096, 8, 8, 64),
+    ("mha", 1, 32768, 8, 8, 64), ("mha", 8, 1024, 8, 8, 64), ("mha", 8, 4096, 8, 8, 64),
+]
+SMALL_LAUNCH = [(64, 3, 4), (32, 3, 4), (64, 3, 2), (32, 2, 2)]
+MID = [  # B * Hkv around one wave of SMs: split or not
+    ("gqa", 8, 1024, 16, 8, 128), ("gqa", 16, 1024, 16, 8, 128), ("gqa", 32, 1024, 16, 8, 128),
+    ("gqa", 32, 4096, 16, 8, 128), ("mha", 8, 8192, 8, 8, 64), ("mha", 256, 1024, 8, 8, 64),
+]
+MID_LAUNCH = [(64, st, nw) for nw in (2, 4, 8) for st in (2, 3, 4) if nw != 8 or st == 3]
 LAUNCH = [(64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (32, 2, 4), (32, 4, 4),
           (128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8)]
 
@@ -59,13 +71,17 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="bench/results")
   ap.add_argument("--budget", type=float, default=240.0)
-  ap.add_argument("--grid", choices=("all", "gqa", "mha"), default="all",
-                  help="only the shapes of this grid")
+  ap.add_argument("--grid", choices=("all", "gqa", "mha", "small", "mid"), default="all",
+                  help="only the shapes of this grid (small: the split regime, B*Hkv < 132, "
+                  "with 1-2 tile splits and 2-warp launches; mid: B*Hkv near one wave, "
+                  "1-8 splits x warps x stages)")
   ap.add_argument("--name", default="decode_sweep", help="results file stem")
   a = ap.parse_args()
   res = {"env": environment(), "rows": []}
-  for grid, B, L, Hq, Hkv, D in SHAPES:
-    if a.grid not in ("all", grid):
+  shapes, launch = {"small": (SMALL, SMALL_LAUNCH), "mid": (MID, MID_LAUNCH)}.get(
+      a.grid, (SHAPES, LAUNCH))
+  for grid, B, L, Hq, Hkv, D in shapes:
+    if a.grid not in ("all", "small", "mid", grid):
       continue
     ks = jax.random.split(jax.random.key(B + L), 4)
     q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
@@ -85,8 +101,10 @@ def main():
       row[f"default_us_{'parallax' if has_r else 'softmax'}"] = measure(f0, (q, k, v, rr, lens))
       if has_r:
         row["breakdown_us"] = breakdown(f0, (q, k, v, rr, lens))
-    splits = sorted({max(1, min(s, L // 32)) for s in (s0, 2 * s0, 4 * s0, 8 * s0, 16 * s0)})
-    for ns, (bk, st, nw) in itertools.product(splits, LAUNCH):
+    mults = {"small": (s0 // 2, s0, 2 * s0, L // 64, L // 32), "mid": (1, 2, 4, 8)}.get(
+        a.grid, (s0, 2 * s0, 4 * s0, 8 * s0, 16 * s0))
+    splits = sorted({max(1, min(s, L // 32)) for s in mults})
+    for ns, (bk, st, nw) in itertools.product(splits, launch):
       if time.time() - T0 > a.budget or L // ns < bk:
         continue
       f = jax.jit(lambda q, k, v, r, lens: dk.parallax_decode(

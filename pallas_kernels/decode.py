@@ -8,7 +8,9 @@ o = (1 + d2/d1) O1/d1 - O2/d1 (r None: o = O1/d1). Rows with no valid key give 0
 
 Grid (B, Hkv, num_splits): GQA packing puts the G = Hq/Hkv query rows (and, in a second
 tile, their probe rows) of one KV head in one program, so each K/V byte is read once per split.
-Each split writes fp32 partials (m, d1, d2, O1, O2); `_merge` combines them exactly in JAX.
+q and r are read in place ([B, Hq, D], masked loads pad the G rows to 16) and the kernel
+writes o itself: one launch. With splits, each writes fp32 partials (m, d1, d2, O1, O2) of
+its G rows, and the last split of (b, h) to arrive (an atomic counter) merges them exactly.
 Keys valid for batch b: (lengths[b] - window, lengths[b]) intersected with [0, S_max).
 Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max - block_kv
 (keys already seen are masked), so no padding of the cache is needed when S_max >= block_kv.
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler_params, _dot,
                                             _iota, _next_pow2, _pad, _round_up)
@@ -30,20 +33,21 @@ NUM_SMS = 132  # H100 SXM
 
 def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int = 64,
                        num_sms: int = NUM_SMS) -> int:
-  """Enough splits that B*Hkv*splits covers ~2 waves of SMs, each split >= 2 tiles.
+  """No split once B*Hkv nearly fills the SMs; below that ~2 waves of programs, >= 1 tile each.
 
-  H100 sweep (bench/results/decode_sweep.json): at B=1, L=1k, 8 splits of 2 tiles beat 4 of 4
-  (10.0 vs 11.4 us); beyond ~2 waves more splits only add merge work (B=64, L=4k: 370 us at
-  1 split, 392 at 4, 470 at 16). Below one program per SM the count is rounded down so the
-  programs fit the ~2 resident per SM (3-stage Parallax tiles): at B=8, L=4k, 5 splits (320
-  programs) took 70 us against 60 at a count fitting one wave.
+  H100 sweeps (bench/results/decode_sweep*.json): with the merge inside the kernel, splitting
+  programs that already cover the SMs only adds merge work (B=32, L=1k: 48.8 us at 1 split,
+  56.8 at 2; B=16, L=1k: 26.9 vs 29.9). Below that, ~2 waves win (B=8, L=1k: 4 splits), and
+  the count is rounded down so the programs fit the ~2 resident per SM (3-stage Parallax
+  tiles: at B=8, L=4k, 5 splits (320 programs) took 70 us against 60 at one wave). One-tile
+  splits pay off when they stay within the two waves (B=1, L=1k: 16 splits 8.1-8.3 us
+  against 8.8-8.9 for 8).
   """
   progs = batch * num_kv_heads
-  if progs <= num_sms:
-    want = max(1, (2 * num_sms) // progs)
-  else:
-    want = max(1, -(-2 * num_sms // progs))
-  max_by_len = max(1, s_max // (2 * block_kv))
+  if 10 * progs >= 9 * num_sms:
+    return 1
+  want = max(1, (2 * num_sms) // progs)
+  max_by_len = max(1, s_max // block_kv)
   return int(min(want, max_by_len, 64))
 
 
@@ -62,16 +66,48 @@ def _p2v(p2, v):
   return _dot(hi, v) + _dot(lo, v)
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, o2_ref, *,
-            scale, window, bk, chunk, s_max, has_r):
-  b, s = pl.program_id(0), pl.program_id(2)
+def _finish(d1, d2, o1, o2):
+  """o from the (merged) sums (d1, d2 broadcast against o1, o2); no valid key: 0."""
+  safe = jnp.where(d1 > 0, d1, 1.0)
+  o = o1 / safe if o2 is None else (1.0 + d2 / safe) * o1 / safe - o2 / safe
+  return jnp.where(d1 > 0, o, 0.0)
+
+
+def _stack_rows(group, bh):
+  """Row layout of the stacked ("shared-row") Parallax tile: three copies of the G rows.
+
+  Row i < 3G holds head i % G in group i // G: 0 = P1, 1 = hi(P2), 2 = lo(P2). q and r are
+  both loaded replicated, so every row statistic (m, d1, d2, alpha) is the same in all three
+  copies and building the PV operand is elementwise: one P V MMA yields O1, O2hi and O2lo
+  (three before) with no data movement between rows (the Triton form of the paper's trick:
+  Hopper's MMA needs 16 rows, decode has G).
+  """
+  i = _iota(bh, 0)
+  return i // group, i % group, i < 3 * group                      # [bh, 1] each
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
+            o2_ref, *, scale, window, bk, chunk, s_max, group, num_splits, stacked, interpret):
+  b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  has_r = r_ref is not None
   L = jnp.minimum(len_ref[b], s_max)
   lo_valid = 0 if window is None else jnp.maximum(L - window, 0)
   lo = jnp.maximum(s * chunk, lo_valid)
   hi = jnp.minimum((s + 1) * chunk, L)
-  q = q_ref[...]
-  bh, D = q.shape
-  r = r_ref[...] if has_r else None
+  bh, D = max(16, _next_pow2(group)), q_ref.shape[-1]
+  # The G query (and probe) rows of KV head h, read in place from [Hq, D] and zero-padded to
+  # the 16 rows an MMA needs by a masked load (no padded copy of q / r in HBM).
+  rows = pl.ds(h * group, bh)
+  row_ok = _iota(bh, 0) < group                                   # [bh, 1]
+  if stacked:
+    grp, head, live = _stack_rows(group, bh)
+    src = jnp.broadcast_to(h * group + head, (bh, D))
+    col = jnp.broadcast_to(_iota(D, 1), (bh, D))
+    load_rows = lambda ref: plgpu.load(ref.at[src, col], mask=live, other=0.0)
+  else:
+    load_rows = lambda ref: plgpu.load(ref.at[rows, :], mask=row_ok, other=0.0)
+  q = load_rows(q_ref)
+  r = load_rows(r_ref) if has_r else None
 
   def body(t, carry):
     m, d1, d2, o1, o2 = carry
@@ -86,12 +122,18 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, 
     alpha = jnp.exp(m - m_new)
     p1 = jnp.where(valid, jnp.exp(s1 - m_new[:, None]), 0.0)
     d1 = d1 * alpha + jnp.sum(p1, axis=1)
-    o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
     if has_r:
-      s2 = _dot(r, k, trans_b=True)
-      p2 = p1 * s2
+      p2 = p1 * _dot(r, k, trans_b=True)
       d2 = d2 * alpha + jnp.sum(p2, axis=1)
-      o2 = o2 * alpha[:, None] + _p2v(p2, v)
+    if stacked:
+      p2_hi = p2.astype(v.dtype)
+      p2_lo = (p2 - p2_hi.astype(jnp.float32)).astype(v.dtype)
+      a = jnp.where(grp == 0, p1.astype(v.dtype), jnp.where(grp == 1, p2_hi, p2_lo))
+      o1 = o1 * alpha[:, None] + _dot(a, v)
+    else:
+      o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
+      if has_r:
+        o2 = o2 * alpha[:, None] + _p2v(p2, v)
     return m_new, d1, d2, o1, o2
 
   zr = jnp.zeros((bh,), jnp.float32)
@@ -100,41 +142,85 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, 
   t0 = lo // bk
   t1 = jnp.where(hi > lo, (hi + bk - 1) // bk, t0)
   m, d1, d2, o1, o2 = lax.fori_loop(t0, t1, body, carry)
-  m_ref[...] = m
-  d1_ref[...] = d1
-  o1_ref[...] = o1
+  store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
+  if num_splits == 1:
+    if stacked:
+      # o_g = (1 + d2/d1) O1_g/d1 - (O2hi_g + O2lo_g)/d1: weight each stacked row, then sum
+      # the three copies of head g into row g with a 0/1 matrix (exact fp32 dot, once).
+      safe = jnp.where(d1 > 0, d1, 1.0)[:, None]
+      coef = jnp.where(grp == 0, (1.0 + d2[:, None] / safe) / safe, -1.0 / safe)
+      gather = ((_iota(bh, 1) % group == _iota(bh, 0)) & (_iota(bh, 1) < 3 * group)
+                ).astype(jnp.float32)                              # [g, i]
+      o = lax.dot_general(gather, jnp.where(live, coef * o1, 0.0), (((1,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+      store_rows(o_ref, jnp.where(d1[:, None] > 0, o, 0.0))
+    else:
+      store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
+                                o2 if has_r else None))
+    return
+
+  # Split partials (only the real rows reach memory), then the last split of (b, h) to
+  # arrive merges them: the barrier orders every thread's stores before the release-acquire
+  # counter increment (one thread); the merging program reads the partials with volatile
+  # loads (not from L1; cache_modifier=".cg" fails to lower in jax 0.11.2: KeyError).
+  vec_ok = row_ok[:, 0]
+  plgpu.store(m_ref.at[s, :], m, mask=vec_ok)
+  plgpu.store(d1_ref.at[s, :], d1, mask=vec_ok)
+  plgpu.store(o1_ref.at[s, :, :], o1, mask=live if stacked else row_ok)
   if has_r:
-    d2_ref[...] = d2
-    o2_ref[...] = o2
+    plgpu.store(d2_ref.at[s, :], d2, mask=vec_ok)
+    if not stacked:
+      plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
+  if not interpret:  # (the interpreter runs programs one at a time and has no barrier rule)
+    plgpu.debug_barrier()
+  arrived = plgpu.atomic_add(cnt_ref, b * pl.num_programs(1) + h, jnp.ones((), jnp.int32))
 
-
-def _merge(m, d1, d2, o1, o2):
-  """Exact rescale-merge of split partials along axis 2 -> o (fp32, rows without keys: 0)."""
-  M = jnp.max(m, axis=2, keepdims=True)
-  w = jnp.exp(m - M)
-  D1 = jnp.sum(w * d1, axis=2)
-  O1 = jnp.sum(w[..., None] * o1, axis=2)
-  safe = jnp.where(D1 > 0, D1, 1.0)[..., None]
-  if o2 is None:
-    o = O1 / safe
-  else:
-    D2 = jnp.sum(w * d2, axis=2)[..., None]
-    O2 = jnp.sum(w[..., None] * o2, axis=2)
-    o = (1.0 + D2 / safe) * O1 / safe - O2 / safe
-  return jnp.where((D1 > 0)[..., None], o, 0.0)
+  @pl.when(arrived == num_splits - 1)
+  def _merge():
+    # Every split's partial of one row is read at once ([nsp, D] tiles, one per row and sum),
+    # so the merge costs one load latency, not one per split.
+    nsp = _next_pow2(num_splits)
+    split_ok = _iota(nsp, 0) < num_splits                          # [nsp, 1]
+    ok = split_ok & row_ok[:, 0][None, :]                          # [nsp, bh]
+    load_all = lambda ref, other: plgpu.load(ref.at[pl.ds(0, nsp), :], mask=ok, other=other,
+                                             volatile=True)
+    ms = load_all(m_ref, NEG_INF)
+    w = jnp.exp(ms - jnp.max(ms, axis=0)[None, :])                 # [nsp, bh]
+    d1s = jnp.sum(w * load_all(d1_ref, 0.0), axis=0)               # [bh]
+    d2s = jnp.sum(w * load_all(d2_ref, 0.0), axis=0) if has_r else None
+    pick = lambda x, g: jnp.sum(jnp.where(_iota(bh, 0)[:, 0] == g, x, 0.0))
+    for g in range(group):
+      wg = jnp.sum(jnp.where(_iota(bh, 1) == g, w, 0.0), axis=1, keepdims=True)  # [nsp, 1]
+      part = lambda ref, row: jnp.sum(wg * plgpu.load(
+          ref.at[pl.ds(0, nsp), jnp.asarray(row, jnp.int32), :], mask=split_ok, other=0.0,
+          volatile=True), axis=0)                                  # [D]
+      if stacked:
+        o1g, o2g = part(o1_ref, g), part(o1_ref, group + g) + part(o1_ref, 2 * group + g)
+      else:
+        o1g, o2g = part(o1_ref, g), part(o2_ref, g) if has_r else None
+      o = _finish(pick(d1s, g), pick(d2s, g) if has_r else None, o1g, o2g)
+      o_ref[h * group + g, :] = o.astype(o_ref.dtype)
 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
-                    num_splits=None, block_kv=None, num_warps=4, num_stages=None,
-                    interpret=False):
+                    num_splits=None, block_kv=None, num_warps=None, num_stages=None,
+                    stacked=False, interpret=False):
   """Decode attention of one new token per sequence.
 
   q, r: [B, Hq, D]; k_cache, v_cache: [B, S_max, Hkv, D] (Hq multiple of Hkv; q-head h reads
   kv-head h // (Hq//Hkv)); lengths: [B] int32, keys j < lengths[b] valid, the token sits at
   lengths[b]-1 and with `window` sees j > lengths[b]-1-window. scale: python float.
-  Returns [B, Hq, D] in q's dtype.
+  Returns [B, Hq, D] in q's dtype, written by the kernel itself (one launch; with splits, plus
+  the zeroing of a [B*Hkv] int32 arrival counter).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
+  num_warps defaults to 2 for Parallax when the programs are split over the length into
+  splits of >= 2 tiles and B*Hkv fits one wave (sweep: B=8 L=1k 15.5 -> 14.5 us, B=1 L=32k
+  56.1 -> 55.1), else 4.
+  stacked (default False): Parallax rows in the shared-row tile (`_stack_rows`), G <= 5.
+  Measured on H100 it is no faster at small shapes and 10-19% slower at large ones (B=64
+  L=4k 391 vs 355 us; B=32 L=32k 1677 vs 1408), so it is an opt-in alternative.
   """
   B, Hq, D = q.shape
   _, S, Hkv, Dk = k_cache.shape
@@ -158,47 +244,64 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   ns = num_splits if num_splits is not None else default_num_splits(B, Hkv, S, bk)
   chunk = _round_up(-(-Sp // ns), bk)
   ns = -(-Sp // chunk)
-
-  def pack(x):  # [B, Hq, D] -> [B, Hkv, bh, D] (rows >= G are zero)
-    return _pad(x.reshape(B, Hkv, G, D), 2, bh)
-
-  qp = pack(q)
-  rp = pack(r) if r is not None else None
-  lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
-  grid = (B, Hkv, ns)
-  row_spec = pl.BlockSpec((None, None, bh, D), lambda b, h, s: (b, h, 0, 0))
-  kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
-  vec_out = pl.BlockSpec((None, None, None, bh), lambda b, h, s: (b, h, s, 0))
-  mat_out = pl.BlockSpec((None, None, None, bh, D), lambda b, h, s: (b, h, s, 0, 0))
-  vec = jax.ShapeDtypeStruct((B, Hkv, ns, bh), jnp.float32)
-  mat = jax.ShapeDtypeStruct((B, Hkv, ns, bh, D), jnp.float32)
+  if num_warps is None:
+    num_warps = 2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS else 4
   has_r = r is not None
-  out_shape = [vec, vec, vec, mat, mat] if has_r else [vec, vec, mat]
-  out_specs = [vec_out] * 3 + [mat_out] * 2 if has_r else [vec_out] * 2 + [mat_out]
+  stacked = bool(stacked)
+  if stacked and not (has_r and 3 * G <= bh):
+    raise ValueError(f"stacked=True needs r and 3 * (Hq // Hkv) <= {bh}, got Hq={Hq}, "
+                     f"Hkv={Hkv}, r {'given' if has_r else 'None'}")
+  lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
 
-  def kernel(len_ref, q_ref, k_ref, v_ref, r_ref, *outs):
-    if has_r:
-      m_ref, d1_ref, d2_ref, o1_ref, o2_ref = outs
-    else:
-      (m_ref, d1_ref, o1_ref), d2_ref, o2_ref = outs, None, None
-    _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, m_ref, d1_ref, d2_ref, o1_ref, o2_ref,
-            scale=float(scale), window=None if window is None else int(window), bk=bk,
-            chunk=chunk, s_max=S if S >= bk else Sp, has_r=has_r)
+  heads = pl.BlockSpec((None, Hq, D), lambda b, h, s: (b, 0, 0))
+  kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
+  in_specs = [pl.BlockSpec((B,), lambda b, h, s: (0,)), heads, kv_spec, kv_spec,
+              heads if has_r else None]
+  args = [lengths, q, k_cache, v_cache, r]
+  out_shape = [jax.ShapeDtypeStruct((B, Hq, D), q.dtype)]
+  out_specs = [heads]
+  aliases = {}
+  if ns > 1:
+    # Partials of every split of (b, h) in one block: the merging program reads them all.
+    vec = jax.ShapeDtypeStruct((B, Hkv, ns, bh), jnp.float32)
+    mat = jax.ShapeDtypeStruct((B, Hkv, ns, bh, D), jnp.float32)
+    vec_spec = pl.BlockSpec((None, None, ns, bh), lambda b, h, s: (b, h, 0, 0))
+    mat_spec = pl.BlockSpec((None, None, ns, bh, D), lambda b, h, s: (b, h, 0, 0, 0))
+    cnt_spec = pl.BlockSpec((B * Hkv,), lambda b, h, s: (0,))
+    in_specs.append(cnt_spec)
+    args.append(jnp.zeros((B * Hkv,), jnp.int32))
+    aliases = {sum(a is not None for a in args) - 1: 1}  # (flat index: r may be None)
+    n_mat = 2 if has_r and not stacked else 1  # stacked: O1, O2hi, O2lo rows of one tile
+    parts = [vec] * (3 if has_r else 2) + [mat] * n_mat
+    part_specs = [vec_spec] * (3 if has_r else 2) + [mat_spec] * n_mat
+    out_shape += [jax.ShapeDtypeStruct((B * Hkv,), jnp.int32)] + parts
+    out_specs = out_specs + [cnt_spec] + part_specs
+  else:
+    in_specs.append(None)
+    args.append(None)
+
+  def kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_in, o_ref, *outs):
+    m_ref = d1_ref = d2_ref = o1_ref = o2_ref = cnt_ref = None
+    if ns > 1:
+      cnt_ref, *parts = outs
+      m_ref, d1_ref, *parts = parts
+      if has_r:
+        d2_ref, *parts = parts
+      o1_ref, *parts = parts
+      o2_ref = parts[0] if parts else None
+    _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref,
+            o1_ref, o2_ref, scale=float(scale),
+            window=None if window is None else int(window), bk=bk, chunk=chunk,
+            s_max=S if S >= bk else Sp, group=G, num_splits=ns, stacked=stacked,
+            interpret=bool(interpret))
 
   outs = pl.pallas_call(
-      kernel, grid=grid,
-      in_specs=[pl.BlockSpec((B,), lambda b, h, s: (0,)), row_spec, kv_spec, kv_spec,
-                row_spec if has_r else None],
-      out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=(B, Hkv, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",
-  )(lengths, qp, k_cache, v_cache, rp)
-  if has_r:
-    m, d1, d2, o1, o2 = outs
-  else:
-    (m, d1, o1), d2, o2 = outs, None, None
-  o = _merge(m, d1, d2, o1, o2)  # [B, Hkv, bh, D]
-  return o[:, :, :G].reshape(B, Hq, D).astype(q.dtype)
+  )(*args)
+  return outs[0]
 
 
 def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None):

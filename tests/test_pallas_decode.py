@@ -38,13 +38,13 @@ def poison_tail(k, lengths):
 
 
 def check(rng, B, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16, parallax=True,
-          interpret=True):
+          interpret=True, stacked=None):
   q, k, v, r = make(rng, B, Hq, Hkv, S, D, dtype, parallax)
   k, v = poison_tail(k, lengths), poison_tail(v, lengths)
   scale = 1.0 / np.sqrt(D)
   lengths = jnp.asarray(lengths, jnp.int32)
   o = dk.parallax_decode(q, k, v, r, scale=scale, lengths=lengths, window=window,
-                         num_splits=ns, block_kv=bk, interpret=interpret)
+                         num_splits=ns, block_kv=bk, stacked=stacked, interpret=interpret)
   ref = dk.reference_decode(q, k, v, r, scale=scale, lengths=lengths, window=window)
   assert o.shape == q.shape and o.dtype == q.dtype
   o = np.asarray(o, np.float32)
@@ -55,10 +55,25 @@ def check(rng, B, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16, pa
   return o, ref
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2)])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2), (32, 1)])
 @pytest.mark.parametrize("ns", [1, 3])
 def test_gqa_ratios(rng, Hq, Hkv, ns):
   check(rng, 3, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], ns=ns)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (10, 2)])
+@pytest.mark.parametrize("ns", [1, 3])
+def test_stacked_rows_path(rng, Hq, Hkv, ns):
+  """The opt-in shared-row tile (q, r replicated in three row groups, one P V MMA)."""
+  check(rng, 3, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], ns=ns, stacked=True)
+  check(rng, 2, Hq, Hkv, 70, 16, jnp.float32, [0, 70], ns=ns, window=9, stacked=True)
+
+
+def test_stacked_needs_room():
+  q = jnp.zeros((1, 8, 16), jnp.float32)
+  kv = jnp.zeros((1, 32, 1, 16), jnp.float32)
+  with pytest.raises(ValueError, match="stacked=True"):
+    dk.parallax_decode(q, kv, kv, q, scale=1.0, lengths=[4], stacked=True, interpret=True)
 
 
 @pytest.mark.parametrize("ns", [1, 2, 3, 4])
@@ -76,6 +91,7 @@ def test_softmax_and_zero_length(rng, parallax):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision(rng, dtype):
   check(rng, 2, 8, 2, 96, 64, dtype, [33, 96], ns=2, bk=32)
+  check(rng, 2, 8, 2, 96, 64, dtype, [33, 96], ns=1, bk=32, stacked=True)
 
 
 def test_default_splits_and_small_cache(rng):
@@ -112,6 +128,29 @@ def test_gpu(rng, D, dtype, parallax):
         parallax=parallax, interpret=False)
   check(rng, 2, 16, 2, 1024, D, dtype, [700, 1024], window=256, ns=3, bk=64,
         parallax=parallax, interpret=False)
+  if parallax:
+    for ns in (1, 3):
+      check(rng, 3, 16, 8, 1000, D, dtype, [1, 500, 1000], ns=ns, bk=64, stacked=True,
+            interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("parallax", [True, False])
+def test_gpu_many_splits_merge_is_exact_and_deterministic(rng, parallax):
+  """Many splits merged in-kernel by the last program to arrive: the same bits every call
+  (a merge reading a stale partial would change them) and close to the reference."""
+  B, Hq, Hkv, S, D = 2, 16, 8, 8192, 128
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, jnp.bfloat16, parallax)
+  lengths = jnp.asarray([8192, 5000], jnp.int32)
+  f = jax.jit(lambda q, k, v, r: dk.parallax_decode(q, k, v, r, scale=D ** -0.5,
+                                                    lengths=lengths, num_splits=48))
+  outs = [np.asarray(f(q, k, v, r), np.float32) for _ in range(20)]
+  for o in outs[1:]:
+    np.testing.assert_array_equal(o, outs[0])
+  ref = np.asarray(dk.reference_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths))
+  err = np.max(np.abs(outs[0] - ref)) / np.max(np.abs(ref))
+  assert err <= TOL[jnp.bfloat16], err
 
 
 @pytest.mark.gpu
