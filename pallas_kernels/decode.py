@@ -190,6 +190,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     d1s = jnp.sum(w * load_all(d1_ref, 0.0), axis=0)               # [bh]
     d2s = jnp.sum(w * load_all(d2_ref, 0.0), axis=0) if has_r else None
     pick = lambda x, g: jnp.sum(jnp.where(_iota(bh, 0)[:, 0] == g, x, 0.0))
+    outs = []
     for g in range(group):
       wg = jnp.sum(jnp.where(_iota(bh, 1) == g, w, 0.0), axis=1, keepdims=True)  # [nsp, 1]
       part = lambda ref, row: jnp.sum(wg * plgpu.load(
@@ -199,7 +200,11 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
         o1g, o2g = part(o1_ref, g), part(o1_ref, group + g) + part(o1_ref, 2 * group + g)
       else:
         o1g, o2g = part(o1_ref, g), part(o2_ref, g) if has_r else None
-      o = _finish(pick(d1s, g), pick(d2s, g) if has_r else None, o1g, o2g)
+      outs.append(_finish(pick(d1s, g), pick(d2s, g) if has_r else None, o1g, o2g))
+    # Stores after every load: a load placed after a store to another ref may not be hoisted
+    # above it (the compiler cannot prove they do not alias), which would cost one L2 round
+    # trip per row.
+    for g, o in enumerate(outs):
       o_ref[h * group + g, :] = o.astype(o_ref.dtype)
 
 
