@@ -87,18 +87,23 @@ def _stack_rows(group, bh):
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
-            o2_ref, *, scale, window, bk, chunk, s_max, group, num_splits, stacked, interpret):
+            o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, stacked,
+            interpret):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
+  nrow = tokens * group                     # rows (token t, head g) = t * G + g of KV head h
   L = jnp.minimum(len_ref[b], s_max)
-  lo_valid = 0 if window is None else jnp.maximum(L - window, 0)
-  lo = jnp.maximum(s * chunk, lo_valid)
-  hi = jnp.minimum((s + 1) * chunk, L)
-  bh, D = max(16, _next_pow2(group)), q_ref.shape[-1]
-  # The G query (and probe) rows of KV head h, read in place from [Hq, D] and zero-padded to
-  # the 16 rows an MMA needs by a masked load (no padded copy of q / r in HBM).
-  rows = pl.ds(h * group, bh)
-  row_ok = _iota(bh, 0) < group                                   # [bh, 1]
+  # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
+  end = jnp.minimum(L - (tokens - 1) + _iota(max(16, _next_pow2(nrow)), 0) // group, L)
+  row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
+  row_hi = jnp.minimum((s + 1) * chunk, end)
+  lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0))
+  hi = jnp.minimum((s + 1) * chunk, L)      # [lo, hi): the union of the rows' key ranges
+  bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
+  # The rows of KV head h, read in place from [Hkv * rows, D] and zero-padded to the 16 rows
+  # an MMA needs by a masked load (no padded copy of q / r in HBM).
+  rows = pl.ds(h * nrow, bh)
+  row_ok = _iota(bh, 0) < nrow                                    # [bh, 1]
   if stacked:
     grp, head, live = _stack_rows(group, bh)
     src = jnp.broadcast_to(h * group + head, (bh, D))
@@ -115,7 +120,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
     j = start + _iota(bk, 1)
-    valid = (j >= jnp.maximum(lo, t * bk)) & (j < hi)
+    valid = (j >= jnp.maximum(row_lo, t * bk)) & (j < row_hi)
     s1 = _dot(q, k, trans_b=True) * scale
     s1 = jnp.where(valid, s1, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s1, axis=1))
@@ -191,7 +196,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     d2s = jnp.sum(w * load_all(d2_ref, 0.0), axis=0) if has_r else None
     pick = lambda x, g: jnp.sum(jnp.where(_iota(bh, 0)[:, 0] == g, x, 0.0))
     outs = []
-    for g in range(group):
+    for g in range(nrow):
       wg = jnp.sum(jnp.where(_iota(bh, 1) == g, w, 0.0), axis=1, keepdims=True)  # [nsp, 1]
       part = lambda ref, row: jnp.sum(wg * plgpu.load(
           ref.at[pl.ds(0, nsp), jnp.asarray(row, jnp.int32), :], mask=split_ok, other=0.0,
@@ -205,19 +210,22 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     # above it (the compiler cannot prove they do not alias), which would cost one L2 round
     # trip per row.
     for g, o in enumerate(outs):
-      o_ref[h * group + g, :] = o.astype(o_ref.dtype)
+      o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
                     num_splits=None, block_kv=None, num_warps=None, num_stages=None,
                     stacked=False, interpret=False):
-  """Decode attention of one new token per sequence.
+  """Decode attention of one new token (or T new tokens) per sequence.
 
-  q, r: [B, Hq, D]; k_cache, v_cache: [B, S_max, Hkv, D] (Hq multiple of Hkv; q-head h reads
-  kv-head h // (Hq//Hkv)); lengths: [B] int32, keys j < lengths[b] valid, the token sits at
-  lengths[b]-1 and with `window` sees j > lengths[b]-1-window. scale: python float.
-  Returns [B, Hq, D] in q's dtype, written by the kernel itself (one launch; with splits, plus
-  the zeroing of a [B*Hkv] int32 arrival counter).
+  q, r: [B, Hq, D], or [B, T, Hq, D] for T new tokens (speculative / multi-token decode);
+  k_cache, v_cache: [B, S_max, Hkv, D] (Hq multiple of Hkv; q-head h reads kv-head
+  h // (Hq//Hkv)); lengths: [B] int32, keys j < lengths[b] valid (the new tokens' k, v
+  included). Token t of T sits at slot lengths[b]-T+t and sees the keys j <= its slot (with
+  `window`: j > slot - window). scale: python float. All T*G rows of a KV head share its
+  tiles, so T tokens cost one read of the cache.
+  Returns q's shape in q's dtype, written by the kernel itself (one launch; with splits, plus
+  the zeroing of a [B*Hkv] int32 arrival counter; T > 1 adds a transpose of q, r and o).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
   num_warps defaults to 2 for Parallax when the programs are split over the length into
@@ -227,7 +235,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   Measured on H100 it is no faster at small shapes and 10-19% slower at large ones (B=64
   L=4k 391 vs 355 us; B=32 L=32k 1677 vs 1408), so it is an opt-in alternative.
   """
-  B, Hq, D = q.shape
+  if q.ndim not in (3, 4):
+    raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
+  multi = q.ndim == 4
+  B, T, Hq, D = q.shape if multi else (q.shape[0], 1, *q.shape[1:])
   _, S, Hkv, Dk = k_cache.shape
   if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv:
     raise ValueError(f"bad shapes q {q.shape} k {k_cache.shape} v {v_cache.shape}")
@@ -238,7 +249,11 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   if r is not None and r.shape != q.shape:
     raise ValueError(f"r {r.shape} != q {q.shape}")
   G = Hq // Hkv
-  bh = max(16, _next_pow2(G))
+  R = T * G
+  if R > 64:
+    raise ValueError(f"at most 64 rows per KV head (tokens x Hq/Hkv), got T={T}, Hq={Hq}, "
+                     f"Hkv={Hkv}")
+  bh = max(16, _next_pow2(R))
   bk = block_kv if block_kv is not None else 64
   if S < bk:  # tiny caches only: pad to one tile
     bk = max(16, min(bk, _next_pow2(S)))
@@ -253,10 +268,21 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     num_warps = 2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS else 4
   has_r = r is not None
   stacked = bool(stacked)
-  if stacked and not (has_r and 3 * G <= bh):
-    raise ValueError(f"stacked=True needs r and 3 * (Hq // Hkv) <= {bh}, got Hq={Hq}, "
-                     f"Hkv={Hkv}, r {'given' if has_r else 'None'}")
+  if stacked and not (has_r and T == 1 and 3 * G <= bh):
+    raise ValueError(f"stacked=True needs r, one token and 3 * (Hq // Hkv) <= {bh}, got "
+                     f"Hq={Hq}, Hkv={Hkv}, T={T}, r {'given' if has_r else 'None'}")
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+  out_dtype, out_shape_final = q.dtype, q.shape
+
+  def rows_by_kv_head(x):  # [B, T, Hq, D] -> [B, Hkv * T * G, D], rows (h, t, g)
+    if not multi:
+      return x
+    x = x.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4)
+    return x.reshape(B, Hkv * R, D)
+
+  q = rows_by_kv_head(q)
+  r = rows_by_kv_head(r) if has_r else None
+  Hq = Hkv * R
 
   heads = pl.BlockSpec((None, Hq, D), lambda b, h, s: (b, 0, 0))
   kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
@@ -297,7 +323,7 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
-            s_max=S if S >= bk else Sp, group=G, num_splits=ns, stacked=stacked,
+            s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns, stacked=stacked,
             interpret=bool(interpret))
 
   outs = pl.pallas_call(
@@ -306,11 +332,21 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
       compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",
   )(*args)
-  return outs[0]
+  o = outs[0]
+  if multi:  # [B, Hkv * T * G, D] -> [B, T, Hq, D]
+    o = o.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4)
+  return o.reshape(out_shape_final)
 
 
 def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None):
-  """Dense float32 reference of `parallax_decode`."""
+  """Dense float32 reference of `parallax_decode` (q [B, T, Hq, D]: token by token)."""
+  if q.ndim == 4:
+    T = q.shape[1]
+    lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), k_cache.shape[1])
+    return jnp.stack([reference_decode(q[:, t], k_cache, v_cache,
+                                       None if r is None else r[:, t], scale=scale,
+                                       lengths=jnp.maximum(lengths - (T - 1 - t), 0),
+                                       window=window) for t in range(T)], axis=1)
   B, Hq, D = q.shape
   S, Hkv = k_cache.shape[1], k_cache.shape[2]
   G = Hq // Hkv

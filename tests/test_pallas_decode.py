@@ -69,6 +69,41 @@ def test_stacked_rows_path(rng, Hq, Hkv, ns):
   check(rng, 2, Hq, Hkv, 70, 16, jnp.float32, [0, 70], ns=ns, window=9, stacked=True)
 
 
+def check_multi(rng, B, T, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16,
+                parallax=True, interpret=True):
+  """T new tokens per sequence against the token-by-token reference."""
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+  q, r = f(B, T, Hq, D), (f(B, T, Hq, D) * 0.3).astype(dtype) if parallax else None
+  k, v = f(B, S, Hkv, D), f(B, S, Hkv, D)
+  k, v = poison_tail(k, lengths), poison_tail(v, lengths)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  o = dk.parallax_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths, window=window,
+                         num_splits=ns, block_kv=bk, interpret=interpret)
+  ref = np.asarray(dk.reference_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths,
+                                       window=window))
+  assert o.shape == q.shape and o.dtype == q.dtype
+  o = np.asarray(o, np.float32)
+  assert np.all(np.isfinite(o))
+  err = np.max(np.abs(o - ref)) / max(np.max(np.abs(ref)), 1e-6)
+  assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("T,Hq,Hkv", [(2, 4, 2), (3, 2, 2), (4, 8, 2), (2, 16, 2)])
+@pytest.mark.parametrize("ns", [1, 3])
+@pytest.mark.parametrize("window", [None, 5])
+def test_multi_token(rng, T, Hq, Hkv, ns, window):
+  """Token t sits at slot lengths-T+t: causal among the new tokens, lengths < T included."""
+  check_multi(rng, 3, T, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], window=window, ns=ns)
+
+
+def test_multi_token_softmax_and_bf16(rng):
+  check_multi(rng, 2, 2, 8, 2, 96, 64, jnp.bfloat16, [2, 96], ns=2, bk=32)
+  check_multi(rng, 2, 3, 4, 4, 50, 16, jnp.float32, [0, 50], ns=2, parallax=False)
+  with pytest.raises(ValueError, match="at most 64 rows"):
+    dk.parallax_decode(jnp.zeros((1, 5, 16, 16)), jnp.zeros((1, 32, 1, 16)),
+                       jnp.zeros((1, 32, 1, 16)), scale=1.0, lengths=[4], interpret=True)
+
+
 def test_stacked_needs_room():
   q = jnp.zeros((1, 8, 16), jnp.float32)
   kv = jnp.zeros((1, 32, 1, 16), jnp.float32)
@@ -132,6 +167,9 @@ def test_gpu(rng, D, dtype, parallax):
     for ns in (1, 3):
       check(rng, 3, 16, 8, 1000, D, dtype, [1, 500, 1000], ns=ns, bk=64, stacked=True,
             interpret=False)
+  for ns in (1, 4):
+    check_multi(rng, 3, 4, 16, 8, 1000, D, dtype, [2, 500, 1000], window=300, ns=ns, bk=64,
+                parallax=parallax, interpret=False)
 
 
 @pytest.mark.gpu
@@ -178,14 +216,14 @@ def test_gpu_decode_attention_auto_picks_kernel(member):
   assert err < 1e-2, err
 
 
-@pytest.mark.parametrize("parallax", [True, False])
-def test_cuda_lowering_abstract_h100(parallax):
+@pytest.mark.parametrize("parallax,tokens", [(True, 1), (False, 1), (True, 4)])
+def test_cuda_lowering_abstract_h100(parallax, tokens):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
   from tests.test_pallas_train import _triton_modules, verify_triton_modules
 
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-  q = jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((4, 16, 128) if tokens == 1 else (4, tokens, 16, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((4, 3000, 8, 128), jnp.bfloat16)
   lens = jax.ShapeDtypeStruct((4,), jnp.int32)
   f = lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r if parallax else None, scale=0.1,
