@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import warnings
 
 import jax
@@ -21,15 +20,8 @@ import jax.numpy as jnp
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from bench.common import environment  # noqa: E402
+from bench.decode import time_us  # noqa: E402
 from pallas_kernels import decode as dk  # noqa: E402
-
-
-def time_us(fn, args, iters=30):
-  from jax.experimental.mosaic.gpu import profiler
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*args)
-  return statistics.median(float(t) for t in ts) * 1e3
 
 
 def main():
@@ -55,7 +47,7 @@ def main():
         r = (0.5 * jax.random.normal(ks[1], shape)).astype(jnp.bfloat16)
         f = jax.jit(lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r, scale=D ** -0.5,
                                                              lengths=l))
-        row["us"][T] = time_us(f, (q, k, v, r, lens))
+        row["us"][T], _ = time_us(f, (q, k, v, r, lens))
       print(row, flush=True)
       res["rows"].append(row)
   with open(os.path.join(a.out, "decode_multitoken.json"), "w") as fh:

@@ -73,44 +73,24 @@ def _finish(d1, d2, o1, o2):
   return jnp.where(d1 > 0, o, 0.0)
 
 
-def _stack_rows(group, bh):
-  """Row layout of the stacked ("shared-row") Parallax tile: three copies of the G rows.
-
-  Row i < 3G holds head i % G in group i // G: 0 = P1, 1 = hi(P2), 2 = lo(P2). q and r are
-  both loaded replicated, so every row statistic (m, d1, d2, alpha) is the same in all three
-  copies and building the PV operand is elementwise: one P V MMA yields O1, O2hi and O2lo
-  (three before) with no data movement between rows (the Triton form of the paper's trick:
-  Hopper's MMA needs 16 rows, decode has G).
-  """
-  i = _iota(bh, 0)
-  return i // group, i % group, i < 3 * group                      # [bh, 1] each
-
-
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
-            o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, stacked,
-            interpret):
+            o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, interpret):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
   nrow = tokens * group                     # rows (token t, head g) = t * G + g of KV head h
+  bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
   L = jnp.minimum(len_ref[b], s_max)
   # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
-  end = jnp.minimum(L - (tokens - 1) + _iota(max(16, _next_pow2(nrow)), 0) // group, L)
+  end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) // group, L)                 # [bh, 1]
   row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
   row_hi = jnp.minimum((s + 1) * chunk, end)
   lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0))
   hi = jnp.minimum((s + 1) * chunk, L)      # [lo, hi): the union of the rows' key ranges
-  bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
   # The rows of KV head h, read in place from [Hkv * rows, D] and zero-padded to the 16 rows
   # an MMA needs by a masked load (no padded copy of q / r in HBM).
   rows = pl.ds(h * nrow, bh)
   row_ok = _iota(bh, 0) < nrow                                    # [bh, 1]
-  if stacked:
-    grp, head, live = _stack_rows(group, bh)
-    src = jnp.broadcast_to(h * group + head, (bh, D))
-    col = jnp.broadcast_to(_iota(D, 1), (bh, D))
-    load_rows = lambda ref: plgpu.load(ref.at[src, col], mask=live, other=0.0)
-  else:
-    load_rows = lambda ref: plgpu.load(ref.at[rows, :], mask=row_ok, other=0.0)
+  load_rows = lambda ref: plgpu.load(ref.at[rows, :], mask=row_ok, other=0.0)
   q = load_rows(q_ref)
   r = load_rows(r_ref) if has_r else None
 
@@ -130,15 +110,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     if has_r:
       p2 = p1 * _dot(r, k, trans_b=True)
       d2 = d2 * alpha + jnp.sum(p2, axis=1)
-    if stacked:
-      p2_hi = p2.astype(v.dtype)
-      p2_lo = (p2 - p2_hi.astype(jnp.float32)).astype(v.dtype)
-      a = jnp.where(grp == 0, p1.astype(v.dtype), jnp.where(grp == 1, p2_hi, p2_lo))
-      o1 = o1 * alpha[:, None] + _dot(a, v)
-    else:
-      o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
-      if has_r:
-        o2 = o2 * alpha[:, None] + _p2v(p2, v)
+    o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
+    if has_r:
+      o2 = o2 * alpha[:, None] + _p2v(p2, v)
     return m_new, d1, d2, o1, o2
 
   zr = jnp.zeros((bh,), jnp.float32)
@@ -149,20 +123,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   m, d1, d2, o1, o2 = lax.fori_loop(t0, t1, body, carry)
   store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
   if num_splits == 1:
-    if stacked:
-      # o_g = (1 + d2/d1) O1_g/d1 - (O2hi_g + O2lo_g)/d1: weight each stacked row, then sum
-      # the three copies of head g into row g with a 0/1 matrix (exact fp32 dot, once).
-      safe = jnp.where(d1 > 0, d1, 1.0)[:, None]
-      coef = jnp.where(grp == 0, (1.0 + d2[:, None] / safe) / safe, -1.0 / safe)
-      gather = ((_iota(bh, 1) % group == _iota(bh, 0)) & (_iota(bh, 1) < 3 * group)
-                ).astype(jnp.float32)                              # [g, i]
-      o = lax.dot_general(gather, jnp.where(live, coef * o1, 0.0), (((1,), (0,)), ((), ())),
-                          precision=lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
-      store_rows(o_ref, jnp.where(d1[:, None] > 0, o, 0.0))
-    else:
-      store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
-                                o2 if has_r else None))
+    store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
+                              o2 if has_r else None))
     return
 
   # Split partials (only the real rows reach memory), then the last split of (b, h) to
@@ -172,11 +134,10 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   vec_ok = row_ok[:, 0]
   plgpu.store(m_ref.at[s, :], m, mask=vec_ok)
   plgpu.store(d1_ref.at[s, :], d1, mask=vec_ok)
-  plgpu.store(o1_ref.at[s, :, :], o1, mask=live if stacked else row_ok)
+  plgpu.store(o1_ref.at[s, :, :], o1, mask=row_ok)
   if has_r:
     plgpu.store(d2_ref.at[s, :], d2, mask=vec_ok)
-    if not stacked:
-      plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
+    plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
   if not interpret:  # (the interpreter runs programs one at a time and has no barrier rule)
     plgpu.debug_barrier()
   arrived = plgpu.atomic_add(cnt_ref, b * pl.num_programs(1) + h, jnp.ones((), jnp.int32))
@@ -201,11 +162,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
       part = lambda ref, row: jnp.sum(wg * plgpu.load(
           ref.at[pl.ds(0, nsp), jnp.asarray(row, jnp.int32), :], mask=split_ok, other=0.0,
           volatile=True), axis=0)                                  # [D]
-      if stacked:
-        o1g, o2g = part(o1_ref, g), part(o1_ref, group + g) + part(o1_ref, 2 * group + g)
-      else:
-        o1g, o2g = part(o1_ref, g), part(o2_ref, g) if has_r else None
-      outs.append(_finish(pick(d1s, g), pick(d2s, g) if has_r else None, o1g, o2g))
+      outs.append(_finish(pick(d1s, g), pick(d2s, g) if has_r else None, part(o1_ref, g),
+                          part(o2_ref, g) if has_r else None))
     # Stores after every load: a load placed after a store to another ref may not be hoisted
     # above it (the compiler cannot prove they do not alias), which would cost one L2 round
     # trip per row.
@@ -215,7 +173,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
                     num_splits=None, block_kv=None, num_warps=None, num_stages=None,
-                    stacked=False, interpret=False):
+                    interpret=False):
   """Decode attention of one new token (or T new tokens) per sequence.
 
   q, r: [B, Hq, D], or [B, T, Hq, D] for T new tokens (speculative / multi-token decode);
@@ -231,9 +189,6 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   num_warps defaults to 2 for Parallax when the programs are split over the length into
   splits of >= 2 tiles and B*Hkv fits one wave (sweep: B=8 L=1k 15.5 -> 14.5 us, B=1 L=32k
   56.1 -> 55.1), else 4.
-  stacked (default False): Parallax rows in the shared-row tile (`_stack_rows`), G <= 5.
-  Measured on H100 it is no faster at small shapes and 10-19% slower at large ones (B=64
-  L=4k 391 vs 355 us; B=32 L=32k 1677 vs 1408), so it is an opt-in alternative.
   """
   if q.ndim not in (3, 4):
     raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
@@ -267,12 +222,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   if num_warps is None:
     num_warps = 2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS else 4
   has_r = r is not None
-  stacked = bool(stacked)
-  if stacked and not (has_r and T == 1 and 3 * G <= bh):
-    raise ValueError(f"stacked=True needs r, one token and 3 * (Hq // Hkv) <= {bh}, got "
-                     f"Hq={Hq}, Hkv={Hkv}, T={T}, r {'given' if has_r else 'None'}")
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
-  out_dtype, out_shape_final = q.dtype, q.shape
+  out_shape_final = q.shape
 
   def rows_by_kv_head(x):  # [B, T, Hq, D] -> [B, Hkv * T * G, D], rows (h, t, g)
     if not multi:
@@ -302,9 +253,9 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     in_specs.append(cnt_spec)
     args.append(jnp.zeros((B * Hkv,), jnp.int32))
     aliases = {sum(a is not None for a in args) - 1: 1}  # (flat index: r may be None)
-    n_mat = 2 if has_r and not stacked else 1  # stacked: O1, O2hi, O2lo rows of one tile
-    parts = [vec] * (3 if has_r else 2) + [mat] * n_mat
-    part_specs = [vec_spec] * (3 if has_r else 2) + [mat_spec] * n_mat
+    n_vec, n_mat = (3, 2) if has_r else (2, 1)    # (m, d1, d2), (O1, O2)
+    parts = [vec] * n_vec + [mat] * n_mat
+    part_specs = [vec_spec] * n_vec + [mat_spec] * n_mat
     out_shape += [jax.ShapeDtypeStruct((B * Hkv,), jnp.int32)] + parts
     out_specs = out_specs + [cnt_spec] + part_specs
   else:
@@ -319,11 +270,11 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
       if has_r:
         d2_ref, *parts = parts
       o1_ref, *parts = parts
-      o2_ref = parts[0] if parts else None
+      o2_ref = parts[0] if has_r else None
     _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
-            s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns, stacked=stacked,
+            s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns,
             interpret=bool(interpret))
 
   outs = pl.pallas_call(

@@ -307,7 +307,10 @@ def _with_seg_ranges(ranges, srng_ref):
 
 
 def _dot(a, b, trans_b=False):
-  """a @ b (or a @ b.T) with fp32 accumulation (fp32 inputs: full-precision IEEE dot)."""
+  """a @ b (or a @ b.T) with fp32 accumulation. fp32 inputs follow
+  `jax_default_matmul_precision` like an XLA dot: the default lowers to TF32, 'highest' (as
+  the tests set it) to an IEEE fp32 dot. Every kernel casts its operands to the input dtype,
+  so only all-fp32 calls reach this case."""
   dims = (((1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 

@@ -22,9 +22,11 @@ def has_gpu():
     return False
 
 
-def make(rng, B, Hq, Hkv, S, D, dtype, parallax=True):
+def make(rng, B, Hq, Hkv, S, D, dtype, parallax=True, tokens=None):
+  """q, r [B, Hq, D] (tokens None) or [B, tokens, Hq, D]; caches [B, S, Hkv, D]."""
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  q, r = f(B, Hq, D), f(B, Hq, D) * 0.3
+  qs = (B, Hq, D) if tokens is None else (B, tokens, Hq, D)
+  q, r = f(*qs), f(*qs) * 0.3
   k, v = f(B, S, Hkv, D), f(B, S, Hkv, D)
   # poison: garbage (large / NaN-free) values beyond the valid region must not matter
   return (q.astype(dtype), k.astype(dtype), v.astype(dtype),
@@ -38,13 +40,13 @@ def poison_tail(k, lengths):
 
 
 def check(rng, B, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16, parallax=True,
-          interpret=True, stacked=None):
-  q, k, v, r = make(rng, B, Hq, Hkv, S, D, dtype, parallax)
+          interpret=True, tokens=None):
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, dtype, parallax, tokens)
   k, v = poison_tail(k, lengths), poison_tail(v, lengths)
   scale = 1.0 / np.sqrt(D)
   lengths = jnp.asarray(lengths, jnp.int32)
   o = dk.parallax_decode(q, k, v, r, scale=scale, lengths=lengths, window=window,
-                         num_splits=ns, block_kv=bk, stacked=stacked, interpret=interpret)
+                         num_splits=ns, block_kv=bk, interpret=interpret)
   ref = dk.reference_decode(q, k, v, r, scale=scale, lengths=lengths, window=window)
   assert o.shape == q.shape and o.dtype == q.dtype
   o = np.asarray(o, np.float32)
@@ -61,54 +63,20 @@ def test_gqa_ratios(rng, Hq, Hkv, ns):
   check(rng, 3, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], ns=ns)
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (10, 2)])
-@pytest.mark.parametrize("ns", [1, 3])
-def test_stacked_rows_path(rng, Hq, Hkv, ns):
-  """The opt-in shared-row tile (q, r replicated in three row groups, one P V MMA)."""
-  check(rng, 3, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], ns=ns, stacked=True)
-  check(rng, 2, Hq, Hkv, 70, 16, jnp.float32, [0, 70], ns=ns, window=9, stacked=True)
-
-
-def check_multi(rng, B, T, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16,
-                parallax=True, interpret=True):
-  """T new tokens per sequence against the token-by-token reference."""
-  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
-  q, r = f(B, T, Hq, D), (f(B, T, Hq, D) * 0.3).astype(dtype) if parallax else None
-  k, v = f(B, S, Hkv, D), f(B, S, Hkv, D)
-  k, v = poison_tail(k, lengths), poison_tail(v, lengths)
-  lengths = jnp.asarray(lengths, jnp.int32)
-  o = dk.parallax_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths, window=window,
-                         num_splits=ns, block_kv=bk, interpret=interpret)
-  ref = np.asarray(dk.reference_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths,
-                                       window=window))
-  assert o.shape == q.shape and o.dtype == q.dtype
-  o = np.asarray(o, np.float32)
-  assert np.all(np.isfinite(o))
-  err = np.max(np.abs(o - ref)) / max(np.max(np.abs(ref)), 1e-6)
-  assert err <= TOL[dtype], err
-
-
 @pytest.mark.parametrize("T,Hq,Hkv", [(2, 4, 2), (3, 2, 2), (4, 8, 2), (2, 16, 2)])
 @pytest.mark.parametrize("ns", [1, 3])
 @pytest.mark.parametrize("window", [None, 5])
 def test_multi_token(rng, T, Hq, Hkv, ns, window):
   """Token t sits at slot lengths-T+t: causal among the new tokens, lengths < T included."""
-  check_multi(rng, 3, T, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], window=window, ns=ns)
+  check(rng, 3, Hq, Hkv, 70, 16, jnp.float32, [1, 37, 70], window=window, ns=ns, tokens=T)
 
 
 def test_multi_token_softmax_and_bf16(rng):
-  check_multi(rng, 2, 2, 8, 2, 96, 64, jnp.bfloat16, [2, 96], ns=2, bk=32)
-  check_multi(rng, 2, 3, 4, 4, 50, 16, jnp.float32, [0, 50], ns=2, parallax=False)
+  check(rng, 2, 8, 2, 96, 64, jnp.bfloat16, [2, 96], ns=2, bk=32, tokens=2)
+  check(rng, 2, 4, 4, 50, 16, jnp.float32, [0, 50], ns=2, parallax=False, tokens=3)
   with pytest.raises(ValueError, match="at most 64 rows"):
     dk.parallax_decode(jnp.zeros((1, 5, 16, 16)), jnp.zeros((1, 32, 1, 16)),
                        jnp.zeros((1, 32, 1, 16)), scale=1.0, lengths=[4], interpret=True)
-
-
-def test_stacked_needs_room():
-  q = jnp.zeros((1, 8, 16), jnp.float32)
-  kv = jnp.zeros((1, 32, 1, 16), jnp.float32)
-  with pytest.raises(ValueError, match="stacked=True"):
-    dk.parallax_decode(q, kv, kv, q, scale=1.0, lengths=[4], stacked=True, interpret=True)
 
 
 @pytest.mark.parametrize("ns", [1, 2, 3, 4])
@@ -126,7 +94,6 @@ def test_softmax_and_zero_length(rng, parallax):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision(rng, dtype):
   check(rng, 2, 8, 2, 96, 64, dtype, [33, 96], ns=2, bk=32)
-  check(rng, 2, 8, 2, 96, 64, dtype, [33, 96], ns=1, bk=32, stacked=True)
 
 
 def test_default_splits_and_small_cache(rng):
@@ -163,13 +130,9 @@ def test_gpu(rng, D, dtype, parallax):
         parallax=parallax, interpret=False)
   check(rng, 2, 16, 2, 1024, D, dtype, [700, 1024], window=256, ns=3, bk=64,
         parallax=parallax, interpret=False)
-  if parallax:
-    for ns in (1, 3):
-      check(rng, 3, 16, 8, 1000, D, dtype, [1, 500, 1000], ns=ns, bk=64, stacked=True,
-            interpret=False)
   for ns in (1, 4):
-    check_multi(rng, 3, 4, 16, 8, 1000, D, dtype, [2, 500, 1000], window=300, ns=ns, bk=64,
-                parallax=parallax, interpret=False)
+    check(rng, 3, 16, 8, 1000, D, dtype, [2, 500, 1000], window=300, ns=ns, bk=64,
+          parallax=parallax, interpret=False, tokens=4)
 
 
 @pytest.mark.gpu
