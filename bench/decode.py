@@ -4,9 +4,15 @@ through DLPack), one new token per sequence, KV cache [B, L, Hkv, D] (all L slot
 
 Grids: GQA Hq=16 Hkv=8 D=128 over --Bs x --Ls, and MHA Hq=Hkv=8 D=64 over --mha-Bs x --Ls.
 Timing: CUPTI kernel time (`jax.experimental.mosaic.gpu.profiler.measure`, median over
-iterations); torch is timed with CUDA events around each call (launch included), so it is an
-anchor, not a like-for-like kernel time. GB/s counts the K and V bytes of the valid cache; the
-HBM rate it is compared with is a measured device copy (read + write bytes / time).
+iterations) of everything a decode step launches, for every JAX implementation alike as
+STEPS chained steps (each step's output is the next one's query) / STEPS. What a decode loop
+holds across steps is an input: cuDNN's query lengths (ones) and the Pallas kernel's arrival
+counter, handed from step to step as the model's `KVCache.arrivals`; `us_fresh_counter`
+(JSON) is one Pallas call that zeroes its own counter instead. torch is timed with CUDA
+events around each call (launch included), so it is an anchor, not a like-for-like kernel
+time. GB/s counts the K and V bytes of the valid cache; the HBM rate it is compared with is a
+measured device copy (read + write bytes / time). Caches under the 50 MB L2 stay L2-resident
+across iterations (for every implementation alike): GB/s above the HBM rate are L2 reads.
 Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only). The
 XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
@@ -86,34 +92,64 @@ def hbm_copy_gbps():
   return 2 * x.nbytes / (us * 1e-6) / 1e9
 
 
+STEPS = 8  # dependent decode calls per timed call (see `chained`)
+
+
 def impls(B, L, Hq, Hkv, D, with_xla=True):
+  """name -> one decode step step(q, k, v, r, lens, ex) -> (o, ex). ex = {"ql": query
+  lengths (ones), "arr": the zeroed arrival counter}: what a decode loop holds across steps
+  (the Pallas kernel hands the counter on, as `KVCache.arrivals` does), not made per call."""
   import parallax_jax
   scale = 1.0 / np.sqrt(D)
   out = {}
-  out["pallas_parallax"] = jax.jit(
-      lambda q, k, v, r, lens: dk.parallax_decode(q, k, v, r, scale=scale, lengths=lens))
-  out["pallas_softmax"] = jax.jit(
-      lambda q, k, v, r, lens: dk.parallax_decode(q, k, v, None, scale=scale, lengths=lens))
+
+  def pallas(with_r):
+    def step(q, k, v, r, lens, ex):
+      o, arr = dk.parallax_decode(q, k, v, r if with_r else None, scale=scale, lengths=lens,
+                                  arrivals=ex["arr"])
+      return o, {**ex, "arr": arr}
+    return step
+  out["pallas_parallax"] = pallas(True)
+  out["pallas_softmax"] = pallas(False)
 
   def sdpa(impl):
-    def f(q, k, v, r, lens):
+    def step(q, k, v, r, lens, ex):
       return jax.nn.dot_product_attention(
           q[:, None], k, v, scale=scale, implementation=impl,
-          query_seq_lengths=jnp.ones((B,), jnp.int32), key_value_seq_lengths=lens)[:, 0]
-    return jax.jit(f)
+          query_seq_lengths=ex["ql"], key_value_seq_lengths=lens)[:, 0], ex
+    return step
   out["cudnn_softmax"] = sdpa("cudnn")
   if not with_xla:
     return out
   out["xla_softmax"] = sdpa("xla")
 
-  def xla_parallax(q, k, v, r, lens):
+  def xla_parallax(q, k, v, r, lens, ex):
     kv_ids = jnp.where(jnp.arange(L)[None] < lens[:, None], 0, -1)
     q_ids = jnp.zeros((B, 1), jnp.int32)
     return parallax_jax.attention(q[:, None], k, v, r[:, None], probe="learned",
                                   affine="affine", causal=True, segment_ids=(q_ids, kv_ids),
-                                  implementation="xla")[:, 0]
-  out["xla_parallax"] = jax.jit(xla_parallax)
+                                  implementation="xla")[:, 0], ex
+  out["xla_parallax"] = xla_parallax
   return out
+
+
+def chained(step):
+  """STEPS decode steps, each one's output the next one's query (so no two calls are the
+  same and XLA cannot merge them; as in generation, step t+1 depends on step t), unrolled (an
+  XLA loop adds a ~1 us counter-increment kernel per iteration). Timed / STEPS."""
+  def f(q, k, v, r, lens, ex):
+    for _ in range(STEPS):
+      q, ex = step(q, k, v, r, lens, ex)
+      q = q.astype(k.dtype)
+    return q, ex
+  return jax.jit(f)
+
+
+def fresh_counter(name, D):
+  """One Pallas call without a carried counter (it zeroes a fresh one: one small kernel)."""
+  scale = 1.0 / np.sqrt(D)
+  return jax.jit(lambda q, k, v, r, lens, ex: dk.parallax_decode(
+      q, k, v, r if name == "pallas_parallax" else None, scale=scale, lengths=lens))
 
 
 def main():
@@ -164,7 +200,8 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
     refs["parallax"] = np.asarray(dk.reference_decode(q, k, v, r, scale=scale, lengths=lens))
     refs["softmax"] = np.asarray(dk.reference_decode(q, k, v, None, scale=scale, lengths=lens))
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
-         "num_splits": dk.default_num_splits(B, Hkv, L), "kv_GB": kv_bytes / 1e9}
+         "num_splits": dk.default_num_splits(B, Hkv, L, rows=Hq // Hkv),
+         "kv_GB": kv_bytes / 1e9}
 
   def record(name, us, how, o=None):
     ent = {"us": us, "GBps": kv_bytes / (us * 1e-6) / 1e9, "timer": how}
@@ -176,10 +213,14 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
     log(grid, B, L, name, {a: (round(b, 4) if isinstance(b, float) else b)
                            for a, b in ent.items()})
 
-  for name, fn in impls(B, L, Hq, Hkv, D, with_xla=small).items():
+  args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
+  for name, step in impls(B, L, Hq, Hkv, D, with_xla=small).items():
     try:
-      us, how = time_us(fn, (q, k, v, r, lens))
-      record(name, us, how, fn(q, k, v, r, lens) if small else None)
+      us, how = time_us(chained(step), args)
+      record(name, us / STEPS, f"{how}, {STEPS} chained steps",
+             jax.jit(step)(*args)[0] if small else None)
+      if name.startswith("pallas"):
+        row[name]["us_fresh_counter"] = time_us(fresh_counter(name, D), args)[0]
     except Exception as e:  # noqa: BLE001
       row[name] = {"error": repr(e)[:300]}
       log(grid, B, L, name, row[name])
@@ -204,7 +245,8 @@ def write_md(res, path):
   lines = [f"# Decode attention, {res['env']['device']}, jax {res['env']['jax']}, "
            f"{res['env']['date']}", "",
            "bf16, one token per sequence, all L slots valid. us = median kernel time (CUPTI; "
-           "torch: CUDA events, launch included); GB/s of K+V read"
+           f"per step of {STEPS} chained steps; Pallas hands its arrival counter on, as the "
+           "model's decode loop does; torch: CUDA events, launch included); GB/s of K+V read"
            + (f" (% of the measured HBM copy rate, {hbm:.0f} GB/s)" if hbm else "")
            + "; xC = time / cuDNN time; err = max rel error vs fp32 reference.", ""]
   for grid, title in (("gqa", "GQA: Hq=16, Hkv=8, D=128"), ("mha", "MHA: Hq=Hkv=8, D=64")):

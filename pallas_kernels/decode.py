@@ -29,10 +29,12 @@ from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler
                                             _iota, _next_pow2, _pad, _round_up)
 
 NUM_SMS = 132  # H100 SXM
+# Register budget of the merge's live partial tiles: 64 fp32 registers per thread.
+MERGE_BYTES_PER_WARP = 32 * 64 * 4
 
 
 def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int = 64,
-                       num_sms: int = NUM_SMS) -> int:
+                       num_sms: int = NUM_SMS, rows: int = 1) -> int:
   """No split once B*Hkv nearly fills the SMs; below that ~2 waves of programs, >= 1 tile each.
 
   H100 sweeps (bench/results/decode_sweep*.json): with the merge inside the kernel, splitting
@@ -41,14 +43,16 @@ def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int 
   the count is rounded down so the programs fit the ~2 resident per SM (3-stage Parallax
   tiles: at B=8, L=4k, 5 splits (320 programs) took 70 us against 60 at one wave). One-tile
   splits pay off when they stay within the two waves (B=1, L=1k: 16 splits 8.1-8.3 us
-  against 8.8-8.9 for 8).
+  against 8.8-8.9 for 8). The merge's work grows with rows (T * Hq/Hkv rows per KV head) x
+  splits, so many-row (multi-token) launches take at most max(8, 64 // rows) splits (B=1,
+  L=4k, T=8: 23.4 us at 8 splits against 44.9 at 32; T=4: 17.6 against 22.6).
   """
   progs = batch * num_kv_heads
   if 10 * progs >= 9 * num_sms:
     return 1
   want = max(1, (2 * num_sms) // progs)
   max_by_len = max(1, s_max // block_kv)
-  return int(min(want, max_by_len, 64))
+  return int(min(want, max_by_len, 64, max(8, 64 // rows)))
 
 
 def _p2v(p2, v):
@@ -74,7 +78,8 @@ def _finish(d1, d2, o1, o2):
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
-            o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, interpret):
+            o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, num_warps,
+            interpret):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
   nrow = tokens * group                     # rows (token t, head g) = t * G + g of KV head h
@@ -140,40 +145,44 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
   if not interpret:  # (the interpreter runs programs one at a time and has no barrier rule)
     plgpu.debug_barrier()
-  arrived = plgpu.atomic_add(cnt_ref, b * pl.num_programs(1) + h, jnp.ones((), jnp.int32))
+  slot = b * pl.num_programs(1) + h
+  arrived = plgpu.atomic_add(cnt_ref, slot, jnp.ones((), jnp.int32))
 
   @pl.when(arrived == num_splits - 1)
   def _merge():
-    # Every split's partial of one row is read at once ([nsp, D] tiles, one per row and sum),
-    # so the merge costs one load latency, not one per split.
+    # Every split of (b, h) has arrived, so no one else touches the counter in this launch:
+    # leave it zero for the next one (a counter carried across calls needs no zeroing).
+    cnt_ref[slot] = jnp.zeros((), jnp.int32)
+    # Per row, every split's partial is read at once ([nsp, 1] columns and [nsp, D] tiles),
+    # so a row costs one load latency, not one per split, and two dependent reductions (the
+    # max, then the weighted sums). Rows go in groups whose tiles fit a register budget (all
+    # of a group's loads first; more live tiles spill: 2.5x slower at 32 splits x 8 rows),
+    # and every store comes last: a load placed after a store to another ref is not hoisted
+    # above it (the compiler cannot prove they do not alias).
     nsp = _next_pow2(num_splits)
     split_ok = _iota(nsp, 0) < num_splits                          # [nsp, 1]
-    ok = split_ok & row_ok[:, 0][None, :]                          # [nsp, bh]
-    load_all = lambda ref, other: plgpu.load(ref.at[pl.ds(0, nsp), :], mask=ok, other=other,
-                                             volatile=True)
-    ms = load_all(m_ref, NEG_INF)
-    w = jnp.exp(ms - jnp.max(ms, axis=0)[None, :])                 # [nsp, bh]
-    d1s = jnp.sum(w * load_all(d1_ref, 0.0), axis=0)               # [bh]
-    d2s = jnp.sum(w * load_all(d2_ref, 0.0), axis=0) if has_r else None
-    pick = lambda x, g: jnp.sum(jnp.where(_iota(bh, 0)[:, 0] == g, x, 0.0))
+    load = lambda ref, other: plgpu.load(ref, mask=split_ok, other=other, volatile=True)
+    col = lambda ref, g, other: load(ref.at[pl.ds(0, nsp), pl.ds(g, 1)], other)     # [nsp, 1]
+    tile = lambda ref, g: load(ref.at[pl.ds(0, nsp), jnp.asarray(g, jnp.int32), :], 0.0)
+    tile_bytes = nsp * D * 4 * (2 if has_r else 1)                 # fp32 O1 (and O2) of a row
+    per_group = max(1, min(nrow, MERGE_BYTES_PER_WARP * num_warps // tile_bytes))
     outs = []
-    for g in range(nrow):
-      wg = jnp.sum(jnp.where(_iota(bh, 1) == g, w, 0.0), axis=1, keepdims=True)  # [nsp, 1]
-      part = lambda ref, row: jnp.sum(wg * plgpu.load(
-          ref.at[pl.ds(0, nsp), jnp.asarray(row, jnp.int32), :], mask=split_ok, other=0.0,
-          volatile=True), axis=0)                                  # [D]
-      outs.append(_finish(pick(d1s, g), pick(d2s, g) if has_r else None, part(o1_ref, g),
-                          part(o2_ref, g) if has_r else None))
-    # Stores after every load: a load placed after a store to another ref may not be hoisted
-    # above it (the compiler cannot prove they do not alias), which would cost one L2 round
-    # trip per row.
+    for g0 in range(0, nrow, per_group):
+      group = range(g0, min(g0 + per_group, nrow))
+      parts = [(col(m_ref, g, NEG_INF), col(d1_ref, g, 0.0),
+                col(d2_ref, g, 0.0) if has_r else None, tile(o1_ref, g),
+                tile(o2_ref, g) if has_r else None) for g in group]
+      for ms, d1s, d2s, o1s, o2s in parts:
+        w = jnp.exp(ms - jnp.max(ms, axis=0, keepdims=True))      # [nsp, 1]
+        wsum = lambda x: None if x is None else jnp.sum(w * x, axis=0)
+        outs.append(_finish(wsum(d1s), wsum(d2s), wsum(o1s), wsum(o2s)))
     for g, o in enumerate(outs):
       o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
                     num_splits=None, block_kv=None, num_warps=None, num_stages=None,
-                    interpret=False):
+                    arrivals=None, interpret=False):
   """Decode attention of one new token (or T new tokens) per sequence.
 
   q, r: [B, Hq, D], or [B, T, Hq, D] for T new tokens (speculative / multi-token decode);
@@ -182,13 +191,19 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   included). Token t of T sits at slot lengths[b]-T+t and sees the keys j <= its slot (with
   `window`: j > slot - window). scale: python float. All T*G rows of a KV head share its
   tiles, so T tokens cost one read of the cache.
-  Returns q's shape in q's dtype, written by the kernel itself (one launch; with splits, plus
-  the zeroing of a [B*Hkv] int32 arrival counter; T > 1 adds a transpose of q, r and o).
+  Returns q's shape in q's dtype, written by the kernel itself (one launch; T > 1 adds a
+  transpose of q, r and o).
+  arrivals: None, or an all-zero int32 [B, Hkv] array carried across calls (a decode loop's
+  state, e.g. `init_arrivals`); the call then returns (o, arrivals). Split launches count
+  the arrivals of each (b, h) there to elect the merging program, which leaves it zero
+  again; with None, each split launch zeroes a fresh counter (one more small kernel: 0.3-0.7
+  us more per step at the split shapes of bench/results/decode.md).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
   num_warps defaults to 2 for Parallax when the programs are split over the length into
-  splits of >= 2 tiles and B*Hkv fits one wave (sweep: B=8 L=1k 15.5 -> 14.5 us, B=1 L=32k
-  56.1 -> 55.1), else 4.
+  splits of >= 2 tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: B=8 L=1k
+  15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
+  21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits), else 4.
   """
   if q.ndim not in (3, 4):
     raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
@@ -203,6 +218,9 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
   if r is not None and r.shape != q.shape:
     raise ValueError(f"r {r.shape} != q {q.shape}")
+  if arrivals is not None and (arrivals.shape != (B, Hkv) or arrivals.dtype != jnp.int32):
+    raise ValueError(f"arrivals must be int32 [B, Hkv] = ({B}, {Hkv}) zeros, got "
+                     f"{arrivals.dtype} {arrivals.shape}")
   G = Hq // Hkv
   R = T * G
   if R > 64:
@@ -216,11 +234,12 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   Sp = k_cache.shape[1]
   if num_stages is None:
     num_stages = 3 if r is not None else 2
-  ns = num_splits if num_splits is not None else default_num_splits(B, Hkv, S, bk)
+  ns = num_splits if num_splits is not None else default_num_splits(B, Hkv, S, bk, rows=R)
   chunk = _round_up(-(-Sp // ns), bk)
   ns = -(-Sp // chunk)
   if num_warps is None:
-    num_warps = 2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS else 4
+    num_warps = (2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
+                 and R <= 4 else 4)
   has_r = r is not None
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
   out_shape_final = q.shape
@@ -251,7 +270,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     mat_spec = pl.BlockSpec((None, None, ns, bh, D), lambda b, h, s: (b, h, 0, 0, 0))
     cnt_spec = pl.BlockSpec((B * Hkv,), lambda b, h, s: (0,))
     in_specs.append(cnt_spec)
-    args.append(jnp.zeros((B * Hkv,), jnp.int32))
+    args.append(jnp.zeros((B * Hkv,), jnp.int32) if arrivals is None
+                else arrivals.reshape(B * Hkv))
     aliases = {sum(a is not None for a in args) - 1: 1}  # (flat index: r may be None)
     n_vec, n_mat = (3, 2) if has_r else (2, 1)    # (m, d1, d2), (O1, O2)
     parts = [vec] * n_vec + [mat] * n_mat
@@ -275,18 +295,48 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
             s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns,
+            num_warps=num_warps,
             interpret=bool(interpret))
 
-  outs = pl.pallas_call(
+  call = pl.pallas_call(
       kernel, grid=(B, Hkv, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",
-  )(*args)
+  )
+  outs = _removable(call)(*args)
   o = outs[0]
   if multi:  # [B, Hkv * T * G, D] -> [B, T, Hq, D]
     o = o.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4)
-  return o.reshape(out_shape_final)
+  o = o.reshape(out_shape_final)
+  if arrivals is None:
+    return o
+  return o, (outs[1].reshape(B, Hkv) if ns > 1 else arrivals)
+
+
+def _removable(call):
+  """`call` made removable by dead-code elimination, and refusing differentiation clearly.
+
+  A pallas_call is never removed, even with unused outputs, so flax's `nn.scan` (which traces
+  its body to find what the broadcast inputs feed, and rejects any op it cannot remove:
+  'broadcasted variable has a data dependency on the scan body') failed on a model with
+  scan_layers=True decoding through the kernel. A custom_jvp call is removable.
+  """
+  @jax.custom_jvp
+  def launch(*args):
+    return call(*args)
+
+  @launch.defjvp
+  def _jvp(primals, tangents):
+    raise NotImplementedError("parallax_decode is not differentiable (inference only); use "
+                              "parallax_jax.attention for gradients")
+
+  return launch
+
+
+def init_arrivals(batch: int, num_kv_heads: int):
+  """The zeroed arrival counter a decode loop carries across `parallax_decode` calls."""
+  return jnp.zeros((batch, num_kv_heads), jnp.int32)
 
 
 def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None):

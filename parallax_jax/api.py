@@ -306,7 +306,7 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
                      bandwidth: Any = None, window: int | None = None, ridge: float = 0.0,
                      solver: str = "direct", cg_iters: int | None = None,
                      implementation: str | None = None, num_splits: int | None = None,
-                     block_kv: int | None = None):
+                     block_kv: int | None = None, arrivals=None):
   """One decode step of family member `(bandwidth, probe, affine)` over a KV cache.
 
   Each sequence b has one new query row that attends over the first `lengths[b]` slots of its
@@ -329,16 +329,28 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
       kernel applies (softmax or Parallax, head_dim a power of two >= 16, a float32/bfloat16/
       float16 cache), else 'xla'.
     num_splits, block_kv: kernel launch overrides (None: its heuristics); ignored by 'xla'.
+    arrivals: None, or the all-zero int32 [batch, kv_heads] counter a decode loop carries
+      from call to call (`pallas_kernels.init_arrivals`); the call then returns
+      (o, arrivals), zero again. The kernel's split launches count arrivals there instead of
+      zeroing a fresh counter each call (one small kernel less per call); 'xla' passes it
+      through.
 
   The kernel takes a python-float scale; an array bandwidth (e.g. a learnable per-head one)
   is folded into q (q / h in float32, then cast to the kernel's dtype) with scale 1. Not
   differentiable through the 'pallas' path.
 
   Returns:
-    [batch, (1,) q_heads, v_head_dim] (q's rank) in q's dtype.
+    [batch, (1,) q_heads, v_head_dim] (q's rank) in q's dtype; (that, arrivals) when
+    arrivals is given.
   """
   lengths = _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, solver,
                                  window, implementation, cg_iters, num_splits, block_kv)
+  if arrivals is not None:
+    want = (k_cache.shape[0], k_cache.shape[2])
+    if getattr(arrivals, "shape", None) != want or getattr(arrivals, "dtype", None) != jnp.int32:
+      _fail(f"arrivals must be int32 [batch, kv_heads] = {want} zeros, got "
+            f"{getattr(arrivals, 'dtype', type(arrivals).__name__)} "
+            f"{getattr(arrivals, 'shape', '')}")
   squeeze = q.ndim == 4
   q3 = q[:, 0] if squeeze else q
   r3 = None if r is None else (r[:, 0] if squeeze else r)
@@ -351,15 +363,18 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
       _fail(f"implementation='pallas' cannot run this decode call: {why}")
     o = _decode_pallas(q3, k_cache, v_cache, r3 if kind == "parallax" else None, bandwidth,
                        lengths=lengths, window=window, num_splits=num_splits,
-                       block_kv=block_kv)
+                       block_kv=block_kv, arrivals=arrivals)
+    if arrivals is not None:
+      o, arrivals = o
   else:
     o = _decode_xla(q3, k_cache, v_cache, r3, bandwidth, lengths=lengths, window=window,
                     probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters)
-  return o[:, None] if squeeze else o
+  o = o[:, None] if squeeze else o
+  return o if arrivals is None else (o, arrivals)
 
 
 def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_splits,
-                   block_kv):
+                   block_kv, arrivals):
   import pallas_kernels
   hq, d, out_dtype = q.shape[1], q.shape[2], q.dtype
   if bandwidth is None:
@@ -377,7 +392,10 @@ def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_sp
   o = pallas_kernels.parallax_decode(
       q.astype(dt), k_cache, v_cache, None if r is None else r.astype(dt), scale=scale,
       lengths=lengths, window=window, num_splits=num_splits, block_kv=block_kv,
-      interpret=jax.default_backend() not in _GPU_PLATFORMS)
+      arrivals=arrivals, interpret=jax.default_backend() not in _GPU_PLATFORMS)
+  if arrivals is not None:
+    o, arrivals = o
+    return o.astype(out_dtype), arrivals
   return o.astype(out_dtype)
 
 

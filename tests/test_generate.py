@@ -205,3 +205,23 @@ def test_generate_pallas_decode_equals_xla(case):
     lx, cache_x = step(cfg_x, params, out_x.tokens[:, s], cache_x)
     lp, cache_p = step(cfg_p, params, out_x.tokens[:, s], cache_p)
     np.testing.assert_allclose(lp, lx, rtol=1e-5, atol=1e-5, err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generate_carries_the_decode_arrival_counter(scan_layers):
+  """A cache long enough for split decode launches (192 slots: 3 splits of 64): the cache's
+  arrival counters ([layers, B, Hkv]) are carried through every layer and step and stay zero,
+  and the tokens match the dense 'xla' decode. With scan_layers the kernel runs inside flax's
+  nn.scan, which needs it removable by dead-code elimination (`decode._removable`)."""
+  cfg_x = small(head_dim=16, decode_implementation="xla", max_seq_len=256,
+                scan_layers=scan_layers)
+  cfg_p = cfg_x.replace(decode_implementation="pallas")
+  cache = init_cache(cfg_p, 2, 192)
+  assert cache.arrivals.shape == (2, 2, 2) and cache.arrivals.dtype == jnp.int32
+  params = rand_params(cfg_x, 3)
+  prompts = np.array([[5, 7, 9, 0], [1, 2, 3, 4]], np.int32)
+  out_x = generate(cfg_x, params, prompts, [3, 4], max_new_tokens=3, cache_len=192)
+  out_p = generate(cfg_p, params, prompts, [3, 4], max_new_tokens=3, cache_len=192)
+  np.testing.assert_array_equal(out_p.tokens, out_x.tokens)
+  np.testing.assert_array_equal(out_p.cache.arrivals, 0)
+  assert out_p.cache.arrivals.shape == (2, 2, 2)

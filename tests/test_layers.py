@@ -179,3 +179,45 @@ def test_attention_inputs_are_sown_on_request():
   got = {k: v[0].shape for k, v in state["intermediates"].items()}
   assert got == {"q": (B, T, HQ, DH), "k": (B, T, HKV, DH), "v": (B, T, HKV, DH),
                  "r": (B, T, HQ, DH), "g": (B, T, HQ)}
+
+
+_SHARDED_DECODE = r"""
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from parallax_jax import api
+from parallax_jax.nn import layers as L
+assert jax.device_count() == 4
+rng = np.random.default_rng(0)
+f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+q, r = f(4, 1, 4, 16), f(4, 1, 4, 16)
+k, v = f(4, 192, 2, 16), f(4, 192, 2, 16)
+lengths = jnp.asarray([[5], [100], [192], [64]], jnp.int32)
+seen = []
+def call(q_, k_, v_, r_, len_, bw_, arr_):
+  seen.append((q_.shape, arr_.shape))
+  return api.decode_attention(q_, k_, v_, r_, lengths=len_[:, 0], probe="learned",
+                              affine="affine", implementation="pallas", num_splits=3,
+                              arrivals=arr_)
+ref, _ = L.shard_attention(call, q, k, v, r, lengths, None, jnp.zeros((4, 2), jnp.int32))
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+with jax.set_mesh(mesh), nn.logical_axis_rules(L.logical_axis_rules_example()):
+  o, arr = jax.jit(lambda *a: L.shard_attention(call, *a))(
+      q, k, v, r, lengths, None, jnp.zeros((4, 2), jnp.int32))
+np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
+np.testing.assert_array_equal(arr, 0)
+assert arr.shape == (4, 2) and seen[-1] == ((2, 1, 2, 16), (2, 1)), seen
+print("OK")
+"""
+
+
+def test_shard_attention_carries_decode_state_per_shard():
+  """Under a (data 2, model 2) mesh the decode kernel's arrival counter [B, Hkv] is split with
+  the batch and KV heads (each shard sees its [B/2, Hkv/2] part) and comes back zero."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  p = subprocess.run([sys.executable, "-c", _SHARDED_DECODE], env=env, cwd=repo,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-4000:]

@@ -79,6 +79,47 @@ def test_multi_token_softmax_and_bf16(rng):
                        jnp.zeros((1, 32, 1, 16)), scale=1.0, lengths=[4], interpret=True)
 
 
+def test_merge_in_row_groups(rng):
+  """Many splits x rows: the in-kernel merge takes the rows in several register-sized groups
+  (32 splits x 8 rows x D=64: 2 rows per group)."""
+  check(rng, 1, 2, 1, 512, 64, jnp.float32, [500], ns=32, tokens=4)
+  assert dk.default_num_splits(1, 8, 4096, rows=16) == 8  # many rows: fewer splits
+  assert dk.default_num_splits(1, 8, 4096, rows=2) == 32
+  assert dk.default_num_splits(1, 8, 4096) == 33
+
+
+def test_unused_launch_is_removed_and_grad_refused(rng):
+  """The launch is removable when its outputs are unused (flax's nn.scan needs that), and
+  differentiating it raises a clear error."""
+  q, k, v, r = make(rng, 1, 4, 2, 64, 16, jnp.float32)
+  f = lambda q: dk.parallax_decode(q, k, v, r, scale=0.25, lengths=[9], num_splits=2,
+                                   block_kv=16, interpret=True)
+  jaxpr = jax.make_jaxpr(lambda q: (f(q), 1.0)[1])(q)
+  from jax._src.interpreters import partial_eval as pe
+  dced, used = pe.dce_jaxpr(jaxpr.jaxpr, [True])
+  assert not dced.eqns and not any(used)
+  with pytest.raises(NotImplementedError, match="not differentiable"):
+    jax.grad(lambda q: f(q).sum())(q)
+
+
+@pytest.mark.parametrize("parallax", [True, False])
+def test_carried_arrivals(rng, parallax):
+  """A counter carried across calls (any split count, 1 or T tokens) stays zero and gives the
+  same bits as a freshly zeroed one."""
+  B, Hq, Hkv, S, D = 2, 4, 2, 100, 16
+  lengths = jnp.asarray([37, 100], jnp.int32)
+  arrivals = dk.init_arrivals(B, Hkv)
+  for ns, tokens in ((3, None), (1, None), (4, 2), (2, None)):
+    q, k, v, r = make(rng, B, Hq, Hkv, S, D, jnp.float32, parallax, tokens)
+    kw = dict(scale=0.25, lengths=lengths, num_splits=ns, block_kv=16, interpret=True)
+    o, arrivals = dk.parallax_decode(q, k, v, r, arrivals=arrivals, **kw)
+    np.testing.assert_array_equal(o, dk.parallax_decode(q, k, v, r, **kw))
+    assert arrivals.shape == (B, Hkv) and arrivals.dtype == jnp.int32
+    np.testing.assert_array_equal(arrivals, 0)
+  with pytest.raises(ValueError, match=r"arrivals must be int32 \[B, Hkv\]"):
+    dk.parallax_decode(q, k, v, r, arrivals=jnp.zeros((B * Hkv,), jnp.int32), **kw)
+
+
 @pytest.mark.parametrize("ns", [1, 2, 3, 4])
 @pytest.mark.parametrize("window", [None, 1, 5, 40])
 def test_splits_windows(rng, ns, window):
@@ -149,6 +190,15 @@ def test_gpu_many_splits_merge_is_exact_and_deterministic(rng, parallax):
   outs = [np.asarray(f(q, k, v, r), np.float32) for _ in range(20)]
   for o in outs[1:]:
     np.testing.assert_array_equal(o, outs[0])
+  # the same with the arrival counter carried from call to call (the model's decode loop)
+  g = jax.jit(lambda q, k, v, r, a: dk.parallax_decode(q, k, v, r, scale=D ** -0.5,
+                                                       lengths=lengths, num_splits=48,
+                                                       arrivals=a))
+  arr = dk.init_arrivals(B, Hkv)
+  for _ in range(20):
+    o, arr = g(q, k, v, r, arr)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), outs[0])
+  np.testing.assert_array_equal(arr, 0)
   ref = np.asarray(dk.reference_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths))
   err = np.max(np.abs(outs[0] - ref)) / np.max(np.abs(ref))
   assert err <= TOL[jnp.bfloat16], err
@@ -295,6 +345,13 @@ def test_decode_attention_ranks_dtypes_and_auto(rng):
                                     probe="none", affine="constant", block_kv=16)
   assert np.all(np.asarray(z[0]) == 0)
   np.testing.assert_allclose(z, s, rtol=1e-6, atol=1e-6)
+  # a carried arrival counter: (o, counter) on both paths ('xla' passes it through)
+  zeros = jnp.zeros((2, 2), jnp.int32)
+  for impl in ("pallas", "xla"):
+    o, arr = parallax_jax.decode_attention(q, k, v, r, implementation=impl, block_kv=16,
+                                           num_splits=2, arrivals=zeros, **kw)
+    np.testing.assert_array_equal(arr, 0)
+    _close(np.asarray(o), np.asarray(o3), jnp.float32)
 
 
 def test_decode_attention_other_members_xla(rng):
@@ -340,6 +397,8 @@ def test_decode_attention_bad_inputs(rng):
   bad("window must be a positive int", window=0)
   bad("block_kv must be a power of two", block_kv=24)
   bad("num_splits must be a positive int", num_splits=0)
+  bad(r"arrivals must be int32 \[batch, kv_heads\] = \(2, 2\)",
+      arrivals=jnp.zeros((2, 2), jnp.float32))
   bad("bandwidth must be > 0", bandwidth=-1.0, implementation="pallas")
   bad("bandwidth must be > 0", bandwidth=-1.0, implementation="xla")
   bad("head_dim a power of two >= 16", q[..., :8], k[..., :8], v[..., :8], r[..., :8],

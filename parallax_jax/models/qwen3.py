@@ -34,16 +34,20 @@ class KVCache:
 
   k, v: [num_layers, B, S, Hkv, Dh] (compute dtype); lengths: [B] int32. Only k and v are
   cached: the Parallax probe r = W_R x is recomputed from the current token.
+  arrivals: [num_layers, B, Hkv] int32, all zero between steps: the decode kernel's split
+  arrival counters, carried so that no step has to zero them (None: each call zeroes its own).
   """
   k: Array
   v: Array
   lengths: Array
+  arrivals: Array | None = None
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32),
+               jnp.zeros(shape[:2] + shape[3:4], jnp.int32))
 
   @property
   def max_len(self) -> int:
@@ -123,17 +127,16 @@ class Qwen3Model(nn.Module):
                         split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      layer_cache = None if cache is None else (cache.k, cache.v)
+      layer_cache = None if cache is None else _layer_cache(cache)
       x, new_kv = scanned(cfg, name="layers")(x, cos, sin, segment_ids, layer_cache, lengths)
     else:
-      new_k, new_v = (None, None) if cache is None else (cache.k, cache.v)
+      new_kv = None if cache is None else _layer_cache(cache)
       for i in range(cfg.num_layers):
         block = block_class(cfg, cfg.layer_remat_policy(i))
-        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        layer_cache = None if cache is None else tuple(c[i] for c in new_kv)
         x, nc = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_cache, lengths)
         if cache is not None:
-          new_k, new_v = new_k.at[i].set(nc[0]), new_v.at[i].set(nc[1])
-      new_kv = (new_k, new_v)
+          new_kv = tuple(c.at[i].set(n) for c, n in zip(new_kv, nc))
 
     x = RMSNorm("embed", cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype, name="final_norm")(x)
@@ -148,7 +151,13 @@ class Qwen3Model(nn.Module):
                        ("activation_batch", "activation_length", "activation_vocab"))
     if cache is None:
       return logits
-    return logits, cache.replace(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + t)
+    return logits, cache.replace(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + t,
+                                 arrivals=new_kv[2] if len(new_kv) > 2 else cache.arrivals)
+
+
+def _layer_cache(cache: KVCache) -> tuple:
+  """The per-layer-stacked arrays one decoder layer reads: (k, v[, arrivals])."""
+  return (cache.k, cache.v) if cache.arrivals is None else (cache.k, cache.v, cache.arrivals)
 
 
 # --------------------------------------------------------------------------- params

@@ -57,7 +57,7 @@ def _mesh_axis_size(mesh, entry) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def shard_attention(call: Callable, q, k, v, r, seg, bandwidth):
+def shard_attention(call: Callable, q, k, v, r, seg, bandwidth, state=None):
   """call(q, k, v, r, seg, bandwidth) per shard of the context mesh (`jax.set_mesh`).
 
   Attention is independent per sequence and per head, but XLA cannot partition a Pallas
@@ -65,12 +65,16 @@ def shard_attention(call: Callable, q, k, v, r, seg, bandwidth):
   device runs the whole global batch. Under a mesh this wraps the call in `jax.shard_map` with
   the batch and head axes the logical rules give the activations (heads only when Hq and Hkv
   both divide, so every GQA group stays on one shard). Without a mesh (or rules) it is a plain
-  call.
+  call. With `state` (the decode kernel's carried arrival counter, [B, Hkv], split like k's
+  batch and heads) the call is call(q, k, v, r, seg, bandwidth, state) -> (o, state).
   """
+  stateful = state is not None
+  plain = lambda: (call(q, k, v, r, seg, bandwidth, state) if stateful
+                   else call(q, k, v, r, seg, bandwidth))
   mesh = jax.sharding.get_abstract_mesh()
   spec_q = nn.logical_to_mesh_axes(BLHD_Q)
   if mesh.empty or mesh.size == 1 or spec_q is None:
-    return call(q, k, v, r, seg, bandwidth)
+    return plain()
   batch, heads = spec_q[0], spec_q[2]
   if nn.logical_to_mesh_axes(BLHD_KV)[2] != heads:
     heads = None
@@ -80,19 +84,27 @@ def shard_attention(call: Callable, q, k, v, r, seg, bandwidth):
                             or k.shape[2] % _mesh_axis_size(mesh, heads)):
     heads = None
   if batch is None and heads is None:
-    return call(q, k, v, r, seg, bandwidth)
+    return plain()
   P = jax.sharding.PartitionSpec
   bhd = P(batch, None, heads, None)
-  seg_spec = jax.tree.map(lambda _: P(batch, None), seg)
-  bw_spec = P(heads) if isinstance(bandwidth, jax.Array) and bandwidth.ndim == 1 else P()
-  r_spec = None if r is None else bhd
-  if not isinstance(bandwidth, jax.Array):  # python float: keep it static
-    fn = lambda q_, k_, v_, r_, s_: call(q_, k_, v_, r_, s_, bandwidth)
-    args, specs = (q, k, v, r, seg), (bhd, bhd, bhd, r_spec, seg_spec)
-  else:
-    fn, args, specs = call, (q, k, v, r, seg, bandwidth), (bhd, bhd, bhd, r_spec, seg_spec,
-                                                           bw_spec)
-  return jax.shard_map(fn, in_specs=specs, out_specs=bhd, check_vma=False)(*args)
+  args = [q, k, v, r, seg]
+  specs = [bhd, bhd, bhd, None if r is None else bhd, jax.tree.map(lambda _: P(batch, None), seg)]
+  array_bw = isinstance(bandwidth, jax.Array)
+  if array_bw:  # (a python float stays static, closed over)
+    args.append(bandwidth)
+    specs.append(P(heads) if bandwidth.ndim == 1 else P())
+  if stateful:
+    args.append(state)
+    specs.append(P(batch, heads))
+
+  def fn(*a):
+    a = list(a)
+    st = a.pop() if stateful else None
+    bw = a.pop() if array_bw else bandwidth
+    return call(*a, bw, st) if stateful else call(*a, bw)
+
+  out_specs = (bhd, P(batch, heads)) if stateful else bhd
+  return jax.shard_map(fn, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
 
 
 def remat_policy(name: str):
@@ -222,8 +234,9 @@ class Attention(nn.Module):
 
   Call: `(x [B,T,d], cos, sin, segment_ids, cache, cache_lengths) -> (y, new_cache)`.
   - cache None: training / full forward (causal over x, optional packed `segment_ids`).
-  - cache (k, v) [B,S,Hkv,Dh] and T > 1: prefill from an empty cache: causal attention over x,
-    k and v written to slots [0, T).
+  - cache (k, v) [B,S,Hkv,Dh] (or (k, v, arrivals), arrivals the decode kernel's zeroed
+    [B, Hkv] int32 counter, carried through and returned) and T > 1: prefill from an empty
+    cache: causal attention over x, k and v written to slots [0, T).
   - cache and T == 1: one decode step: k, v written at slot cache_lengths[b]; the query attends
     over the first cache_lengths[b] + 1 slots (and the window) through
     `parallax_jax.decode_attention` (the Pallas split-KV kernel reading the cache in place on
@@ -285,8 +298,10 @@ class Attention(nn.Module):
 
     new_cache = None
     decode = False
+    arrivals = None
     if cache is not None:
-      ck, cv = cache
+      ck, cv, *arrivals = cache  # (k, v) or (k, v, arrivals): see `KVCache`
+      arrivals = arrivals[0] if arrivals else None
       t = x.shape[1]
       if t == 1:  # decode step
         decode = True
@@ -303,14 +318,19 @@ class Attention(nn.Module):
       new_cache = (constrain(ck, BSHD_CACHE), constrain(cv, BSHD_CACHE))
 
     def family(probe_, affine_, r_):
+      nonlocal arrivals
       r_ = r_ if probe_ == "learned" else None
       if decode:
-        def call(q_, k_, v_, r_, len_, bw_):
+        def call(q_, k_, v_, r_, len_, bw_, arr_=None):
           return _api.decode_attention(q_, k_, v_, r_, lengths=len_[:, 0], probe=probe_,
                                        affine=affine_, bandwidth=bw_, window=cfg.window,
                                        ridge=cfg.ridge, solver=cfg.solver,
-                                       implementation=cfg.resolved_decode_implementation)
-        return shard_attention(call, q, k, v, r_, lengths, bandwidth)
+                                       implementation=cfg.resolved_decode_implementation,
+                                       arrivals=arr_)
+        if arrivals is None:
+          return shard_attention(call, q, k, v, r_, lengths, bandwidth)
+        o, arrivals = shard_attention(call, q, k, v, r_, lengths, bandwidth, arrivals)
+        return o
 
       def call(q_, k_, v_, r_, seg_, bw_):
         return _api.attention(q_, k_, v_, r_, probe=probe_, affine=affine_, bandwidth=bw_,
@@ -333,6 +353,8 @@ class Attention(nn.Module):
     out = checkpoint_name(constrain(out, BLHD_Q), "attn_out")
     y = Projection((cfg.hidden_size,), ("q_heads", "head_dim", "embed"), in_dims=2,
                    kernel_init=self._init(), dtype=dt, param_dtype=pdt, name="o_proj")(out)
+    if new_cache is not None and arrivals is not None:
+      new_cache = new_cache + (arrivals,)
     return constrain(y, BLD), new_cache
 
 
