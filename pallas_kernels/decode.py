@@ -55,6 +55,22 @@ def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int 
   return int(min(want, max_by_len, 64, max(8, 64 // rows)))
 
 
+def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows: int = 1,
+                   parallax: bool = True) -> tuple[int, int]:
+  """(block_kv, num_splits) that `parallax_decode` picks when given neither.
+
+  64-key tiles and `default_num_splits`, except for Parallax at head_dim >= 128 when that
+  gives >= 32 splits (few KV heads, a long cache): half as many splits of 128-key tiles (one
+  program per SM: 3 stages of K and V fill its shared memory) halve the latency-bound tile
+  steps. H100 (B=1, Hkv=8, D=128, 4 warps): L=4k 10.8 -> 10.2 us, 8k 14.2 -> 14.0, 32k 53.7
+  -> 51.9; no gain at D=64 or B=8.
+  """
+  ns = default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows)
+  if parallax and head_dim >= 128 and ns >= 32 and s_max >= 2048:
+    return 128, ns // 2
+  return 64, ns
+
+
 def _p2v(p2, v):
   """P2 V with ~16-bit P2 precision on the tensor cores.
 
@@ -200,8 +216,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   us more per step at the split shapes of bench/results/decode.md).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
+  block_kv defaults to 64, and to 128 (with half the splits) for Parallax at head_dim >= 128
+  when the default split count is >= 32.
   num_warps defaults to 2 for Parallax when the programs are split over the length into
-  splits of >= 2 tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: B=8 L=1k
+  splits of >= 2 64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: B=8 L=1k
   15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
   21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits), else 4.
   """
@@ -227,19 +245,23 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     raise ValueError(f"at most 64 rows per KV head (tokens x Hq/Hkv), got T={T}, Hq={Hq}, "
                      f"Hkv={Hkv}")
   bh = max(16, _next_pow2(R))
-  bk = block_kv if block_kv is not None else 64
+  bk, ns = (64 if block_kv is None else block_kv), num_splits
+  if block_kv is None and num_splits is None:
+    bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None)
   if S < bk:  # tiny caches only: pad to one tile
     bk = max(16, min(bk, _next_pow2(S)))
     k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
+    ns = num_splits
   Sp = k_cache.shape[1]
   if num_stages is None:
     num_stages = 3 if r is not None else 2
-  ns = num_splits if num_splits is not None else default_num_splits(B, Hkv, S, bk, rows=R)
+  if ns is None:
+    ns = default_num_splits(B, Hkv, S, bk, rows=R)
   chunk = _round_up(-(-Sp // ns), bk)
   ns = -(-Sp // chunk)
   if num_warps is None:
     num_warps = (2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
-                 and R <= 4 else 4)
+                 and R <= 4 and bk < 128 else 4)
   has_r = r is not None
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
   out_shape_final = q.shape

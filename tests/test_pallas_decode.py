@@ -140,6 +140,10 @@ def test_low_precision(rng, dtype):
 def test_default_splits_and_small_cache(rng):
   check(rng, 2, 2, 1, 10, 16, jnp.float32, [3, 10], bk=None)  # S < block_kv: padded
   check(rng, 1, 2, 1, 300, 16, jnp.float32, [299], bk=None)  # heuristic num_splits
+  check(rng, 1, 2, 1, 2048, 128, jnp.float32, [2000], bk=None)  # 16 splits of 128-key tiles
+  assert dk.default_launch(1, 8, 4096, 128, rows=2) == (128, 16)
+  assert dk.default_launch(1, 8, 4096, 128, rows=2, parallax=False) == (64, 32)
+  assert dk.default_launch(1, 8, 4096, 64) == (64, 33)
   assert dk.default_num_splits(1, 8, 32768) > 1
   assert dk.default_num_splits(256, 8, 1024) == 1
 
