@@ -104,10 +104,10 @@ def impls(B, L, Hq, Hkv, D, with_xla=True):
   out = {}
 
   def pallas(with_r):
-    def step(q, k, v, r, lens, ex):
-      o, arr = dk.parallax_decode(q, k, v, r if with_r else None, scale=scale, lengths=lens,
-                                  arrivals=ex["arr"])
-      return o, {**ex, "arr": arr}
+    def step(q, k, v, r, lens, ex):  # (ex["arr"] None: the call zeroes its own counter)
+      o = dk.parallax_decode(q, k, v, r if with_r else None, scale=scale, lengths=lens,
+                             arrivals=ex["arr"])
+      return (o, ex) if ex["arr"] is None else (o[0], {**ex, "arr": o[1]})
     return step
   out["pallas_parallax"] = pallas(True)
   out["pallas_softmax"] = pallas(False)
@@ -143,13 +143,6 @@ def chained(step):
       q = q.astype(k.dtype)
     return q, ex
   return jax.jit(f)
-
-
-def fresh_counter(name, D):
-  """One Pallas call without a carried counter (it zeroes a fresh one: one small kernel)."""
-  scale = 1.0 / np.sqrt(D)
-  return jax.jit(lambda q, k, v, r, lens, ex: dk.parallax_decode(
-      q, k, v, r if name == "pallas_parallax" else None, scale=scale, lengths=lens))
 
 
 def main():
@@ -188,8 +181,7 @@ def launched(B, Hkv, L, D, rows):
   """(block_kv, splits) the Parallax kernel launches by default (splits after the kernel
   rounds its chunk of the cache up to whole tiles)."""
   bk, ns = dk.default_launch(B, Hkv, L, D, rows=rows)
-  chunk = -(-(-(-L // ns)) // bk) * bk
-  return bk, -(-L // chunk)
+  return bk, dk.split_chunk(L, ns, bk)[1]
 
 
 def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
@@ -228,8 +220,9 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
       us, how = time_us(chained(step), args)
       record(name, us / STEPS, f"{how}, {STEPS} chained steps",
              jax.jit(step)(*args)[0] if small else None)
-      if name.startswith("pallas"):
-        row[name]["us_fresh_counter"] = time_us(fresh_counter(name, D), args)[0]
+      if name.startswith("pallas"):  # one call zeroing its own counter
+        fresh = jax.jit(lambda *a, step=step: step(*a[:5], {**a[5], "arr": None})[0])
+        row[name]["us_fresh_counter"] = time_us(fresh, args)[0]
     except Exception as e:  # noqa: BLE001
       row[name] = {"error": repr(e)[:300]}
       log(grid, B, L, name, row[name])

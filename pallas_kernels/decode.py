@@ -71,6 +71,13 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   return 64, ns
 
 
+def split_chunk(s_max: int, num_splits: int, block_kv: int) -> tuple[int, int]:
+  """(keys per split, splits launched): each split covers whole tiles, so the count can drop
+  (L=4k, 64-key tiles: 33 asked -> chunks of 128 -> 32 launched)."""
+  chunk = _round_up(-(-s_max // num_splits), block_kv)
+  return chunk, -(-s_max // chunk)
+
+
 def _p2v(p2, v):
   """P2 V with ~16-bit P2 precision on the tensor cores.
 
@@ -246,19 +253,17 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
                      f"Hkv={Hkv}")
   bh = max(16, _next_pow2(R))
   bk, ns = (64 if block_kv is None else block_kv), num_splits
-  if block_kv is None and num_splits is None:
+  if block_kv is None and num_splits is None and S >= bk:
     bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None)
   if S < bk:  # tiny caches only: pad to one tile
     bk = max(16, min(bk, _next_pow2(S)))
     k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
-    ns = num_splits
   Sp = k_cache.shape[1]
   if num_stages is None:
     num_stages = 3 if r is not None else 2
   if ns is None:
     ns = default_num_splits(B, Hkv, S, bk, rows=R)
-  chunk = _round_up(-(-Sp // ns), bk)
-  ns = -(-Sp // chunk)
+  chunk, ns = split_chunk(Sp, ns, bk)
   if num_warps is None:
     num_warps = (2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
                  and R <= 4 and bk < 128 else 4)
@@ -317,8 +322,7 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
             s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns,
-            num_warps=num_warps,
-            interpret=bool(interpret))
+            num_warps=num_warps, interpret=bool(interpret))
 
   call = pl.pallas_call(
       kernel, grid=(B, Hkv, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

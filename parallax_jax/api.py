@@ -361,11 +361,9 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
   if impl == "pallas":
     if kind is None:
       _fail(f"implementation='pallas' cannot run this decode call: {why}")
-    o = _decode_pallas(q3, k_cache, v_cache, r3 if kind == "parallax" else None, bandwidth,
-                       lengths=lengths, window=window, num_splits=num_splits,
-                       block_kv=block_kv, arrivals=arrivals)
-    if arrivals is not None:
-      o, arrivals = o
+    o, arrivals = _decode_pallas(q3, k_cache, v_cache, r3 if kind == "parallax" else None,
+                                 bandwidth, lengths=lengths, window=window,
+                                 num_splits=num_splits, block_kv=block_kv, arrivals=arrivals)
   else:
     o = _decode_xla(q3, k_cache, v_cache, r3, bandwidth, lengths=lengths, window=window,
                     probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters)
@@ -375,6 +373,7 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
 
 def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_splits,
                    block_kv, arrivals):
+  """-> (o, arrivals): the kernel's output and its counter (None when none was carried)."""
   import pallas_kernels
   hq, d, out_dtype = q.shape[1], q.shape[2], q.dtype
   if bandwidth is None:
@@ -393,10 +392,8 @@ def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_sp
       q.astype(dt), k_cache, v_cache, None if r is None else r.astype(dt), scale=scale,
       lengths=lengths, window=window, num_splits=num_splits, block_kv=block_kv,
       arrivals=arrivals, interpret=jax.default_backend() not in _GPU_PLATFORMS)
-  if arrivals is not None:
-    o, arrivals = o
-    return o.astype(out_dtype), arrivals
-  return o.astype(out_dtype)
+  o, arrivals = (o, None) if arrivals is None else o
+  return o.astype(out_dtype), arrivals
 
 
 def _decode_xla(q, k_cache, v_cache, r, bandwidth, *, lengths, window, probe, affine, ridge,

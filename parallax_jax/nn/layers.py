@@ -68,13 +68,11 @@ def shard_attention(call: Callable, q, k, v, r, seg, bandwidth, state=None):
   call. With `state` (the decode kernel's carried arrival counter, [B, Hkv], split like k's
   batch and heads) the call is call(q, k, v, r, seg, bandwidth, state) -> (o, state).
   """
-  stateful = state is not None
-  plain = lambda: (call(q, k, v, r, seg, bandwidth, state) if stateful
-                   else call(q, k, v, r, seg, bandwidth))
+  extra = () if state is None else (state,)
   mesh = jax.sharding.get_abstract_mesh()
   spec_q = nn.logical_to_mesh_axes(BLHD_Q)
   if mesh.empty or mesh.size == 1 or spec_q is None:
-    return plain()
+    return call(q, k, v, r, seg, bandwidth, *extra)
   batch, heads = spec_q[0], spec_q[2]
   if nn.logical_to_mesh_axes(BLHD_KV)[2] != heads:
     heads = None
@@ -84,27 +82,19 @@ def shard_attention(call: Callable, q, k, v, r, seg, bandwidth, state=None):
                             or k.shape[2] % _mesh_axis_size(mesh, heads)):
     heads = None
   if batch is None and heads is None:
-    return plain()
+    return call(q, k, v, r, seg, bandwidth, *extra)
   P = jax.sharding.PartitionSpec
   bhd = P(batch, None, heads, None)
-  args = [q, k, v, r, seg]
-  specs = [bhd, bhd, bhd, None if r is None else bhd, jax.tree.map(lambda _: P(batch, None), seg)]
-  array_bw = isinstance(bandwidth, jax.Array)
-  if array_bw:  # (a python float stays static, closed over)
-    args.append(bandwidth)
-    specs.append(P(heads) if bandwidth.ndim == 1 else P())
-  if stateful:
-    args.append(state)
-    specs.append(P(batch, heads))
-
-  def fn(*a):
-    a = list(a)
-    st = a.pop() if stateful else None
-    bw = a.pop() if array_bw else bandwidth
-    return call(*a, bw, st) if stateful else call(*a, bw)
-
-  out_specs = (bhd, P(batch, heads)) if stateful else bhd
-  return jax.shard_map(fn, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
+  specs = (bhd, bhd, bhd, None if r is None else bhd, jax.tree.map(lambda _: P(batch, None), seg))
+  extra_specs = (P(batch, heads),) * len(extra)
+  out_specs = (bhd, *extra_specs) if extra else bhd
+  if isinstance(bandwidth, jax.Array):
+    fn, args = call, (q, k, v, r, seg, bandwidth, *extra)
+    specs += (P(heads) if bandwidth.ndim == 1 else P(),) + extra_specs
+  else:  # python float: keep it static
+    fn = lambda q_, k_, v_, r_, s_, *e: call(q_, k_, v_, r_, s_, bandwidth, *e)
+    args, specs = (q, k, v, r, seg, *extra), specs + extra_specs
+  return jax.shard_map(fn, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def remat_policy(name: str):
