@@ -6,8 +6,11 @@ Per row (spec `attention_family.md`): S1 = q.k*scale, S2 = r.k, one running max 
 P1 = exp(S1 - m), P2 = P1*S2, d1 = sum P1, d2 = sum P2, O1 = P1 V, O2 = P2 V (fp32);
 o = (1 + d2/d1) O1/d1 - O2/d1 (r None: o = O1/d1). Rows with no valid key give 0.
 
-Grid (B, Hkv, num_splits): GQA packing puts the G = Hq/Hkv query rows (and, in a second
-tile, their probe rows) of one KV head in one program, so each K/V byte is read once per split.
+Grid (Hkv, B, num_splits), KV head fastest, so programs running together read neighbouring
+heads of the same cache rows (H100, one split: MHA B=256 L=1k-8k 1.5-3% faster than with the
+batch fastest, GQA B=256 L=8k 1.6%). GQA packing puts the G = Hq/Hkv query rows (and, in a
+second tile, their probe rows) of one KV head in one program, so each K/V byte is read once
+per split.
 q and r are read in place ([B, Hq, D], masked loads pad the G rows to 16) and the kernel
 writes o itself: one launch. With splits, each writes fp32 partials (m, d1, d2, O1, O2) of
 its G rows, and the last split of (b, h) to arrive (an atomic counter) merges them exactly.
@@ -64,10 +67,18 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   program per SM: 3 stages of K and V fill its shared memory) halve the latency-bound tile
   steps. H100 (B=1, Hkv=8, D=128, 4 warps): L=4k 10.8 -> 10.2 us, 8k 14.2 -> 14.0, 32k 53.7
   -> 51.9; no gain at D=64 or B=8.
+  Also 128-key tiles for unsplit Parallax launches at head_dim >= 128 of >= 512 programs
+  (B*Hkv; <= 16 rows): fewer, larger loads per program. H100 (bench/results/decode_ab_v6.json):
+  GQA B=256 L=1k 355.2 -> 350.7 us, B=64 L=4k 352.0 -> 349.3; slower with fewer programs (B=32
+  L=1k 48.5 -> 50.2: one program per SM, two waves). At D=64, 64-key tiles with 2 warps and 2
+  stages (`parallax_decode`) beat them (decode_ab_v6_mha.json, MHA B=256 L=4k: 719 against 741).
   """
   ns = default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows)
   if parallax and head_dim >= 128 and ns >= 32 and s_max >= 2048:
     return 128, ns // 2
+  if (parallax and head_dim >= 128 and ns == 1 and batch * num_kv_heads >= 512 and rows <= 16
+      and s_max >= 256):
+    return 128, 1
   return 64, ns
 
 
@@ -102,8 +113,8 @@ def _finish(d1, d2, o1, o2):
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
             o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, num_warps,
-            interpret):
-  b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+            interpret, lazy):
+  h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
   nrow = tokens * group                     # rows (token t, head g) = t * G + g of KV head h
   bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
@@ -130,14 +141,18 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     j = start + _iota(bk, 1)
     valid = (j >= jnp.maximum(row_lo, t * bk)) & (j < row_hi)
     s1 = _dot(q, k, trans_b=True) * scale
+    # R K issued before the row max: its MMAs overlap the cross-warp reduction (a barrier
+    # the compiler does not move them across). H100: B=8 L=1k 12.5 -> 11.7 us, B=1 L=8k
+    # 13.7 -> 13.2.
+    s2 = _dot(r, k, trans_b=True) if has_r else None
     s1 = jnp.where(valid, s1, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s1, axis=1))
     alpha = jnp.exp(m - m_new)
     p1 = jnp.where(valid, jnp.exp(s1 - m_new[:, None]), 0.0)
-    d1 = d1 * alpha + jnp.sum(p1, axis=1)
+    d1 = d1 * alpha[:, None] + p1 if lazy else d1 * alpha + jnp.sum(p1, axis=1)
     if has_r:
-      p2 = p1 * _dot(r, k, trans_b=True)
-      d2 = d2 * alpha + jnp.sum(p2, axis=1)
+      p2 = p1 * s2
+      d2 = d2 * alpha[:, None] + p2 if lazy else d2 * alpha + jnp.sum(p2, axis=1)
     o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
     if has_r:
       o2 = o2 * alpha[:, None] + _p2v(p2, v)
@@ -145,10 +160,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
 
   zr = jnp.zeros((bh,), jnp.float32)
   zo = jnp.zeros((bh, D), jnp.float32)
-  carry = (zr + NEG_INF, zr, zr, zo, zo)
+  zd = jnp.zeros((bh, bk), jnp.float32) if lazy else zr
+  carry = (zr + NEG_INF, zd, zd, zo, zo)
   t0 = lo // bk
   t1 = jnp.where(hi > lo, (hi + bk - 1) // bk, t0)
   m, d1, d2, o1, o2 = lax.fori_loop(t0, t1, body, carry)
+  if lazy:
+    d1, d2 = jnp.sum(d1, axis=1), jnp.sum(d2, axis=1)
   store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
   if num_splits == 1:
     store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
@@ -168,7 +186,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
   if not interpret:  # (the interpreter runs programs one at a time and has no barrier rule)
     plgpu.debug_barrier()
-  slot = b * pl.num_programs(1) + h
+  slot = b * pl.num_programs(0) + h
   arrived = plgpu.atomic_add(cnt_ref, slot, jnp.ones((), jnp.int32))
 
   @pl.when(arrived == num_splits - 1)
@@ -222,13 +240,16 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   again; with None, each split launch zeroes a fresh counter (one more small kernel: 0.3-0.7
   us more per step at the split shapes of bench/results/decode.md).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
-  prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without.
-  block_kv defaults to 64, and to 128 (with half the splits) for Parallax at head_dim >= 128
-  when the default split count is >= 32.
+  prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without, and to 2 (with 2
+  warps) for unsplit Parallax launches at head_dim <= 64 with 64-key tiles.
+  block_kv defaults to 64, and to 128 for Parallax at head_dim >= 128 when the default split
+  count is >= 32 (with half the splits) and for unsplit Parallax launches of many programs
+  (`default_launch`).
   num_warps defaults to 2 for Parallax when the programs are split over the length into
   splits of >= 2 64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: B=8 L=1k
   15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
-  21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits), else 4.
+  21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits), and for unsplit Parallax launches at
+  head_dim <= 64 with 64-key tiles (see num_stages), else 4.
   """
   if q.ndim not in (3, 4):
     raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
@@ -259,14 +280,24 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     bk = max(16, min(bk, _next_pow2(S)))
     k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
-  if num_stages is None:
-    num_stages = 3 if r is not None else 2
   if ns is None:
     ns = default_num_splits(B, Hkv, S, bk, rows=R)
   chunk, ns = split_chunk(Sp, ns, bk)
+  # Unsplit Parallax at D <= 64 with 64-key tiles: 2 warps and 2 stages, so more programs are
+  # resident per SM (H100, MHA B=64: L=1k 51.4 -> 49.5 us, L=4k 191.0 -> 184.3; B=256 L=8k
+  # 1474 -> 1433 against 128-key tiles; bench/results/decode_ab_v6_launch.json, _mha.json).
+  small_unsplit = r is not None and ns == 1 and D <= 64 and bk == 64 and R <= 4
+  if num_stages is None:
+    num_stages = 3 if r is not None and not small_unsplit else 2
   if num_warps is None:
-    num_warps = (2 if r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
-                 and R <= 4 and bk < 128 else 4)
+    split_few = (r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
+                 and R <= 4 and bk < 128)
+    num_warps = 2 if split_few or small_unsplit else 4
+  # Row sums d1, d2 kept as [rows, block_kv] elementwise sums and reduced once after the loop
+  # (no cross-warp reduction per tile) where a program loops over >= 2 tiles of <= 16 rows,
+  # except D=128 with 2 warps (register pressure). H100: MHA B=1 L=8k 9.9 -> 9.2 us, B=8 L=1k
+  # 9.1 -> 8.4; GQA B=1 L=8k 14.0 -> 13.6; but GQA B=8 L=1k (2 warps) 12.4 -> 12.9.
+  lazy = chunk >= 2 * bk and bh == 16 and not (D >= 128 and num_warps == 2)
   has_r = r is not None
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
   out_shape_final = q.shape
@@ -281,9 +312,9 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   r = rows_by_kv_head(r) if has_r else None
   Hq = Hkv * R
 
-  heads = pl.BlockSpec((None, Hq, D), lambda b, h, s: (b, 0, 0))
-  kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
-  in_specs = [pl.BlockSpec((B,), lambda b, h, s: (0,)), heads, kv_spec, kv_spec,
+  heads = pl.BlockSpec((None, Hq, D), lambda h, b, s: (b, 0, 0))
+  kv_spec = pl.BlockSpec((None, Sp, None, D), lambda h, b, s: (b, 0, h, 0))
+  in_specs = [pl.BlockSpec((B,), lambda h, b, s: (0,)), heads, kv_spec, kv_spec,
               heads if has_r else None]
   args = [lengths, q, k_cache, v_cache, r]
   out_shape = [jax.ShapeDtypeStruct((B, Hq, D), q.dtype)]
@@ -293,9 +324,9 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     # Partials of every split of (b, h) in one block: the merging program reads them all.
     vec = jax.ShapeDtypeStruct((B, Hkv, ns, bh), jnp.float32)
     mat = jax.ShapeDtypeStruct((B, Hkv, ns, bh, D), jnp.float32)
-    vec_spec = pl.BlockSpec((None, None, ns, bh), lambda b, h, s: (b, h, 0, 0))
-    mat_spec = pl.BlockSpec((None, None, ns, bh, D), lambda b, h, s: (b, h, 0, 0, 0))
-    cnt_spec = pl.BlockSpec((B * Hkv,), lambda b, h, s: (0,))
+    vec_spec = pl.BlockSpec((None, None, ns, bh), lambda h, b, s: (b, h, 0, 0))
+    mat_spec = pl.BlockSpec((None, None, ns, bh, D), lambda h, b, s: (b, h, 0, 0, 0))
+    cnt_spec = pl.BlockSpec((B * Hkv,), lambda h, b, s: (0,))
     in_specs.append(cnt_spec)
     args.append(jnp.zeros((B * Hkv,), jnp.int32) if arrivals is None
                 else arrivals.reshape(B * Hkv))
@@ -322,10 +353,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
             s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns,
-            num_warps=num_warps, interpret=bool(interpret))
+            num_warps=num_warps, interpret=bool(interpret), lazy=lazy)
 
   call = pl.pallas_call(
-      kernel, grid=(B, Hkv, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=(Hkv, B, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",

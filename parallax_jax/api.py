@@ -233,9 +233,10 @@ def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, 
     if x is None:
       continue
     ndim = getattr(x, "ndim", None)
-    if ndim not in (3, 4) or (ndim == 4 and x.shape[1] != 1):
-      _fail(f"{name} must be [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim] (one "
-            f"new token per sequence), got shape {getattr(x, 'shape', type(x).__name__)}")
+    if ndim not in (3, 4) or (ndim == 4 and x.shape[1] < 1):
+      _fail(f"{name} must be [batch, q_heads, head_dim] (one new token per sequence) or "
+            f"[batch, tokens, q_heads, head_dim] with tokens >= 1, got shape "
+            f"{getattr(x, 'shape', type(x).__name__)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       _fail(f"{name} must be floating point, got dtype {x.dtype}")
   if r is not None and r.shape != q.shape:
@@ -293,6 +294,11 @@ def _decode_pallas_kind(probe, affine, q, k_cache, v_cache):
   d = q.shape[-1]
   if d < 16 or d & (d - 1):
     return None, f"the decode kernel needs head_dim a power of two >= 16, got {d}"
+  tokens = q.shape[1] if q.ndim == 4 else 1
+  rows = tokens * (q.shape[-2] // k_cache.shape[2])
+  if rows > 64:
+    return None, (f"the decode kernel takes at most 64 rows per KV head (tokens x q_heads / "
+                  f"kv_heads), got {tokens} x {q.shape[-2] // k_cache.shape[2]} = {rows}")
   if v_cache.shape != k_cache.shape:
     return None, (f"the decode kernel needs v_cache shaped like k_cache, got {v_cache.shape} "
                   f"and {k_cache.shape}")
@@ -312,11 +318,14 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
   Each sequence b has one new query row that attends over the first `lengths[b]` slots of its
   cache (after writing the new token's k, v at slot n, pass lengths = n + 1), with `window`
   keeping only the `window` most recent of them (slots j >= lengths[b] - window), the same
-  keys as causal `attention` over the sequence. Rows with no key (lengths 0) are zero;
-  lengths above max_len count as max_len.
+  keys as causal `attention` over the sequence. With T new tokens per sequence (speculative /
+  multi-token decode; their k, v written at the last T valid slots), token t sits at slot
+  lengths[b] - T + t and sees the slots up to its own (causal among the new tokens, and
+  within `window` of its slot); the kernel reads the cache once for all T. Rows with no key
+  (lengths 0) are zero; lengths above max_len count as max_len.
 
   Args:
-    q: the new queries [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+    q: the new queries [batch, q_heads, head_dim], or [batch, tokens, q_heads, head_dim].
       r: the learned probe, same shape and dtype (probe='learned').
     k_cache, v_cache: [batch, max_len, kv_heads, head_dim], the model's cache layout, read in
       place; their dtype may differ from q's (the kernel then runs in the cache's dtype).
@@ -327,7 +336,7 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
       a non-GPU backend it runs in Pallas interpret mode, for tests), 'xla' (dense masked
       computation over the whole cache, every member), or None: 'pallas' on GPU when the
       kernel applies (softmax or Parallax, head_dim a power of two >= 16, a float32/bfloat16/
-      float16 cache), else 'xla'.
+      float16 cache, tokens x q_heads / kv_heads <= 64), else 'xla'.
     num_splits, block_kv: kernel launch overrides (None: its heuristics); ignored by 'xla'.
     arrivals: None, or the all-zero int32 [batch, kv_heads] counter a decode loop carries
       from call to call (`pallas_kernels.init_arrivals`); the call then returns
@@ -340,7 +349,7 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
   differentiable through the 'pallas' path.
 
   Returns:
-    [batch, (1,) q_heads, v_head_dim] (q's rank) in q's dtype; (that, arrivals) when
+    q's shape ([batch, (tokens,) q_heads, v_head_dim]) in q's dtype; (that, arrivals) when
     arrivals is given.
   """
   lengths = _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, solver,
@@ -351,7 +360,7 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
       _fail(f"arrivals must be int32 [batch, kv_heads] = {want} zeros, got "
             f"{getattr(arrivals, 'dtype', type(arrivals).__name__)} "
             f"{getattr(arrivals, 'shape', '')}")
-  squeeze = q.ndim == 4
+  squeeze = q.ndim == 4 and q.shape[1] == 1   # one token: the kernel's single-row launch
   q3 = q[:, 0] if squeeze else q
   r3 = None if r is None else (r[:, 0] if squeeze else r)
   kind, why = _decode_pallas_kind(probe, affine, q3, k_cache, v_cache)
@@ -375,7 +384,7 @@ def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_sp
                    block_kv, arrivals):
   """-> (o, arrivals): the kernel's output and its counter (None when none was carried)."""
   import pallas_kernels
-  hq, d, out_dtype = q.shape[1], q.shape[2], q.dtype
+  hq, d, out_dtype = q.shape[-2], q.shape[-1], q.dtype
   if bandwidth is None:
     scale = 1.0 / math.sqrt(d)
   elif isinstance(bandwidth, (int, float, np.integer, np.floating)) and not isinstance(
@@ -385,7 +394,7 @@ def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_sp
       _fail(f"bandwidth must be > 0 (or inf), got {bandwidth!r}")
     scale = 0.0 if math.isinf(h) else 1.0 / h
   else:  # array / traced bandwidth: fold 1/h into q, exact in float32
-    q = q.astype(jnp.float32) * _scale(bandwidth, hq, d, jnp.float32)[None, :, None]
+    q = q.astype(jnp.float32) * _scale(bandwidth, hq, d, jnp.float32)[:, None]
     scale = 1.0
   dt = k_cache.dtype
   o = pallas_kernels.parallax_decode(
@@ -398,21 +407,23 @@ def _decode_pallas(q, k_cache, v_cache, r, bandwidth, *, lengths, window, num_sp
 
 def _decode_xla(q, k_cache, v_cache, r, bandwidth, *, lengths, window, probe, affine, ridge,
                 solver, cg_iters):
-  b, s = k_cache.shape[:2]
+  s = k_cache.shape[1]
+  one = q.ndim == 3
+  q4, r4 = (q[:, None], None if r is None else r[:, None]) if one else (q, r)
+  t = q4.shape[1]
   compute_dtype = _compute_dtype(jnp.result_type(q.dtype, k_cache.dtype))
-  scale = _scale(bandwidth, q.shape[1], q.shape[2], compute_dtype)
-  n = jnp.minimum(lengths, s)[:, None]
-  j = jnp.arange(s, dtype=jnp.int32)[None, :]
-  valid = j < n
+  scale = _scale(bandwidth, q.shape[-2], q.shape[-1], compute_dtype)
+  # token i at slot n - T + i sees slots j <= its own (and > slot - window)
+  slot = (jnp.minimum(lengths, s)[:, None] - t + jnp.arange(t, dtype=jnp.int32))[:, :, None]
+  j = jnp.arange(s, dtype=jnp.int32)[None, None, :]
+  mask = j <= slot
   if window is not None:
-    valid &= j >= n - window
-  kv_seg = jnp.where(valid, 0, -1).astype(jnp.int32)
-  q_seg = jnp.zeros((b, 1), jnp.int32)
+    mask &= j > slot - window
   o = _reference.dense_attention(
-      q[:, None], k_cache, v_cache, None if r is None else r[:, None], scale, probe=probe,
-      affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters, causal=False, window=None,
-      q_seg=q_seg, kv_seg=kv_seg, compute_dtype=compute_dtype)
-  return o[:, 0]
+      q4, k_cache, v_cache, r4, scale, probe=probe, affine=affine, ridge=ridge, solver=solver,
+      cg_iters=cg_iters, causal=False, window=None, q_seg=None, kv_seg=None,
+      compute_dtype=compute_dtype, mask=mask)
+  return o[:, 0] if one else o
 
 
 def softmax_attention(q, k, v, **kwargs):

@@ -136,11 +136,15 @@ def family_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
 
 
 def dense_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iters, causal,
-                    window, q_seg, kv_seg, compute_dtype):
-  """[B,T,Hq,D] layout wrapper around `family_core` (validated inputs; see api.attention)."""
+                    window, q_seg, kv_seg, compute_dtype, mask=None):
+  """[B,T,Hq,D] layout wrapper around `family_core` (validated inputs; see api.attention).
+
+  mask: None (from causal / window / segments), or a boolean [B, T, S] given as is (decode).
+  """
   hkv = k.shape[2]
   t, s = q.shape[1], k.shape[1]
-  mask = masks.full_mask(t, s, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg)
+  if mask is None:
+    mask = masks.full_mask(t, s, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg)
   mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
   cast = lambda x: None if x is None else x.astype(compute_dtype)
   o = family_core(

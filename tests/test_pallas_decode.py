@@ -141,9 +141,16 @@ def test_default_splits_and_small_cache(rng):
   check(rng, 2, 2, 1, 10, 16, jnp.float32, [3, 10], bk=None)  # S < block_kv: padded
   check(rng, 1, 2, 1, 300, 16, jnp.float32, [299], bk=None)  # heuristic num_splits
   check(rng, 1, 2, 1, 2048, 128, jnp.float32, [2000], bk=None)  # 16 splits of 128-key tiles
+  # one split of 128-key tiles, row sums kept per element (3 tiles, the last one clamped)
+  check(rng, 2, 4, 2, 300, 128, jnp.float32, [300, 131], ns=1, bk=128, window=200)
   assert dk.default_launch(1, 8, 4096, 128, rows=2) == (128, 16)
   assert dk.default_launch(1, 8, 4096, 128, rows=2, parallax=False) == (64, 32)
   assert dk.default_launch(1, 8, 4096, 64) == (64, 33)
+  assert dk.default_launch(64, 8, 4096, 128, rows=2) == (128, 1)
+  assert dk.default_launch(64, 8, 4096, 64) == (64, 1)
+  assert dk.default_launch(256, 8, 1024, 64) == (64, 1)
+  assert dk.default_launch(32, 8, 1024, 128, rows=2) == (64, 1)
+  assert dk.default_launch(256, 8, 1024, 128, rows=2, parallax=False) == (64, 1)
   assert dk.default_num_splits(1, 8, 32768) > 1
   assert dk.default_num_splits(256, 8, 1024) == 1
 
@@ -210,14 +217,16 @@ def test_gpu_many_splits_merge_is_exact_and_deterministic(rng, parallax):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
-@pytest.mark.parametrize("member", ["parallax", "softmax"])
-def test_gpu_decode_attention_auto_picks_kernel(member):
-  """implementation=None on a GPU runs the compiled kernel and matches the dense path."""
+@pytest.mark.parametrize("member,tokens", [("parallax", 1), ("softmax", 1), ("parallax", 3)])
+def test_gpu_decode_attention_auto_picks_kernel(member, tokens):
+  """implementation=None on a GPU runs the compiled kernel and matches the dense path (one
+  new token, or 3 per sequence)."""
   import parallax_jax
   B, Hq, Hkv, S, D = 3, 16, 8, 2048, 128
   ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
-  r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(jnp.bfloat16)
+  qs = (B, Hq, D) if tokens == 1 else (B, tokens, Hq, D)
+  q = jax.random.normal(ks[0], qs, jnp.bfloat16)
+  r = (0.5 * jax.random.normal(ks[1], qs)).astype(jnp.bfloat16)
   kc = jax.random.normal(ks[2], (B, S, Hkv, D), jnp.bfloat16)
   vc = jax.random.normal(ks[3], (B, S, Hkv, D), jnp.bfloat16)
   lens = jnp.asarray([1, 1000, 2048], jnp.int32)
@@ -233,18 +242,21 @@ def test_gpu_decode_attention_auto_picks_kernel(member):
   assert err < 1e-2, err
 
 
-@pytest.mark.parametrize("parallax,tokens", [(True, 1), (False, 1), (True, 4)])
-def test_cuda_lowering_abstract_h100(parallax, tokens):
+@pytest.mark.parametrize("parallax,tokens,batch,ns", [
+    (True, 1, 4, 3), (False, 1, 4, 3), (True, 4, 4, 3),
+    (True, 1, 64, None)])  # default launch: one split of 128-key tiles, per-element row sums
+def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
   from tests.test_pallas_train import _triton_modules, verify_triton_modules
 
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-  q = jax.ShapeDtypeStruct((4, 16, 128) if tokens == 1 else (4, tokens, 16, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((4, 3000, 8, 128), jnp.bfloat16)
-  lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+  q = jax.ShapeDtypeStruct((batch, 16, 128) if tokens == 1 else (batch, tokens, 16, 128),
+                           jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, 3000, 8, 128), jnp.bfloat16)
+  lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
   f = lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r if parallax else None, scale=0.1,
-                                               lengths=l, window=500, num_splits=3)
+                                               lengths=l, window=500, num_splits=ns)
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(f).trace(q, kv, kv, q, lens).lower(lowering_platforms=("cuda",))
   mods = _triton_modules(lowered)
@@ -358,6 +370,35 @@ def test_decode_attention_ranks_dtypes_and_auto(rng):
     _close(np.asarray(o), np.asarray(o3), jnp.float32)
 
 
+@pytest.mark.parametrize("member", ["softmax", "parallax"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_attention_multi_token(rng, member, window):
+  """T new tokens per sequence: token t at slot lengths-T+t, causal among them; 'pallas'
+  (one launch for all T), 'xla' and the kernel's token-by-token reference agree, and 'xla'
+  matches T one-token calls. lengths 2 < T: the first token sees no key (zero row)."""
+  import parallax_jax
+  B, Hq, Hkv, S, D, T = 4, 4, 2, 40, 16, 3
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, jnp.float32, parallax=member == "parallax",
+                    tokens=T)
+  lengths = jnp.asarray([2, 3, 21, 40], jnp.int32)
+  k, v = poison_tail(k, lengths), poison_tail(v, lengths)
+  kw = dict(lengths=lengths, window=window, **MEMBER_ARGS[member])
+  o_p = parallax_jax.decode_attention(q, k, v, r, implementation="pallas", block_kv=16,
+                                      num_splits=2, **kw)
+  o_x = parallax_jax.decode_attention(q, k, v, r, implementation="xla", **kw)
+  ref = np.asarray(dk.reference_decode(q, k, v, r, scale=1 / np.sqrt(D), lengths=lengths,
+                                       window=window))
+  assert o_p.shape == o_x.shape == q.shape
+  _close(np.asarray(o_p), ref, jnp.float32)
+  _close(np.asarray(o_x), ref, jnp.float32)
+  assert np.all(np.asarray(o_p)[0, 0] == 0) and np.all(np.asarray(o_x)[0, 0] == 0)
+  for t in range(T):
+    one = parallax_jax.decode_attention(
+        q[:, t], k, v, None if r is None else r[:, t], implementation="xla",
+        **{**kw, "lengths": jnp.maximum(lengths - (T - 1 - t), 0)})
+    np.testing.assert_allclose(o_x[:, t], one, rtol=1e-6, atol=1e-6)
+
+
 def test_decode_attention_other_members_xla(rng):
   """Members the kernel does not compute run on 'xla' (and None); 'pallas' refuses them."""
   import parallax_jax
@@ -384,8 +425,11 @@ def test_decode_attention_bad_inputs(rng):
     with pytest.raises(ValueError, match=match):
       parallax_jax.decode_attention(a["q"], a["k_cache"], a["v_cache"], a["r"], **kw)
 
-  bad(r"q must be \[batch, q_heads, head_dim\]", q[:, :, :1, None])
-  bad(r"q must be \[batch, q_heads, head_dim\] or \[batch, 1", jnp.stack([q, q], 1))
+  bad(r"q must be \[batch, q_heads, head_dim\]", q[:, :, None, None])
+  bad(r"or \[batch, tokens, q_heads, head_dim\] with tokens >= 1", q[:, None][:, :0],
+      k, v, r[:, None][:, :0])
+  many = lambda x: jnp.repeat(x[:, None], 33, axis=1)  # 33 tokens x 2 q-heads per KV head
+  bad("at most 64 rows per KV head", many(q), k, v, many(r), implementation="pallas")
   bad("r must have q's shape", q, k, v, r[:, :2])
   bad("q and r must share one dtype", q, k, v, r.astype(jnp.bfloat16))
   bad("k_cache must have rank 4", q, k[:, 0])
