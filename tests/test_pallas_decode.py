@@ -397,6 +397,11 @@ def test_decode_attention_multi_token(rng, member, window):
         q[:, t], k, v, None if r is None else r[:, t], implementation="xla",
         **{**kw, "lengths": jnp.maximum(lengths - (T - 1 - t), 0)})
     np.testing.assert_allclose(o_x[:, t], one, rtol=1e-6, atol=1e-6)
+  # a per-head bandwidth array, folded into the T query rows on the kernel path
+  kw["bandwidth"] = jnp.asarray([2.0, 3.0, 5.0, 8.0])
+  o_p = parallax_jax.decode_attention(q, k, v, r, implementation="pallas", block_kv=16, **kw)
+  o_x = parallax_jax.decode_attention(q, k, v, r, implementation="xla", **kw)
+  _close(np.asarray(o_p), np.asarray(o_x), jnp.float32)
 
 
 def test_decode_attention_other_members_xla(rng):
