@@ -20,8 +20,6 @@ Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
