@@ -123,6 +123,24 @@ def smem_bytes(cfg: MgpuConfig, head_dim: int, parallax: bool, itemsize: int = 2
   return qr + kv + 2 * _COMPUTE_WGS * 2 * cfg.block_q * 4
 
 
+def hopper_platform(platform: str | None) -> tuple[bool, str]:
+  """(True, "") if Mosaic GPU Hopper kernels can run for `platform`: None checks the default
+  device (a CUDA GPU of compute capability 9.x: wgmma is sm_90a only); "cuda"/"gpu" (e.g.
+  lowering on an abstract H100) and "interpret" skip the device check."""
+  if platform is None:
+    try:
+      dev = jax.devices()[0]
+    except RuntimeError:
+      return False, "no device"
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None or not str(cc).startswith("9."):
+      return False, f"needs a Hopper GPU (sm_90), got {dev.platform} {cc}"
+    platform = "cuda"
+  if platform not in ("cuda", "gpu", "interpret"):
+    return False, f"platform {platform!r} is not cuda"
+  return True, ""
+
+
 def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
               kv_segment_ids=None, config: MgpuConfig | None = None,
               platform: str | None = None) -> tuple[bool, str]:
@@ -165,17 +183,9 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
     return False, f"{cfg} needs more SMEM than {_SMEM_LIMIT} bytes"
   if causal and T > S:
     return False, "causal with T > S (rows without keys) is not implemented"
-  if platform is None:
-    try:
-      dev = jax.devices()[0]
-    except RuntimeError:
-      return False, "no device"
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform != "gpu" or cc is None or not str(cc).startswith("9."):
-      return False, f"needs a Hopper GPU (sm_90), got {dev.platform} {cc}"
-    platform = "cuda"
-  if platform not in ("cuda", "gpu", "interpret"):
-    return False, f"platform {platform!r} is not cuda"
+  ok, why = hopper_platform(platform)
+  if not ok:
+    return ok, why
   if causal and platform != "interpret":
     try:  # attention_mgpu: ptxas miscompiles the causal kernel on CUDA 12.8.0 - 12.9.0
       from jax._src.lib import cuda_versions

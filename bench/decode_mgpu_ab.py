@@ -1,0 +1,170 @@
+"""A/B of the decode kernels in one run: the Pallas-Triton split-KV kernel (the default,
+`pallas_kernels.decode`) against the Mosaic GPU kernel (`pallas_kernels.decode_mgpu`: packed
+and unpacked Q/R tiles, ring depths), with cuDNN softmax decode as the common bar.
+
+Same inputs, timing and chaining as bench/decode.py (CUPTI kernel time of STEPS chained
+steps / STEPS; the Triton kernel hands its arrival counter on). For the Mosaic variants the
+JSON also splits one step's CUPTI time by kernel (the decode kernel, the XLA merge of the
+split partials, the row gather), so the per-tile loop can be compared apart from the merge,
+which this kernel leaves to XLA.
+
+  PYTHONPATH=. python3 bench/decode_mgpu_ab.py --out DIR [--budget 400]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import environment
+from bench.decode import STEPS, chained, log, time_us
+from pallas_kernels import decode as dk
+from pallas_kernels import decode_mgpu as dm
+
+
+def variants():
+  """name -> DecodeConfig of the Mosaic GPU kernel (None: its defaults)."""
+  base = dm.DecodeConfig()
+  return {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
+          "mgpu_pack_2stages": dataclasses.replace(base, num_stages=2),
+          "mgpu_pack_4stages": dataclasses.replace(base, num_stages=4)}
+
+
+def steps(B, L, Hq, Hkv, D):
+  scale = 1.0 / np.sqrt(D)
+  out = {}
+
+  def triton(q, k, v, r, lens, ex):
+    o, arr = dk.parallax_decode(q, k, v, r, scale=scale, lengths=lens, arrivals=ex["arr"])
+    return o, {**ex, "arr": arr}
+  out["triton_parallax"] = triton
+
+  def cudnn(q, k, v, r, lens, ex):
+    return jax.nn.dot_product_attention(
+        q[:, None], k, v, scale=scale, implementation="cudnn",
+        query_seq_lengths=ex["ql"], key_value_seq_lengths=lens)[:, 0], ex
+  out["cudnn_softmax"] = cudnn
+
+  for name, cfg in variants().items():
+    def mg(q, k, v, r, lens, ex, cfg=cfg):
+      return dm.parallax_decode_mgpu(q, k, v, r, scale=scale, lengths=lens, config=cfg), ex
+    out[name] = mg
+
+  def mg_softmax(q, k, v, r, lens, ex):
+    return dm.parallax_decode_mgpu(q, k, v, None, scale=scale, lengths=lens), ex
+  out["mgpu_softmax"] = mg_softmax
+  return out
+
+
+def kernel_breakdown(fn, args, iters=20):
+  """Median CUPTI time (us) of each kernel one call launches, by kernel name."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, per_iter = profiler.measure(fn, aggregate=False, iterations=iters)(*args)
+  by = collections.defaultdict(list)
+  for it in per_iter:
+    for name, t in it:
+      by[name].append(t * 1e3)
+  return {name: statistics.median(ts) for name, ts in by.items()}
+
+
+def bench_shape(grid, B, L, Hq, Hkv, D):
+  dt = jnp.bfloat16
+  ks = jax.random.split(jax.random.key(B * 100003 + L + D), 4)
+  q = jax.random.normal(ks[0], (B, Hq, D), dt)
+  r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(dt)
+  k = jax.random.normal(ks[2], (B, L, Hkv, D), dt)
+  v = jax.random.normal(ks[3], (B, L, Hkv, D), dt)
+  lens = jnp.full((B,), L, jnp.int32)
+  kv_bytes = 2 * B * L * Hkv * D * 2
+  small = B * L <= 256 * 1024
+  scale = 1.0 / np.sqrt(D)
+  refs = {}
+  if small:
+    refs = {w: np.asarray(dk.reference_decode(q, k, v, r if w else None, scale=scale,
+                                              lengths=lens)) for w in (True, False)}
+  ns = dm.default_splits(B, Hkv, L, dm.DecodeConfig().block_kv)
+  row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
+         "mgpu_num_splits": dk.split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
+  args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
+  for name, step in steps(B, L, Hq, Hkv, D).items():
+    try:
+      us, how = time_us(chained(step), args)
+      ent = {"us": us / STEPS, "GBps": kv_bytes / (us / STEPS * 1e-6) / 1e9,
+             "timer": f"{how}, {STEPS} chained steps"}
+      if name.startswith("mgpu"):
+        ent["kernels_us"] = kernel_breakdown(jax.jit(lambda *a, s=step: s(*a)[0]), args)
+      ref = refs.get("softmax" not in name)
+      if ref is not None:
+        o = np.asarray(jax.jit(step)(*args)[0], np.float32)
+        ent["rel_err"] = float(np.max(np.abs(o - ref)) / np.max(np.abs(ref)))
+    except Exception as e:  # noqa: BLE001  (a launch this GPU refuses: recorded, not fatal)
+      ent = {"error": repr(e)[:400]}
+    row[name] = ent
+    log(grid, B, L, name, {a: (round(b, 3) if isinstance(b, float) else b)
+                           for a, b in ent.items()})
+  c = row.get("cudnn_softmax", {}).get("us")
+  for name, ent in row.items():
+    if isinstance(ent, dict) and "us" in ent and c:
+      ent["vs_cudnn"] = ent["us"] / c
+  return row
+
+
+def write_md(res, path):
+  names = [n for n in res["rows"][0] if isinstance(res["rows"][0][n], dict)]
+  lines = [f"# Decode A/B: Triton vs Mosaic GPU kernels ({res['env'].get('device')}, "
+           f"{res['env'].get('date')})", "",
+           "us per step (CUPTI, chained steps); x = ratio to cuDNN softmax decode.", "",
+           "| grid | B | L | splits (mgpu) | " + " | ".join(names) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(names)]
+  for row in res["rows"]:
+    cells = []
+    for n in names:
+      e = row.get(n, {})
+      cells.append(f"{e['us']:.1f} (x{e.get('vs_cudnn', float('nan')):.2f})" if "us" in e
+                   else "error")
+    lines.append(f"| {row['grid']} | {row['B']} | {row['L']} | {row['mgpu_num_splits']} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", f"env: {json.dumps(res['env'])}"]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="bench/results", help="directory for decode_mgpu_ab.json/md")
+  ap.add_argument("--budget", type=float, default=400.0, help="seconds; later shapes skipped")
+  ap.add_argument("--shapes", default="gqa:1:8192,gqa:1:1024,gqa:8:1024,gqa:8:8192,"
+                  "gqa:32:4096,gqa:256:1024,gqa:256:8192,mha:1:8192,mha:8:1024,mha:8:8192,"
+                  "mha:256:1024,mha:256:4096,gqa:1:32768,gqa:64:32768",
+                  help="comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64)")
+  args = ap.parse_args()
+  ok, why = dm.supported(jax.ShapeDtypeStruct((1, 16, 128), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((1, 64, 8, 128), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((1, 64, 8, 128), jnp.bfloat16))
+  if not ok:
+    raise SystemExit(f"the Mosaic GPU decode kernel cannot run here: {why}")
+  os.makedirs(args.out, exist_ok=True)
+  res = {"env": environment(), "rows": []}
+  t0 = time.time()
+  for spec in args.shapes.split(","):
+    grid, B, L = spec.split(":")
+    if time.time() - t0 > args.budget:
+      log("budget spent: skipping", spec)
+      continue
+    Hq, Hkv, D = (16, 8, 128) if grid == "gqa" else (8, 8, 64)
+    res["rows"].append(bench_shape(grid, int(B), int(L), Hq, Hkv, D))
+    with open(os.path.join(args.out, "decode_mgpu_ab.json"), "w") as f:
+      json.dump(res, f, indent=1)
+    write_md(res, os.path.join(args.out, "decode_mgpu_ab.md"))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,451 @@
+"""Hopper (sm_90a) decode kernel for Parallax / softmax attention in Pallas Mosaic GPU.
+
+Same contract and math as the Triton-lowering decode kernel (`pallas_kernels.decode`): one
+new query row per sequence (q, r: [B, Hq, D]) against the KV cache [B, S_max, Hkv, D] read in
+place, per-sequence lengths, optional window, GQA packing (the G = Hq/Hkv rows of a KV head in
+one program, so each K/V byte is read once per split). Per row, fp32:
+S1 = q.k*scale (log2 domain), S2 = r.k, one running max m over S1, P1 = exp2(S1 - m),
+P2 = P1*S2, d1 = sum P1, d2 = sum P2, O1 = P1 V, O2 = P2 V;
+o = (1 + d2/d1) O1/d1 - O2/d1 (r None: O1/d1); a row without valid keys gives 0.
+
+Why a second kernel: with the Triton lowering's 16-row MMA tiles the warps of a program split
+each K/V tile by key, so every row max and every P -> MMA-operand relayout crosses warps
+(shared memory and a barrier per tile); at the small, L2-resident shapes that chain, not
+memory, sets the time (bench/NOTES.md, decode v6). Here a program is one warpgroup issuing
+64-row wgmma tiles, where a row lives in one warp (row reductions are two shuffles), P feeds
+the P V wgmma from registers, and a producer warpgroup keeps a TMA ring of K/V tiles in
+flight. Decode has one to eight real rows per KV head; the 64-row tile is compute that decode
+has to spare (bench/NOTES.md gives the count), and the tile is used as follows.
+
+The A tile (SMEM, [64, D]) holds four copies ("stripes", one per warp) of 16 rows: rows 0-7 of
+a stripe are the 8 query rows starting at the KV head's first query head (rows past its G are
+other heads' rows, computed and never stored), rows 8-15 are the same rows of r
+(`pack_qr=True`: the paper's instruction sharing, one Q K^T wgmma gives S1 and S2; a thread
+holds rows i and i+8 of its warp, so moving S2 onto S1's rows is a renaming of registers,
+`_swap_row_halves`) or of q again (`pack_qr=False`: a second wgmma on an A tile of r gives
+S2). Every stripe computes the same P1 and P2 rows; the P V operand takes P1 in stripe 0, the
+bf16/fp16 high part of P2 in stripe 1 and its low part in stripe 2 (P2 = hi + lo keeps 16
+bits of P2: the output's cancellation (1 + d2/d1) O1/d1 - O2/d1 amplifies P2's rounding), so
+one wgmma per tile gives O1, O2hi and O2lo. Per K/V tile: 2 wgmmas (pack_qr) or 3, as many as
+softmax needs with pack_qr.
+
+Splits over the KV length (when B*Hkv does not fill the GPU) write fp32 partials (m, d1, d2,
+O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`): an in-kernel
+merge needs a cross-CTA election, which this interpreter cannot run (no semaphores, no
+atomics with a result); the Triton kernel has one (bench/NOTES.md).
+
+Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one token per
+sequence, any lengths and window. Everything else: `pallas_kernels.decode.parallax_decode`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.decode import NUM_SMS, split_chunk
+from pallas_kernels.parallax_mgpu import _SMEM_LIMIT, hopper_platform
+from pallas_kernels.parallax_triton import _pad
+
+LOG2E = math.log2(math.e)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HEAD_DIMS = (64, 128)
+_BOX = 8          # query rows per TMA box: the SMEM tile's row granule
+_STRIPE = 16      # rows per warp in a wgmma tile
+_ROWS = 64        # wgmma M
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Launch of the Mosaic GPU decode kernel.
+
+  block_kv: keys per K/V tile (multiple of 64; S1/S2 [64, block_kv] fp32 in registers).
+  num_stages: depth of the producer's K/V TMA ring (>= 2).
+  num_splits: programs per (batch, KV head) over the length; None: `default_splits`.
+  pack_qr: Q and R rows in one wgmma tile (one Q K^T wgmma per tile); False: two.
+  """
+  block_kv: int = 64
+  num_stages: int = 3
+  num_splits: int | None = None
+  pack_qr: bool = True
+
+  def __post_init__(self):
+    if self.block_kv % 64 or self.block_kv <= 0:
+      raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+    if self.num_splits is not None and self.num_splits < 1:
+      raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+
+
+def default_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int,
+                   num_sms: int = NUM_SMS) -> int:
+  """One wave of programs (one resident per SM: the K/V ring and the fp32 output tile fill
+  most of its SMEM), at least one tile each; none once B*Hkv covers the SMs."""
+  progs = batch * num_kv_heads
+  if 10 * progs >= 9 * num_sms:
+    return 1
+  return int(max(1, min(num_sms // progs, s_max // block_kv, 64)))
+
+
+def smem_bytes(cfg: DecodeConfig, head_dim: int, parallax: bool, itemsize: int = 2) -> int:
+  """SMEM of the kernel's buffers: the A tile(s), the K/V ring, the fp32 output scratch."""
+  a = (1 if cfg.pack_qr or not parallax else 2) * _ROWS * head_dim * itemsize
+  ring = 2 * cfg.num_stages * cfg.block_kv * head_dim * itemsize
+  scratch = (_ROWS + 2 * _STRIPE) * head_dim * 4       # O, read back shifted by 16 and 32
+  out = _ROWS * head_dim * itemsize + 3 * _ROWS * 4     # o staging, row vectors
+  return a + ring + scratch + out
+
+
+def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None,
+              platform: str | None = None) -> tuple[bool, str]:
+  """(True, "") if `parallax_decode_mgpu` takes these inputs, else (False, reason).
+  platform as `parallax_mgpu.supported` (None: the default device must be a Hopper GPU)."""
+  if q.ndim != 3 or k_cache.ndim != 4:
+    return False, f"expected q [B, Hq, D] and a [B, S, Hkv, D] cache, got {q.shape}, " \
+                  f"{k_cache.shape}"
+  B, Hq, D = q.shape
+  Bk, S, Hkv, Dk = k_cache.shape
+  if v_cache.shape != k_cache.shape or Bk != B or Dk != D:
+    return False, f"k and v caches must be [B, S, Hkv, {D}] = {v_cache.shape}, {k_cache.shape}"
+  if r is not None and r.shape != q.shape:
+    return False, f"r {r.shape} must have q's shape {q.shape}"
+  dts = {jnp.dtype(x.dtype) for x in (q, k_cache, v_cache) + (() if r is None else (r,))}
+  if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+    return False, f"dtypes {sorted(map(str, dts))}: need one of bfloat16 / float16"
+  if D not in _HEAD_DIMS:
+    return False, f"head_dim {D} not in {_HEAD_DIMS}"
+  if Hq % Hkv or _BOX % (Hq // Hkv):
+    return False, f"Hq/Hkv = {Hq}/{Hkv} must be 1, 2, 4 or 8"
+  cfg = config or DecodeConfig()
+  need = smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize)
+  if need > _SMEM_LIMIT:
+    return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {_SMEM_LIMIT})"
+  return hopper_platform(platform)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _swap_row_halves(x, interpret):
+  """Rows i and i ^ 8 of every 16-row stripe exchanged ([64, N], WGMMA layout).
+
+  In the wgmma layout a thread holds rows r and r + 8 of its warp's 16 (and the same
+  columns), so this is a renaming of registers: no instruction. The interpreter has no
+  `inline_mgpu`: there it is the same permutation as array ops.
+  """
+  if interpret is not None:
+    n = x.shape[1]
+    return x.reshape(_ROWS // _STRIPE, 2, _BOX, n)[:, ::-1].reshape(_ROWS, n)
+
+  import jax.experimental.mosaic.gpu as mgpu
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype,
+                                                        layout=plgpu.Layout.WGMMA))
+  def swap(_, arr):
+    regs = arr.registers
+    # [64, N] in the WGMMA layout: registers (1, N/8, 1, 1, 2, 1, 1, 1, 1); axis 4 is the
+    # row half within the warp's 16 rows (tiling (64, 8) -> (16, 8) -> (8, 8) -> (2,)).
+    if arr.layout != mgpu.WGMMA_LAYOUT or regs.ndim != 9 or regs.shape[4] != 2:
+      raise NotImplementedError(f"unexpected register layout {arr.layout} {regs.shape}")
+    return mgpu.FragmentedArray(_registers=np.flip(regs, axis=4), _layout=arr.layout,
+                                _is_signed=arr.is_signed)
+
+  return swap(x)
+
+
+# A jit boundary: one lowering (one Mosaic module, one ptxas compile) per shape and launch,
+# shared by every call site (as `parallax_mgpu._forward`).
+@functools.partial(jax.jit, static_argnames=("num_heads", "scale", "window", "cfg",
+                                             "num_splits", "s_max", "interpret"))
+def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg, num_splits,
+            s_max, interpret=None):
+  """The plgpu.kernel call. q2, r2: [B*Hq rounded up to 8, D] (rows b*Hq + head).
+
+  Returns the 8 box rows of each (b, h): o [B, Hkv, 8, D] (one split; a TMA store of only
+  the G rows of (b, h) would need an SMEM tile of G < 8 rows), or the partials of each
+  (b, h, split): vecs [B, Hkv, ns, nv, 8] f32 (m, d1(, d2)) and mats [B, Hkv, ns, nm, 8, D]
+  f32 (O1(, O2hi, O2lo))."""
+  B, S, Hkv, D = k_cache.shape
+  Hq = num_heads
+  G = Hq // Hkv
+  dtype = q2.dtype
+  has_r = r2 is not None
+  pack = cfg.pack_qr and has_r
+  bk, stages, ns = cfg.block_kv, cfg.num_stages, num_splits
+  chunk, _ = split_chunk(S, ns, bk)
+  c = float(scale) * LOG2E
+  nv, nm = (3, 3) if has_r else (2, 1)   # (m, d1, d2) / (O1, O2hi, O2lo)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def tile_range(L, s):
+    """[lo, hi) keys of split s, and its tiles [t0, t0 + n)."""
+    lo = s * chunk
+    if window is not None:
+      lo = jnp.maximum(lo, jnp.maximum(L - window, 0))
+    hi = jnp.minimum((s + 1) * chunk, L)
+    t0 = lax.div(lo, bk)
+    n = jnp.where(hi > lo, lax.div(hi + (bk - 1), bk) - t0, 0)
+    return lo, hi, t0, n
+
+  def kernel(refs, scoped):
+    len_ref, q_ref, k_ref, v_ref = refs[:4]
+    r_ref = refs[4] if has_r else None
+    outs = refs[5 if has_r else 4:]
+    (a_smem, ar_smem, k_smem, v_smem, o_scr, o_stage, vec_smem), (
+        k_bar, v_bar, a_bar), (k_free, v_free) = scoped
+    h = lax.axis_index("heads")
+    b = lax.axis_index("batch")
+    s = lax.axis_index("split")
+    wg = lax.axis_index("wg")
+    L = jnp.minimum(len_ref[b], s_max)
+    lo, hi, t0, n = tile_range(L, s)
+
+    @pl.when(wg == 0)
+    def _consumer():
+      # The 8-aligned box of query rows holding the G rows of (b, h) (G divides 8). An
+      # unaligned start made Mosaic's layout inference ask for an SMEM tiling dividing it.
+      rows = pl.ds(lax.div(b * Hq + h * G, _BOX) * _BOX, _BOX)
+      copies = []
+      for st in range(_ROWS // _STRIPE):
+        top, bot = pl.ds(st * _STRIPE, _BOX), pl.ds(st * _STRIPE + _BOX, _BOX)
+        copies.append((q_ref.at[rows], a_smem.at[top]))
+        copies.append((r_ref.at[rows] if pack else q_ref.at[rows], a_smem.at[bot]))
+        if has_r and not pack:
+          copies.append((r_ref.at[rows], ar_smem.at[top]))
+          copies.append((r_ref.at[rows], ar_smem.at[bot]))
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, a_bar.at[i])
+      for i in range(len(copies)):
+        plgpu.barrier_wait(a_bar.at[i])
+
+      zrow = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
+      m0 = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
+      zacc = plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
+      stripe = lax.div(plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 0,
+                                              layout=plgpu.Layout.WGMMA), _STRIPE)
+      col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+
+      def body(step, carry):
+        o, m, d1, d2 = carry
+        slot = lax.rem(step, stages)
+        t = t0 + step
+        kstart = jnp.minimum(t * bk, S - bk)   # the last tile is clamped into the cache
+        kt = k_smem.at[slot].transpose((1, 0))
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def scores(s_ref, s2_ref):
+          plgpu.wgmma(s_ref, a_smem, kt)
+          if has_r and not pack:
+            plgpu.wgmma(s2_ref, ar_smem, kt)
+          s1 = s_ref[...]
+          return s1, (s2_ref[...] if has_r and not pack else None)
+
+        acc_t = plgpu.ACC((_ROWS, bk), jnp.float32)
+        s1, s2 = pl.run_scoped(scores, acc_t, acc_t if has_r and not pack else None)
+        plgpu.barrier_arrive(k_free.at[slot])
+        if pack:
+          s2 = _swap_row_halves(s1, interpret)
+        # keys [max(lo, t*bk), hi): a clamped tile's first keys were seen by the tile before
+        j = kstart + col
+        valid = (j >= jnp.maximum(lo, t * bk)) & (j < hi)
+        s1 = jnp.where(valid, s1 * c, -jnp.inf)
+        m_new = jnp.maximum(m, s1.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # no valid key yet: exp2 -> 0
+        alpha = jnp.exp2(m - m_use)
+        p1 = jnp.exp2(s1 - lax.broadcast_in_dim(m_use, s1.shape, [0]))
+        d1 = d1 * alpha + p1.sum(axis=1)
+        if has_r:
+          p2 = p1 * s2
+          d2 = d2 * alpha + p2.sum(axis=1)
+          hi16 = p2.astype(v_smem.dtype).astype(jnp.float32)
+          pa = jnp.where(stripe == 0, p1,
+                         jnp.where(stripe == 1, hi16, jnp.where(stripe == 2, p2 - hi16, 0.0)))
+        else:
+          pa = p1
+        pa = pa.astype(v_smem.dtype)
+        o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+        plgpu.barrier_wait(v_bar.at[slot])
+        if interpret is None:
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, pa, v_smem.at[slot])
+          o = pl.run_state(pv)(plgpu.ACC.init(o))
+        else:
+          # The GPU interpreter (jax 0.11.2) has no wgmma with a register LHS: same
+          # arithmetic (16-bit operands, fp32 sums) as a plain dot.
+          o = o + lax.dot(pa, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+          plgpu.commit_smem()   # a generic-proxy read of the slot before its TMA refill
+        plgpu.barrier_arrive(v_free.at[slot])
+        return o, m_new, d1, d2
+
+      o, m, d1, d2 = lax.fori_loop(0, n, body, (zacc, m0, zrow, zrow))
+
+      # O's stripes: O1 (rows 0-15), O2hi (16-31), O2lo (32-47). Read back shifted by 16
+      # and 32 rows so that O2 lands on O1's rows.
+      if has_r or ns > 1:
+        o_scr.at[pl.ds(0, _ROWS)][...] = o
+      if ns == 1:
+        o1 = o
+        if has_r:
+          o2 = (plgpu.load(o_scr.at[pl.ds(_STRIPE, _ROWS)], layout=plgpu.Layout.WGMMA,
+                           optimized=False)
+                + plgpu.load(o_scr.at[pl.ds(2 * _STRIPE, _ROWS)],
+                             layout=plgpu.Layout.WGMMA, optimized=False))
+        ok = d1 > 0.0
+        inv = 1.0 / jnp.where(ok, d1, 1.0)
+        bc = lambda x: lax.broadcast_in_dim(x, o1.shape, [0])
+        if has_r:
+          res = bc(1.0 + d2 * inv) * o1 * bc(inv) - o2 * bc(inv)
+        else:
+          res = o1 * bc(inv)
+        res = jnp.where(bc(ok), res, 0.0)
+        o_stage[...] = res.astype(dtype)
+        plgpu.commit_smem()
+        (o_ref,) = outs
+        plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, _BOX)], o_ref.at[b, h])
+      else:
+        vec_ref, mat_ref = outs
+        for i, x in enumerate((m, d1, d2)[:nv]):
+          vec_smem.at[i][...] = x
+        plgpu.commit_smem()
+        for i in range(nv):
+          plgpu.copy_smem_to_gmem(vec_smem.at[i, pl.ds(0, _BOX)], vec_ref.at[b, h, s, i])
+        for i in range(nm):
+          plgpu.copy_smem_to_gmem(o_scr.at[pl.ds(i * _STRIPE, _BOX)], mat_ref.at[b, h, s, i])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _producer():
+      def load(step, slot):
+        kstart = jnp.minimum((t0 + step) * bk, S - bk)
+        src = (b, pl.ds(kstart, bk), h)
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < n)(functools.partial(load, i, i))
+
+      @pl.loop(0, jnp.maximum(n - stages, 0))
+      def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        load(step + stages, slot)
+
+      @pl.loop(jnp.maximum(n - stages, 0), n)
+      def _(step):  # observe the last releases too (the interpreter checks every phase)
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+  n_copies = (_ROWS // _STRIPE) * (4 if has_r and not pack else 2)
+
+  def entry(*refs):
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
+    smem = (
+        tiled((_ROWS, D), dtype),                                    # A: q (and r) stripes
+        tiled((_ROWS, D), dtype) if has_r and not pack else None,    # A of r (unpacked)
+        tiled((stages, bk, D), dtype),                               # K ring
+        tiled((stages, bk, D), dtype),                               # V ring
+        # O, read back shifted (stores of the wgmma layout need tiled, swizzled SMEM)
+        plgpu.SMEM((_ROWS + 2 * _STRIPE, D), jnp.float32,
+                   transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
+        tiled((_ROWS, D), dtype),                                    # o staging
+        plgpu.SMEM((3, _ROWS), jnp.float32),                         # m, d1, d2 staging
+    )
+    loaded = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=n_copies))
+    free = (plgpu.Barrier(num_barriers=stages),) * 2
+    pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free,
+                  collective_axes="wg")
+
+  if ns == 1:
+    out_type = [jax.ShapeDtypeStruct((B, Hkv, _BOX, D), dtype)]
+  else:
+    out_type = [jax.ShapeDtypeStruct((B, Hkv, ns, nv, _BOX), jnp.float32),
+                jax.ShapeDtypeStruct((B, Hkv, ns, nm, _BOX, D), jnp.float32)]
+  args = (lengths, q2, k_cache, v_cache) + ((r2,) if has_r else ())
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=(Hkv, B, ns), grid_names=("heads", "batch", "split"),
+      num_threads=2, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
+  )(*args)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _box_rows(batch: int, num_heads: int, num_kv_heads: int):
+  """Rows of each (b, h)'s G query heads within its 8-row box: [B, Hkv, G] int32."""
+  G = num_heads // num_kv_heads
+  base = (np.arange(batch)[:, None] * num_heads + np.arange(num_kv_heads)[None, :] * G)
+  return jnp.asarray((base % _BOX)[:, :, None] + np.arange(G), jnp.int32)
+
+
+def _merge(vecs, mats, idx, has_r):
+  """Exact merge of the split partials (XLA) of the box rows idx [B, Hkv, G]: [B, Hkv, G, D]
+  fp32."""
+  v = jnp.take_along_axis(vecs, idx[:, :, None, None, :], axis=4)           # [B,Hkv,ns,nv,G]
+  mt = jnp.take_along_axis(mats, idx[:, :, None, None, :, None], axis=4)    # [..., nm, G, D]
+  m = v[:, :, :, 0]
+  top = jnp.max(m, axis=2, keepdims=True)
+  w = jnp.exp2(m - jnp.where(top == -jnp.inf, 0.0, top))                    # [B,Hkv,ns,G]
+  d1 = jnp.sum(w * v[:, :, :, 1], axis=2)[..., None]
+  o1 = jnp.sum(w[..., None] * mt[:, :, :, 0], axis=2)
+  safe = jnp.where(d1 > 0, d1, 1.0)
+  if has_r:
+    d2 = jnp.sum(w * v[:, :, :, 2], axis=2)[..., None]
+    o2 = jnp.sum(w[..., None] * (mt[:, :, :, 1] + mt[:, :, :, 2]), axis=2)
+    o = (1.0 + d2 / safe) * o1 / safe - o2 / safe
+  else:
+    o = o1 / safe
+  return jnp.where(d1 > 0, o, 0.0)
+
+
+def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
+                         config: DecodeConfig | None = None, interpret=None):
+  """Decode attention of one new token per sequence with the Mosaic GPU kernel.
+
+  Arguments as `pallas_kernels.decode.parallax_decode` (q, r [B, Hq, D]; caches
+  [B, S_max, Hkv, D]; lengths [B] int32: keys j < lengths[b] valid; window: keys
+  j > lengths[b] - 1 - window; scale: python float). Returns o [B, Hq, D] in q's dtype.
+  interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
+  """
+  cfg = config or DecodeConfig()
+  ok, why = supported(q, k_cache, v_cache, r, config=cfg,
+                      platform="interpret" if interpret is not None else "cuda")
+  if not ok:
+    raise ValueError(f"parallax_decode_mgpu: unsupported inputs: {why}")
+  if window is not None and int(window) < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  B, Hq, D = q.shape
+  _, S, Hkv, _ = k_cache.shape
+  G = Hq // Hkv
+  bk = cfg.block_kv
+  if S < bk:  # tiny caches only: pad to one tile (the padded keys are past every length)
+    k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
+  Sp = k_cache.shape[1]
+  ns = cfg.num_splits or default_splits(B, Hkv, Sp, bk)
+  _, ns = split_chunk(Sp, ns, bk)
+  rows = -(-B * Hq // _BOX) * _BOX  # whole 8-row boxes
+  q2, r2 = (None if x is None else _pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
+  lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+  out = _decode(lengths, q2, k_cache, v_cache, r2, num_heads=Hq, scale=float(scale),
+                window=None if window is None else int(window), cfg=cfg, num_splits=ns,
+                s_max=S, interpret=interpret)
+  idx = _box_rows(B, Hq, Hkv)
+  if ns == 1:
+    o = jnp.take_along_axis(out[0], idx[..., None], axis=2)      # [B, Hkv, G, D]
+  else:
+    o = _merge(*out, idx, r is not None).astype(q.dtype)
+  return o.reshape(B, Hq, D)

@@ -1,0 +1,230 @@
+"""Mosaic GPU decode kernel (pallas_kernels/decode_mgpu.py).
+
+CPU: the kernel runs in the Mosaic GPU interpreter against the dense float32 decode reference
+(poisoned keys and values past every length; lengths 0, 1 and not multiples of the tile;
+windows; splits; GQA ratios 1-8; bf16 / fp16; head_dim 64 / 128). Interpreter gaps (jax
+0.11.2): no wgmma with a register LHS and no `inline_mgpu`, so there the P V product runs as
+a plain dot and the packed tile's row-half swap as array ops (`_swap_row_halves`); the
+lowering tests below build both for CUDA on an abstract H100, and the GPU tests run them.
+GPU (`-m gpu`, Hopper): compiled kernel against the reference and the Triton kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode as dk
+from pallas_kernels import decode_mgpu as dm
+from tests.test_pallas_decode import TOL, poison_tail
+from tests.test_pallas_mgpu import _mosaic_modules, has_hopper
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  B: int = 2
+  Hq: int = 4
+  Hkv: int = 2
+  S: int = 200
+  D: int = 64
+  dtype: object = jnp.bfloat16
+  parallax: bool = True
+  lengths: tuple = (77, 200)
+  window: int | None = None
+  config: dm.DecodeConfig = dm.DecodeConfig(num_stages=2, num_splits=1)
+
+
+def inputs(c: Case, seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, r = f(c.B, c.Hq, c.D), 0.3 * f(c.B, c.Hq, c.D)
+  k, v = f(c.B, c.S, c.Hkv, c.D), f(c.B, c.S, c.Hkv, c.D)
+  k, v = poison_tail(k, c.lengths), poison_tail(v, c.lengths)
+  cast = lambda x: x.astype(c.dtype)
+  return cast(q), cast(k), cast(v), (cast(r) if c.parallax else None)
+
+
+def run(c: Case, interpret):
+  q, k, v, r = inputs(c)
+  kw = dict(scale=1.0 / np.sqrt(c.D), lengths=jnp.asarray(c.lengths, jnp.int32),
+            window=c.window)
+  o = dm.parallax_decode_mgpu(q, k, v, r, config=c.config, interpret=interpret, **kw)
+  ref = np.asarray(dk.reference_decode(q, k, v, r, **kw))
+  assert o.shape == q.shape and o.dtype == q.dtype
+  o = np.asarray(o, np.float32)
+  assert np.all(np.isfinite(o))
+  err = float(np.max(np.abs(o - ref)) / max(float(np.max(np.abs(ref))), 1e-6))
+  assert err <= TOL[c.dtype], err
+  return o, err
+
+
+def interpret_params(races=False):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.InterpretGPUParams(detect_races=races)
+
+
+_UNPACKED = dm.DecodeConfig(num_stages=2, num_splits=1, pack_qr=False)
+CASES = {
+    "gqa2_packed": Case(),
+    "gqa2_unpacked_3stages": Case(config=dataclasses.replace(_UNPACKED, num_stages=3)),
+    "softmax": Case(parallax=False),
+    "splits3_packed": Case(config=dm.DecodeConfig(num_stages=2, num_splits=3)),
+    "splits4_unpacked_window": Case(window=37, config=dataclasses.replace(_UNPACKED,
+                                                                          num_splits=4)),
+    "softmax_splits_zero_length": Case(parallax=False, lengths=(0, 200),
+                                       config=dm.DecodeConfig(num_stages=2, num_splits=3)),
+    "mha_lengths_0_1_64_rows_padded": Case(B=3, Hq=2, Hkv=2, lengths=(0, 1, 64)),
+    "gqa8_fp16_d128_window_splits": Case(Hq=16, Hkv=2, D=128, S=300, dtype=jnp.float16,
+                                         lengths=(300, 129), window=50,
+                                         config=dm.DecodeConfig(num_stages=2, num_splits=2)),
+    "gqa4_cache_under_one_tile": Case(Hq=8, Hkv=2, S=30, lengths=(30, 5)),
+    "gqa8_one_kv_head_window_5_splits": Case(B=1, Hq=8, Hkv=1, S=500, lengths=(433,),
+                                             window=100,
+                                             config=dm.DecodeConfig(num_stages=2, num_splits=5)),
+    "bk128_splits2": Case(S=400, lengths=(400, 250),
+                          config=dm.DecodeConfig(block_kv=128, num_stages=2, num_splits=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+  run(CASES[name], interpret_params())
+
+
+def test_race_detector_finds_no_race():
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  run(Case(S=160, lengths=(160, 100), config=dm.DecodeConfig(num_stages=2, num_splits=2)),
+      interpret_params(races=True))
+  assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
+
+
+def test_swap_row_halves_array_form():
+  """The interpreter's form of the packed tile's swap: rows i and i ^ 8 of each 16."""
+  x = jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8)
+  y = np.asarray(dm._swap_row_halves(x, interpret=interpret_params()))
+  np.testing.assert_array_equal(y, np.asarray(x)[np.arange(64) ^ 8])
+
+
+def test_default_splits():
+  assert dm.default_splits(256, 8, 1024, 64) == 1          # B*Hkv covers the SMs
+  assert dm.default_splits(1, 8, 8192, 64) == 16           # one wave of 132 SMs
+  assert dm.default_splits(1, 8, 256, 64) == 4             # at least one tile each
+  assert dm.default_splits(8, 8, 1024, 64) == 2
+
+
+def test_supported_and_errors():
+  s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  ok = lambda *a, **k: dm.supported(*a, platform="interpret", **k)
+  assert ok(s(2, 16, 128), s(2, 64, 8, 128), s(2, 64, 8, 128), s(2, 16, 128)) == (True, "")
+  assert not ok(s(2, 1, 16, 128), s(2, 64, 8, 128), s(2, 64, 8, 128))[0]     # multi-token
+  assert "Hq/Hkv" in ok(s(2, 12, 64), s(2, 64, 4, 64), s(2, 64, 4, 64))[1]     # G = 3
+  assert "Hq/Hkv" in ok(s(2, 32, 64), s(2, 64, 2, 64), s(2, 64, 2, 64))[1]     # G = 16
+  assert "head_dim" in ok(s(2, 8, 32), s(2, 64, 8, 32), s(2, 64, 8, 32))[1]
+  f32 = jnp.float32
+  assert "dtypes" in ok(s(2, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32))[1]
+  assert "SMEM" in ok(s(2, 8, 128), s(2, 64, 8, 128), s(2, 64, 8, 128),
+                      config=dm.DecodeConfig(block_kv=256, num_stages=4))[1]
+  if not has_hopper():
+    assert "Hopper" in dm.supported(s(2, 8, 64), s(2, 64, 8, 64), s(2, 64, 8, 64))[1]
+  with pytest.raises(ValueError, match="Hq/Hkv"):
+    dm.parallax_decode_mgpu(jnp.zeros((1, 3, 64), jnp.bfloat16),
+                            jnp.zeros((1, 64, 1, 64), jnp.bfloat16),
+                            jnp.zeros((1, 64, 1, 64), jnp.bfloat16), scale=1.0, lengths=[3],
+                            interpret=interpret_params())
+  with pytest.raises(ValueError, match="block_kv"):
+    dm.DecodeConfig(block_kv=96)
+  with pytest.raises(ValueError, match="num_stages"):
+    dm.DecodeConfig(num_stages=1)
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+
+def _lower(B, Hq, Hkv, S, D, parallax, config):
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+  q = jax.ShapeDtypeStruct((B, Hq, D), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.bfloat16)
+  ln = jax.ShapeDtypeStruct((B,), jnp.int32)
+
+  def f(q, k, v, r, ln):
+    return dm.parallax_decode_mgpu(q, k, v, r, scale=0.125, lengths=ln, config=config)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(f).trace(q, kv, kv, q if parallax else None, ln).lower(
+        lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("D,parallax,pack,splits", [
+    (128, True, True, 1), (128, True, True, 16), (128, True, False, 1), (64, False, True, 4)])
+def test_cuda_lowering_abstract_h100(D, parallax, pack, splits):
+  """Mosaic GPU's Python lowering in full (layouts, SMEM budget, barriers, TMA descriptors,
+  the packed tile's register swap, the register-LHS P V wgmma); PTX -> SASS runs only on the
+  GPU."""
+  cfg = dm.DecodeConfig(pack_qr=pack, num_splits=splits)
+  mods = _mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, 8192, D, parallax, cfg))
+  assert len(mods) == 1
+  ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
+  assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % cfg.block_kv in ops  # S
+  assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % D in ops             # P V
+  assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
+  assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops      # TMA stores
+
+
+def test_one_module_across_call_sites():
+  """Three calls, one Mosaic module (the jit boundary around the kernel, as parallax_mgpu)."""
+  cfg = dm.DecodeConfig(num_splits=1)
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+  q = jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4, 1024, 8, 128), jnp.bfloat16)
+  ln = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+  def f(q, k, v, ln):  # as in a model, each layer's query is computed
+    o = q
+    for _ in range(3):
+      o = dm.parallax_decode_mgpu(o * 2, k, v, q, scale=0.1, lengths=ln, config=cfg)
+    return o
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(f).trace(q, kv, kv, ln).lower(lowering_platforms=("cuda",))
+  assert len(_mosaic_modules(lowered)) == 1
+
+
+# ----------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,splits,window", [
+    (1, 16, 8, 8192, 128, None, None), (8, 16, 8, 1024, 128, None, 300),
+    (64, 16, 8, 1000, 128, None, None), (4, 8, 8, 4096, 64, None, None),
+    (2, 32, 4, 777, 128, 3, None)])
+def test_gpu_matches_reference_and_triton(pack, B, Hq, Hkv, S, D, splits, window):
+  lengths = tuple(int(x) for x in np.linspace(max(1, S // 3), S, B).round())
+  c = Case(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, lengths=lengths, window=window,
+           config=dm.DecodeConfig(pack_qr=pack, num_splits=splits))
+  o, err = run(c, None)
+  q, k, v, r = inputs(c)
+  t = dk.parallax_decode(q, k, v, r, scale=1.0 / np.sqrt(D),
+                         lengths=jnp.asarray(lengths, jnp.int32), window=window)
+  t = np.asarray(t, np.float32)
+  assert np.max(np.abs(o - t)) / np.max(np.abs(t)) <= TOL[c.dtype]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_softmax_and_dtypes(dtype):
+  run(Case(B=8, Hq=16, Hkv=8, S=2048, D=128, dtype=dtype, parallax=False,
+           lengths=tuple(range(1, 2049, 256)), config=dm.DecodeConfig()), None)
