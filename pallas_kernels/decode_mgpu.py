@@ -18,7 +18,7 @@ flight. Decode has one to eight real rows per KV head; the 64-row tile is comput
 has to spare (bench/NOTES.md gives the count), and the tile is used as follows.
 
 The A tile (SMEM, [64, D]) holds four copies ("stripes", one per warp) of 16 rows: rows 0-7 of
-a stripe are the 8 query rows starting at the KV head's first query head (rows past its G are
+a stripe are the 8-aligned box of query rows that holds the KV head's G rows (the others are
 other heads' rows, computed and never stored), rows 8-15 are the same rows of r
 (`pack_qr=True`: the paper's instruction sharing, one Q K^T wgmma gives S1 and S2; a thread
 holds rows i and i+8 of its warp, so moving S2 onto S1's rows is a renaming of registers,
@@ -31,11 +31,12 @@ softmax needs with pack_qr.
 
 Splits over the KV length (when B*Hkv does not fill the GPU) write fp32 partials (m, d1, d2,
 O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`): an in-kernel
-merge needs a cross-CTA election, which this interpreter cannot run (no semaphores, no
-atomics with a result); the Triton kernel has one (bench/NOTES.md).
+merge needs a cross-CTA election, which the Mosaic GPU interpreter (the CPU tests) cannot
+run: no semaphores, no atomics with a result. The Triton kernel has one (bench/NOTES.md).
 
-Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one token per
-sequence, any lengths and window. Everything else: `pallas_kernels.decode.parallax_decode`.
+Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one
+token per sequence, any lengths and window. Everything else:
+`pallas_kernels.decode.parallax_decode`.
 """
 from __future__ import annotations
 
