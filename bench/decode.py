@@ -184,21 +184,30 @@ def launched(B, Hkv, L, D, rows):
   return bk, dk.split_chunk(L, ns, bk)[1]
 
 
-def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
+def shape_inputs(B, L, Hq, Hkv, D):
+  """The bf16 inputs of one grid shape (seeded by the shape: every script times the same
+  cache), all L slots valid: (q, k, v, r, lens), and the float32 references {"parallax",
+  "softmax"} where B*L <= 256k (else {})."""
   dt = jnp.bfloat16
-  scale = 1.0 / np.sqrt(D)
   ks = jax.random.split(jax.random.key(B * 100003 + L + D), 4)
   q = jax.random.normal(ks[0], (B, Hq, D), dt)
   r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(dt)
   k = jax.random.normal(ks[2], (B, L, Hkv, D), dt)
   v = jax.random.normal(ks[3], (B, L, Hkv, D), dt)
   lens = jnp.full((B,), L, jnp.int32)
-  kv_bytes = 2 * B * L * Hkv * D * 2
-  small = B * L <= 256 * 1024
   refs = {}
-  if small:
-    refs["parallax"] = np.asarray(dk.reference_decode(q, k, v, r, scale=scale, lengths=lens))
-    refs["softmax"] = np.asarray(dk.reference_decode(q, k, v, None, scale=scale, lengths=lens))
+  if B * L <= 256 * 1024:
+    scale = 1.0 / np.sqrt(D)
+    refs = {name: np.asarray(dk.reference_decode(q, k, v, rr, scale=scale, lengths=lens))
+            for name, rr in (("parallax", r), ("softmax", None))}
+  return (q, k, v, r, lens), refs
+
+
+def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
+  scale = 1.0 / np.sqrt(D)
+  (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
+  kv_bytes = 2 * B * L * Hkv * D * 2
+  small = bool(refs)
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
          "block_kv, num_splits": launched(B, Hkv, L, D, Hq // Hkv),
          "num_splits": dk.default_num_splits(B, Hkv, L, rows=Hq // Hkv),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import STEPS, chained, log, time_us
+from bench.decode import STEPS, chained, log, shape_inputs, time_us
 from pallas_kernels import decode as dk
 from pallas_kernels import decode_mgpu as dm
 
@@ -76,20 +76,8 @@ def kernel_breakdown(fn, args, iters=20):
 
 
 def bench_shape(grid, B, L, Hq, Hkv, D):
-  dt = jnp.bfloat16
-  ks = jax.random.split(jax.random.key(B * 100003 + L + D), 4)
-  q = jax.random.normal(ks[0], (B, Hq, D), dt)
-  r = (0.5 * jax.random.normal(ks[1], (B, Hq, D))).astype(dt)
-  k = jax.random.normal(ks[2], (B, L, Hkv, D), dt)
-  v = jax.random.normal(ks[3], (B, L, Hkv, D), dt)
-  lens = jnp.full((B,), L, jnp.int32)
+  (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   kv_bytes = 2 * B * L * Hkv * D * 2
-  small = B * L <= 256 * 1024
-  scale = 1.0 / np.sqrt(D)
-  refs = {}
-  if small:
-    refs = {w: np.asarray(dk.reference_decode(q, k, v, r if w else None, scale=scale,
-                                              lengths=lens)) for w in (True, False)}
   ns = dm.default_splits(B, Hkv, L, dm.DecodeConfig().block_kv)
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
          "mgpu_num_splits": dk.split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
@@ -101,7 +89,7 @@ def bench_shape(grid, B, L, Hq, Hkv, D):
              "timer": f"{how}, {STEPS} chained steps"}
       if name.startswith("mgpu"):
         ent["kernels_us"] = kernel_breakdown(jax.jit(lambda *a, s=step: s(*a)[0]), args)
-      ref = refs.get("softmax" not in name)
+      ref = refs.get("softmax" if "softmax" in name else "parallax")
       if ref is not None:
         o = np.asarray(jax.jit(step)(*args)[0], np.float32)
         ent["rel_err"] = float(np.max(np.abs(o - ref)) / np.max(np.abs(ref)))
