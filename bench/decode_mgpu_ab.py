@@ -1,6 +1,7 @@
 """A/B of the decode kernels in one run: the Pallas-Triton split-KV kernel (the default,
 `pallas_kernels.decode`) against the Mosaic GPU kernel (`pallas_kernels.decode_mgpu`: packed
-and unpacked Q/R tiles, ring depths), with cuDNN softmax decode as the common bar.
+and unpacked Q/R tiles, ring depths, one or two consumer warpgroups, split counts), with cuDNN
+softmax decode as the common bar.
 
 Same inputs, timing and chaining as bench/decode.py (CUPTI kernel time of STEPS chained
 steps / STEPS; the Triton kernel hands its arrival counter on). For the Mosaic variants the
@@ -13,29 +14,35 @@ which this kernel leaves to XLA.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import environment
+from bench.common import environment, kernel_medians_us
 from bench.decode import STEPS, chained, log, shape_inputs, time_us
 from pallas_kernels import decode as dk
 from pallas_kernels import decode_mgpu as dm
 
 
-def variants():
-  """name -> DecodeConfig of the Mosaic GPU kernel (None: its defaults)."""
+def variants(B, Hkv, L):
+  """name -> DecodeConfig of the Mosaic GPU kernel at this shape. `2wg`: two consumer
+  warpgroups on alternate tiles; `halfsplits`: half the default split count (longer
+  programs, half the partials to merge)."""
   base = dm.DecodeConfig()
-  return {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
-          "mgpu_pack_2stages": dataclasses.replace(base, num_stages=2),
-          "mgpu_pack_4stages": dataclasses.replace(base, num_stages=4)}
+  two = dataclasses.replace(base, num_stages=4, num_consumers=2)
+  out = {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
+         "mgpu_pack_2stages": dataclasses.replace(base, num_stages=2),
+         "mgpu_pack_4stages": dataclasses.replace(base, num_stages=4),
+         "mgpu_pack_2wg": two}
+  splits = dm.default_splits(B, Hkv, L, base.block_kv)
+  if splits > 1:   # (one split: the same launch as mgpu_pack_2wg)
+    out["mgpu_pack_2wg_halfsplits"] = dataclasses.replace(two, num_splits=splits // 2)
+  return out
 
 
 def steps(B, L, Hq, Hkv, D):
@@ -53,7 +60,7 @@ def steps(B, L, Hq, Hkv, D):
         query_seq_lengths=ex["ql"], key_value_seq_lengths=lens)[:, 0], ex
   out["cudnn_softmax"] = cudnn
 
-  for name, cfg in variants().items():
+  for name, cfg in variants(B, Hkv, L).items():
     def mg(q, k, v, r, lens, ex, cfg=cfg):
       return dm.parallax_decode_mgpu(q, k, v, r, scale=scale, lengths=lens, config=cfg), ex
     out[name] = mg
@@ -64,17 +71,6 @@ def steps(B, L, Hq, Hkv, D):
   return out
 
 
-def kernel_breakdown(fn, args, iters=20):
-  """Median CUPTI time (us) of each kernel one call launches, by kernel name."""
-  from jax.experimental.mosaic.gpu import profiler
-  _, per_iter = profiler.measure(fn, aggregate=False, iterations=iters)(*args)
-  by = collections.defaultdict(list)
-  for it in per_iter:
-    for name, t in it:
-      by[name].append(t * 1e3)
-  return {name: statistics.median(ts) for name, ts in by.items()}
-
-
 def bench_shape(grid, B, L, Hq, Hkv, D):
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   kv_bytes = 2 * B * L * Hkv * D * 2
@@ -82,13 +78,16 @@ def bench_shape(grid, B, L, Hq, Hkv, D):
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
          "mgpu_num_splits": dk.split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
+  cfgs = variants(B, Hkv, L)
   for name, step in steps(B, L, Hq, Hkv, D).items():
     try:
       us, how = time_us(chained(step), args)
       ent = {"us": us / STEPS, "GBps": kv_bytes / (us / STEPS * 1e-6) / 1e9,
              "timer": f"{how}, {STEPS} chained steps"}
+      if name in cfgs:
+        ent["config"] = dataclasses.asdict(cfgs[name])
       if name.startswith("mgpu"):
-        ent["kernels_us"] = kernel_breakdown(jax.jit(lambda *a, s=step: s(*a)[0]), args)
+        ent["kernels_us"] = kernel_medians_us(jax.jit(lambda *a, s=step: s(*a)[0]), args)
       ref = refs.get("softmax" if "softmax" in name else "parallax")
       if ref is not None:
         o = np.asarray(jax.jit(step)(*args)[0], np.float32)
@@ -106,7 +105,8 @@ def bench_shape(grid, B, L, Hq, Hkv, D):
 
 
 def write_md(res, path):
-  names = [n for n in res["rows"][0] if isinstance(res["rows"][0][n], dict)]
+  names = list(dict.fromkeys(n for row in res["rows"] for n in row
+                              if isinstance(row[n], dict)))
   lines = [f"# Decode A/B: Triton vs Mosaic GPU kernels ({res['env'].get('device')}, "
            f"{res['env'].get('date')})", "",
            "us per step (CUPTI, chained steps); x = ratio to cuDNN softmax decode.", "",
@@ -117,7 +117,7 @@ def write_md(res, path):
     for n in names:
       e = row.get(n, {})
       cells.append(f"{e['us']:.1f} (x{e.get('vs_cudnn', float('nan')):.2f})" if "us" in e
-                   else "error")
+                   else "error" if "error" in e else "-")
     lines.append(f"| {row['grid']} | {row['B']} | {row['L']} | {row['mgpu_num_splits']} | "
                  + " | ".join(cells) + " |")
   lines += ["", f"env: {json.dumps(res['env'])}"]

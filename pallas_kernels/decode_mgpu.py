@@ -22,12 +22,19 @@ a stripe are the 8-aligned box of query rows that holds the KV head's G rows (th
 other heads' rows, computed and never stored), rows 8-15 are the same rows of r
 (`pack_qr=True`: the paper's instruction sharing, one Q K^T wgmma gives S1 and S2; a thread
 holds rows i and i+8 of its warp, so moving S2 onto S1's rows is a renaming of registers,
-`_swap_row_halves`) or of q again (`pack_qr=False`: a second wgmma on an A tile of r gives
-S2). Every stripe computes the same P1 and P2 rows; the P V operand takes P1 in stripe 0, the
+`_row_half`) or of q again (`pack_qr=False`: a second wgmma on an A tile of r gives S2).
+Both halves of a stripe then carry the same registers (S1 from rows 0-7, S2 from rows 8-15),
+so the softmax's elementwise work is done once per real row, not on rows nobody reads.
+Every stripe computes the same P1 and P2 rows; the P V operand takes P1 in stripe 0, the
 bf16/fp16 high part of P2 in stripe 1 and its low part in stripe 2 (P2 = hi + lo keeps 16
 bits of P2: the output's cancellation (1 + d2/d1) O1/d1 - O2/d1 amplifies P2's rounding), so
 one wgmma per tile gives O1, O2hi and O2lo. Per K/V tile: 2 wgmmas (pack_qr) or 3, as many as
 softmax needs with pack_qr.
+
+`num_consumers=2` gives a program a second consumer warpgroup: the two take alternate K/V
+tiles with their own (m, d1, d2, O) and the second hands its state over through SMEM for an
+exact merge, so two per-tile chains (wgmma, softmax, wgmma) run per SM instead of one; the
+registers are split 232/232/40 as in `attention_mgpu`.
 
 Splits over the KV length (when B*Hkv does not fill the GPU) write fp32 partials (m, d1, d2,
 O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`): an in-kernel
@@ -71,11 +78,17 @@ class DecodeConfig:
   num_stages: depth of the producer's K/V TMA ring (>= 2).
   num_splits: programs per (batch, KV head) over the length; None: `default_splits`.
   pack_qr: Q and R rows in one wgmma tile (one Q K^T wgmma per tile); False: two.
+  num_consumers: consumer warpgroups per program (1 or 2). Two take alternate K/V tiles
+    with their own (m, d1, d2, O), merged through SMEM at the end: two independent
+    per-tile chains (wgmma -> softmax -> wgmma) per SM where one chain's latency, not
+    memory, sets the time. num_stages must be a multiple of it (a ring slot then belongs
+    to one consumer, which sees every phase of its barriers).
   """
   block_kv: int = 64
   num_stages: int = 3
   num_splits: int | None = None
   pack_qr: bool = True
+  num_consumers: int = 1
 
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
@@ -84,6 +97,11 @@ class DecodeConfig:
       raise ValueError(f"num_stages={self.num_stages} must be >= 2")
     if self.num_splits is not None and self.num_splits < 1:
       raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+    if self.num_consumers not in (1, 2):
+      raise ValueError(f"num_consumers={self.num_consumers} must be 1 or 2")
+    if self.num_stages % self.num_consumers:
+      raise ValueError(f"num_stages={self.num_stages} must be a multiple of "
+                       f"num_consumers={self.num_consumers}")
 
 
 def default_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int,
@@ -135,32 +153,42 @@ def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _swap_row_halves(x, interpret):
-  """Rows i and i ^ 8 of every 16-row stripe exchanged ([64, N], WGMMA layout).
+def _row_half(x, half, interpret):
+  """x ([64, N] in the WGMMA layout, or a [64] row vector of it) with both 8-row halves of
+  every 16-row stripe set to half `half` (0: rows 0-7, 1: rows 8-15): row i becomes row
+  (i mod 8) + 8 * half.
 
-  In the wgmma layout a thread holds rows r and r + 8 of its warp's 16 (and the same
-  columns), so this is a renaming of registers: no instruction. The interpreter has no
+  In the wgmma layout a thread holds rows r and r + 8 of its warp's 16 (same columns), so
+  this is a renaming of registers: no instruction. Both halves then hold the same SSA
+  values, so every elementwise op after it is emitted once per value (CSE), where the tile's
+  other half would otherwise run the softmax on rows nobody reads. The interpreter has no
   `inline_mgpu`: there it is the same permutation as array ops.
   """
   if interpret is not None:
-    n = x.shape[1]
-    return x.reshape(_ROWS // _STRIPE, 2, _BOX, n)[:, ::-1].reshape(_ROWS, n)
+    rest = x.shape[1:]
+    h = x.reshape((_ROWS // _STRIPE, 2, _BOX) + rest)[:, half:half + 1]
+    return jnp.broadcast_to(h, (_ROWS // _STRIPE, 2, _BOX) + rest).reshape(x.shape)
 
   import jax.experimental.mosaic.gpu as mgpu
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                     return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        layout=plgpu.Layout.WGMMA))
-  def swap(_, arr):
+  # registers of [64, N]: (1, N/8, 1, 1, 2, 1, 1, 1, 1), tiling (64, 8) -> (16, 8) -> (8, 8)
+  # -> (2,); of [64]: (1, 1, 2, 1, 1), tiling (64,) -> (16,) -> (8,) -> (1,). The axis of
+  # size 2 is the row half within the warp's 16 rows.
+  layout, mlayout, axis, ndim = ((plgpu.Layout.WGMMA, mgpu.WGMMA_LAYOUT, 4, 9) if x.ndim == 2
+                                 else (plgpu.Layout.WGMMA.reduce(1), mgpu.WGMMA_ROW_LAYOUT,
+                                       2, 5))
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=layout))
+  def pick(_, arr):
     regs = arr.registers
-    # [64, N] in the WGMMA layout: registers (1, N/8, 1, 1, 2, 1, 1, 1, 1); axis 4 is the
-    # row half within the warp's 16 rows (tiling (64, 8) -> (16, 8) -> (8, 8) -> (2,)).
-    if arr.layout != mgpu.WGMMA_LAYOUT or regs.ndim != 9 or regs.shape[4] != 2:
+    if arr.layout != mlayout or regs.ndim != ndim or regs.shape[axis] != 2:
       raise NotImplementedError(f"unexpected register layout {arr.layout} {regs.shape}")
-    return mgpu.FragmentedArray(_registers=np.flip(regs, axis=4), _layout=arr.layout,
+    picked = np.repeat(np.take(regs, [half], axis=axis), 2, axis=axis)
+    return mgpu.FragmentedArray(_registers=picked, _layout=arr.layout,
                                 _is_signed=arr.is_signed)
 
-  return swap(x)
+  return pick(x)
 
 
 # A jit boundary: one lowering (one Mosaic module, one ptxas compile) per shape and launch,
@@ -183,7 +211,8 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
   pack = cfg.pack_qr and has_r
   bk, stages, ns = cfg.block_kv, cfg.num_stages, num_splits
   chunk, _ = split_chunk(S, ns, bk)
-  c = float(scale) * LOG2E
+  c_log2 = float(scale) * LOG2E
+  nc = cfg.num_consumers
   nv, nm = (3, 3) if has_r else (2, 1)   # (m, d1, d2) / (O1, O2hi, O2lo)
   row_layout = plgpu.Layout.WGMMA.reduce(1)
 
@@ -202,7 +231,7 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
     r_ref = refs[4] if has_r else None
     outs = refs[5 if has_r else 4:]
     (a_smem, ar_smem, k_smem, v_smem, o_scr, o_stage, vec_smem), (
-        k_bar, v_bar, a_bar), (k_free, v_free) = scoped
+        k_bar, v_bar, a_bar), (k_free, v_free), x_bar = scoped
     h = lax.axis_index("heads")
     b = lax.axis_index("batch")
     s = lax.axis_index("split")
@@ -210,8 +239,7 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
     L = jnp.minimum(len_ref[b], s_max)
     lo, hi, t0, n = tile_range(L, s)
 
-    @pl.when(wg == 0)
-    def _consumer():
+    def load_a_tiles():
       # The 8-aligned box of query rows holding the G rows of (b, h) (G divides 8). An
       # unaligned start made Mosaic's layout inference ask for an SMEM tiling dividing it.
       rows = pl.ds(lax.div(b * Hq + h * G, _BOX) * _BOX, _BOX)
@@ -225,18 +253,24 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
           copies.append((r_ref.at[rows], ar_smem.at[bot]))
       for i, (src, dst) in enumerate(copies):
         plgpu.copy_gmem_to_smem(src, dst, a_bar.at[i])
-      for i in range(len(copies)):
-        plgpu.barrier_wait(a_bar.at[i])
 
+    def run_tiles(c):
+      """Consumer c's tiles (steps c, c + nc, ...): its (O, m, d1, d2) over them."""
+      for i in range(n_copies):
+        plgpu.barrier_wait(a_bar.at[i])
       zrow = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
       m0 = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
       zacc = plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
-      stripe = lax.div(plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 0,
-                                              layout=plgpu.Layout.WGMMA), _STRIPE)
-      col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+      # (the row-half pick makes both halves' index values the same SSA values too, so
+      # the masks and selects below are emitted once per value)
+      stripe = _row_half(lax.div(plgpu.broadcasted_iota(
+          jnp.int32, (_ROWS, bk), 0, layout=plgpu.Layout.WGMMA), _STRIPE), 0, interpret)
+      col = _row_half(plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1,
+                                             layout=plgpu.Layout.WGMMA), 0, interpret)
 
-      def body(step, carry):
+      def body(i, carry):
         o, m, d1, d2 = carry
+        step = c + i * nc
         slot = lax.rem(step, stages)
         t = t0 + step
         kstart = jnp.minimum(t * bk, S - bk)   # the last tile is clamped into the cache
@@ -253,13 +287,19 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
         acc_t = plgpu.ACC((_ROWS, bk), jnp.float32)
         s1, s2 = pl.run_scoped(scores, acc_t, acc_t if has_r and not pack else None)
         plgpu.barrier_arrive(k_free.at[slot])
+        # S1 from the q rows (0-7), S2 from the r rows (8-15, packed) or the r tile's q-row
+        # half: the softmax below then runs once per real row
         if pack:
-          s2 = _swap_row_halves(s1, interpret)
+          s1, s2 = _row_half(s1, 0, interpret), _row_half(s1, 1, interpret)
+        else:
+          s1 = _row_half(s1, 0, interpret)
+          s2 = None if s2 is None else _row_half(s2, 0, interpret)
         # keys [max(lo, t*bk), hi): a clamped tile's first keys were seen by the tile before
         j = kstart + col
         valid = (j >= jnp.maximum(lo, t * bk)) & (j < hi)
-        s1 = jnp.where(valid, s1 * c, -jnp.inf)
-        m_new = jnp.maximum(m, s1.max(axis=1))
+        s1 = jnp.where(valid, s1 * c_log2, -jnp.inf)
+        # one SSA value per real row from here on (the carried m's halves are loop values)
+        m_new = _row_half(jnp.maximum(m, s1.max(axis=1)), 0, interpret)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # no valid key yet: exp2 -> 0
         alpha = jnp.exp2(m - m_use)
         p1 = jnp.exp2(s1 - lax.broadcast_in_dim(m_use, s1.shape, [0]))
@@ -287,8 +327,34 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
         plgpu.barrier_arrive(v_free.at[slot])
         return o, m_new, d1, d2
 
-      o, m, d1, d2 = lax.fori_loop(0, n, body, (zacc, m0, zrow, zrow))
+      steps_c = lax.div(jnp.maximum(n - c + (nc - 1), 0), nc)
+      return lax.fori_loop(0, steps_c, body, (zacc, m0, zrow, zrow))
 
+    def hand_over(state):
+      """Second consumer: its state to SMEM (O in o_scr's rows 0-63, m, d1, d2 in vec_smem:
+      both untouched by the first consumer until it has read them)."""
+      o, m, d1, d2 = state
+      o_scr.at[pl.ds(0, _ROWS)][...] = o
+      for i, x in enumerate((m, d1, d2)):
+        vec_smem.at[i][...] = x
+      plgpu.barrier_arrive(x_bar)
+
+    def take_over(state):
+      """First consumer: the exact merge of the second consumer's state into its own."""
+      o, m, d1, d2 = state
+      plgpu.barrier_wait(x_bar)
+      o_x = plgpu.load(o_scr.at[pl.ds(0, _ROWS)], layout=plgpu.Layout.WGMMA,
+                       optimized=False)
+      m_x, d1_x, d2_x = (plgpu.load(vec_smem.at[i], layout=row_layout, optimized=False)
+                         for i in range(3))
+      m_new = jnp.maximum(m, m_x)
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      a, a_x = jnp.exp2(m - m_use), jnp.exp2(m_x - m_use)
+      bc = lambda x: lax.broadcast_in_dim(x, o.shape, [0])
+      return (o * bc(a) + o_x * bc(a_x), m_new, d1 * a + d1_x * a_x, d2 * a + d2_x * a_x)
+
+    def finish(state):
+      o, m, d1, d2 = state
       # O's stripes: O1 (rows 0-15), O2hi (16-31), O2lo (32-47). Read back shifted by 16
       # and 32 rows so that O2 lands on O1's rows.
       if has_r or ns > 1:
@@ -323,8 +389,25 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
           plgpu.copy_smem_to_gmem(o_scr.at[pl.ds(i * _STRIPE, _BOX)], mat_ref.at[b, h, s, i])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 0)
+    def _first_consumer():
+      if nc > 1:
+        plgpu.set_max_registers(232, action="increase")
+      load_a_tiles()
+      state = run_tiles(0)
+      finish(take_over(state) if nc > 1 else state)
+
+    if nc > 1:
+      @pl.when(wg == 1)
+      def _second_consumer():
+        plgpu.set_max_registers(232, action="increase")
+        hand_over(run_tiles(1))
+
+    @pl.when(wg == nc)
     def _producer():
+      if nc > 1:
+        plgpu.set_max_registers(40, action="decrease")
+
       def load(step, slot):
         kstart = jnp.minimum((t0 + step) * bk, S - bk)
         src = (b, pl.ds(kstart, bk), h)
@@ -367,7 +450,8 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
     loaded = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
               plgpu.Barrier(num_barriers=n_copies))
     free = (plgpu.Barrier(num_barriers=stages),) * 2
-    pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free,
+    handed = plgpu.Barrier() if nc > 1 else None    # second consumer's state in SMEM
+    pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free, handed,
                   collective_axes="wg")
 
   if ns == 1:
@@ -378,7 +462,7 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
   args = (lengths, q2, k_cache, v_cache) + ((r2,) if has_r else ())
   return plgpu.kernel(
       entry, out_type=out_type, grid=(Hkv, B, ns), grid_names=("heads", "batch", "split"),
-      num_threads=2, thread_name="wg",
+      num_threads=nc + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
   )(*args)
 

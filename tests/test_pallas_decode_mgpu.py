@@ -4,7 +4,7 @@ CPU: the kernel runs in the Mosaic GPU interpreter against the dense float32 dec
 (poisoned keys and values past every length; lengths 0, 1 and not multiples of the tile;
 windows; splits; GQA ratios 1-8; bf16 / fp16; head_dim 64 / 128). Interpreter gaps (jax
 0.11.2): no wgmma with a register LHS and no `inline_mgpu`, so there the P V product runs as
-a plain dot and the packed tile's row-half swap as array ops (`_swap_row_halves`); the
+a plain dot and the tile's row-half pick as array ops (`_row_half`); the
 lowering tests below build both for CUDA on an abstract H100, and the GPU tests run them.
 GPU (`-m gpu`, Hopper): compiled kernel against the reference and the Triton kernel.
 """
@@ -90,6 +90,18 @@ CASES = {
                                              config=dm.DecodeConfig(num_stages=2, num_splits=5)),
     "bk128_splits2": Case(S=400, lengths=(400, 250),
                           config=dm.DecodeConfig(block_kv=128, num_stages=2, num_splits=2)),
+    # two consumer warpgroups on alternate tiles, merged through SMEM: one tile (the second
+    # consumer idle), odd tile counts, splits with a window, softmax, GQA 8
+    "2wg_packed_lengths_1_200": Case(lengths=(1, 200), config=dm.DecodeConfig(
+        num_stages=2, num_splits=1, num_consumers=2)),
+    "2wg_splits3_window": Case(window=37, config=dm.DecodeConfig(
+        num_stages=4, num_splits=3, num_consumers=2)),
+    "2wg_unpacked_softmax_zero_length": Case(parallax=False, lengths=(0, 200),
+                                             config=dataclasses.replace(
+                                                 _UNPACKED, num_stages=4, num_consumers=2)),
+    "2wg_gqa8_fp16_d128": Case(B=1, Hq=8, Hkv=1, S=333, D=128, lengths=(333,),
+                               dtype=jnp.float16, config=dm.DecodeConfig(
+                                   num_stages=4, num_splits=1, num_consumers=2)),
 }
 
 
@@ -98,18 +110,21 @@ def test_interpret_matches_reference(name):
   run(CASES[name], interpret_params())
 
 
-def test_race_detector_finds_no_race():
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_race_detector_finds_no_race(consumers):
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-  run(Case(S=160, lengths=(160, 100), config=dm.DecodeConfig(num_stages=2, num_splits=2)),
-      interpret_params(races=True))
+  run(Case(S=160, lengths=(160, 100), config=dm.DecodeConfig(
+      num_stages=2, num_splits=2, num_consumers=consumers)), interpret_params(races=True))
   assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
 
 
-def test_swap_row_halves_array_form():
-  """The interpreter's form of the packed tile's swap: rows i and i ^ 8 of each 16."""
+@pytest.mark.parametrize("half", [0, 1])
+def test_row_half_array_form(half):
+  """The interpreter's form of the tile's row-half pick: row i -> row (i mod 8) + 8 * half."""
   x = jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8)
-  y = np.asarray(dm._swap_row_halves(x, interpret=interpret_params()))
-  np.testing.assert_array_equal(y, np.asarray(x)[np.arange(64) ^ 8])
+  y = np.asarray(dm._row_half(x, half, interpret=interpret_params()))
+  rows = np.arange(64)
+  np.testing.assert_array_equal(y, np.asarray(x)[rows - rows % 16 + rows % 8 + 8 * half])
 
 
 def test_default_splits():
@@ -142,6 +157,10 @@ def test_supported_and_errors():
     dm.DecodeConfig(block_kv=96)
   with pytest.raises(ValueError, match="num_stages"):
     dm.DecodeConfig(num_stages=1)
+  with pytest.raises(ValueError, match="num_consumers=3"):
+    dm.DecodeConfig(num_consumers=3, num_stages=3)
+  with pytest.raises(ValueError, match="num_stages=3 must be a multiple of num_consumers=2"):
+    dm.DecodeConfig(num_consumers=2)
 
 
 # ----------------------------------------------------------------------------- CUDA lowering
@@ -162,13 +181,15 @@ def _lower(B, Hq, Hkv, S, D, parallax, config):
         lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("D,parallax,pack,splits", [
-    (128, True, True, 1), (128, True, True, 16), (128, True, False, 1), (64, False, True, 4)])
-def test_cuda_lowering_abstract_h100(D, parallax, pack, splits):
+@pytest.mark.parametrize("D,parallax,pack,splits,consumers", [
+    (128, True, True, 1, 1), (128, True, True, 16, 1), (128, True, False, 1, 1),
+    (64, False, True, 4, 1), (128, True, True, 16, 2), (64, True, False, 1, 2)])
+def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers):
   """Mosaic GPU's Python lowering in full (layouts, SMEM budget, barriers, TMA descriptors,
-  the packed tile's register swap, the register-LHS P V wgmma); PTX -> SASS runs only on the
-  GPU."""
-  cfg = dm.DecodeConfig(pack_qr=pack, num_splits=splits)
+  the tile's row-half register pick, the register-LHS P V wgmma, two consumers' register
+  split and SMEM hand-over); PTX -> SASS runs only on the GPU."""
+  cfg = dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
+                        num_stages=2 * consumers if consumers > 1 else 3)
   mods = _mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, 8192, D, parallax, cfg))
   assert len(mods) == 1
   ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
@@ -176,6 +197,33 @@ def test_cuda_lowering_abstract_h100(D, parallax, pack, splits):
   assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % D in ops             # P V
   assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
   assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops      # TMA stores
+  assert (b"setmaxnreg.inc.sync.aligned.u32" in ops) == (consumers > 1)
+
+
+def _ops_after_cse(module_bytes, names):
+  """Counts of ops in a lowered Mosaic GPU module after MLIR CSE (Mosaic's own compile
+  pipeline runs `canonicalize, cse` before LLVM, so duplicated SSA work is gone by PTX)."""
+  from jax._src.interpreters import mlir as jmlir
+  from jax._src.lib.mlir import ir, passmanager
+  from jax.experimental.mosaic.gpu import core as mcore
+  ctx = jmlir.make_ir_context()
+  with ctx, ir.Location.unknown():
+    ctx.allow_unregistered_dialects = True
+    m = mcore._run_serde_pass(ir.Module.parse(module_bytes), serialize=False)
+    passmanager.PassManager.parse("builtin.module(cse)", ctx).run(m.operation)
+    txt = str(m)
+  return {n: txt.count(n) for n in names}
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_softmax_runs_once_per_real_row(pack):
+  """The row-half pick leaves one exp2 per S1 value of the q rows: a thread's 64-key tile
+  has 16 values per 8-row half (+ 2 for the running max's rescale), not 32 + 2."""
+  cfg = dm.DecodeConfig(pack_qr=pack, num_splits=16)
+  (mod,) = _mosaic_modules(_lower(1, 16, 8, 8192, 128, True, cfg))
+  n = _ops_after_cse(mod, ["ex2.approx", "arith.truncf"])
+  assert n["ex2.approx"] == cfg.block_kv // 4 + 2, n
+  assert n["arith.truncf"] == cfg.block_kv // 4, n   # hi(P2) and the P V operand, once each
 
 
 def test_one_module_across_call_sites():
@@ -205,15 +253,16 @@ gpu = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("pack,consumers", [(True, 1), (False, 1), (True, 2)])
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,splits,window", [
     (1, 16, 8, 8192, 128, None, None), (8, 16, 8, 1024, 128, None, 300),
     (64, 16, 8, 1000, 128, None, None), (4, 8, 8, 4096, 64, None, None),
     (2, 32, 4, 777, 128, 3, None)])
-def test_gpu_matches_reference_and_triton(pack, B, Hq, Hkv, S, D, splits, window):
+def test_gpu_matches_reference_and_triton(pack, consumers, B, Hq, Hkv, S, D, splits, window):
   lengths = tuple(int(x) for x in np.linspace(max(1, S // 3), S, B).round())
   c = Case(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, lengths=lengths, window=window,
-           config=dm.DecodeConfig(pack_qr=pack, num_splits=splits))
+           config=dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
+                                  num_stages=4 if consumers > 1 else 3))
   o, err = run(c, None)
   q, k, v, r = inputs(c)
   t = dk.parallax_decode(q, k, v, r, scale=1.0 / np.sqrt(D),
