@@ -38,6 +38,18 @@ def time_fn(fn, *args, min_iters=3, min_seconds=1.0, max_iters=100):
   return statistics.median(times)
 
 
+def kernel_medians_us(fn, args, iters=20):
+  """{kernel name: median CUPTI time in us} over `iters` calls of fn(*args) (GPU only)."""
+  from jax.experimental.mosaic.gpu import profiler
+  jax.block_until_ready(fn(*args))
+  _, per_call = profiler.measure(fn, aggregate=False, iterations=iters)(*args)
+  by_name = {}
+  for call in per_call:
+    for name, t in call:
+      by_name.setdefault(name, []).append(float(t) * 1e3)
+  return {name: statistics.median(ts) for name, ts in by_name.items()}
+
+
 def compiled_bytes(jitted, *args):
   """Temp + output bytes of the compiled program: its peak working set beyond the inputs."""
   m = jitted.lower(*args).compile().memory_analysis()

@@ -11,7 +11,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import time
 import warnings
 
@@ -21,7 +20,8 @@ import numpy as np
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from bench.common import environment  # noqa: E402
+from bench.common import environment, kernel_medians_us  # noqa: E402
+from bench.decode import time_us  # noqa: E402
 from pallas_kernels import decode as dk  # noqa: E402
 
 T0 = time.time()
@@ -48,23 +48,12 @@ LAUNCH = [(64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (32, 2, 
           (128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8)]
 
 
-def measure(fn, args, iters=20):
-  from jax.experimental.mosaic.gpu import profiler
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*args)
-  return statistics.median(float(t) for t in ts) * 1e3
+def measure(fn, args):
+  return time_us(fn, args, iters=20)[0]
 
 
 def breakdown(fn, args):
-  from jax.experimental.mosaic.gpu import profiler
-  jax.block_until_ready(fn(*args))
-  _, ts = profiler.measure(fn, aggregate=False, iterations=5)(*args)
-  per = {}
-  for run in ts:
-    for name, t in run:
-      per.setdefault(name, []).append(float(t) * 1e3)
-  return {n: round(statistics.median(v), 2) for n, v in per.items()}
+  return {n: round(t, 2) for n, t in kernel_medians_us(fn, args, iters=5).items()}
 
 
 def main():
