@@ -42,8 +42,8 @@ merge needs a cross-CTA election, which the Mosaic GPU interpreter (the CPU test
 run: no semaphores, no atomics with a result. The Triton kernel has one (bench/NOTES.md).
 
 Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one
-token per sequence, any lengths and window. Everything else:
-`pallas_kernels.decode.parallax_decode`.
+token per sequence, a cache length that is a multiple of 8 (the K/V TMA tiling), any lengths
+and window. Everything else: `pallas_kernels.decode.parallax_decode`.
 """
 from __future__ import annotations
 
@@ -144,6 +144,9 @@ def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None
   if Hq % Hkv or _BOX % (Hq // Hkv):
     return False, f"Hq/Hkv = {Hq}/{Hkv} must be 1, 2, 4 or 8"
   cfg = config or DecodeConfig()
+  if S % _BOX and S >= cfg.block_kv:   # (shorter caches are padded to one tile)
+    # the K/V TMA descriptors tile the cache's length by the SMEM tile's 8 rows
+    return False, f"cache length {S} must be a multiple of {_BOX}"
   need = smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize)
   if need > _SMEM_LIMIT:
     return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {_SMEM_LIMIT})"

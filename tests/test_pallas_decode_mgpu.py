@@ -81,11 +81,11 @@ CASES = {
     "softmax_splits_zero_length": Case(parallax=False, lengths=(0, 200),
                                        config=dm.DecodeConfig(num_stages=2, num_splits=3)),
     "mha_lengths_0_1_64_rows_padded": Case(B=3, Hq=2, Hkv=2, lengths=(0, 1, 64)),
-    "gqa8_fp16_d128_window_splits": Case(Hq=16, Hkv=2, D=128, S=300, dtype=jnp.float16,
+    "gqa8_fp16_d128_window_splits": Case(Hq=16, Hkv=2, D=128, S=304, dtype=jnp.float16,
                                          lengths=(300, 129), window=50,
                                          config=dm.DecodeConfig(num_stages=2, num_splits=2)),
     "gqa4_cache_under_one_tile": Case(Hq=8, Hkv=2, S=30, lengths=(30, 5)),
-    "gqa8_one_kv_head_window_5_splits": Case(B=1, Hq=8, Hkv=1, S=500, lengths=(433,),
+    "gqa8_one_kv_head_window_5_splits": Case(B=1, Hq=8, Hkv=1, S=504, lengths=(433,),
                                              window=100,
                                              config=dm.DecodeConfig(num_stages=2, num_splits=5)),
     "bk128_splits2": Case(S=400, lengths=(400, 250),
@@ -99,7 +99,7 @@ CASES = {
     "2wg_unpacked_softmax_zero_length": Case(parallax=False, lengths=(0, 200),
                                              config=dataclasses.replace(
                                                  _UNPACKED, num_stages=4, num_consumers=2)),
-    "2wg_gqa8_fp16_d128": Case(B=1, Hq=8, Hkv=1, S=333, D=128, lengths=(333,),
+    "2wg_gqa8_fp16_d128": Case(B=1, Hq=8, Hkv=1, S=336, D=128, lengths=(333,),
                                dtype=jnp.float16, config=dm.DecodeConfig(
                                    num_stages=4, num_splits=1, num_consumers=2)),
 }
@@ -142,6 +142,7 @@ def test_supported_and_errors():
   assert "Hq/Hkv" in ok(s(2, 12, 64), s(2, 64, 4, 64), s(2, 64, 4, 64))[1]     # G = 3
   assert "Hq/Hkv" in ok(s(2, 32, 64), s(2, 64, 2, 64), s(2, 64, 2, 64))[1]     # G = 16
   assert "head_dim" in ok(s(2, 8, 32), s(2, 64, 8, 32), s(2, 64, 8, 32))[1]
+  assert "multiple of 8" in ok(s(2, 8, 64), s(2, 777, 8, 64), s(2, 777, 8, 64))[1]
   f32 = jnp.float32
   assert "dtypes" in ok(s(2, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32))[1]
   assert "SMEM" in ok(s(2, 8, 128), s(2, 64, 8, 128), s(2, 64, 8, 128),
@@ -181,16 +182,18 @@ def _lower(B, Hq, Hkv, S, D, parallax, config):
         lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("D,parallax,pack,splits,consumers", [
-    (128, True, True, 1, 1), (128, True, True, 16, 1), (128, True, False, 1, 1),
-    (64, False, True, 4, 1), (128, True, True, 16, 2), (64, True, False, 1, 2)])
-def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers):
+@pytest.mark.parametrize("D,parallax,pack,splits,consumers,S", [
+    (128, True, True, 1, 1, 8192), (128, True, True, 16, 1, 8192),
+    (128, True, False, 1, 1, 8192), (64, False, True, 4, 1, 8192),
+    (128, True, True, 16, 2, 8192), (64, True, False, 1, 2, 8192),
+    (128, True, True, 3, 1, 776), (64, True, True, 1, 2, 1000)])
+def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers, S):
   """Mosaic GPU's Python lowering in full (layouts, SMEM budget, barriers, TMA descriptors,
   the tile's row-half register pick, the register-LHS P V wgmma, two consumers' register
   split and SMEM hand-over); PTX -> SASS runs only on the GPU."""
   cfg = dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
                         num_stages=2 * consumers if consumers > 1 else 3)
-  mods = _mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, 8192, D, parallax, cfg))
+  mods = _mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, S, D, parallax, cfg))
   assert len(mods) == 1
   ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
   assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % cfg.block_kv in ops  # S
@@ -257,7 +260,7 @@ gpu = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,splits,window", [
     (1, 16, 8, 8192, 128, None, None), (8, 16, 8, 1024, 128, None, 300),
     (64, 16, 8, 1000, 128, None, None), (4, 8, 8, 4096, 64, None, None),
-    (2, 32, 4, 777, 128, 3, None)])
+    (2, 32, 4, 776, 128, 3, None)])
 def test_gpu_matches_reference_and_triton(pack, consumers, B, Hq, Hkv, S, D, splits, window):
   lengths = tuple(int(x) for x in np.linspace(max(1, S // 3), S, B).round())
   c = Case(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, lengths=lengths, window=window,
