@@ -48,10 +48,6 @@ LAUNCH = [(64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (32, 2, 
           (128, 3, 4), (128, 4, 4), (256, 2, 4), (256, 3, 8)]
 
 
-def measure(fn, args):
-  return time_us(fn, args, iters=20)[0]
-
-
 def breakdown(fn, args):
   return {n: round(t, 2) for n, t in kernel_medians_us(fn, args, iters=5).items()}
 
@@ -87,7 +83,8 @@ def main():
       rr = r if has_r else None
       f0 = jax.jit(lambda q, k, v, rr, lens: dk.parallax_decode(q, k, v, rr, scale=scale,
                                                                 lengths=lens))
-      row[f"default_us_{'parallax' if has_r else 'softmax'}"] = measure(f0, (q, k, v, rr, lens))
+      row[f"default_us_{'parallax' if has_r else 'softmax'}"] = time_us(
+          f0, (q, k, v, rr, lens), iters=20)[0]
       if has_r:
         row["breakdown_us"] = breakdown(f0, (q, k, v, rr, lens))
     mults = {"small": (s0 // 2, s0, 2 * s0, L // 64, L // 32), "mid": (1, 2, 4, 8)}.get(
@@ -100,7 +97,7 @@ def main():
           q, k, v, r, scale=scale, lengths=lens, num_splits=ns, block_kv=bk, num_stages=st,
           num_warps=nw))
       try:
-        us = measure(f, (q, k, v, r, lens))
+        us = time_us(f, (q, k, v, r, lens), iters=20)[0]
         row["configs"].append({"splits": ns, "block_kv": bk, "stages": st, "warps": nw,
                                "us": us, "GBps": kv_gb / (us * 1e-6)})
       except Exception as e:  # noqa: BLE001
