@@ -20,6 +20,8 @@ Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,8 +32,12 @@ from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler
                                             _iota, _next_pow2, _pad, _round_up)
 
 NUM_SMS = 132  # H100 SXM
-# Register budget of the merge's live partial tiles: 64 fp32 registers per thread.
-MERGE_BYTES_PER_WARP = 32 * 64 * 4
+# Register budgets (fp32 registers per thread) of the merges' loads in flight.
+MERGE_REGS = 96          # `_merge_by_split`
+MERGE_REGS_TILES = 64    # `_merge_by_tiles`
+# Splits from which the merge reads [splits, D] tiles (`_merge_by_tiles`) rather than split
+# by split (H100: split by split wins at 4-16 splits, tiles at 32; bench/NOTES.md, decode v9).
+MERGE_TILES_FROM = 32
 
 
 def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int = 64,
@@ -173,8 +179,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
 
   # Split partials (only the real rows reach memory), then the last split of (b, h) to
   # arrive merges them: the barrier orders every thread's stores before the release-acquire
-  # counter increment (one thread); the merging program reads the partials with volatile
-  # loads (not from L1; cache_modifier=".cg" fails to lower in jax 0.11.2: KeyError).
+  # counter increment (one thread). The merging program's plain loads are ordered after
+  # that acquire (the barrier after the atomic hands it to every warp), and the acquire
+  # leaves no stale L1 line to hit: no line of another split's partial was read before.
   vec_ok = row_ok[:, 0]
   plgpu.store(m_ref.at[s, :], m, mask=vec_ok)
   plgpu.store(d1_ref.at[s, :], d1, mask=vec_ok)
@@ -192,31 +199,95 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     # Every split of (b, h) has arrived, so no one else touches the counter in this launch:
     # leave it zero for the next one (a counter carried across calls needs no zeroing).
     cnt_ref[slot] = jnp.zeros((), jnp.int32)
-    # Per row, every split's partial is read at once ([nsp, 1] columns and [nsp, D] tiles),
-    # so a row costs one load latency, not one per split, and two dependent reductions (the
-    # max, then the weighted sums). Rows go in groups whose tiles fit a register budget (all
-    # of a group's loads first; more live tiles spill: 2.5x slower at 32 splits x 8 rows),
-    # and every store comes last: a load placed after a store to another ref is not hoisted
-    # above it (the compiler cannot prove they do not alias).
-    nsp = _next_pow2(num_splits)
-    split_ok = _iota(nsp, 0) < num_splits                          # [nsp, 1]
-    load = lambda ref, other: plgpu.load(ref, mask=split_ok, other=other, volatile=True)
-    col = lambda ref, g, other: load(ref.at[pl.ds(0, nsp), pl.ds(g, 1)], other)     # [nsp, 1]
-    tile = lambda ref, g: load(ref.at[pl.ds(0, nsp), jnp.asarray(g, jnp.int32), :], 0.0)
-    tile_bytes = nsp * D * 4 * (2 if has_r else 1)                 # fp32 O1 (and O2) of a row
-    per_group = max(1, min(nrow, MERGE_BYTES_PER_WARP * num_warps // tile_bytes))
-    outs = []
-    for g0 in range(0, nrow, per_group):
-      group = range(g0, min(g0 + per_group, nrow))
-      parts = [(col(m_ref, g, NEG_INF), col(d1_ref, g, 0.0),
-                col(d2_ref, g, 0.0) if has_r else None, tile(o1_ref, g),
-                tile(o2_ref, g) if has_r else None) for g in group]
-      for ms, d1s, d2s, o1s, o2s in parts:
-        w = jnp.exp(ms - jnp.max(ms, axis=0, keepdims=True))      # [nsp, 1]
-        wsum = lambda x: None if x is None else jnp.sum(w * x, axis=0)
-        outs.append(_finish(wsum(d1s), wsum(d2s), wsum(o1s), wsum(o2s)))
-    for g, o in enumerate(outs):
-      o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
+    merge = _merge_by_tiles if num_splits >= MERGE_TILES_FROM else _merge_by_split
+    merge(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, h=h, nrow=nrow,
+          num_splits=num_splits, num_warps=num_warps)
+
+
+def _tree(op, xs):
+  """op over xs as a balanced tree: log2(len) dependent steps, not len - 1."""
+  while len(xs) > 1:
+    xs = [op(a, b) for a, b in zip(xs[::2], xs[1::2])] + xs[len(xs) - len(xs) % 2:]
+  return xs[0]
+
+
+def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, num_splits,
+                    num_warps):
+  """o rows of KV head h from the split partials: an exact log-sum-exp merge.
+
+  Split by split: each (row, split) is scalars m, d1, d2 and [D] rows of O1, O2, so every
+  max and sum over the splits is elementwise inside each thread (a balanced tree of them).
+  (Loading a row's splits as one [splits, D] tile and reducing over axis 0 put a cross-warp
+  reduction, shared memory and a barrier, in each of ~5 reductions per row: 2.4 us of the
+  6.7 us step at H100 GQA B=1 L=1k; bench/NOTES.md, decode v9.) (row, split) pairs go in chunks whose loads fit
+  a register budget and are all issued before the chunk's arithmetic (one load latency per
+  chunk); a row's running max is carried from chunk to chunk. Every store comes last: a
+  load placed after a store to another ref is not hoisted above it (the compiler cannot
+  prove they do not alias).
+  """
+  has_r = o2_ref is not None
+  D = o1_ref.shape[-1]
+  threads = 32 * num_warps
+  regs_per_pair = (2 if has_r else 1) * -(-D // threads) + (3 if has_r else 2)
+  chunk = max(1, MERGE_REGS // regs_per_pair)
+  pairs = [(g, sp) for g in range(nrow) for sp in range(num_splits)]
+  state = {}                                  # row -> (m, d1, d2, o1, o2)
+  for c0 in range(0, len(pairs), chunk):
+    part = pairs[c0:c0 + chunk]
+    loaded = [(g, m_ref[sp, g], d1_ref[sp, g], d2_ref[sp, g] if has_r else None,
+               o1_ref[sp, g, :], o2_ref[sp, g, :] if has_r else None) for g, sp in part]
+    for g in dict.fromkeys(g for g, _ in part):
+      mine = [x[1:] for x in loaded if x[0] == g]
+      top = _tree(jnp.maximum, [x[0] for x in mine])
+      if g in state:   # rescale what earlier chunks summed to the new running max
+        m0, *old = state[g]
+        top = jnp.maximum(top, m0)
+        alpha = jnp.exp(m0 - top)
+        old = [None if x is None else [x * alpha] for x in old]
+      else:
+        old = [[]] * 4
+      ws = [jnp.exp(x[0] - top) for x in mine]   # (NEG_INF partials of splits without keys)
+      sums = [None if vals[0] is None else
+              _tree(jnp.add, prev + [w * v for w, v in zip(ws, vals)])
+              for prev, vals in zip(old, zip(*[x[1:] for x in mine]))]
+      state[g] = (top, *sums)
+  outs = [_finish(d1, d2, o1, o2) for _, d1, d2, o1, o2 in (state[g] for g in range(nrow))]
+  for g, o in enumerate(outs):
+    o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
+
+
+def _merge_by_tiles(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, num_splits,
+                    num_warps):
+  """`_merge_by_split`'s result from [splits, D] tiles reduced over axis 0: fewer, wider
+  loads (H100, 32 splits of MHA B=1, 2 warps, D=64: L=8k 9.29 -> 8.98 us, L=32k 29.2 ->
+  28.4 against `_merge_by_split`; bench/NOTES.md, decode v9).
+
+  Per row, every split's partial is read at once ([nsp, 1] columns and [nsp, D] tiles), so
+  a row costs one load latency and two dependent reductions (the max, then the weighted
+  sums). Rows go in groups whose tiles fit a register budget (all of a group's loads first;
+  more live tiles spill: 2.5x slower at 32 splits x 8 rows), and every store comes last.
+  """
+  has_r = o2_ref is not None
+  D = o1_ref.shape[-1]
+  nsp = _next_pow2(num_splits)
+  split_ok = _iota(nsp, 0) < num_splits                          # [nsp, 1]
+  load = lambda ref, other: plgpu.load(ref, mask=split_ok, other=other)
+  col = lambda ref, g, other: load(ref.at[pl.ds(0, nsp), pl.ds(g, 1)], other)     # [nsp, 1]
+  tile = lambda ref, g: load(ref.at[pl.ds(0, nsp), jnp.asarray(g, jnp.int32), :], 0.0)
+  tile_elems = nsp * D * (2 if has_r else 1)                     # O1 (and O2) of a row
+  per_group = max(1, min(nrow, MERGE_REGS_TILES * 32 * num_warps // tile_elems))
+  outs = []
+  for g0 in range(0, nrow, per_group):
+    group = range(g0, min(g0 + per_group, nrow))
+    parts = [(col(m_ref, g, NEG_INF), col(d1_ref, g, 0.0),
+              col(d2_ref, g, 0.0) if has_r else None, tile(o1_ref, g),
+              tile(o2_ref, g) if has_r else None) for g in group]
+    for ms, d1s, d2s, o1s, o2s in parts:
+      w = jnp.exp(ms - jnp.max(ms, axis=0, keepdims=True))      # [nsp, 1]
+      wsum = lambda x: None if x is None else jnp.sum(w * x, axis=0)
+      outs.append(_finish(wsum(d1s), wsum(d2s), wsum(o1s), wsum(o2s)))
+  for g, o in enumerate(outs):
+    o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
 
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,

@@ -80,9 +80,27 @@ def test_multi_token_softmax_and_bf16(rng):
 
 
 def test_merge_in_row_groups(rng):
-  """Many splits x rows: the in-kernel merge takes the rows in several register-sized groups
-  (32 splits x 8 rows x D=64: 2 rows per group)."""
+  """Many splits x rows: the in-kernel merge of >= MERGE_TILES_FROM splits reads [splits, D]
+  tiles and takes the rows in several register-sized groups (32 splits x 8 rows x D=64: 2
+  rows per group)."""
+  assert 32 >= dk.MERGE_TILES_FROM
   check(rng, 1, 2, 1, 512, 64, jnp.float32, [500], ns=32, tokens=4)
+
+
+@pytest.mark.parametrize("parallax", [True, False])
+def test_merge_by_split_in_chunks(rng, parallax):
+  """Fewer splits merge split by split, in register-sized chunks of (row, split) pairs: 16
+  splits x 8 rows (4 tokens x 2 heads) at D=64 is 128 pairs, several chunks, rows across
+  chunk boundaries (the running max carried over), and splits without valid keys (a short
+  length; a window leaving the early splits empty)."""
+  assert 16 < dk.MERGE_TILES_FROM
+  B, Hq, Hkv, S, D, T = 2, 4, 2, 256, 64, 4
+  threads = 32 * 4
+  pairs_per_chunk = dk.MERGE_REGS // ((2 if parallax else 1) * -(-D // threads) + 3)
+  assert pairs_per_chunk < (T * Hq // Hkv) * 16
+  check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 40], ns=16, tokens=T, parallax=parallax)
+  check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 200], ns=16, tokens=T, window=30,
+        parallax=parallax)
   assert dk.default_num_splits(1, 8, 4096, rows=16) == 8  # many rows: fewer splits
   assert dk.default_num_splits(1, 8, 4096, rows=2) == 32
   assert dk.default_num_splits(1, 8, 4096) == 33
