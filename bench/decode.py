@@ -93,6 +93,20 @@ def hbm_copy_gbps():
 
 
 STEPS = 8  # dependent decode calls per timed call (see `chained`)
+GRIDS = {"gqa": (16, 8, 128), "mha": (8, 8, 64)}  # grid -> (Hq, Hkv, D)
+SHAPES_HELP = "comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64)"
+
+
+def shapes_within(specs: str, budget: float):
+  """(grid, B, L, Hq, Hkv, D) of each grid:B:L in the comma list `specs`, while less than
+  `budget` seconds have passed since the first (later shapes are logged and skipped)."""
+  t0 = time.time()
+  for spec in specs.split(","):
+    if time.time() - t0 > budget:
+      log("budget spent: skipping", spec)
+      continue
+    grid, B, L = spec.split(":")
+    yield (grid, int(B), int(L), *GRIDS[grid])
 
 
 def impls(B, L, Hq, Hkv, D, with_xla=True):

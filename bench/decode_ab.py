@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import types
 
 import jax
@@ -23,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import STEPS, chained, log, shape_inputs, time_us
+from bench.decode import (SHAPES_HELP, STEPS, chained, log, shape_inputs,
+                          shapes_within, time_us)
 from pallas_kernels import decode as dk
 
 
@@ -37,8 +37,7 @@ def load_module(path: str, name: str = "decode_baseline"):
   return mod
 
 
-def bench_shape(mods, grid, B, L):
-  Hq, Hkv, D = (16, 8, 128) if grid == "gqa" else (8, 8, 64)
+def bench_shape(mods, grid, B, L, Hq, Hkv, D):
   scale = 1.0 / np.sqrt(D)
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
@@ -92,18 +91,13 @@ def main():
   ap.add_argument("--shapes", default="gqa:1:1024,gqa:1:8192,mha:1:8192,gqa:8:1024,mha:8:1024,"
                   "gqa:1:4096,gqa:1:32768,mha:1:32768,mha:8:8192,mha:1:1024,mha:1:4096,"
                   "gqa:8:4096,mha:8:4096,gqa:8:8192,gqa:8:32768,mha:8:32768",
-                  help="comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64)")
+                  help=SHAPES_HELP)
   args = ap.parse_args()
   mods = {"baseline": load_module(args.baseline), "new": dk}
   os.makedirs(args.out, exist_ok=True)
   res = {"env": environment(), "baseline": args.baseline, "rows": []}
-  t0 = time.time()
-  for spec in args.shapes.split(","):
-    if time.time() - t0 > args.budget:
-      log("budget spent: skipping", spec)
-      continue
-    grid, B, L = spec.split(":")
-    res["rows"].append(bench_shape(mods, grid, int(B), int(L)))
+  for shape in shapes_within(args.shapes, args.budget):
+    res["rows"].append(bench_shape(mods, *shape))
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
       json.dump(res, f, indent=1)
     write_md(res, os.path.join(args.out, f"{args.name}.md"))

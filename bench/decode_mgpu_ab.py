@@ -17,14 +17,14 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment, kernel_medians_us
-from bench.decode import STEPS, chained, log, shape_inputs, time_us
+from bench.decode import (SHAPES_HELP, STEPS, chained, log, shape_inputs,
+                          shapes_within, time_us)
 from pallas_kernels import decode as dk
 from pallas_kernels import decode_mgpu as dm
 
@@ -132,7 +132,7 @@ def main():
   ap.add_argument("--shapes", default="gqa:1:8192,gqa:1:1024,gqa:8:1024,gqa:8:8192,"
                   "gqa:32:4096,gqa:256:1024,gqa:256:8192,mha:1:8192,mha:8:1024,mha:8:8192,"
                   "mha:256:1024,mha:256:4096,gqa:1:32768,gqa:64:32768",
-                  help="comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64)")
+                  help=SHAPES_HELP)
   args = ap.parse_args()
   ok, why = dm.supported(jax.ShapeDtypeStruct((1, 16, 128), jnp.bfloat16),
                          jax.ShapeDtypeStruct((1, 64, 8, 128), jnp.bfloat16),
@@ -141,14 +141,8 @@ def main():
     raise SystemExit(f"the Mosaic GPU decode kernel cannot run here: {why}")
   os.makedirs(args.out, exist_ok=True)
   res = {"env": environment(), "rows": []}
-  t0 = time.time()
-  for spec in args.shapes.split(","):
-    grid, B, L = spec.split(":")
-    if time.time() - t0 > args.budget:
-      log("budget spent: skipping", spec)
-      continue
-    Hq, Hkv, D = (16, 8, 128) if grid == "gqa" else (8, 8, 64)
-    res["rows"].append(bench_shape(grid, int(B), int(L), Hq, Hkv, D))
+  for shape in shapes_within(args.shapes, args.budget):
+    res["rows"].append(bench_shape(*shape))
     with open(os.path.join(args.out, "decode_mgpu_ab.json"), "w") as f:
       json.dump(res, f, indent=1)
     write_md(res, os.path.join(args.out, "decode_mgpu_ab.md"))

@@ -20,8 +20,6 @@ Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -211,6 +209,13 @@ def _tree(op, xs):
   return xs[0]
 
 
+def merge_chunk_pairs(head_dim: int, num_warps: int, parallax: bool) -> int:
+  """(row, split) pairs whose loads `_merge_by_split` keeps in flight at once: the O1 (and
+  O2) row's registers per thread plus the scalars (m, d1(, d2)), within MERGE_REGS."""
+  per_pair = (2 if parallax else 1) * -(-head_dim // (32 * num_warps)) + (3 if parallax else 2)
+  return max(1, MERGE_REGS // per_pair)
+
+
 def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, num_splits,
                     num_warps):
   """o rows of KV head h from the split partials: an exact log-sum-exp merge.
@@ -219,17 +224,14 @@ def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, nu
   max and sum over the splits is elementwise inside each thread (a balanced tree of them).
   (Loading a row's splits as one [splits, D] tile and reducing over axis 0 put a cross-warp
   reduction, shared memory and a barrier, in each of ~5 reductions per row: 2.4 us of the
-  6.7 us step at H100 GQA B=1 L=1k; bench/NOTES.md, decode v9.) (row, split) pairs go in chunks whose loads fit
-  a register budget and are all issued before the chunk's arithmetic (one load latency per
-  chunk); a row's running max is carried from chunk to chunk. Every store comes last: a
-  load placed after a store to another ref is not hoisted above it (the compiler cannot
-  prove they do not alias).
+  6.7 us step at H100 GQA B=1 L=1k; bench/NOTES.md, decode v9.) (row, split) pairs go in
+  chunks of `merge_chunk_pairs`, all of a chunk's loads before its arithmetic (one load
+  latency per chunk); a row's running max is carried from chunk to chunk. Every store comes
+  last: a load placed after a store to another ref is not hoisted above it (the compiler
+  cannot prove they do not alias).
   """
   has_r = o2_ref is not None
-  D = o1_ref.shape[-1]
-  threads = 32 * num_warps
-  regs_per_pair = (2 if has_r else 1) * -(-D // threads) + (3 if has_r else 2)
-  chunk = max(1, MERGE_REGS // regs_per_pair)
+  chunk = merge_chunk_pairs(o1_ref.shape[-1], num_warps, has_r)
   pairs = [(g, sp) for g in range(nrow) for sp in range(num_splits)]
   state = {}                                  # row -> (m, d1, d2, o1, o2)
   for c0 in range(0, len(pairs), chunk):

@@ -85,6 +85,9 @@ def test_merge_in_row_groups(rng):
   rows per group)."""
   assert 32 >= dk.MERGE_TILES_FROM
   check(rng, 1, 2, 1, 512, 64, jnp.float32, [500], ns=32, tokens=4)
+  assert dk.default_num_splits(1, 8, 4096, rows=16) == 8  # many rows: fewer splits
+  assert dk.default_num_splits(1, 8, 4096, rows=2) == 32
+  assert dk.default_num_splits(1, 8, 4096) == 33
 
 
 @pytest.mark.parametrize("parallax", [True, False])
@@ -95,15 +98,10 @@ def test_merge_by_split_in_chunks(rng, parallax):
   length; a window leaving the early splits empty)."""
   assert 16 < dk.MERGE_TILES_FROM
   B, Hq, Hkv, S, D, T = 2, 4, 2, 256, 64, 4
-  threads = 32 * 4
-  pairs_per_chunk = dk.MERGE_REGS // ((2 if parallax else 1) * -(-D // threads) + 3)
-  assert pairs_per_chunk < (T * Hq // Hkv) * 16
+  assert dk.merge_chunk_pairs(D, 4, parallax) < (T * Hq // Hkv) * 16   # (4 warps: the most)
   check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 40], ns=16, tokens=T, parallax=parallax)
   check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 200], ns=16, tokens=T, window=30,
         parallax=parallax)
-  assert dk.default_num_splits(1, 8, 4096, rows=16) == 8  # many rows: fewer splits
-  assert dk.default_num_splits(1, 8, 4096, rows=2) == 32
-  assert dk.default_num_splits(1, 8, 4096) == 33
 
 
 def test_unused_launch_is_removed_and_grad_refused(rng):
