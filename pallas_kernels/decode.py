@@ -31,10 +31,11 @@ from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler
 
 NUM_SMS = 132  # H100 SXM
 # Register budgets (fp32 registers per thread) of the merges' loads in flight.
-MERGE_REGS = 96          # `_merge_by_split`
+MERGE_REGS = 192         # `_merge_by_split`
 MERGE_REGS_TILES = 64    # `_merge_by_tiles`
 # Splits from which the merge reads [splits, D] tiles (`_merge_by_tiles`) rather than split
-# by split (H100: split by split wins at 4-16 splits, tiles at 32; bench/NOTES.md, decode v9).
+# by split (H100: split by split wins at 4-16 splits, tiles at 32; bench/NOTES.md, decode v9
+# and v10).
 MERGE_TILES_FROM = 32
 
 
@@ -209,60 +210,67 @@ def _tree(op, xs):
   return xs[0]
 
 
-def merge_chunk_pairs(head_dim: int, num_warps: int, parallax: bool) -> int:
-  """(row, split) pairs whose loads `_merge_by_split` keeps in flight at once: the O1 (and
-  O2) row's registers per thread plus the scalars (m, d1(, d2)), within MERGE_REGS."""
-  per_pair = (2 if parallax else 1) * -(-head_dim // (32 * num_warps)) + (3 if parallax else 2)
-  return max(1, MERGE_REGS // per_pair)
+def merge_group_splits(rows: int, head_dim: int, num_warps: int, parallax: bool,
+                       num_splits: int) -> int:
+  """Splits whose partials `_merge_by_split` loads at once: a split's [rows, D] tiles of O1
+  (and O2) take rows*D / threads registers per thread each, plus the row scalars (m, d1(,
+  d2)); as many splits as fit MERGE_REGS, at most all of them."""
+  per_tile = -(-_next_pow2(rows) * head_dim // (32 * num_warps))
+  per_split = (2 if parallax else 1) * per_tile + (3 if parallax else 2)
+  return max(1, min(num_splits, MERGE_REGS // per_split))
 
 
 def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, num_splits,
                     num_warps):
   """o rows of KV head h from the split partials: an exact log-sum-exp merge.
 
-  Split by split: each (row, split) is scalars m, d1, d2 and [D] rows of O1, O2, so every
-  max and sum over the splits is elementwise inside each thread (a balanced tree of them).
-  (Loading a row's splits as one [splits, D] tile and reducing over axis 0 put a cross-warp
-  reduction, shared memory and a barrier, in each of ~5 reductions per row: 2.4 us of the
-  6.7 us step at H100 GQA B=1 L=1k; bench/NOTES.md, decode v9.) (row, split) pairs go in
-  chunks of `merge_chunk_pairs`, all of a chunk's loads before its arithmetic (one load
-  latency per chunk); a row's running max is carried from chunk to chunk. Every store comes
-  last: a load placed after a store to another ref is not hoisted above it (the compiler
-  cannot prove they do not alias).
+  Split by split: a split's partial is [rows] vectors m, d1, d2 and [rows, D] tiles O1, O2
+  of all the head's rows, so every max and sum over the splits is elementwise inside each
+  thread (a balanced tree of them). (A row's splits loaded as one [splits, D] tile and
+  reduced over axis 0 put a cross-warp reduction, shared memory and a barrier, in each of
+  ~5 reductions per row: 2.4 us of the 6.7 us step at H100 GQA B=1 L=1k; bench/NOTES.md,
+  decode v9.) A loop takes `merge_group_splits` splits per iteration, all of their loads
+  before the arithmetic, so a launch of <= 16 splits of a few rows waits for one load
+  latency (H100 GQA B=1 L=8k, 16 splits x 2 rows: 12.21 -> 11.35 us against the v9 merge's
+  (row, split) pairs in register-sized chunks, 2 load latencies; groups of 8 splits: 12.00;
+  bench/NOTES.md, decode v10), in code whose size does not grow with rows x splits.
   """
   has_r = o2_ref is not None
-  chunk = merge_chunk_pairs(o1_ref.shape[-1], num_warps, has_r)
-  pairs = [(g, sp) for g in range(nrow) for sp in range(num_splits)]
-  state = {}                                  # row -> (m, d1, d2, o1, o2)
-  for c0 in range(0, len(pairs), chunk):
-    part = pairs[c0:c0 + chunk]
-    loaded = [(g, m_ref[sp, g], d1_ref[sp, g], d2_ref[sp, g] if has_r else None,
-               o1_ref[sp, g, :], o2_ref[sp, g, :] if has_r else None) for g, sp in part]
-    for g in dict.fromkeys(g for g, _ in part):
-      mine = [x[1:] for x in loaded if x[0] == g]
-      top = _tree(jnp.maximum, [x[0] for x in mine])
-      if g in state:   # rescale what earlier chunks summed to the new running max
-        m0, *old = state[g]
-        top = jnp.maximum(top, m0)
-        alpha = jnp.exp(m0 - top)
-        old = [None if x is None else [x * alpha] for x in old]
-      else:
-        old = [[]] * 4
-      ws = [jnp.exp(x[0] - top) for x in mine]   # (NEG_INF partials of splits without keys)
-      sums = [None if vals[0] is None else
-              _tree(jnp.add, prev + [w * v for w, v in zip(ws, vals)])
-              for prev, vals in zip(old, zip(*[x[1:] for x in mine]))]
-      state[g] = (top, *sums)
-  outs = [_finish(d1, d2, o1, o2) for _, d1, d2, o1, o2 in (state[g] for g in range(nrow))]
-  for g, o in enumerate(outs):
-    o_ref[h * nrow + g, :] = o.astype(o_ref.dtype)
+  R, D = _next_pow2(nrow), o1_ref.shape[-1]
+  U = merge_group_splits(nrow, D, num_warps, has_r, num_splits)
+  row_ok = _iota(R, 0) < nrow                                   # [R, 1]
+
+  def load_split(sp):   # (m, d1, d2, O1, O2) of split sp; past the last split: no keys
+    ok = sp < num_splits
+    sp = jnp.minimum(sp, num_splits - 1)
+    vec = lambda ref, other: plgpu.load(ref.at[sp, pl.ds(0, R)], mask=row_ok[:, 0] & ok,
+                                        other=other)
+    mat = lambda ref: plgpu.load(ref.at[sp, pl.ds(0, R), :], mask=row_ok & ok, other=0.0)
+    return (vec(m_ref, NEG_INF), vec(d1_ref, 0.0), vec(d2_ref, 0.0) if has_r else None,
+            mat(o1_ref), mat(o2_ref) if has_r else None)
+
+  def group(i, carry):  # fold splits [i*U, (i+1)*U) into the running (m, d1, d2, O1, O2)
+    m0, *sums = carry
+    parts = [load_split(i * U + u) for u in range(U)]
+    m = jnp.maximum(m0, _tree(jnp.maximum, [p[0] for p in parts]))
+    ws = [jnp.exp(m0 - m)] + [jnp.exp(p[0] - m) for p in parts]   # (NEG_INF: no keys)
+    vals = [[acc] + [p[k] for p in parts] for k, acc in enumerate(sums, 1)]
+    col = lambda w, x: w if x.ndim == 1 else w[:, None]
+    return (m, *(None if xs[0] is None else _tree(jnp.add, [col(w, x) * x for w, x in
+                                                            zip(ws, xs)]) for xs in vals))
+
+  zv, zm = jnp.zeros((R,), jnp.float32), jnp.zeros((R, D), jnp.float32)
+  init = (zv + NEG_INF, zv, zv if has_r else None, zm, zm if has_r else None)
+  _, d1, d2, o1, o2 = lax.fori_loop(0, -(-num_splits // U), group, init)
+  o = _finish(d1[:, None], None if d2 is None else d2[:, None], o1, o2)
+  plgpu.store(o_ref.at[pl.ds(h * nrow, R), :], o.astype(o_ref.dtype), mask=row_ok)
 
 
 def _merge_by_tiles(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, num_splits,
                     num_warps):
   """`_merge_by_split`'s result from [splits, D] tiles reduced over axis 0: fewer, wider
-  loads (H100, 32 splits of MHA B=1, 2 warps, D=64: L=8k 9.29 -> 8.98 us, L=32k 29.2 ->
-  28.4 against `_merge_by_split`; bench/NOTES.md, decode v9).
+  loads (H100, 32 splits of MHA B=1, 2 warps, D=64: L=8k 8.92 against 9.34 us, L=32k 28.2
+  against 29.1 for `_merge_by_split` in one or two groups; bench/NOTES.md, decode v10).
 
   Per row, every split's partial is read at once ([nsp, 1] columns and [nsp, D] tiles), so
   a row costs one load latency and two dependent reductions (the max, then the weighted

@@ -90,15 +90,16 @@ def test_merge_in_row_groups(rng):
   assert dk.default_num_splits(1, 8, 4096) == 33
 
 
-@pytest.mark.parametrize("parallax", [True, False])
-def test_merge_by_split_in_chunks(rng, parallax):
-  """Fewer splits merge split by split, in register-sized chunks of (row, split) pairs: 16
-  splits x 8 rows (4 tokens x 2 heads) at D=64 is 128 pairs, several chunks, rows across
-  chunk boundaries (the running max carried over), and splits without valid keys (a short
-  length; a window leaving the early splits empty)."""
+@pytest.mark.parametrize("parallax,T", [(True, 8), (False, 16)])
+def test_merge_by_split_in_groups(rng, parallax, T):
+  """Fewer splits merge split by split, in register-sized groups of splits: 16 splits of 16
+  (32) rows at D=64 take two groups, the second one partial (its splits past the last
+  masked), the running max carried from group to group, and splits without valid keys (a
+  short length; a window leaving the early splits empty)."""
   assert 16 < dk.MERGE_TILES_FROM
-  B, Hq, Hkv, S, D, T = 2, 4, 2, 256, 64, 4
-  assert dk.merge_chunk_pairs(D, 4, parallax) < (T * Hq // Hkv) * 16   # (4 warps: the most)
+  B, Hq, Hkv, S, D = 2, 4, 2, 256, 64
+  group = dk.merge_group_splits(T * Hq // Hkv, D, 4, parallax, 16)     # (4 warps)
+  assert 16 // 2 <= group < 16 and 16 % group
   check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 40], ns=16, tokens=T, parallax=parallax)
   check(rng, B, Hq, Hkv, S, D, jnp.float32, [256, 200], ns=16, tokens=T, window=30,
         parallax=parallax)
