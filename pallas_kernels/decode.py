@@ -319,16 +319,18 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   again; with None, each split launch zeroes a fresh counter (one more small kernel: 0.3-0.7
   us more per step at the split shapes of bench/results/decode.md).
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
-  prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without, and to 2 (with 2
-  warps) for unsplit Parallax launches at head_dim <= 64 with 64-key tiles.
+  prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without, except: 3 for
+  the softmax's split launches of few programs whose splits span >= 2 tiles (below), and 2
+  (with 2 warps) for unsplit launches at head_dim <= 64 with 64-key tiles.
   block_kv defaults to 64, and to 128 for Parallax at head_dim >= 128 when the default split
   count is >= 32 (with half the splits) and for unsplit Parallax launches of many programs
   (`default_launch`).
-  num_warps defaults to 2 for Parallax when the programs are split over the length into
-  splits of >= 2 64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: B=8 L=1k
+  num_warps defaults to 2 when the programs are split over the length into splits of >= 2
+  64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: Parallax B=8 L=1k
   15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
-  21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits), and for unsplit Parallax launches at
-  head_dim <= 64 with 64-key tiles (see num_stages), else 4.
+  21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits; softmax with 3 stages: MHA B=8 L=8k 57.5 ->
+  49.8, GQA B=1 L=8k 11.7 -> 10.7, bench/results/decode_softmax_launch_v10.json), and for
+  unsplit launches at head_dim <= 64 with 64-key tiles (see num_stages), else 4.
   """
   if q.ndim not in (3, 4):
     raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
@@ -362,15 +364,17 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   if ns is None:
     ns = default_num_splits(B, Hkv, S, bk, rows=R)
   chunk, ns = split_chunk(Sp, ns, bk)
-  # Unsplit Parallax at D <= 64 with 64-key tiles: 2 warps and 2 stages, so more programs are
-  # resident per SM (H100, MHA B=64: L=1k 51.4 -> 49.5 us, L=4k 191.0 -> 184.3; B=256 L=8k
-  # 1474 -> 1433 against 128-key tiles; bench/results/decode_ab_v6_launch.json, _mha.json).
-  small_unsplit = r is not None and ns == 1 and D <= 64 and bk == 64 and R <= 4
+  # Unsplit launches at D <= 64 with 64-key tiles: 2 warps and 2 stages, so more programs are
+  # resident per SM (H100, Parallax MHA B=64: L=1k 51.4 -> 49.5 us, L=4k 191.0 -> 184.3;
+  # B=256 L=8k 1474 -> 1433 against 128-key tiles; bench/results/decode_ab_v6_launch.json,
+  # _mha.json; softmax MHA B=256 L=4k 770 -> 723: decode_softmax_launch_v10.json).
+  small_unsplit = ns == 1 and D <= 64 and bk == 64 and R <= 4
+  # Split launches of few programs whose splits span >= 2 tiles: 2 warps, and 3 stages (the
+  # softmax too: MHA B=8 L=8k 57.5 -> 49.8 us, L=32k 207 -> 175, GQA B=8 L=1k 10.7 -> 9.2).
+  split_few = (ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS and R <= 4 and bk < 128)
   if num_stages is None:
-    num_stages = 3 if r is not None and not small_unsplit else 2
+    num_stages = 2 if small_unsplit or (r is None and not split_few) else 3
   if num_warps is None:
-    split_few = (r is not None and ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS
-                 and R <= 4 and bk < 128)
     num_warps = 2 if split_few or small_unsplit else 4
   # Row sums d1, d2 kept as [rows, block_kv] elementwise sums and reduced once after the loop
   # (no cross-warp reduction per tile) where a program loops over >= 2 tiles of <= 16 rows,
