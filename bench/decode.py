@@ -12,7 +12,9 @@ counter, handed from step to step as the model's `KVCache.arrivals`; `us_fresh_c
 events around each call (launch included), so it is an anchor, not a like-for-like kernel
 time. GB/s counts the K and V bytes of the valid cache; the HBM rate it is compared with is a
 measured device copy (read + write bytes / time). Caches under the 50 MB L2 stay L2-resident
-across iterations (for every implementation alike): GB/s above the HBM rate are L2 reads.
+across iterations (for every implementation alike): GB/s above the HBM rate are L2 reads;
+caches of 50-200 MB stay partly resident, by an amount that depends on each kernel's order of
+reading (bench/decode_cold.py times the same kernels with the L2 evicted between steps).
 Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only). The
 XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
