@@ -14,11 +14,12 @@ time. GB/s counts the K and V bytes of the valid cache; the HBM rate it is compa
 measured device copy (read + write bytes / time). Caches under the 50 MB L2 stay L2-resident
 across iterations (for every implementation alike): GB/s above the HBM rate are L2 reads;
 caches of 50-200 MB stay partly resident, by an amount that depends on each kernel's order of
-reading (bench/decode_cold.py times the same kernels with the L2 evicted between steps).
+reading. `--cold` evicts the L2 between steps instead (a 256 MB read, not timed): every step
+reads its cache from HBM, as in a model, where the other layers run between two steps of one.
 Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only). The
 XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
-  PYTHONPATH=. python3 bench/decode.py --out DIR [--budget 300]
+  PYTHONPATH=. python3 bench/decode.py --out DIR [--budget 300] [--cold]
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from jax.experimental import pallas as pl  # noqa: E402
 
 from bench.common import environment  # noqa: E402
 from pallas_kernels import decode as dk  # noqa: E402
@@ -63,8 +66,9 @@ def time_us(fn, args, iters=30):
   return statistics.median(ts) * 1e6, "wall"
 
 
-def torch_fa2(B, L, Hq, Hkv, D, scale):
-  """torch SDPA with only the flash backend, on the JAX arrays (DLPack, no copy)."""
+def torch_fa2(B, L, Hq, Hkv, D, scale, cold=False):
+  """torch SDPA with only the flash backend, on the JAX arrays (DLPack, no copy); cold: a 256
+  MB read before each timed call (outside its events)."""
   import torch
   from torch.nn.attention import SDPBackend, sdpa_kernel
   import torch.nn.functional as F
@@ -78,8 +82,12 @@ def torch_fa2(B, L, Hq, Hkv, D, scale):
       f = lambda: F.scaled_dot_product_attention(tq, tk, tv, scale=scale, enable_gqa=Hq != Hkv)
       for _ in range(3):
         f()
+      flush = torch.ones(FLUSH_BLOCKS * FLUSH_ROWS * 128, dtype=torch.bfloat16,
+                         device=tq.device) if cold else None
       ts = []
       for _ in range(30):
+        if flush is not None:
+          flush.sum()
         ev[0].record(); f(); ev[1].record(); torch.cuda.synchronize()
         ts.append(ev[0].elapsed_time(ev[1]) * 1e3)
       out = f().squeeze(2).float().cpu().numpy()
@@ -161,17 +169,72 @@ def chained(step):
   return jax.jit(f)
 
 
+# --cold: a 256 MB read between steps evicts the 50 MB L2, as the layers between two decode
+# steps of one layer do in a model.
+FLUSH_BLOCKS, FLUSH_ROWS = 16384, 64  # [64, 128] bf16 blocks
+
+
+def flush_buffer():
+  return jnp.ones((FLUSH_BLOCKS * FLUSH_ROWS, 128), jnp.bfloat16)
+
+
+def _flush_kernel(x_ref, o_in_ref, sums_ref, o_ref):
+  del o_in_ref, o_ref  # o passes through untouched (aliased)
+  sums_ref[...] = jnp.sum(x_ref[...].astype(jnp.float32), axis=0, keepdims=True)
+
+
+def l2_flush(buf, o):
+  """Reads all of buf (a Pallas kernel named `l2_flush`) and returns o itself, aliased: what
+  consumes the result runs after the flush, and no other kernel is added between steps."""
+  whole = pl.BlockSpec(o.shape, lambda i: (0,) * o.ndim)
+  _, o = pl.pallas_call(
+      _flush_kernel, grid=(FLUSH_BLOCKS,),
+      in_specs=[pl.BlockSpec((FLUSH_ROWS, 128), lambda i: (i, 0)), whole],
+      out_specs=[pl.BlockSpec((1, 128), lambda i: (i, 0)), whole],
+      out_shape=[jax.ShapeDtypeStruct((FLUSH_BLOCKS, 128), jnp.float32),
+                 jax.ShapeDtypeStruct(o.shape, o.dtype)],
+      input_output_aliases={1: 1}, name="l2_flush",
+  )(buf, o)
+  return o
+
+
+def chained_cold(step):
+  """`chained` with the L2 flushed after every step; call with the flush buffer last."""
+  def f(q, k, v, r, lens, ex, buf):
+    for _ in range(STEPS):
+      q, ex = step(q, k, v, r, lens, ex)
+      q = l2_flush(buf, q.astype(k.dtype))
+    return q, ex
+  return jax.jit(f)
+
+
+def time_cold_us(fn, args, iters=20):
+  """CUPTI time per step of a `chained_cold` fn (median over iters) of every kernel but the
+  flushes, and the names of those kernels."""
+  from jax.experimental.mosaic.gpu import profiler
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  _, per_iter = profiler.measure(fn, aggregate=False, iterations=iters)(*args)
+  totals = [sum(t for name, t in it if "l2_flush" not in name) for it in per_iter]
+  names = sorted({name[:64] for name, _ in per_iter[0] if "l2_flush" not in name})
+  return statistics.median(totals) * 1e3 / STEPS, names
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", default="bench/results", help="directory for decode.json / decode.md")
+  ap.add_argument("--out", default="bench/results",
+                  help="directory for decode.json / decode.md (--cold: decode_grid_cold.*)")
   ap.add_argument("--budget", type=float, default=300.0, help="seconds; later shapes are skipped")
   ap.add_argument("--Bs", default="1,8,32,64,128,256", help="batch sizes of the GQA grid")
   ap.add_argument("--Ls", default="1024,4096,8192,32768", help="cache lengths")
   ap.add_argument("--mha-Bs", default="1,8,64,256", help="batch sizes of the MHA D=64 grid")
   ap.add_argument("--no-torch", action="store_true", help="skip the torch FA2 anchor")
+  ap.add_argument("--cold", action="store_true",
+                  help="evict the L2 between steps (a 256 MB read, not timed), as in a model")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  res = {"env": environment(), "rows": []}
+  res = {"env": environment(), "cold": args.cold, "rows": []}
+  flush_buf = flush_buffer() if args.cold else None
   try:
     res["hbm_copy_GBps"] = hbm_copy_gbps()
     log("HBM copy GB/s", round(res["hbm_copy_GBps"]))
@@ -187,10 +250,11 @@ def main():
         if time.time() - T0 > args.budget:
           log(f"budget spent; skip {grid} B={B} L={L}")
           continue
-        res["rows"].append(bench_shape(grid, B, L, Hq, Hkv, D, not args.no_torch))
-        with open(os.path.join(args.out, "decode.json"), "w") as f:
+        res["rows"].append(bench_shape(grid, B, L, Hq, Hkv, D, not args.no_torch, flush_buf))
+        stem = os.path.join(args.out, "decode_grid_cold" if args.cold else "decode")
+        with open(stem + ".json", "w") as f:
           json.dump(res, f, indent=1)
-        write_md(res, os.path.join(args.out, "decode.md"))
+        write_md(res, stem + ".md")
 
 
 def launched(B, Hkv, L, D, rows):
@@ -219,7 +283,7 @@ def shape_inputs(B, L, Hq, Hkv, D):
   return (q, k, v, r, lens), refs
 
 
-def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
+def bench_shape(grid, B, L, Hq, Hkv, D, with_torch, flush_buf=None):
   scale = 1.0 / np.sqrt(D)
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   kv_bytes = 2 * B * L * Hkv * D * 2
@@ -242,10 +306,14 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
   for name, step in impls(B, L, Hq, Hkv, D, with_xla=small).items():
     try:
-      us, how = time_us(chained(step), args)
-      record(name, us / STEPS, f"{how}, {STEPS} chained steps",
-             jax.jit(step)(*args)[0] if small else None)
-      if name.startswith("pallas"):  # one call zeroing its own counter
+      if flush_buf is None:
+        us, how = time_us(chained(step), args)
+        us, how = us / STEPS, f"{how}, {STEPS} chained steps"
+      else:
+        us, kernels = time_cold_us(chained_cold(step), (*args, flush_buf))
+        how = f"cupti, {STEPS} chained steps, L2 flushed between: {', '.join(kernels)}"
+      record(name, us, how, jax.jit(step)(*args)[0] if small else None)
+      if name.startswith("pallas") and flush_buf is None:  # one call zeroing its own counter
         fresh = jax.jit(lambda *a, step=step: step(*a[:5], {**a[5], "arr": None})[0])
         row[name]["us_fresh_counter"] = time_us(fresh, args)[0]
     except Exception as e:  # noqa: BLE001
@@ -253,8 +321,9 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch):
       log(grid, B, L, name, row[name])
   if with_torch:
     try:
-      us, o = torch_fa2(B, L, Hq, Hkv, D, scale)(q, k, v)
-      record("torch_fa2_softmax", us, "cuda_events", o)
+      us, o = torch_fa2(B, L, Hq, Hkv, D, scale, cold=flush_buf is not None)(q, k, v)
+      record("torch_fa2_softmax", us, "cuda_events" + (", L2 flushed" if flush_buf is not None
+                                                       else ""), o)
     except Exception as e:  # noqa: BLE001
       row["torch_fa2_softmax"] = {"error": repr(e)[:300]}
       log(grid, B, L, "torch", row["torch_fa2_softmax"])
@@ -276,6 +345,11 @@ def write_md(res, path):
            "model's decode loop does; torch: CUDA events, launch included); GB/s of K+V read"
            + (f" (% of the measured HBM copy rate, {hbm:.0f} GB/s)" if hbm else "")
            + "; xC = time / cuDNN time; err = max rel error vs fp32 reference.", ""]
+  if res.get("cold"):
+    lines[0] = lines[0].replace("# Decode attention,", "# Decode attention, cold L2,")
+    lines += ["Cold L2 (`--cold`): a 256 MB read between steps (a Pallas kernel, `l2_flush`, "
+              "not timed; torch: before each call, outside its events) evicts the L2, so every "
+              "step reads the cache from HBM, as in a model.", ""]
   for grid, title in (("gqa", "GQA: Hq=16, Hkv=8, D=128"), ("mha", "MHA: Hq=Hkv=8, D=64")):
     rows = [r for r in res["rows"] if r.get("grid", "gqa") == grid]
     if not rows:

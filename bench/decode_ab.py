@@ -8,6 +8,7 @@ reference where B*L <= 256k. Default shapes: the split ones of the decode grid (
 one wave), where the in-kernel merge of the splits is on the critical path.
 
   PYTHONPATH=. python3 bench/decode_ab.py --baseline /tmp/base.py --out DIR [--budget 300]
+      [--cold]   (the L2 evicted between steps, as in a model: bench/decode.py)
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import (SHAPES_HELP, STEPS, chained, log, shape_inputs,
-                          shapes_within, time_us)
+from bench.decode import (SHAPES_HELP, STEPS, chained, chained_cold, flush_buffer, log,
+                          shape_inputs, shapes_within, time_cold_us, time_us)
 from pallas_kernels import decode as dk
 
 
@@ -37,7 +38,8 @@ def load_module(path: str, name: str = "decode_baseline"):
   return mod
 
 
-def bench_shape(mods, grid, B, L, Hq, Hkv, D):
+def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
+  """One shape's row; flush_buf (`--cold`): the L2 evicted between steps (bench/decode.py)."""
   scale = 1.0 / np.sqrt(D)
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
@@ -52,8 +54,12 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D):
       return o, {**ex, "arr": arr}
     steps[name] = step
   for name, step in steps.items():
-    us, how = time_us(chained(step), args)
-    ent = {"us": us / STEPS, "timer": f"{how}, {STEPS} chained steps"}
+    if flush_buf is None:
+      us, how = time_us(chained(step), args)
+      ent = {"us": us / STEPS, "timer": f"{how}, {STEPS} chained steps"}
+    else:
+      us, _ = time_cold_us(chained_cold(step), (*args, flush_buf))
+      ent = {"us": us, "timer": f"cupti per kernel, {STEPS} chained steps, L2 flushed"}
     if refs and name != "cudnn_softmax":
       o = np.asarray(jax.jit(step)(*args)[0], np.float32)
       ent["rel_err"] = float(np.max(np.abs(o - refs["parallax"])) /
@@ -69,7 +75,9 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D):
 def write_md(res, path):
   lines = [f"# Decode A/B: Triton kernel, baseline vs working tree ({res['env'].get('device')}, "
            f"{res['env'].get('date')})", "",
-           f"baseline: {res['baseline']}. us per step (CUPTI, {STEPS} chained steps); "
+           f"baseline: {res['baseline']}. us per step (CUPTI, {STEPS} chained steps"
+           + ("; L2 evicted between steps" if res.get("cold") else "")
+           + "); "
            "x = ratio to cuDNN softmax decode.", "",
            "| grid | B | L | (block_kv, splits) | cuDNN | baseline | new | new / baseline |",
            "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -92,12 +100,15 @@ def main():
                   "gqa:1:4096,gqa:1:32768,mha:1:32768,mha:8:8192,mha:1:1024,mha:1:4096,"
                   "gqa:8:4096,mha:8:4096,gqa:8:8192,gqa:8:32768,mha:8:32768",
                   help=SHAPES_HELP)
+  ap.add_argument("--cold", action="store_true",
+                  help="evict the L2 between steps (a 256 MB read, not timed), as in a model")
   args = ap.parse_args()
   mods = {"baseline": load_module(args.baseline), "new": dk}
   os.makedirs(args.out, exist_ok=True)
-  res = {"env": environment(), "baseline": args.baseline, "rows": []}
+  res = {"env": environment(), "baseline": args.baseline, "cold": args.cold, "rows": []}
+  flush_buf = flush_buffer() if args.cold else None
   for shape in shapes_within(args.shapes, args.budget):
-    res["rows"].append(bench_shape(mods, *shape))
+    res["rows"].append(bench_shape(mods, *shape, flush_buf=flush_buf))
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
       json.dump(res, f, indent=1)
     write_md(res, os.path.join(args.out, f"{args.name}.md"))
