@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import (SHAPES_HELP, STEPS, chained, chained_cold, flush_buffer, log,
+from bench.decode import (SHAPES_HELP, STEPS, chained, chained_cold, flush_buffer, impls, log,
                           shape_inputs, shapes_within, time_cold_us, time_us)
 from pallas_kernels import decode as dk
 
@@ -45,9 +45,7 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
          "block_kv, num_splits": dk.default_launch(B, Hkv, L, D, Hq // Hkv)}
-  steps = {"cudnn_softmax": lambda q, k, v, r, lens, ex: (jax.nn.dot_product_attention(
-      q[:, None], k, v, scale=scale, implementation="cudnn", query_seq_lengths=ex["ql"],
-      key_value_seq_lengths=lens)[:, 0], ex)}
+  steps = {"cudnn_softmax": impls(B, L, Hq, Hkv, D, with_xla=False)["cudnn_softmax"]}
   for name, mod in mods.items():
     def step(q, k, v, r, lens, ex, mod=mod):
       o, arr = mod.parallax_decode(q, k, v, r, scale=scale, lengths=lens, arrivals=ex["arr"])
@@ -59,7 +57,7 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
       ent = {"us": us / STEPS, "timer": f"{how}, {STEPS} chained steps"}
     else:
       us, _ = time_cold_us(chained_cold(step), (*args, flush_buf))
-      ent = {"us": us, "timer": f"cupti per kernel, {STEPS} chained steps, L2 flushed"}
+      ent = {"us": us, "timer": f"cupti, {STEPS} chained steps, L2 flushed between"}
     if refs and name != "cudnn_softmax":
       o = np.asarray(jax.jit(step)(*args)[0], np.float32)
       ent["rel_err"] = float(np.max(np.abs(o - refs["parallax"])) /

@@ -50,8 +50,9 @@ def write_md(res, path):
   lines = [f"# Decode attention with a cold L2, {env.get('device')}, jax {env.get('jax')}, "
            f"{env.get('date')}", "",
            "bf16, one token per sequence, all L slots valid; a 256 MB read between chained "
-           "steps evicts the L2; us = attention kernels' CUPTI time per step (median of 20, "
-           f"min over {res['reps']} interleaved repetitions); xC = time / cuDNN time. "
+           "steps evicts the L2; us = CUPTI time per step of every kernel but the flush "
+           f"(median of 20, min over {res['reps']} interleaved repetitions); xC = time / cuDNN "
+           "time. "
            "Produced by bench/decode_cold.py.", "",
            "| grid | B | L | cudnn_softmax | pallas_parallax | pallas_softmax |",
            "|---|---|---|---|---|---|"]
