@@ -207,9 +207,13 @@ def _ops_after_cse(module_bytes, names):
   """Counts of ops in a lowered Mosaic GPU module after MLIR CSE (Mosaic's own compile
   pipeline runs `canonicalize, cse` before LLVM, so duplicated SSA work is gone by PTX)."""
   from jax._src.interpreters import mlir as jmlir
+  from jax._src.lib import mosaic_gpu_dialect
   from jax._src.lib.mlir import ir, passmanager
   from jax.experimental.mosaic.gpu import core as mcore
+  # make_ir_context hands out a thread's context up to 10 times, then a fresh one: only a
+  # reused one has the Mosaic GPU dialect (its memref element types) from an earlier lowering.
   ctx = jmlir.make_ir_context()
+  mosaic_gpu_dialect.register_dialect(ctx)
   with ctx, ir.Location.unknown():
     ctx.allow_unregistered_dialects = True
     m = mcore._run_serde_pass(ir.Module.parse(module_bytes), serialize=False)
