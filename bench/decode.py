@@ -119,6 +119,17 @@ def shapes_within(specs: str, budget: float):
     yield (grid, int(B), int(L), *GRIDS[grid])
 
 
+def pallas_step(scale, parallax=True, module=dk, **launch):
+  """One decode step of the Triton kernel (`module`: pallas_kernels.decode, or another source
+  of it: bench/decode_ab.py) with `parallax_decode` keywords `launch`; ex["arr"] None: the call
+  zeroes its own counter."""
+  def step(q, k, v, r, lens, ex):
+    o = module.parallax_decode(q, k, v, r if parallax else None, scale=scale, lengths=lens,
+                               arrivals=ex["arr"], **launch)
+    return (o, ex) if ex["arr"] is None else (o[0], {**ex, "arr": o[1]})
+  return step
+
+
 def impls(B, L, Hq, Hkv, D, with_xla=True):
   """name -> one decode step step(q, k, v, r, lens, ex) -> (o, ex). ex = {"ql": query
   lengths (ones), "arr": the zeroed arrival counter}: what a decode loop holds across steps
@@ -127,14 +138,8 @@ def impls(B, L, Hq, Hkv, D, with_xla=True):
   scale = 1.0 / np.sqrt(D)
   out = {}
 
-  def pallas(with_r):
-    def step(q, k, v, r, lens, ex):  # (ex["arr"] None: the call zeroes its own counter)
-      o = dk.parallax_decode(q, k, v, r if with_r else None, scale=scale, lengths=lens,
-                             arrivals=ex["arr"])
-      return (o, ex) if ex["arr"] is None else (o[0], {**ex, "arr": o[1]})
-    return step
-  out["pallas_parallax"] = pallas(True)
-  out["pallas_softmax"] = pallas(False)
+  out["pallas_parallax"] = pallas_step(scale)
+  out["pallas_softmax"] = pallas_step(scale, parallax=False)
 
   def sdpa(impl):
     def step(q, k, v, r, lens, ex):

@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.common import environment
 from bench.decode import (SHAPES_HELP, STEPS, chained, chained_cold, flush_buffer, impls, log,
-                          shape_inputs, shapes_within, time_cold_us, time_us)
+                          pallas_step, shape_inputs, shapes_within, time_cold_us, time_us)
 from pallas_kernels import decode as dk
 
 
@@ -47,10 +47,7 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
          "block_kv, num_splits": dk.default_launch(B, Hkv, L, D, Hq // Hkv)}
   steps = {"cudnn_softmax": impls(B, L, Hq, Hkv, D, with_xla=False)["cudnn_softmax"]}
   for name, mod in mods.items():
-    def step(q, k, v, r, lens, ex, mod=mod):
-      o, arr = mod.parallax_decode(q, k, v, r, scale=scale, lengths=lens, arrivals=ex["arr"])
-      return o, {**ex, "arr": arr}
-    steps[name] = step
+    steps[name] = pallas_step(scale, module=mod)
   for name, step in steps.items():
     if flush_buf is None:
       us, how = time_us(chained(step), args)

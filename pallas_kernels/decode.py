@@ -61,6 +61,20 @@ def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int 
   return int(min(want, max_by_len, 64, max(8, 64 // rows)))
 
 
+def unsplit_tiles(programs: int, head_dim: int) -> tuple[int, int | None]:
+  """(block_kv, num_stages or None for the default) of an unsplit Parallax launch of <= 4
+  rows per KV head, by programs per SM: about the same bytes in flight per SM (see
+  `default_launch`)."""
+  per_sm = programs / NUM_SMS
+  if per_sm < 1.8:
+    return (128, None) if head_dim <= 64 else (64, None)
+  if per_sm < 3 and head_dim <= 64:
+    return 64, 4
+  if per_sm < 4:
+    return 32, None
+  return 64, None
+
+
 def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows: int = 1,
                    parallax: bool = True) -> tuple[int, int]:
   """(block_kv, num_splits) that `parallax_decode` picks when given neither.
@@ -75,13 +89,24 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   GQA B=256 L=1k 355.2 -> 350.7 us, B=64 L=4k 352.0 -> 349.3; slower with fewer programs (B=32
   L=1k 48.5 -> 50.2: one program per SM, two waves). At D=64, 64-key tiles with 2 warps and 2
   stages (`parallax_decode`) beat them (decode_ab_v6_mha.json, MHA B=256 L=4k: 719 against 741).
+  Fewer unsplit Parallax programs (<= 4 rows) keep about the same bytes in flight per SM
+  with smaller tiles: 32-key tiles (3 stages; 2 warps at head_dim <= 64) from 1.8 to 4
+  programs per SM (at head_dim <= 64 from 3), 64-key tiles with 4 stages from 1.8 to 3 at
+  head_dim <= 64 (`parallax_decode`), and 128-key tiles below 1.8 at head_dim <= 64. H100,
+  L2 evicted between steps (bench/results/decode_unsplit_sweep_v12.json, us): GQA B=32 (256
+  programs) L=4k 180.5 -> 175.9 (cuDNN 179.5), L=32k 1393 -> 1381; MHA B=64 (512) L=1k 51.1
+  -> 49.2, L=32k 1432 -> 1395; MHA B=32 (256) L=4k 117.4 -> 94.3 (cuDNN 91.1); MHA B=16 (128)
+  L=8k 197.2 -> 92.7 (cuDNN 95.1). Slower: 32-key tiles with 2048 programs (MHA B=256 L=4k 721
+  -> 739) or 128 (GQA B=16 L=4k 91.5 -> 105.6).
   """
   ns = default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows)
+  progs = batch * num_kv_heads
   if parallax and head_dim >= 128 and ns >= 32 and s_max >= 2048:
     return 128, ns // 2
-  if (parallax and head_dim >= 128 and ns == 1 and batch * num_kv_heads >= 512 and rows <= 16
-      and s_max >= 256):
+  if parallax and head_dim >= 128 and ns == 1 and progs >= 512 and rows <= 16 and s_max >= 256:
     return 128, 1
+  if parallax and ns == 1 and rows <= 4 and s_max >= 256:
+    return unsplit_tiles(progs, head_dim)[0], 1
   return 64, ns
 
 
@@ -321,16 +346,18 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without, except: 3 for
   the softmax's split launches of few programs whose splits span >= 2 tiles (below), and 2
-  (with 2 warps) for unsplit launches at head_dim <= 64 with 64-key tiles.
+  (with 2 warps) for unsplit launches at head_dim <= 64 with 64-key tiles (4 for Parallax at
+  1.8-3 programs per SM) and for unsplit 128-key launches of >= 2048 programs over >= 4k keys.
   block_kv defaults to 64, and to 128 for Parallax at head_dim >= 128 when the default split
   count is >= 32 (with half the splits) and for unsplit Parallax launches of many programs
+  (or of few at head_dim <= 64), to 32 for unsplit Parallax launches in between
   (`default_launch`).
   num_warps defaults to 2 when the programs are split over the length into splits of >= 2
   64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: Parallax B=8 L=1k
   15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
   21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits; softmax with 3 stages: MHA B=8 L=8k 57.5 ->
   49.8, GQA B=1 L=8k 11.7 -> 10.7, bench/results/decode_softmax_launch_v10.json), and for
-  unsplit launches at head_dim <= 64 with 64-key tiles (see num_stages), else 4.
+  unsplit launches at head_dim <= 64 with 64- or 32-key tiles (see num_stages), else 4.
   """
   if q.ndim not in (3, 4):
     raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {q.shape}")
@@ -369,13 +396,25 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   # B=256 L=8k 1474 -> 1433 against 128-key tiles; bench/results/decode_ab_v6_launch.json,
   # _mha.json; softmax MHA B=256 L=4k 770 -> 723: decode_softmax_launch_v10.json).
   small_unsplit = ns == 1 and D <= 64 and bk == 64 and R <= 4
+  # Unsplit 32-key tiles at D <= 64 (`default_launch`): 2 warps (H100, L2 evicted, MHA B=64
+  # L=4k: 180.1 us, 1 warp 180.2; 2 stages 205.4).
+  thin_unsplit = ns == 1 and D <= 64 and bk == 32 and R <= 4
   # Split launches of few programs whose splits span >= 2 tiles: 2 warps, and 3 stages (the
   # softmax too: MHA B=8 L=8k 57.5 -> 49.8 us, L=32k 207 -> 175, GQA B=8 L=1k 10.7 -> 9.2).
   split_few = (ns > 1 and chunk >= 2 * bk and B * Hkv <= NUM_SMS and R <= 4 and bk < 128)
+  # Unsplit 128-key Parallax tiles of >= 2048 programs over >= 4k keys: 2 stages (one program
+  # per SM either way). H100, L2 evicted: GQA B=256 L=4k 1396 -> 1385 us (three runs), L=8k
+  # unchanged (2754-2777 -> 2763-2765); slower with fewer programs or keys (B=128 L=8k 1366 ->
+  # 1388, B=256 L=1k 351 -> 356).
+  big_unsplit = ns == 1 and bk == 128 and B * Hkv >= 2048 and S >= 4096
+  # Unsplit 64-key Parallax tiles at D <= 64 of 1.8-3 programs per SM: 4 stages, one more
+  # tile in flight per program (`unsplit_tiles`).
+  mid_unsplit = small_unsplit and r is not None and unsplit_tiles(B * Hkv, D) == (64, 4)
   if num_stages is None:
-    num_stages = 2 if small_unsplit or (r is None and not split_few) else 3
+    num_stages = (4 if mid_unsplit else
+                  2 if small_unsplit or big_unsplit or (r is None and not split_few) else 3)
   if num_warps is None:
-    num_warps = 2 if split_few or small_unsplit else 4
+    num_warps = 2 if split_few or small_unsplit or thin_unsplit else 4
   # Row sums d1, d2 kept as [rows, block_kv] elementwise sums and reduced once after the loop
   # (no cross-warp reduction per tile) where a program loops over >= 2 tiles of <= 16 rows,
   # except D=128 with 2 warps (register pressure). H100: MHA B=1 L=8k 9.9 -> 9.2 us, B=8 L=1k

@@ -160,13 +160,23 @@ def test_default_splits_and_small_cache(rng):
   check(rng, 1, 2, 1, 2048, 128, jnp.float32, [2000], bk=None)  # 16 splits of 128-key tiles
   # one split of 128-key tiles, row sums kept per element (3 tiles, the last one clamped)
   check(rng, 2, 4, 2, 300, 128, jnp.float32, [300, 131], ns=1, bk=128, window=200)
+  # one split of 32-key tiles (B*Hkv = 400 programs, ~3 per SM: the default), S = 260
+  lens = [1, 260] + [int(x) for x in rng.integers(1, 261, 48)]
+  assert dk.default_launch(50, 8, 260, 16, rows=1) == (32, 1)
+  check(rng, 50, 8, 8, 260, 16, jnp.float32, lens, bk=None)
   assert dk.default_launch(1, 8, 4096, 128, rows=2) == (128, 16)
   assert dk.default_launch(1, 8, 4096, 128, rows=2, parallax=False) == (64, 32)
   assert dk.default_launch(1, 8, 4096, 64) == (64, 33)
   assert dk.default_launch(64, 8, 4096, 128, rows=2) == (128, 1)
-  assert dk.default_launch(64, 8, 4096, 64) == (64, 1)
+  assert dk.default_launch(64, 8, 4096, 64) == (32, 1)
+  assert dk.default_launch(64, 8, 4096, 64, parallax=False) == (64, 1)
   assert dk.default_launch(256, 8, 1024, 64) == (64, 1)
-  assert dk.default_launch(32, 8, 1024, 128, rows=2) == (64, 1)
+  assert dk.default_launch(32, 8, 1024, 128, rows=2) == (32, 1)  # unsplit, few programs
+  assert dk.default_launch(32, 8, 1024, 128, rows=2, parallax=False) == (64, 1)
+  assert dk.default_launch(64, 8, 1024, 64) == (32, 1)
+  assert dk.default_launch(32, 8, 1024, 64) == (64, 1)
+  assert dk.default_launch(16, 8, 1024, 64) == (128, 1)
+  assert dk.default_launch(16, 8, 1024, 128, rows=2) == (64, 1)
   assert dk.default_launch(256, 8, 1024, 128, rows=2, parallax=False) == (64, 1)
   assert dk.default_num_splits(1, 8, 32768) > 1
   assert dk.default_num_splits(256, 8, 1024) == 1
@@ -202,6 +212,33 @@ def test_gpu(rng, D, dtype, parallax):
   for ns in (1, 4):
     check(rng, 3, 16, 8, 1000, D, dtype, [2, 500, 1000], window=300, ns=ns, bk=64,
           parallax=parallax, interpret=False, tokens=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,block_kv", [
+    (32, 16, 8, 1000, 128, 32),    # unsplit, few programs: 32-key tiles, 4 warps
+    (64, 8, 8, 1000, 64, 32),      # the same at D=64: 2 warps
+    (32, 8, 8, 1000, 64, 64),      # ~2 programs per SM at D=64: 64-key tiles, 4 stages
+    (16, 8, 8, 1000, 64, 128),     # ~1 per SM at D=64: 128-key tiles
+    (256, 16, 8, 4096, 128, 128),  # >= 2048 programs: 128-key tiles, 2 stages
+])
+def test_gpu_default_unsplit_launches(B, Hq, Hkv, S, D, block_kv):
+  """The default launches of unsplit Parallax decode, compiled: ragged lengths (1 and S
+  included), a poisoned tail, bf16 against the float32 reference."""
+  assert dk.default_launch(B, Hkv, S, D, rows=Hq // Hkv) == (block_kv, 1)
+  ks = jax.random.split(jax.random.key(B + S + D), 5)
+  q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
+  r = (0.3 * jax.random.normal(ks[1], (B, Hq, D))).astype(jnp.bfloat16)
+  lengths = jax.random.randint(ks[2], (B,), 1, S + 1).at[:2].set(jnp.asarray([1, S]))
+  k = poison_tail(jax.random.normal(ks[3], (B, S, Hkv, D), jnp.bfloat16), lengths)
+  v = poison_tail(jax.random.normal(ks[4], (B, S, Hkv, D), jnp.bfloat16), lengths)
+  o = jax.jit(lambda *a: dk.parallax_decode(*a, scale=D ** -0.5, lengths=lengths))(q, k, v, r)
+  ref = dk.reference_decode(q, k, v, r, scale=D ** -0.5, lengths=lengths)
+  o = np.asarray(o, np.float32)
+  assert np.all(np.isfinite(o))
+  err = np.max(np.abs(o - np.asarray(ref))) / np.max(np.abs(np.asarray(ref)))
+  assert err <= TOL[jnp.bfloat16], err
 
 
 @pytest.mark.gpu
@@ -261,7 +298,8 @@ def test_gpu_decode_attention_auto_picks_kernel(member, tokens):
 
 @pytest.mark.parametrize("parallax,tokens,batch,ns", [
     (True, 1, 4, 3), (False, 1, 4, 3), (True, 4, 4, 3),
-    (True, 1, 64, None)])  # default launch: one split of 128-key tiles, per-element row sums
+    (True, 1, 64, None),   # default launch: one split of 128-key tiles, per-element row sums
+    (True, 1, 32, None)])  # default launch: one split of 32-key tiles
 def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
   from tests.test_pallas_train import _triton_modules, verify_triton_modules
