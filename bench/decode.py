@@ -225,6 +225,16 @@ def time_cold_us(fn, args, iters=20):
   return statistics.median(totals) * 1e3 / STEPS, names
 
 
+def time_step(step, args, flush_buf=None):
+  """(us per step, how it was timed) of `step` chained STEPS times on args; flush_buf: the
+  L2 evicted between steps (`chained_cold`, every kernel but the flush timed)."""
+  if flush_buf is None:
+    us, how = time_us(chained(step), args)
+    return us / STEPS, f"{how}, {STEPS} chained steps"
+  us, kernels = time_cold_us(chained_cold(step), (*args, flush_buf))
+  return us, f"cupti, {STEPS} chained steps, L2 flushed between: {', '.join(kernels)}"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="bench/results",
@@ -311,12 +321,7 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch, flush_buf=None):
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
   for name, step in impls(B, L, Hq, Hkv, D, with_xla=small).items():
     try:
-      if flush_buf is None:
-        us, how = time_us(chained(step), args)
-        us, how = us / STEPS, f"{how}, {STEPS} chained steps"
-      else:
-        us, kernels = time_cold_us(chained_cold(step), (*args, flush_buf))
-        how = f"cupti, {STEPS} chained steps, L2 flushed between: {', '.join(kernels)}"
+      us, how = time_step(step, args, flush_buf)
       record(name, us, how, jax.jit(step)(*args)[0] if small else None)
       if name.startswith("pallas") and flush_buf is None:  # one call zeroing its own counter
         fresh = jax.jit(lambda *a, step=step: step(*a[:5], {**a[5], "arr": None})[0])

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import (SHAPES_HELP, STEPS, chained, chained_cold, flush_buffer, impls, log,
-                          pallas_step, shape_inputs, shapes_within, time_cold_us, time_us)
+from bench.decode import (SHAPES_HELP, STEPS, flush_buffer, impls, log, pallas_step,
+                          shape_inputs, shapes_within, time_step)
 from pallas_kernels import decode as dk
 
 
@@ -49,12 +49,8 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
   for name, mod in mods.items():
     steps[name] = pallas_step(scale, module=mod)
   for name, step in steps.items():
-    if flush_buf is None:
-      us, how = time_us(chained(step), args)
-      ent = {"us": us / STEPS, "timer": f"{how}, {STEPS} chained steps"}
-    else:
-      us, _ = time_cold_us(chained_cold(step), (*args, flush_buf))
-      ent = {"us": us, "timer": f"cupti, {STEPS} chained steps, L2 flushed between"}
+    us, how = time_step(step, args, flush_buf)
+    ent = {"us": us, "timer": how}
     if refs and name != "cudnn_softmax":
       o = np.asarray(jax.jit(step)(*args)[0], np.float32)
       ent["rel_err"] = float(np.max(np.abs(o - refs["parallax"])) /
