@@ -273,10 +273,11 @@ def main():
 
 
 def launched(B, Hkv, L, D, rows):
-  """(block_kv, splits) the Parallax kernel launches by default (splits after the kernel
-  rounds its chunk of the cache up to whole tiles)."""
-  bk, ns = dk.default_launch(B, Hkv, L, D, rows=rows)
-  return bk, dk.split_chunk(L, ns, bk)[1]
+  """(block_kv, splits, KV heads per program) the Parallax kernel launches by default (splits
+  after the kernel rounds its chunk of the cache up to whole tiles)."""
+  pack = dk.default_pack(B, Hkv, L, D, rows=rows)
+  bk, ns = dk.default_launch(B, Hkv, L, D, rows=rows, pack=pack)
+  return bk, dk.split_chunk(L, ns, bk)[1], pack
 
 
 def shape_inputs(B, L, Hq, Hkv, D):
@@ -304,7 +305,7 @@ def bench_shape(grid, B, L, Hq, Hkv, D, with_torch, flush_buf=None):
   kv_bytes = 2 * B * L * Hkv * D * 2
   small = bool(refs)
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
-         "block_kv, num_splits": launched(B, Hkv, L, D, Hq // Hkv),
+         "block_kv, num_splits, kv_heads_per_program": launched(B, Hkv, L, D, Hq // Hkv),
          "num_splits": dk.default_num_splits(B, Hkv, L, rows=Hq // Hkv),
          "kv_GB": kv_bytes / 1e9}
 
@@ -364,8 +365,8 @@ def write_md(res, path):
     rows = [r for r in res["rows"] if r.get("grid", "gqa") == grid]
     if not rows:
       continue
-    lines += [f"## {title}", "", "| B | L | Parallax splits (x keys per tile if not 64) | "
-              + " | ".join(names) + " |",
+    lines += [f"## {title}", "", "| B | L | Parallax splits (x keys per tile if not 64, KV "
+              "heads per program if not 1) | " + " | ".join(names) + " |",
               "|---|---|---|" + "---|" * len(names)]
     for row in rows:
       cells = []
@@ -382,9 +383,11 @@ def write_md(res, path):
         if "rel_err" in e:
           s += f", err {e['rel_err']:.1e}"
         cells.append(s)
-      bk, ns = row.get("block_kv, num_splits", (64, row["num_splits"]))
+      bk, ns, pack = row.get("block_kv, num_splits, kv_heads_per_program",
+                             (*row.get("block_kv, num_splits", (64, row["num_splits"])), 1))
       lines.append(f"| {row['B']} | {row['L']} | {ns}" + (f" x {bk}" if bk != 64 else "")
-                   + " | " + " | ".join(cells) + " |")
+                   + (f", {pack} KV heads" if pack > 1 else "") + " | " + " | ".join(cells)
+                   + " |")
     lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import (SHAPES_HELP, STEPS, flush_buffer, impls, log, pallas_step,
-                          shape_inputs, shapes_within, time_step)
+from bench.decode import (SHAPES_HELP, STEPS, flush_buffer, impls, launched, log,
+                          pallas_step, shape_inputs, shapes_within, time_step)
 from pallas_kernels import decode as dk
 
 
@@ -44,7 +44,7 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
-         "block_kv, num_splits": dk.default_launch(B, Hkv, L, D, Hq // Hkv)}
+         LAUNCH: launched(B, Hkv, L, D, Hq // Hkv)}
   steps = {"cudnn_softmax": impls(B, L, Hq, Hkv, D, with_xla=False)["cudnn_softmax"]}
   for name, mod in mods.items():
     steps[name] = pallas_step(scale, module=mod)
@@ -63,6 +63,9 @@ def bench_shape(mods, grid, B, L, Hq, Hkv, D, flush_buf=None):
   return row
 
 
+LAUNCH = "block_kv, num_splits, kv_heads_per_program"
+
+
 def write_md(res, path):
   lines = [f"# Decode A/B: Triton kernel, baseline vs working tree ({res['env'].get('device')}, "
            f"{res['env'].get('date')})", "",
@@ -70,11 +73,12 @@ def write_md(res, path):
            + ("; L2 evicted between steps" if res.get("cold") else "")
            + "); "
            "x = ratio to cuDNN softmax decode.", "",
-           "| grid | B | L | (block_kv, splits) | cuDNN | baseline | new | new / baseline |",
+           "| grid | B | L | new default (block_kv, splits, KV heads per program) | cuDNN | "
+           "baseline | new | new / baseline |",
            "|---|---:|---:|---|---:|---:|---:|---:|"]
   for row in res["rows"]:
     c, b, n = (row[k]["us"] for k in ("cudnn_softmax", "baseline", "new"))
-    lines.append(f"| {row['grid']} | {row['B']} | {row['L']} | {row['block_kv, num_splits']} "
+    lines.append(f"| {row['grid']} | {row['B']} | {row['L']} | {row[LAUNCH]} "
                  f"| {c:.2f} | {b:.2f} (x{b / c:.2f}) | {n:.2f} (x{n / c:.2f}) | {n / b:.3f} |")
   lines += ["", f"env: {json.dumps(res['env'])}"]
   with open(path, "w") as f:

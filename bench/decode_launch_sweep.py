@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment
-from bench.decode import (SHAPES_HELP, chained_cold, flush_buffer, impls, log, pallas_step,
-                          shape_inputs, shapes_within, time_cold_us)
+from bench.decode import (SHAPES_HELP, chained_cold, flush_buffer, impls, launched, log,
+                          pallas_step, shape_inputs, shapes_within, time_cold_us)
 from pallas_kernels import decode as dk
 
 
@@ -37,7 +37,7 @@ def sweep_shape(grid, B, L, Hq, Hkv, D, variants, buf, reps):
            "softmax": pallas_step(scale, parallax=False)}
   steps.update({"par " + json.dumps(kw): pallas_step(scale, **kw) for kw in variants})
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
-         "default_launch": dk.default_launch(B, Hkv, L, D, rows=Hq // Hkv),
+         "default_launch": launched(B, Hkv, L, D, Hq // Hkv),
          "us": {}, "rel_err": {}, "errors": {}}
   fns = {}
   for name, step in steps.items():
@@ -52,10 +52,12 @@ def sweep_shape(grid, B, L, Hq, Hkv, D, variants, buf, reps):
   for _ in range(reps):  # interleaved repetitions
     for name, fn in list(fns.items()):
       try:
-        row["us"].setdefault(name, []).append(time_cold_us(fn, args)[0])
+        us = time_cold_us(fn, args)[0]
       except Exception as e:  # noqa: BLE001
         row["errors"][name] = repr(e)[:300]
         fns.pop(name)
+        continue
+      row["us"].setdefault(name, []).append(us)
   c = min(row["us"]["cudnn"])
   for name, ts in row["us"].items():
     log(grid, B, L, f"{name:60s} {min(ts):9.2f} us x{min(ts) / c:.4f}")

@@ -6,11 +6,12 @@ Per row (spec `attention_family.md`): S1 = q.k*scale, S2 = r.k, one running max 
 P1 = exp(S1 - m), P2 = P1*S2, d1 = sum P1, d2 = sum P2, O1 = P1 V, O2 = P2 V (fp32);
 o = (1 + d2/d1) O1/d1 - O2/d1 (r None: o = O1/d1). Rows with no valid key give 0.
 
-Grid (Hkv, B, num_splits), KV head fastest, so programs running together read neighbouring
-heads of the same cache rows (H100, one split: MHA B=256 L=1k-8k 1.5-3% faster than with the
-batch fastest, GQA B=256 L=8k 1.6%). GQA packing puts the G = Hq/Hkv query rows (and, in a
-second tile, their probe rows) of one KV head in one program, so each K/V byte is read once
-per split.
+Grid (Hkv / KV heads per program, B, num_splits), KV head fastest, so programs running
+together read neighbouring heads of the same cache rows (H100, one split: MHA B=256 L=1k-8k
+1.5-3% faster than with the batch fastest, GQA B=256 L=8k 1.6%). GQA packing puts the
+G = Hq/Hkv query rows (and, in a second tile, their probe rows) of one KV head in one
+program, so each K/V byte is read once per split; a program can also take two neighbouring
+KV heads (`default_pack`).
 q and r are read in place ([B, Hq, D], masked loads pad the G rows to 16) and the kernel
 writes o itself: one launch. With splits, each writes fp32 partials (m, d1, d2, O1, O2) of
 its G rows, and the last split of (b, h) to arrive (an atomic counter) merges them exactly.
@@ -75,9 +76,37 @@ def unsplit_tiles(programs: int, head_dim: int) -> tuple[int, int | None]:
   return 64, None
 
 
+def default_pack(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows: int = 1,
+                 parallax: bool = True) -> int:
+  """KV heads per program that `parallax_decode` picks when given no launch keyword.
+
+  2 for unsplit Parallax launches of one query row per KV head (MHA) at head_dim <= 64 with
+  >= 512 programs (B*Hkv), and of <= 2 rows at head_dim >= 128 with 512-1023 programs over
+  <= 1k keys (then with 32-key tiles, 4 stages, 2 warps); else 1. A program of two heads
+  reads [block_kv, 2*D] tiles (rows twice as long) and half as many programs share the SMs.
+  H100, L2 evicted between steps (bench/results/decode_pack_sweep*.json, us; cuDNN softmax in
+  brackets): MHA B=256 L=1k 185.2 -> 181.4 (185.8), L=4k 716.4 -> 705.0, L=8k 1422 -> 1400;
+  B=128 L=1k 95.2 -> 94.4 (94.5); B=64 L=4k 179.1 -> 176.9, L=8k 352.0 -> 346.5, L=32k 1391
+  -> 1375, L=1k unchanged (49.1); GQA B=64 L=1k 95.0 -> 93.3 (95.1). Slower: GQA B=64 L=4k
+  (351.8 -> 353.9 with those tiles, 352.3 with 64-key 3-stage ones), B=128 L=1k (180.2 ->
+  181.7), B=256 L=1k (350.9 -> 358.1); a 128-key tile of two D=128 heads does not fit the
+  shared memory in 3 stages.
+  """
+  progs = batch * num_kv_heads
+  if (not parallax or num_kv_heads % 2 or s_max < 256
+      or default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows) != 1):
+    return 1
+  if head_dim <= 64 and rows == 1 and progs >= 512:
+    return 2
+  if head_dim >= 128 and rows <= 2 and 512 <= progs < 1024 and s_max <= 1024:
+    return 2
+  return 1
+
+
 def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows: int = 1,
-                   parallax: bool = True) -> tuple[int, int]:
-  """(block_kv, num_splits) that `parallax_decode` picks when given neither.
+                   parallax: bool = True, pack: int = 1) -> tuple[int, int]:
+  """(block_kv, num_splits) that `parallax_decode` picks when given neither, for `pack` KV
+  heads per program (`default_pack`: 32-key tiles for two heads at head_dim >= 128).
 
   64-key tiles and `default_num_splits`, except for Parallax at head_dim >= 128 when that
   gives >= 32 splits (few KV heads, a long cache): half as many splits of 128-key tiles (one
@@ -101,6 +130,8 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   """
   ns = default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows)
   progs = batch * num_kv_heads
+  if pack > 1 and head_dim >= 128 and ns == 1:
+    return 32, 1
   if parallax and head_dim >= 128 and ns >= 32 and s_max >= 2048:
     return 128, ns // 2
   if parallax and head_dim >= 128 and ns == 1 and progs >= 512 and rows <= 16 and s_max >= 256:
@@ -141,14 +172,15 @@ def _finish(d1, d2, o1, o2):
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
             o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, num_warps,
-            interpret, lazy):
+            interpret, lazy, pack):
   h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
-  nrow = tokens * group                     # rows (token t, head g) = t * G + g of KV head h
+  head_rows = tokens * group                # rows (token t, head g) = t * G + g of a KV head
+  nrow = pack * head_rows                   # the program's `pack` KV heads, one after another
   bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
   L = jnp.minimum(len_ref[b], s_max)
   # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
-  end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) // group, L)                 # [bh, 1]
+  end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) % head_rows // group, L)      # [bh, 1]
   row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
   row_hi = jnp.minimum((s + 1) * chunk, end)
   lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0))
@@ -161,18 +193,33 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   q = load_rows(q_ref)
   r = load_rows(r_ref) if has_r else None
 
+  # Packed KV heads (pack > 1): a [bk, pack * D] tile holds `pack` heads side by side; row
+  # block p of q / r scores against head p's columns and its P against head p's V columns.
+  if pack == 1:
+    heads_of = lambda ref, start: [ref[pl.ds(start, bk), :]]
+    scores = lambda x, ks: _dot(x, ks[0], trans_b=True)
+    by_head = lambda f, w, vs: f(w, vs[0])
+  else:
+    sub = _iota(bh, 0) // head_rows                                # [bh, 1] head of a row
+    heads_of = lambda ref, start: [ref[pl.ds(start, bk), pl.ds(p * D, D)]
+                                   for p in range(pack)]
+    scores = lambda x, ks: _tree(jnp.add, [jnp.where(sub == p, _dot(x, kp, trans_b=True), 0.0)
+                                           for p, kp in enumerate(ks)])
+    by_head = lambda f, w, vs: _tree(jnp.add, [f(jnp.where(sub == p, w, 0.0), vp)
+                                               for p, vp in enumerate(vs)])
+
   def body(t, carry):
     m, d1, d2, o1, o2 = carry
     start = jnp.minimum(t * bk, s_max - bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
+    k = heads_of(k_ref, start)
+    v = heads_of(v_ref, start)
     j = start + _iota(bk, 1)
     valid = (j >= jnp.maximum(row_lo, t * bk)) & (j < row_hi)
-    s1 = _dot(q, k, trans_b=True) * scale
+    s1 = scores(q, k) * scale
     # R K issued before the row max: its MMAs overlap the cross-warp reduction (a barrier
     # the compiler does not move them across). H100: B=8 L=1k 12.5 -> 11.7 us, B=1 L=8k
     # 13.7 -> 13.2.
-    s2 = _dot(r, k, trans_b=True) if has_r else None
+    s2 = scores(r, k) if has_r else None
     s1 = jnp.where(valid, s1, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s1, axis=1))
     alpha = jnp.exp(m - m_new)
@@ -181,9 +228,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     if has_r:
       p2 = p1 * s2
       d2 = d2 * alpha[:, None] + p2 if lazy else d2 * alpha + jnp.sum(p2, axis=1)
-    o1 = o1 * alpha[:, None] + _dot(p1.astype(v.dtype), v)
+    o1 = o1 * alpha[:, None] + by_head(lambda w, vp: _dot(w.astype(vp.dtype), vp), p1, v)
     if has_r:
-      o2 = o2 * alpha[:, None] + _p2v(p2, v)
+      o2 = o2 * alpha[:, None] + by_head(_p2v, p2, v)
     return m_new, d1, d2, o1, o2
 
   zr = jnp.zeros((bh,), jnp.float32)
@@ -327,7 +374,7 @@ def _merge_by_tiles(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, nu
 
 def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
                     num_splits=None, block_kv=None, num_warps=None, num_stages=None,
-                    arrivals=None, interpret=False):
+                    kv_heads_per_program=None, arrivals=None, interpret=False):
   """Decode attention of one new token (or T new tokens) per sequence.
 
   q, r: [B, Hq, D], or [B, T, Hq, D] for T new tokens (speculative / multi-token decode);
@@ -343,6 +390,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   the arrivals of each (b, h) there to elect the merging program, which leaves it zero
   again; with None, each split launch zeroes a fresh counter (one more small kernel: 0.3-0.7
   us more per step at the split shapes of bench/results/decode.md).
+  kv_heads_per_program: neighbouring KV heads one program reads (dividing Hkv, with <= 64
+  rows in all): their [block_kv, D] tiles are one [block_kv, heads x D] tile of the cache,
+  and each row block scores against its own head's columns. Defaults to `default_pack` when
+  no launch keyword is given, else 1. With splits, a program's partials cover all its rows.
   num_stages defaults to 3 with r (H100 sweep: the Parallax loop body needs the deeper K/V
   prefetch to stay memory bound, 370 vs 445 us at B=64, L=4k) and 2 without, except: 3 for
   the softmax's split launches of few programs whose splits span >= 2 tiles (below), and 2
@@ -380,10 +431,16 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   if R > 64:
     raise ValueError(f"at most 64 rows per KV head (tokens x Hq/Hkv), got T={T}, Hq={Hq}, "
                      f"Hkv={Hkv}")
-  bh = max(16, _next_pow2(R))
+  pack = 1 if kv_heads_per_program is None else kv_heads_per_program
+  if not isinstance(pack, int) or pack < 1 or Hkv % pack or pack * R > 64:
+    raise ValueError(f"kv_heads_per_program must be a positive int dividing Hkv={Hkv} with "
+                     f"kv_heads_per_program x {R} rows per KV head <= 64, got {pack!r}")
   bk, ns = (64 if block_kv is None else block_kv), num_splits
   if block_kv is None and num_splits is None and S >= bk:
-    bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None)
+    if kv_heads_per_program is None and num_warps is None and num_stages is None:
+      pack = default_pack(B, Hkv, S, D, rows=R, parallax=r is not None)
+    bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None, pack=pack)
+  bh = max(16, _next_pow2(pack * R))
   if S < bk:  # tiny caches only: pad to one tile
     bk = max(16, min(bk, _next_pow2(S)))
     k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
@@ -410,11 +467,14 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   # Unsplit 64-key Parallax tiles at D <= 64 of 1.8-3 programs per SM: 4 stages, one more
   # tile in flight per program (`unsplit_tiles`).
   mid_unsplit = small_unsplit and r is not None and unsplit_tiles(B * Hkv, D) == (64, 4)
+  # Two D >= 128 heads per program in 32-key tiles (`default_pack`): 4 stages, 2 warps (H100,
+  # GQA B=64 L=1k: 93.3 us; 3 stages and 4 warps 93.3, 64-key tiles with 3 stages 95.7).
+  packed_thin = pack > 1 and D >= 128 and bk == 32 and ns == 1
   if num_stages is None:
-    num_stages = (4 if mid_unsplit else
+    num_stages = (4 if mid_unsplit or packed_thin else
                   2 if small_unsplit or big_unsplit or (r is None and not split_few) else 3)
   if num_warps is None:
-    num_warps = 2 if split_few or small_unsplit or thin_unsplit else 4
+    num_warps = 2 if split_few or small_unsplit or thin_unsplit or packed_thin else 4
   # Row sums d1, d2 kept as [rows, block_kv] elementwise sums and reduced once after the loop
   # (no cross-warp reduction per tile) where a program loops over >= 2 tiles of <= 16 rows,
   # except D=128 with 2 warps (register pressure). H100: MHA B=1 L=8k 9.9 -> 9.2 us, B=8 L=1k
@@ -435,7 +495,12 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   Hq = Hkv * R
 
   heads = pl.BlockSpec((None, Hq, D), lambda h, b, s: (b, 0, 0))
-  kv_spec = pl.BlockSpec((None, Sp, None, D), lambda h, b, s: (b, 0, h, 0))
+  # `pack` neighbouring KV heads per program: [B, Sp, Hkv, D] read as [B, Sp, Hkv/pack,
+  # pack*D] (the same bytes, no copy), so a program's tile rows are pack*D wide.
+  Hp = Hkv // pack
+  k_cache = k_cache.reshape(B, Sp, Hp, pack * D)
+  v_cache = v_cache.reshape(B, Sp, Hp, pack * D)
+  kv_spec = pl.BlockSpec((None, Sp, None, pack * D), lambda h, b, s: (b, 0, h, 0))
   in_specs = [pl.BlockSpec((B,), lambda h, b, s: (0,)), heads, kv_spec, kv_spec,
               heads if has_r else None]
   args = [lengths, q, k_cache, v_cache, r]
@@ -444,8 +509,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   aliases = {}
   if ns > 1:
     # Partials of every split of (b, h) in one block: the merging program reads them all.
-    vec = jax.ShapeDtypeStruct((B, Hkv, ns, bh), jnp.float32)
-    mat = jax.ShapeDtypeStruct((B, Hkv, ns, bh, D), jnp.float32)
+    vec = jax.ShapeDtypeStruct((B, Hp, ns, bh), jnp.float32)
+    mat = jax.ShapeDtypeStruct((B, Hp, ns, bh, D), jnp.float32)
     vec_spec = pl.BlockSpec((None, None, ns, bh), lambda h, b, s: (b, h, 0, 0))
     mat_spec = pl.BlockSpec((None, None, ns, bh, D), lambda h, b, s: (b, h, 0, 0, 0))
     cnt_spec = pl.BlockSpec((B * Hkv,), lambda h, b, s: (0,))
@@ -475,10 +540,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
             o1_ref, o2_ref, scale=float(scale),
             window=None if window is None else int(window), bk=bk, chunk=chunk,
             s_max=S if S >= bk else Sp, group=G, tokens=T, num_splits=ns,
-            num_warps=num_warps, interpret=bool(interpret), lazy=lazy)
+            num_warps=num_warps, interpret=bool(interpret), lazy=lazy, pack=pack)
 
   call = pl.pallas_call(
-      kernel, grid=(Hkv, B, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=(Hp, B, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",

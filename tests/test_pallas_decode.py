@@ -182,6 +182,47 @@ def test_default_splits_and_small_cache(rng):
   assert dk.default_num_splits(256, 8, 1024) == 1
 
 
+@pytest.mark.parametrize("pack,Hq,Hkv,tokens,ns,window", [
+    (2, 4, 4, None, 1, None), (2, 8, 4, None, 3, 7), (4, 4, 4, None, 2, None),
+    (2, 4, 2, 3, 1, 5), (2, 8, 8, 2, 4, None)])
+@pytest.mark.parametrize("parallax", [True, False])
+def test_kv_heads_per_program(rng, pack, Hq, Hkv, tokens, ns, window, parallax):
+  """Programs of `pack` neighbouring KV heads ([block_kv, pack*D] tiles): every row scores
+  against its own head's columns; splits, windows, several tokens, ragged lengths."""
+  B, S, D = 3, 70, 16
+  lengths = [1, 33, 70] if tokens is None else [tokens, 33, 70]
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, jnp.float32, parallax, tokens)
+  k, v = poison_tail(k, lengths), poison_tail(v, lengths)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  o = dk.parallax_decode(q, k, v, r, scale=0.25, lengths=lengths, window=window,
+                         num_splits=ns, block_kv=16, kv_heads_per_program=pack, interpret=True)
+  ref = dk.reference_decode(q, k, v, r, scale=0.25, lengths=lengths, window=window)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_default_pack(rng):
+  assert dk.default_pack(256, 8, 1024, 64) == 2     # MHA, >= 512 programs
+  assert dk.default_pack(64, 8, 4096, 64) == 2
+  assert dk.default_pack(32, 8, 4096, 64) == 1      # 256 programs
+  assert dk.default_pack(256, 8, 1024, 64, parallax=False) == 1
+  assert dk.default_pack(256, 8, 1024, 64, rows=2) == 1
+  assert dk.default_pack(256, 7, 1024, 64) == 1     # odd Hkv
+  assert dk.default_pack(64, 8, 1024, 128, rows=2) == 2
+  assert dk.default_pack(64, 8, 4096, 128, rows=2) == 1
+  assert dk.default_pack(128, 8, 1024, 128, rows=2) == 1
+  assert dk.default_pack(1, 8, 4096, 64) == 1       # split launch
+  assert dk.default_launch(64, 8, 1024, 128, rows=2, pack=2) == (32, 1)
+  assert dk.default_launch(256, 8, 1024, 64, pack=2) == (64, 1)
+  # the default picks it: 2 heads of 32-key tiles (B*Hkv = 512, S <= 1k), against the reference
+  lens = [int(x) for x in rng.integers(1, 301, 64)]
+  check(rng, 64, 16, 8, 300, 128, jnp.float32, lens, bk=None)
+  for bad in (3, 0, 2.0):
+    with pytest.raises(ValueError, match="kv_heads_per_program"):
+      q, k, v, r = make(rng, 1, 4, 4, 32, 16, jnp.float32)
+      dk.parallax_decode(q, k, v, r, scale=0.25, lengths=jnp.asarray([5]),
+                         kv_heads_per_program=bad, interpret=True)
+
+
 def test_matches_family_api(rng):
   import parallax_jax
   B, Hq, Hkv, S, D = 2, 4, 2, 48, 16
@@ -222,11 +263,14 @@ def test_gpu(rng, D, dtype, parallax):
     (32, 8, 8, 1000, 64, 64),      # ~2 programs per SM at D=64: 64-key tiles, 4 stages
     (16, 8, 8, 1000, 64, 128),     # ~1 per SM at D=64: 128-key tiles
     (256, 16, 8, 4096, 128, 128),  # >= 2048 programs: 128-key tiles, 2 stages
+    (256, 8, 8, 1000, 64, 64),     # MHA, 2048 programs: 2 KV heads per program
+    (64, 16, 8, 1000, 128, 32),    # 512 programs of 2 D=128 heads, 32-key tiles, 4 stages
 ])
 def test_gpu_default_unsplit_launches(B, Hq, Hkv, S, D, block_kv):
   """The default launches of unsplit Parallax decode, compiled: ragged lengths (1 and S
   included), a poisoned tail, bf16 against the float32 reference."""
-  assert dk.default_launch(B, Hkv, S, D, rows=Hq // Hkv) == (block_kv, 1)
+  pack = dk.default_pack(B, Hkv, S, D, rows=Hq // Hkv)
+  assert dk.default_launch(B, Hkv, S, D, rows=Hq // Hkv, pack=pack) == (block_kv, 1)
   ks = jax.random.split(jax.random.key(B + S + D), 5)
   q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
   r = (0.3 * jax.random.normal(ks[1], (B, Hq, D))).astype(jnp.bfloat16)
@@ -299,7 +343,8 @@ def test_gpu_decode_attention_auto_picks_kernel(member, tokens):
 @pytest.mark.parametrize("parallax,tokens,batch,ns", [
     (True, 1, 4, 3), (False, 1, 4, 3), (True, 4, 4, 3),
     (True, 1, 64, None),   # default launch: one split of 128-key tiles, per-element row sums
-    (True, 1, 32, None)])  # default launch: one split of 32-key tiles
+    (True, 1, 32, None),   # default launch: one split of 32-key tiles
+    (True, 1, 64, "pack")])  # two KV heads per program, 32-key tiles (S=1000)
 def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
   from tests.test_pallas_train import _triton_modules, verify_triton_modules
@@ -308,7 +353,11 @@ def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   q = jax.ShapeDtypeStruct((batch, 16, 128) if tokens == 1 else (batch, tokens, 16, 128),
                            jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((batch, 3000, 8, 128), jnp.bfloat16)
+  S = 3000
+  if ns == "pack":
+    S, ns = 1000, None
+    assert dk.default_pack(batch, 8, S, 128, rows=2) == 2
+  kv = jax.ShapeDtypeStruct((batch, S, 8, 128), jnp.bfloat16)
   lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
   f = lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r if parallax else None, scale=0.1,
                                                lengths=l, window=500, num_splits=ns)
