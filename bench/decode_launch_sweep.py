@@ -1,12 +1,15 @@
 """Launch-parameter sweep of the Triton decode kernel with a cold L2: explicit
-`parallax_decode` keyword sets (block_kv, num_splits, num_warps, num_stages) against cuDNN
-softmax decode and the kernel's default softmax launch, per shape, in one run.
+`parallax_decode` keyword sets (block_kv, num_splits, num_warps, num_stages,
+kv_heads_per_program) against cuDNN softmax decode and the kernel's default softmax launch,
+per shape, in one run.
 
 Each entry is timed as in bench/decode.py --cold (STEPS chained steps, the arrival counter
 handed on, the L2 evicted between steps by the untimed `l2_flush`; CUPTI time of every other
 kernel, median of 20), `--reps` interleaved repetitions, the minimum reported; max relative
-error against the float32 reference where B*L <= 256k. Used to set `default_launch` and the
-stage / warp rules of `parallax_decode` (bench/NOTES.md, decode v12).
+error against the float32 reference where B*L <= 256k. Used to set `default_launch`,
+`default_pack` and the stage / warp rules of `parallax_decode` (bench/NOTES.md, decode v12,
+v13). `--variants '[{}]'` gives the columns of the former bench/decode_cold.py (cuDNN, the
+kernel's default softmax and Parallax launches; results/decode_cold.md).
 
   PYTHONPATH=. python3 bench/decode_launch_sweep.py --out DIR --shapes gqa:32:4096,... \\
       --variants '[{}, {"block_kv": 32, "num_stages": 3}]' [--reps 2] [--budget 300]
@@ -38,7 +41,7 @@ def sweep_shape(grid, B, L, Hq, Hkv, D, variants, buf, reps):
   steps.update({"par " + json.dumps(kw): pallas_step(scale, **kw) for kw in variants})
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D,
          "default_launch": launched(B, Hkv, L, D, Hq // Hkv),
-         "us": {}, "rel_err": {}, "errors": {}}
+         "us": {}, "kernels": {}, "rel_err": {}, "errors": {}}
   fns = {}
   for name, step in steps.items():
     try:
@@ -52,7 +55,7 @@ def sweep_shape(grid, B, L, Hq, Hkv, D, variants, buf, reps):
   for _ in range(reps):  # interleaved repetitions
     for name, fn in list(fns.items()):
       try:
-        us = time_cold_us(fn, args)[0]
+        us, row["kernels"][name] = time_cold_us(fn, args)
       except Exception as e:  # noqa: BLE001
         row["errors"][name] = repr(e)[:300]
         fns.pop(name)
