@@ -161,7 +161,8 @@ def test_block_remat_policies_agree():
 def test_logical_constraints_apply_under_rules():
   """With a mesh and a rule table in scope the constraints resolve (no unknown names)."""
   c = cfg()
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                          ("data", "fsdp", "tensor"))
   mod = L.DecoderBlock(c)
   cos, sin = rope_args()
   x = x_in()
@@ -198,7 +199,7 @@ def call(q_, k_, v_, r_, len_, bw_, arr_):
                               affine="affine", implementation="pallas", num_splits=3,
                               arrivals=arr_)
 ref, _ = L.shard_attention(call, q, k, v, r, lengths, None, jnp.zeros((4, 2), jnp.int32))
-mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
 with jax.set_mesh(mesh), nn.logical_axis_rules(L.logical_axis_rules_example()):
   o, arr = jax.jit(lambda *a: L.shard_attention(call, *a))(
       q, k, v, r, lengths, None, jnp.zeros((4, 2), jnp.int32))
@@ -210,8 +211,9 @@ print("OK")
 
 
 def test_shard_attention_carries_decode_state_per_shard():
-  """Under a (data 2, model 2) mesh the decode kernel's arrival counter [B, Hkv] is split with
-  the batch and KV heads (each shard sees its [B/2, Hkv/2] part) and comes back zero."""
+  """Under a (data 2, fsdp 1, tensor 2) mesh the decode kernel's arrival counter [B, Hkv] is
+  split with the batch and KV heads (each shard sees its [B/2, Hkv/2] part) and comes back
+  zero."""
   import os
   import subprocess
   import sys

@@ -409,12 +409,15 @@ def block_class(config: ModelConfig, policy: str, scan: bool = False) -> type[nn
 
 
 def logical_axis_rules_example() -> Sequence[tuple[str, Any]]:
-  """A starting rule table (FSDP over 'data', tensor parallel over 'model'); adapt per mesh."""
+  """The rule table of the training loop (`train.mesh.RULES`), for a mesh with axes
+  ('data', 'fsdp', 'tensor'): batch over data x fsdp, parameters' 'embed' over fsdp (ZeRO-3
+  style), heads, MLP width and vocab over tensor. Adapt per mesh."""
+  batch = ("data", "fsdp")
   return (
-      ("activation_batch", "data"), ("activation_length", None), ("activation_embed", None),
-      ("activation_q_heads", "model"), ("activation_kv_heads", "model"),
-      ("activation_head_dim", None), ("activation_mlp", "model"), ("activation_vocab", "model"),
-      ("cache_length", None),
-      ("vocab", "model"), ("embed", "data"), ("q_heads", "model"), ("kv_heads", "model"),
-      ("head_dim", None), ("mlp", "model"), ("layers", None),
+      ("activation_batch", batch), ("activation_length", None), ("activation_embed", None),
+      ("activation_q_heads", "tensor"), ("activation_kv_heads", "tensor"),
+      ("activation_head_dim", None), ("activation_mlp", "tensor"),
+      ("activation_vocab", "tensor"), ("cache_length", None),
+      ("vocab", "tensor"), ("embed", "fsdp"), ("q_heads", "tensor"), ("kv_heads", "tensor"),
+      ("head_dim", None), ("mlp", "tensor"), ("layers", None),
   )
