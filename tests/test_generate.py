@@ -225,3 +225,66 @@ def test_generate_carries_the_decode_arrival_counter(scan_layers):
   np.testing.assert_array_equal(out_p.tokens, out_x.tokens)
   np.testing.assert_array_equal(out_p.cache.arrivals, 0)
   assert out_p.cache.arrivals.shape == (2, 2, 2)
+
+
+def _tiny():
+  cfg = small(num_layers=1, max_seq_len=12)
+  return cfg, rand_params(cfg, 8)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(prompts=[[1, V, 3]]), r"prompts must be in \[0, vocab_size=40\), got 40 at index \(0, 1\)"),
+    (dict(prompts=[[1, -1, 3]]), r"got -1 at index \(0, 1\)"),
+    (dict(prompts=[[1, 2, 0]], prompt_lengths=[2], pad=V + 1), r"got 41 at index \(0, 2\)"),
+    (dict(prompts=[1, 2, 3]), r"shaped \[B, T\], got shape \(3,\)"),
+    (dict(prompts=[[1.0, 2.0, 3.0]]), "integer token ids, got dtype float64"),
+    (dict(prompt_lengths=[0]), r"prompt_lengths must be in \[1, T=3\].*got \[0\]"),
+    (dict(prompt_lengths=[4]), r"prompt_lengths must be in \[1, T=3\].*got \[4\]"),
+    (dict(prompt_lengths=[3, 3]), r"prompt_lengths must be shaped \[B\] = \(1,\)"),
+    (dict(max_new_tokens=10), "prompt length 3 \\+ max_new_tokens 10 = 13 exceeds max_seq_len 12"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(temperature=-1.0), "temperature >= 0"),
+])
+def test_generate_refuses_bad_input(kw, match):
+  """Each bad input raises one ValueError before anything runs (before: out-of-range ids
+  gave a NaN cache and tokens [0, 0, ...] or wrapped around, bad lengths NaN logits)."""
+  cfg, params = _tiny()
+  prompts = kw.pop("prompts", [[1, 2, 3]])
+  if "pad" in kw:
+    prompts = [p[:-1] + [kw.pop("pad")] for p in prompts]
+  with pytest.raises(ValueError, match=match):
+    generate(cfg, params, prompts, kw.pop("prompt_lengths", None),
+             max_new_tokens=kw.pop("max_new_tokens", 3), **kw)
+
+
+def test_prefill_and_decode_step_refuse_bad_input():
+  cfg, params = _tiny()
+  cache = init_cache(cfg, 1, 4)
+  with pytest.raises(ValueError, match=r"prefill: lengths must be in \[1, T=3\].*got \[5\]"):
+    prefill(cfg, params, jnp.array([[1, 2, 3]]), jnp.array([5]), cache)
+  with pytest.raises(ValueError, match=r"prefill: tokens must be in \[0, vocab_size=40\)"):
+    prefill(cfg, params, jnp.array([[1, 2, V]]), None, cache)
+  with pytest.raises(ValueError, match=r"decode_step: tokens must be token ids shaped \[B\]"):
+    decode_step(cfg, params, jnp.array([[1]]), cache)
+  with pytest.raises(ValueError, match="decode_step: tokens must be in"):
+    decode_step(cfg, params, jnp.array([-2]), cache)
+  full = cache.replace(lengths=jnp.array([4], jnp.int32))
+  with pytest.raises(ValueError, match=r"cache.lengths \[4\] must be < 4"):
+    decode_step(cfg, params, jnp.array([1]), full)
+
+
+@pytest.mark.parametrize("pad_id", [-1, V + 5])
+def test_generate_pad_id_need_not_be_a_token(pad_id):
+  """Finished sequences feed their sampled token to the model, not pad_id, so pad_id only
+  marks the output (before: pad_id was embedded: -1 wrapped around, V + 5 put NaN in the
+  cache)."""
+  cfg, params = _tiny()
+  prompts = np.array([[3, 4, 5], [6, 7, 8]], np.int32)
+  ref = generate(cfg, params, prompts, max_new_tokens=4)
+  eos = int(ref.tokens[0, 0])
+  out = generate(cfg, params, prompts, max_new_tokens=4, eos_id=eos, pad_id=pad_id)
+  np.testing.assert_array_equal(out.tokens[0], [eos] + [pad_id] * 3)
+  assert int(out.lengths[0]) == 1
+  assert np.all(np.isfinite(np.asarray(out.cache.k)))
+  # row 0's cache holds the tokens it sampled after eos, as the run without eos_id does
+  np.testing.assert_array_equal(out.cache.k[:, 0], ref.cache.k[:, 0])

@@ -20,6 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parallax_jax.models.config import ModelConfig
 from parallax_jax.models.qwen3 import KVCache, Qwen3Model
@@ -39,16 +40,65 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
   return KVCache.init(_config(config), batch, max_len, dtype)
 
 
+# Input checks. Shapes and dtypes are checked always; values only where they are concrete
+# (not traced under jit), since an out-of-range id or length does not fail: the embedding
+# lookup and the gathers fill NaN (or wrap a negative index) and generation goes on silently.
+def _values(x):
+  """x as a numpy array when its values are known now, else None (a tracer)."""
+  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def _check_ids(where: str, name: str, ids, ndim: int, vocab_size: int):
+  shape = "[B, T]" if ndim == 2 else "[B]"
+  if np.ndim(ids) != ndim:
+    raise ValueError(f"{where}: {name} must be token ids shaped {shape}, got shape "
+                     f"{tuple(np.shape(ids))}")
+  dtype = np.dtype(ids.dtype) if hasattr(ids, "dtype") else np.asarray(ids).dtype
+  if dtype.kind not in "iu":
+    raise ValueError(f"{where}: {name} must be integer token ids, got dtype {dtype}")
+  vals = _values(ids)
+  if vals is not None and vals.size and (vals.min() < 0 or vals.max() >= vocab_size):
+    bad = np.argwhere((vals < 0) | (vals >= vocab_size))[0]
+    raise ValueError(f"{where}: {name} must be in [0, vocab_size={vocab_size}), got "
+                     f"{int(vals[tuple(bad)])} at index {tuple(int(i) for i in bad)}")
+
+
+def _check_lengths(where: str, name: str, lengths, batch: int, t: int):
+  if np.shape(lengths) != (batch,):
+    raise ValueError(f"{where}: {name} must be shaped [B] = ({batch},), got shape "
+                     f"{tuple(np.shape(lengths))}")
+  dtype = np.dtype(lengths.dtype) if hasattr(lengths, "dtype") else np.asarray(lengths).dtype
+  if dtype.kind not in "iu":
+    raise ValueError(f"{where}: {name} must be integers, got dtype {dtype}")
+  vals = _values(lengths)
+  if vals is not None and (vals.min() < 1 or vals.max() > t):
+    raise ValueError(f"{where}: {name} must be in [1, T={t}] (T: the padded prompt length), "
+                     f"got {vals.tolist()}")
+
+
+def _check_sampling(temperature, top_p, top_k):
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, "
+                     f"{top_p}, {top_k}")
+
+
 def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache):
   """Run the (right-padded) prompts [B, T] through the model into an EMPTY cache.
 
   Returns (logits [B, V] at each sequence's last prompt token, cache with lengths set).
+  Every id of `tokens`, the padding included, must be in [0, vocab_size); `lengths` in
+  [1, T] (checked where concrete).
   """
   cfg = _config(config)
+  _check_ids("prefill", "tokens", tokens, 2, cfg.vocab_size)
   b, t = tokens.shape
   if t > cache.max_len:
     raise ValueError(f"prompt length {t} exceeds the cache length {cache.max_len}")
-  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  if cache.k.shape[1] != b:
+    raise ValueError(f"prefill: tokens have batch {b}, the cache {cache.k.shape[1]}")
+  if lengths is not None:
+    _check_lengths("prefill", "lengths", lengths, b, t)
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
   logits, cache = Qwen3Model(cfg).apply({"params": params}, tokens, cache=cache)
   cache = cache.replace(lengths=lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -56,9 +106,19 @@ def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache
 
 
 def decode_step(config, params, tokens: Array, cache: KVCache):
-  """One token per sequence ([B]) at position cache.lengths -> (logits [B, V], cache)."""
-  logits, cache = Qwen3Model(_config(config)).apply({"params": params}, tokens[:, None],
-                                                     cache=cache)
+  """One token per sequence ([B]) at position cache.lengths -> (logits [B, V], cache).
+
+  Needs cache.lengths < min(cache.max_len, max_seq_len) (checked where concrete): a write
+  past the cache's end would be dropped.
+  """
+  cfg = _config(config)
+  _check_ids("decode_step", "tokens", tokens, 1, cfg.vocab_size)
+  lens = _values(cache.lengths)
+  limit = min(cache.max_len, cfg.max_seq_len)
+  if lens is not None and lens.size and lens.max() >= limit:
+    raise ValueError(f"decode_step: cache.lengths {lens.tolist()} must be < {limit} "
+                     f"(cache length {cache.max_len}, max_seq_len {cfg.max_seq_len})")
+  logits, cache = Qwen3Model(cfg).apply({"params": params}, tokens[:, None], cache=cache)
   return logits[:, 0], cache
 
 
@@ -67,9 +127,7 @@ def sample_logits(rng, logits: Array, *, temperature: float = 1.0, top_p: float 
   """Sample token ids [B] from logits [B, V]: greedy when temperature == 0, otherwise
   softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the smallest
   set whose probability reaches top_p (nucleus; the most likely token is always kept)."""
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, "
-                     f"{top_p}, {top_k}")
+  _check_sampling(temperature, top_p, top_k)
   logits = logits.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -106,20 +164,24 @@ def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, c
   rngs = jax.random.split(rng, max_new_tokens)
 
   def finish(tok, done):
-    tok = jnp.where(done, pad_id, tok)
-    new_done = done if eos_id is None else done | (tok == eos_id)
-    return tok, new_done
+    out = jnp.where(done, pad_id, tok)
+    new_done = done if eos_id is None else done | (out == eos_id)
+    return out, new_done
 
-  first, done = finish(sample(rngs[0], logits), jnp.zeros((b,), bool))
+  # A finished sequence keeps feeding its sampled (in-vocabulary) token to the model, never
+  # pad_id, which need not be a token id (e.g. -1).
+  tok = sample(rngs[0], logits)
+  first, done = finish(tok, jnp.zeros((b,), bool))
   count = jnp.ones((b,), jnp.int32)
 
   def step(carry, key):
     tok, done, count, cache = carry
     logits, cache = decode_step(config, params, tok, cache)
-    nxt, new_done = finish(sample(key, logits), done)
-    return (nxt, new_done, count + (~done).astype(jnp.int32), cache), nxt
+    tok = sample(key, logits)
+    out, new_done = finish(tok, done)
+    return (tok, new_done, count + (~done).astype(jnp.int32), cache), out
 
-  (_, _, count, cache), rest = jax.lax.scan(step, (first, done, count, cache), rngs[1:])
+  (_, _, count, cache), rest = jax.lax.scan(step, (tok, done, count, cache), rngs[1:])
   tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
   return GenerateOutput(tokens=tokens, lengths=count, cache=cache)
 
@@ -130,20 +192,36 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
              ) -> GenerateOutput:
   """Generate `max_new_tokens` per sequence after right-padded `prompts` [B, T].
 
-  prompt_lengths [B] (default: all T) gives each prompt's true length. temperature 0 is
-  greedy. A sequence stops at `eos_id` (later tokens are `pad_id`). The cache holds
-  `cache_len` (default T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
+  prompt_lengths [B] (default: all T) gives each prompt's true length, in [1, T]. Every id of
+  `prompts`, the padding included, must be in [0, vocab_size), and the longest prompt plus
+  `max_new_tokens` must fit in `max_seq_len`. temperature 0 is greedy. A sequence stops at
+  `eos_id` (later tokens are `pad_id`, any int). The cache holds `cache_len` (default
+  T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
+  Bad input raises a one-line ValueError (checked eagerly, before anything is compiled).
   """
   cfg = _config(config)
-  prompts = jnp.asarray(prompts, jnp.int32)
+  if not hasattr(prompts, "dtype"):
+    prompts = np.asarray(prompts)
+  _check_ids("generate", "prompts", prompts, 2, cfg.vocab_size)
   b, t = prompts.shape
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  _check_sampling(temperature, top_p, top_k)
   cache_len = t + max_new_tokens if cache_len is None else cache_len
   if cache_len < t + max_new_tokens - 1:
     raise ValueError(f"cache_len {cache_len} < prompt length {t} + max_new_tokens - 1")
   if prompt_lengths is None:
-    prompt_lengths = jnp.full((b,), t, jnp.int32)
+    prompt_lengths = np.full((b,), t, np.int32)
+  elif not hasattr(prompt_lengths, "dtype"):
+    prompt_lengths = np.asarray(prompt_lengths)
+  _check_lengths("generate", "prompt_lengths", prompt_lengths, b, t)
+  longest = _values(prompt_lengths)
+  longest = t if longest is None else int(longest.max())
+  if longest + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} = "
+                     f"{longest + max_new_tokens} exceeds max_seq_len {cfg.max_seq_len}")
+  prompts = jnp.asarray(prompts, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
   if rng is None:
     if temperature > 0:
