@@ -52,7 +52,9 @@ class ModelConfig:
     vocab_size, hidden_size (d), num_layers, num_heads (Hq), num_kv_heads (Hkv; GQA when
     Hq is a multiple of it), head_dim (Dh; None means hidden_size // num_heads; Qwen3 decouples
     it from hidden_size), intermediate_size (SwiGLU width F), max_seq_len, rope_theta,
-    rms_norm_eps, tie_embeddings, init_std (normal init of every projection and the embedding).
+    rms_norm_eps, tie_embeddings, init_std (normal init of every projection and the embedding),
+    head_norm_eps (eps of the per-head q/k/r RMSNorm; None: rms_norm_eps. fla's Parallax model
+    fixes it at 1e-5 whatever its norm_eps, so a model read from that format sets it).
 
   Attention:
     attention: a member name of `parallax_jax.MEMBERS` ('softmax', 'parallax', 'lla',
@@ -87,6 +89,7 @@ class ModelConfig:
   max_seq_len: int = 40960
   rope_theta: float = 1_000_000.0
   rms_norm_eps: float = 1e-6
+  head_norm_eps: float | None = None
   tie_embeddings: bool = True
   init_std: float = 0.02
   # attention
@@ -128,6 +131,10 @@ class ModelConfig:
       v = getattr(self, key)
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
         _err(key, f"must be a finite number > 0, got {v!r}")
+    v = self.head_norm_eps
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or not (v > 0 and math.isfinite(v))):
+      _err("head_norm_eps", f"must be a finite number > 0 or None, got {v!r}")
     for key in ("tie_embeddings", "learnable_bandwidth", "r_norm", "correction_gate",
                 "scan_layers"):
       if not isinstance(getattr(self, key), bool):
@@ -179,6 +186,11 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def resolved_head_norm_eps(self) -> float:
+    """eps of the per-head RMSNorm on q, k and r."""
+    return self.rms_norm_eps if self.head_norm_eps is None else self.head_norm_eps
 
   @property
   def resolved_probe(self) -> str:

@@ -251,7 +251,7 @@ class Attention(nn.Module):
                         dtype=dt, param_dtype=pdt, name=name)(x)
 
     def norm(name):
-      return RMSNorm("head_dim", cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name=name)
+      return RMSNorm("head_dim", cfg.resolved_head_norm_eps, dtype=dt, param_dtype=pdt, name=name)
 
     q = apply_rope(norm("q_norm")(proj("q_proj", hq, "q_heads")), cos, sin)
     k = apply_rope(norm("k_norm")(proj("k_proj", hkv, "kv_heads")), cos, sin)
