@@ -127,3 +127,84 @@ def test_rope_theta_from_rope_parameters():
   # transformers' Qwen3Config default when neither is given
   del base["rope_parameters"]
   assert hf.config_from_hf(base).rope_theta == 10000.0
+
+
+BASE_HF = dict(model_type="qwen3", vocab_size=32, hidden_size=16, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=24,
+               rope_theta=1e6, tie_word_embeddings=True)
+
+
+def _hf_dir(tmp_path, config=BASE_HF, weights=b""):
+  d = tmp_path / "ckpt"
+  d.mkdir()
+  (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+  if isinstance(weights, bytes):
+    (d / "model.safetensors").write_bytes(weights)
+  else:
+    _write_safetensors(d / "model.safetensors", weights)
+  return str(d)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({k: v for k, v in BASE_HF.items() if k != "vocab_size"},
+     r"ckpt/config.json: vocab_size: missing"),
+    ({**BASE_HF, "hidden_size": "big"},
+     r"ckpt/config.json: hidden_size: must be an int, got 'big'"),
+    ({**BASE_HF, "num_attention_heads": 3, "num_key_value_heads": 2},
+     r"ckpt/config.json: ModelConfig.num_kv_heads: num_heads \(3\) must be a multiple"),
+    ("{not json", r"ckpt/config.json: not valid JSON"),
+])
+def test_bad_hf_config_json_names_file_and_key(tmp_path, config, match):
+  """(before: a bare KeyError 'vocab_size', int() / JSON errors naming nothing)"""
+  with pytest.raises(ValueError, match=match):
+    hf.load_hf_checkpoint(_hf_dir(tmp_path, config))
+
+
+def _good_weights():
+  rng = np.random.default_rng(0)
+  return {"model.embed_tokens.weight": rng.standard_normal((32, 16)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("garbage", r"model.safetensors: not a safetensors file \(header length"),
+    ("short", r"model.safetensors: not a safetensors file \(3 bytes"),
+    ("not-json", r"model.safetensors: not a safetensors file \(header is not JSON"),
+    ("truncated", r"model.safetensors: tensor 'model.embed_tokens.weight': data_offsets"),
+    ("bad-entry", r"model.safetensors: tensor 'x': header entry"),
+])
+def test_bad_safetensors_name_the_file(tmp_path, case, match):
+  """(before: JSONDecodeError or a reshape error without the file name)"""
+  if case == "garbage":
+    blob = np.random.default_rng(1).bytes(200)
+  elif case == "short":
+    blob = b"abc"
+  elif case == "not-json":
+    blob = (7).to_bytes(8, "little") + b"{nope!!" + b"\0" * 16
+  else:
+    _write_safetensors(tmp_path / "w.safetensors", _good_weights())
+    blob = (tmp_path / "w.safetensors").read_bytes()
+    if case == "truncated":
+      blob = blob[:-8]
+    else:
+      h = json.dumps({"x": {"dtype": "F32"}}).encode()
+      blob = struct.pack("<Q", len(h)) + h
+  with pytest.raises(ValueError, match=match):
+    hf.load_hf_checkpoint(_hf_dir(tmp_path, weights=blob))
+
+
+def test_missing_tensor_names_the_checkpoint(tmp_path):
+  """(before: KeyError)"""
+  path = _hf_dir(tmp_path, weights=_good_weights())
+  with pytest.raises(ValueError, match=r"ckpt: no tensor 'model.norm.weight' \(the config"):
+    hf.load_hf_checkpoint(path)
+
+
+@needs_fixture
+def test_bf16_compute_is_about_3e_2_from_transformers_fp32():
+  """What load_hf_checkpoint's docstring promises for the default bfloat16 compute."""
+  path, ids, ref = fixture("tied")
+  cfg, params = hf.load_hf_checkpoint(path)
+  assert cfg.dtype == "bfloat16"
+  err = float(np.max(np.abs(np.asarray(qwen3.Qwen3Model(cfg).apply(
+      {"params": params}, jnp.asarray(ids, jnp.int32))) - ref)))
+  assert 3e-3 < err < 1e-1, err
