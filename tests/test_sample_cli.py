@@ -1,0 +1,182 @@
+"""Sampling from training checkpoints: `load_checkpoint` and `parallax-sample` on a real run.
+
+One tiny run (1 layer, d=32, 2 steps, a checkpoint per step) is trained by `train.loop.train`
+in a temporary directory, with a relative run.out_dir and data.path as `scripts/train.sh`
+writes them, and then read back from another working directory.
+"""
+from __future__ import annotations
+
+import json
+import re
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from parallax_jax.models import checkpoint, presets
+from parallax_jax.models import cli
+from parallax_jax.models.config import ModelConfig
+from parallax_jax.models.generate import generate
+
+VOCAB = 320
+
+
+def _train_tiny_run(base):
+  from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig,
+                            TrainConfig)
+  from train.loop import train
+  from train.prepare import prepare
+  old = os.getcwd()
+  os.chdir(base)  # relative paths, as `python -m train` from a repository root writes them
+  try:
+    prepare("data/tiny", None, vocab_size=VOCAB, max_mb=0.05, val_fraction=0.1, quiet=True)
+    model = presets.tiny(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=16, intermediate_size=32, max_seq_len=64,
+                         r_norm=True, implementation="xla")
+    cfg = TrainConfig(
+        name="t", model=model, mesh=MeshConfig(data=1),
+        data=DataConfig(path="data/tiny", seq_len=16, global_batch_size=2, prefetch=0,
+                        eval_batches=1, auto_prepare=False),
+        optimizer=OptimizerConfig(name="adamw", lr=1e-2),
+        schedule=ScheduleConfig(warmup_steps=0, decay_fraction=0.0),
+        run=RunConfig(steps=2, out_dir="runs/tiny", log_every=1, eval_every=0, diag_every=0,
+                      checkpoint_every=1, keep_checkpoints=3, progress=False, sample_lines=0))
+    out = train(cfg, log=lambda s: None)
+  finally:
+    os.chdir(old)
+  flat = checkpoint.param_paths(jax.device_get(out["state"]["params"]))
+  np.savez(os.path.join(base, "final_params.npz"),
+           **{"/".join(k): np.asarray(v) for k, v in flat.items()})
+  with open(os.path.join(base, "model.json"), "w") as f:
+    json.dump(cfg.model.to_dict(), f)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """The tiny run, trained once per test session: pytest-xdist workers share it through
+  their common temporary root, under a file lock."""
+  import fcntl
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # this session's root, above the workers' dirs
+    root = root.parent
+  base = root / "sample_cli_run"
+  with open(str(base) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (base / "model.json").exists():
+      base.mkdir(exist_ok=True)
+      _train_tiny_run(str(base))
+  params: dict = {}
+  with np.load(base / "final_params.npz") as z:
+    for k in z.files:
+      node = params
+      *head, last = k.split("/")
+      for h in head:
+        node = node.setdefault(h, {})
+      node[last] = z[k]
+  with open(base / "data/tiny/meta.json") as f:
+    eos = json.load(f)["eos_id"]
+  with open(base / "model.json") as f:
+    config = ModelConfig.from_dict(json.load(f))
+  return {"dir": str(base / "runs" / "tiny"), "config": config, "eos": eos, "params": params,
+          "data": str(base / "data" / "tiny")}
+
+
+def _equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_load_checkpoint_reads_a_run_and_one_step(run, tmp_path, monkeypatch):
+  """(before: only save_checkpoint's model_config.json layout was read, which the training
+  loop never writes)"""
+  monkeypatch.chdir(tmp_path)
+  cfg, params = checkpoint.load_checkpoint(run["dir"])
+  assert cfg == run["config"]
+  _equal(params, run["params"])
+  step_dir = os.path.join(run["dir"], "checkpoints", "1")
+  cfg1, p1 = checkpoint.load_checkpoint(step_dir)
+  assert cfg1 == cfg
+  _, p1b = checkpoint.load_checkpoint(run["dir"], step=1)
+  _equal(p1, p1b)
+  assert not np.array_equal(p1["embed"]["embedding"], params["embed"]["embedding"])
+  src = checkpoint.find_checkpoint(step_dir)
+  assert (src.kind, src.step, src.run_dir) == ("step", 1, run["dir"])
+  data = checkpoint.checkpoint_data(src)  # data.path was relative to another directory
+  assert data["tokenizer"] == os.path.join(run["data"], "tokenizer.json")
+  assert data["eos_id"] == run["eos"]
+  with pytest.raises(ValueError, match=r"no committed checkpoint for step 7 \(have \[1, 2\]\)"):
+    checkpoint.load_checkpoint(run["dir"], step=7)
+  with pytest.raises(ValueError, match="not a checkpoint"):
+    checkpoint.load_checkpoint(str(tmp_path))
+
+
+def _sample(argv, capsys):
+  assert cli.main(argv + ["--json"]) == 0
+  out = capsys.readouterr()
+  return [json.loads(x) for x in out.out.splitlines()], out.err
+
+
+def test_cli_samples_a_run_and_a_step_with_its_tokenizer(run, tmp_path, monkeypatch, capsys):
+  """`parallax-sample --checkpoint <run>` and `<run>/checkpoints/<step>` (before: both
+  failed: no model_config.json)."""
+  monkeypatch.chdir(tmp_path)
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(os.path.join(run["data"], "tokenizer.json"))
+  ids = tok.encode("def ").ids
+  ref = generate(run["config"], run["params"], np.array([ids]), max_new_tokens=6,
+                 eos_id=run["eos"])
+  want = np.asarray(ref.tokens)[0, :int(ref.lengths[0])].tolist()
+  for path in (run["dir"], os.path.join(run["dir"], "checkpoints", "2")):
+    lines, err = _sample(["--checkpoint", path, "--prompt", "def ", "--max-new-tokens", "6"],
+                         capsys)
+    assert lines[0]["prompt_ids"] == ids and lines[0]["new_ids"] == want, path
+    assert lines[0]["text"] == tok.decode(want)
+    assert "(step 2)" in err
+
+
+def test_cli_attention_softmax_drops_wr_with_a_note(run, capsys):
+  lines, err = _sample(["--checkpoint", run["dir"], "--prompt-ids", "5,6,7",
+                        "--max-new-tokens", "4", "--attention", "softmax", "--eos-id", "-1"],
+                       capsys)
+  assert ("note: --attention softmax leaves out attn/r_norm/scale, attn/r_proj/kernel of this "
+          "parallax checkpoint (W_R)") in err
+  cfg = run["config"].replace(attention="softmax", r_norm=False)
+  layer = {k: v for k, v in run["params"]["layers_0"]["attn"].items()
+           if k not in ("r_proj", "r_norm")}
+  params = {**run["params"], "layers_0": {**run["params"]["layers_0"], "attn": layer}}
+  ref = generate(cfg, params, np.array([[5, 6, 7]]), max_new_tokens=4)
+  assert lines[0]["new_ids"] == np.asarray(ref.tokens)[0].tolist()
+
+
+def test_cli_help_shows_defaults(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for text in ("tokens to generate (default: 32)", "(default: 1.0)", "--step",
+               "default: a training run's eos id"):
+    assert text in " ".join(out.split()), text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt-ids", "1,x"], "--prompt-ids: expected comma-separated integers, got '1,x'"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "100"], "exceeds max_seq_len 64"),
+    (["--prompt-ids", "1,400"], r"prompt 0: ids must be in \[0, 320\)"),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature >= 0"),
+    (["--prompt-ids", "1,2", "--step", "9"], "no committed checkpoint for step 9"),
+])
+def test_cli_bad_input_is_one_line(run, capsys, argv, match):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--checkpoint", run["dir"]] + argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("parallax-sample: error: ")
+  assert re.search(match, err[-1]), err[-1]
+
+
+def test_cli_bad_checkpoint_paths(tmp_path, capsys):
+  for path, match in ((tmp_path / "nope", "no such checkpoint directory"),
+                      (tmp_path, "not a checkpoint")):
+    with pytest.raises(SystemExit) as e:
+      cli.main(["--checkpoint", str(path), "--prompt-ids", "1"])
+    assert e.value.code == 2 and match in capsys.readouterr().err
