@@ -1,0 +1,69 @@
+"""Export a checkpoint for evaluation and serving in torch.
+
+    python -m parallax_jax.models.export --checkpoint runs/tiny --format fla --out export/tiny
+    python -m parallax_jax.models.export --checkpoint runs/softmax/checkpoints/300 --format hf \\
+        --out export/softmax
+
+--checkpoint is anything `parallax_jax.models.checkpoint.load_checkpoint` reads (a training
+run directory: its newest step, or --step; one step; a save_checkpoint directory). Formats:
+  hf   a transformers Qwen3 directory (Qwen3ForCausalLM): softmax models, or Parallax ones
+       whose W_R is zero (exactly softmax); `parallax_jax.models.hf.save_hf_checkpoint`.
+  fla  a flash-linear-attention Parallax directory (fla.models.parallax,
+       ParallaxForCausalLM); `parallax_jax.models.fla.save_fla_checkpoint`.
+Both write config.json + model.safetensors (numpy writer, no torch needed), copy the run's
+tokenizer.json, and set eos_token_id from the run's data. What the format cannot represent
+exits with status 2 and a one-line message; approximations are printed as notes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+FORMATS = ("hf", "fla")
+
+
+def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
+           dtype: str | None = None, tokenizer: bool = True) -> list[str]:
+  """Export `checkpoint` to directory `out` in format `fmt`; returns the notes."""
+  from parallax_jax.models import checkpoint as ckpt
+  from parallax_jax.models import fla, hf
+  if fmt not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+  src = ckpt.find_checkpoint(checkpoint, step)
+  if fmt == "fla":  # refuse before reading the weights
+    fla.check_fla_exportable(src.config)
+  config, params = ckpt.load_checkpoint(checkpoint, source=src)
+  data = ckpt.checkpoint_data(src)
+  save = hf.save_hf_checkpoint if fmt == "hf" else fla.save_fla_checkpoint
+  return save(out, config, params, dtype=dtype, eos_id=data["eos_id"],
+              tokenizer=data["tokenizer"] if tokenizer else None)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m parallax_jax.models.export",
+                               description=__doc__.splitlines()[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="\n".join(__doc__.splitlines()[2:]))
+  ap.add_argument("--checkpoint", required=True,
+                  help="training run directory, one step's directory, or a save_checkpoint "
+                  "directory")
+  ap.add_argument("--step", type=int, help="step of a run directory (default: the newest)")
+  ap.add_argument("--format", required=True, choices=FORMATS, help="hf (Qwen3) or fla (Parallax)")
+  ap.add_argument("--out", required=True, help="output directory (created)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                  help="tensor dtype (default: the checkpoint's, float32 for training runs)")
+  ap.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer.json")
+  args = ap.parse_args(argv)
+  try:
+    notes = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype,
+                   tokenizer=not args.no_tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    ap.error(str(e))
+  for n in notes:
+    print(f"note: {n}", file=sys.stderr)
+  print(args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
