@@ -233,7 +233,8 @@ def _tiny():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(prompts=[[1, V, 3]]), r"prompts must be in \[0, vocab_size=40\), got 40 at index \(0, 1\)"),
+    (dict(prompts=[[1, V, 3]]),
+     r"prompts must be in \[0, vocab_size=40\), got 40 at index \(0, 1\)"),
     (dict(prompts=[[1, -1, 3]]), r"got -1 at index \(0, 1\)"),
     (dict(prompts=[[1, 2, 0]], prompt_lengths=[2], pad=V + 1), r"got 41 at index \(0, 2\)"),
     (dict(prompts=[1, 2, 3]), r"shaped \[B, T\], got shape \(3,\)"),
