@@ -180,3 +180,39 @@ def test_cli_bad_checkpoint_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
       cli.main(["--checkpoint", str(path), "--prompt-ids", "1"])
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+_SAVE_SHARDED = """
+import sys, numpy as np, jax, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from parallax_jax.models import presets, qwen3
+cfg = presets.tiny(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                   head_dim=16, intermediate_size=32)
+mesh = jax.make_mesh((8,), ("d",))
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda a: jax.device_put(
+    rng.standard_normal(a.shape).astype(a.dtype),
+    NamedSharding(mesh, P("d") if a.shape and a.shape[0] % 8 == 0 else P())),
+    qwen3.abstract_params(cfg))
+mgr = ocp.CheckpointManager(sys.argv[1] + "/checkpoints", item_names=("state", "config"))
+mgr.save(3, args=ocp.args.Composite(
+    state=ocp.args.StandardSave({"step": 3, "params": params, "opt_state": {"mu": params}}),
+    config=ocp.args.JsonSave({"model": cfg.to_dict()})))
+mgr.wait_until_finished()
+np.save(sys.argv[1] + "/embedding.npy", np.asarray(params["embed"]["embedding"]))
+"""
+
+
+def test_load_checkpoint_of_a_sharded_run_onto_one_device(tmp_path):
+  """A train state saved sharded over 8 devices reads back onto this process's one device."""
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-c", _SAVE_SHARDED, str(tmp_path)], check=True, env=env,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cfg, params = checkpoint.load_checkpoint(str(tmp_path))
+  emb = params["embed"]["embedding"]
+  assert emb.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  np.testing.assert_array_equal(emb, np.load(tmp_path / "embedding.npy"))
+  assert cfg.vocab_size == 64
