@@ -175,8 +175,15 @@ def test_cli_bad_input_is_one_line(run, capsys, argv, match):
 
 
 def test_cli_bad_checkpoint_paths(tmp_path, capsys):
+  for name, files in (("hf", ("config.json", "model.safetensors")),
+                      ("fresh_run", ("config.json", "metrics.jsonl"))):
+    (tmp_path / name).mkdir()
+    for f in files:
+      (tmp_path / name / f).write_text("{}")
   for path, match in ((tmp_path / "nope", "no such checkpoint directory"),
-                      (tmp_path, "not a checkpoint")):
+                      (tmp_path, "not a checkpoint: expected a training run"),
+                      (tmp_path / "hf", "looks like a Hugging Face directory: use --hf"),
+                      (tmp_path / "fresh_run", "has not saved a checkpoint yet")):
     with pytest.raises(SystemExit) as e:
       cli.main(["--checkpoint", str(path), "--prompt-ids", "1"])
     assert e.value.code == 2 and match in capsys.readouterr().err

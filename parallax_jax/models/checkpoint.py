@@ -147,9 +147,11 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointSource:
     src = find_checkpoint(os.path.join(ckdir, str(step)))
     return dataclasses.replace(src, kind="run", path=path, run_dir=path)
   hint = ""
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
-      os.path.join(path, "model.safetensors")):
-    hint = " (this looks like a Hugging Face directory: use --hf)"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+      hint = " (this looks like a Hugging Face directory: use --hf)"
+    elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
+      hint = " (a training run that has not saved a checkpoint yet: no checkpoints/)"
   raise ValueError(f"{path}: not a checkpoint{hint}: expected a training run (config.json + "
                    f"checkpoints/), one step (checkpoints/<step>/ with state/), or a "
                    f"save_checkpoint directory ({CONFIG_FILE} + params/)")
