@@ -1,0 +1,452 @@
+"""The study report: `python -m train.study report --out runs/study`.
+
+Writes <out>/report.md (one section per grid under out) and per grid:
+  loss_curves.png   train loss (lines) and eval loss (dots) against tokens, each arm at its
+                    best lr, one line per seed; right panel: the last 60% of training
+  lr_sweep.png      final eval loss against lr, one line per arm (x: diverged), per optimizer
+  cor.png           COR per layer at the end, and the layer-mean COR over training
+  stable_rank.png   stable rank of W_Q (solid) and W_R (dashed) over training, layer mean
+  gate.png          the mean correction gate per layer at the end and over training (arms
+                    with the gate, when the loop logs gate/layer_i)
+The table: arm, best lr (the lowest final eval loss of the sweep seed), the lrs tried, final
+eval loss mean +- sample std over the seeds at the best lr, its difference to the arm's
+baseline (+- the standard error of the difference, when both have >= 2 seeds), tokens,
+parameters, step time, tokens/s, MFU. Nothing is written for runs that have not ended; the
+pending ones are listed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import statistics
+import time
+
+from train.study import grid as grid_lib
+from train.study import results as res_lib
+
+COR_PREFIX, GATE_PREFIX, SR_PREFIX = "cor/layer_", "gate/layer_", "stable_rank/"
+
+
+@dataclasses.dataclass
+class ArmSummary:
+  grid: str
+  arm: str
+  optimizer: str | None
+  baseline: str | None
+  note: str
+  lrs: list[float]
+  sweep: dict[float, dict]             # lr -> result at the sweep seed
+  best: float | None
+  edge: str | None
+  seeds: list[dict]                    # done results at the best lr
+  pending: list[str]
+  unavailable: str | None = None
+
+  @property
+  def key(self) -> str:
+    return f"{self.grid}/{self.arm}"
+
+  def losses(self) -> list[float]:
+    return [r["eval_loss"] for r in self.seeds if isinstance(r.get("eval_loss"), float)]
+
+  def mean_std(self) -> tuple[float | None, float | None, int]:
+    xs = self.losses()
+    if not xs:
+      return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+
+  def median_of(self, key: str) -> float | None:
+    vals = [r[key] for r in self.seeds if isinstance(r.get(key), (int, float))
+            and r.get("jobs", 1) == 1]
+    return statistics.median(vals) if vals else None
+
+  def first(self, key: str):
+    for r in self.seeds or list(self.sweep.values()):
+      if r.get(key) is not None:
+        return r[key]
+    return None
+
+
+def _grid_files(out_grids: list[str], files: list[str]) -> dict[str, grid_lib.Grid]:
+  found = {}
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "configs", "study")
+  candidates = list(files) or sorted(glob.glob(os.path.join(here, "*.py")))
+  for path in candidates:
+    if os.path.basename(path).startswith("_") or os.path.basename(path) == "common.py":
+      continue
+    try:
+      g = grid_lib.load_grid(path)
+    except ValueError:
+      continue
+    if g.name in out_grids:
+      found[g.name] = g
+  return found
+
+
+def summarize_grid(out: str, name: str, grid: grid_lib.Grid | None) -> list[ArmSummary]:
+  results = res_lib.load_results(out, name)
+  arms = []
+  if grid is not None:
+    plans = {p.arm: p for p in grid_lib.plan_grid(grid, results)}
+    todo = {r.run_id for r in grid_lib.pending(grid, list(plans.values()), results)}
+    for a in grid.arms:
+      p = plans[a.name]
+      sweep = {lr: results[f"{a.name}/lr{grid_lib.lr_key(lr)}_s{grid.sweep_seed}"]
+               for lr in p.lrs
+               if f"{a.name}/lr{grid_lib.lr_key(lr)}_s{grid.sweep_seed}" in results}
+      seeds = [results[r.run_id] for r in p.runs if p.best is not None and r.lr == p.best
+               and results.get(r.run_id, {}).get("status") == "done"]
+      arms.append(ArmSummary(name, a.name, a.config.optimizer.name, a.baseline, a.note,
+                             p.lrs, sweep, p.best, p.edge, seeds,
+                             sorted(r.run_id for r in p.runs if r.run_id in todo),
+                             p.unavailable))
+    return arms
+  by_arm: dict[str, list[dict]] = {}
+  for r in results.values():
+    by_arm.setdefault(r["arm"], []).append(r)
+  for arm, rs in sorted(by_arm.items()):  # no grid file: the lowest loss among seed-0 runs
+    s0 = min(r["seed"] for r in rs)
+    sweep = {r["lr"]: r for r in rs if r["seed"] == s0}
+    done = {lr: r["eval_loss"] for lr, r in sweep.items() if r.get("status") == "done"
+            and isinstance(r.get("eval_loss"), float)}
+    best = min(done, key=done.get) if done else None
+    seeds = [r for r in rs if best is not None and r["lr"] == best and r["status"] == "done"]
+    opt = rs[0].get("config", {}).get("optimizer", {}).get("name")
+    arms.append(ArmSummary(name, arm, opt, None, "", sorted(sweep), sweep, best, None, seeds,
+                           []))
+  return arms
+
+
+def _fmt(x, spec=".4f", none="-"):
+  return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _delta(a: ArmSummary, b: ArmSummary | None) -> str:
+  if b is None:
+    return "-"
+  ma, sa, na = a.mean_std()
+  mb, sb, nb = b.mean_std()
+  if ma is None or mb is None:
+    return "-"
+  text = f"{ma - mb:+.4f}"
+  if sa is not None and sb is not None:
+    text += f" (+- {math.sqrt(sa ** 2 / na + sb ** 2 / nb):.4f})"
+  return text
+
+
+def _table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
+  rows = ["| arm | optimizer | best lr | lrs tried | final eval loss (mean +- std, n) | "
+          "vs baseline | tokens (epochs) | params | step time (s) | tokens/s | MFU |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for a in arms:
+    if a.unavailable:
+      rows.append(f"| {a.arm} | {a.optimizer} | unavailable: {a.unavailable.split(';')[0]} "
+                  "| | | | | | | | |")
+      continue
+    m, s, n = a.mean_std()
+    loss = "-" if m is None else f"{m:.4f}" + (f" +- {s:.4f}" if s is not None else "") + \
+        f" (n={n})"
+    best = "-" if a.best is None else grid_lib.lr_key(a.best) + \
+        (f" ({a.edge} edge)" if a.edge else "")
+    base = index.get(_resolve(a, a.baseline)) if a.baseline else None
+    tokens = a.first("tokens")
+    epochs = a.first("epochs")
+    params = a.first("params")
+    mfu = a.median_of("mfu")
+    rows.append(
+        f"| {a.arm} | {a.optimizer} | {best} | {', '.join(grid_lib.lr_key(x) for x in sorted(a.lrs))} "
+        f"| {loss} | {_delta(a, base)}" + (f" vs {a.baseline}" if base else "") +
+        f" | {_fmt(tokens and tokens / 1e6, '.3g')}M"
+        + (f" ({epochs:.2f})" if epochs else "") + f" | {_fmt(params and params / 1e6, '.4g')}M "
+        f"| {_fmt(a.median_of('step_time_s'), '.3f')} | {_fmt(a.median_of('tokens_per_s'), ',.0f')} "
+        f"| {_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} |")
+  return rows
+
+
+def _resolve(a: ArmSummary, name: str | None) -> str | None:
+  if name is None:
+    return None
+  return name if "/" in name else f"{a.grid}/{name}"
+
+
+def _sweep_table(arms: list[ArmSummary]) -> list[str]:
+  rows = ["| arm | lr | status | final eval loss | seeds at this lr |", "|---|---|---|---|---|"]
+  for a in arms:
+    for lr in sorted(a.lrs):
+      r = a.sweep.get(lr)
+      st = r.get("status") if r else ("pending" if a.pending else "-")
+      extra = ""
+      if lr == a.best:
+        extra = ", ".join(_fmt(x) for x in a.losses())
+      rows.append(f"| {a.arm} | {grid_lib.lr_key(lr)} | {st} | "
+                  f"{_fmt(r.get('eval_loss') if r else None)} | {extra} |")
+  return rows
+
+
+def _diag_final(a: ArmSummary, prefix: str) -> list[float] | None:
+  """Per-layer values at each best-lr run's last diagnostics step, averaged over seeds."""
+  per_run = []
+  for r in a.seeds:
+    recs = res_lib.read_metrics(r["run_dir"])
+    rec = next((x for x in reversed(recs) if any(k.startswith(prefix) for k in x)), None)
+    if rec:
+      layers = sorted((int(k[len(prefix):]), v) for k, v in rec.items()
+                      if k.startswith(prefix) and k[len(prefix):].isdigit())
+      per_run.append([v for _, v in layers])
+  if not per_run or len({len(x) for x in per_run}) != 1:
+    return None
+  return [statistics.fmean(col) for col in zip(*per_run)]
+
+
+def _sr_keys(rec: dict, role: str) -> list[str]:
+  return [k for k in rec if k.startswith(SR_PREFIX) and k.endswith(f"/{role}")]
+
+
+def _sr_final(a: ArmSummary, role: str) -> float | None:
+  vals = []
+  for r in a.seeds:
+    recs = res_lib.read_metrics(r["run_dir"])
+    rec = next((x for x in reversed(recs) if _sr_keys(x, role)), None)
+    if rec:
+      vals.append(statistics.fmean(rec[k] for k in _sr_keys(rec, role)))
+  return statistics.fmean(vals) if vals else None
+
+
+def _diag_table(arms: list[ArmSummary]) -> list[str]:
+  rows = ["| arm | COR per layer (end) | COR mean | stable rank W_Q | stable rank W_R | "
+          "gate per layer (end) |", "|---|---|---|---|---|---|"]
+  for a in arms:
+    if a.unavailable or not a.seeds:
+      continue
+    cor = _diag_final(a, COR_PREFIX)
+    gate = _diag_final(a, GATE_PREFIX)
+    rows.append(f"| {a.arm} | {' '.join(f'{x:.3f}' for x in cor) if cor else '-'} | "
+                f"{_fmt(statistics.fmean(cor) if cor else None, '.3f')} | "
+                f"{_fmt(_sr_final(a, 'q_proj'), '.1f')} | {_fmt(_sr_final(a, 'r_proj'), '.1f')} | "
+                f"{' '.join(f'{x:.3f}' for x in gate) if gate else '-'} |")
+  return rows
+
+
+# --------------------------------------------------------------------------- plots
+def _plt():
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+  except ImportError:
+    return None
+
+
+def _tokens_per_step(r: dict) -> int:
+  d = r.get("config", {}).get("data", {})
+  return int(d.get("global_batch_size", 1)) * int(d.get("seq_len", 1))
+
+
+def plot_loss_curves(arms: list[ArmSummary], path: str) -> str | None:
+  plt = _plt()
+  if plt is None or not any(a.seeds for a in arms):
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+  xmax, tail = 0.0, []
+  for i, a in enumerate(x for x in arms if x.seeds):
+    c = f"C{i % 10}"
+    for j, r in enumerate(a.seeds):
+      recs = res_lib.read_metrics(r["run_dir"])
+      m = _tokens_per_step(r) / 1e6
+      xs, ys = res_lib.series(recs, "loss")
+      ex, ey = res_lib.series(recs, "eval/loss")
+      if xs:
+        xmax = max(xmax, xs[-1] * m)
+        tail += [y for x, y in zip(xs, ys) if x >= 0.4 * xs[-1]]
+      for ax in axes:
+        ax.plot([x * m for x in xs], ys, color=c, lw=1.0, alpha=0.85,
+                label=f"{a.arm} (lr {grid_lib.lr_key(a.best)})" if j == 0 else None)
+        ax.plot([x * m for x in ex], ey, "o", color=c, ms=3.5)
+  if tail:
+    axes[1].set_xlim(0.4 * xmax, xmax * 1.01)
+    axes[1].set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+  for ax, title in zip(axes, ("train loss (lines), eval loss (dots)", "last 60% of training")):
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_lr_sweep(arms: list[ArmSummary], path: str) -> str | None:
+  plt = _plt()
+  opts = sorted({a.optimizer or "?" for a in arms if a.sweep})
+  if plt is None or not opts:
+    return None
+  fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 4.5), squeeze=False)
+  for ax, opt in zip(axes[0], opts):
+    finite, diverged = [], []
+    for i, a in enumerate(arms):
+      if (a.optimizer or "?") != opt or not a.sweep:
+        continue
+      c = f"C{i % 10}"
+      pts = sorted(a.sweep.items())
+      ok = [(lr, r["eval_loss"]) for lr, r in pts if r.get("status") == "done"
+            and isinstance(r.get("eval_loss"), float)]
+      finite += [y for _, y in ok]
+      diverged += [(lr, c) for lr, r in pts if r.get("status") == "diverged"]
+      ax.plot([x for x, _ in ok], [y for _, y in ok], "-o", color=c, label=a.arm)
+      ys = a.losses()
+      if ys and a.best is not None:
+        ax.errorbar([a.best], [statistics.fmean(ys)],
+                    yerr=[statistics.stdev(ys)] if len(ys) > 1 else None, fmt="*", ms=11,
+                    color=c, capsize=3)
+    top = (max(finite) + 0.05 * (max(finite) - min(finite) + 1e-3)) if finite else 1.0
+    for lr, c in diverged:  # diverged runs: an x along the top edge
+      ax.plot([lr], [top], "x", color=c, ms=9, mew=2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final eval loss")
+    ax.set_title(f"{opt}: lr sweep (x: diverged, *: seeds at the best lr)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _layer_mean_series(recs: list[dict], prefix: str, suffix: str = ""):
+  xs, ys = [], []
+  for r in recs:
+    vals = [v for k, v in r.items() if k.startswith(prefix) and k.endswith(suffix)
+            and isinstance(v, (int, float)) and math.isfinite(v)]
+    if vals:
+      xs.append(r["step"])
+      ys.append(statistics.fmean(vals))
+  return xs, ys
+
+
+def plot_layer_diag(arms: list[ArmSummary], prefix: str, label: str, path: str) -> str | None:
+  """Per-layer value at the end (left) and the layer mean over training (right)."""
+  plt = _plt()
+  have = [(a, _diag_final(a, prefix)) for a in arms if a.seeds]
+  have = [(a, v) for a, v in have if v]
+  if plt is None or not have:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  for i, (a, final) in enumerate(have):
+    c = f"C{i % 10}"
+    axes[0].plot(range(len(final)), final, "-o", color=c, label=a.arm)
+    for j, r in enumerate(a.seeds):
+      recs = res_lib.read_metrics(r["run_dir"])
+      xs, ys = _layer_mean_series(recs, prefix)
+      tps = _tokens_per_step(r)
+      axes[1].plot([x * tps / 1e6 for x in xs], ys, "-o", ms=3, color=c, alpha=0.85,
+                   label=a.arm if j == 0 else None)
+  axes[0].set_xlabel("layer")
+  axes[0].set_title(f"{label} per layer at the end (mean over seeds)")
+  axes[1].set_xlabel("tokens (M)")
+  axes[1].set_title(f"{label}, mean over layers")
+  for ax in axes:
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_stable_rank(arms: list[ArmSummary], path: str) -> str | None:
+  plt = _plt()
+  if plt is None or not any(a.seeds for a in arms):
+    return None
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  drawn = False
+  for i, a in enumerate(x for x in arms if x.seeds):
+    c = f"C{i % 10}"
+    for j, r in enumerate(a.seeds):
+      recs = res_lib.read_metrics(r["run_dir"])
+      tps = _tokens_per_step(r)
+      for role, ls in (("q_proj", "-"), ("r_proj", "--")):
+        xs, ys = _layer_mean_series(recs, SR_PREFIX, f"/{role}")
+        if xs:
+          drawn = True
+          ax.plot([x * tps / 1e6 for x in xs], ys, ls, marker="o", ms=3, color=c, alpha=0.85,
+                  label=f"{a.arm} {'W_Q' if role == 'q_proj' else 'W_R'}" if j == 0 else None)
+  if not drawn:
+    plt.close(fig)
+    return None
+  ax.set_xlabel("tokens (M)")
+  ax.set_ylabel("stable rank (mean over layers)")
+  ax.set_title("stable rank of W_Q (solid) and W_R (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# --------------------------------------------------------------------------- report
+def write_report(out: str, grid_files: list[str] | None = None, log=print) -> str:
+  names = res_lib.grids_under(out)
+  if not names:
+    raise FileNotFoundError(f"report: no study grids under {out!r}")
+  grids = _grid_files(names, list(grid_files or []))
+  summaries = {n: summarize_grid(out, n, grids.get(n)) for n in names}
+  index = {a.key: a for arms in summaries.values() for a in arms}
+  all_results = [r for n in names for r in res_lib.load_results(out, n).values()]
+  devices = sorted({r.get("device") for r in all_results if r.get("device")})
+  corpora = sorted({r.get("corpus_sha256")[:12] for r in all_results if r.get("corpus_sha256")})
+  commits = sorted({r.get("commit") for r in all_results if r.get("commit")})
+  lines = ["# Quality study: results", "",
+           f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `python -m train.study report "
+           f"--out {out}` from {len(all_results)} runs. Devices: {', '.join(devices) or '-'}; "
+           f"corpus: {', '.join(corpora) or '-'}; commits: {', '.join(commits) or '-'}.", "",
+           "Final eval loss: the loss on the held-out split at the last step; mean +- sample "
+           "std over the seeds at the arm's best lr (the sweep seed's lowest loss). Step time, "
+           "tokens/s and MFU: medians over logged windows of runs that had the device alone.",
+           ""]
+  for n in names:
+    arms = summaries[n]
+    g = grids.get(n)
+    gdir = os.path.join(out, n)
+    lines += [f"## {n}" + (f": {g.description}" if g and g.description else ""), ""]
+    lines += _table(arms, index) + [""]
+    pend = [f"{a.arm}/{x.split('/', 1)[1]}" for a in arms for x in a.pending]
+    if pend:
+      lines += [f"Not yet run ({len(pend)}; the plan grows as sweeps end): "
+                + ", ".join(pend), ""]
+    failed = [r for r in res_lib.load_results(out, n).values() if r.get("status") == "failed"]
+    for r in failed:
+      lines.append(f"- failed: {r.get('run_id')} ({r.get('failures')} failures): {r.get('error')}")
+    if failed:
+      lines.append("")
+    lines += ["Learning-rate sweeps:", ""] + _sweep_table(arms) + [""]
+    diag = _diag_table(arms)
+    if len(diag) > 2:
+      lines += ["Diagnostics at the end of the best-lr runs (mean over seeds):", ""] + diag + [""]
+    plots = [plot_loss_curves(arms, os.path.join(gdir, "loss_curves.png")),
+             plot_lr_sweep(arms, os.path.join(gdir, "lr_sweep.png")),
+             plot_layer_diag(arms, COR_PREFIX, "COR", os.path.join(gdir, "cor.png")),
+             plot_stable_rank(arms, os.path.join(gdir, "stable_rank.png")),
+             plot_layer_diag(arms, GATE_PREFIX, "gate", os.path.join(gdir, "gate.png"))]
+    made = [p for p in plots if p]
+    if _plt() is None:
+      lines += ["(plots skipped: matplotlib is not installed)", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in made] + [""]
+    gate_arms = [a.arm for a in arms if g is not None and a.seeds and
+                 g.arm(a.arm).config.model.correction_gate]
+    if gate_arms and not any(_diag_final(a, GATE_PREFIX) for a in arms if a.arm in gate_arms):
+      lines += [f"(gate: {', '.join(gate_arms)} have the gate on but their metrics hold no "
+                "gate/layer_i: the loop that ran them did not log it)", ""]
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  log(f"report: {path}")
+  return path
