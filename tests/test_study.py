@@ -1,0 +1,316 @@
+"""The quality study: corpus selection, grid planning, the runner (resume, divergence, time
+budget, config guards) with a stand-in loop, and one real 2-arm grid through train.loop with
+its report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tarfile
+import time
+
+import pytest
+
+from parallax_jax.models import presets
+from train import corpus
+from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig,
+                          TrainConfig)
+from train.study import Arm, Grid, grid as grid_lib, results as res_lib, runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(vocab: int = 512) -> TrainConfig:
+  return TrainConfig(
+      name="t", model=presets.tiny(vocab_size=vocab, max_seq_len=64, implementation="xla"),
+      mesh=MeshConfig(data=1),
+      data=DataConfig(path="unused", seq_len=32, global_batch_size=4, prefetch=0,
+                      eval_batches=1, auto_prepare=False),
+      optimizer=OptimizerConfig(name="muon", lr=1e-2),
+      schedule=ScheduleConfig(warmup_steps=1, decay_fraction=0.5),
+      run=RunConfig(steps=4, log_every=2, eval_every=4, diag_every=0, checkpoint_every=0,
+                    progress=False, sample_lines=0))
+
+
+def sweep_grid(**kw) -> Grid:
+  return Grid("g", (Arm("a", tiny_config(), (2e-3, 1e-3, 4e-3)),), seeds=2, **kw)
+
+
+def done(loss):
+  return {"status": "done", "eval_loss": loss}
+
+
+# --------------------------------------------------------------------------- planning
+def test_plan_sweep_then_seeds_at_the_best_lr():
+  g = sweep_grid()
+  arm = g.arms[0]
+  p = grid_lib.plan_arm(g, arm, {})
+  assert [r.run_id for r in p.runs] == ["a/lr0.002_s0", "a/lr0.001_s0", "a/lr0.004_s0"]
+  assert p.best is None and not p.complete
+  res = {"a/lr0.002_s0": done(3.0), "a/lr0.001_s0": done(3.2)}
+  assert grid_lib.plan_arm(g, arm, res).best is None  # a sweep run is still missing
+  res["a/lr0.004_s0"] = {"status": "diverged"}
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.best == 2e-3 and p.edge is None
+  assert [(r.run_id, r.stage) for r in p.runs[3:]] == [("a/lr0.002_s1", "seed")]
+  todo = grid_lib.pending(g, [p], res)
+  assert [r.run_id for r in todo] == ["a/lr0.002_s1"]
+  res["a/lr0.002_s1"] = done(3.01)
+  assert grid_lib.plan_arm(g, arm, res).complete
+
+
+def test_plan_extends_an_edge_best_then_stops_at_max_extra():
+  g = sweep_grid(max_extra_lrs=2)
+  arm = g.arms[0]
+  res = {"a/lr0.001_s0": done(3.3), "a/lr0.002_s0": done(3.2), "a/lr0.004_s0": done(3.1)}
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.runs[-1].run_id == "a/lr0.008_s0" and p.runs[-1].stage == "extend"
+  assert p.best is None
+  res["a/lr0.008_s0"] = done(3.05)  # still improving: one more
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.runs[-1].run_id == "a/lr0.016_s0"
+  res["a/lr0.016_s0"] = done(3.0)  # the edge again, but no extension left
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.best == 1.6e-2 and p.edge == "high" and p.runs[-1].run_id == "a/lr0.016_s1"
+
+
+def test_plan_all_diverged_looks_lower_and_failed_runs_retry_then_drop():
+  g = sweep_grid(max_extra_lrs=1)
+  arm = g.arms[0]
+  res = {f"a/lr{k}_s0": {"status": "diverged"} for k in ("0.001", "0.002", "0.004")}
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.runs[-1].run_id == "a/lr0.0005_s0"
+  res["a/lr0.0005_s0"] = {"status": "diverged"}
+  p = grid_lib.plan_arm(g, arm, res)
+  assert p.best is None and p.complete
+  res = {"a/lr0.002_s0": {"status": "failed", "failures": 1}}
+  p = grid_lib.plan_arm(g, arm, res)
+  assert "a/lr0.002_s0" in [r.run_id for r in grid_lib.pending(g, [p], res)]
+  res["a/lr0.002_s0"]["failures"] = 2
+  assert "a/lr0.002_s0" not in [r.run_id for r in grid_lib.pending(g, [p], res)]
+
+
+def test_selection_unavailable_arms_and_grid_checks():
+  g = Grid("g", (Arm("a", tiny_config(), (1e-3, 2e-3, 4e-3)),
+                 Arm("b", tiny_config(), (1e-3, 2e-3, 4e-3), overrides=("model.r_bogus=1",))))
+  plans = grid_lib.plan_grid(g, {})
+  assert plans[1].unavailable.startswith("model.r_bogus: unknown key") and not plans[1].runs
+  runs = grid_lib.pending(g, plans, {})
+  assert [r.run_id for r in grid_lib.select(runs, ("a/lr0.002*",))] == ["a/lr0.002_s0"]
+  assert len(grid_lib.select(runs, ("a",))) == 3
+  shards = [grid_lib.select(runs, shard=(i, 2)) for i in range(2)]
+  assert sorted(r.run_id for s in shards for r in s) == sorted(r.run_id for r in runs)
+  with pytest.raises(ValueError, match="--shard"):
+    grid_lib.parse_shard("2/2")
+  with pytest.raises(ValueError, match="min_lrs"):
+    Grid("g", (Arm("a", tiny_config(), (1e-3,)),))
+  with pytest.raises(ValueError, match="baseline 'zz'"):
+    Grid("g", (Arm("a", tiny_config(), (1e-3,), baseline="zz"),), min_lrs=1)
+  with pytest.raises(ValueError, match="arm.name"):
+    Arm("A b", tiny_config(), (1e-3,))
+
+
+def test_study_grids_load_matched_and_equal_tokens():
+  from parallax_jax.models.qwen3 import param_count
+  grids = {n: grid_lib.load_grid(os.path.join(REPO, "configs", "study", f"{n}.py"))
+           for n in ("main", "gate", "wr", "smoke")}
+  main = grids["main"]
+  for opt in ("muon", "adamw"):
+    par = grid_lib.arm_config(main.arm(f"parallax_{opt}"))
+    ctl = grid_lib.arm_config(main.arm(f"softmax_{opt}"))
+    assert ctl.model.attention == "softmax" and par.optimizer.name == ctl.optimizer.name == opt
+    assert abs(param_count(par.model) / param_count(ctl.model) - 1) < 0.01
+    assert 100e6 < param_count(par.model) < 150e6
+  study = [a for n in ("main", "gate", "wr") for a in grids[n].arms]
+  shapes = {(a.config.run.steps, a.config.data.global_batch_size, a.config.data.seq_len)
+            for a in study}
+  assert len(shapes) == 1 and all(len(a.lrs) >= 3 for a in study)
+  by_opt = {}
+  for a in study:  # arms of one optimizer share one sweep: none is tuned more
+    by_opt.setdefault(a.config.optimizer.name, set()).add(a.lrs)
+  assert all(len(v) == 1 for v in by_opt.values())
+  assert grid_lib.arm_config(grids["gate"].arms[0]).model.correction_gate
+  assert grid_lib.arm_config(grids["wr"].arm("like_q_muon")).model.r_init == "like_q"
+  assert grid_lib.arm_config(grids["wr"].arm("r_norm_muon")).model.r_norm
+
+
+# --------------------------------------------------------------------------- runner
+def fake_train(diverge_above: float = 1.0, sleep_until_sigterm: bool = False):
+  """A stand-in for train.loop.train: writes the files the loop writes; loss is lowest at
+  lr 2e-3; lrs above diverge_above raise NonFiniteLossError."""
+  from train import loop
+  calls = []
+
+  def train(cfg, log=None, **_):
+    calls.append(cfg.run.out_dir)
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.run.out_dir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f)
+    lr = cfg.optimizer.lr
+    if lr > diverge_above:
+      raise loop.NonFiniteLossError("non-finite loss at step 3")
+    stopped = {"s": None}
+    if sleep_until_sigterm:
+      old = signal.signal(signal.SIGTERM, lambda *_: stopped.__setitem__("s", "SIGTERM"))
+      try:
+        t0 = time.time()
+        while stopped["s"] is None and time.time() - t0 < 10:
+          time.sleep(0.02)
+      finally:
+        signal.signal(signal.SIGTERM, old)
+      return {"stopped_by": stopped["s"], "final_step": 1}
+    loss = 3.0 + abs(math.log2(lr / 2e-3)) * 0.1 + cfg.run.seed * 0.01
+    with open(os.path.join(cfg.run.out_dir, "metrics.jsonl"), "w") as f:
+      for step in (2, 4):
+        f.write(json.dumps({"step": step, "loss": loss + 1 / step, "step_time_s": 0.1,
+                            "tokens_per_s": 1280.0}) + "\n")
+      f.write(json.dumps({"step": 4, "eval/loss": loss}) + "\n")
+    return {"stopped_by": None, "final_step": 4, "state": None}
+  return train, calls
+
+
+def test_runner_resumes_across_calls_and_records_divergence(tmp_path, monkeypatch):
+  from train import loop
+  train, calls = fake_train(diverge_above=3e-3)
+  monkeypatch.setattr(loop, "train", train)
+  g = sweep_grid()
+  opts = runner.RunOptions(out=str(tmp_path), max_runs=1, compile_cache=False)
+  out = runner.run_grids([g], opts, log=lambda s: None)  # a first slice: one run
+  assert [r["run_id"] for r in out["ran"]] == ["a/lr0.002_s0"] and out["pending"] == 2
+  opts = runner.RunOptions(out=str(tmp_path), compile_cache=False)
+  out = runner.run_grids([g], opts, log=lambda s: None)  # the rest, then the seed stage
+  assert [(r["run_id"], r["status"]) for r in out["ran"]] == [
+      ("a/lr0.001_s0", "done"), ("a/lr0.004_s0", "diverged"), ("a/lr0.002_s1", "done")]
+  res = res_lib.load_results(str(tmp_path), "g")
+  r = res["a/lr0.002_s1"]
+  assert r["eval_loss"] == pytest.approx(3.01) and r["tokens"] == 4 * 4 * 32
+  assert r["step_time_s"] == 0.1 and r["params"] > 0 and r["stage"] == "seed"
+  assert "non-finite" in res["a/lr0.004_s0"]["error"]
+  n = len(calls)
+  out = runner.run_grids([g], opts, log=lambda s: None)  # nothing left: nothing runs
+  assert out["ran"] == [] and len(calls) == n
+  with pytest.raises(runner.StudyError, match="another config"):
+    runner.run_one(g, grid_lib.RunSpec("g", "a", 2e-3, 0, "sweep"),
+                   runner.RunOptions(out=str(tmp_path), extra=("schedule.warmup_steps=2",)))
+
+
+def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+  from train import loop
+  train, _ = fake_train(sleep_until_sigterm=True)
+  monkeypatch.setattr(loop, "train", train)
+  g = sweep_grid()
+  opts = runner.RunOptions(out=str(tmp_path), stop_at=time.time() + 0.5, compile_cache=False)
+  t0 = time.time()
+  out = runner.run_grids([g], opts, log=lambda s: None)
+  assert time.time() - t0 < 5 and out["stopped"] == "deadline"
+  assert [r["status"] for r in out["ran"]] == ["interrupted"]
+  # a known run length longer than what is left: nothing starts
+  res_lib.write_json(os.path.join(tmp_path, "g", "a", "lr0.002_s0", "result.json"),
+                     {"status": "done", "arm": "a", "wall_s": 100.0, "eval_loss": 3.0})
+  msgs = []
+  out = runner.run_grids([g], runner.RunOptions(out=str(tmp_path), stop_at=time.time() + 50,
+                                                compile_cache=False), log=msgs.append)
+  assert out["ran"] == [] and any("not started" in m for m in msgs)
+
+
+def test_pack_leaves_out_checkpoints(tmp_path):
+  run = tmp_path / "study" / "g" / "a" / "lr0.001_s0"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "checkpoints" / "4" / "state").write_text("x" * 1000)
+  (run / "metrics.jsonl").write_text("{}\n")
+  (run / "result.json").write_text("{}")
+  to = runner.pack(str(tmp_path / "study"), str(tmp_path / "out" / "s.tar.gz"), log=lambda s: None)
+  with tarfile.open(to) as t:
+    names = t.getnames()
+  assert "study/g/a/lr0.001_s0/metrics.jsonl" in names
+  assert not any("checkpoints" in n for n in names)
+
+
+# --------------------------------------------------------------------------- corpus
+def _tree(root):
+  files = {
+      "pkg/a.py": "def f(x):\n  return x + 1\n" * 10,
+      "pkg/b.py": "def f(x):\n  return x + 1\n" * 10,          # duplicate of a.py
+      "pkg/c.md": "# Title\n\nSome documentation text here.\n" * 5,
+      "pkg/gen.py": "# @generated by a tool\nTABLE = [1, 2, 3]\n" * 5,
+      "pkg/long.txt": "x" * 5000 + "\n",
+      "pkg/tiny.py": "x = 1\n",
+      "pkg/data.txt": "1 2 3 4 5 6 7 8 9 0\n" * 20,
+      "pkg/__pycache__/a.py": "def cached():\n  pass\n" * 10,
+      "pkg/skip.bin": "not text",
+  }
+  for rel, text in files.items():
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+  (root / "pkg" / "latin1.py").write_bytes(b"# caf\xe9 is not utf-8 here\n" * 10)
+  (root / "pkg" / "nul.py").write_bytes(b"abc\x00def\n" * 20)
+
+
+def test_corpus_filters_dedups_and_is_deterministic(tmp_path):
+  _tree(tmp_path / "src")
+  cfg = corpus.CorpusConfig(roots=(("lib", str(tmp_path / "src")),))
+  s1 = corpus.build(cfg, str(tmp_path / "c1"), log=lambda s: None)
+  s2 = corpus.build(cfg, str(tmp_path / "c2"), log=lambda s: None)
+  assert s1["sha256"] == s2["sha256"] and s1["documents"] == 2
+  assert s1["skipped"] == {"binary": 1, "duplicate": 1, "generated": 1, "long_lines": 1,
+                           "low_alpha": 1, "not_utf8": 1, "too_small": 1}
+  paths = [line.split("\t")[2].strip() for line in open(tmp_path / "c1" / "manifest.tsv")]
+  assert sorted(paths) == ["lib/pkg/a.py", "lib/pkg/c.md"]  # a.py kept, its copy b.py not
+  docs = [json.loads(line) for line in open(tmp_path / "c1" / "corpus.jsonl")]
+  assert [d["path"] for d in docs] == paths
+  capped = corpus.build(corpus.CorpusConfig(roots=cfg.roots, max_mb=1e-4),
+                        str(tmp_path / "c3"), log=lambda s: None)
+  assert capped["documents"] == 1 and capped["skipped"]["over_max_mb"] == 1
+  with pytest.raises(ValueError, match="corpus.roots"):
+    corpus.CorpusConfig(roots=(("lib", str(tmp_path / "missing")),))
+
+
+def test_corpus_shards_load_and_are_reused(tmp_path):
+  from train import data as data_lib
+  src = tmp_path / "src"
+  for i in range(12):
+    p = src / f"m{i}.py"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(f'"""Module {i}."""\n\ndef function_{i}(value):\n  return value * {i}\n' * 4)
+  cfg = corpus.CorpusConfig(roots=(("lib", str(src)),))
+  corpus.build(cfg, str(tmp_path / "c"), log=lambda s: None)
+  tok = corpus.train_tokenizer(str(tmp_path / "c"), str(tmp_path / "tok.json"), 300)
+  rec = corpus.prepare_shards(str(tmp_path / "c"), str(tmp_path / "d"), tok, val_fraction=0.2,
+                              log=lambda s: None)
+  assert rec["tokens"]["train"] > 0 and rec["tokens"]["val"] > 0
+  src_train = data_lib.DocumentSource(str(tmp_path / "d"), "train")
+  assert src_train.num_documents() + data_lib.DocumentSource(
+      str(tmp_path / "d"), "val").num_documents() == 12
+  msgs = []
+  again = corpus.prepare_shards(str(tmp_path / "c"), str(tmp_path / "d"), tok,
+                                val_fraction=0.2, log=msgs.append)
+  assert again == rec and "already prepared" in msgs[0]
+
+
+# --------------------------------------------------------------------------- end to end
+def test_smoke_grid_through_the_loop_and_report(tmp_path):
+  """2 arms x 1 lr x 1 seed of a tiny model through train.loop.train, then the report."""
+  from train.prepare import prepare
+  from train.study.__main__ import main
+  data = str(tmp_path / "data")
+  prepare(data, None, vocab_size=320, max_mb=0.1, val_fraction=0.2, quiet=True)
+  out = str(tmp_path / "study")
+  grid = os.path.join(REPO, "configs", "study", "smoke.py")
+  sets = ["--set", f"data.path={data}"]
+  assert main(["--grid", grid, "--out", out, "--no-compile-cache", *sets]) == 0
+  res = res_lib.load_results(out, "smoke")
+  assert {k: r["status"] for k, r in res.items()} == {"parallax/lr0.01_s0": "done",
+                                                        "softmax/lr0.01_s0": "done"}
+  par = res["parallax/lr0.01_s0"]
+  assert par["final_step"] == 2 and math.isfinite(par["eval_loss"])
+  assert not os.path.exists(os.path.join(par["run_dir"], "checkpoints"))
+  recs = res_lib.read_metrics(par["run_dir"])
+  assert any(k.startswith("cor/layer_") for r in recs for k in r)
+  assert main(["report", "--out", out]) == 0
+  text = open(os.path.join(out, "report.md")).read()
+  assert "| parallax | adamw | 0.01 |" in text and "vs softmax" in text
+  for png in ("loss_curves.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
+    assert os.path.getsize(os.path.join(out, "smoke", png)) > 0
+  assert main(["plan", "--grid", grid, "--out", out, *sets]) == 0
