@@ -17,8 +17,9 @@ Selection, in order (each step deterministic, so the same installation gives the
   2. files with an extension in --exts (default .py .pyi .md .rst .txt), outside
      __pycache__ / .git / node_modules / *.dist-info / *.egg-info.
   3. content filters: size within [min_bytes, max_bytes], strict UTF-8, no NUL byte, longest
-     line <= max_line chars, at least min_alpha letters, and no '@generated' / 'DO NOT EDIT'
-     marker in the first 1 KB (generated tables and bindings are not text anyone wrote).
+     line <= max_line chars, at least a min_alpha fraction of ASCII letters, and no
+     '@generated' / 'DO NOT EDIT' marker in the first 1 KB (generated tables and bindings
+     are not text anyone wrote).
   4. exact deduplication on the text with '\\r\\n' -> '\\n' (vendored copies, license files):
      the first path in sorted order keeps it.
   5. order by sha1 of the text (content-defined, so a package added or removed does not
@@ -147,17 +148,13 @@ def read_document(path: str, cfg: CorpusConfig) -> tuple[str | None, str]:
     return None, "long_lines"
   if not text.strip():
     return None, "empty"
-  alpha = sum(map(str.isalpha, text)) if len(text) < 4096 else _alpha_estimate(text)
-  if alpha < cfg.min_alpha * len(text):
+  letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))  # C speed, unlike str.isalpha
+  if letters < cfg.min_alpha * len(raw):
     return None, "low_alpha"
   return text, "ok"
 
 
-def _alpha_estimate(text: str) -> float:
-  # Letters in evenly spaced 1 KB windows: the same answer on every run, a fraction of the cost.
-  step = max(1, len(text) // 16)
-  sample = "".join(text[i:i + 1024] for i in range(0, len(text), step))
-  return sum(map(str.isalpha, sample)) * len(text) / max(1, len(sample))
+_ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 
 
 def build(cfg: CorpusConfig, out: str, *, workers: int | None = None, log=print) -> dict:

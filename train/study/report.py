@@ -440,8 +440,8 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     if _plt() is None:
       lines += ["(plots skipped: matplotlib is not installed)", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in made] + [""]
-    gate_arms = [a.arm for a in arms if g is not None and a.seeds and
-                 g.arm(a.arm).config.model.correction_gate]
+    gate_arms = [a.arm for a in arms if g is not None and a.seeds and not a.unavailable
+                 and grid_lib.arm_config(g.arm(a.arm)).model.correction_gate]
     if gate_arms and not any(_diag_final(a, GATE_PREFIX) for a in arms if a.arm in gate_arms):
       lines += [f"(gate: {', '.join(gate_arms)} have the gate on but their metrics hold no "
                 "gate/layer_i: the loop that ran them did not log it)", ""]

@@ -79,6 +79,15 @@ def ensure_data(grid: Grid, extra: tuple[str, ...] = (), log=print) -> str | Non
     corpus.build(cfg, d.corpus_dir, log=log)
     corpus.prepare_shards(d.corpus_dir, d.path, d.tokenizer, val_fraction=d.val_fraction,
                           log=log)
+  for a in grid.arms:  # an eval longer than the held-out split would count documents twice
+    if grid_lib.available_arms(grid, extra)[a.name] is None:
+      c = grid_lib.arm_config(a, extra)
+      need = c.data.eval_batches * c.data.global_batch_size * c.data.seq_len
+      have = split_tokens(c.data.path, "val")
+      if have is not None and have < need:
+        log(f"{grid.name}: warning: {a.name} evaluates {need} tokens but {c.data.path} holds "
+            f"{have} held-out tokens (raise the val fraction or lower data.eval_batches)")
+      break
   ids = {data_identity(p) for p in paths}
   if len(ids) > 1:
     raise StudyError(f"grid {grid.name}: arms read different data ({sorted(paths)})")
@@ -136,13 +145,13 @@ def _device_info() -> dict:
           "jax": jax.__version__}
 
 
-def data_train_tokens(data_path: str) -> int | None:
-  """Tokens in the data's train split (for the epochs a run sees)."""
+def split_tokens(data_path: str, split: str = "train") -> int | None:
+  """Tokens in one split of the data (train: for the epochs a run sees)."""
   import numpy as np
   meta = res_lib.read_json(os.path.join(data_path, "meta.json"))
   try:
     return sum(int(np.load(os.path.join(data_path, s + ".offsets.npy"), mmap_mode="r")[-1])
-               for s in meta["splits"]["train"])
+               for s in meta["splits"][split])
   except (TypeError, KeyError, OSError, ValueError):
     return None
 
@@ -201,7 +210,7 @@ def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None 
             "failures": prev.get("failures", 0),
             "config_fingerprint": res_lib.fingerprint(cfg_dict), "jobs": opts.jobs,
             "corpus_sha256": corpus_sha or data_identity(cfg.data.path),
-            "data_train_tokens": data_train_tokens(cfg.data.path),
+            "data_train_tokens": split_tokens(cfg.data.path),
             "commit": _git_commit(), **_device_info()}
   t0 = time.perf_counter()
   tee = _Tee(sys.stdout, os.path.join(run_dir, "log.txt"))
