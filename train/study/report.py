@@ -175,6 +175,8 @@ def _resolve(a: ArmSummary, name: str | None) -> str | None:
 def _sweep_table(arms: list[ArmSummary]) -> list[str]:
   rows = ["| arm | lr | status | final eval loss | seeds at this lr |", "|---|---|---|---|---|"]
   for a in arms:
+    if a.unavailable:
+      continue
     for lr in sorted(a.lrs):
       r = a.sweep.get(lr)
       st = r.get("status") if r else ("pending" if a.pending else "-")
@@ -398,6 +400,9 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
   if not names:
     raise FileNotFoundError(f"report: no study grids under {out!r}")
   grids = _grid_files(names, list(grid_files or []))
+  # grids compared against another grid's arms come after it (main before gate and wr)
+  names.sort(key=lambda n: (any(a.baseline and "/" in a.baseline
+                                for a in (grids[n].arms if n in grids else ())), n))
   summaries = {n: summarize_grid(out, n, grids.get(n)) for n in names}
   index = {a.key: a for arms in summaries.values() for a in arms}
   all_results = [r for n in names for r in res_lib.load_results(out, n).values()]
