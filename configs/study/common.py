@@ -7,7 +7,6 @@ Training: L=1024, 32 sequences (32,768 tokens) a step, 960 steps = 31.5M tokens,
 (60 warmup steps, 1-sqrt decay over the last 25%), weight decay 0.1, clip 1.0, z-loss 1e-4,
 bf16 compute, scanned layers (compiles in a fraction of the unrolled time), no remat.
 """
-import dataclasses
 import os
 
 from parallax_jax.models import presets, softmax_control
@@ -68,5 +67,4 @@ def train_config(name: str, model_cfg, optimizer: str) -> TrainConfig:
   )
 
 
-__all__ = ["DATA", "LRS", "STEPS", "TOKENIZER", "control", "dataclasses", "model",
-           "train_config"]
+__all__ = ["DATA", "LRS", "STEPS", "TOKENIZER", "control", "model", "train_config"]

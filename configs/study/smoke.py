@@ -2,7 +2,7 @@
 metrics and the report end to end (tests/test_study.py runs it on its own small shards via
 --set data.path=...; on a CPU its time is XLA compiling the init, train, eval and diagnostics
 programs of each arm). AdamW: the smallest optimizer graph to compile."""
-from configs.study.common import DATA, TOKENIZER, VOCAB, control
+from configs.study.common import TOKENIZER, VOCAB, control
 from parallax_jax.models import presets
 from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig,
                           TrainConfig)
@@ -29,6 +29,3 @@ def get_grid() -> Grid:
       data=StudyData(path="data/study_smoke", tokenizer=TOKENIZER,
                      corpus_dir="data/study_smoke_corpus", max_mb=2.0),
       description="runner smoke test (tiny model)")
-
-
-__all__ = ["DATA", "get_grid"]

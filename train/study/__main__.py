@@ -17,7 +17,6 @@ pack: <out>'s results without checkpoints, as one .tar.gz (untar it in out's par
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -54,6 +53,8 @@ def main(argv=None) -> int:
                          "process exits (default 60)")
     ap.add_argument("--max-runs", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time on the device")
+    ap.add_argument("--gpus", default=None,
+                    help="comma-separated GPU ids: one run per GPU at a time (sets --jobs)")
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--max-attempts", type=int, default=2)
     ap.add_argument("--no-compile-cache", action="store_true")
@@ -107,8 +108,10 @@ def main(argv=None) -> int:
         time.time() + a.time_budget if a.time_budget is not None else None)
     if a.jobs < 1:
       raise ValueError(f"--jobs: must be >= 1, got {a.jobs}")
+    gpus = tuple(x.strip() for x in (a.gpus or "").split(",") if x.strip())
     opts = runner.RunOptions(out=a.out, extra=extra, only=only, shard=shard, stop_at=stop_at,
-                             grace_s=a.grace, max_runs=a.max_runs, jobs=a.jobs,
+                             grace_s=a.grace, max_runs=a.max_runs,
+                             jobs=len(gpus) or a.jobs, gpus=gpus,
                              keep_checkpoints=a.keep_checkpoints, max_attempts=a.max_attempts,
                              compile_cache=not a.no_compile_cache,
                              allow_data_change=a.allow_data_change)

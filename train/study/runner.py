@@ -51,6 +51,7 @@ class RunOptions:
   grace_s: float = 60.0              # after stop_at, how long a run may take to stop
   max_runs: int | None = None
   jobs: int = 1
+  gpus: tuple[str, ...] = ()         # one run per GPU (jobs = len(gpus))
   keep_checkpoints: bool = False
   max_attempts: int = 2
   compile_cache: bool = True
@@ -323,7 +324,7 @@ def run_grids(grids: list[Grid], opts: RunOptions, log=print,
     todo = [r for *_, t in _plan_all(grids, opts) for r in t]
     log(f"study: {len(todo)} runs pending: " + ", ".join(f"{r.grid}/{r.run_id}" for r in todo))
     return {"ran": [], "pending": len(todo), "stopped": "dry_run"}
-  if opts.jobs > 1:
+  if opts.jobs > 1 or opts.gpus:
     return _run_parallel(grids, opts, paths or {}, log)
   ran, stopped = [], None
   stop = {"sig": False}
@@ -371,7 +372,7 @@ def _next_run(grids, opts: RunOptions, skipped: set[str], log):
       if opts.stop_at is not None:
         est = estimate_s(g, spec.arm, results)
         left = opts.stop_at - time.time()
-        if est is not None and est * opts.jobs > left:
+        if est is not None and est * (1 if opts.gpus else opts.jobs) > left:
           log(f"study: {key} needs ~{est:.0f} s, {left:.0f} s left: not started")
           skipped.add(key)
           continue
@@ -391,7 +392,7 @@ def _enable_compile_cache(path: str):
 def child_command(grid_path: str, spec: RunSpec, opts: RunOptions) -> list[str]:
   cmd = [sys.executable, "-m", "train.study", "_run", "--grid", grid_path, "--out", opts.out,
          "--arm", spec.arm, "--lr", repr(spec.lr), "--seed", str(spec.seed),
-         "--stage", spec.stage, "--jobs", str(opts.jobs)]
+         "--stage", spec.stage, "--jobs", str(1 if opts.gpus else opts.jobs)]
   for s in opts.extra:
     cmd += ["--set", s]
   if opts.keep_checkpoints:
@@ -400,22 +401,25 @@ def child_command(grid_path: str, spec: RunSpec, opts: RunOptions) -> list[str]:
 
 
 def _run_parallel(grids: list[Grid], opts: RunOptions, paths: dict[str, str], log) -> dict:
-  """Up to `jobs` runs at a time, each a `python -m train.study _run` subprocess with
-  1/jobs of the device memory. Their step times share the device (result.json: jobs)."""
+  """Up to `jobs` runs at a time, each a `python -m train.study _run` subprocess: with
+  `gpus`, one run per listed GPU (CUDA_VISIBLE_DEVICES), else all on the one device with
+  1/jobs of its memory each (their step times then share it: result.json's jobs)."""
   missing = [g.name for g in grids if g.name not in paths]
   if missing:
     raise StudyError(f"--jobs > 1: no grid file for {missing}")
-  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / opts.jobs:.3f}",
-             XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  procs: dict[str, subprocess.Popen] = {}
+  slots = list(opts.gpus) or [None] * opts.jobs
+  shared = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(slots):.3f}",
+                XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  procs: dict[str, tuple[subprocess.Popen, str | None]] = {}
   ran, stopped, skipped = [], None, set()
   stop = {"sig": False}
   old = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sig", True))
   try:
     while True:
-      for key, p in list(procs.items()):
+      for key, (p, slot) in list(procs.items()):
         if p.poll() is not None:
           del procs[key]
+          slots.append(slot)
           g_name, run_id = key.split("/", 1)
           res = res_lib.load_results(opts.out, g_name).get(run_id, {"status": "failed"})
           ran.append(res)
@@ -423,28 +427,30 @@ def _run_parallel(grids: list[Grid], opts: RunOptions, paths: dict[str, str], lo
       late = opts.stop_at is not None and time.time() >= opts.stop_at
       if (stop["sig"] or late) and stopped is None:
         stopped = "deadline" if late else "SIGTERM"
-        for p in procs.values():
+        for p, _ in procs.values():
           p.send_signal(signal.SIGTERM)  # each loop saves a checkpoint and returns
       if late and time.time() > opts.stop_at + opts.grace_s:
-        for p in procs.values():
+        for p, _ in procs.values():
           p.kill()
-      can_start = stopped is None and len(procs) < opts.jobs and \
+      can_start = stopped is None and slots and \
           (opts.max_runs is None or len(ran) + len(procs) < opts.max_runs)
       if can_start:
-        skip = skipped | set(procs)
-        nxt = _next_run(grids, opts, skip, log)
+        nxt = _next_run(grids, opts, skipped | set(procs), log)
         if nxt is not None:
           g, spec = nxt
           key = f"{g.name}/{spec.run_id}"
-          log(f"study: start {key} ({spec.stage})")
-          procs[key] = subprocess.Popen(child_command(paths[g.name], spec, opts), env=env)
+          slot = slots.pop(0)
+          env = shared if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
+          log(f"study: start {key} ({spec.stage})" + (f" on GPU {slot}" if slot else ""))
+          procs[key] = (subprocess.Popen(child_command(paths[g.name], spec, opts), env=env),
+                        slot)
           continue
       if not procs:
         break
       time.sleep(1.0)
   finally:
     signal.signal(signal.SIGTERM, old)
-    for p in procs.values():
+    for p, _ in procs.values():
       p.wait()
   left = sum(len(t) for *_, t in _plan_all(grids, opts))
   log(f"study: {len(ran)} runs this time; {left} pending" + (f"; stopped: {stopped}" if stopped
