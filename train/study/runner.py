@@ -67,7 +67,7 @@ class StudyError(RuntimeError):
 def ensure_data(grid: Grid, extra: tuple[str, ...] = (), log=print) -> str | None:
   """Make the grid's token shards when they are missing (train.corpus: the installed Python
   text), unless `extra` points data.path elsewhere; returns the data's identity (the corpus
-  sha256, or a hash of the shards' checksums; None when neither is known)."""
+  and tokenizer hashes, or a hash of the shards' checksums; see data_identity)."""
   paths = {grid_lib.arm_config(a, extra).data.path for a in grid.arms
            if grid_lib.available_arms(grid, extra)[a.name] is None}
   d = grid.data
@@ -96,9 +96,11 @@ def ensure_data(grid: Grid, extra: tuple[str, ...] = (), log=print) -> str | Non
 
 
 def data_identity(data_path: str) -> str | None:
+  """'<corpus sha256>+<tokenizer sha256[:12]>' for train.corpus data; a hash of the shards'
+  checksums for other prepared data; None when neither is recorded."""
   stamp = res_lib.read_json(os.path.join(data_path, "corpus.json"))
-  if stamp:
-    return stamp.get("corpus_sha256")
+  if stamp and stamp.get("corpus_sha256"):
+    return f"{stamp['corpus_sha256']}+{str(stamp.get('tokenizer_sha256'))[:12]}"
   meta = res_lib.read_json(os.path.join(data_path, "meta.json"))
   if meta and meta.get("checksums"):
     return "checksums:" + res_lib.fingerprint({"c": meta["checksums"]})
