@@ -10,7 +10,12 @@ On-disk format (written by `python -m train.prepare`), one directory:
                            (every document ends with eos_id and has >= 2 tokens)
   tokenizer.json           the `tokenizers` tokenizer that produced the ids
 
-Both files of a shard are opened with numpy memory maps, so only touched pages are read.
+meta.json also records each shard's CRC-32 checksums ({"checksums": {shard: {"bin": crc,
+"offsets": crc}}}). Both files of a shard are opened with numpy memory maps, so only touched
+pages are read; before that, each shard is checked once per process (`check_shard`): sizes
+against the offsets (a truncated file), and with `verify` (data.verify) one full read for
+the checksums and the token ids against the vocabulary. Every error is a `DataError` naming
+the file.
 
 Pipeline (train): documents of every train shard, long ones cut into pieces of seq_len + 1
 tokens (overlapping by one token) -> seeded shuffle (a new permutation each
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any
 
 import grain
@@ -33,6 +39,76 @@ import jax
 import numpy as np
 
 FORMAT = "parallax-tokens-v1"
+_CHUNK = 1 << 24  # bytes per read while verifying a shard
+
+
+class DataError(ValueError):
+  """A token shard that is missing, truncated, corrupt or out of the vocabulary."""
+
+
+_verified: set[tuple] = set()  # shards already checked by this process: (file, size, mtime)
+
+
+def crc32_file(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def check_shard(path: str, shard: str, meta: dict, verify: bool = True):
+  """Raise DataError (naming the file) for a missing, truncated or corrupt shard, or one
+  holding a token id outside meta's vocabulary. The full read (verify) runs once per
+  process and file version."""
+  dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+  bin_path = os.path.join(path, shard + ".bin")
+  off_path = os.path.join(path, shard + ".offsets.npy")
+  for f in (bin_path, off_path):
+    if not os.path.isfile(f):
+      raise DataError(f"{f}: missing (listed in {os.path.join(path, 'meta.json')})")
+  size = os.path.getsize(bin_path)
+  if size % dtype.itemsize:
+    raise DataError(f"{bin_path}: {size} bytes is not a whole number of {dtype.name} tokens "
+                    f"(truncated?)")
+  try:
+    off = np.load(off_path, mmap_mode="r")
+  except Exception as e:  # noqa: BLE001 - any unreadable .npy
+    raise DataError(f"{off_path}: unreadable ({type(e).__name__}: {e})") from None
+  if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2 or int(off[0]) != 0:
+    raise DataError(f"{off_path}: expected int64 [num_docs + 1] offsets starting at 0, got "
+                    f"{off.dtype} {off.shape}")
+  n = size // dtype.itemsize
+  if int(off[-1]) != n:
+    raise DataError(f"{bin_path}: holds {n} tokens but {off_path} ends at {int(off[-1])} "
+                    f"(a truncated or mismatched shard)")
+  key = (bin_path, size, os.stat(bin_path).st_mtime_ns, os.stat(off_path).st_mtime_ns)
+  if not verify or key in _verified:
+    return
+  if np.any(np.diff(np.asarray(off)) < 0):
+    raise DataError(f"{off_path}: offsets decrease (corrupt)")
+  want = meta.get("checksums", {}).get(shard)
+  vocab = int(meta["vocab_size"])
+  crc, top, at = 0, -1, 0
+  with open(bin_path, "rb") as fh:
+    pos = 0
+    while chunk := fh.read(_CHUNK - _CHUNK % dtype.itemsize):
+      crc = zlib.crc32(chunk, crc)
+      ids = np.frombuffer(chunk, dtype)
+      m = int(ids.max())
+      if m > top:
+        top, at = m, pos + int(ids.argmax())
+      pos += len(ids)
+  if want is not None and crc != int(want["bin"]):
+    raise DataError(f"{bin_path}: CRC-32 {crc:#010x} differs from the {int(want['bin']):#010x} "
+                    f"recorded in meta.json: the file is corrupt")
+  if want is not None and crc32_file(off_path) != int(want["offsets"]):
+    raise DataError(f"{off_path}: CRC-32 differs from the one recorded in meta.json: the file "
+                    f"is corrupt")
+  if top >= vocab:
+    raise DataError(f"{bin_path}: token id {top} at position {at} is outside the vocabulary "
+                    f"(vocab_size {vocab} in meta.json)")
+  _verified.add(key)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -40,10 +116,17 @@ def read_meta(path: str) -> dict[str, Any]:
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"no token shards at {path!r} (missing meta.json); run "
                             f"`python -m train.prepare --out {path}`")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    raise DataError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+  for k in ("dtype", "vocab_size", "eos_id", "splits"):
+    if k not in meta:
+      raise DataError(f"{meta_path}: missing key {k!r}")
   return meta
 
 
@@ -56,15 +139,17 @@ class DocumentSource:
   many consecutive batches.
   """
 
-  def __init__(self, path: str, split: str = "train", max_len: int | None = None):
+  def __init__(self, path: str, split: str = "train", max_len: int | None = None,
+               verify: bool = True):
     meta = read_meta(path)
     if split not in meta["splits"] or not meta["splits"][split]:
-      raise ValueError(f"{path}: no shards for split {split!r} (have {list(meta['splits'])})")
+      raise DataError(f"{path}: no shards for split {split!r} (have {list(meta['splits'])})")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     self.max_len = max_len
     self.tokens, self.offsets, starts = [], [], [0]
     self.doc_shard, self.doc_index, piece_counts = [], [], []
     for s, shard in enumerate(meta["splits"][split]):
+      check_shard(path, shard, meta, verify)
       self.tokens.append(np.memmap(os.path.join(path, shard + ".bin"), dtype=dtype, mode="r"))
       off = np.load(os.path.join(path, shard + ".offsets.npy"), mmap_mode="r")
       self.offsets.append(off)
@@ -165,14 +250,14 @@ class _PackDataset(grain.IterDataset):
 
 def make_dataset(path: str, *, split: str, seq_len: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, prefetch: int = 2, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, verify: bool = True) -> grain.IterDataset:
   """Packed batches {inputs, targets, segment_ids, positions}: int32 [batch_size, seq_len].
 
-  batch_size is the PER-PROCESS batch size.
+  batch_size is the PER-PROCESS batch size. verify: see `check_shard`.
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  src = DocumentSource(path, split, max_len=seq_len)
+  src = DocumentSource(path, split, max_len=seq_len, verify=verify)
   ds = grain.MapDataset.source(src)
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from train.data import FORMAT
+from train.data import FORMAT, crc32_file
 
 EOS = "<|endoftext|>"
 TEXT_EXTS = (".py", ".txt", ".md", ".rst", ".json", ".jsonl")
@@ -52,8 +52,16 @@ def iter_documents(paths: list[str], jsonl_key: str = "text",
   total = 0
   for f in _walk(paths):
     if f.endswith(".jsonl"):
+      docs = []
       with open(f, encoding="utf-8", errors="replace") as fh:
-        docs = [json.loads(line)[jsonl_key] for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+          if not line.strip():
+            continue
+          try:
+            docs.append(json.loads(line)[jsonl_key])
+          except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{f}:{n}: not a JSON object with a {jsonl_key!r} field "
+                             f"({type(e).__name__}: {e})") from None
     else:
       with open(f, encoding="utf-8", errors="replace") as fh:
         docs = [fh.read()]
@@ -111,6 +119,7 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
   splits: dict[str, list[str]] = {"train": [], "val": []}
   buffers: dict[str, list[np.ndarray]] = {"train": [], "val": []}
   counts = {"train": 0, "val": 0}
+  checksums: dict[str, dict[str, int]] = {}
 
   def flush(split):
     if not buffers[split]:
@@ -122,6 +131,8 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
     np.concatenate(arrs).astype(np.dtype(dtype).newbyteorder("<")).tofile(
         os.path.join(out, name + ".bin"))
     np.save(os.path.join(out, name + ".offsets.npy"), offsets)
+    checksums[name] = {"bin": crc32_file(os.path.join(out, name + ".bin")),
+                       "offsets": crc32_file(os.path.join(out, name + ".offsets.npy"))}
     splits[split].append(name)
     buffers[split], counts[split] = [], 0
 
@@ -143,7 +154,7 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
     raise ValueError("no validation documents; raise --val-fraction or add input")
   meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
           "eos_id": int(eos_id), "tokenizer": "tokenizer.json", "splits": splits,
-          "num_documents": len(docs), "inputs": inputs}
+          "checksums": checksums, "num_documents": len(docs), "inputs": inputs}
   tmp = os.path.join(out, "meta.json.tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=1)
@@ -168,9 +179,14 @@ def main(argv=None):
   ap.add_argument("--jsonl-key", default="text", help="JSONL text field (default 'text')")
   ap.add_argument("--max-mb", type=float, default=None, help="stop after this many MB of text")
   a = ap.parse_args(argv)
-  prepare(a.out, a.input, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
-          val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, jsonl_key=a.jsonl_key,
-          max_mb=a.max_mb)
+  try:
+    prepare(a.out, a.input, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+            val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, jsonl_key=a.jsonl_key,
+            max_mb=a.max_mb)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
