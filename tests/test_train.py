@@ -68,7 +68,7 @@ def test_overrides_parse_to_field_types():
                                         "optimizer.adam_lr=none", "run.resume=false",
                                         "model.bandwidth=inf", "model.window=none"])
   assert cfg.optimizer.lr == 3e-3 and cfg.model.num_layers == 4
-  assert cfg.optimizer.adam_lr is None and cfg.run.resume is False
+  assert cfg.optimizer.adam_lr is None and cfg.run.resume == "never"
   assert cfg.model.bandwidth == float("inf") and cfg.model.window is None
 
 
@@ -80,7 +80,7 @@ def test_overrides_parse_to_field_types():
     ("optimizer.name=sgd", "optimizer.name: unknown value"),
     ("schedule.decay_shape=exp", "schedule.decay_shape"),
     ("data.grad_accum=3", "data.grad_accum: must divide"),
-    ("run.resume=maybe", "run.resume: expected a bool"),
+    ("run.resume=maybe", "run.resume: unknown value"),
     ("model.num_heads=3", "ModelConfig.num_kv_heads"),
     ("optimizer=1", "is a section"),
     ("optimizer.lr", "expected key=value"),
@@ -100,6 +100,17 @@ def test_cli_help_lists_every_key_and_bad_values_fail_fast(capsys):
   assert main(["--config", os.path.join(REPO, "configs/tiny.py"), "--set",
                "optimizer.lr=x"]) == 2
   assert "optimizer.lr" in capsys.readouterr().err
+
+
+def test_cli_defaults_to_the_tiny_preset_and_takes_preset_names(capsys):
+  from train.__main__ import main
+  assert main(["--print-config"]) == 0
+  default = json.loads(capsys.readouterr().out)
+  assert main(["--config", "tiny", "--print-config"]) == 0
+  assert json.loads(capsys.readouterr().out) == default
+  assert default["model"]["num_layers"] == 4 and default["run"]["out_dir"] == "runs/tiny"
+  assert main(["--config", "no_such_preset"]) == 2
+  assert "presets: " in capsys.readouterr().err
 
 
 def test_every_preset_loads():

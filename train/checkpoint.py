@@ -1,68 +1,176 @@
-"""Orbax checkpoints of the train state + the grain iterator state + the config.
+"""Orbax checkpoints of the train state + the data iterator state + the config, verified.
 
-Layout: <out_dir>/checkpoints/<step>/{state, data, config}; `state` is the sharded train
-state (params, optimizer state, step), `data` the data iterator's JSON state, `config` the
-full TrainConfig as JSON. Saves are asynchronous (the loop keeps training while the write
-finishes) and only the newest `keep` are kept. Orbax writes each step into a temporary
+Layout: <out_dir>/checkpoints/<step>/{state, data, config, integrity}; `state` is the sharded
+train state (params, optimizer state, step), `data` the data iterator's JSON state, `config`
+the full TrainConfig as JSON, `integrity` a fingerprint of every state array (two 32-bit sums
+of its raw bits: `parallax_jax.models.checkpoint.fingerprint`). Saves are asynchronous (the loop keeps training while the
+write finishes) and only the newest `keep` are kept. Orbax writes each step into a temporary
 directory and renames it once complete, so a half-written checkpoint (a crash mid-save) is
-never listed by `latest_step()` and never restored.
+never listed and never restored.
 
-Restoring checks the stored model config against the current one first and raises
-`CheckpointMismatchError` naming the differing keys, instead of failing deep inside orbax on
-a shape mismatch.
+What a save and a restore guarantee:
+- A state holding a NaN / inf is never saved (`NonFiniteStateError`).
+- `restore_latest` restores the newest checkpoint that reads back and matches its
+  fingerprint. One that does not (a truncated or bit-flipped array file, a missing
+  `_METADATA`, a directory that is not a committed checkpoint) is moved aside to
+  `<step>.unreadable` with a warning, and the next older one is tried: keep-N exists for this.
+- A checkpoint written for another config is not a corrupt one: the caller's `check_config`
+  raises, naming the differing keys, and nothing is moved.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
+
+from parallax_jax.models.checkpoint import few, fingerprint, verify_fingerprint
+
+ITEMS = ("state", "data", "config", "integrity")
+QUARANTINE_SUFFIX = ".unreadable"
 
 
 class CheckpointMismatchError(ValueError):
-  pass
+  """The checkpoint belongs to a run with a different config (names the keys)."""
 
 
+class CheckpointCorruptError(RuntimeError):
+  """A checkpoint that cannot be read back as it was written."""
+
+
+class NonFiniteStateError(RuntimeError):
+  """The train state holds NaN / inf: it is not saved."""
+
+
+# --------------------------------------------------------------------------- checkpointer
 class Checkpointer:
-  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
+               warn: Callable[[str], None] = print):
     self.directory = os.path.abspath(directory)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                        create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=opts,
-                                         item_names=("state", "data", "config"))
+    self.warn = warn
+    self._opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                              enable_async_checkpointing=async_save)
+    self._set_aside_strays()
+    self._open()
+
+  def _open(self):
+    self.manager = ocp.CheckpointManager(self.directory, options=self._opts, item_names=ITEMS)
+
+  # ------------------------------------------------------------------ listing
+  def _is_committed(self, step: int) -> bool:
+    return os.path.isfile(os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA"))
+
+  def _integer_dirs(self) -> list[int]:
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
+  def _set_aside_strays(self):
+    """An integer-named directory without orbax's commit metadata (an empty or hand-made
+    one) is not a step: move it aside so it is neither listed nor in the way of a save."""
+    if jax.process_index() != 0:
+      return
+    for s in self._integer_dirs():
+      if not self._is_committed(s):
+        self._quarantine(s, "it is not a committed checkpoint (no _CHECKPOINT_METADATA)")
+
+  def all_steps(self) -> list[int]:
+    return [s for s in self._integer_dirs() if self._is_committed(s)]
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
-  def all_steps(self):
-    return list(self.manager.all_steps())
+  def _quarantine(self, step: int, why: str) -> str:
+    src = os.path.join(self.directory, str(step))
+    dst, n = src + QUARANTINE_SUFFIX, 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}{QUARANTINE_SUFFIX}.{n}"
+    os.rename(src, dst)
+    self.warn(f"warning: checkpoint {src} is unreadable ({why}); moved to {dst}")
+    return dst
 
-  def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = True):
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state, data_state: dict, config: dict):
+    """Save asynchronously after checking that every state array is finite."""
+    fp = fingerprint(state)
+    if fp["nonfinite"]:
+      raise NonFiniteStateError(
+          f"step {step}: the train state holds NaN / inf in {few(fp['nonfinite'])}; not saved")
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=force)
+        config=ocp.args.JsonSave(config), integrity=ocp.args.JsonSave(fp)), force=True)
 
   def wait(self):
     self.manager.wait_until_finished()
 
+  # ------------------------------------------------------------------ restore
   def stored_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
-  def restore(self, step: int, abstract_state, config: dict) -> tuple[Any, dict]:
-    stored = self.stored_config(step)
-    diffs = {k: (stored.get("model", {}).get(k), v) for k, v in config["model"].items()
-             if stored.get("model", {}).get(k) != v}
-    if diffs:
-      detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}"
-                         for k, (a, b) in sorted(diffs.items()))
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} was written for a different model config "
-          f"({detail}); use another run.out_dir or --set run.resume=false")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  def restore(self, step: int, abstract_state,
+              check_config: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
+    """(state, data iterator state) of `step`, verified against its fingerprint.
+
+    Raises CheckpointMismatchError (from check_config) for a checkpoint of another config,
+    CheckpointCorruptError for one that cannot be read back as written."""
+    try:
+      stored = self.stored_config(step)
+    except Exception as e:  # noqa: BLE001 - any read failure means unreadable
+      raise CheckpointCorruptError(f"its config does not read back: {_short(e)}") from e
+    if check_config is not None:
+      check_config(stored, step)
+    has_fp = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    if has_fp:
+      items["integrity"] = ocp.args.JsonRestore()
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointCorruptError(f"it does not read back: {_short(e)}") from e
+    problem = verify_fingerprint(out["state"], out["integrity"] if has_fp else None)
+    if problem:
+      raise CheckpointCorruptError(problem)
+    if not has_fp:
+      self.warn(f"warning: checkpoint {self.directory}/{step} has no fingerprint (written by an "
+                "older version); restored without verifying its arrays")
     return out["state"], out["data"]
+
+  def restore_latest(self, abstract_state,
+                     check_config: Callable[[dict, int], None] | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """(step, state, data) of the newest checkpoint that restores and verifies; None when
+    there is none. Unreadable ones are moved aside (and reported) on the way down."""
+    tried = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, data = self.restore(step, abstract_state, check_config)
+        return step, state, data
+      except CheckpointCorruptError as e:
+        tried.append(f"{step} ({e})")
+        if jax.process_index() == 0:
+          self.manager.close()
+          self._quarantine(step, str(e))
+          self._open()
+    if tried:
+      raise CheckpointCorruptError(
+          f"no checkpoint in {self.directory} reads back: {'; '.join(tried)}. They were moved "
+          f"aside (*{QUARANTINE_SUFFIX}); rerun to start from scratch")
+    return None
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _short(e: BaseException, n: int = 160) -> str:
+  text = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+  return text if len(text) <= n else text[:n - 3] + "..."
+
+
+__all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
+           "NonFiniteStateError", "fingerprint"]

@@ -1,7 +1,7 @@
 """Typed, frozen, validated training configuration and the `--set a.b=value` override parser.
 
 A run is described by one `TrainConfig` (sections: model, mesh, data, optimizer, schedule,
-run). Every section is a frozen dataclass that checks itself in `__post_init__`; errors are
+run, init). Every section is a frozen dataclass that checks itself in `__post_init__`; errors are
 `ValueError("<section>.<key>: ...")` so the offending key is named. Presets live in
 `configs/*.py`, each defining `get_config() -> TrainConfig`.
 
@@ -75,7 +75,9 @@ class DataConfig:
   path: directory written by `python -m train.prepare`; prepared automatically with the
     default corpus (Python stdlib sources, BPE of `vocab_size`) when missing and
     `auto_prepare` is set. global_batch_size sequences of seq_len tokens per optimizer step,
-    split into grad_accum micro-batches.
+    split into grad_accum micro-batches. verify: when a shard is first opened, read it
+    once to check its CRC-32 against meta.json and its token ids against the vocabulary
+    (false skips the read, for corpora too large to scan; sizes are always checked).
   """
   path: str = "data/stdlib"
   seq_len: int = 128
@@ -87,6 +89,7 @@ class DataConfig:
   auto_prepare: bool = True
   vocab_size: int = 1024
   max_corpus_mb: float = 6.0
+  verify: bool = True
 
   def __post_init__(self):
     for k in ("seq_len", "global_batch_size", "grad_accum", "eval_batches", "vocab_size"):
@@ -96,8 +99,9 @@ class DataConfig:
     _num("data", self, "max_corpus_mb", 0, lo_open=True)
     if not isinstance(self.path, str) or not self.path:
       _err("data", "path", f"must be a non-empty string, got {self.path!r}")
-    if not isinstance(self.auto_prepare, bool):
-      _err("data", "auto_prepare", f"must be a bool, got {self.auto_prepare!r}")
+    for k in ("auto_prepare", "verify"):
+      if not isinstance(getattr(self, k), bool):
+        _err("data", k, f"must be a bool, got {getattr(self, k)!r}")
     if self.global_batch_size % self.grad_accum:
       _err("data", "grad_accum", f"must divide global_batch_size ({self.global_batch_size}), "
            f"got {self.grad_accum}")
@@ -167,18 +171,27 @@ class ScheduleConfig:
     _choice("schedule", self, "decay_shape", DECAY_SHAPES)
 
 
+RESUME_MODES = ("auto", "override", "never")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Loop, logging, checkpoint and sampling settings.
 
-  out_dir: run directory (checkpoints/, metrics.jsonl, TensorBoard events, config.json).
+  out_dir: run directory (checkpoints/, metrics.jsonl, TensorBoard events, config.json,
+    loss.png).
+  resume: 'auto' continues from the newest good checkpoint in out_dir and refuses a config
+    that would change the run's trajectory (run.steps, optimizer, schedule, batch size, data
+    seed: train/resume.py lists the keys); 'override' continues and applies such changes,
+    printing each; 'never' starts from scratch and refuses an out_dir that holds checkpoints.
+    true / false are read as 'auto' / 'never'.
   checkpoint_every: 0 saves only at the end (and on SIGTERM). diag_every: COR per layer and
   stable ranks of W_R / W_Q (0 disables). peak_tflops: per-device peak for MFU (0: auto from
   the device kind; unknown devices such as CPU report no MFU).
   profile_start / profile_steps: when profile_steps > 0, record a JAX profiler trace
   (TensorBoard xplane + a Perfetto trace.json.gz) of steps profile_start+1 ..
   profile_start+profile_steps under <out_dir>/profile; summarise it with
-  `python -m bench.trace_summary <out_dir>/profile`. Only process 0 traces; the window must
+  `python -m train.trace_summary <out_dir>/profile`. Only process 0 traces; the window must
   end by `steps`; a resumed run traces what is left of the window.
   """
   steps: int = 300
@@ -190,7 +203,7 @@ class RunConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   async_checkpoint: bool = True
-  resume: bool = True
+  resume: str = "auto"
   progress: bool = True
   peak_tflops: float = 0.0
   sample_lines: int = 3
@@ -209,7 +222,10 @@ class RunConfig:
     _pos_int("run", self, "sample_tokens")
     _num("run", self, "peak_tflops", 0)
     _num("run", self, "sample_temperature", 0)
-    for k in ("async_checkpoint", "resume", "progress"):
+    if isinstance(self.resume, bool) or str(self.resume).lower() in ("true", "false"):
+      object.__setattr__(self, "resume", "auto" if str(self.resume).lower() == "true" else "never")
+    _choice("run", self, "resume", RESUME_MODES)
+    for k in ("async_checkpoint", "progress"):
       if not isinstance(getattr(self, k), bool):
         _err("run", k, f"must be a bool, got {getattr(self, k)!r}")
     if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -217,6 +233,30 @@ class RunConfig:
     if self.profile_steps and self.profile_start + self.profile_steps > self.steps:
       _err("run", "profile_steps", f"profile_start + profile_steps = "
            f"{self.profile_start + self.profile_steps} exceeds run.steps {self.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where a NEW run's parameters come from (a resumed run continues from its checkpoint).
+
+  from_hf: a Hugging Face Qwen3 directory (config.json + *.safetensors). Its weights are
+    loaded into `model`, whose shapes must match; what the checkpoint lacks (W_R, the gate, a
+    learnable bandwidth) keeps its initialisation, so with r_init='zeros' a softmax Qwen3
+    becomes a Parallax model computing the same function, which then fine-tunes.
+  from_checkpoint: a run directory of this loop (its newest checkpoint) or one step's
+    checkpoint directory (<run>/checkpoints/<step>): its parameters only.
+  Either way the optimizer state, the data stream and the schedule start fresh.
+  """
+  from_hf: str | None = None
+  from_checkpoint: str | None = None
+
+  def __post_init__(self):
+    for k in ("from_hf", "from_checkpoint"):
+      v = getattr(self, k)
+      if v is not None and (not isinstance(v, str) or not v):
+        _err("init", k, f"must be a path or none, got {v!r}")
+    if self.from_hf and self.from_checkpoint:
+      _err("init", "from_checkpoint", "set at most one of init.from_hf and init.from_checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +268,12 @@ class TrainConfig:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
+  init: InitConfig = dataclasses.field(default_factory=InitConfig)
 
   def __post_init__(self):
     for k, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("data", DataConfig),
                    ("optimizer", OptimizerConfig), ("schedule", ScheduleConfig),
-                   ("run", RunConfig)):
+                   ("run", RunConfig), ("init", InitConfig)):
       if not isinstance(getattr(self, k), cls):
         _err("config", k, f"must be a {cls.__name__}, got {type(getattr(self, k)).__name__}")
     if self.data.seq_len > self.model.max_seq_len:
@@ -359,10 +400,32 @@ def flat_keys(obj, prefix: str = "") -> list[tuple[str, Any, str]]:
   return out
 
 
+def preset_names() -> list[str]:
+  """Presets shipped in the `configs` package (usable by name: --config tiny)."""
+  import importlib.resources
+  try:
+    files = importlib.resources.files("configs").iterdir()
+  except (ModuleNotFoundError, TypeError):
+    return []
+  return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def resolve_config_path(name: str) -> str:
+  """A preset file path, or a preset name ('tiny', 'qwen3_0p6b_parallax') of the `configs`
+  package, which works from a checkout and from an installed wheel alike."""
+  if os.path.exists(name):
+    return name
+  if os.sep not in name and not name.endswith(".py") and name in preset_names():
+    import importlib.resources
+    return str(importlib.resources.files("configs") / f"{name}.py")
+  raise ValueError(f"--config: no such file or preset {name!r} (presets: "
+                   f"{', '.join(preset_names()) or 'none found'})")
+
+
 def load_config_file(path: str) -> TrainConfig:
-  """Import a preset file and call its `get_config()`."""
-  if not os.path.exists(path):
-    raise ValueError(f"--config: no such file {path!r}")
+  """Import a preset file (or a named preset, see resolve_config_path) and call its
+  `get_config()`."""
+  path = resolve_config_path(path)
   spec = importlib.util.spec_from_file_location(
       "_train_config_" + os.path.basename(path).removesuffix(".py"), path)
   mod = importlib.util.module_from_spec(spec)

@@ -11,15 +11,22 @@ Metrics go to `<out_dir>/metrics.jsonl` always and to TensorBoard event files wh
 tensorboardX (or torch's SummaryWriter) is importable.
 
 Metrics are fetched one step late so the host never stalls the device queue; before every
-checkpoint the pending step is checked, so a NaN / inf loss raises `NonFiniteLossError`
-without saving: the last checkpoint on disk is the last good one. SIGTERM (and SIGINT) makes
-the loop save a checkpoint at the current step and return.
+checkpoint the pending step is checked, so a NaN / inf loss, gradient norm or norm of the
+updated parameters raises `NonFiniteLossError` without saving, naming the last checkpoint
+(which was verified finite when it was saved or restored). SIGTERM (and SIGINT) makes the
+loop save a checkpoint at the current step and return.
+
+Resuming (`run.resume`, see train/resume.py for what may change) restores the newest
+checkpoint that reads back and matches its fingerprint, moving unreadable ones aside
+(train/checkpoint.py); metrics.jsonl is cut back to the restored step and TensorBoard told to
+drop the replayed steps. A new run starts from `init.from_hf` / `init.from_checkpoint`
+parameters when set. Every run ends by drawing its loss curve to `<out_dir>/loss.png`.
 
 With `run.profile_steps > 0`, process 0 records a JAX profiler trace of steps
 `profile_start+1 .. profile_start+profile_steps` into `<out_dir>/profile` (xplane.pb for
 TensorBoard plus a Perfetto-compatible trace.json.gz); the last traced step is waited for
 before the trace stops, and the trace is stopped on any early exit. Summarise it with
-`python -m bench.trace_summary <out_dir>/profile`.
+`python -m train.trace_summary <out_dir>/profile`.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ import numpy as np
 
 from parallax_jax.models.qwen3 import flops_per_token
 from train import data as data_lib
-from train.checkpoint import Checkpointer
+from train import resume as resume_lib
+from train.checkpoint import Checkpointer, NonFiniteStateError
 from train.config import TrainConfig
 from train.mesh import make_mesh
 from train.step import Trainer
@@ -62,11 +70,23 @@ def device_peak_flops(override_tflops: float = 0.0) -> float | None:
 
 
 class MetricsWriter:
-  def __init__(self, out_dir: str, enabled: bool = True):
-    self.enabled = enabled
-    self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
-    self.tb = None
+  """metrics.jsonl (always) and TensorBoard events (tensorboardX or torch, when importable).
+
+  `start`: the step training resumes after; records of later steps (written before a crash,
+  replayed now) are dropped from metrics.jsonl and TensorBoard is told to purge them. The
+  TensorBoard file is opened at the first write, so a run that writes nothing leaves none."""
+
+  def __init__(self, out_dir: str, enabled: bool = True, start: int = 0):
+    self.enabled, self.out_dir, self.start = enabled, out_dir, start
+    self.jsonl = self.tb = None
+    self._tb_cls = False  # not looked up yet
     if enabled:
+      path = os.path.join(out_dir, "metrics.jsonl")
+      _truncate_metrics(path, start)
+      self.jsonl = open(path, "a")
+
+  def _writer(self):
+    if self._tb_cls is False:
       try:
         from tensorboardX import SummaryWriter
       except ImportError:
@@ -74,17 +94,22 @@ class MetricsWriter:
           from torch.utils.tensorboard import SummaryWriter
         except ImportError:
           SummaryWriter = None
+      self._tb_cls = SummaryWriter
       if SummaryWriter is not None:
-        self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"),
+                                purge_step=self.start + 1 if self.start else None)
+    return self.tb
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:
       return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
-    if self.tb is not None:
+    tb = self._writer()
+    if tb is not None:
       for k, v in metrics.items():
-        self.tb.add_scalar(k, v, step)
+        if math.isfinite(v):  # e.g. tokens/s of the compile step: no NaN points
+          tb.add_scalar(k, v, step)
 
   def close(self):
     if self.jsonl:
@@ -93,10 +118,34 @@ class MetricsWriter:
       self.tb.close()
 
 
+def _truncate_metrics(path: str, start: int):
+  """Keep the records of steps <= start (and drop a line cut short by a crash)."""
+  if not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        ok = json.loads(line)["step"] <= start
+      except (ValueError, KeyError, TypeError):
+        ok = False
+      if ok:
+        keep.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class _Progress:
+  """A tqdm bar on stderr when stdout is a terminal; plain lines otherwise."""
+
   def __init__(self, total: int, initial: int, enabled: bool):
     self.bar = None
-    if enabled:
+    if enabled and sys.stdout.isatty():
       try:
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
@@ -165,7 +214,8 @@ def sample(cfg: TrainConfig, params, meta: dict, n: int, max_new: int, temperatu
 def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
   local_b = cfg.data.global_batch_size // jax.process_count()
   ds = data_lib.make_dataset(cfg.data.path, split="val", seq_len=cfg.data.seq_len,
-                             batch_size=local_b, shuffle=False, prefetch=0)
+                             batch_size=local_b, shuffle=False, prefetch=0,
+                             verify=cfg.data.verify)
   it = iter(ds)
   nll, n = 0.0, 0.0
   for _ in range(cfg.data.eval_batches):
@@ -176,35 +226,123 @@ def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
+def check_run_dir(out_dir: str):
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"run.out_dir: {out_dir!r} is a file, not a directory")
+  os.makedirs(out_dir, exist_ok=True)
+
+
+def check_batch(cfg: TrainConfig, mesh):
+  """The batch splits over processes and over the data x fsdp devices."""
+  d = cfg.data
+  pc = jax.process_count()
+  if d.global_batch_size % pc:
+    raise ValueError(f"data.global_batch_size: {d.global_batch_size} does not split over "
+                     f"{pc} processes")
+  micro = d.global_batch_size // d.grad_accum
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if micro % shards:
+    raise ValueError(f"data.global_batch_size: {d.global_batch_size} rows / grad_accum "
+                     f"{d.grad_accum} = {micro} per micro-batch does not split over mesh "
+                     f"data x fsdp = {shards} devices")
+
+
+def initial_params(cfg: TrainConfig, trainer: Trainer, log):
+  """Parameters of a new run from init.from_hf / init.from_checkpoint (None: random init)."""
+  ic = cfg.init
+  if ic.from_hf:
+    from parallax_jax.models.hf import config_from_hf, convert_hf_weights, read_hf_weights
+    path = ic.from_hf
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+      raise FileNotFoundError(f"init.from_hf: no config.json in {path!r}")
+    with open(cfg_path) as f:
+      hf = config_from_hf(json.load(f))
+    keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+            "intermediate_size", "tie_embeddings")
+    diff = [f"model.{k}: config {getattr(cfg.model, k)!r} vs checkpoint {getattr(hf, k)!r}"
+            for k in keys if getattr(cfg.model, k) != getattr(hf, k)]
+    if cfg.model.resolved_head_dim != hf.resolved_head_dim:
+      diff.append(f"model.head_dim: config {cfg.model.resolved_head_dim} vs checkpoint "
+                  f"{hf.resolved_head_dim}")
+    if diff:
+      raise ValueError(f"init.from_hf: {path} does not fit the model ({'; '.join(diff)})")
+    params = convert_hf_weights(read_hf_weights(path), cfg.model, seed=cfg.run.seed)
+    log(f"init: parameters from Hugging Face checkpoint {path}")
+    return jax.device_put(params, trainer.param_shardings)
+  if ic.from_checkpoint:
+    from parallax_jax.models.checkpoint import find_checkpoint, load_checkpoint
+    src = find_checkpoint(ic.from_checkpoint)
+    _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
+                                shardings=trainer.param_shardings)
+    log(f"init: parameters from {src.path}" + (f" (step {src.step})" if src.step else ""))
+    return params
+  return None
+
+
+def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Checkpointer,
+                    it, log) -> tuple[int, Any]:
+  """(start step, state): the newest good checkpoint under run.resume, else a new state."""
+  rc = cfg.run
+  if rc.resume == "never":
+    if ckpt.latest_step() is not None:
+      raise ValueError(f"run.resume=never: {ckpt.directory} already holds checkpoints (latest "
+                       f"step {ckpt.latest_step()}); use a new run.out_dir or delete them")
+    restored = None
+  else:
+    notes: list[str] = []
+
+    def check_config(stored: dict, step: int):
+      notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, f"{ckpt.directory}/{step}")
+
+    restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check_config)
+  if restored is None:
+    params = initial_params(cfg, trainer, log)
+    if params is None:
+      return 0, trainer.init_state(rc.seed)
+    return 0, trainer.state_from_params(params)
+  start, state, data_state = restored
+  if start > rc.steps:
+    raise ValueError(f"run.steps: {rc.steps} is before the checkpoint's step {start} "
+                     f"({ckpt.directory}/{start}); nothing to train")
+  it.set_state(data_state)
+  for n in notes:
+    log(n)
+  todo = rc.steps - start
+  log(f"resumed from {ckpt.directory}/{start}: "
+      + (f"{todo} steps to go (run.steps={rc.steps})" if todo else
+         f"the run is complete (run.steps={rc.steps}); nothing to train"))
+  return start, state
+
+
 def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[str, Any]:
   """Run (or resume) training. stop_after: return after this global step (tests: simulate an
   interruption) after saving a checkpoint there."""
   is_main = jax.process_index() == 0
   log = log or (lambda s: print(s, flush=True) if is_main else None)
   rc = cfg.run
-  os.makedirs(rc.out_dir, exist_ok=True)
+  check_run_dir(rc.out_dir)
   meta = ensure_data(cfg, log)
-  if is_main:
-    with open(os.path.join(rc.out_dir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=1)
   mesh = make_mesh(cfg.mesh)
+  check_batch(cfg, mesh)
   trainer = Trainer(cfg, mesh)
   ckpt = Checkpointer(os.path.join(rc.out_dir, "checkpoints"), keep=rc.keep_checkpoints,
-                      async_save=rc.async_checkpoint)
+                      async_save=rc.async_checkpoint, warn=log)
   cfg_dict = cfg.to_dict()
   accum = cfg.data.grad_accum
   local_b = cfg.data.global_batch_size // jax.process_count()
   ds = data_lib.make_dataset(cfg.data.path, split="train", seq_len=cfg.data.seq_len,
-                             batch_size=local_b, seed=cfg.data.seed, prefetch=cfg.data.prefetch)
+                             batch_size=local_b, seed=cfg.data.seed, prefetch=cfg.data.prefetch,
+                             verify=cfg.data.verify)
   it = iter(ds)
-  start = ckpt.latest_step() if rc.resume else None
-  if start is not None:
-    state, data_state = ckpt.restore(start, trainer.abstract_state_with_shardings(), cfg_dict)
-    it.set_state(data_state)
-    log(f"resumed from {ckpt.directory}/{start}")
-  else:
-    start = 0
-    state = trainer.init_state(rc.seed)
+  try:
+    start, state = _resume_or_init(cfg, cfg_dict, trainer, ckpt, it, log)
+  except BaseException:
+    ckpt.close()
+    raise
+  if is_main:  # only once the resume was accepted: a refused one leaves the old config
+    with open(os.path.join(rc.out_dir, "config.json"), "w") as f:
+      json.dump(cfg_dict, f, indent=1)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params_abstract))
   log(f"{cfg.name}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
       f"{jax.device_count()} {jax.devices()[0].platform} devices, steps {start}->{rc.steps}")
@@ -212,7 +350,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
   flops_tok = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
   peak = device_peak_flops(rc.peak_tflops)
-  writer = MetricsWriter(rc.out_dir, enabled=is_main)
+  writer = MetricsWriter(rc.out_dir, enabled=is_main, start=start)
   bar = _Progress(rc.steps, start, rc.progress and is_main)
 
   stop = {"signal": None}
@@ -231,7 +369,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   history: list[dict] = []
   window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "gn": 0.0}
   pending = None
-  last_saved = start if ckpt.latest_step() is not None else None
+  last_saved = start if start > 0 else None  # verified finite when restored
   eval_metrics: dict[str, float] = {}
   stopped_by = None
 
@@ -242,11 +380,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     step_no, m = pending
     pending = None
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not math.isfinite(m["loss"]):
-      where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
-               is not None else "no checkpoint was written yet")
-      raise NonFiniteLossError(f"loss is {m['loss']} at step {step_no} (grad norm "
-                               f"{m['grad_norm']}); stopping without saving: {where}")
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+    if bad:
+      what = ", ".join(f"{k} {m[k]}" for k in ("loss", "grad_norm", "param_norm"))
+      raise NonFiniteLossError(f"non-finite {' and '.join(bad)} at step {step_no} ({what}); "
+                               f"stopping without saving: {last_good()}")
     losses[step_no] = m["loss"]
     if step_no == start + 1:  # the first step includes compilation: not in tokens/s
       window["t"], window["tsteps"] = time.perf_counter(), -1
@@ -275,9 +413,16 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
                 + (f"  mfu {rec['mfu']:.1%}" if "mfu" in rec else ""))
       window.update(t=time.perf_counter(), steps=0, tsteps=0, loss=0.0, gn=0.0)
 
+  def last_good():
+    return (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
+            is not None else "no checkpoint was written yet")
+
   def save(step_no):
     nonlocal last_saved
-    ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
+    try:
+      ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
+    except NonFiniteStateError as e:
+      raise NonFiniteLossError(f"{e}: {last_good()}") from None
     last_saved = step_no
 
   # Profiling (process 0 only: each process would write its own host file, and
@@ -309,7 +454,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     what = (f"steps {prof['first']}..{step_no}" if step_no >= prof["first"]
             else f"step {prof['first']} (unfinished)") + ("" if complete else " (stopped early)")
     log(f"profile: {what} traced to {where}; summarise with "
-        f"`python -m bench.trace_summary {prof_dir}`")
+        f"`python -m train.trace_summary {prof_dir}`")
 
   if rc.profile_steps and is_main and start >= prof_last:
     log(f"profile: steps {prof_first}..{prof_last} were done before step {start}; not tracing")
@@ -344,7 +489,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
       if rc.diag_every and (step % rc.diag_every == 0 or last):
         diag_batch = trainer.device_batch(next(iter(data_lib.make_dataset(
             cfg.data.path, split="val", seq_len=cfg.data.seq_len, batch_size=local_b,
-            shuffle=False, prefetch=0))))
+            shuffle=False, prefetch=0, verify=cfg.data.verify))))
         d = {k: float(v) for k, v in jax.device_get(
             trainer.diagnostics(state["params"], diag_batch)).items()}
         writer.write(step, d)
@@ -384,6 +529,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         if close:
           close()
 
+  if is_main:
+    try:
+      from train.plot import plot_run
+      plot_run(rc.out_dir)
+    except Exception as e:  # noqa: BLE001 - a plot never fails a finished run
+      log(f"loss plot: not written ({type(e).__name__}: {e})")
   samples = []
   if stopped_by is None and rc.sample_lines > 0 and is_main:
     samples = sample(cfg, state["params"], meta, rc.sample_lines, rc.sample_tokens,

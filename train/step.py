@@ -14,7 +14,8 @@
                 The LM head + loss run fused and chunked (`optimizer.loss_chunk_tokens`;
                 parallax_jax.nn.losses), so no [tokens, vocab] logits are materialized.
   eval_step     summed NLL and token count of one batch.
-  diagnostics   COR per layer and stable ranks of W_Q / W_R on one batch.
+  diagnostics   COR per layer, stable ranks of W_Q / W_R and the mean correction gate per
+                layer (when the gate is on), on one batch.
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ class Trainer:
                          in_shardings=(self.param_shardings, self.eval_batch_shardings),
                          out_shardings=rep)
     self._init = jax.jit(self._init_impl, out_shardings=self.state_shardings)
+    self._from_params = jax.jit(self._from_params_impl, in_shardings=(self.param_shardings,),
+                                out_shardings=self.state_shardings)
 
   # ------------------------------------------------------------------ context
   def context(self):
@@ -114,6 +117,15 @@ class Trainer:
   def init_state(self, seed: int):
     with self.context():
       return self._init(jax.random.key(seed))
+
+  def _from_params_impl(self, params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params)}
+
+  def state_from_params(self, params):
+    """A new state around given parameters (fine-tuning): fresh optimizer state, step 0."""
+    with self.context():
+      return self._from_params(params)
 
   # ------------------------------------------------------------------ steps
   def _head_loss(self, params, batch, loss_fn):
@@ -150,11 +162,15 @@ class Trainer:
           body, (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0))), batch)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     step = state["step"]
+    # The norm of the NEW parameters: the loop stops before keeping or saving a state that a
+    # non-finite update (a huge lr, an overflow) poisoned, which the loss (computed before
+    # the update) cannot show. One fused reduction over the parameters.
     metrics = {"loss": nll / denom, "z_loss": zsq / denom, "grad_norm": grad_norm,
+               "param_norm": optax.tree.norm(params),
                "lr": jnp.asarray(self.lr_schedule(step), jnp.float32), "tokens": n}
     return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -176,27 +192,39 @@ class Trainer:
       return self._eval_step(params, batch)
 
   def _diag_impl(self, params, batch):
+    cfg = self.cfg.model
     out = {}
     for path, sr in stable_ranks(params).items():
       out["stable_rank/" + path.replace("/kernel", "")] = jnp.mean(sr)
-    if self.cfg.model.has_probe_params:
-      calls = []
-      # q/k/v/r must not come from inside a scan or remat trace: use an unrolled, un-remat
-      # model with the same weights (stacked layers sliced apart)
-      model = Qwen3Model(self.cfg.model.replace(scan_layers=False, remat_policy="none"))
-      p = params
-      if self.cfg.model.scan_layers:
-        p = {k: v for k, v in params.items() if k != "layers"}
-        for i in range(self.cfg.model.num_layers):
-          p[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-      with _record_attention(calls):
-        model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
-                    segment_ids=batch["segment_ids"])
-      for i, (q, k, v, r, kw) in enumerate(calls):
-        if r is None:
-          continue
-        cor = pdiag.correction_to_output_ratio(q, k, v, r, **kw)
-        out[f"cor/layer_{i}"] = jnp.mean(cor)
+    if not (cfg.has_probe_params or cfg.correction_gate):
+      return out
+    # The attention layers sow q, k, v, r (after norm and RoPE) and the gate outside their
+    # shard_map, so these are global arrays on any mesh. Sown values from inside a scan or a
+    # remat trace are not, hence an unrolled, un-remat model with the same weights.
+    model = Qwen3Model(cfg.replace(scan_layers=False, remat_policy="none"))
+    p = params
+    if cfg.scan_layers:
+      p = {k: v for k, v in params.items() if k != "layers"}
+      for i in range(cfg.num_layers):
+        p[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    _, inter = model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"], mutable=["intermediates"])
+    for i in range(cfg.num_layers):
+      attn = inter["intermediates"][f"layers_{i}"]["attn"]
+      gate = attn["g"][0] if "g" in attn else None
+      if gate is not None:
+        out[f"gate/layer_{i}"] = jnp.mean(gate.astype(jnp.float32))
+      if "r" not in attn:
+        continue
+      r = attn["r"][0]
+      if gate is not None and cfg.resolved_affine == "affine":
+        r = r * gate[..., None].astype(r.dtype)  # what the attention receives: g * r
+      bw = (jnp.exp(p[f"layers_{i}"]["attn"]["log_bandwidth"].astype(jnp.float32))
+            if cfg.learnable_bandwidth else cfg.resolved_bandwidth)
+      cor = pdiag.correction_to_output_ratio(attn["q"][0], attn["k"][0], attn["v"][0], r,
+                                             causal=True, window=cfg.window,
+                                             segment_ids=batch["segment_ids"], bandwidth=bw)
+      out[f"cor/layer_{i}"] = jnp.mean(cor)
     return out
 
   def diagnostics(self, params, batch):
@@ -216,30 +244,3 @@ class Trainer:
         sh = self.eval_batch_shardings[k]
       out[k] = jax.make_array_from_process_local_data(sh, x)
     return out
-
-
-@contextlib.contextmanager
-def _record_attention(calls: list):
-  """Record (q, k, v, r, kwargs) of every family-API call the model's layers make.
-
-  Workaround: the model does not `sow` q/k/v/r, so the attention module's reference to the
-  family API is swapped for a recording proxy while tracing one forward pass."""
-  from parallax_jax.nn import layers
-
-  real = layers._api
-
-  class Proxy:
-    def __getattr__(self, name):
-      return getattr(real, name)
-
-    @staticmethod
-    def attention(q, k, v, r=None, **kw):
-      keep = {n: kw[n] for n in ("causal", "window", "segment_ids", "bandwidth") if n in kw}
-      calls.append((q, k, v, r, keep))
-      return real.attention(q, k, v, r, **kw)
-
-  layers._api = Proxy()
-  try:
-    yield
-  finally:
-    layers._api = real

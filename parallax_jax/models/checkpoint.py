@@ -34,13 +34,14 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from parallax_jax.models.config import ModelConfig
 from parallax_jax.models.qwen3 import CONFIG_FILE, abstract_params
 
 __all__ = ["CheckpointSource", "find_checkpoint", "load_checkpoint", "checkpoint_data",
-           "committed_steps", "param_paths"]
+           "committed_steps", "param_paths", "fingerprint", "verify_fingerprint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,74 @@ class CheckpointSource:
   train_config: dict | None = None
   step: int | None = None
   run_dir: str | None = None
+
+
+def _leaf_fingerprint(x):
+  """(sum of the raw 32-bit words, sum of word * odd position weight) mod 2^32, finite?
+
+  Integer sums wrap exactly, so the result does not depend on the reduction order or on how
+  the array is sharded; any single flipped bit changes the first sum, a swap the second."""
+  x = jnp.asarray(x)
+  size = x.dtype.itemsize
+  if x.dtype == jnp.bool_:
+    u = x.astype(jnp.uint32)
+  elif size >= 4:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., size // 4] for 8-byte types
+    if size > 4:
+      u = jnp.bitwise_xor(u[..., 0], u[..., 1] * jnp.uint32(0x9E3779B1))
+  else:
+    u = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  pos = jnp.zeros(u.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(u.ndim)):  # the flat index, built per dimension: shards stay local
+    pos = pos + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
+    stride *= u.shape[d]
+  s1 = jnp.sum(u, dtype=jnp.uint32)
+  s2 = jnp.sum(u * (pos * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.bool_(True))
+  return jnp.stack([s1, s2]), finite
+
+
+@jax.jit
+def _fingerprint_jit(state):
+  sums, finite = zip(*(_leaf_fingerprint(x) for x in jax.tree.leaves(state)))
+  return jnp.stack(sums), jnp.stack(finite)
+
+
+def _path(p) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p)
+
+
+def fingerprint(state) -> dict[str, Any]:
+  """{"leaves": {path: [s1, s2]}, "nonfinite": [paths with NaN / inf]} of a state tree."""
+  paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  sums, finite = jax.device_get(_fingerprint_jit(state))
+  return {"version": 1,
+          "leaves": {p: [int(a), int(b)] for p, (a, b) in zip(paths, np.asarray(sums))},
+          "nonfinite": [p for p, ok in zip(paths, np.asarray(finite)) if not ok]}
+
+
+def few(paths, n: int = 3) -> str:
+  paths = list(paths)
+  return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def verify_fingerprint(tree, saved: dict | None) -> str | None:
+  """None if every array of `tree` is finite and (when `saved` is a fingerprint of a tree
+  holding it, e.g. the train state around params) matches its saved sums; else what is
+  wrong. Paths of `tree` absent from `saved` are an error; extra saved paths are not (a
+  partial restore reads a subtree)."""
+  fp = fingerprint(tree)
+  if fp["nonfinite"]:
+    return f"it holds NaN / inf in {few(fp['nonfinite'])}"
+  if saved is None:
+    return None
+  want = saved.get("leaves", {})
+  bad = [p for p, v in fp["leaves"].items() if want.get(p) != v]
+  if bad:
+    return f"its arrays differ from what was saved ({few(bad)})"
+  return None
 
 
 def _json(path: str, what: str):
@@ -180,13 +249,16 @@ def param_paths(tree) -> dict[tuple[str, ...], Any]:
 
 
 def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int | None = None,
-                    drop_unused: bool = False, source: CheckpointSource | None = None):
+                    drop_unused: bool = False, source: CheckpointSource | None = None,
+                    shardings=None):
   """(config, params) from a run directory, one step, or a `save_checkpoint` directory.
 
   config: replaces the stored config (its parameters must be stored with the same shapes).
   step: the step of a run directory (default: the newest committed). drop_unused: allow a
   config that leaves some stored parameters out (listed in the error otherwise). Params
-  are restored in `config.param_dtype` on the first device. Only the parameters are read."""
+  are restored in `config.param_dtype`, on the first device or with `shardings` (a tree of
+  shardings like the params). Only the parameters are read, and checked: finite, and equal
+  to what was saved where the step holds a fingerprint (`integrity`, written by the loop)."""
   import orbax.checkpoint as ocp
   src = source or find_checkpoint(path, step)
   config = src.config if config is None else config
@@ -207,9 +279,11 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
   if extra and not drop_unused:
     raise ValueError(f"{where}: the config leaves out stored parameters ({', '.join(extra[:4])}"
                      f"{' ...' if len(extra) > 4 else ''}); pass drop_unused=True to drop them")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                        abstract_params(config))
+  if shardings is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda a: dev, abstract_params(config))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_params(config), shardings)
   item = target
   for k in reversed(src.prefix):
     item = {k: item}
@@ -222,11 +296,15 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
   except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
     raise ValueError(f"{where}: the parameters do not read back ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  saved = None
+  integrity = os.path.join(os.path.dirname(src.params_dir), "integrity")
+  if src.prefix and os.path.isdir(integrity):
+    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(integrity)
+  problem = verify_fingerprint(out, saved)  # paths like the saved state's: params/...
+  if problem:
+    raise ValueError(f"{where}: {problem}")
   for k in src.prefix:
     out = out[k]
-  bad = [k for k, a in param_paths(out).items() if not np.all(np.isfinite(np.asarray(a)))]
-  if bad:
-    raise ValueError(f"{where}: parameter {'/'.join(bad[0])} holds NaN / inf")
   return config, out
 
 

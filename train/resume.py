@@ -1,0 +1,75 @@
+"""What a resumed run may change, decided from the checkpoint's stored config.
+
+Every config key falls in one of three classes:
+  fixed       the checkpoint cannot be restored into the new run, or the data stream would
+              not continue where it stopped: model.*, data.path, data.seq_len, optimizer.name,
+              optimizer.clip_grad_norm switched on / off (the optimizer state's structure).
+  trajectory  the run would continue on another path than the one it started: run.steps,
+              the rest of optimizer.* and schedule.* (the learning-rate schedule is a function
+              of run.steps), data.global_batch_size, data.seed. Refused under
+              run.resume=auto, applied with a printed note under run.resume=override (the new
+              schedule is evaluated from the restored step on).
+  free        everything else (logging, eval, checkpoint cadence, mesh, prefetch, ...).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from train.checkpoint import CheckpointMismatchError
+
+FIXED_PREFIXES = ("model.", "data.path", "data.seq_len", "optimizer.name")
+TRAJECTORY_PREFIXES = ("run.steps", "optimizer.", "schedule.", "data.global_batch_size",
+                       "data.seed")
+FREE_KEYS = ("optimizer.loss_chunk_tokens",)  # numerics of the same loss, chunked differently
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def changes(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """(key, checkpoint value, config value) for every leaf key that differs."""
+  a = flatten(json.loads(json.dumps(stored)))
+  b = flatten(json.loads(json.dumps(current)))
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def classify(key: str, old: Any, new: Any) -> str:
+  if key in FREE_KEYS:
+    return "free"
+  if key == "optimizer.clip_grad_norm" and (not old) != (not new):
+    return "fixed"
+  if key.startswith(FIXED_PREFIXES):
+    return "fixed"
+  if key.startswith(TRAJECTORY_PREFIXES):
+    return "trajectory"
+  return "free"
+
+
+def _fmt(items) -> str:
+  return ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in items)
+
+
+def check(stored: dict, current: dict, mode: str, where: str) -> list[str]:
+  """Raise CheckpointMismatchError naming the keys a resume under `mode` may not change;
+  return notes for the changes it applies."""
+  diff = changes(stored, current)
+  fixed = [d for d in diff if classify(*d) == "fixed"]
+  traj = [d for d in diff if classify(*d) == "trajectory"]
+  if fixed:
+    raise CheckpointMismatchError(
+        f"checkpoint {where} was written for a different run ({_fmt(fixed)}); use another "
+        f"run.out_dir, or start over with --set run.resume=never in a new run.out_dir")
+  if traj and mode != "override":
+    raise CheckpointMismatchError(
+        f"resuming from {where} would change the run's trajectory ({_fmt(traj)}); to resume "
+        f"with the new values anyway (the schedule is recomputed from the restored step on), "
+        f"--set run.resume=override")
+  return [f"resume: {k} {a!r} -> {b!r}" for k, a, b in traj]
