@@ -1,4 +1,6 @@
-"""Data / FSDP / tensor parallel train steps on 8 simulated CPU devices match 1 device.
+"""Data / FSDP / tensor parallel train steps on 8 simulated CPU devices match 1 device;
+diagnostics and eval run on every mesh; the whole loop (eval, diagnostics, checkpoint,
+resume, sampling) runs on a data x fsdp x tensor = 2 x 2 x 2 mesh.
 
 Runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must
 be set before JAX starts). Three optimizer steps (Muon + AdamW, grad clipping) on the same
@@ -37,6 +39,11 @@ def _recording(q, *a, **kw):
 api.attention = _recording
 
 out = sys.argv[1]
+# compiled steps are reused by the loop at the end (same programs)
+jax.config.update("jax_compilation_cache_dir", out + "_xla_cache")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+configs = {}
 prepare(out, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
 assert jax.device_count() == 8
 it = iter(make_dataset(out, split="train", seq_len=32, batch_size=8, prefetch=0))
@@ -62,11 +69,33 @@ for name, mesh_cfg, ndev, accum in [("single", MeshConfig(1, 1, 1), 1, 1),
   for b in batches:
     st, m = tr.train_step(st, tr.device_batch(b, accum=accum))
     ls.append([float(m["loss"]), float(m["grad_norm"])])
+  _rec[0] = False
+  # diagnostics (COR from the sown q/k/v/r, stable ranks) and eval on every mesh
+  d = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(batches[0])))
+  ev = jax.device_get(tr.eval_step(st["params"], tr.device_batch(batches[0])))
+  ls.append([float(d["cor/layer_0"]), float(ev["nll"])])
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
                "mu_spec": None, "attn_q": sorted({tuple(x) for x in seen})}
-  _rec[0] = False
+  configs[name] = cfg
+
+# The whole loop on all three axes, with the all3 config above (so the compiled train, eval
+# and diagnostics steps come from the persistent cache): eval, diagnostics, checkpoint,
+# interrupt, resume, sampling.
+import dataclasses
+from train.loop import train
+cfg = dataclasses.replace(configs["all3"], run=RunConfig(
+    steps=2, out_dir=out + "_run", log_every=1, eval_every=1, diag_every=1, checkpoint_every=1,
+    progress=False, sample_lines=1, sample_tokens=4))
+q = lambda s: None
+part = train(cfg, stop_after=1, log=q)
+rest = train(cfg, log=q)
+recs = [json.loads(l) for l in open(out + "_run/metrics.jsonl")]
+res["loop"] = {"part": part["final_step"], "final": rest["final_step"],
+               "samples": len(rest["samples"]),
+               "loss_steps": [r["step"] for r in recs if "loss" in r],
+               "keys": sorted(set().union(*recs))}
 print("RESULT" + json.dumps(res))
 """)
 
@@ -82,7 +111,7 @@ def test_parallelisms_match_single_device(tmp_path):
   ref = res["single"]["losses"]
   for name in ("data", "fsdp", "tensor_accum", "all3"):
     got = res[name]["losses"]
-    for (l0, g0), (l1, g1) in zip(ref, got):
+    for (l0, g0), (l1, g1) in zip(ref[:-1], got[:-1]):
       assert abs(l0 - l1) <= 2e-4 * abs(l0), (name, ref, got)
       assert abs(g0 - g1) <= 2e-3 * abs(g0), (name, ref, got)
   assert "fsdp" in res["fsdp"]["q_spec"]
@@ -93,3 +122,12 @@ def test_parallelisms_match_single_device(tmp_path):
   assert res["tensor_accum"]["attn_q"] == [[1, 32, 2, 16]], res["tensor_accum"]
   assert res["all3"]["attn_q"] == [[2, 32, 2, 16]], res["all3"]
   assert "tensor" in res["tensor_accum"]["q_spec"] and "tensor" in res["tensor_accum"]["e_spec"]
+  # diagnostics and eval agree across meshes (the last entry of each run's list)
+  ref_cor, ref_nll = res["single"]["losses"][-1]
+  for name in ("data", "fsdp", "tensor_accum", "all3"):
+    cor, nll = res[name]["losses"][-1]
+    assert abs(cor - ref_cor) <= 1e-2 * abs(ref_cor) and abs(nll - ref_nll) <= 1e-3 * ref_nll, name
+  loop = res["loop"]
+  assert (loop["part"], loop["final"], loop["samples"]) == (1, 2, 1), loop
+  assert loop["loss_steps"] == [1, 2], loop
+  assert {"eval/loss", "cor/layer_0", "stable_rank/layers_0/attn/r_proj"} <= set(loop["keys"])
