@@ -1,5 +1,5 @@
 """Opt-in profiling of a few training steps (run.profile_start / run.profile_steps) and the
-trace summary script (bench/trace_summary.py), on CPU."""
+trace summary script (train/trace_summary.py), on CPU."""
 from __future__ import annotations
 
 import glob
@@ -47,7 +47,7 @@ def tiny_config(shards: str, out_dir: str):
 
 
 def test_train_profiles_steps_and_summary_reads_trace(shards, tmp_path, capsys):
-  from bench import trace_summary
+  from train import trace_summary
   from train.loop import train
   out_dir = str(tmp_path / "run")
   cfg = tiny_config(shards, out_dir)
@@ -94,7 +94,7 @@ def test_trace_stops_when_the_loop_exits_inside_the_window(shards, tmp_path):
 
 
 def test_summary_says_perfetto_trace_is_missing(tmp_path):
-  from bench import trace_summary
+  from train import trace_summary
   (tmp_path / "plugins" / "profile" / "t").mkdir(parents=True)
   (tmp_path / "plugins" / "profile" / "t" / "host.xplane.pb").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="Perfetto trace is missing"):
@@ -104,7 +104,7 @@ def test_summary_says_perfetto_trace_is_missing(tmp_path):
 def test_summary_gpu_tracks_and_categories(tmp_path):
   """A synthetic GPU trace: only the device's Stream lines count, not derived 'XLA Ops'."""
   import gzip
-  from bench import trace_summary
+  from train import trace_summary
   ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},

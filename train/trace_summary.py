@@ -1,4 +1,4 @@
-"""Summarise a JAX profiler trace by GPU kernel: `python -m bench.trace_summary DIR [--top 40]
+"""Summarise a JAX profiler trace by GPU kernel: `python -m train.trace_summary DIR [--top 40]
 [--json OUT]`.
 
 Reads the Chrome/Perfetto trace JSON that `jax.profiler.stop_trace()` writes when the trace
@@ -198,7 +198,7 @@ def to_markdown(s: dict, top: int = 40, trace_path: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m bench.trace_summary",
+  ap = argparse.ArgumentParser(prog="python -m train.trace_summary",
                                description=__doc__.split("\n\n")[0])
   ap.add_argument("path", help="profile directory (e.g. <out_dir>/profile) or a trace file")
   ap.add_argument("--top", type=int, default=40, help="kernels to list (default 40)")
