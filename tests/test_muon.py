@@ -333,6 +333,15 @@ def test_bad_config_raises_naming_the_key(kwargs, key):
     muon(0.02, **kwargs)
 
 
+@pytest.mark.parametrize("lr, adam_lr, key", [
+    (-0.02, None, "learning_rate"), (float("nan"), None, "learning_rate"),
+    (0.02, float("inf"), "adam_learning_rate"), (0.02, -1.0, "adam_learning_rate")])
+def test_bad_learning_rate_is_refused(lr, adam_lr, key):
+  with pytest.raises(ValueError, match=f"^{key} must be a finite number >= 0"):
+    muon(lr, adam_learning_rate=adam_lr)
+  muon(optax.constant_schedule(0.02))  # schedules are not evaluated here
+
+
 def test_bad_rules_raise():
   with pytest.raises(ValueError, match="Rule.label"):
     Rule("x", "sgd")

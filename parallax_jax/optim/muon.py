@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections import defaultdict
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -205,6 +206,9 @@ def muon(
   _check(isinstance(routing, rt.Routing), "routing", routing, "a Routing or None")
   if per_head is not None:
     routing = dataclasses.replace(routing, per_head=bool(per_head))
+  for key, lr in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
+    if isinstance(lr, (int, float)):  # schedules and traced values are the caller's to check
+      _check(math.isfinite(lr) and lr >= 0, key, lr, "a finite number >= 0")
   _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
   _check(adam_weight_decay >= 0, "adam_weight_decay", adam_weight_decay, ">= 0")
   _check(0.0 <= adam_b1 < 1.0, "adam_b1", adam_b1, "in [0, 1)")
