@@ -171,6 +171,7 @@ FLA_CASES = {
     "tied-gqa": dict(),
     "untied-window-mha": dict(tie_embeddings=False, window=3, num_kv_heads=4),
     "bandwidth-scan": dict(bandwidth=3.0, scan_layers=True),
+    "r_scale": dict(r_scale=0.25),  # folded into r_norm's weight
 }
 
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallax_jax.models import presets, qwen3
+from parallax_jax.models import init_params, presets, qwen3
+from parallax_jax.models.qwen3 import Qwen3Model
 from parallax_jax.models.config import ModelConfig
 from parallax_jax.nn.layers import LOGICAL_AXIS_NAMES
 
@@ -279,3 +280,20 @@ def test_bad_configs_name_the_key(key, kw):
 def test_from_dict_names_unknown_key():
   with pytest.raises(ValueError, match=r"ModelConfig\.n_heads:"):
     ModelConfig.from_dict({"n_heads": 4})
+
+
+def test_r_scale_equals_a_scaled_w_r():
+  """r_scale multiplies r after its (absent) norm: the same as scaling W_R."""
+  import jax
+  cfg = presets.tiny(vocab_size=64, max_seq_len=32, dtype="float32", implementation="xla",
+                     r_init="like_q")
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(1, 16)
+  scaled = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 0.3 if "r_proj" in jax.tree_util.keystr(p) else x, params)
+  a = Qwen3Model(cfg.replace(r_scale=0.3)).apply({"params": params}, tokens)
+  b = Qwen3Model(cfg).apply({"params": scaled}, tokens)
+  np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="r_scale: must be a finite number > 0"):
+    cfg.replace(r_scale=0.0)
+  assert presets.softmax_control(cfg.replace(r_scale=0.3)).r_scale == 1.0

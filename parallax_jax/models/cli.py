@@ -39,10 +39,10 @@ def _tokenizer(path):
 def with_attention(config, name: str):
   """`config` with attention member `name`; the probe's norm and the gate go when the new
   member has no learned probe / no correction to gate (as in `presets.softmax_control`)."""
-  new = config.replace(attention=name, probe=None, affine=None, r_norm=False,
+  new = config.replace(attention=name, probe=None, affine=None, r_norm=False, r_scale=1.0,
                        correction_gate=False)
   if new.has_probe_params:
-    new = new.replace(r_norm=config.r_norm)
+    new = new.replace(r_norm=config.r_norm, r_scale=config.r_scale)
   if (config.correction_gate and new.resolved_affine in ("affine", "boundary")
       and new.resolved_probe != "none"):
     new = new.replace(correction_gate=True)

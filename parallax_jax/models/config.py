@@ -71,6 +71,8 @@ class ModelConfig:
       None: the Pallas decode kernel on GPU where it applies).
     r_init: 'zeros' (W_R = 0: exactly the softmax model at init) or 'like_q'.
     r_norm: per-head RMSNorm on r (`attn/r_norm/scale`), like Qwen3's QK-norm.
+    r_scale: a fixed factor on r after its norm, before RoPE (1.0: none); e.g. to start a
+      normalised probe small while W_R is initialised like W_Q.
     correction_gate: o = vbar - g * C^T r with g = sigmoid(x W_g + b) per position and head
       (`attn/gate/kernel` [d, Hq], `attn/gate/bias` [Hq]); gate_bias_init sets b at init.
 
@@ -105,6 +107,7 @@ class ModelConfig:
   decode_implementation: str | None = None
   r_init: str = "zeros"
   r_norm: bool = False
+  r_scale: float = 1.0
   correction_gate: bool = False
   gate_bias_init: float = 0.0
   # numerics / structure
@@ -154,6 +157,9 @@ class ModelConfig:
     if self.learnable_bandwidth and math.isinf(self.resolved_bandwidth):
       _err("learnable_bandwidth", "cannot learn an infinite bandwidth (this member's bandwidth "
            "is inf); set bandwidth to a finite value or learnable_bandwidth=False")
+    v = self.r_scale
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+      _err("r_scale", f"must be a finite number > 0, got {v!r}")
     if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or self.ridge < 0:
       _err("ridge", f"must be a number >= 0, got {self.ridge!r}")
     if self.correction_gate:

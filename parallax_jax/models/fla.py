@@ -26,6 +26,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import numpy as np
+
 from parallax_jax.models import hf
 from parallax_jax.models.config import ModelConfig
 
@@ -144,6 +147,11 @@ def save_fla_checkpoint(path: str, config: ModelConfig, params, *, dtype: str | 
   logits equal this model's up to the notes returned (see the module doc for what raises).
   dtype: 'float32' | 'bfloat16' | 'float16' (None: the params' dtype)."""
   notes = check_fla_exportable(config)
+  if config.r_scale != 1.0:  # fla has no such factor: fold it into r's norm weight
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * np.float32(config.r_scale) if "r_norm" in jax.tree_util.keystr(p)
+        else x, params)
+    notes.append(f"r_scale {config.r_scale:g} folded into r_norm")
   scales = hf.q_scales(config, params, "fla")
   if any(abs(s - 1.0) > 1e-12 for s in scales):
     notes.append(f"bandwidth folded into q_norm (scale x{scales[0]:.6g} in layer 0)")

@@ -54,7 +54,7 @@ def softmax_control(config: ModelConfig, match: str = "params", *,
   if match not in ("params", "compute"):
     raise ValueError(f"softmax_control: match must be 'params' or 'compute', got {match!r}")
   base = config.replace(attention="softmax", probe=None, affine=None, r_norm=False,
-                        correction_gate=False)
+                        r_scale=1.0, correction_gate=False)
   if match == "params":
     metric = param_count
   else:

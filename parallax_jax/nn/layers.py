@@ -216,7 +216,7 @@ class Attention(nn.Module):
   """Attention with q/k/v/o projections, QK-norm, RoPE and the family member from the config.
 
   Parallax's probe r = W_R x is a separate projection shaped like W_Q (`r_proj`), with optional
-  RMSNorm, then the same RoPE as q. The optional sigmoid gate g (per position and q-head)
+  RMSNorm and fixed scale (`r_scale`), then the same RoPE as q. The optional sigmoid gate g (per position and q-head)
   multiplies the correction: o = vbar - g C^T r. For affine='affine' the output is linear in r,
   so this is computed exactly with ONE attention call by passing g * r as the probe. For
   'boundary' (nonlinear in r) or the 'solve' probe it costs a second, softmax, call:
@@ -265,6 +265,8 @@ class Attention(nn.Module):
       r = proj("r_proj", hq, "q_heads", zero=cfg.r_init == "zeros")
       if cfg.r_norm:
         r = norm("r_norm")(r)
+      if cfg.r_scale != 1.0:
+        r = r * jnp.asarray(cfg.r_scale, r.dtype)
       r = checkpoint_name(constrain(apply_rope(r, cos, sin), BLHD_Q), "r")
 
     gate = None
