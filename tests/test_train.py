@@ -308,7 +308,7 @@ def test_scanned_remat_model_step_and_diagnostics(shards, tmp_path):
   assert np.isfinite(float(m["loss"]))
   d = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(next(it))))
   assert {"cor/layer_0", "cor/layer_1"} <= set(d)
-  assert float(d["cor/layer_0"]) > 0 and float(d["stable_rank/layers/attn/r_proj"]) > 0
+  assert float(d["cor/layer_0"]) > 0 and float(d["stable_rank/layers_1/attn/r_proj"]) > 0
 
 
 def test_overrides_are_validated_together():

@@ -195,7 +195,12 @@ class Trainer:
     cfg = self.cfg.model
     out = {}
     for path, sr in stable_ranks(params).items():
-      out["stable_rank/" + path.replace("/kernel", "")] = jnp.mean(sr)
+      name = path.replace("/kernel", "")
+      if sr.ndim and name.startswith("layers/"):  # scanned layers: one key per layer, as unrolled
+        for i in range(sr.shape[0]):
+          out[f"stable_rank/layers_{i}/" + name[len("layers/"):]] = sr[i]
+      else:
+        out["stable_rank/" + name] = jnp.mean(sr)
     if not (cfg.has_probe_params or cfg.correction_gate):
       return out
     # The attention layers sow q, k, v, r (after norm and RoPE) and the gate outside their
