@@ -1,7 +1,7 @@
 """What the training loop's reliability guards cost.
 
     PYTHONPATH=. python bench/train_guards.py [--config qwen3_0p6b_parallax] [--batch 8]
-        [--seq-len 4096] [--steps 10] [--data data/stdlib] [--out train_guards]
+        [--seq-len 4096] [--steps 10] [--shard-mb 256] [--out train_guards]
 
 Three guards run on the training path (train/step.py, train/checkpoint.py, train/data.py):
 - every step: the norm of the updated parameters (`param_norm`), so a non-finite update is
@@ -10,7 +10,9 @@ Three guards run on the training path (train/step.py, train/checkpoint.py, train
   the reduction alone over the parameters.
 - every checkpoint save and restore: the state's fingerprint (two 32-bit sums of the raw
   bits of every array, and a finite check), one jitted pass over params + optimizer state.
-- every shard, once per process when opened: CRC-32 and the token-id range (one read).
+- every shard, once per process when opened: CRC-32 and the token-id range (one read),
+  timed on a synthetic shard of --shard-mb written to a temporary directory.
+The steps train on random token ids (the guards' cost does not depend on the data).
 """
 from __future__ import annotations
 
@@ -34,28 +36,30 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq-len", type=int, default=4096)
   ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--data", default="data/stdlib")
+  ap.add_argument("--shard-mb", type=float, default=256)
   ap.add_argument("--out", default="train_guards")
   a = ap.parse_args(argv)
 
+  from parallax_jax.models.checkpoint import _fingerprint_jit
   from train import data as data_lib
-  from train.checkpoint import _fingerprint_jit
   from train.config import load_config_file
-  from train.loop import ensure_data
   from train.mesh import make_mesh
   from train.step import Trainer
 
   cfg = load_config_file(a.config)
   cfg = dataclasses.replace(
-      cfg, data=dataclasses.replace(cfg.data, path=a.data, seq_len=a.seq_len,
-                                    global_batch_size=a.batch, grad_accum=1,
-                                    auto_prepare=True, vocab_size=1024),
+      cfg, data=dataclasses.replace(cfg.data, seq_len=a.seq_len, global_batch_size=a.batch,
+                                    grad_accum=1),
       schedule=dataclasses.replace(cfg.schedule, warmup_steps=1))
-  ensure_data(cfg)
   mesh = make_mesh(cfg.mesh)
-  it = iter(data_lib.make_dataset(a.data, split="train", seq_len=a.seq_len, batch_size=a.batch,
-                                  prefetch=0))
-  host = [next(it) for _ in range(a.steps + 1)]
+  rng = np.random.default_rng(0)
+  host = []
+  for _ in range(a.steps + 1):
+    ids = rng.integers(0, cfg.model.vocab_size, (a.batch, a.seq_len + 1), dtype=np.int32)
+    host.append({"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                 "segment_ids": np.ones((a.batch, a.seq_len), np.int32),
+                 "positions": np.broadcast_to(np.arange(a.seq_len, dtype=np.int32),
+                                              (a.batch, a.seq_len)).copy()})
 
   class WithoutGuard(Trainer):
     def _train_step_impl(self, state, batch):
@@ -87,15 +91,24 @@ def main(argv=None):
   del tr, st, params
   _, _, t_without = step_times(WithoutGuard)
 
-  # shard verification throughput (uncached: the module's cache is cleared per pass)
-  meta = data_lib.read_meta(a.data)
-  shards = meta["splits"]["train"]
-  nbytes = sum(os.path.getsize(os.path.join(a.data, s + ".bin")) for s in shards)
-  t0 = time.perf_counter()
-  data_lib._verified.clear()
-  for s in shards:
-    data_lib.check_shard(a.data, s, meta, verify=True)
-  t_shards = time.perf_counter() - t0
+  # shard verification throughput (uncached: the module's cache is cleared first)
+  import json
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    n = int(a.shard_mb * 1e6) // 2
+    rng.integers(0, 1024, n, dtype=np.uint16).tofile(os.path.join(tmp, "s.bin"))
+    np.save(os.path.join(tmp, "s.offsets.npy"), np.asarray([0, n], np.int64))
+    meta = {"format": data_lib.FORMAT, "dtype": "uint16", "vocab_size": 1024, "eos_id": 0,
+            "splits": {"train": ["s"]},
+            "checksums": {"s": {"bin": data_lib.crc32_file(os.path.join(tmp, "s.bin")),
+                                "offsets": data_lib.crc32_file(os.path.join(tmp,
+                                                                            "s.offsets.npy"))}}}
+    json.dump(meta, open(os.path.join(tmp, "meta.json"), "w"))
+    nbytes = 2 * n
+    data_lib._verified.clear()
+    t0 = time.perf_counter()
+    data_lib.check_shard(tmp, "s", meta, verify=True)
+    t_shards = time.perf_counter() - t0
 
   med = statistics.median
   env = common.environment()
