@@ -261,7 +261,7 @@ def test_out_of_vocabulary_ids_name_the_file(shards, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("run.out_dir={file}", "run.out_dir: '{file}' is a file, not a directory"),
     ("mesh.data=3", "mesh: data*fsdp*tensor = 3 but there are 1 devices"),
-    ("data.path={missing}", "no token shards at '{missing}'"),
+    ("data.path={missing}", "data.path '{missing}' has no meta.json"),
 ])
 def test_cli_errors_are_one_line(shards, tmp_path, capsys, override, message):
   from train.__main__ import main

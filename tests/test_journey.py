@@ -63,8 +63,8 @@ def test_user_journey(installed):
   assert os.path.isfile(work / "runs/soft/loss.png")
   assert os.path.isdir(work / "runs/soft/checkpoints/3")
   p = run(installed, "-m", "parallax_jax.models.cli", "--checkpoint", "runs/soft", "--prompt",
-          "def ", "--max-new-tokens", "4")
-  assert p.stdout.strip()
+          "def ", "--max-new-tokens", "4", "--json")
+  assert len([json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]) == 1
 
   # export it to transformers' Qwen3 layout; fine-tune that as Parallax (W_R = 0) on a
   # data x fsdp x tensor = 2 x 2 x 2 mesh with diagnostics every step

@@ -105,10 +105,13 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
   if not docs:
     raise ValueError(f"no documents found in {inputs}")
   os.makedirs(out, exist_ok=True)
+  val = {i for i in range(len(docs)) if _is_val(i, val_fraction)}
+  if not val and len(docs) >= 2 and val_fraction > 0:
+    val = {len(docs) - 1}  # a small corpus still gets a held-out document
   if tokenizer:
     tok = Tokenizer.from_file(tokenizer)
   else:
-    tok = train_bpe([d for i, d in enumerate(docs) if not _is_val(i, val_fraction)], vocab_size)
+    tok = train_bpe([d for i, d in enumerate(docs) if i not in val], vocab_size)
   eos_id = tok.token_to_id(EOS)
   if eos_id is None:
     eos_id = tok.get_vocab_size()
@@ -143,15 +146,17 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
       ids = np.asarray(enc.ids + [eos_id], np.int64)
       if len(ids) < 2:
         continue
-      split = "val" if _is_val(start + k, val_fraction) else "train"
+      split = "val" if start + k in val else "train"
       buffers[split].append(ids)
       counts[split] += len(ids)
       if counts[split] >= shard_tokens:
         flush(split)
   flush("train")
   flush("val")
-  if not splits["val"]:  # tiny corpora: hold out the last train document's shard copy
-    raise ValueError("no validation documents; raise --val-fraction or add input")
+  if not splits["val"] or not splits["train"]:
+    raise ValueError(f"{len(docs)} document(s) in {inputs} leave no "
+                     f"{'validation' if not splits['val'] else 'training'} split; add input "
+                     f"or change --val-fraction")
   meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
           "eos_id": int(eos_id), "tokenizer": "tokenizer.json", "splits": splits,
           "checksums": checksums, "num_documents": len(docs), "inputs": inputs}
