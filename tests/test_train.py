@@ -22,29 +22,7 @@ from train.schedule import wsd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-  """Every train() builds a fresh Trainer; a persistent compilation cache lets the repeated
-  identical train steps of this module compile once."""
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  from train.prepare import prepare
-  out = str(tmp_path_factory.mktemp("shards"))
-  prepare(out, None, vocab_size=VOCAB, max_mb=0.25, val_fraction=0.1, quiet=True)
-  return out
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def small_config(data_path: str, out_dir: str, **run_kw) -> TrainConfig:

@@ -26,6 +26,8 @@ import os
 import statistics
 from typing import Any
 
+from train.resume import flatten
+
 # Keys that do not change what a run computes: a finished run is still the same run when
 # only these differ (another out_dir after a move, more frequent logging, ...).
 NEUTRAL_KEYS = ("name", "run.out_dir", "run.progress", "run.resume", "run.log_every",
@@ -33,16 +35,6 @@ NEUTRAL_KEYS = ("name", "run.out_dir", "run.progress", "run.resume", "run.log_ev
                 "run.profile_start", "run.profile_steps", "run.sample_lines",
                 "run.sample_tokens", "run.sample_temperature", "data.path", "data.prefetch",
                 "data.verify", "data.auto_prepare")
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def fingerprint(cfg_dict: dict) -> str:
