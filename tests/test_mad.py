@@ -1,13 +1,19 @@
-"""MAD suite: generator invariants and MAD's accuracy."""
+"""MAD suite: generator invariants, MAD's accuracy, the model, the vmapped protocol, the CLI."""
 import dataclasses
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from parallax_jax.mad import metrics, tasks
+from parallax_jax import mad
+from parallax_jax.mad import metrics, report, tasks, train
+from parallax_jax.mad.model import MUON_ROUTING, MADModel, ModelConfig, init_params, member_spec
+from parallax_jax.optim import muon, routing as rt
 
 IGNORE = tasks.IGNORE
 
@@ -229,6 +235,240 @@ def test_batch_metrics_perplexity_and_ignore(rng):
   nll = -np.mean([lp[0, i, int(target[0, i])] for i in (0, 1, 3, 4)])
   assert float(m["ppl"]) == pytest.approx(math.exp(nll), rel=1e-5)
   assert int(m["scored"]) == 4
+
+
+# ----------------------------------------------------------------------------- model
+
+TINY = dict(width=16, num_heads=2, num_layers=1, dtype="float32", implementation="xla")
+
+
+def test_member_spec():
+  assert member_spec("parallax") == (None, "learned", "affine")
+  assert member_spec("query:linear:inf") == (math.inf, "query", "linear")
+  assert member_spec("learned:affine:4") == (4.0, "learned", "affine")
+  assert member_spec("learned:affine:default") == (None, "learned", "affine")
+  for bad in ("transformer", "learned", "learned:cubic", "learned:affine:-1", "none:constant:x"):
+    with pytest.raises(ValueError, match="member"):
+      member_spec(bad)
+  with pytest.raises(ValueError, match="num_heads"):
+    ModelConfig(vocab_size=8, seq_len=8, width=16, num_heads=3)
+  with pytest.raises(ValueError, match="r_init"):
+    ModelConfig(vocab_size=8, seq_len=8, r_init="ones")
+
+
+@pytest.mark.parametrize("backbone", ["lm", "autoencoder"])
+def test_every_leaf_is_routed_and_only_hidden_matrices_get_muon(backbone):
+  cfg = ModelConfig(vocab_size=11, seq_len=8, backbone=backbone, member="parallax", r_norm=True,
+                    **TINY)
+  params = init_params(cfg, 0)
+  strict = dataclasses.replace(MUON_ROUTING, unmatched="error")
+  labels = {rt.path_str(p): lab for p, lab in
+            jax.tree_util.tree_flatten_with_path(rt.param_labels(params, strict))[0]}
+  muon_paths = {p for p, lab in labels.items() if lab == rt.MUON}
+  want = {f"layer_0/attn/{n}_proj/kernel" for n in "qkvro"}
+  want |= {f"layer_1/mlp/{n}_proj/kernel" for n in ("gate", "up", "down")}
+  if backbone == "autoencoder":
+    want |= {"decoder_0/kernel", "decoder_1/kernel"}
+  assert muon_paths == want
+  assert labels["embed/embedding"] == labels["lm_head/kernel"] == rt.ADAM
+
+
+def test_init_follows_mad():
+  lm = init_params(ModelConfig(vocab_size=11, seq_len=8, member="parallax", **TINY), 0)
+  q = lm["layer_0"]["attn"]["q_proj"]["kernel"]
+  assert np.abs(q).max() <= 1 / math.sqrt(16) and np.std(q) > 0.5 / math.sqrt(3 * 16)
+  o = lm["layer_0"]["attn"]["o_proj"]["kernel"]  # fan-in = heads x head_dim
+  assert o.shape == (2, 8, 16) and np.abs(o).max() <= 1 / math.sqrt(16)
+  assert (lm["layer_0"]["attn"]["r_proj"]["kernel"] == 0).all()
+  assert (lm["layer_0"]["attn"]["q_proj"]["bias"] == 0).all()
+  assert (lm["layer_0"]["norm"]["scale"] == 1).all()
+  assert np.std(lm["embed"]["embedding"]) == pytest.approx(0.02, rel=0.3)
+  ae = init_params(ModelConfig(vocab_size=11, seq_len=8, backbone="autoencoder", **TINY), 0)
+  assert np.std(ae["layer_1"]["mlp"]["up_proj"]["kernel"]) == pytest.approx(0.02, rel=0.3)
+  like_q = init_params(ModelConfig(vocab_size=11, seq_len=8, member="parallax", r_init="like_q",
+                                   **TINY), 0)
+  assert np.abs(like_q["layer_0"]["attn"]["r_proj"]["kernel"]).max() > 0
+  # Shared leaves get the same values whatever the member.
+  sm = init_params(ModelConfig(vocab_size=11, seq_len=8, member="softmax", **TINY), 0)
+  np.testing.assert_array_equal(sm["layer_0"]["attn"]["q_proj"]["kernel"], q)
+
+
+def test_members_run_and_zero_probe_parallax_is_softmax(rng):
+  tokens = jnp.asarray(rng.integers(0, 11, (2, 8)), jnp.int32)
+  members = ["softmax", "parallax", "lla", "linear", "mesa", "query:affine:4"]
+  cfgs = {m: ModelConfig(vocab_size=11, seq_len=8, member=m, **TINY) for m in members}
+  params = {m: init_params(c, 0) for m, c in cfgs.items()}
+  out = jax.jit(lambda ps, t: {m: MADModel(cfgs[m]).apply({"params": ps[m]}, t)
+                               for m in members})(params, tokens)
+  for m in members:
+    assert out[m].shape == (2, 8, 11) and bool(jnp.isfinite(out[m]).all()), m
+  np.testing.assert_array_equal(out["parallax"], out["softmax"])
+  assert not np.allclose(out["linear"], out["softmax"])
+
+
+# ----------------------------------------------------------------------------- protocol
+
+def test_cosine_schedule_is_pytorchs_per_epoch():
+  lr = train.cosine_lr(1e-3, jnp.arange(4.0), 4, 1e-6)
+  want = [1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+  np.testing.assert_allclose(lr, want, rtol=1e-6)
+
+
+def _tree(rng):
+  n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return {"layer_0": {"attn": {"q_proj": {"kernel": n(6, 2, 3), "bias": n(2, 3)}}},
+          "layer_1": {"mlp": {"up_proj": {"kernel": n(6, 5)}}}, "embed": {"embedding": n(7, 6)}}
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_step_outside_the_optimizer_equals_decoupled_weight_decay(optimizer, rng):
+  params, lr, wd = _tree(rng), 3e-3, 0.1
+  grads = [_tree(rng) for _ in range(3)]
+  if optimizer == "adamw":
+    ref = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+  else:
+    ref = muon(lr, weight_decay=wd, adam_weight_decay=wd, adam_b1=0.9, adam_b2=0.999,
+               routing=MUON_ROUTING)
+  tx = train.direction(optimizer)
+  p_ref, s_ref, p, s = params, ref.init(params), params, tx.init(params)
+  for g in grads:
+    u, s_ref = ref.update(g, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+    d, s = tx.update(g, s, p)
+    p = jax.tree.map(lambda x, y: x + lr * y - lr * wd * x, p, d)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, p_ref)
+
+
+class _Scripted:
+  """A stand-in Program whose epochs return given (acc, ppl) per run, to test the host side."""
+
+  def __init__(self, acc, ppl):
+    self.acc, self.ppl, self.calls = np.asarray(acc), np.asarray(ppl), []
+    self.init = lambda params: {}
+    self.steps_per_epoch = 1
+    self.compile_s, self.temp_bytes = 0.0, None
+
+  def epoch(self, params, opt, key, sidx, lr, wd, active, epoch, epochs, *data):
+    self.calls.append(np.asarray(active).copy())
+    e = int(epoch)
+    return params, opt, {"acc": self.acc[e], "ppl": self.ppl[e], "acc_micro": self.acc[e],
+                         "loss": self.ppl[e]}
+
+
+def test_protocol_reads_accuracy_at_lowest_perplexity_and_stops_early():
+  cfg = ModelConfig(vocab_size=5, seq_len=4, **TINY)
+  protocol = train.Protocol(epochs=5, lrs=(1e-3, 1e-4), wds=(0.0,))
+  # run 0 passes 0.999 at epoch 2 (stops); run 1 runs all 5 epochs, lowest ppl at epoch 1.
+  acc = [[0.5, 0.9, 0.9995, 0.1, 0.1], [0.2, 0.6, 0.7, 0.8, 0.9]]
+  ppl = [[3.0, 2.0, 1.5, 9.0, 9.0], [3.0, 1.1, 1.2, 1.3, 1.1]]
+  prog = _Scripted(np.transpose(acc), np.transpose(ppl))
+  part = [(0, 1e-3, 0.0), (0, 1e-4, 0.0), (0, 1e-4, 0.0)]  # the last is group padding
+  done = []
+  data = dict.fromkeys(("train_x", "train_y", "test_x", "test_y"))
+  out = train._train_group(prog, cfg, part, 2, (7,), protocol, data, done.append)
+  r0, r1 = out["runs"]
+  assert (r0["acc"], r0["best_epoch"], r0["epochs_run"], r0["stopped_early"]) == (0.9995, 2, 3, True)
+  assert (r1["acc"], r1["best_epoch"], r1["epochs_run"], r1["acc_max"]) == (0.6, 1, 5, 0.9)
+  assert r0["seed"] == 7 and r1["lr"] == pytest.approx(1e-4)
+  assert [c.tolist() for c in prog.calls[2:4]] == [[True, True, False], [False, True, False]]
+  assert sum(done) == 5 and len(r0["history"]["acc"]) == 3
+  # --sweep-stop: run 0 stopped above 0.999 at epoch 2, so its seed's other run stops with it.
+  prog = _Scripted(np.transpose(acc), np.transpose(ppl))
+  swept = dataclasses.replace(protocol, stop_sweep=True)
+  r0, r1 = train._train_group(prog, cfg, part, 2, (7,), swept, data, None)["runs"]
+  assert (r0["epochs_run"], r0["sweep_stopped"]) == (3, False)
+  assert (r1["epochs_run"], r1["sweep_stopped"], r1["acc"]) == (3, True, 0.6)
+  assert len(prog.calls) == 3
+
+
+def test_vmapped_runs_do_not_interact_and_are_recorded():
+  # One compile for the whole test: CPU compiles cost seconds.
+  setting = tasks.TaskSetting("compression", vocab_size=6, seq_len=8, num_train=24, num_test=8)
+  protocol = train.Protocol(epochs=2, batch_size=8, lrs=(3e-3, 1e-3), wds=(0.0, 0.5))
+  kwargs = dict(TINY, member="parallax", r_init="like_q")
+  prog = train.compile_program(setting, optimizer="adamw", seeds=(0,), protocol=protocol,
+                               model_kwargs=kwargs)
+  data = train.device_data(setting, (0,), protocol)
+  cfg = train.model_config_for(setting, **kwargs)
+  grid = train.sweep((0,), protocol)
+  a = train._train_group(prog, cfg, grid, 4, (0,), protocol, data, None)["runs"]
+  b = train._train_group(prog, cfg, grid[::-1], 4, (0,), protocol, data, None)["runs"]
+  for x, y in zip(a, b[::-1]):
+    assert (x["lr"], x["wd"]) == (y["lr"], y["wd"])
+    np.testing.assert_allclose(x["history"]["loss"], y["history"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(x["history"]["ppl"], y["history"]["ppl"], rtol=1e-5)
+  losses = {tuple(r["history"]["loss"]) for r in a}
+  assert len(losses) == 4  # each (lr, wd) trained differently
+  # A stopped run keeps its parameters; the others move.
+  init = init_params(cfg, 0)
+  params = jax.tree.map(lambda x: jnp.asarray(np.stack([x] * 4)), init)
+  active = jnp.array([True, False, True, False])
+  new, _, _ = prog.epoch(params, prog.init(params), jnp.stack([jax.random.key(0)] * 4),
+                         jnp.zeros(4, jnp.int32), jnp.full(4, 1e-3), jnp.zeros(4), active,
+                         jnp.int32(0), jnp.float32(2), *data.values())
+  q = new["layer_0"]["attn"]["q_proj"]["kernel"]
+  q0 = init["layer_0"]["attn"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(q[1], q0)
+  np.testing.assert_array_equal(q[3], q0)
+  assert not np.allclose(q[0], q0)
+  # run_setting with the same program and data: every run recorded.
+  out = train.run_setting(setting, optimizer="adamw", seeds=(0,), protocol=protocol,
+                          model_kwargs=kwargs, program=prog, data=data)
+  assert len(out["runs"]) == 4 and out["timing"]["epochs_run"] == 2
+  for r in out["runs"]:
+    assert r["task"] == "compression" and r["member"] == "parallax"
+    assert 0 <= r["acc"] <= 1 and math.isfinite(r["ppl"]) and len(r["history"]["loss"]) == 2
+  sc = report.scores(out["runs"])
+  assert sc["parallax/adamw"]["compression"]["mean"] == max(r["acc"] for r in out["runs"])
+  with pytest.raises(ValueError, match="optimizer"):
+    train.run_setting(setting, optimizer="sgd", seeds=(0,), protocol=protocol)
+
+
+def test_scores_best_of_sweep_then_mean_over_settings_and_seeds():
+  runs = []
+  for seed, base in ((0, 0.5), (1, 0.7)):
+    for setting, bump in (("baseline", 0.0), ("vocab_size=32", -0.2)):
+      for lr, extra in ((1e-3, 0.1), (1e-4, 0.0)):
+        runs.append(dict(member="parallax", optimizer="muon", task="compression", setting=setting,
+                         seed=seed, lr=lr, wd=0.0, acc=base + bump + extra, acc_micro=0.0))
+  s = report.scores(runs)["parallax/muon"]
+  assert s["compression"]["per_seed"] == {0: pytest.approx(0.5), 1: pytest.approx(0.7)}
+  assert s["compression"]["mean"] == pytest.approx(0.6)
+  assert s["compression"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+  assert s["average"]["mean"] == pytest.approx(0.6)
+
+
+def test_cli_smoke_writes_json_table_and_chart(tmp_path):
+  from parallax_jax.mad.__main__ import main
+  args = ["--quick", "--tasks", "memorization", "--members", "parallax", "--optimizers", "muon",
+          "--seeds", "1", "--lrs", "1e-3", "--wds", "0,0.1", "--width", "16", "--heads", "2",
+          "--layers", "1", "--out", str(tmp_path), "--tag", "smoke", "--no-progress",
+          "--compile-threads", "1"]
+  result = main(args)
+  for ext in ("json", "md", "png"):
+    assert os.path.getsize(tmp_path / f"mad_smoke.{ext}") > 0
+  saved = json.loads((tmp_path / "mad_smoke.json").read_text())
+  assert len(saved["runs"]) == 2 and len(saved["programs"]) == 1
+  assert set(saved["scores"]) == {"parallax/muon"}
+  assert "| memorization |" in (tmp_path / "mad_smoke.md").read_text()
+  assert result["meta"]["protocol"]["epochs"] == 2
+  # Merging: runs of another command (here the same runs relabelled) join the table.
+  other = dict(saved, runs=[dict(r, member="softmax") for r in saved["runs"]])
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  merged = main(["--merge", str(tmp_path / "mad_smoke.json"), str(tmp_path / "other.json"),
+                 "--out", str(tmp_path), "--tag", "merged"])
+  assert len(merged["runs"]) == 4 and set(merged["scores"]) == {"parallax/muon", "softmax/muon"}
+  assert "softmax/muon" in (tmp_path / "mad_merged.md").read_text()
+  with pytest.raises(SystemExit):
+    main(["--members", "transformer"])
+
+
+@pytest.mark.slow
+def test_cli_quick_all_tasks_default_model(tmp_path):
+  from parallax_jax.mad.__main__ import main
+  result = main(["--quick", "--tasks", "all", "--members", "parallax", "--optimizers", "muon",
+                 "--seeds", "1", "--out", str(tmp_path), "--no-progress", "--compile-threads", "1"])
+  assert set(result["scores"]["parallax/muon"]) == set(tasks.TASKS) | {"average"}
 
 
 def test_macro_accuracy_equals_torchmetrics(rng):

@@ -1,0 +1,212 @@
+"""python -m parallax_jax.mad: the MAD suite for attention-family members and optimizers.
+
+  python -m parallax_jax.mad --members softmax,parallax --optimizers adamw,muon --tasks all \\
+      --settings baseline --seeds 3 --out runs/mad
+
+writes <out>/mad_<tag>.json (every run, its history, per-program wall times, scores),
+mad_<tag>.md (task x member/optimizer table, mean ± std over seeds, the paper's figures beside)
+and mad_<tag>.png, after every program so an interrupted run keeps what it finished.
+`--quick` is a CPU smoke (a few steps on shrunken splits); `--merge a.json b.json` combines
+runs made by separate commands. See docs/mad.md.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from parallax_jax import api
+from parallax_jax.mad import report
+from parallax_jax.mad.model import R_INITS, member_spec
+from parallax_jax.mad.tasks import SETTING_CHOICES, TASKS, settings
+from parallax_jax.mad.train import OPTIMIZERS, Protocol, compile_program, device_data, run_setting
+
+
+def _floats(s: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in s.split(",") if x)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m parallax_jax.mad", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--members", default="softmax,parallax",
+                 help=f"comma list: names of {tuple(api.MEMBERS)} or probe:affine[:bandwidth]")
+  p.add_argument("--optimizers", default="adamw", help=f"comma list of {OPTIMIZERS}")
+  p.add_argument("--tasks", default="all", help=f"'all' or a comma list of {TASKS}")
+  p.add_argument("--settings", default="baseline", choices=SETTING_CHOICES,
+                 help="baseline: one setting per task; all: MAD's difficulty settings")
+  p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (data, init, batch order)")
+  p.add_argument("--out", default="runs/mad")
+  p.add_argument("--tag", default="results", help="output files are mad_<tag>.*")
+  g = p.add_argument_group("protocol (defaults: MAD's)")
+  g.add_argument("--epochs", type=int, default=200)
+  g.add_argument("--task-epochs", default="",
+                 help="per-task epochs overriding --epochs, e.g. memorization=200,compression=100")
+  g.add_argument("--batch-size", type=int, default=128)
+  g.add_argument("--lrs", type=_floats, default=(1e-4, 5e-4, 1e-3))
+  g.add_argument("--wds", type=_floats, default=(0.0, 0.1))
+  g.add_argument("--no-early-stop", action="store_true",
+                 help="train every epoch (MAD stops a run once test accuracy > 0.999)")
+  g.add_argument("--sweep-stop", action="store_true",
+                 help="once a run of a seed has stopped above 0.999, stop that seed's other runs "
+                      "(changes a setting's best-of-sweep score by at most 0.001; not MAD's)")
+  g.add_argument("--steps-per-epoch", type=int, default=None, help="cap (smoke runs)")
+  g.add_argument("--train-examples", type=int, default=None, help="override the setting's")
+  g.add_argument("--test-examples", type=int, default=None, help="override the setting's")
+  g.add_argument("--group-size", type=int, default=None,
+                 help="runs per program call (default: the whole sweep x seeds at once)")
+  g.add_argument("--quick", action="store_true",
+                 help="CPU smoke: 2 epochs of 2 steps, batch 16, 64 train / 32 test examples")
+  m = p.add_argument_group("model (defaults: MAD's)")
+  m.add_argument("--width", type=int, default=128)
+  m.add_argument("--layers", type=int, default=2, help="[mixer, SwiGLU] pairs")
+  m.add_argument("--heads", type=int, default=16)
+  m.add_argument("--no-rope", action="store_true")
+  m.add_argument("--no-attn-bias", action="store_true")
+  m.add_argument("--r-init", default="zeros", choices=R_INITS)
+  m.add_argument("--r-norm", action="store_true")
+  m.add_argument("--init-std", type=float, default=None)
+  m.add_argument("--ridge", type=float, default=1e-2, help="solve-probe members only")
+  m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype (auto: bfloat16 on GPU, float32 elsewhere)")
+  m.add_argument("--implementation", default="auto",
+                 choices=api.IMPLEMENTATIONS + ("auto",),
+                 help="attention implementation (auto: the library's choice, e.g. the Pallas "
+                      "kernels on GPU for softmax/Parallax)")
+  p.add_argument("--max-minutes", type=float, default=None,
+                 help="start no new program after this many minutes (outputs stay complete)")
+  p.add_argument("--compile-cache", default=None,
+                 help="JAX persistent compilation cache directory (reused across commands)")
+  p.add_argument("--compile-threads", type=int, default=None,
+                 help="programs compiled concurrently before training (default: CPU count)")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="combine these result files into mad_<tag>.* and exit")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.epochs, args.steps_per_epoch, args.batch_size = 2, 2, 16
+    args.train_examples = args.train_examples or 64
+    args.test_examples = args.test_examples or 32
+  args.members = [x for x in args.members.split(",") if x]
+  args.optimizers = [x for x in args.optimizers.split(",") if x]
+  args.tasks = list(TASKS) if args.tasks == "all" else [x for x in args.tasks.split(",") if x]
+  for mem in args.members:
+    try:
+      member_spec(mem)
+    except ValueError as e:
+      p.error(f"--members: {e}")
+  for o in args.optimizers:
+    if o not in OPTIMIZERS:
+      p.error(f"--optimizers: unknown optimizer {o!r}; expected some of {OPTIMIZERS}")
+  for t in args.tasks:
+    if t not in TASKS:
+      p.error(f"--tasks: unknown task {t!r}; expected 'all' or some of {TASKS}")
+  task_epochs = {}
+  for item in (x for x in args.task_epochs.split(",") if x):
+    task, _, n = item.partition("=")
+    if task not in TASKS or not n.isdigit() or int(n) < 1:
+      p.error(f"--task-epochs: expected TASK=N with TASK in {TASKS} and N >= 1, got {item!r}")
+    task_epochs[task] = int(n)
+  args.task_epochs = task_epochs
+  if args.seeds < 1:
+    p.error(f"--seeds: need >= 1, got {args.seeds}")
+  return args
+
+
+def _meta(args, protocol: Protocol, model_kwargs: dict) -> dict:
+  dev = jax.devices()[0]
+  return {"tag": args.tag, "argv": sys.argv[1:], "device": getattr(dev, "device_kind", dev.platform),
+          "platform": dev.platform, "jax": jax.__version__, "python": platform.python_version(),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "settings": args.settings, "seeds": args.seeds, "members": args.members,
+          "optimizers": args.optimizers, "tasks": args.tasks,
+          "protocol": {k: getattr(protocol, k) for k in protocol.__dataclass_fields__},
+          "model": model_kwargs, "wall_s": 0.0}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args.merge:
+    result = report.merge(args.merge, args.tag)
+    paths = report.write(result, args.out, args.tag)
+    print("wrote", ", ".join(paths.values()))
+    return result
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size, lrs=args.lrs, wds=args.wds,
+                      stop_acc=None if args.no_early_stop else 0.999, stop_sweep=args.sweep_stop,
+                      steps_per_epoch=args.steps_per_epoch, num_train=args.train_examples,
+                      num_test=args.test_examples, group_size=args.group_size)
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  model_kwargs = dict(width=args.width, num_layers=args.layers, num_heads=args.heads,
+                      rope=not args.no_rope, attn_bias=not args.no_attn_bias, r_init=args.r_init,
+                      r_norm=args.r_norm, init_std=args.init_std, ridge=args.ridge, dtype=dtype,
+                      implementation=None if args.implementation == "auto" else args.implementation)
+  result = {"meta": _meta(args, protocol, model_kwargs), "programs": [], "runs": []}
+  seeds = tuple(range(args.seeds))
+  jobs = [(s, mem, o) for t in args.tasks for s in settings(t, args.settings)
+          for mem in args.members for o in args.optimizers]
+  protocols = {t: dataclasses.replace(protocol, epochs=args.task_epochs.get(t, args.epochs))
+               for t in args.tasks}
+  result["meta"]["task_epochs"] = {t: p.epochs for t, p in protocols.items()}
+  start = time.perf_counter()
+  # XLA compiles outside the GIL: compiling every program at once costs about the longest
+  # compile instead of their sum, on a machine with cores to spare.
+  threads = max(1, min(len(jobs), args.compile_threads or os.cpu_count() or 1))
+  print(f"compiling {len(jobs)} programs ({threads} threads)", flush=True)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    programs = list(pool.map(lambda j: compile_program(
+        j[0], optimizer=j[2], seeds=seeds, protocol=protocols[j[0].task],
+        model_kwargs=dict(model_kwargs, member=j[1])), jobs))
+  result["meta"]["compile_wall_s"] = round(time.perf_counter() - start, 2)
+  print(f"compiled in {result['meta']['compile_wall_s']:.0f} s", flush=True)
+  runs_per_prog = args.seeds * len(protocol.lrs) * len(protocol.wds)
+  groups = -(-runs_per_prog // (protocol.group_size or runs_per_prog))
+  show = sys.stdout.isatty() and not args.no_progress
+  from tqdm import tqdm
+  bar = tqdm(total=groups * sum(protocols[s.task].epochs for s, _, _ in jobs), disable=not show,
+             unit="epoch", dynamic_ncols=True)
+  data, data_key = None, None
+  for i, ((setting, mem, opt), program) in enumerate(zip(jobs, programs)):
+    if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+      print(f"--max-minutes {args.max_minutes} reached: skipping the {len(jobs) - i} remaining "
+            "programs", flush=True)
+      result["meta"]["skipped"] = [f"{s.task}/{s.label}/{m}/{o}" for s, m, o in jobs[i:]]
+      break
+    if data_key != setting:  # one draw per setting, shared by its members and optimizers
+      data, data_key = device_data(setting, seeds, protocol), setting
+    bar.set_description(f"{setting.task} {setting.label} {mem}/{opt}")
+    out = run_setting(setting, optimizer=opt, seeds=seeds, protocol=protocols[setting.task],
+                      model_kwargs=dict(model_kwargs, member=mem), on_epoch=bar.update,
+                      program=program, data=data)
+    result["programs"].append(out["timing"])
+    result["runs"] += out["runs"]
+    result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
+    report.write(result, args.out, args.tag, png=False)
+    tm = out["timing"]
+    best = max(r["acc"] for r in out["runs"])
+    line = (f"[{i + 1}/{len(jobs)}] {setting.task} {setting.label} {mem}/{opt}: "
+            f"{tm['epochs_run']} epochs {tm['train_s']:.1f} s "
+            f"({tm['train_s'] / max(tm['epochs_run'], 1):.2f} s/epoch), best acc {best:.3f} "
+            f"(wall {result['meta']['wall_s']:.0f} s)")
+    bar.write(line) if show else print(line, flush=True)
+  bar.close()
+  result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
+  paths = report.write(result, args.out, args.tag)
+  print("\n".join(report.table(result)))
+  print("wrote", ", ".join(paths.values()))
+  return result
+
+
+if __name__ == "__main__":
+  main()

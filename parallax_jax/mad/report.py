@@ -1,0 +1,193 @@
+"""Scores, tables and the bar chart of a MAD run; merging of several runs' JSON files.
+
+Score of one (member, optimizer, task): for each seed and setting, the best run of the
+learning-rate x weight-decay sweep (by the run's accuracy, read at its lowest-test-perplexity
+epoch); the mean over the task's settings; then mean and sample std over seeds. The average
+is the mean over tasks, per seed, then mean and std over seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from parallax_jax.mad.tasks import TASKS
+
+AVERAGE = "average"
+# The Parallax paper's MAD table (Zuo et al., "Parallax: Parameterized Local Linear Attention
+# for Language Modeling", arXiv:2605.29157), as far as its figures were available to us; None
+# where we have not seen the paper's value.
+PAPER_SOURCE = "Parallax paper (arXiv:2605.29157), MAD table"
+PAPER: dict[str, dict[str, float | None]] = {
+    "Transformer (softmax)": {"in-context-recall": 0.803, "selective-copying": 0.950,
+                              AVERAGE: 0.672},
+    "Parallax": {"in-context-recall": 0.951, "selective-copying": 0.988, AVERAGE: 0.716},
+}
+
+
+def combo(run: dict[str, Any]) -> str:
+  return f"{run['member']}/{run['optimizer']}"
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          "n": int(len(v))}
+
+
+def scores(runs: list[dict[str, Any]], metric: str = "acc") -> dict[str, Any]:
+  """{combo: {task: {mean, std, n, per_seed, best}, 'average': {...}}} from run records."""
+  best: dict[tuple, dict[str, Any]] = {}
+  for r in runs:
+    v = r[metric]
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+      continue
+    key = (combo(r), r["task"], r["setting"], r["seed"])
+    if key not in best or v > best[key][metric]:
+      best[key] = r
+  per_seed: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+  winners: dict[tuple, dict[str, Any]] = defaultdict(dict)
+  for (c, task, setting, seed), r in best.items():
+    per_seed[(c, task)][seed].append(r[metric])
+    winners[(c, task)][f"{setting}/seed{seed}"] = {"lr": r["lr"], "wd": r["wd"],
+                                                   metric: r[metric]}
+  out: dict[str, Any] = defaultdict(dict)
+  task_seed: dict[str, dict[Any, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+  for (c, task), by_seed in per_seed.items():
+    means = {seed: float(np.mean(v)) for seed, v in by_seed.items()}
+    out[c][task] = {**_mean_std(list(means.values())), "per_seed": means,
+                    "settings": len(next(iter(by_seed.values()))), "best": winners[(c, task)]}
+    for seed, m in means.items():
+      task_seed[c][seed][task] = m
+  for c, by_seed in task_seed.items():
+    tasks = sorted({t for d in by_seed.values() for t in d}, key=TASKS.index)
+    full = [np.mean([d[t] for t in tasks]) for d in by_seed.values() if len(d) == len(tasks)]
+    if full:
+      out[c][AVERAGE] = {**_mean_std(full), "tasks": tasks}
+  return dict(out)
+
+
+def _cell(s: dict[str, Any] | None) -> str:
+  if s is None:
+    return "-"
+  return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+
+def table(result: dict[str, Any]) -> list[str]:
+  """The main table: task x member/optimizer scores, the paper's beside."""
+  sc = result["scores"]
+  combos = list(sc)
+  tasks = [t for t in TASKS if any(t in sc[c] for c in combos)]
+  head = ["task"] + combos + [f"paper: {p}" for p in PAPER]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for t in tasks + [AVERAGE]:
+    row = [t] + [_cell(sc[c].get(t)) for c in combos]
+    row += ["-" if PAPER[p].get(t) is None else f"{PAPER[p][t]:.3f}" for p in PAPER]
+    lines.append("| " + " | ".join(row) + " |")
+  return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+  meta = result["meta"]
+  sc, micro = result["scores"], result["scores_micro"]
+  combos = list(sc)
+  tasks = [t for t in TASKS if any(t in sc[c] for c in combos)]
+  proto = meta.get("protocol", {})
+  epochs = meta.get("task_epochs") or {}
+  epochs = (", ".join(f"{t} {n}" for t, n in epochs.items()) if len(set(epochs.values())) > 1
+            else proto.get("epochs"))
+  lines = [f"# MAD: {meta.get('tag', '')}", ""]
+  lines += [
+      f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; {meta.get('date', '')}; "
+      f"total wall {meta.get('wall_s', 0):.0f} s.",
+      f"Protocol: epochs {epochs} (MAD: 200), batch {proto.get('batch_size')}, "
+      f"lr {list(proto.get('lrs', []))} x wd {list(proto.get('wds', []))}, cosine to "
+      f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
+      f"{' (and the rest of its seed sweep: --sweep-stop)' if proto.get('stop_sweep') else ''}; "
+      f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
+      f"Model: {meta.get('model', {})}.",
+      "Accuracy: MAD's (torchmetrics MulticlassAccuracy, average='macro', per test batch, "
+      "batch-weighted mean), read at each run's lowest-test-perplexity epoch; task score = best "
+      "over the sweep, mean over settings; ± = sample std over seeds.", ""]
+  lines += table(result)
+  lines += ["", f"Paper columns: {PAPER_SOURCE}; '-' where the value was not available to us. "
+            "The paper's protocol details (epochs, optimizer) may differ from this run's.", "",
+            "Micro accuracy (correct / scored tokens), same selection:", "",
+            "| task | " + " | ".join(combos) + " |", "|" + "---|" * (len(combos) + 1)]
+  for t in tasks + [AVERAGE]:
+    lines.append("| " + " | ".join([t] + [_cell(micro[c].get(t)) for c in combos]) + " |")
+  lines += ["", "Wall time per program (one task setting, every seed x lr x wd run at once):", "",
+            "| task | setting | member/optimizer | runs | compile s | train s | epochs | s/epoch |",
+            "|---|---|---|---|---|---|---|---|"]
+  for p in result["programs"]:
+    per = p["train_s"] / max(p["epochs_run"], 1)
+    lines.append(f"| {p['task']} | {p['setting']} | {p['member']}/{p['optimizer']} | "
+                 f"{p['runs']} | {p['compile_s']:.1f} | {p['train_s']:.1f} | {p['epochs_run']} | "
+                 f"{per:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict[str, Any], path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sc = result["scores"]
+  combos = list(sc)
+  tasks = [t for t in TASKS if any(t in sc[c] for c in combos)] + [AVERAGE]
+  x = np.arange(len(tasks))
+  width = 0.8 / max(len(combos), 1)
+  fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tasks)), 4.5))
+  for i, c in enumerate(combos):
+    m = [sc[c].get(t, {}).get("mean", np.nan) for t in tasks]
+    s = [sc[c].get(t, {}).get("std", 0.0) for t in tasks]
+    ax.bar(x - 0.4 + (i + 0.5) * width, m, width, yerr=s, capsize=2, label=c)
+  for marker, (name, vals) in zip("D^", PAPER.items()):
+    xs = [j for j, t in enumerate(tasks) if vals.get(t) is not None]
+    ax.scatter(xs, [vals[tasks[j]] for j in xs], marker=marker, color="k", zorder=3, s=18,
+               label=f"paper: {name}")
+  ax.set_xticks(x, [t.replace("-in-context", "").replace("-", "\n") for t in tasks], fontsize=8)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("MAD accuracy (best of sweep)")
+  ax.set_title(f"MAD: {result['meta'].get('tag', '')}")
+  ax.legend(fontsize=7, ncol=2, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def finalize(result: dict[str, Any]) -> dict[str, Any]:
+  result["scores"] = scores(result["runs"], "acc")
+  result["scores_micro"] = scores(result["runs"], "acc_micro")
+  return result
+
+
+def write(result: dict[str, Any], out_dir: str, tag: str, png: bool = True) -> dict[str, str]:
+  """Write mad_<tag>.json / .md (/ .png) under out_dir; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  finalize(result)
+  paths = {ext: os.path.join(out_dir, f"mad_{tag}.{ext}") for ext in ("json", "md", "png")}
+  with open(paths["json"], "w") as f:
+    json.dump(result, f, indent=1)
+  with open(paths["md"], "w") as f:
+    f.write(markdown(result))
+  if png and result["runs"]:
+    bar_chart(result, paths["png"])
+  return paths
+
+
+def merge(paths: list[str], tag: str) -> dict[str, Any]:
+  """One result from several runs' JSON files (their runs and programs concatenated)."""
+  parts = []
+  for p in paths:
+    with open(p) as f:
+      parts.append(json.load(f))
+  if not parts:
+    raise ValueError("merge: no result files given")
+  meta = dict(parts[0]["meta"], tag=tag, merged_from=[os.path.basename(p) for p in paths],
+              wall_s=sum(p["meta"].get("wall_s", 0.0) for p in parts))
+  return {"meta": meta, "programs": [q for p in parts for q in p["programs"]],
+          "runs": [r for p in parts for r in p["runs"]]}
