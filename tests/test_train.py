@@ -293,3 +293,14 @@ def test_overrides_are_validated_together():
   cfg = apply_overrides(TrainConfig(data=DataConfig(global_batch_size=32, grad_accum=16)),
                         ["data.global_batch_size=4", "data.grad_accum=2"])
   assert (cfg.data.global_batch_size, cfg.data.grad_accum) == (4, 2)
+
+
+def test_batch_that_does_not_split_over_the_mesh_names_the_key():
+  import types
+
+  from train.loop import check_batch
+  cfg = TrainConfig(data=DataConfig(global_batch_size=12, grad_accum=2))
+  check_batch(cfg, types.SimpleNamespace(shape={"data": 3, "fsdp": 2}))
+  with pytest.raises(ValueError, match=r"data.global_batch_size: 12 rows / grad_accum 2 = 6 "
+                                       r"per micro-batch does not split over mesh data x fsdp = 4"):
+    check_batch(cfg, types.SimpleNamespace(shape={"data": 2, "fsdp": 2}))
