@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parallax_jax import masks
 from parallax_jax import reference as ref
@@ -71,33 +72,52 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _kv_range(st: _Static, qi):
+def _kv_range(st: _Static, qi, xp=jnp):
   """KV blocks [lo, hi) that query block qi can see (block skipping for causal/window)."""
   p_lo = qi * st.bq + st.offset                # absolute position of the block's first row
   p_hi = p_lo + st.bq - 1
   hi = st.nk
   if st.causal:
-    hi = jnp.clip(p_hi // st.bk + 1, 0, st.nk)
+    hi = xp.clip(p_hi // st.bk + 1, 0, st.nk)
   elif st.window is not None:
-    hi = jnp.clip((p_hi + st.window - 1) // st.bk + 1, 0, st.nk)
+    hi = xp.clip((p_hi + st.window - 1) // st.bk + 1, 0, st.nk)
   lo = 0
   if st.window is not None:
-    lo = jnp.clip((p_lo - st.window + 1) // st.bk, 0, st.nk)
+    lo = xp.clip((p_lo - st.window + 1) // st.bk, 0, st.nk)
   return lo, hi
 
 
-def _q_range(st: _Static, kj):
+def _q_range(st: _Static, kj, xp=jnp):
   """Query blocks [lo, hi) that can see KV block kj (the transpose of `_kv_range`)."""
   j_lo = kj * st.bk
   j_hi = j_lo + st.bk - 1
   lo, hi = 0, st.nq
   if st.causal:
-    lo = jnp.clip((j_lo - st.offset) // st.bq, 0, st.nq)
+    lo = xp.clip((j_lo - st.offset) // st.bq, 0, st.nq)
   elif st.window is not None:
-    lo = jnp.clip((j_lo - st.window + 1 - st.offset) // st.bq, 0, st.nq)
+    lo = xp.clip((j_lo - st.window + 1 - st.offset) // st.bq, 0, st.nq)
   if st.window is not None:
-    hi = jnp.clip((j_hi + st.window - 1 - st.offset) // st.bq + 1, 0, st.nq)
+    hi = xp.clip((j_hi + st.window - 1 - st.offset) // st.bq + 1, 0, st.nq)
   return lo, hi
+
+
+def _static_ranges(ranges, st: _Static, n):
+  """(lo [n], count [n], max count) of a block-range function over blocks 0..n-1."""
+  r = np.array([ranges(st, i, np) for i in range(n)], np.int32).reshape(n, 2)
+  count = np.maximum(r[:, 1] - r[:, 0], 0)
+  return jnp.asarray(r[:, 0]), jnp.asarray(count), int(count.max(initial=0))
+
+
+def _skip_loop(body, lo, count, max_count, init):
+  """body(lo + i, carry) for i < count, as a loop of `max_count` steps.
+
+  A fixed trip count (the most blocks any block sees) keeps the loop differentiable in
+  reverse mode and transposable (see `_streaming_jvp`); steps past `count` are skipped.
+  Each step is rematerialised, so a transposed loop keeps no per-step [bq, bk] values.
+  """
+  step = jax.checkpoint(lambda i, carry: jax.lax.cond(
+      i < count, lambda c: body(lo + i, c), lambda c: c, carry), prevent_cse=False)
+  return jax.lax.fori_loop(0, max_count, step, init)
 
 
 def _slice(x, start, size, axis):
@@ -142,21 +162,38 @@ def _coefficients(affine, tbar, c, gbar=None, dou=None):
   return a_coef, b_coef, d_tbar, d_c
 
 
+def _bad_rows(x):
+  """[..., 1] bool: rows of x holding a non-finite entry."""
+  return ~jnp.all(jnp.isfinite(x), axis=-1, keepdims=True)
+
+
 def _forward(st: _Static, q, k, v, rho, scale, q_seg, kv_seg):
-  """Streaming forward on padded, split-head inputs. Returns o and row statistics."""
+  """Streaming forward on padded, split-head inputs. Returns o and row statistics.
+
+  Non-finite inputs, as `reference.family_core`: rows whose q (or probe), or a key or value
+  they see, holds a non-finite entry are flagged and come out NaN in every entry; the
+  streaming runs on the inputs' finite parts, so no other row is touched.
+  """
   b, nkv, g, _, _ = q.shape
   dv = v.shape[-1]
   row = (b, nkv, g, st.bq, 1)
+  bad_kv = (_bad_rows(k) | _bad_rows(v))[..., 0]    # [B, K, S]
+  bad_q = _bad_rows(q) | (_bad_rows(rho) if st.has_rho else False)
+  q, k, v = ref.finite(q), ref.finite(k), ref.finite(v)
+  rho = ref.finite(rho) if st.has_rho else rho
 
   def q_block(qi):
     q_b = _slice(q, qi * st.bq, st.bq, 3)
     r_b = _slice(rho, qi * st.bq, st.bq, 3) if st.has_rho else None
 
     def kv_step(kj, carry):
-      m, d1, o1, d2, o2 = carry
+      m, d1, o1, d2, o2, flag = carry
       k_b = _slice(k, kj * st.bk, st.bk, 2)
       v_b = _slice(v, kj * st.bk, st.bk, 2)
-      s1 = _scores(st, q_b, k_b, scale, _block_mask(st, qi, kj, q_seg, kv_seg))
+      mask = _block_mask(st, qi, kj, q_seg, kv_seg)
+      s1 = _scores(st, q_b, k_b, scale, mask)
+      bad = _slice(bad_kv, kj * st.bk, st.bk, 2)[:, :, None, None, :]
+      flag = flag | jnp.any(mask & bad, axis=-1, keepdims=True)
       m_new = jnp.maximum(m, jnp.max(s1, axis=-1, keepdims=True))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       alpha = jnp.exp(m - m_safe)          # one rescale for all four accumulators
@@ -167,26 +204,28 @@ def _forward(st: _Static, q, k, v, rho, scale, q_seg, kv_seg):
         p2 = p1 * jnp.einsum("bkgqd,bksd->bkgqs", r_b, k_b)   # P2 = P1 * S2
         d2 = alpha * d2 + jnp.sum(p2, axis=-1, keepdims=True)
         o2 = alpha * o2 + jnp.einsum("bkgqs,bksd->bkgqd", p2, v_b)
-      return m_new, d1, o1, d2, o2
+      return m_new, d1, o1, d2, o2, flag
 
     zeros_row = jnp.zeros(row, q.dtype)
     zeros_out = jnp.zeros(row[:-1] + (dv,), q.dtype)
-    init = (jnp.full(row, -jnp.inf, q.dtype), zeros_row, zeros_out, zeros_row, zeros_out)
-    lo, hi = _kv_range(st, qi)
-    m, d1, o1, d2, o2 = jax.lax.fori_loop(lo, hi, kv_step, init)
+    init = (jnp.full(row, -jnp.inf, q.dtype), zeros_row, zeros_out, zeros_row, zeros_out,
+            _slice(bad_q, qi * st.bq, st.bq, 3))
+    lo, count = kv_lo[qi], kv_count[qi]
+    m, d1, o1, d2, o2, flag = _skip_loop(kv_step, lo, count, max_count, init)
 
     has_keys = d1 > 0
     inv = jnp.where(has_keys, 1.0 / jnp.where(has_keys, d1, 1.0), 0.0)
     vbar = o1 * inv
     lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, d1, 1.0)), 0.0)
     if st.affine == "constant":
-      return vbar, lse, zeros_row, vbar
+      return jnp.where(has_keys, ref.nan_rows(vbar, flag), 0.0), lse, zeros_row, vbar
     tbar = d2 * inv
     c = jnp.sum(r_b * q_b, axis=-1, keepdims=True)
     a_coef, b_coef, _, _ = _coefficients(st.affine, tbar, c)
     o = a_coef * vbar + b_coef * (o2 * inv)
-    return jnp.where(has_keys, o, 0.0), lse, tbar, vbar
+    return jnp.where(has_keys, ref.nan_rows(o, flag), 0.0), lse, tbar, vbar
 
+  kv_lo, kv_count, max_count = _static_ranges(_kv_range, st, st.nq)
   outs = jax.lax.map(q_block, jnp.arange(st.nq))
   # [nq, B, K, G, bq, X] -> [B, K, G, nq * bq, X]
   return tuple(jnp.moveaxis(x, 0, 3).reshape(b, nkv, g, st.nq * st.bq, x.shape[-1])
@@ -195,7 +234,13 @@ def _forward(st: _Static, q, k, v, rho, scale, q_seg, kv_seg):
 
 def _backward(st: _Static, res, do):
   q, k, v, rho, scale, q_seg, kv_seg, o, lse, tbar, vbar = res
-  do = do.astype(q.dtype)
+  # As the forward: finite parts of the inputs, and a NaN row (flagged there) is a constant
+  # that sends nothing back (its cotangent is dropped and its keys masked).
+  q, k, v = ref.finite(q), ref.finite(k), ref.finite(v)
+  rho = ref.finite(rho) if st.has_rho else rho
+  live = ~_bad_rows(o)                                   # [B, K, G, T, 1]
+  o = jnp.where(live, o, 0.0)
+  do = jnp.where(live, do.astype(q.dtype), 0.0)
   delta = jnp.sum(do * o, axis=-1, keepdims=True)       # do . o
   if st.affine == "constant":
     a_coef = b_coef = d_tbar = d_c = None
@@ -217,7 +262,8 @@ def _backward(st: _Static, res, do):
       dk_b, dv_b, dq_u, dr = inner
       sl = lambda x: _slice(x, qi * st.bq, st.bq, 3)
       q_b, do_b, lse_b, delta_b = sl(q), sl(do), sl(lse), sl(delta)
-      s1 = _scores(st, q_b, k_b, scale, _block_mask(st, qi, kj, q_seg, kv_seg))
+      mask = _block_mask(st, qi, kj, q_seg, kv_seg) & sl(live)
+      s1 = _scores(st, q_b, k_b, scale, mask)
       a = jnp.exp(s1 - lse_b)                                # masked entries -> 0
       g = jnp.einsum("bkgqd,bksd->bkgqs", do_b, v_b)        # do . v_j
       if st.affine == "constant":
@@ -239,10 +285,11 @@ def _backward(st: _Static, res, do):
           dq_u, sl(dq_u) + jnp.einsum("bkgqs,bksd->bkgqd", ds, k_b), qi * st.bq, 3)
       return dk_b, dv_b, dq_u, dr
 
-    lo, hi = _q_range(st, kj)
     init = (jnp.zeros_like(k_b), jnp.zeros_like(v_b), dq_u, dr)
-    dk_b, dv_b, dq_u, dr = jax.lax.fori_loop(lo, hi, q_step, init)
+    dk_b, dv_b, dq_u, dr = _skip_loop(q_step, q_lo[kj], q_count[kj], max_count, init)
     return (dq_u, dr), (dk_b, dv_b)
+
+  q_lo, q_count, max_count = _static_ranges(_q_range, st, st.nk)
 
   dr0 = jnp.zeros_like(q) if st.has_rho else jnp.zeros((), q.dtype)
   (dq_u, dr), (dk, dv) = jax.lax.scan(kv_block, (jnp.zeros_like(q), dr0), jnp.arange(st.nk))
@@ -257,23 +304,39 @@ def _backward(st: _Static, res, do):
   return dq, dk, dv, (dr if st.has_rho else None), dscale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _streaming(st, q, k, v, rho, scale, q_seg, kv_seg):
   return _forward(st, q, k, v, rho, scale, q_seg, kv_seg)[0]
 
 
-def _streaming_fwd(st, q, k, v, rho, scale, q_seg, kv_seg):
+def _streaming_jvp(st, primals, tangents):
+  """Forward and reverse mode from one rule, both through the hand-written backward.
+
+  The backward `_backward(res, do)` is linear in the cotangent do: it applies J^T. Its
+  linear transpose, taken by JAX, applies J, which is the tangent map forward mode needs.
+  Reverse mode transposes that tangent map once more and so runs the hand-written backward
+  again (its loops have static trip counts and rematerialised steps: memory stays
+  O(T * D)). A custom_vjp would give reverse mode only.
+  """
+  q, k, v, rho, scale, q_seg, kv_seg = primals
   o, lse, tbar, vbar = _forward(st, q, k, v, rho, scale, q_seg, kv_seg)
-  keep_vbar = vbar if st.affine in ("affine", "boundary") else None
-  return o, (q, k, v, rho, scale, q_seg, kv_seg, o, lse, tbar, keep_vbar)
+  res = (q, k, v, rho, scale, q_seg, kv_seg, o, lse, tbar,
+         vbar if st.affine in ("affine", "boundary") else None)
+  zero = lambda x: x is None or isinstance(x, jax.custom_derivatives.SymbolicZero)
+  live = [i for i, x in enumerate(tangents[:5]) if not zero(x)]
+  if not live:
+    return o, jnp.zeros_like(o)
+
+  def bwd(do):  # the cotangents of the inputs whose tangents are not zero
+    grads = _backward(st, res, do)
+    return tuple(grads[i] for i in live)
+
+  tangent_map = jax.linear_transpose(bwd, jax.ShapeDtypeStruct(o.shape, o.dtype))
+  (do,) = tangent_map(tuple(tangents[i] for i in live))
+  return o, do
 
 
-def _streaming_bwd(st, res, do):
-  dq, dk, dv, dr, dscale = _backward(st, res, do)
-  return dq, dk, dv, dr, dscale, None, None
-
-
-_streaming.defvjp(_streaming_fwd, _streaming_bwd)
+_streaming.defjvp(_streaming_jvp, symbolic_zeros=True)
 
 
 def _pad_to(x, axis, size, value=0):

@@ -30,15 +30,35 @@ def kv_heads_first(x):
   return x.transpose(0, 2, 1, 3)
 
 
+def finite(x):
+  """x with its non-finite entries replaced by 0."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 def weights(q, k, scale, mask):
   """Masked softmax weights a [B, Hkv, G, T, S]; rows without keys are all zero."""
   s = jnp.einsum("bkgtd,bksd->bkgts", q, k) * scale[None, :, :, None, None]
   s = jnp.where(mask, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m)
   d = jnp.sum(p, axis=-1, keepdims=True)
   return p / jnp.where(d > 0, d, 1.0)
+
+
+def row_flags(q, k, v, rho, mask):
+  """[B, K, G, T, 1] bool: rows whose own q (or probe rho) or a visible key/value holds a
+  non-finite entry. q, rho [B,K,G,T,D]; k, v [B,K,S,D]; mask as in `family_core`."""
+  bad = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
+  bad_kv = (bad(k) | bad(v))[:, :, None, None, :]
+  flag = jnp.any(mask & bad_kv, axis=-1, keepdims=True) | bad(q)[..., None]
+  return flag if rho is None else flag | bad(rho)[..., None]
+
+
+def nan_rows(o, flag):
+  """NaN in every entry of the rows that are flagged or hold a non-finite entry."""
+  flag = flag | ~jnp.all(jnp.isfinite(o), axis=-1, keepdims=True)
+  return jnp.where(flag, jnp.nan, o)
 
 
 def _cg(op, b, iters):
@@ -106,18 +126,27 @@ def family_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
 
   scale [K, G] = 1/bandwidth (0 for an infinite bandwidth); mask broadcastable to
   [B, K, G, T, S]. Returns [B, K, G, T, Dv] in the inputs' dtype.
+
+  Non-finite inputs: a row whose q (or probe), or a key or value it sees, holds a
+  non-finite entry is NaN in every entry; every other row is computed from finite inputs
+  only. The rows are flagged first and the formulas run on the inputs' finite parts, so a
+  NaN row is a constant: it sends no gradient back, and a NaN at a position a row does
+  not see reaches neither its output nor its gradients.
   """
+  rho_in = {"query": q, "learned": r}.get(probe) if affine != "constant" else None
+  flag = row_flags(q, k, v, rho_in, mask)
+  q, k, v = finite(q), finite(k), finite(v)
   a = weights(q, k, scale, mask)
   vbar = jnp.einsum("bkgts,bksd->bkgtd", a, v)
   has_keys = jnp.any(mask, axis=-1)[..., None]
   if affine == "constant" or probe == "none" and affine != "linear":
-    return jnp.where(has_keys, vbar, 0.0)
+    return jnp.where(has_keys, nan_rows(vbar, flag), 0.0)
   if probe == "none":  # linear model through the origin with a zero probe
     return jnp.zeros_like(vbar)
   if probe == "query":
     rho = q
   elif probe == "learned":
-    rho = r
+    rho = finite(r)
   else:
     rho = solve_probe(q, k, a, has_keys, affine=affine, ridge=ridge, solver=solver,
                       cg_iters=cg_iters or q.shape[-1])
@@ -132,7 +161,7 @@ def family_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
   else:  # boundary: divide the correction by 1 - rho . mu = 1 - tbar + rho . q
     den = 1.0 - tbar + jnp.sum(rho * q, axis=-1, keepdims=True)
     o = vbar - (u - tbar * vbar) / den
-  return jnp.where(has_keys, o, 0.0)
+  return jnp.where(has_keys, nan_rows(o, flag), 0.0)
 
 
 def dense_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iters, causal,
