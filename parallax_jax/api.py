@@ -17,6 +17,10 @@ SOLVERS = ("direct", "cg")
 IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 # Above this many (query, key) pairs per head `implementation=None` avoids the dense path.
 DENSE_MAX_PAIRS = 1 << 20
+# Default ridge of the solve probe. At ridge 0 a row with fewer than head_dim + 1 keys has a
+# singular local system (NaN/inf outputs early in every sequence); 1e-3 keeps every row
+# finite in float32 and biases well-conditioned rows (moment eigenvalues ~ |k|^2) very little.
+SOLVE_RIDGE = 1e-3
 
 # name -> (bandwidth, probe, affine); bandwidth None means sqrt(head_dim).
 MEMBERS: dict[str, tuple[float | None, str, str]] = {
@@ -58,6 +62,8 @@ def _check_qkv(q, k, v, r):
   if len(set(dtypes.values())) > 1:
     _fail(f"q, k, v (and r) must share one dtype, got {dtypes}")
   b, t, hq, d = q.shape
+  if min(hq, d, k.shape[2], v.shape[2], v.shape[3]) < 1:
+    _fail(f"heads and head_dim must be >= 1, got shapes q {q.shape}, k {k.shape}, v {v.shape}")
   if k.shape[0] != b or v.shape[0] != b:
     _fail(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
   if k.shape[:3] != v.shape[:3]:
@@ -82,10 +88,14 @@ def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters):
     _fail(f"r is only read by probe='learned', got probe={probe!r} with an r")
   if solver not in SOLVERS:
     _fail(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-  if cg_iters is not None and (not isinstance(cg_iters, int) or cg_iters <= 0):
+  if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int)
+                               or cg_iters <= 0):
     _fail(f"cg_iters must be a positive int, got {cg_iters!r}")
-  if _is_concrete(ridge) and not float(np.min(np.asarray(ridge))) >= 0.0:
-    _fail(f"ridge must be >= 0, got {ridge!r}")
+  if ridge is not None:
+    if np.ndim(ridge) != 0:
+      _fail(f"ridge must be a scalar, got shape {np.shape(ridge)}")
+    if _is_concrete(ridge) and not float(ridge) >= 0.0:
+      _fail(f"ridge must be >= 0, got {ridge!r}")
   if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
                              or window <= 0):
     _fail(f"window must be a positive int (number of keys kept), got {window!r}")
@@ -123,9 +133,24 @@ def _scale(bandwidth, hq, d, dtype):
     h = jnp.broadcast_to(h, (hq,))
   elif h.shape != (hq,):
     _fail(f"bandwidth must be a scalar or have shape [q_heads]=({hq},), got {h.shape}")
-  if _is_concrete(h) and not bool(jnp.all(h > 0)):
-    _fail(f"bandwidth must be > 0 (or inf), got {bandwidth!r}")
-  return 1.0 / h
+  if _is_concrete(h):
+    if not bool(jnp.all(h > 0)):
+      _fail(f"bandwidth must be > 0 (or inf), got {bandwidth!r}")
+    return 1.0 / h
+  # Traced (under jit): no error can be raised, so a head whose h is not > 0 (or is NaN)
+  # gets NaN weights, and its output is NaN rather than plausible garbage.
+  return jnp.where(h > 0, 1.0 / h, jnp.nan)
+
+
+def _ridge(ridge, probe):
+  """The ridge the solve probe uses: SOLVE_RIDGE by default; a traced negative one -> NaN."""
+  if probe != "solve":
+    return 0.0
+  if ridge is None:
+    return SOLVE_RIDGE
+  if _is_concrete(ridge):
+    return ridge
+  return jnp.where(ridge >= 0, ridge, jnp.nan)  # NaN outputs instead of plausible garbage
 
 
 def _compute_dtype(dtype):
@@ -162,7 +187,7 @@ def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg):
 
 
 def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None,
-              ridge: float = 0.0, solver: str = "direct", causal: bool = True,
+              ridge: float | None = None, solver: str = "direct", causal: bool = True,
               window: int | None = None, segment_ids: Any = None,
               implementation: str | None = None, cg_iters: int | None = None,
               block_sizes: _chunked.BlockSizes | None = None):
@@ -175,8 +200,10 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
     affine: 'constant' | 'linear' | 'affine' | 'boundary'.
     bandwidth: h in exp(q.k / h): None (sqrt(head_dim)), a scalar, an array [q_heads]
       (learnable: gradients flow), or inf (uniform weights).
-    ridge: lambda >= 0 for the solve probe. solver: 'direct' or 'cg' (matrix-free conjugate
-      gradient with `cg_iters` iterations, default head_dim).
+    ridge: lambda >= 0 for the solve probe; None (default) means `SOLVE_RIDGE` (1e-3). At
+      ridge=0 rows with fewer than head_dim + 1 keys have a singular system (NaN/inf).
+      solver: 'direct' or 'cg' (matrix-free conjugate gradient with `cg_iters` iterations,
+      default head_dim).
     causal: mask future keys; with T < S the queries are the last T positions.
     window: keep only the `window` most recent keys (including the diagonal).
     segment_ids: [B, L] ints, or (q_ids [B, T], kv_ids [B, S]); keys of other segments masked.
@@ -185,13 +212,23 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
     block_sizes: `chunked.BlockSizes` override for the chunked implementation.
 
   Returns:
-    [batch, T, q_heads, v_head_dim] in q's dtype. Rows that see no key are zero.
+    [batch, T, q_heads, v_head_dim] in q's dtype. Rows that see no key are zero (so S = 0
+    gives zeros and T = 0 an empty output). A row whose q (or probe), or a key or value it
+    sees, is not finite is NaN; nothing a row does not see reaches it (docs/attention.md).
+
+  Under jit a traced bandwidth <= 0 (or NaN) makes that head NaN, and a traced negative
+  ridge makes the solve members NaN; concrete bad values raise a ValueError.
   """
   q_seg, kv_seg = _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
                                 implementation, cg_iters)
+  if block_sizes is not None and not isinstance(block_sizes, _chunked.BlockSizes):
+    _fail(f"block_sizes must be a parallax_jax.BlockSizes, got {type(block_sizes).__name__}")
   compute_dtype = _compute_dtype(q.dtype)
   scale = _scale(bandwidth, q.shape[2], q.shape[3], compute_dtype)
+  if 0 in (q.shape[0], q.shape[1], k.shape[1]):  # no rows, or no keys: nothing to attend
+    return jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
   impl = _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg)
+  ridge = _ridge(ridge, probe)
   kwargs = dict(probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters,
                 causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg,
                 compute_dtype=compute_dtype)
@@ -261,6 +298,9 @@ def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, 
     _fail(f"head_dim mismatch: q has {d}, k_cache has {k_cache.shape[-1]} (shapes q {q.shape}, "
           f"k_cache {k_cache.shape})")
   hkv = k_cache.shape[2]
+  if min(hq, d, hkv, v_cache.shape[3]) < 1:
+    _fail(f"heads and head_dim must be >= 1, got shapes q {q.shape}, k_cache {k_cache.shape}, "
+          f"v_cache {v_cache.shape}")
   if hq % hkv:
     _fail(f"query heads ({hq}) must be a multiple of kv heads ({hkv}) for GQA/MQA")
   lengths = jnp.asarray(lengths)
@@ -268,6 +308,8 @@ def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, 
     _fail(f"lengths must have shape [batch]=({b},), got {lengths.shape}")
   if not jnp.issubdtype(lengths.dtype, jnp.integer):
     _fail(f"lengths must be integers, got dtype {lengths.dtype}")
+  if _is_concrete(lengths) and lengths.size and int(jnp.min(lengths)) < 0:
+    _fail(f"lengths must be >= 0, got {np.asarray(lengths).tolist()}")
   _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
   if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
     _fail(f"unknown decode implementation {implementation!r}; expected one of "
@@ -309,7 +351,8 @@ def _decode_pallas_kind(probe, affine, q, k_cache, v_cache):
 
 
 def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine: str,
-                     bandwidth: Any = None, window: int | None = None, ridge: float = 0.0,
+                     bandwidth: Any = None, window: int | None = None,
+                     ridge: float | None = None,
                      solver: str = "direct", cg_iters: int | None = None,
                      implementation: str | None = None, num_splits: int | None = None,
                      block_kv: int | None = None, arrivals=None):
@@ -322,7 +365,9 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
   multi-token decode; their k, v written at the last T valid slots), token t sits at slot
   lengths[b] - T + t and sees the slots up to its own (causal among the new tokens, and
   within `window` of its slot); the kernel reads the cache once for all T. Rows with no key
-  (lengths 0) are zero; lengths above max_len count as max_len.
+  (lengths 0, or an empty cache) are zero; lengths above max_len count as max_len (negative
+  ones raise, or count as 0 under jit). Slots a row does not see never reach it, whatever
+  they hold (uninitialised cache memory, NaN); a row that sees a non-finite slot is NaN.
 
   Args:
     q: the new queries [batch, q_heads, head_dim], or [batch, tokens, q_heads, head_dim].
@@ -367,15 +412,20 @@ def decode_attention(q, k_cache, v_cache, r=None, *, lengths, probe: str, affine
   impl = implementation
   if impl is None:
     impl = "pallas" if kind is not None and jax.default_backend() in _GPU_PLATFORMS else "xla"
+  if impl == "pallas" and kind is None:
+    _fail(f"implementation='pallas' cannot run this decode call: {why}")
+  if 0 in (q.shape[0], k_cache.shape[1]):  # no sequences, or an empty cache: no keys
+    _scale(bandwidth, q.shape[-2], q.shape[-1], jnp.float32)  # still checks a bad bandwidth
+    o = jnp.zeros(q.shape[:-1] + v_cache.shape[-1:], q.dtype)
+    return o if arrivals is None else (o, arrivals)
   if impl == "pallas":
-    if kind is None:
-      _fail(f"implementation='pallas' cannot run this decode call: {why}")
     o, arrivals = _decode_pallas(q3, k_cache, v_cache, r3 if kind == "parallax" else None,
                                  bandwidth, lengths=lengths, window=window,
                                  num_splits=num_splits, block_kv=block_kv, arrivals=arrivals)
   else:
     o = _decode_xla(q3, k_cache, v_cache, r3, bandwidth, lengths=lengths, window=window,
-                    probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters)
+                    probe=probe, affine=affine, ridge=_ridge(ridge, probe), solver=solver,
+                    cg_iters=cg_iters)
   o = o[:, None] if squeeze else o
   return o if arrivals is None else (o, arrivals)
 

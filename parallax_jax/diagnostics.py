@@ -8,6 +8,12 @@ from parallax_jax import masks
 from parallax_jax import reference as ref
 
 
+def _nonempty(name, q, k):
+  if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+    raise ValueError(f"{name} needs batch, T and S >= 1 (statistics over rows and keys), got "
+                     f"q {q.shape}, k {k.shape}")
+
+
 def correction_to_output_ratio(q, k, v, r, **kwargs):
   """COR = mean_i ||C_i^T r_i|| / mean_i ||vbar_i||, averaged over batch, rows and heads.
 
@@ -15,6 +21,8 @@ def correction_to_output_ratio(q, k, v, r, **kwargs):
   kwargs go to `parallax_jax.attention` (causal, window, segment_ids, bandwidth, ...).
   Returns a [q_heads] array of per-head ratios.
   """
+  api._check_qkv(q, k, v, r)
+  _nonempty("correction_to_output_ratio", q, k)
   vbar = api.softmax_attention(q, k, v, **kwargs).astype(jnp.float32)
   o = api.parallax_attention(q, k, v, r, **kwargs).astype(jnp.float32)
   corr = jnp.linalg.norm(vbar - o, axis=-1).mean(axis=(0, 1))
@@ -25,6 +33,13 @@ def correction_to_output_ratio(q, k, v, r, **kwargs):
 def effective_weights(q, k, r, *, bandwidth=None, causal=True, window=None, segment_ids=None):
   """Parallax's effective weights e_ij = a_ij (1 + rbar_i - r_i . k_j), dense [B, Hq, T, S],
   together with the base softmax weights a_ij. Each row of e sums to 1 (spec identity 3)."""
+  if r is None:
+    raise ValueError("effective_weights needs the learned probe r (shaped like q), got None")
+  api._check_qkv(q, k, k, r)
+  _nonempty("effective_weights", q, k)
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                             or window <= 0):
+    raise ValueError(f"window must be a positive int (number of keys kept), got {window!r}")
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   q_seg, kv_seg = api._segments(segment_ids, b, t, s)
@@ -34,10 +49,15 @@ def effective_weights(q, k, r, *, bandwidth=None, causal=True, window=None, segm
   mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
   qs = ref.split_heads(q.astype(cd), hkv)
   ks = ref.kv_heads_first(k.astype(cd))
+  rs = ref.split_heads(r.astype(cd), hkv)
+  # As the attention itself: rows that see a non-finite entry are NaN, others exact.
+  flag = ref.row_flags(qs, ks, ks, rs, mask)
+  qs, ks, rs = ref.finite(qs), ref.finite(ks), ref.finite(rs)
   a = ref.weights(qs, ks, scale, mask)
-  tt = jnp.einsum("bkgtd,bksd->bkgts", ref.split_heads(r.astype(cd), hkv), ks)
+  tt = jnp.einsum("bkgtd,bksd->bkgts", rs, ks)
   tbar = jnp.sum(a * tt, axis=-1, keepdims=True)
-  e = a * (1.0 + tbar - tt)
+  e = jnp.where(flag, jnp.nan, a * (1.0 + tbar - tt))
+  a = jnp.where(flag, jnp.nan, a)
   flat = lambda x: x.reshape(b, hq, t, s)
   return flat(e), flat(a)
 
@@ -64,6 +84,12 @@ def stable_rank(w, *, fan_in_axes: int = 1):
   [d_model, heads * head_dim]; for o_proj [heads, head_dim, d_model] pass fan_in_axes=2.
   """
   w = jnp.asarray(w, jnp.float32)
+  if isinstance(fan_in_axes, bool) or not isinstance(fan_in_axes, int) or not (
+      1 <= fan_in_axes < w.ndim):
+    raise ValueError(f"fan_in_axes must be an int in [1, {w.ndim - 1}] for a weight of shape "
+                     f"{w.shape}, got {fan_in_axes!r}")
+  if w.size == 0:
+    raise ValueError(f"stable_rank of an empty weight, shape {w.shape}")
   rows = 1
   for n in w.shape[:fan_in_axes]:
     rows *= n

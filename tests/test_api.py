@@ -41,6 +41,13 @@ def qkvr():
     (dict(segment_ids=jnp.zeros((B, T))), "must be integers"),
     (dict(v=jnp.zeros((B, T + 1, 2, D))), "k and v must agree"),
     (dict(k=jnp.zeros((2, T, 2, D)), v=jnp.zeros((2, T, 2, D))), "batch sizes differ"),
+    (dict(q=jnp.zeros((B, T, 0, D)), r=jnp.zeros((B, T, 0, D))), "heads and head_dim must be"),
+    (dict(k=jnp.zeros((B, T, 0, D)), v=jnp.zeros((B, T, 0, D))), "heads and head_dim must be"),
+    (dict(q=jnp.zeros((B, T, H, 0)), k=jnp.zeros((B, T, 2, 0)), v=jnp.zeros((B, T, 2, 0)),
+          r=jnp.zeros((B, T, H, 0))), "heads and head_dim must be >= 1"),
+    (dict(probe="solve", ridge=jnp.ones(2)), "ridge must be a scalar"),
+    (dict(probe="solve", cg_iters=True, solver="cg"), "cg_iters must be a positive int"),
+    (dict(block_sizes=(64, 64)), "block_sizes must be a parallax_jax.BlockSizes"),
 ])
 def test_bad_input_raises_value_error(qkvr, change, match):
   q, k, v, r = qkvr
@@ -74,6 +81,80 @@ def test_jit_with_traced_bandwidth_and_ridge(qkvr):
   q, k, v, r = qkvr
   f = jax.jit(lambda h, lam: pj.lla_attention(q, k, v, bandwidth=h, ridge=lam))
   assert np.all(np.isfinite(np.asarray(f(jnp.full((H,), 3.0), 0.5))))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", None])
+def test_empty_lengths(impl):
+  """T = 0 (or B = 0) gives an empty output, S = 0 zeros (rows that see no key), gradients
+  included, in every implementation."""
+  z = lambda *s: jnp.ones(s, jnp.float32)
+  for (b, t, s), want in [((1, 0, 0), 0.0), ((1, 0, 5), 0.0), ((1, 3, 0), 0.0),
+                          ((0, 3, 3), 0.0)]:
+    q, k, v = z(b, t, H, D), z(b, s, 2, D), z(b, s, 2, D)
+    for member in ("parallax", "lla"):
+      f = lambda q: pj.member(member, q, k, v, q if member == "parallax" else None,
+                              implementation=impl, causal=False)
+      o = f(q)
+      assert o.shape == (b, t, H, D) and o.dtype == q.dtype and np.all(np.asarray(o) == want)
+      g = jax.grad(lambda q: jnp.sum(f(q)))(q)
+      assert g.shape == q.shape and np.all(np.asarray(g) == 0.0)
+  o = pj.decode_attention(z(2, H, D), z(2, 0, 2, D), z(2, 0, 2, D),
+                          lengths=jnp.zeros(2, jnp.int32), probe="none", affine="constant")
+  assert o.shape == (2, H, D) and np.all(np.asarray(o) == 0.0)
+
+
+def test_empty_and_bad_inputs_of_decode_and_diagnostics(qkvr):
+  q, k, v, r = qkvr
+  with pytest.raises(ValueError, match="lengths must be >= 0"):
+    pj.decode_attention(q[:, 0], k, v, lengths=jnp.asarray([-1]), probe="none",
+                        affine="constant")
+  with pytest.raises(ValueError, match="heads and head_dim must be >= 1"):
+    pj.decode_attention(q[:, 0, :, :0], k[..., :0], v[..., :0], lengths=jnp.asarray([1]),
+                        probe="none", affine="constant")
+  empty = q[:, :0]
+  with pytest.raises(ValueError, match=r"correction_to_output_ratio needs batch, T and S >= 1"):
+    pj.diagnostics.correction_to_output_ratio(empty, k, v, r[:, :0])
+  with pytest.raises(ValueError, match=r"effective_weights needs batch, T and S >= 1"):
+    pj.diagnostics.weight_statistics(q, k[:, :0], r)
+  with pytest.raises(ValueError, match="needs the learned probe r"):
+    pj.diagnostics.effective_weights(q, k, None)
+  with pytest.raises(ValueError, match="stable_rank of an empty weight"):
+    pj.diagnostics.stable_rank(jnp.zeros((0, 4)))
+  with pytest.raises(ValueError, match="fan_in_axes must be an int in"):
+    pj.diagnostics.stable_rank(jnp.ones((4, 4)), fan_in_axes=2)
+
+
+@pytest.mark.parametrize("name", ["lla", "lla_affine", "mesa", "least_squares"])
+def test_solve_members_are_finite_with_default_arguments(name):
+  """Early rows see fewer keys than dimensions: at ridge 0 their system is singular. The
+  default ridge (SOLVE_RIDGE) keeps them finite; ridge=0 stays the exact solve."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(kk, (2, 24, 2, 16)) for kk in ks)
+  o = pj.member(name, q, k, v)
+  assert np.all(np.isfinite(np.asarray(o)))
+  np.testing.assert_array_equal(o, pj.member(name, q, k, v, ridge=pj.api.SOLVE_RIDGE))
+  bandwidth, probe, affine = pj.MEMBERS[name]
+  o = pj.decode_attention(q[:, :3], k, v, lengths=jnp.asarray([3, 5]), bandwidth=bandwidth,
+                          probe=probe, affine=affine)
+  assert np.all(np.isfinite(np.asarray(o)))
+
+
+def test_traced_bad_bandwidth_and_ridge_give_nan(qkvr):
+  """Under jit a bad traced value cannot raise: the affected output is NaN, not garbage."""
+  q, k, v, r = qkvr
+  f = jax.jit(lambda h: pj.parallax_attention(q, k, v, r, bandwidth=h))
+  h = jnp.asarray([2.0, -1.0, 0.0, jnp.nan])
+  o = np.asarray(f(h))
+  assert np.all(np.isfinite(o[:, :, 0])) and np.all(np.isnan(o[:, :, 1:]))
+  assert np.all(np.isfinite(np.asarray(f(jnp.asarray([2.0, 3.0, jnp.inf, 1.0])))))
+  g = jax.jit(lambda lam: pj.lla_attention(q, k, v, ridge=lam))
+  assert np.all(np.isnan(np.asarray(g(-0.5)))) and np.all(np.isfinite(np.asarray(g(0.5))))
+  dec = jax.jit(lambda h: pj.decode_attention(q[:, 0], k, v, r[:, 0], lengths=jnp.asarray([5]),
+                                              probe="learned", affine="affine", bandwidth=h))
+  o = np.asarray(dec(h))
+  assert np.all(np.isfinite(o[:, 0])) and np.all(np.isnan(o[:, 1:]))
+  with pytest.raises(ValueError, match="bandwidth must be > 0"):
+    pj.parallax_attention(q, k, v, r, bandwidth=jnp.asarray([2.0, -1.0, 1.0, 1.0]))
 
 
 def test_pallas_rejects_unsupported_members(qkvr):

@@ -113,7 +113,8 @@ def _enough_keys(t, d):
 def test_identity4_lla_is_weighted_least_squares_intercept(x64, rng, solver):
   b, t, d = 1, 14, 3
   q, k, v, _ = make(rng, b=b, t=t, hq=1, hkv=1, d=d)
-  got = np.asarray(pj.lla_attention(q, k, v, solver=solver, cg_iters=3 * d))[0, :, 0]
+  got = pj.lla_attention(q, k, v, solver=solver, cg_iters=3 * d, ridge=0.0)
+  got = np.asarray(got)[0, :, 0]
   bw = math.sqrt(d)
   for i in np.nonzero(_enough_keys(t, d))[0]:
     kj, vj, qi = np.asarray(k[0, : i + 1, 0]), np.asarray(v[0, : i + 1, 0]), np.asarray(q[0, i, 0])
@@ -131,7 +132,8 @@ def test_identity5_lla_reproduces_affine_maps(x64, rng, impl, solver):
   q, k, _, _ = make(rng, b=b, t=t, hq=2, hkv=1, d=d)
   amat, bvec = rng.standard_normal((d, d)), rng.standard_normal(d)
   v = jnp.einsum("ed,bshd->bshe", amat, k) + bvec
-  got = pj.lla_attention(q, k, v, solver=solver, cg_iters=3 * d, implementation=impl)
+  got = pj.lla_attention(q, k, v, solver=solver, cg_iters=3 * d, implementation=impl,
+                         ridge=0.0)
   want = jnp.einsum("ed,bthd->bthe", amat, q) + bvec
   rows = _enough_keys(t, d)
   np.testing.assert_allclose(np.asarray(got)[:, rows], np.asarray(want)[:, rows], rtol=1e-7, atol=1e-7)
