@@ -21,6 +21,8 @@ Tiles are [block_kv, D]; the last tile of the cache is clamped to start at S_max
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -164,10 +166,11 @@ def _p2v(p2, v):
 
 
 def _finish(d1, d2, o1, o2):
-  """o from the (merged) sums (d1, d2 broadcast against o1, o2); no valid key: 0."""
-  safe = jnp.where(d1 > 0, d1, 1.0)
+  """o from the (merged) sums (d1, d2 broadcast against o1, o2); no valid key: 0. A NaN d1
+  (a row that saw a non-finite key or value) makes the whole row NaN."""
+  safe = jnp.where(d1 == 0, 1.0, d1)
   o = o1 / safe if o2 is None else (1.0 + d2 / safe) * o1 / safe - o2 / safe
-  return jnp.where(d1 > 0, o, 0.0)
+  return jnp.where(d1 == 0, 0.0, o)
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
@@ -208,7 +211,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     by_head = lambda f, w, vs: _tree(jnp.add, [f(jnp.where(sub == p, w, 0.0), vp)
                                                for p, vp in enumerate(vs)])
 
-  def body(t, carry):
+  def body(t, carry, careful=False):
+    if careful:
+      *carry, flag = carry
     m, d1, d2, o1, o2 = carry
     start = jnp.minimum(t * bk, s_max - bk)
     k = heads_of(k_ref, start)
@@ -221,6 +226,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     # 13.7 -> 13.2.
     s2 = scores(r, k) if has_r else None
     s1 = jnp.where(valid, s1, NEG_INF)
+    if careful:  # V's finite part, rows that see a non-finite value flagged, S2 masked
+      bad = [jnp.max(_nonfinite(vp), axis=1)[None, :] for vp in v]           # [1, bk]
+      bad = bad[0] if pack == 1 else _tree(jnp.add, [jnp.where(sub == p, b, 0.0)
+                                                      for p, b in enumerate(bad)])
+      flag = jnp.maximum(flag, jnp.max(jnp.where(valid, bad, 0.0), axis=1))
+      v = [_finite(vp) for vp in v]
+      s2 = jnp.where(valid, s2, 0.0) if has_r else None
     m_new = jnp.maximum(m, jnp.max(s1, axis=1))
     alpha = jnp.exp(m - m_new)
     p1 = jnp.where(valid, jnp.exp(s1 - m_new[:, None]), 0.0)
@@ -231,17 +243,34 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     o1 = o1 * alpha[:, None] + by_head(lambda w, vp: _dot(w.astype(vp.dtype), vp), p1, v)
     if has_r:
       o2 = o2 * alpha[:, None] + by_head(_p2v, p2, v)
-    return m_new, d1, d2, o1, o2
+    out = (m_new, d1, d2, o1, o2)
+    return out + (flag,) if careful else out
 
   zr = jnp.zeros((bh,), jnp.float32)
   zo = jnp.zeros((bh, D), jnp.float32)
   zd = jnp.zeros((bh, bk), jnp.float32) if lazy else zr
-  carry = (zr + NEG_INF, zd, zd, zo, zo)
+  init = (zr + NEG_INF, zd, zd, zo, zo)
   t0 = lo // bk
   t1 = jnp.where(hi > lo, (hi + bk - 1) // bk, t0)
-  m, d1, d2, o1, o2 = lax.fori_loop(t0, t1, body, carry)
-  if lazy:
-    d1, d2 = jnp.sum(d1, axis=1), jnp.sum(d2, axis=1)
+
+  def run(careful):
+    m, d1, d2, o1, o2, *flag = lax.fori_loop(
+        t0, t1, functools.partial(body, careful=careful), init + ((zr,) if careful else ()))
+    if lazy:
+      d1, d2 = jnp.sum(d1, axis=1), jnp.sum(d2, axis=1)
+    if careful:  # a flagged row: NaN d1, so its output (after any merge) is NaN
+      d1 = jnp.where(flag[0] > 0.0, jnp.nan, d1)
+    return m, d1, d2, o1, o2
+
+  # Non-finite cache entries (docs/attention.md): the loop runs as is; only if a real row's
+  # sums are not finite (a non-finite value it sees, or 0 * NaN from a masked slot: slots
+  # beyond lengths may hold anything) does it run again carefully, every tile with V's
+  # finite part and the rows that see a non-finite value flagged.
+  m, d1, d2, o1, o2 = run(False)
+  real = lambda x: jnp.where(row_ok if x.ndim == 2 else row_ok[:, 0], x, 0.0)
+  bad = _nonfinite_any(real(d1)[:, None], real(o1), *((real(d2)[:, None], real(o2)) if has_r
+                                                      else ()))
+  m, d1, d2, o1, o2 = lax.cond(bad, lambda: run(True), lambda: (m, d1, d2, o1, o2))
   store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
   if num_splits == 1:
     store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
@@ -273,6 +302,19 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     merge = _merge_by_tiles if num_splits >= MERGE_TILES_FROM else _merge_by_split
     merge(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, h=h, nrow=nrow,
           num_splits=num_splits, num_warps=num_warps)
+
+
+def _nonfinite(x):
+  return jnp.where(jnp.isfinite(x), 0.0, 1.0)
+
+
+def _finite(x):
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def _nonfinite_any(*xs):
+  """Scalar bool: an entry of one of the 2-D xs is not finite (reduced axis by axis)."""
+  return _tree(jnp.maximum, [jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0) for x in xs]) > 0
 
 
 def _tree(op, xs):
@@ -599,12 +641,19 @@ def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None
   k = jnp.repeat(f(k_cache), G, axis=2)
   v = jnp.repeat(f(v_cache), G, axis=2)
   hp = lax.Precision.HIGHEST
-  s1 = jnp.einsum("bhd,bshd->bhs", f(q), k, precision=hp) * scale
   L = jnp.asarray(lengths, jnp.int32)[:, None, None]
   j = jnp.arange(S)[None, None, :]
   valid = j < L
   if window is not None:
     valid &= j > L - 1 - window
+  # A row that sees a non-finite key or value (or has a non-finite q, r) is NaN; the rest
+  # is computed from finite parts, so slots a row does not see never reach it.
+  nonfinite = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
+  dead = jnp.any(valid & jnp.transpose(nonfinite(k) | nonfinite(v), (0, 2, 1)), axis=-1)
+  dead |= nonfinite(q) | (False if r is None else nonfinite(r))
+  k, v, q = _finite(k), _finite(v), _finite(f(q))
+  r = None if r is None else _finite(f(r))
+  s1 = jnp.einsum("bhd,bshd->bhs", q, k, precision=hp) * scale
   s1 = jnp.where(valid, s1, -jnp.inf)
   m = jnp.max(s1, axis=-1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s1 - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
@@ -614,7 +663,7 @@ def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None
   if r is None:
     o = vbar
   else:
-    t = jnp.einsum("bhd,bshd->bhs", f(r), k, precision=hp)
+    t = jnp.einsum("bhd,bshd->bhs", r, k, precision=hp)
     tbar = jnp.sum(a * t, -1, keepdims=True)
     o = vbar - (jnp.einsum("bhs,bshd->bhd", a * t, v, precision=hp) - tbar * vbar)
-  return o
+  return jnp.where(dead[..., None], jnp.nan, o)

@@ -438,7 +438,10 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
       else:
         o = o1 * lax.broadcast_in_dim(inv, o1.shape, [0])
       q_smem[...] = o.astype(dtype)
-      lse = m + jnp.log2(d1)
+      # A row with a non-finite output gets lse = NaN (o - o is 0 or NaN): a masked key's
+      # non-finite value or probe score can reach it here (0 * NaN in the masked tiles'
+      # products), and the Triton forward's fixup pass recomputes those rows carefully.
+      lse = m + jnp.log2(d1) + (o - o).sum(axis=1)
       row_smem.at[0][...] = jnp.where(has_keys, lse, jnp.inf) if has_seg else lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
@@ -546,7 +549,7 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
 
 def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=None,
                           kv_segment_ids=None, config: MgpuConfig | None = None,
-                          interpret=None):
+                          interpret=None, v_fp16=None):
   """Forward of Parallax attention (softmax when r is None) with the Mosaic GPU kernel.
 
   q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D], as `parallax_flash_attention`. scale: python
@@ -555,8 +558,10 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   o, vbar [B, T, Hq, D] in q's dtype, lse, tbar [B, Hq, T] f32; tbar, vbar None without r.
   q_segment_ids [B, T], kv_segment_ids [B, S] int32 (optional, both or neither): a query
   sees only keys of its own id (packed sequences); rows that see no key give o = 0 and
-  lse = +inf, as the Triton forward.
+  lse = +inf, as the Triton forward. A row whose output is not finite gets lse = NaN (for
+  the Triton forward's fixup pass, see `fwd_call`).
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
+  v_fp16: `_fp16_values(v)` when the caller has it already.
   """
   B, T, Hq, D = q.shape
   cfg = config or default_config(D, r is not None)
@@ -568,7 +573,7 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
   vmul = jnp.float32(1.0)
   if r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and cfg.fp16_pv:
-    v, vmul = _fp16_values(v)
+    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
   params = jnp.stack([scale * LOG2E, jnp.broadcast_to(vmul, (Hq,))], axis=1)
   params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
   return _forward(q, k, v, r, params, q_segment_ids, kv_segment_ids, causal=bool(causal),
@@ -591,10 +596,21 @@ def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None =
                       config=cfg)
   if not mg:
     return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
-  o, (lse, tbar, vbar) = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
-                                               q_segment_ids=qseg, kv_segment_ids=kseg,
-                                               config=cfg)
-  return o, lse, tbar, vbar
+  v_fp16 = _fp16_values(v) if tcfg.fp16_pv else None   # one conversion for both kernels
+  outs = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
+                               q_segment_ids=qseg, kv_segment_ids=kseg, config=cfg,
+                               v_fp16=v_fp16)
+  return fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, v_fp16=v_fp16)
+
+
+def fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
+  """The Mosaic GPU forward's (o, (lse, tbar, vbar)) with the rows it marked (lse = NaN: a
+  non-finite output) recomputed by the Triton forward's careful pass, in place: tiles
+  without a mark return at once (one small launch when every value is finite)."""
+  from pallas_kernels import parallax_triton as pt
+  o, (lse, tbar, vbar) = outs
+  return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, fixup=(o, lse, tbar, vbar),
+                      v_fp16=v_fp16)
 
 
 # ----------------------------------------------------------------------------- timing

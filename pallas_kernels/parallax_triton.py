@@ -329,8 +329,38 @@ def _qtile(i, cfg: _Cfg, bq: int):
   return cfg.Tp // bq - 1 - i if cfg.causal else i
 
 
+def _nonfinite(x):
+  """1.0 where x is not finite, else 0.0 (f32); reduced with max, which on the GPU ignores
+  NaN operands (maxnumf), so the indicator, never x itself, is what gets reduced."""
+  return jnp.where(jnp.isfinite(x), 0.0, 1.0)
+
+
+def _any_nonfinite(*xs):
+  """Scalar bool: some entry of some 2-D x is not finite (two reductions per tensor, once
+  per program: the gate of the careful path). Axis by axis: a one-step reduction of a 2-D
+  block to a scalar fails to lower under an explicit-sharding mesh (jax 0.11.2)."""
+  worst = lambda x: jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0)
+  return functools.reduce(jnp.maximum, [worst(x) for x in xs]) > 0.0
+
+
+def _finite(x):
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
-                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int):
+                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
+                fixup: bool = False):
+  """One query tile. Non-finite inputs (docs/attention.md): the loops run as they are, and
+  only if the tile's output holds a non-finite value do they run again carefully: on masked
+  tiles V enters P V with its non-finite entries zeroed, rows that see one are flagged, and
+  P2 is masked (a masked key's r.k may be NaN). Rows that are flagged or non-finite (dead)
+  are written as o = NaN, lse = +inf, tbar = vbar = 0: the backward then treats them as
+  constants (zero weights). Interior tiles never do extra work; masked tiles only when the
+  tile met a non-finite value.
+
+  fixup: o, lse, tbar, vbar hold another forward's result (aliased in and out); a tile runs
+  the careful pass and overwrites them only if one of its lse is NaN (that forward's mark
+  of a row with a non-finite output), else it returns at once."""
   iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
   qs = iq * bq
   scale = scale_ref[h] * LOG2E
@@ -340,7 +370,9 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
   D = q.shape[-1]
   dt = v_ref.dtype  # fp16 when cfg.fp16_pv (v converted by the wrapper), else the input dtype
 
-  def body(kb, carry, masked):
+  def body(kb, carry, masked, careful=False):  # careful: masked tiles of the careful pass
+    if careful:
+      *carry, flag = carry
     if cfg.has_r:
       m, d1, o1, d2, o2 = carry
     else:
@@ -355,6 +387,10 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
                       None if qseg is None else qseg[:, None],
                       None if kseg is None else kseg[None, :])
       s = jnp.where(mask, s, NEG_INF)
+    if careful:
+      bad_v = jnp.max(_nonfinite(v), axis=1)[None, :]          # [1, bk]
+      flag = jnp.maximum(flag, jnp.max(jnp.where(mask, bad_v, 0.0), axis=1))
+      v = _finite(v)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -363,37 +399,70 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     d1 = d1 * alpha + jnp.sum(p, axis=1)
     o1 = o1 * alpha[:, None] + _dot(p.astype(dt), v)
     if not cfg.has_r:
-      return m_new, d1, o1
-    t = _dot(r, k, trans_b=True)
-    p2 = p * t
-    d2 = d2 * alpha + jnp.sum(p2, axis=1)
-    o2 = o2 * alpha[:, None] + _dot(p2.astype(dt), v)
-    return m_new, d1, o1, d2, o2
+      out = (m_new, d1, o1)
+    else:
+      t = _dot(r, k, trans_b=True)
+      p2 = p * t
+      if careful:
+        p2 = jnp.where(mask, p2, 0.0)
+      d2 = d2 * alpha + jnp.sum(p2, axis=1)
+      o2 = o2 * alpha[:, None] + _dot(p2.astype(dt), v)
+      out = (m_new, d1, o1, d2, o2)
+    return out + (flag,) if careful else out
 
   zrow = jnp.zeros((bq,), jnp.float32)
   zacc = jnp.zeros((bq, D), jnp.float32)
-  carry = (zrow + NEG_INF, zrow, zacc)
+  init = (zrow + NEG_INF, zrow, zacc)
   if cfg.has_r:
-    carry = carry + (zrow, zacc)
-  carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
-  m, d1, o1 = carry[:3]
-  has_keys = d1 > 0.0
-  inv = 1.0 / jnp.where(has_keys, d1, 1.0)
-  if cfg.fp16_pv:
-    inv_v = inv * scale_ref[cfg.Hq]  # undo the power-of-two scaling of v
-  else:
-    inv_v = inv
-  vbar = o1 * inv_v[:, None]
-  if cfg.has_r:
-    d2, o2 = carry[3:]
-    tbar = d2 * inv
-    o = (1.0 + tbar)[:, None] * vbar - o2 * inv_v[:, None]
-    tbar_ref[...] = tbar
-    vbar_ref[...] = vbar.astype(vbar_ref.dtype)
-  else:
-    o = vbar
-  o_ref[...] = o.astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
+    init = init + (zrow, zacc)
+  ranges = _with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref)
+
+  def finish(carry, flag=None):
+    m, d1, o1 = carry[:3]
+    has_keys = d1 > 0.0
+    inv = 1.0 / jnp.where(has_keys, d1, 1.0)
+    if cfg.fp16_pv:
+      inv_v = inv * scale_ref[cfg.Hq]  # undo the power-of-two scaling of v
+    else:
+      inv_v = inv
+    vbar = o1 * inv_v[:, None]
+    tbar = zrow
+    if cfg.has_r:
+      d2, o2 = carry[3:]
+      tbar = d2 * inv
+      o = (1.0 + tbar)[:, None] * vbar - o2 * inv_v[:, None]
+    else:
+      o = vbar
+    lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
+    if flag is not None:
+      dead = jnp.maximum(flag, jnp.max(_nonfinite(o), axis=1)) > 0.0
+      o = jnp.where(dead[:, None], jnp.nan, o)
+      lse = jnp.where(dead, jnp.inf, lse)
+      tbar = jnp.where(dead, 0.0, tbar)
+      vbar = jnp.where(dead[:, None], 0.0, vbar)
+    return o, lse, tbar, vbar
+
+  def careful():
+    def cbody(kb, carry, masked):
+      return body(kb, carry, masked, careful=True) if masked else (
+          body(kb, carry[:-1], masked) + (carry[-1],))
+    *carry, flag = _loop3(ranges, cbody, init + (zrow,))
+    return finish(carry, flag)
+
+  def write(outs):
+    o, lse, tbar, vbar = outs
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
+    if cfg.has_r:
+      tbar_ref[...] = tbar
+      vbar_ref[...] = vbar.astype(vbar_ref.dtype)
+
+  if fixup:
+    pl.when(jnp.max(jnp.where(jnp.isnan(lse_ref[...]), 1.0, 0.0)) > 0.0)(
+        lambda: write(careful()))
+    return
+  outs = finish(_loop3(ranges, body, init))
+  write(lax.cond(_any_nonfinite(outs[0]), careful, lambda: outs))
 
 
 def _compiler_params(num_warps, num_stages):
@@ -402,14 +471,18 @@ def _compiler_params(num_warps, num_stages):
 
 def _fp16_values(v):
   """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar)."""
-  vmax = jnp.max(jnp.abs(v)).astype(jnp.float32)
+  # finite entries only: one NaN or inf must not rescale (and so poison) every value
+  vmax = jnp.max(jnp.where(jnp.isfinite(v), jnp.abs(v), 0)).astype(jnp.float32)
   e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
   return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
 
 
-def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
+def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None):
+  """(o, lse, tbar, vbar) of the forward kernel. fixup: (o, lse, tbar, vbar) of another
+  forward (the Mosaic GPU kernel) to repair in place where it marked a row (lse NaN), see
+  `_fwd_kernel`. v_fp16: (v as fp16, its scale) from `_fp16_values`, if already made."""
   if cfg.fp16_pv:
-    v, vmul = _fp16_values(v)
+    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
     scale = jnp.concatenate([scale, vmul[None]])
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -435,17 +508,31 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg):
     out_shape += [rows, jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs += [row_spec, q_spec]
 
-  def kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref, o_ref,
-             lse_ref, *rest):
+  args = [scale, q, k, v, r, qseg, kseg, srng]
+  aliases = {}
+  if fixup is not None:
+    prev = [x for x in fixup if x is not None]
+    in_specs += out_specs
+    base = sum(a is not None for a in args)   # aliases index the flattened inputs
+    aliases = {base + i: i for i in range(len(prev))}
+    args += prev
+  n_in = len(in_specs)
+
+  def kernel(*refs):
+    (scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref), outs = (
+        refs[:8], refs[n_in:])
+    o_ref, lse_ref, *rest = outs
     tbar_ref, vbar_ref = rest if cfg.has_r else (None, None)
     _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref, o_ref,
-                lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk)
+                lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk, fixup=fixup is not None)
 
+  kind = "parallax" if cfg.has_r else "softmax"
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
-      interpret=cfg.interpret, name="parallax_fwd" if cfg.has_r else "softmax_fwd",
-  )(scale, q, k, v, r, qseg, kseg, srng)
+      interpret=cfg.interpret, name=f"{kind}_fwd_fixup" if fixup is not None else f"{kind}_fwd",
+  )(*args)
   if cfg.has_r:
     return outs
   return outs[0], outs[1], None, None
@@ -458,17 +545,23 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
                tbar_ref, qseg_ref, kseg_ref, srng_ref, dq_ref, dr_ref, delta_ref, gbar_ref,
                qdq_ref, *,
                cfg: _Cfg, bq: int, bk: int):
+  """dq (and dr) of one query tile. Rows the forward wrote as dead (lse = +inf: a NaN row,
+  or one without keys) send nothing back: their do and o are zeroed here, their dq, dr are
+  zero. If a live row's dq, dr is not finite (a masked key or value was not), the loops run
+  again with masked tiles using K's finite part and masked ds, dt."""
   iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
   qs = iq * bq
   scale_raw = scale_ref[h]
   scale = scale_raw * LOG2E
   q = q_ref[...]
-  do = do_ref[...]
+  lse_row = lse_ref[...]
+  live = jnp.isfinite(lse_row)[:, None]
+  do = jnp.where(live, do_ref[...], 0.0).astype(do_ref.dtype)
   do32 = do.astype(jnp.float32)
   # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv
-  delta_row = jnp.sum(do32 * o_ref[...].astype(jnp.float32), axis=1)
+  delta_row = jnp.sum(do32 * _finite(o_ref[...].astype(jnp.float32)), axis=1)
   delta_ref[...] = delta_row
-  lse = lse_ref[...][:, None]
+  lse = lse_row[:, None]
   delta = delta_row[:, None]
   if cfg.has_r:
     r = r_ref[...]
@@ -481,10 +574,12 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
   D = q.shape[-1]
   dt = k_ref.dtype
 
-  def body(kb, carry, masked):
+  def body(kb, carry, masked, careful=False):  # careful: masked tiles of the careful pass
     ks = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
+    if careful:
+      k = _finite(k)
     a = jnp.exp2(_dot(q, k, trans_b=True) * scale - lse)
     if masked:
       kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
@@ -497,23 +592,39 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
       dq, dr = carry
       t = _dot(r, k, trans_b=True)
       dtt = a * (gbar - g)
+      if careful:
+        dtt = jnp.where(mask, dtt, 0.0)
       ds = a * gmd - dtt * (tbar1 - t)
-      dr = dr + _dot(dtt.astype(dt), k)
     else:
       dq = carry
       ds = a * (g - delta)
+    if careful:
+      ds = jnp.where(mask, ds, 0.0)
+    if cfg.has_r:
+      dr = dr + _dot(dtt.astype(dt), k)
     dq = dq + _dot(ds.astype(dt), k)
     return (dq, dr) if cfg.has_r else dq
 
   zacc = jnp.zeros((bq, D), jnp.float32)
-  carry = (zacc, zacc) if cfg.has_r else zacc
-  carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
-  dq = carry[0] if cfg.has_r else carry
+  init = (zacc, zacc) if cfg.has_r else zacc
+  ranges = _with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref)
+
+  def careful_body(kb, carry, masked):
+    return body(kb, carry, masked, careful=masked)
+
+  def run(loop_body):
+    carry = _loop3(ranges, loop_body, init)
+    carry = carry if cfg.has_r else (carry,)
+    return tuple(jnp.where(live, x, 0.0) for x in carry)   # dead rows send nothing back
+
+  carry = run(body)
+  carry = lax.cond(_any_nonfinite(*carry), lambda: run(careful_body), lambda: carry)
+  dq = carry[0]
   dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
   if cfg.has_r:
     dr_ref[...] = carry[1].astype(dr_ref.dtype)
   if cfg.need_dscale:
-    qdq_ref[...] = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
+    qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
 
 
 def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
@@ -576,54 +687,69 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
 def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
                 gbar_ref, qseg_ref, kseg_ref, srng_ref, dk_ref, dv_ref, *, cfg: _Cfg, bq: int,
                 bk: int):
+  """dk, dv of one key tile, summed over the GQA group. Dead rows (lse = +inf) have zero
+  weights. If dk or dv is not finite (a dead row's NaN q, r or do met a zero weight, or a
+  masked pair's NaN), the loops run again on the finite parts of K, V and of every Q, R,
+  dO tile, with masked tiles' ds, dt and a c masked."""
   ikv, hkv = pl.program_id(0), pl.program_id(2)
   ks = ikv * bk
-  k = k_ref[...]
-  v = v_ref[...]
   kseg = kseg_ref[...] if cfg.has_seg else None
-  D = k.shape[-1]
-  dt = k.dtype
+  D = k_ref.shape[-1]
+  dt = k_ref.dtype
   ranges = _with_seg_ranges(_q_tiles(ks, bk, bq, cfg), srng_ref)
 
-  def head_body(g, carry):
-    h = hkv * cfg.G + g
-    scale_raw = scale_ref[h]
-    scale = scale_raw * LOG2E
+  def run(careful):
+    k, v = k_ref[...], v_ref[...]
+    if careful:
+      k, v = _finite(k), _finite(v)
 
-    def body(qb, carry, masked):
-      dk, dv = carry
-      qs = pl.multiple_of(qb * bq, bq)
-      q = q_ref[pl.ds(qs, bq), h, :]
-      do = do_ref[pl.ds(qs, bq), h, :]
-      lse = lse_ref[h, pl.ds(qs, bq)][None, :]
-      delta = delta_ref[h, pl.ds(qs, bq)][None, :]
-      a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
-      if masked:
-        qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
-        mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
-                        None if qseg is None else qseg[None, :],
-                        None if kseg is None else kseg[:, None])
-        a = jnp.where(mask, a, 0.0)
-      gt = _dot(v, do, trans_b=True)  # [bk, bq]
-      if cfg.has_r:
-        r = r_ref[pl.ds(qs, bq), h, :]
-        tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
-        gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
-        c = tbar1 - _dot(k, r, trans_b=True)
-        dtt = a * (gbar - gt)
-        ds = a * (gbar - delta) - dtt * c
-        dv = dv + _dot((a * c).astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
-      else:
-        ds = a * (gt - delta)
-        dv = dv + _dot(a.astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q)
-      return dk, dv
+    def head_body(g, carry):
+      h = hkv * cfg.G + g
+      scale_raw = scale_ref[h]
+      scale = scale_raw * LOG2E
 
-    return _loop3(ranges, body, carry)
+      def body(qb, carry, masked):
+        dk, dv = carry
+        qs = pl.multiple_of(qb * bq, bq)
+        q = q_ref[pl.ds(qs, bq), h, :]
+        do = do_ref[pl.ds(qs, bq), h, :]
+        if careful:
+          q, do = _finite(q), _finite(do)
+        lse = lse_ref[h, pl.ds(qs, bq)][None, :]
+        delta = delta_ref[h, pl.ds(qs, bq)][None, :]
+        a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
+        if masked:
+          qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
+          mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
+                          None if qseg is None else qseg[None, :],
+                          None if kseg is None else kseg[:, None])
+          a = jnp.where(mask, a, 0.0)
+        keep = (lambda x: jnp.where(mask, x, 0.0)) if careful and masked else (lambda x: x)
+        gt = _dot(v, do, trans_b=True)  # [bk, bq]
+        if cfg.has_r:
+          r = r_ref[pl.ds(qs, bq), h, :]
+          if careful:
+            r = _finite(r)
+          tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
+          gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
+          c = tbar1 - _dot(k, r, trans_b=True)
+          dtt = keep(a * (gbar - gt))
+          ds = keep(a * (gbar - delta) - dtt * c)
+          dv = dv + _dot(keep(a * c).astype(dt), do)
+          dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
+        else:
+          ds = keep(a * (gt - delta))
+          dv = dv + _dot(a.astype(dt), do)
+          dk = dk + _dot((ds * scale_raw).astype(dt), q)
+        return dk, dv
 
-  zacc = jnp.zeros((bk, D), jnp.float32)
-  dk, dv = lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
+      return _loop3(ranges, body, carry)
+
+    zacc = jnp.zeros((bk, D), jnp.float32)
+    return lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
+
+  dk, dv = run(False)
+  dk, dv = lax.cond(_any_nonfinite(dk, dv), lambda: run(True), lambda: (dk, dv))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 

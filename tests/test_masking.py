@@ -127,3 +127,22 @@ def test_gradients_of_clean_rows_ignore_the_poison(impl):
       assert np.all(np.isfinite(x)), f"{name}: d{arg} not finite"
       np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6, err_msg=f"{name}: d{arg}")
 
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_cache_beyond_lengths(impl):
+  """decode_attention: NaN / inf in cache slots past lengths (uninitialised memory) or before
+  the window reach no row; a NaN slot a token sees makes that row NaN."""
+  rng = np.random.default_rng(0)
+  n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, r, k, v = n(2, 2, HQ, 16), n(2, 2, HQ, 16), n(2, 24, HKV, 16), n(2, 24, HKV, 16)
+  lengths = jnp.asarray([9, 20])
+  kp = k.at[0, 9:].set(jnp.inf).at[1, :10].set(jnp.nan)      # past lengths; before window
+  vp = v.at[0, 9:].set(jnp.nan).at[1, 19].set(jnp.nan)       # slot 19: seen by token 1 only
+  f = lambda k, v: np.asarray(pj.decode_attention(
+      q, k, v, r, lengths=lengths, probe="learned", affine="affine", window=8,
+      implementation=impl))
+  got, want = f(kp, vp), f(k, v)
+  nan = np.zeros(got.shape[:-1], bool)
+  nan[1, 1] = True
+  assert np.isnan(got[nan]).all()
+  np.testing.assert_array_equal(got[~nan], want[~nan])

@@ -57,6 +57,62 @@ def check(rng, B, Hq, Hkv, S, D, dtype, lengths, window=None, ns=None, bk=16, pa
   return o, ref
 
 
+# Non-finite cache entries (docs/attention.md): (lengths, tokens, window, pack, splits,
+# [(array, batch, slot, kv head or None, value)]). Slots beyond lengths may hold anything.
+POISON = {
+    "nan_tail": ([5, 37, 70], 1, None, 1, 3, [("v", b, slice(n, None), None, np.nan)
+                                              for b, n in enumerate([5, 37, 70])]),
+    "inf_k_tail_splits": ([5, 37, 70], 1, None, 1, 1, [("k", 0, slice(5, None), None, np.inf),
+                                                      ("k", 1, slice(37, 40), 1, -np.inf)]),
+    "window_nan_and_seen": ([40, 64, 9], 1, 8, 1, 2, [("v", 0, slice(0, 32), None, np.nan),
+                                                      ("k", 1, 60, 0, np.nan)]),
+    "multi_token_pack2": ([40, 64, 9], 3, None, 2, 2, [("v", 0, 39, None, np.nan),
+                                                       ("v", 1, slice(64, None), None, np.nan),
+                                                       ("k", 2, 8, 1, np.nan)]),
+}
+
+
+def _poison_decode(rng, dtype, lengths, tokens, window, cases):
+  """Caches with poisoned slots, and the rows [B, (T,) Hq] that see one."""
+  B, Hq, Hkv, S, D = 3, 4, 2, 70, 16
+  q, k, v, r = make(rng, B, Hq, Hkv, S, D, dtype, tokens=None if tokens == 1 else tokens)
+  arrs = {"k": k, "v": v}
+  seen = np.zeros((B, tokens, Hq), bool)
+  slot = np.asarray(lengths)[:, None] - tokens + np.arange(tokens)              # [B, T]
+  for name, b, j, h, val in cases:
+    hs = slice(None) if h is None else slice(h, h + 1)
+    arrs[name] = arrs[name].at[b, j, hs].set(val)
+    js = np.arange(S)[j]
+    vis = (js[None] <= slot[b][:, None]) & (js[None] < S)
+    if window is not None:
+      vis &= js[None] > slot[b][:, None] - window
+    qh = slice(None) if h is None else slice(h * (Hq // Hkv), (h + 1) * (Hq // Hkv))
+    seen[b, :, qh] |= np.atleast_2d(vis).any(axis=-1)[:, None]
+  seen = seen[:, 0] if tokens == 1 else seen
+  return (q, k, v, r), (q, arrs["k"], arrs["v"], r), seen
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_poisoned_cache_reaches_only_rows_that_see_it(rng, dtype):
+  """NaN / inf beyond lengths, before the window, or in a later token's slot: rows that see
+  a poisoned slot are NaN, the others equal the kernel's output on a clean cache, bit for
+  bit (one launch, splits and packed heads; Parallax and softmax in f32, Parallax in bf16)."""
+  for name, (lengths, tokens, window, pack, ns, cases) in POISON.items():
+    clean, poisoned, seen = _poison_decode(rng, dtype, lengths, tokens, window, cases)
+    for parallax in (True, False) if dtype == jnp.float32 else (True,):
+      f = jax.jit(lambda q, k, v, r: dk.parallax_decode(
+          q, k, v, r if parallax else None, scale=0.25, lengths=jnp.asarray(lengths),
+          block_kv=16, window=window, num_splits=ns, kv_heads_per_program=pack, interpret=True))
+      got, want = np.asarray(f(*poisoned), np.float32), np.asarray(f(*clean), np.float32)
+      ref = np.asarray(dk.reference_decode(*poisoned[:3], poisoned[3] if parallax else None,
+                                           scale=0.25, lengths=jnp.asarray(lengths),
+                                           window=window))
+      msg = f"{name} parallax={parallax}"
+      assert np.isnan(got[seen]).all() and np.isnan(ref[seen]).all(), msg
+      assert np.array_equal(got[~seen], want[~seen]), msg
+      assert np.isfinite(ref[~seen]).all(), msg
+
+
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2), (32, 1)])
 @pytest.mark.parametrize("ns", [1, 3])
 def test_gqa_ratios(rng, Hq, Hkv, ns):

@@ -248,6 +248,30 @@ def test_residuals_match_triton_and_feed_its_backward():
     assert rel(a, b) < 1e-2, name
 
 
+@pytest.mark.parametrize("segments", [None, "packed"])
+def test_nonfinite_rows_are_marked_and_fixed(segments):
+  """A NaN value in a masked tile reaches rows that do not see it through the tile's
+  products (0 * NaN): the kernel marks every row with a non-finite output (lse = NaN), and
+  the Triton fixup pass (`fwd_call`'s second launch) recomputes those tiles carefully, so
+  the result equals the Triton forward's on the same inputs."""
+  c = Case(T=128, S=128, D=64, segments=segments)
+  q, k, v, r, scale = inputs(c, seed=3)
+  qs, ks = segment_ids(c)
+  v = v.at[:, 40].set(jnp.nan)              # key 40: causal rows 0-39 must not see it
+  sc = jnp.full((c.Hq,), scale, jnp.float32)
+  tcfg = dataclasses.replace(_triton_cfg(q, k, r, True, interpret=True), has_seg=qs is not None)
+  outs = pm.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=True, q_segment_ids=qs,
+                                  kv_segment_ids=ks, interpret=interpret_params())
+  lse = np.asarray(outs[1][0])
+  assert np.isnan(lse[:, :, :40]).any()      # the leak the marks exist for
+  o, lse, tbar, vbar = pm.fixup(tcfg, q, k, v, r, sc, qs, ks, outs)
+  want = pt._fwd_call(tcfg, q, k, v, r, sc, qs, ks)
+  o, wo = np.asarray(o, np.float32), np.asarray(want[0], np.float32)
+  assert np.array_equal(np.isnan(o), np.isnan(wo)) and np.isnan(wo[:, 40:]).all(axis=(2, 3)).any()
+  assert not np.isnan(np.asarray(lse)).any() and rel(o[:, :40], wo[:, :40]) < 5e-3
+  np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(want[1])))
+
+
 def test_supported():
   z = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
   q, kv = z(1, 256, 4, 128), z(1, 256, 2, 128)
@@ -337,6 +361,31 @@ def test_cuda_lowering_abstract_h100(D, parallax, causal, config, seg):
   assert b"setmaxnreg.inc.sync.aligned.u32" in ops and b"setmaxnreg.dec.sync.aligned.u32" in ops
   assert (b"wgmma.wait_group.sync.aligned 1" in mods[0]) == (cfg.split_waits and parallax)
 
+
+
+@pytest.mark.parametrize("parallax", [True, False])
+def test_fixup_lowering_abstract_h100(parallax):
+  """The Triton fixup pass that follows the Mosaic GPU forward lowers for CUDA (its TTIR
+  verifies): an early return per tile, the careful pass under it."""
+  from tests.test_pallas_train import _triton_modules, verify_triton_modules
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+  sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  q, kv, rows = sd(2, 1024, 8, 128), sd(2, 1024, 4, 128), sd(2, 8, 1024, dt=jnp.float32)
+  tcfg = dataclasses.replace(_triton_cfg(q, kv, q if parallax else None, True, False),
+                             blocks=pt.default_block_sizes(128, parallax))
+
+  def f(q, k, v, r, sc, o, lse, tbar, vbar):
+    return pm.fixup(tcfg, q, k, v, r, sc, None, None, (o, (lse, tbar, vbar)))
+
+  args = (q, kv, kv, q if parallax else None, sd(8, dt=jnp.float32), q, rows,
+          rows if parallax else None, q if parallax else None)
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  mods = _triton_modules(lowered)
+  kind = "parallax" if parallax else "softmax"
+  assert [n for n, _ in mods] == [f"{kind}_fwd_fixup"]
+  verify_triton_modules(mods)
 
 
 def test_one_mosaic_module_per_config_across_call_sites():

@@ -17,6 +17,7 @@ import pytest
 
 import pallas_kernels
 from parallax_jax import masks
+from tests import test_masking as masking
 from pallas_kernels import BlockSizes, parallax_flash_attention
 from pallas_kernels import parallax_triton as pt
 
@@ -291,6 +292,64 @@ def test_poisoned_padding_is_masked(rng):
   assert rel_err(o[:, :50], o_ref) < 2e-5
   for g, gr in zip(grads, grads_ref):
     assert rel_err(g[:, :gr.shape[1]], gr) < 5e-5
+
+
+# Non-finite values at positions a row cannot see (docs/attention.md): 16-row tiles over 40
+# rows, so each poison sits in masked (diagonal, window, segment) tiles for some rows and
+# in interior tiles for others.
+B16 = BlockSizes(16, 16, 4, 2, 16, 16, 4, 2, 16, 16, 4, 2)
+POISON_CASES = {
+    "causal_nan_v": masking.Case(T=40, S=40, poison=(("v", 5, None, np.nan),)),
+    "segments_nan_v": masking.Case(T=40, S=40, segments=True, poison=(("v", 3, None, np.nan),)),
+    "window_inf_k_gqa": masking.Case(T=40, S=40, window=9, poison=(("k", 12, 1, np.inf),)),
+    "end_aligned_nan_k": masking.Case(T=20, S=40, poison=(("k", 30, None, np.nan),)),
+    "nan_q_row": masking.Case(T=40, S=40, poison=(("q", 25, None, np.nan),)),
+    "noncausal_ninf_v": masking.Case(T=40, S=40, causal=False, window=5,
+                                     poison=(("v", 20, 0, -np.inf),)),
+}
+
+
+def _kernel_fn(kw, parallax):
+  kw = dict(kw)
+  if "segment_ids" in kw:
+    kw["q_segment_ids"], kw["kv_segment_ids"] = kw.pop("segment_ids")
+
+  def f(q, k, v, r):
+    return parallax_flash_attention(q, k, v, r if parallax else None, scale=0.25,
+                                    block_sizes=B16, interpret=True, **kw)
+  return f
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_poison_reaches_only_the_rows_that_see_it(dtype):
+  """Forward: rows that see a poisoned entry are NaN, the others equal the kernel's result
+  on clean inputs bit for bit (f32: Parallax and softmax; bf16: Parallax, fp16 P V)."""
+  for name, c in POISON_CASES.items():
+    clean, poisoned, kw, nan_rows = masking.make(c, dtype, hq=4, hkv=2, d=16)
+    for parallax in (True, False) if dtype == jnp.float32 else (True,):
+      f = jax.jit(_kernel_fn(kw, parallax))
+      try:
+        masking.check_rows(f(*poisoned), f(*clean), nan_rows, 0.0)
+      except AssertionError as e:
+        raise AssertionError(f"{name} parallax={parallax}: {e}") from None
+
+
+def test_poison_gradients_of_clean_rows():
+  """Backward: a NaN row is a constant, so the gradient of a loss over the other rows is
+  the one with the poison replaced by finite values (dq, dk, dv, dr). The cases need the
+  careful pass of the dq kernel (masked NaN value, key) and of the dk/dv kernel (NaN q)."""
+  for name in ("causal_nan_v", "segments_nan_v", "end_aligned_nan_k", "nan_q_row"):
+    clean, poisoned, kw, nan_rows = masking.make(POISON_CASES[name], jnp.float32, hq=4, hkv=2,
+                                                 d=16)
+    keep = jnp.asarray(~nan_rows)[..., None]
+    w = jnp.cos(jnp.arange(np.prod(clean[0].shape), dtype=jnp.float32)).reshape(clean[0].shape)
+    f = _kernel_fn(kw, True)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.where(keep, f(*a) * w, 0.0)),
+                            argnums=(0, 1, 2, 3)))
+    for x, y, arg in zip(grad(*poisoned), grad(*clean), "qkvr"):
+      x, y = np.asarray(x), np.asarray(y)
+      assert np.all(np.isfinite(x)), f"{name}: d{arg} not finite"
+      np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6, err_msg=f"{name}: d{arg}")
 
 
 def test_r_zero_equals_softmax(rng):
