@@ -344,6 +344,26 @@ def test_gpu_default_unsplit_launches(B, Hq, Hkv, S, D, block_kv):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("parallax", [True, False])
+@pytest.mark.parametrize("B,L,ns", [(1, 8192, None), (8, 1024, None), (64, 1024, None),
+                                    (8, 1024, 1), (8, 1024, 8)])
+def test_gpu_poisoned_cache(rng, parallax, B, L, ns):
+  """Compiled decode (default launch, unsplit, split): NaN / inf past lengths reach no row;
+  a NaN slot a row sees makes it NaN."""
+  q, k, v, r = make(rng, B, 16, 8, L, 128, jnp.bfloat16, parallax)
+  lengths = jnp.asarray(rng.integers(L // 2, L - 1, B), jnp.int32)
+  past = jnp.arange(L)[None, :, None, None] >= lengths[:, None, None, None]
+  kp = jnp.where(past, jnp.asarray(jnp.inf, k.dtype), k)
+  vp = jnp.where(past, jnp.asarray(jnp.nan, v.dtype), v).at[0, 5].set(jnp.nan)
+  f = jax.jit(lambda k, v: dk.parallax_decode(q, k, v, r, scale=128 ** -0.5, lengths=lengths,
+                                              num_splits=ns))
+  got, want = np.asarray(f(kp, vp), np.float32), np.asarray(f(k, v), np.float32)
+  assert np.isnan(got[0]).all() and np.isfinite(got[1:]).all()
+  np.testing.assert_allclose(got[1:], want[1:], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("parallax", [True, False])
 def test_gpu_many_splits_merge_is_exact_and_deterministic(rng, parallax):
   """Many splits merged in-kernel by the last program to arrive: the same bits every call
   (a merge reading a stale partial would change them) and close to the reference."""

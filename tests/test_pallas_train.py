@@ -539,3 +539,32 @@ def test_gpu_matches_reference(name, rng):
   c = GPU_CASES[name]
   errs = check_case(c, rng, interpret=False)
   print(name, errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("segments", [False, True])
+def test_gpu_poison(segments):
+  """Compiled kernels (on Hopper: the Mosaic GPU forward and its Triton fixup pass): NaN at
+  masked positions reaches no other row, forward and gradients (bf16, default tiles)."""
+  c = masking.Case(T=1024, S=1024, segments=segments,
+                   poison=(("v", 700, None, np.nan), ("k", 300, 1, np.inf),
+                           ("q", 900, None, np.nan)))
+  clean, poisoned, kw, nan_rows = masking.make(c, jnp.bfloat16, hq=8, hkv=4, d=128)
+  kw = dict(kw)
+  if "segment_ids" in kw:
+    kw["q_segment_ids"], kw["kv_segment_ids"] = kw.pop("segment_ids")
+  f = lambda q, k, v, r: parallax_flash_attention(q, k, v, r, scale=128 ** -0.5, **kw)
+  keep = jnp.asarray(~nan_rows)[..., None]
+  w = jnp.cos(jnp.arange(np.prod(clean[0].shape), dtype=jnp.float32)).reshape(clean[0].shape)
+  g = jax.jit(jax.value_and_grad(
+      lambda *a: jnp.sum(jnp.where(keep, f(*a).astype(jnp.float32) * w, 0.0)),
+      argnums=(0, 1, 2, 3)))
+  o = np.asarray(jax.jit(f)(*poisoned), np.float32)
+  o_clean = np.asarray(jax.jit(f)(*clean), np.float32)
+  assert np.isnan(o[nan_rows]).all() and np.isfinite(o[~nan_rows]).all()
+  assert rel_err(o[~nan_rows], o_clean[~nan_rows]) < 1e-2
+  (l, grads), (l_clean, grads_clean) = g(*poisoned), g(*clean)
+  assert abs(float(l) - float(l_clean)) <= 1e-2 * abs(float(l_clean))
+  for x, y, name in zip(grads, grads_clean, "qkvr"):
+    assert rel_err(x, y) < 2e-2, name
