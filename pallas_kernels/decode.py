@@ -29,8 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler_params, _dot,
-                                            _iota, _next_pow2, _pad, _round_up)
+from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _any_nonfinite,
+                                            _compiler_params, _dot, _finite, _iota, _next_pow2,
+                                            _nonfinite, _pad, _rewrite, _round_up)
 
 NUM_SMS = 132  # H100 SXM
 # Register budgets (fp32 registers per thread) of the merges' loads in flight.
@@ -266,29 +267,37 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   # sums are not finite (a non-finite value it sees, or 0 * NaN from a masked slot: slots
   # beyond lengths may hold anything) does it run again carefully, every tile with V's
   # finite part and the rows that see a non-finite value flagged.
-  m, d1, d2, o1, o2 = run(False)
-  real = lambda x: jnp.where(row_ok if x.ndim == 2 else row_ok[:, 0], x, 0.0)
-  bad = _nonfinite_any(real(d1)[:, None], real(o1), *((real(d2)[:, None], real(o2)) if has_r
-                                                      else ()))
-  m, d1, d2, o1, o2 = lax.cond(bad, lambda: run(True), lambda: (m, d1, d2, o1, o2))
   store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
+  vec_ok = row_ok[:, 0]
+
+  def emit(sums):  # the output, or this split's partials (only the real rows reach memory)
+    m, d1, d2, o1, o2 = sums
+    if num_splits == 1:
+      store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
+                                o2 if has_r else None))
+      return
+    plgpu.store(m_ref.at[s, :], m, mask=vec_ok)
+    plgpu.store(d1_ref.at[s, :], d1, mask=vec_ok)
+    plgpu.store(o1_ref.at[s, :, :], o1, mask=row_ok)
+    if has_r:
+      plgpu.store(d2_ref.at[s, :], d2, mask=vec_ok)
+      plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
+
+  sums = run(False)
+  emit(sums)   # overwritten only by a careful pass
+  real = lambda x: jnp.where(row_ok if x.ndim == 2 else vec_ok, x, 0.0)
+  _, d1, d2, o1, o2 = sums
+  bad = _any_nonfinite(real(d1)[:, None], real(o1), *((real(d2)[:, None], real(o2)) if has_r
+                                                      else ()))
+  pl.when(bad)(_rewrite(interpret, emit, lambda: run(True)))
   if num_splits == 1:
-    store_rows(o_ref, _finish(d1[:, None], d2[:, None] if has_r else None, o1,
-                              o2 if has_r else None))
     return
 
-  # Split partials (only the real rows reach memory), then the last split of (b, h) to
-  # arrive merges them: the barrier orders every thread's stores before the release-acquire
-  # counter increment (one thread). The merging program's plain loads are ordered after
-  # that acquire (the barrier after the atomic hands it to every warp), and the acquire
-  # leaves no stale L1 line to hit: no line of another split's partial was read before.
-  vec_ok = row_ok[:, 0]
-  plgpu.store(m_ref.at[s, :], m, mask=vec_ok)
-  plgpu.store(d1_ref.at[s, :], d1, mask=vec_ok)
-  plgpu.store(o1_ref.at[s, :, :], o1, mask=row_ok)
-  if has_r:
-    plgpu.store(d2_ref.at[s, :], d2, mask=vec_ok)
-    plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
+  # Split partials stored (above), then the last split of (b, h) to arrive merges them:
+  # the barrier orders every thread's stores before the release-acquire counter increment
+  # (one thread). The merging program's plain loads are ordered after that acquire (the
+  # barrier after the atomic hands it to every warp), and the acquire leaves no stale L1
+  # line to hit: no line of another split's partial was read before.
   if not interpret:  # (the interpreter runs programs one at a time and has no barrier rule)
     plgpu.debug_barrier()
   slot = b * pl.num_programs(0) + h
@@ -302,19 +311,6 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     merge = _merge_by_tiles if num_splits >= MERGE_TILES_FROM else _merge_by_split
     merge(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, h=h, nrow=nrow,
           num_splits=num_splits, num_warps=num_warps)
-
-
-def _nonfinite(x):
-  return jnp.where(jnp.isfinite(x), 0.0, 1.0)
-
-
-def _finite(x):
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-
-
-def _nonfinite_any(*xs):
-  """Scalar bool: an entry of one of the 2-D xs is not finite (reduced axis by axis)."""
-  return _tree(jnp.maximum, [jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0) for x in xs]) > 0
 
 
 def _tree(op, xs):

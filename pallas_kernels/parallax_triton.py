@@ -347,6 +347,17 @@ def _finite(x):
   return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
+def _rewrite(cfg_interpret: bool, write, compute):
+  """write(compute()) over what the fast pass wrote: a barrier first, so every thread's
+  earlier stores land before any thread's new ones (the two stores of an element may come
+  from different threads)."""
+  def go():
+    if not cfg_interpret:
+      plgpu.debug_barrier()
+    write(compute())
+  return go
+
+
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
                 o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
                 fixup: bool = False):
@@ -461,8 +472,10 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     pl.when(jnp.max(jnp.where(jnp.isnan(lse_ref[...]), 1.0, 0.0)) > 0.0)(
         lambda: write(careful()))
     return
+  # Written first, overwritten only by a careful pass: no result is held across the branch.
   outs = finish(_loop3(ranges, body, init))
-  write(lax.cond(_any_nonfinite(outs[0]), careful, lambda: outs))
+  write(outs)
+  pl.when(_any_nonfinite(outs[0]))(_rewrite(cfg.interpret, write, careful))
 
 
 def _compiler_params(num_warps, num_stages):
@@ -617,14 +630,17 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
     carry = carry if cfg.has_r else (carry,)
     return tuple(jnp.where(live, x, 0.0) for x in carry)   # dead rows send nothing back
 
+  def write(carry):
+    dq = carry[0]
+    dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
+    if cfg.has_r:
+      dr_ref[...] = carry[1].astype(dr_ref.dtype)
+    if cfg.need_dscale:
+      qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
+
   carry = run(body)
-  carry = lax.cond(_any_nonfinite(*carry), lambda: run(careful_body), lambda: carry)
-  dq = carry[0]
-  dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
-  if cfg.has_r:
-    dr_ref[...] = carry[1].astype(dr_ref.dtype)
-  if cfg.need_dscale:
-    qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
+  write(carry)   # overwritten only by a careful pass
+  pl.when(_any_nonfinite(*carry))(_rewrite(cfg.interpret, write, lambda: run(careful_body)))
 
 
 def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
@@ -748,10 +764,14 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
     zacc = jnp.zeros((bk, D), jnp.float32)
     return lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
 
+  def write(dk, dv):
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
   dk, dv = run(False)
-  dk, dv = lax.cond(_any_nonfinite(dk, dv), lambda: run(True), lambda: (dk, dv))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  write(dk, dv)   # overwritten only by a careful pass
+  pl.when(_any_nonfinite(dk, dv))(
+      _rewrite(cfg.interpret, lambda dkdv: write(*dkdv), lambda: run(True)))
 
 
 def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg):
