@@ -609,8 +609,11 @@ def fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
   without a mark return at once (one small launch when every value is finite)."""
   from pallas_kernels import parallax_triton as pt
   o, (lse, tbar, vbar) = outs
-  return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, fixup=(o, lse, tbar, vbar),
+  outs = pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, fixup=(o, lse, tbar, vbar),
                       v_fp16=v_fp16)
+  # As `_forward`'s outputs: a single user, so a scanned model's stacked-residual writes
+  # do not clone the call.
+  return lax.optimization_barrier(tuple(outs))
 
 
 # ----------------------------------------------------------------------------- timing
