@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from parallax_jax import mad
+import parallax_jax as pj
 from parallax_jax.mad import metrics, report, tasks, train
 from parallax_jax.mad.model import MUON_ROUTING, MADModel, ModelConfig, init_params, member_spec
 from parallax_jax.optim import muon, routing as rt
@@ -484,3 +484,26 @@ def test_macro_accuracy_equals_torchmetrics(rng):
         torch.as_tensor(pred).reshape(-1), torch.as_tensor(target).reshape(-1))
     got = metrics.macro_accuracy(jnp.asarray(pred), jnp.asarray(target), 12)
     assert float(got) == pytest.approx(float(want), abs=1e-6)
+
+
+@pytest.mark.parametrize("interpret", [
+    pytest.param(True, marks=pytest.mark.slow),
+    pytest.param(False, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        jax.default_backend() != "gpu", reason="needs a GPU")]),
+])
+def test_fused_kernels_under_vmap_match_dense(interpret, rng):
+  """The GPU runs vmap the Pallas kernels over the sweep (MAD's head_dim 8 is padded to 16)."""
+  from pallas_kernels.parallax_triton import parallax_flash_attention
+  dt = jnp.float32 if interpret else jnp.bfloat16
+  q, k, v, r = (jnp.asarray(rng.standard_normal((3, 2, 32, 4, 8)), dt) for _ in range(4))
+  r = 0.3 * r
+  fused = lambda q, k, v, r: parallax_flash_attention(q, k, v, r, scale=8 ** -0.5,
+                                                     interpret=interpret)
+  dense = jax.vmap(lambda *a: pj.parallax_attention(*a, implementation="xla"))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+  got = jax.jit(jax.grad(loss(jax.vmap(fused)), argnums=(0, 1, 2, 3)))(q, k, v, r)
+  want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2, 3)))(q, k, v, r)
+  tol = 1e-5 if interpret else 5e-2
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol * float(jnp.abs(b).max()), rtol=tol)

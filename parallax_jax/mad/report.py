@@ -103,7 +103,8 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f"# MAD: {meta.get('tag', '')}", ""]
   lines += [
       f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; {meta.get('date', '')}; "
-      f"total wall {meta.get('wall_s', 0):.0f} s.",
+      f"wall {meta.get('wall_s', 0):.0f} s in all, of which compiling every program "
+      f"(concurrently) {meta.get('compile_wall_s', 0):.0f} s.",
       f"Protocol: epochs {epochs} (MAD: 200), batch {proto.get('batch_size')}, "
       f"lr {list(proto.get('lrs', []))} x wd {list(proto.get('wds', []))}, cosine to "
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
@@ -153,7 +154,7 @@ def bar_chart(result: dict[str, Any], path: str):
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("MAD accuracy (best of sweep)")
   ax.set_title(f"MAD: {result['meta'].get('tag', '')}")
-  ax.legend(fontsize=7, ncol=2, loc="lower left")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -183,9 +183,9 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_runs))
   f32, i32 = jnp.float32, jnp.int32
   stacked = jax.tree.map(lambda x: run((num_runs,) + x.shape, x.dtype), param_shapes(cfg))
-  init = jax.jit(jax.vmap(tx.init))
   t0 = time.perf_counter()
-  state = (stacked, jax.eval_shape(init, stacked))
+  init = jax.jit(jax.vmap(tx.init)).lower(stacked).compile()
+  state = (stacked, jax.eval_shape(jax.vmap(tx.init), stacked))
   epoch = jax.jit(jax.vmap(epoch_one, in_axes=(0,) * 7 + (None,) * 6),
                   donate_argnums=(0, 1)).lower(
       *state, keys, run((num_runs,), i32), run((num_runs,), f32), run((num_runs,), f32),
