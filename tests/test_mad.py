@@ -497,7 +497,8 @@ def test_fused_kernels_under_vmap_match_dense(interpret, rng):
   dt = jnp.float32 if interpret else jnp.bfloat16
   q, k, v, r = (jnp.asarray(rng.standard_normal((3, 2, 32, 4, 8)), dt) for _ in range(4))
   r = 0.3 * r
-  fused = lambda q, k, v, r: parallax_flash_attention(q, k, v, r, scale=8 ** -0.5,
+  scale = jnp.full((4,), 8 ** -0.5)  # the family API hands the kernel a per-head array
+  fused = lambda q, k, v, r: parallax_flash_attention(q, k, v, r, scale=scale,
                                                      interpret=interpret)
   dense = jax.vmap(lambda *a: pj.parallax_attention(*a, implementation="xla"))
   loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
