@@ -96,10 +96,13 @@ def _poison_decode(rng, dtype, lengths, tokens, window, cases):
 def test_poisoned_cache_reaches_only_rows_that_see_it(rng, dtype):
   """NaN / inf beyond lengths, before the window, or in a later token's slot: rows that see
   a poisoned slot are NaN, the others equal the kernel's output on a clean cache, bit for
-  bit (one launch, splits and packed heads; Parallax and softmax in f32, Parallax in bf16)."""
-  for name, (lengths, tokens, window, pack, ns, cases) in POISON.items():
+  bit (one launch, splits and packed heads; Parallax, and softmax for every other case in
+  f32; every other case in bf16)."""
+  for i, (name, (lengths, tokens, window, pack, ns, cases)) in enumerate(POISON.items()):
+    if dtype != jnp.float32 and i % 2:
+      continue
     clean, poisoned, seen = _poison_decode(rng, dtype, lengths, tokens, window, cases)
-    for parallax in (True, False) if dtype == jnp.float32 else (True,):
+    for parallax in (True, False) if dtype == jnp.float32 and i % 2 == 0 else (True,):
       f = jax.jit(lambda q, k, v, r: dk.parallax_decode(
           q, k, v, r if parallax else None, scale=0.25, lengths=jnp.asarray(lengths),
           block_kv=16, window=window, num_splits=ns, kv_heads_per_program=pack, interpret=True))

@@ -323,10 +323,13 @@ def _kernel_fn(kw, parallax):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_poison_reaches_only_the_rows_that_see_it(dtype):
   """Forward: rows that see a poisoned entry are NaN, the others equal the kernel's result
-  on clean inputs bit for bit (f32: Parallax and softmax; bf16: Parallax, fp16 P V)."""
-  for name, c in POISON_CASES.items():
+  on clean inputs bit for bit (f32: Parallax, and softmax for every other case; bf16:
+  Parallax with fp16 P V products, every other case)."""
+  for i, (name, c) in enumerate(POISON_CASES.items()):
+    if dtype != jnp.float32 and i % 2:
+      continue  # bf16: every other case (the fp16 P V path)
     clean, poisoned, kw, nan_rows = masking.make(c, dtype, hq=4, hkv=2, d=16)
-    for parallax in (True, False) if dtype == jnp.float32 else (True,):
+    for parallax in (True, False) if dtype == jnp.float32 and i % 2 else (True,):
       f = jax.jit(_kernel_fn(kw, parallax))
       try:
         masking.check_rows(f(*poisoned), f(*clean), nan_rows, 0.0)
@@ -338,7 +341,7 @@ def test_poison_gradients_of_clean_rows():
   """Backward: a NaN row is a constant, so the gradient of a loss over the other rows is
   the one with the poison replaced by finite values (dq, dk, dv, dr). The cases need the
   careful pass of the dq kernel (masked NaN value, key) and of the dk/dv kernel (NaN q)."""
-  for name in ("causal_nan_v", "segments_nan_v", "end_aligned_nan_k", "nan_q_row"):
+  for name in ("causal_nan_v", "end_aligned_nan_k", "nan_q_row"):
     clean, poisoned, kw, nan_rows = masking.make(POISON_CASES[name], jnp.float32, hq=4, hkv=2,
                                                  d=16)
     keep = jnp.asarray(~nan_rows)[..., None]
