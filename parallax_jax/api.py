@@ -133,8 +133,9 @@ def _scale(bandwidth, hq, d, dtype):
     h = jnp.broadcast_to(h, (hq,))
   elif h.shape != (hq,):
     _fail(f"bandwidth must be a scalar or have shape [q_heads]=({hq},), got {h.shape}")
-  if _is_concrete(h):
-    if not bool(jnp.all(h > 0)):
+  if _is_concrete(bandwidth):
+    # numpy, not jnp: under an outer jit, jnp ops on a concrete array are staged (traced).
+    if not bool(np.all(np.asarray(bandwidth, np.float64) > 0)):
       _fail(f"bandwidth must be > 0 (or inf), got {bandwidth!r}")
     return 1.0 / h
   # Traced (under jit): no error can be raised, so a head whose h is not > 0 (or is NaN)
@@ -308,7 +309,7 @@ def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, 
     _fail(f"lengths must have shape [batch]=({b},), got {lengths.shape}")
   if not jnp.issubdtype(lengths.dtype, jnp.integer):
     _fail(f"lengths must be integers, got dtype {lengths.dtype}")
-  if _is_concrete(lengths) and lengths.size and int(jnp.min(lengths)) < 0:
+  if _is_concrete(lengths) and lengths.size and int(np.min(np.asarray(lengths))) < 0:
     _fail(f"lengths must be >= 0, got {np.asarray(lengths).tolist()}")
   _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
   if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:

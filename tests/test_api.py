@@ -83,6 +83,23 @@ def test_jit_with_traced_bandwidth_and_ridge(qkvr):
   assert np.all(np.isfinite(np.asarray(f(jnp.full((H,), 3.0), 0.5))))
 
 
+def test_concrete_arrays_closed_over_by_jit(qkvr):
+  """Concrete bandwidth / lengths captured by an outer jit are still checked, not traced."""
+  q, k, v, r = qkvr
+  h, lens = jnp.full((H,), 3.0), jnp.asarray([T - 2], jnp.int32)
+  bad_h, bad_lens = -h, -lens
+  o = jax.jit(lambda q: pj.lla_attention(q, k, v, bandwidth=h))(q)
+  assert np.all(np.isfinite(np.asarray(o)))
+  o = jax.jit(lambda q: pj.decode_attention(q[:, 0], k, v, r[:, 0], lengths=lens, probe="learned",
+                                            affine="affine", implementation="xla"))(q)
+  assert np.all(np.isfinite(np.asarray(o)))
+  with pytest.raises(ValueError, match="lengths must be >= 0"):
+    jax.jit(lambda q: pj.decode_attention(q[:, 0], k, v, r[:, 0], lengths=bad_lens,
+                                          probe="learned", affine="affine"))(q)
+  with pytest.raises(ValueError, match="bandwidth must be > 0"):
+    jax.jit(lambda q: pj.lla_attention(q, k, v, bandwidth=bad_h))(q)
+
+
 @pytest.mark.parametrize("impl", ["xla", "chunked", None])
 def test_empty_lengths(impl):
   """T = 0 (or B = 0) gives an empty output, S = 0 zeros (rows that see no key), gradients
