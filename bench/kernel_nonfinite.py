@@ -6,9 +6,12 @@ positions (the careful pass: the last key's value, seen only by the last query r
 decode, every cache slot past lengths). CUPTI times per kernel, medians over --iters calls.
 Only public entry points are used, so an older checkout of pallas_kernels runs it too:
 
-  PYTHONPATH=. python pallas_kernels/timing.py --out /tmp/after.json
+  PYTHONPATH=. python bench/kernel_nonfinite.py --out /tmp/after.json
   git archive <old commit> pallas_kernels | tar -x -C /tmp/before
-  PYTHONPATH=/tmp/before:. python pallas_kernels/timing.py --out /tmp/before.json
+  PYTHONPATH=/tmp/before:. python bench/kernel_nonfinite.py --out /tmp/before.json
+  python bench/kernel_nonfinite.py --table /tmp/before.json /tmp/after.json --out OUT.md
+
+(--table also reads the row lines a run prints, so a run cut short still counts.)
 """
 from __future__ import annotations
 
@@ -94,12 +97,50 @@ def decode_rows(iters):
         yield row
 
 
+def _key(row):
+  return tuple((k, v) for k, v in row.items() if k not in ("total_us", "kernels_us"))
+
+
+def read_rows(path):
+  """Rows of a --out JSON file, or of the JSON lines of a run's printed output."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)["rows"]
+  except (json.JSONDecodeError, KeyError):
+    return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+
+def table(before_path, after_path):
+  """Markdown: total kernel us per shape, before and after, and the fixup launch's share."""
+  before = {_key(r): r for r in read_rows(before_path)}
+  lines = ["| kind | pass | B | L | D | member | docs | NaN masked | before us | after us | "
+           "after/before | fixup us |", "|" + "---|" * 12]
+  for r in read_rows(after_path):
+    b = before.get(_key(r))
+    if b is None:
+      continue
+    nan = r.get("nan_at_masked", r.get("nan_past_lengths"))
+    fix = sum(t for n, t in r["kernels_us"].items() if "fixup" in n)
+    lines.append(f"| {r['kind']} | {r.get('pass_', 'step')} | {r['B']} | {r['L']} | {r['D']} | "
+                 f"{r['member']} | {'4' if r.get('segments') else '1'} | {'yes' if nan else 'no'} | "
+                 f"{b['total_us']:.1f} | {r['total_us']:.1f} | {r['total_us'] / b['total_us']:.3f} "
+                 f"| {fix:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True, help="JSON file for the rows")
+  ap.add_argument("--out", required=True, help="JSON file for the rows (markdown with --table)")
+  ap.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"),
+                  help="write a before/after markdown table of two runs' rows instead")
   ap.add_argument("--iters", type=int, default=30)
   ap.add_argument("--only", choices=("train", "decode"), default=None)
   args = ap.parse_args()
+  if args.table:
+    with open(args.out, "w") as f:
+      f.write(table(*args.table))
+    return
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__,
         "pallas_kernels from", pallas_kernels.__file__, flush=True)
   rows = []

@@ -360,7 +360,7 @@ def _rewrite(cfg_interpret: bool, write, compute):
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
                 o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
-                fixup: bool = False):
+                fixup: bool = False, careful_only: bool = False, pids=None):
   """One query tile. Non-finite inputs (docs/attention.md): the loops run as they are, and
   only if the tile's output holds a non-finite value do they run again carefully: on masked
   tiles V enters P V with its non-finite entries zeroed, rows that see one are flagged, and
@@ -372,7 +372,18 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
   fixup: o, lse, tbar, vbar hold another forward's result (aliased in and out); a tile runs
   the careful pass and overwrites them only if one of its lse is NaN (that forward's mark
   of a row with a non-finite output), else it returns at once."""
-  iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
+  if fixup:
+    # Gate before any load: on clean inputs every program of this launch returns at once,
+    # so the launch costs its lse reads, not a read of q (and r) per program.
+    # (program ids are read out here: the interpreter has no program_id inside a branch)
+    marked = jnp.max(jnp.where(jnp.isnan(lse_ref[...]), 1.0, 0.0)) > 0.0
+    pl.when(marked)(functools.partial(
+        _fwd_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
+        o_ref, lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk, careful_only=True,
+        pids=(pl.program_id(0), pl.program_id(2))))
+    return
+  pid0, h = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
+  iq = _qtile(pid0, cfg, bq)
   qs = iq * bq
   scale = scale_ref[h] * LOG2E
   q = q_ref[...]
@@ -468,9 +479,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
       tbar_ref[...] = tbar
       vbar_ref[...] = vbar.astype(vbar_ref.dtype)
 
-  if fixup:
-    pl.when(jnp.max(jnp.where(jnp.isnan(lse_ref[...]), 1.0, 0.0)) > 0.0)(
-        lambda: write(careful()))
+  if careful_only:   # the fixup launch's marked tiles
+    write(careful())
     return
   # Written first, overwritten only by a careful pass: no result is held across the branch.
   outs = finish(_loop3(ranges, body, init))
