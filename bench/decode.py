@@ -238,7 +238,7 @@ def time_step(step, args, flush_buf=None):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="bench/results",
-                  help="directory for decode.json / decode.md (--cold: decode_grid_cold.*)")
+                  help="directory for decode_grid_warm.json / .md (--cold: decode_grid_cold.*)")
   ap.add_argument("--budget", type=float, default=300.0, help="seconds; later shapes are skipped")
   ap.add_argument("--Bs", default="1,8,32,64,128,256", help="batch sizes of the GQA grid")
   ap.add_argument("--Ls", default="1024,4096,8192,32768", help="cache lengths")
@@ -266,7 +266,7 @@ def main():
           log(f"budget spent; skip {grid} B={B} L={L}")
           continue
         res["rows"].append(bench_shape(grid, B, L, Hq, Hkv, D, not args.no_torch, flush_buf))
-        stem = os.path.join(args.out, "decode_grid_cold" if args.cold else "decode")
+        stem = os.path.join(args.out, "decode_grid_cold" if args.cold else "decode_grid_warm")
         with open(stem + ".json", "w") as f:
           json.dump(res, f, indent=1)
         write_md(res, stem + ".md")
