@@ -9,7 +9,7 @@ kernel, median of 20), `--reps` interleaved repetitions, the minimum reported; m
 error against the float32 reference where B*L <= 256k. Used to set `default_launch`,
 `default_pack` and the stage / warp rules of `parallax_decode` (bench/NOTES.md, decode v12,
 v13). `--variants '[{}]'` gives the columns of the former bench/decode_cold.py (cuDNN, the
-kernel's default softmax and Parallax launches; results/decode_cold.md).
+kernel's default softmax and Parallax launches; bench/NOTES.md, decode v11).
 
   PYTHONPATH=. python3 bench/decode_launch_sweep.py --out DIR --shapes gqa:32:4096,... \\
       --variants '[{}, {"block_kv": 32, "num_stages": 3}]' [--reps 2] [--budget 300]

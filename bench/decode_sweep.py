@@ -1,7 +1,7 @@
 """Launch-parameter sweep of the Pallas decode kernel (splits x block_kv x stages), plus a
 per-kernel time breakdown (CUPTI, aggregate=False) at the default parameters.
 
-Used to set `default_num_splits` / the decode defaults; results in bench/results/decode_sweep.*.
+Used to set `default_num_splits` / the decode defaults; the figures are in bench/NOTES.md (decode).
 
   PYTHONPATH=. python3 bench/decode_sweep.py --out DIR [--budget 240]
 """
