@@ -47,7 +47,7 @@ def default_num_splits(batch: int, num_kv_heads: int, s_max: int, block_kv: int 
                        num_sms: int = NUM_SMS, rows: int = 1) -> int:
   """No split once B*Hkv nearly fills the SMs; below that ~2 waves of programs, >= 1 tile each.
 
-  H100 sweeps (bench/results/decode_sweep*.json): with the merge inside the kernel, splitting
+  H100 sweeps (decode v3/v4 in bench/NOTES.md): with the merge inside the kernel, splitting
   programs that already cover the SMs only adds merge work (B=32, L=1k: 48.8 us at 1 split,
   56.8 at 2; B=16, L=1k: 26.9 vs 29.9). Below that, ~2 waves win (B=8, L=1k: 4 splits), and
   the count is rounded down so the programs fit the ~2 resident per SM (3-stage Parallax
@@ -87,7 +87,7 @@ def default_pack(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows:
   >= 512 programs (B*Hkv), and of <= 2 rows at head_dim >= 128 with 512-1023 programs over
   <= 1k keys (then with 32-key tiles, 4 stages, 2 warps); else 1. A program of two heads
   reads [block_kv, 2*D] tiles (rows twice as long) and half as many programs share the SMs.
-  H100, L2 evicted between steps (bench/results/decode_pack_sweep*.json, us; cuDNN softmax in
+  H100, L2 evicted between steps (decode v13 in bench/NOTES.md, us; cuDNN softmax in
   brackets): MHA B=256 L=1k 185.2 -> 181.4 (185.8), L=4k 716.4 -> 705.0, L=8k 1422 -> 1400;
   B=128 L=1k 95.2 -> 94.4 (94.5); B=64 L=4k 179.1 -> 176.9, L=8k 352.0 -> 346.5, L=32k 1391
   -> 1375, L=1k unchanged (49.1); GQA B=64 L=1k 95.0 -> 93.3 (95.1). Slower: GQA B=64 L=4k
@@ -117,15 +117,15 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   steps. H100 (B=1, Hkv=8, D=128, 4 warps): L=4k 10.8 -> 10.2 us, 8k 14.2 -> 14.0, 32k 53.7
   -> 51.9; no gain at D=64 or B=8.
   Also 128-key tiles for unsplit Parallax launches at head_dim >= 128 of >= 512 programs
-  (B*Hkv; <= 16 rows): fewer, larger loads per program. H100 (bench/results/decode_ab_v6.json):
+  (B*Hkv; <= 16 rows): fewer, larger loads per program. H100 (decode v6 in bench/NOTES.md):
   GQA B=256 L=1k 355.2 -> 350.7 us, B=64 L=4k 352.0 -> 349.3; slower with fewer programs (B=32
   L=1k 48.5 -> 50.2: one program per SM, two waves). At D=64, 64-key tiles with 2 warps and 2
-  stages (`parallax_decode`) beat them (decode_ab_v6_mha.json, MHA B=256 L=4k: 719 against 741).
+  stages (`parallax_decode`) beat them (decode v6, MHA B=256 L=4k: 719 against 741).
   Fewer unsplit Parallax programs (<= 4 rows) keep about the same bytes in flight per SM
   with smaller tiles: 32-key tiles (3 stages; 2 warps at head_dim <= 64) from 1.8 to 4
   programs per SM (at head_dim <= 64 from 3), 64-key tiles with 4 stages from 1.8 to 3 at
   head_dim <= 64 (`parallax_decode`), and 128-key tiles below 1.8 at head_dim <= 64. H100,
-  L2 evicted between steps (bench/results/decode_unsplit_sweep_v12.json, us): GQA B=32 (256
+  L2 evicted between steps (decode v12 in bench/NOTES.md, us): GQA B=32 (256
   programs) L=4k 180.5 -> 175.9 (cuDNN 179.5), L=32k 1393 -> 1381; MHA B=64 (512) L=1k 51.1
   -> 49.2, L=32k 1432 -> 1395; MHA B=32 (256) L=4k 117.4 -> 94.3 (cuDNN 91.1); MHA B=16 (128)
   L=8k 197.2 -> 92.7 (cuDNN 95.1). Slower: 32-key tiles with 2048 programs (MHA B=256 L=4k 721
@@ -427,7 +427,7 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   state, e.g. `init_arrivals`); the call then returns (o, arrivals). Split launches count
   the arrivals of each (b, h) there to elect the merging program, which leaves it zero
   again; with None, each split launch zeroes a fresh counter (one more small kernel: 0.3-0.7
-  us more per step at the split shapes of bench/results/decode.md).
+  us more per step at the split shapes of bench/results/decode_grid_warm.md).
   kv_heads_per_program: neighbouring KV heads one program reads (dividing Hkv, with <= 64
   rows in all): their [block_kv, D] tiles are one [block_kv, heads x D] tile of the cache,
   and each row block scores against its own head's columns. Defaults to `default_pack` when
@@ -445,7 +445,7 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   64-key tiles, B*Hkv fits one wave and a KV head has <= 4 rows (sweep: Parallax B=8 L=1k
   15.5 -> 14.5 us, B=1 L=32k 56.1 -> 55.1; with T=4 or 8 tokens x 2 heads, 4 warps: 17.6 vs
   21.2 and 23.4 vs 26.6 us at B=1 L=4k, 8 splits; softmax with 3 stages: MHA B=8 L=8k 57.5 ->
-  49.8, GQA B=1 L=8k 11.7 -> 10.7, bench/results/decode_softmax_launch_v10.json), and for
+  49.8, GQA B=1 L=8k 11.7 -> 10.7, decode v10 in bench/NOTES.md), and for
   unsplit launches at head_dim <= 64 with 64- or 32-key tiles (see num_stages), else 4.
   """
   if q.ndim not in (3, 4):
@@ -488,8 +488,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   chunk, ns = split_chunk(Sp, ns, bk)
   # Unsplit launches at D <= 64 with 64-key tiles: 2 warps and 2 stages, so more programs are
   # resident per SM (H100, Parallax MHA B=64: L=1k 51.4 -> 49.5 us, L=4k 191.0 -> 184.3;
-  # B=256 L=8k 1474 -> 1433 against 128-key tiles; bench/results/decode_ab_v6_launch.json,
-  # _mha.json; softmax MHA B=256 L=4k 770 -> 723: decode_softmax_launch_v10.json).
+  # B=256 L=8k 1474 -> 1433 against 128-key tiles; decode v6 in bench/NOTES.md;
+  # softmax MHA B=256 L=4k 770 -> 723: decode v10).
   small_unsplit = ns == 1 and D <= 64 and bk == 64 and R <= 4
   # Unsplit 32-key tiles at D <= 64 (`default_launch`): 2 warps (H100, L2 evicted, MHA B=64
   # L=4k: 180.1 us, 1 warp 180.2; 2 stages 205.4).
