@@ -219,8 +219,9 @@ def _trainer(chunk, *, tie=True, dtype="float32", accum=2):
   from train.step import Trainer
   cfg = TrainConfig(
       name="test",
+      # one layer: the loss sits after the last one
       model=presets.tiny(vocab_size=320, max_seq_len=64, implementation="xla",
-                         tie_embeddings=tie, dtype=dtype),
+                         tie_embeddings=tie, dtype=dtype, num_layers=1),
       mesh=MeshConfig(data=1),
       data=DataConfig(path="unused", seq_len=32, global_batch_size=4, grad_accum=accum,
                       auto_prepare=False),
