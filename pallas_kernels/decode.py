@@ -29,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _any_nonfinite,
-                                            _compiler_params, _dot, _finite, _iota, _next_pow2,
-                                            _nonfinite, _pad, _rewrite, _round_up)
+from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler_params,
+                                            _dot, _finite, _iota, _next_pow2, _nonfinite, _pad,
+                                            _rewrite, _round_up)
 
 NUM_SMS = 132  # H100 SXM
 # Register budgets (fp32 registers per thread) of the merges' loads in flight.
@@ -168,7 +168,7 @@ def _p2v(p2, v):
 
 def _finish(d1, d2, o1, o2):
   """o from the (merged) sums (d1, d2 broadcast against o1, o2); no valid key: 0. A NaN d1
-  (a row that saw a non-finite key or value) makes the whole row NaN."""
+  (a dead row, see `_kernel`) makes the whole row NaN."""
   safe = jnp.where(d1 == 0, 1.0, d1)
   o = o1 / safe if o2 is None else (1.0 + d2 / safe) * o1 / safe - o2 / safe
   return jnp.where(d1 == 0, 0.0, o)
@@ -177,18 +177,31 @@ def _finish(d1, d2, o1, o2):
 def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, d2_ref, o1_ref,
             o2_ref, *, scale, window, bk, chunk, s_max, group, tokens, num_splits, num_warps,
             interpret, lazy, pack):
+  """One program: `pack` KV heads of sequence b, the keys of split s.
+
+  Non-finite values (docs/attention.md): the loop's tiles lie inside the slots the rows see
+  (see `run`'s tiles; rows that see fewer than block_kv keys take one tile with masked loads
+  instead), so a slot past lengths or before the window never enters a product. With one
+  token (T == 1) every row of the program sees the same keys, so no other masking is needed:
+  a row that sees a non-finite key or value gets non-finite sums and is marked dead (NaN
+  d1) by one row check after the loop. Several tokens (T > 1) see different keys among the
+  last T slots (and the first T of a window); there a program whose check finds a dead row
+  runs its loop again carefully, a second loop compiled in only for T > 1.
+  """
   h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   has_r = r_ref is not None
   head_rows = tokens * group                # rows (token t, head g) = t * G + g of a KV head
   nrow = pack * head_rows                   # the program's `pack` KV heads, one after another
   bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
   L = jnp.minimum(len_ref[b], s_max)
-  # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
-  end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) % head_rows // group, L)      # [bh, 1]
-  row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
-  row_hi = jnp.minimum((s + 1) * chunk, end)
-  lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0))
+  seen_lo = 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0)
+  lo = jnp.maximum(s * chunk, seen_lo)
   hi = jnp.minimum((s + 1) * chunk, L)      # [lo, hi): the union of the rows' key ranges
+  if tokens > 1:
+    # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
+    end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) % head_rows // group, L)    # [bh, 1]
+    row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
+    row_hi = jnp.minimum((s + 1) * chunk, end)
   # The rows of KV head h, read in place from [Hkv * rows, D] and zero-padded to the 16 rows
   # an MMA needs by a masked load (no padded copy of q / r in HBM).
   rows = pl.ds(h * nrow, bh)
@@ -199,28 +212,49 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
 
   # Packed KV heads (pack > 1): a [bk, pack * D] tile holds `pack` heads side by side; row
   # block p of q / r scores against head p's columns and its P against head p's V columns.
+  # ok: None (a plain load), or [bk, 1]: key rows outside it load as zeros.
+  load_keys = lambda ref, start, cols, ok: (
+      ref[pl.ds(start, bk), cols] if ok is None
+      else plgpu.load(ref.at[pl.ds(start, bk), cols], mask=ok, other=0.0))
   if pack == 1:
-    heads_of = lambda ref, start: [ref[pl.ds(start, bk), :]]
+    heads_of = lambda ref, start, ok: [load_keys(ref, start, slice(None), ok)]
     scores = lambda x, ks: _dot(x, ks[0], trans_b=True)
-    by_head = lambda f, w, vs: f(w, vs[0])
+    by_head = lambda f, w, vs, acc: acc + f(w, vs[0])
   else:
     sub = _iota(bh, 0) // head_rows                                # [bh, 1] head of a row
-    heads_of = lambda ref, start: [ref[pl.ds(start, bk), pl.ds(p * D, D)]
-                                   for p in range(pack)]
+    heads_of = lambda ref, start, ok: [load_keys(ref, start, pl.ds(p * D, D), ok)
+                                       for p in range(pack)]
     scores = lambda x, ks: _tree(jnp.add, [jnp.where(sub == p, _dot(x, kp, trans_b=True), 0.0)
                                            for p, kp in enumerate(ks)])
-    by_head = lambda f, w, vs: _tree(jnp.add, [f(jnp.where(sub == p, w, 0.0), vp)
-                                               for p, vp in enumerate(vs)])
 
-  def body(t, carry, careful=False):
+    def by_head(f, w, vs, acc):
+      # acc + row block p's product with its own head's V, picked by a select after the
+      # dots (a zero weight in front of another head's V would turn a non-finite entry there
+      # into NaN); each product accumulates onto acc, so two tiles are live, as with a sum.
+      out = acc + f(w, vs[-1])
+      for p in range(len(vs) - 2, -1, -1):
+        out = jnp.where(sub == p, acc + f(w, vs[p]), out)
+      return out
+
+  def body(i, carry, careful=False, short=False):
+    """Tile i: keys from lo + i bk on, of the slots [start, start + bk) (see "Tiles")."""
     if careful:
       *carry, flag = carry
     m, d1, d2, o1, o2 = carry
-    start = jnp.minimum(t * bk, s_max - bk)
-    k = heads_of(k_ref, start)
-    v = heads_of(v_ref, start)
-    j = start + _iota(bk, 1)
-    valid = (j >= jnp.maximum(row_lo, t * bk)) & (j < row_hi)
+    first = lo + i * bk
+    if short:   # one tile over all the keys, the slots outside [lo, hi) read as zeros
+      start = jnp.minimum(first, s_max - bk)
+      slots = start + _iota(bk, 0)                                          # [bk, 1]
+      ok = (slots >= lo) & (slots < hi)
+    else:       # inside [seen_lo, L): plain loads
+      start, ok = jnp.minimum(first, L - bk), None
+    k = heads_of(k_ref, start, ok)
+    v = heads_of(v_ref, start, ok)
+    j = start + _iota(bk, 1)                                                # [1, bk]
+    if tokens == 1:  # every row sees [lo, hi)
+      valid = (j >= first) & (j < hi)
+    else:
+      valid = (j >= jnp.maximum(row_lo, first)) & (j < row_hi)
     s1 = scores(q, k) * scale
     # R K issued before the row max: its MMAs overlap the cross-warp reduction (a barrier
     # the compiler does not move them across). H100: B=8 L=1k 12.5 -> 11.7 us, B=1 L=8k
@@ -241,9 +275,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     if has_r:
       p2 = p1 * s2
       d2 = d2 * alpha[:, None] + p2 if lazy else d2 * alpha + jnp.sum(p2, axis=1)
-    o1 = o1 * alpha[:, None] + by_head(lambda w, vp: _dot(w.astype(vp.dtype), vp), p1, v)
+    o1 = by_head(lambda w, vp: _dot(w.astype(vp.dtype), vp), p1, v, o1 * alpha[:, None])
     if has_r:
-      o2 = o2 * alpha[:, None] + by_head(_p2v, p2, v)
+      o2 = by_head(_p2v, p2, v, o2 * alpha[:, None])
     out = (m_new, d1, d2, o1, o2)
     return out + (flag,) if careful else out
 
@@ -251,22 +285,51 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   zo = jnp.zeros((bh, D), jnp.float32)
   zd = jnp.zeros((bh, bk), jnp.float32) if lazy else zr
   init = (zr + NEG_INF, zd, zd, zo, zo)
-  t0 = lo // bk
-  t1 = jnp.where(hi > lo, (hi + bk - 1) // bk, t0)
+  # Tiles (docs/attention.md, non-finite values): tile i reads the slots [start, start + bk),
+  # start = min(lo + i bk, L - bk), and counts its keys [lo + i bk, hi) (the tile clamped to
+  # end at L reads keys of the tile before it or of the next split again, masked). Every
+  # slot the loop reads lies in [seen_lo, L), the union of what the program's rows see, so
+  # a slot no row sees (past lengths, before the window) never enters a product and the
+  # loop's loads need no mask. With T == 1 every row sees all of [seen_lo, L): a slot a tile
+  # reads but masks is one the row sees elsewhere, so a non-finite value there kills the
+  # row either way and a finite one weighs exactly 0. (T > 1: a row may not see such a
+  # slot; the careful pass sorts that out.) Rows that see fewer than bk keys (L - seen_lo <
+  # bk: a short sequence or window) take one tile with masked loads (zeros outside [lo,
+  # hi)) instead of the loop.
+  n = jnp.where(hi > lo, (hi - lo + bk - 1) // bk, 0)
+  roomy = L - seen_lo >= bk
+  # A row with no key in this program (an empty split, lengths 0, or with T > 1 a token
+  # before the cache's first slot) computes nothing from its q and r: a scalar branch, taken
+  # only then, reads them (non-finite: the row is dead).
+  no_key = hi <= lo if tokens == 1 else (hi <= lo) | (L < tokens)
+
+  def qr_dead(d1):  # (q, r read again: the loop's copies need not stay live after it)
+    bad = lambda ref: jnp.max(_nonfinite(load_rows(ref).astype(jnp.float32)), axis=1)
+    worst = jnp.maximum(bad(q_ref), bad(r_ref)) if has_r else bad(q_ref)
+    return jnp.where(worst > 0.0, jnp.nan, d1)
 
   def run(careful):
-    m, d1, d2, o1, o2, *flag = lax.fori_loop(
-        t0, t1, functools.partial(body, careful=careful), init + ((zr,) if careful else ()))
+    loop = lambda c: lax.fori_loop(0, n, functools.partial(body, careful=careful), c)
+    short = lambda c: lax.cond(hi > lo, functools.partial(body, 0, careful=careful, short=True),
+                               lambda c: c, c)
+    # (the single tile in a branch of its own, not after the loop: nothing it needs stays
+    # live through the loop)
+    m, d1, d2, o1, o2, *flag = lax.cond(roomy, loop, short, init + ((zr,) if careful else ()))
     if lazy:
       d1, d2 = jnp.sum(d1, axis=1), jnp.sum(d2, axis=1)
-    if careful:  # a flagged row: NaN d1, so its output (after any merge) is NaN
+    if careful:  # flagged: the row sees a non-finite value
       d1 = jnp.where(flag[0] > 0.0, jnp.nan, d1)
-    return m, d1, d2, o1, o2
+    # The row rule: non-finite sums (a non-finite key or value the row sees; with T == 1
+    # slots it does not see never get here) make the row dead: NaN d1, so its output, after
+    # any merge, is NaN in every entry. One row reduction per program (O1 + O2 is
+    # non-finite where either is).
+    dead = jnp.max(_nonfinite(o1 + o2 if has_r else o1), axis=1)
+    if has_r:
+      dead = jnp.maximum(dead, _nonfinite(d2))
+    d1 = jnp.where(dead > 0.0, jnp.nan, d1)
+    d1 = lax.cond(no_key, qr_dead, lambda d1: d1, d1)
+    return (m, d1, d2, o1, o2), dead
 
-  # Non-finite cache entries (docs/attention.md): the loop runs as is; only if a real row's
-  # sums are not finite (a non-finite value it sees, or 0 * NaN from a masked slot: slots
-  # beyond lengths may hold anything) does it run again carefully, every tile with V's
-  # finite part and the rows that see a non-finite value flagged.
   store_rows = lambda ref, x: plgpu.store(ref.at[rows, :], x.astype(ref.dtype), mask=row_ok)
   vec_ok = row_ok[:, 0]
 
@@ -283,13 +346,14 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
       plgpu.store(d2_ref.at[s, :], d2, mask=vec_ok)
       plgpu.store(o2_ref.at[s, :, :], o2, mask=row_ok)
 
-  sums = run(False)
-  emit(sums)   # overwritten only by a careful pass
-  real = lambda x: jnp.where(row_ok if x.ndim == 2 else vec_ok, x, 0.0)
-  _, d1, d2, o1, o2 = sums
-  bad = _any_nonfinite(real(d1)[:, None], real(o1), *((real(d2)[:, None], real(o2)) if has_r
-                                                      else ()))
-  pl.when(bad)(_rewrite(interpret, emit, lambda: run(True)))
+  sums, dead = run(False)
+  emit(sums)
+  if tokens > 1:
+    # A dead row may only have met a slot that another token sees (a later token's, or one
+    # before this token's window): then the loop runs again carefully (V's finite part,
+    # S2 masked per row, rows that see a non-finite value flagged) and rewrites the result.
+    any_dead = jnp.max(jnp.where(vec_ok, dead, 0.0)) > 0.0
+    pl.when(any_dead)(_rewrite(interpret, emit, lambda: run(True)[0]))
   if num_splits == 1:
     return
 

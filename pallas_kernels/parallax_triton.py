@@ -24,6 +24,12 @@ single-document interior tiles unmasked (`_seg_ranges`); unsorted ids mask every
 
 T, S are padded to the tile sizes and D to a power of two (>= 16) by the wrapper; padded keys
 are masked, padded query rows are computed and dropped (their cotangents are zero).
+
+Non-finite values (docs/attention.md): each kernel runs as two launches. The fast launch
+computes every program as above and marks those whose result is not finite (forward: lse =
+NaN on the row; dq/dr, dk/dv: one f32 flag per program); the fixup launch reads a program's
+mark before anything else and reruns only the marked programs carefully, writing over their
+outputs in place (aliased in and out). On clean inputs a fixup launch costs its mark reads.
 """
 from __future__ import annotations
 
@@ -335,12 +341,23 @@ def _nonfinite(x):
   return jnp.where(jnp.isfinite(x), 0.0, 1.0)
 
 
+def _worst(x):
+  """f32 scalar: 1.0 if some entry of the 2-D x is not finite, else 0.0. Axis by axis: a
+  one-step reduction of a 2-D block to a scalar fails to lower under an explicit-sharding
+  mesh (jax 0.11.2)."""
+  return jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0)
+
+
 def _any_nonfinite(*xs):
   """Scalar bool: some entry of some 2-D x is not finite (two reductions per tensor, once
-  per program: the gate of the careful path). Axis by axis: a one-step reduction of a 2-D
-  block to a scalar fails to lower under an explicit-sharding mesh (jax 0.11.2)."""
-  worst = lambda x: jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0)
-  return functools.reduce(jnp.maximum, [worst(x) for x in xs]) > 0.0
+  per program: the decode kernel's gate of its careful path)."""
+  return functools.reduce(jnp.maximum, [_worst(x) for x in xs]) > 0.0
+
+
+def _flag(*xs):
+  """A training kernel's mark of its program for the fixup launch: f32 1.0 if some entry of
+  some 2-D x is not finite, else 0.0 (two reductions per tensor, once per program)."""
+  return functools.reduce(jnp.maximum, [_worst(x) for x in xs])
 
 
 def _finite(x):
@@ -361,17 +378,19 @@ def _rewrite(cfg_interpret: bool, write, compute):
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
                 o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
                 fixup: bool = False, careful_only: bool = False, pids=None):
-  """One query tile. Non-finite inputs (docs/attention.md): the loops run as they are, and
-  only if the tile's output holds a non-finite value do they run again carefully: on masked
-  tiles V enters P V with its non-finite entries zeroed, rows that see one are flagged, and
-  P2 is masked (a masked key's r.k may be NaN). Rows that are flagged or non-finite (dead)
-  are written as o = NaN, lse = +inf, tbar = vbar = 0: the backward then treats them as
-  constants (zero weights). Interior tiles never do extra work; masked tiles only when the
-  tile met a non-finite value.
+  """One query tile. Non-finite inputs (docs/attention.md) take two launches.
 
-  fixup: o, lse, tbar, vbar hold another forward's result (aliased in and out); a tile runs
-  the careful pass and overwrites them only if one of its lse is NaN (that forward's mark
-  of a row with a non-finite output), else it returns at once."""
+  The fast launch (fixup=False) runs the loops as they are and marks every row whose output
+  is not finite: lse = NaN (one max over D per row, after the loops).
+
+  The fixup launch (fixup=True): o, lse, tbar, vbar hold a fast launch's result (this
+  kernel's, or the Mosaic GPU forward's, which marks rows the same way), aliased in and out.
+  A tile with a marked row runs the careful pass (careful_only) and overwrites all four;
+  the others return after reading their lse. The careful pass: on masked tiles V enters P V
+  with its non-finite entries zeroed, rows that see one are flagged, and P2 is masked (a
+  masked key's r.k may be NaN). Rows that are flagged or non-finite (dead) are written as
+  o = NaN, lse = +inf, tbar = vbar = 0: the backward then treats them as constants (zero
+  weights). Interior tiles do the fast pass's work."""
   if fixup:
     # Gate before any load: on clean inputs every program of this launch returns at once,
     # so the launch costs its lse reads, not a read of q (and r) per program.
@@ -456,7 +475,9 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     else:
       o = vbar
     lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
-    if flag is not None:
+    if flag is None:   # fast pass: mark rows with a non-finite output for the fixup launch
+      lse = jnp.where(jnp.max(_nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
+    else:
       dead = jnp.maximum(flag, jnp.max(_nonfinite(o), axis=1)) > 0.0
       o = jnp.where(dead[:, None], jnp.nan, o)
       lse = jnp.where(dead, jnp.inf, lse)
@@ -481,11 +502,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
 
   if careful_only:   # the fixup launch's marked tiles
     write(careful())
-    return
-  # Written first, overwritten only by a careful pass: no result is held across the branch.
-  outs = finish(_loop3(ranges, body, init))
-  write(outs)
-  pl.when(_any_nonfinite(outs[0]))(_rewrite(cfg.interpret, write, careful))
+  else:
+    write(finish(_loop3(ranges, body, init)))
 
 
 def _compiler_params(num_warps, num_stages):
@@ -500,10 +518,18 @@ def _fp16_values(v):
   return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
 
 
-def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None):
-  """(o, lse, tbar, vbar) of the forward kernel. fixup: (o, lse, tbar, vbar) of another
-  forward (the Mosaic GPU kernel) to repair in place where it marked a row (lse NaN), see
-  `_fwd_kernel`. v_fp16: (v as fp16, its scale) from `_fp16_values`, if already made."""
+def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
+              fast=False):
+  """(o, lse, tbar, vbar) of the Triton forward: the fast launch, then the fixup launch that
+  repairs the tiles it marked (see `_fwd_kernel`). fast: the fast launch only (rows whose
+  output is not finite have lse = NaN). fixup: (o, lse, tbar, vbar) of a fast forward
+  (this one's or the Mosaic GPU kernel's) to repair in place: the fixup launch only.
+  v_fp16: (v as fp16, its scale) from `_fp16_values`, if already made."""
+  if fixup is None and not fast:
+    if cfg.fp16_pv and v_fp16 is None:
+      v_fp16 = _fp16_values(v)   # one conversion for both launches
+    outs = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
+    return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
   if cfg.fp16_pv:
     v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
     scale = jnp.concatenate([scale, vmul[None]])
@@ -557,51 +583,90 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=No
       interpret=cfg.interpret, name=f"{kind}_fwd_fixup" if fixup is not None else f"{kind}_fwd",
   )(*args)
   if cfg.has_r:
-    return outs
+    return tuple(outs)
   return outs[0], outs[1], None, None
 
 
 # ----------------------------------------------------------------------------- backward
+#
+# Each backward kernel runs as two launches, as the forward: the fast launch computes every
+# program as if its inputs were finite and writes a mark per program (flags [B, heads,
+# tiles] f32: 1.0 if its result holds a non-finite value, two reductions once per program);
+# the fixup launch reads a program's mark before anything else and, only where it is set,
+# runs the program's loops again carefully and overwrites its outputs (aliased in and out).
+# On clean inputs the fixup launch costs its flag reads.
 
 
-def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, lse_ref,
-               tbar_ref, qseg_ref, kseg_ref, srng_ref, dq_ref, dr_ref, delta_ref, gbar_ref,
-               qdq_ref, *,
-               cfg: _Cfg, bq: int, bk: int):
+def _flag_spec(grid_tile):
+  """One f32 mark per program: a scalar block of flags [B, heads, tiles]."""
+  return pl.BlockSpec((None, None, None), lambda i, b, h: (b, h, grid_tile(i)))
+
+
+def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref, qseg_ref,
+               kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
+               dr_ref, qdq_ref, *, cfg: _Cfg, bq: int, bk: int, fixup: bool = False,
+               careful: bool = False, pids=None):
   """dq (and dr) of one query tile. Rows the forward wrote as dead (lse = +inf: a NaN row,
-  or one without keys) send nothing back: their do and o are zeroed here, their dq, dr are
-  zero. If a live row's dq, dr is not finite (a masked key or value was not), the loops run
-  again with masked tiles using K's finite part and masked ds, dt."""
-  iq, h = _qtile(pl.program_id(0), cfg, bq), pl.program_id(2)
+  or one without keys) send nothing back: their dq, dr are zero and their delta, gbar
+  (written for the dk/dv kernel) too.
+
+  The fast launch (fixup=False; o_ref, vbar_ref in, delta_ref, gbar_ref, flag_ref out): the
+  loops as they are; the dead rows are zeroed once, after them; the mark is set if a live
+  row's dq or dr is not finite (a masked key or value was not).
+  The fixup launch (fixup=True; delta_ref, gbar_ref, flag_ref in, dq_ref, dr_ref, qdq_ref
+  aliased in and out, o_ref = vbar_ref = None): a marked program runs the loops again with
+  the dead rows' do zeroed and, on masked tiles, K's finite part and masked ds, dt, and
+  overwrites dq, dr (and qdq); the others return after reading their mark."""
+  if fixup:
+    # the mark first, before any other load (program ids read out here: the interpreter
+    # has no program_id inside a branch)
+    pl.when(flag_ref[...] > 0.0)(functools.partial(
+        _dq_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
+        qseg_ref, kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
+        dr_ref, qdq_ref, cfg=cfg, bq=bq, bk=bk, careful=True,
+        pids=(pl.program_id(0), pl.program_id(2))))
+    return
+  pid0, h = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
+  iq = _qtile(pid0, cfg, bq)
   qs = iq * bq
   scale_raw = scale_ref[h]
   scale = scale_raw * LOG2E
   q = q_ref[...]
   lse_row = lse_ref[...]
-  live = jnp.isfinite(lse_row)[:, None]
-  do = jnp.where(live, do_ref[...], 0.0).astype(do_ref.dtype)
-  do32 = do.astype(jnp.float32)
-  # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv
-  delta_row = jnp.sum(do32 * _finite(o_ref[...].astype(jnp.float32)), axis=1)
-  delta_ref[...] = delta_row
+  live_row = jnp.isfinite(lse_row)
+  if careful:
+    do = jnp.where(live_row[:, None], do_ref[...], 0.0).astype(do_ref.dtype)
+    delta_row = delta_ref[...]
+    gbar_row = gbar_ref[...] if cfg.has_r else None
+  else:
+    do = do_ref[...]
+    do32 = do.astype(jnp.float32)
+    # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv;
+    # zero on dead rows (their o is NaN, their do anything), where dk/dv weigh them by 0
+    delta_row = jnp.where(
+        live_row, jnp.sum(do32 * _finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
+    delta_ref[...] = delta_row
+    if cfg.has_r:
+      gbar_row = jnp.where(
+          live_row, jnp.sum(do32 * vbar_ref[...].astype(jnp.float32), axis=1), 0.0)
+      gbar_ref[...] = gbar_row
   lse = lse_row[:, None]
   delta = delta_row[:, None]
   if cfg.has_r:
     r = r_ref[...]
     tbar1 = 1.0 + tbar_ref[...][:, None]
-    gbar_row = jnp.sum(do32 * vbar_ref[...].astype(jnp.float32), axis=1)
-    gbar_ref[...] = gbar_row
     gbar = gbar_row[:, None]
     gmd = gbar - delta
   qseg = qseg_ref[...] if cfg.has_seg else None
   D = q.shape[-1]
   dt = k_ref.dtype
 
-  def body(kb, carry, masked, careful=False):  # careful: masked tiles of the careful pass
+  def body(kb, carry, masked):
+    cm = careful and masked   # masked tiles of the careful pass
     ks = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
-    if careful:
+    if cm:
       k = _finite(k)
     a = jnp.exp2(_dot(q, k, trans_b=True) * scale - lse)
     if masked:
@@ -615,45 +680,39 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, o_ref, vbar_ref, l
       dq, dr = carry
       t = _dot(r, k, trans_b=True)
       dtt = a * (gbar - g)
-      if careful:
+      if cm:
         dtt = jnp.where(mask, dtt, 0.0)
+      dr = dr + _dot(dtt.astype(dt), k)
       ds = a * gmd - dtt * (tbar1 - t)
     else:
       dq = carry
       ds = a * (g - delta)
-    if careful:
+    if cm:
       ds = jnp.where(mask, ds, 0.0)
-    if cfg.has_r:
-      dr = dr + _dot(dtt.astype(dt), k)
     dq = dq + _dot(ds.astype(dt), k)
     return (dq, dr) if cfg.has_r else dq
 
   zacc = jnp.zeros((bq, D), jnp.float32)
-  init = (zacc, zacc) if cfg.has_r else zacc
-  ranges = _with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref)
-
-  def careful_body(kb, carry, masked):
-    return body(kb, carry, masked, careful=masked)
-
-  def run(loop_body):
-    carry = _loop3(ranges, loop_body, init)
-    carry = carry if cfg.has_r else (carry,)
-    return tuple(jnp.where(live, x, 0.0) for x in carry)   # dead rows send nothing back
-
-  def write(carry):
-    dq = carry[0]
-    dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
-    if cfg.has_r:
-      dr_ref[...] = carry[1].astype(dr_ref.dtype)
-    if cfg.need_dscale:
-      qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
-
-  carry = run(body)
-  write(carry)   # overwritten only by a careful pass
-  pl.when(_any_nonfinite(*carry))(_rewrite(cfg.interpret, write, lambda: run(careful_body)))
+  carry = (zacc, zacc) if cfg.has_r else zacc
+  carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
+  live = live_row[:, None]
+  carry = tuple(jnp.where(live, x, 0.0) for x in (carry if cfg.has_r else (carry,)))
+  dq = carry[0]
+  dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
+  if cfg.has_r:
+    dr_ref[...] = carry[1].astype(dr_ref.dtype)
+  if cfg.need_dscale:
+    qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
+  if not careful:
+    flag_ref[...] = _flag(*carry)
 
 
-def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
+def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
+             fast=False, fixup=None):
+  """(dq, dr, delta, gbar, qdq) of the dq/dr kernel: the fast launch, then the fixup launch
+  on the programs it marked (see `_dq_kernel`). fast: the fast launch only, its flags
+  [B, Hq, q tiles] appended to the result. fixup: such a fast result (with its flags) to
+  repair in place: the fixup launch only."""
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
   D, G = cfg.D, cfg.G
@@ -662,129 +721,156 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg):
   q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0))
   kv_spec = pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i)))
+  flag_spec = _flag_spec(qt)
   pr = cfg.has_r
   in_specs = [
       pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)),
-      q_spec, kv_spec, kv_spec, q_spec if pr else None, q_spec, q_spec,
-      q_spec if pr else None, row_spec, row_spec if pr else None,
+      q_spec, kv_spec, kv_spec, q_spec if pr else None, q_spec, row_spec,
+      row_spec if pr else None,
       pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
       pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
       pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if cfg.has_seg else None,
   ]
   srng = _seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if cfg.has_seg else None
+  args = [scale, q, k, v, r, do, lse, tbar, qseg, kseg, srng]
+  n_args = len(args)
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  out_specs = [q_spec]
-  if pr:
-    out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
-    out_specs.append(q_spec)
-  out_shape.append(rows)  # delta
-  out_specs.append(row_spec)
-  if pr:
-    out_shape.append(rows)  # gbar
-    out_specs.append(row_spec)
-  if cfg.need_dscale:
-    out_shape.append(rows)
-    out_specs.append(row_spec)
+  params = _compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
+  kind = "parallax" if pr else "softmax"
+  # the outputs the fixup launch rewrites: dq, dr, qdq
+  fix_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct(q.shape, q.dtype) if pr else None,
+               rows if cfg.need_dscale else None]
+  fix_specs = [q_spec, q_spec if pr else None, row_spec if cfg.need_dscale else None]
 
-  def kernel(*refs):
-    ins, outs = refs[:13], list(refs[13:])
-    dq_ref = outs.pop(0)
-    dr_ref = outs.pop(0) if pr else None
-    delta_ref = outs.pop(0)
-    gbar_ref = outs.pop(0) if pr else None
-    qdq_ref = outs.pop(0) if cfg.need_dscale else None
-    _dq_kernel(*ins, dq_ref, dr_ref, delta_ref, gbar_ref, qdq_ref, cfg=cfg, bq=bq, bk=bk)
+  # fast launch: inputs + (o, vbar); outputs (dq, dr, qdq) + (delta, gbar, flags)
+  def fast_kernel(*refs):
+    ins, (o_ref, vbar_ref), outs = refs[:n_args], refs[n_args:n_args + 2], refs[n_args + 2:]
+    (dq_ref, dr_ref, qdq_ref), (delta_ref, gbar_ref, flag_ref) = outs[:3], outs[3:]
+    _dq_kernel(*ins, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref, dr_ref, qdq_ref,
+               cfg=cfg, bq=bq, bk=bk)
 
-  outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq),
-      interpret=cfg.interpret, name="parallax_bwd_dq" if pr else "softmax_bwd_dq",
-  )(scale, q, k, v, r, do, o, vbar, lse, tbar, qseg, kseg, srng)
-  outs = list(outs)
-  dq = outs.pop(0)
-  dr = outs.pop(0) if pr else None
-  delta = outs.pop(0)
-  gbar = outs.pop(0) if pr else None
-  qdq = outs.pop(0) if cfg.need_dscale else None
+  if fixup is None:
+    flags = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp // bq), jnp.float32)
+    dq, dr, qdq, delta, gbar, flags = pl.pallas_call(
+        fast_kernel, grid=grid, in_specs=in_specs + [q_spec, q_spec if pr else None],
+        out_specs=fix_specs + [row_spec, row_spec if pr else None, flag_spec],
+        out_shape=fix_shape + [rows, rows if pr else None, flags],
+        compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dq",
+    )(*args, o, vbar)
+    if fast:
+      return dq, dr, delta, gbar, qdq, flags
+  else:
+    dq, dr, delta, gbar, qdq, flags = fixup
+
+  # fixup launch: inputs + (delta, gbar, flags) + aliased (dq, dr, qdq)
+  prev = [dq, dr, qdq]
+  base = sum(a is not None for a in args + [delta, gbar, flags])
+  aliases = {base + i: i for i in range(sum(x is not None for x in prev))}
+
+  def fix_kernel(*refs):
+    ins, (delta_ref, gbar_ref, flag_ref) = refs[:n_args], refs[n_args:n_args + 3]
+    dq_ref, dr_ref, qdq_ref = refs[n_args + 6:]
+    _dq_kernel(*ins, None, None, delta_ref, gbar_ref, flag_ref, dq_ref, dr_ref, qdq_ref,
+               cfg=cfg, bq=bq, bk=bk, fixup=True)
+
+  dq, dr, qdq = pl.pallas_call(
+      fix_kernel, grid=grid,
+      in_specs=in_specs + [row_spec, row_spec if pr else None, flag_spec] + fix_specs,
+      out_specs=fix_specs, out_shape=fix_shape, input_output_aliases=aliases,
+      compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dq_fixup",
+  )(*args, delta, gbar, flags, *prev)
   return dq, dr, delta, gbar, qdq
 
 
 def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
-                gbar_ref, qseg_ref, kseg_ref, srng_ref, dk_ref, dv_ref, *, cfg: _Cfg, bq: int,
-                bk: int):
+                gbar_ref, qseg_ref, kseg_ref, srng_ref, flag_ref, dk_ref, dv_ref, *,
+                cfg: _Cfg, bq: int, bk: int, fixup: bool = False, careful: bool = False,
+                pids=None):
   """dk, dv of one key tile, summed over the GQA group. Dead rows (lse = +inf) have zero
-  weights. If dk or dv is not finite (a dead row's NaN q, r or do met a zero weight, or a
-  masked pair's NaN), the loops run again on the finite parts of K, V and of every Q, R,
-  dO tile, with masked tiles' ds, dt and a c masked."""
-  ikv, hkv = pl.program_id(0), pl.program_id(2)
+  weights (their delta, gbar are zero).
+
+  The fast launch (fixup=False; flag_ref out): the loops as they are; the mark is set if dk
+  or dv is not finite (a dead row's NaN q, r or do met a zero weight, or a masked pair's
+  NaN). The fixup launch (fixup=True; flag_ref in, dk_ref, dv_ref aliased in and out): a
+  marked program runs the loops again on the finite parts of K, V and of every Q, R, dO
+  tile, with masked tiles' ds, dt and a c masked, and overwrites dk, dv; the others return
+  after reading their mark."""
+  if fixup:
+    # the mark first, before any other load (program ids read out here: the interpreter
+    # has no program_id inside a branch)
+    pl.when(flag_ref[...] > 0.0)(functools.partial(
+        _dkv_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref,
+        tbar_ref, gbar_ref, qseg_ref, kseg_ref, srng_ref, flag_ref, dk_ref, dv_ref, cfg=cfg,
+        bq=bq, bk=bk, careful=True, pids=(pl.program_id(0), pl.program_id(2))))
+    return
+  ikv, hkv = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
   ks = ikv * bk
+  k = k_ref[...]
+  v = v_ref[...]
+  if careful:
+    k, v = _finite(k), _finite(v)
   kseg = kseg_ref[...] if cfg.has_seg else None
-  D = k_ref.shape[-1]
-  dt = k_ref.dtype
+  D = k.shape[-1]
+  dt = k.dtype
   ranges = _with_seg_ranges(_q_tiles(ks, bk, bq, cfg), srng_ref)
 
-  def run(careful):
-    k, v = k_ref[...], v_ref[...]
-    if careful:
-      k, v = _finite(k), _finite(v)
+  def head_body(g, carry):
+    h = hkv * cfg.G + g
+    scale_raw = scale_ref[h]
+    scale = scale_raw * LOG2E
 
-    def head_body(g, carry):
-      h = hkv * cfg.G + g
-      scale_raw = scale_ref[h]
-      scale = scale_raw * LOG2E
-
-      def body(qb, carry, masked):
-        dk, dv = carry
-        qs = pl.multiple_of(qb * bq, bq)
-        q = q_ref[pl.ds(qs, bq), h, :]
-        do = do_ref[pl.ds(qs, bq), h, :]
+    def body(qb, carry, masked):
+      dk, dv = carry
+      qs = pl.multiple_of(qb * bq, bq)
+      q = q_ref[pl.ds(qs, bq), h, :]
+      do = do_ref[pl.ds(qs, bq), h, :]
+      if careful:
+        q, do = _finite(q), _finite(do)
+      lse = lse_ref[h, pl.ds(qs, bq)][None, :]
+      delta = delta_ref[h, pl.ds(qs, bq)][None, :]
+      a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
+      if masked:
+        qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
+        mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
+                        None if qseg is None else qseg[None, :],
+                        None if kseg is None else kseg[:, None])
+        a = jnp.where(mask, a, 0.0)
+      keep = (lambda x: jnp.where(mask, x, 0.0)) if careful and masked else (lambda x: x)
+      gt = _dot(v, do, trans_b=True)  # [bk, bq]
+      if cfg.has_r:
+        r = r_ref[pl.ds(qs, bq), h, :]
         if careful:
-          q, do = _finite(q), _finite(do)
-        lse = lse_ref[h, pl.ds(qs, bq)][None, :]
-        delta = delta_ref[h, pl.ds(qs, bq)][None, :]
-        a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
-        if masked:
-          qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
-          mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
-                          None if qseg is None else qseg[None, :],
-                          None if kseg is None else kseg[:, None])
-          a = jnp.where(mask, a, 0.0)
-        keep = (lambda x: jnp.where(mask, x, 0.0)) if careful and masked else (lambda x: x)
-        gt = _dot(v, do, trans_b=True)  # [bk, bq]
-        if cfg.has_r:
-          r = r_ref[pl.ds(qs, bq), h, :]
-          if careful:
-            r = _finite(r)
-          tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
-          gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
-          c = tbar1 - _dot(k, r, trans_b=True)
-          dtt = keep(a * (gbar - gt))
-          ds = keep(a * (gbar - delta) - dtt * c)
-          dv = dv + _dot(keep(a * c).astype(dt), do)
-          dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
-        else:
-          ds = keep(a * (gt - delta))
-          dv = dv + _dot(a.astype(dt), do)
-          dk = dk + _dot((ds * scale_raw).astype(dt), q)
-        return dk, dv
+          r = _finite(r)
+        tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
+        gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
+        c = tbar1 - _dot(k, r, trans_b=True)
+        dtt = keep(a * (gbar - gt))
+        ds = keep(a * (gbar - delta) - dtt * c)
+        dv = dv + _dot(keep(a * c).astype(dt), do)
+        dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
+      else:
+        ds = keep(a * (gt - delta))
+        dv = dv + _dot(a.astype(dt), do)
+        dk = dk + _dot((ds * scale_raw).astype(dt), q)
+      return dk, dv
 
-      return _loop3(ranges, body, carry)
+    return _loop3(ranges, body, carry)
 
-    zacc = jnp.zeros((bk, D), jnp.float32)
-    return lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
-
-  def write(dk, dv):
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-  dk, dv = run(False)
-  write(dk, dv)   # overwritten only by a careful pass
-  pl.when(_any_nonfinite(dk, dv))(
-      _rewrite(cfg.interpret, lambda dkdv: write(*dkdv), lambda: run(True)))
+  zacc = jnp.zeros((bk, D), jnp.float32)
+  dk, dv = lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  if not careful:
+    flag_ref[...] = _flag(dk, dv)
 
 
-def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg):
+def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
+              fast=False, fixup=None):
+  """(dk, dv) of the dk/dv kernel: the fast launch, then the fixup launch on the programs it
+  marked (see `_dkv_kernel`). fast: the fast launch only, its flags [B, Hkv, key tiles]
+  appended to the result. fixup: such a fast result (dk, dv, flags) to repair in place: the
+  fixup launch only."""
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
   D = cfg.D
@@ -792,6 +878,7 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
   qfull = pl.BlockSpec((None, cfg.Tp, cfg.Hq, D), lambda j, b, h: (b, 0, 0, 0))
   kv_spec = pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))
   rows = pl.BlockSpec((None, cfg.Hq, cfg.Tp), lambda j, b, h: (b, 0, 0))
+  flag_spec = _flag_spec(lambda j: j)
   pr = cfg.has_r
   in_specs = [
       pl.BlockSpec((cfg.Hq,), lambda j, b, h: (0,)),
@@ -803,14 +890,40 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
   ]
   # key tiles are the rows here: the query tiles each one's ids allow
   srng = _seg_ranges(kseg, qseg, cfg.S, cfg.T, bk, bq) if cfg.has_seg else None
+  args = [scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [kv_spec, kv_spec]
-  return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv),
-      interpret=cfg.interpret, name="parallax_bwd_dkv" if pr else "softmax_bwd_dkv",
-  )(scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng)
+  params = _compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
+  kind = "parallax" if pr else "softmax"
+  n_args = len(args)
+
+  def fast_kernel(*refs):
+    ins, (dk_ref, dv_ref, flag_ref) = refs[:n_args], refs[n_args:]
+    _dkv_kernel(*ins, flag_ref, dk_ref, dv_ref, cfg=cfg, bq=bq, bk=bk)
+
+  if fixup is None:
+    dk, dv, flags = pl.pallas_call(
+        fast_kernel, grid=grid, in_specs=in_specs, out_specs=out_specs + [flag_spec],
+        out_shape=out_shape + [jax.ShapeDtypeStruct((B, cfg.Hkv, cfg.Sp // bk), jnp.float32)],
+        compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dkv",
+    )(*args)
+    if fast:
+      return dk, dv, flags
+  else:
+    dk, dv, flags = fixup
+
+  base = sum(a is not None for a in args) + 1   # aliases index the flattened inputs
+
+  def fix_kernel(*refs):
+    ins, flag_ref, (dk_ref, dv_ref) = refs[:n_args], refs[n_args], refs[n_args + 3:]
+    _dkv_kernel(*ins, flag_ref, dk_ref, dv_ref, cfg=cfg, bq=bq, bk=bk, fixup=True)
+
+  dk, dv = pl.pallas_call(
+      fix_kernel, grid=grid, in_specs=in_specs + [flag_spec] + out_specs,
+      out_specs=out_specs, out_shape=out_shape, input_output_aliases={base: 0, base + 1: 1},
+      compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dkv_fixup",
+  )(*args, flags, dk, dv)
+  return dk, dv
 
 
 # ----------------------------------------------------------------------------- custom_vjp
