@@ -4,6 +4,7 @@ on CPU against `reference_decode` (docs/attention.md, rules 1-2), and the kernel
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import jax
@@ -84,19 +85,29 @@ def _tail(name, lengths, value, head=None):
 LENGTHS = [1, 37, 70, 16]      # S=70, 16-key tiles: a one-key row, mid-tile, the clamped last
                                # tile (70 = 4 x 16 + 6), a tile boundary
 
+
+def checkerboard(names: str, *axes):
+  """The cases of a grid, those whose axis indices sum to an odd number marked slow: CI runs
+  half of the grid, with every value of every axis; `-m slow` (or no -m) runs the rest."""
+  out = []
+  for idx in itertools.product(*(range(len(a)) for a in axes)):
+    vals = [a[i] for a, i in zip(axes, idx)]
+    flat = [x for v in vals for x in (v if isinstance(v, tuple) else (v,))]
+    marks = [pytest.mark.slow] if sum(idx) % 2 else []
+    out.append(pytest.param(*flat, marks=marks, id="-".join(str(getattr(x, "__name__", x)) for x in flat)))
+  return pytest.mark.parametrize(names, out)
+
+
 # ----------------------------------------------------------------------------- one token
 
 
-@pytest.mark.parametrize("name", ["k", "v"])
-@pytest.mark.parametrize("value", [NAN, INF])
-@pytest.mark.parametrize("ns", [1, 3])
+@checkerboard("name,value,ns", ["k", "v"], [NAN, INF], [1, 3])
 def test_tail_past_lengths(rng, name, value, ns):
   """NaN / inf in every slot past lengths, K or V alone: no row changes (bit for bit)."""
   check(rng, poison=_tail(name, LENGTHS, value), lengths=LENGTHS, ns=ns, dead="none")
 
 
-@pytest.mark.parametrize("parallax", [True, False])
-@pytest.mark.parametrize("ns", [1, 3, 5])
+@checkerboard("parallax,ns", [True, False], [1, 3, 5])
 def test_window_excluded_and_tail(rng, parallax, ns):
   """NaN before the window (the window-start tile and whole tiles before it) and inf past
   lengths: nothing reaches a row."""
@@ -107,8 +118,7 @@ def test_window_excluded_and_tail(rng, parallax, ns):
   check(rng, poison=poison, lengths=lengths, window=8, ns=ns, parallax=parallax, dead="none")
 
 
-@pytest.mark.parametrize("name,value", [("k", NAN), ("v", NAN), ("v", INF), ("k", INF)])
-@pytest.mark.parametrize("ns", [1, 3])
+@checkerboard("name,value,ns", [("k", NAN), ("v", NAN), ("v", INF), ("k", INF)], [1, 3])
 def test_visible_slot(rng, name, value, ns):
   """A non-finite entry in a visible slot: the rows of its KV head are NaN in every entry,
   the others (other heads, other sequences) untouched, also with NaN past lengths."""
@@ -129,9 +139,8 @@ def test_visible_softmax(rng):
     np.testing.assert_array_equal(dead, [[0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("Hq,Hkv,pack", [(2, 2, None), (4, 2, None), (16, 2, None),
-                                         (2, 2, 2), (4, 2, 2), (16, 2, 2)])
-@pytest.mark.parametrize("ns", [1, 3])
+@checkerboard("Hq,Hkv,pack,ns", [(2, 2, None), (4, 2, None), (16, 2, None), (2, 2, 2),
+                                 (4, 2, 2), (16, 2, 2)], [1, 3])
 def test_gqa_and_packed_heads(rng, Hq, Hkv, pack, ns):
   """GQA ratios 1 / 2 / 8, one or two KV heads per program: a poisoned slot of head 1 past
   lengths changes nothing, one in a visible slot kills exactly head 1's rows."""
@@ -146,9 +155,8 @@ def test_gqa_and_packed_heads(rng, Hq, Hkv, pack, ns):
   np.testing.assert_array_equal(dead, want)
 
 
-@pytest.mark.parametrize("D,dtype", [(64, jnp.bfloat16), (128, jnp.float32),
-                                     (128, jnp.bfloat16)])
-@pytest.mark.parametrize("parallax", [True, False])
+@checkerboard("D,dtype,parallax", [(64, jnp.bfloat16), (128, jnp.float32),
+                                   (128, jnp.bfloat16)], [True, False])
 def test_head_dims_and_dtypes(rng, D, dtype, parallax):
   lengths = [37, 70, 23]
   poison = (_tail("k", lengths, NAN) + _tail("v", lengths, -INF)
@@ -206,8 +214,7 @@ def test_default_launch(rng):
 # ----------------------------------------------------------------------------- several tokens
 
 
-@pytest.mark.parametrize("ns,pack", [(1, None), (3, None), (3, 2)])
-@pytest.mark.parametrize("parallax", [True, False])
+@checkerboard("ns,pack,parallax", [(1, None), (3, None), (3, 2)], [True, False])
 def test_multi_token(rng, ns, pack, parallax):
   """T=3 new tokens at slots L-3..L-1: NaN in the last token's slot reaches only that token,
   NaN in the middle one the last two; NaN past lengths nothing."""
