@@ -4,8 +4,7 @@ norm on r, scale 1):
   r_norm    r_norm=True: per-head RMSNorm on r with a learned gain, like the QK-norm
   r_scale   r = 0.25 W_R x (model.r_scale): under Muon and AdamW, whose update sizes do not
             follow the gradient's scale, this is a 4x smaller step on the correction's probe
-            with the rest of the model untouched. Needs ModelConfig.r_scale; until the model
-            has it, the arm is reported unavailable and nothing runs.
+            with the rest of the model untouched.
 """
 from configs.study.common import DATA, LRS, model, train_config
 from train.study import Arm, Grid
