@@ -38,7 +38,8 @@ def main(argv=None):
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_shardings[k])
            for k in BATCH_KEYS}
   with trainer.context():
-    compiled = trainer._train_step.lower(trainer.abstract_state_with_shardings(), batch).compile()
+    compiled = trainer._train_step.lower(trainer.abstract_state_with_shardings(), batch,
+                                        trainer.peak_lr).compile()
   hlo = compiled.as_text()
   counts = collections.Counter()
   for line in hlo.splitlines():

@@ -192,6 +192,36 @@ def test_grad_accumulation_matches_full_batch(shards, tmp_path):
   np.testing.assert_allclose(losses[1], losses[2], rtol=2e-5)
 
 
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
+def test_learning_rates_compile_to_one_program(shards, tmp_path, optimizer):
+  """The peak lr is an argument of the step, not a constant in it: a learning-rate sweep
+  compiles once. The step still follows its lr: the logged lr, and the first update (AdamW's
+  and Muon's first steps are linear in lr) scales with it."""
+  from train.mesh import make_mesh
+  from train.step import Trainer
+  it = iter(data_lib.make_dataset(shards, split="train", seq_len=32, batch_size=4, prefetch=0))
+  host = next(it)
+  texts, deltas = [], []
+  for lr in (1e-3, 4e-3):
+    cfg = small_config(shards, str(tmp_path))
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, name=optimizer,
+                                                                 lr=lr))
+    tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    batch = tr.device_batch(host, accum=1)
+    with tr.context():
+      texts.append(tr._train_step.lower(tr.abstract_state_with_shardings(), batch,
+                                        tr.peak_lr).as_text())
+    st = tr.init_state(0)
+    st, _ = tr.train_step(st, batch)       # step 0: lr 0 under warmup
+    p1 = jax.tree.map(np.asarray, st["params"])
+    st, m = tr.train_step(st, batch)
+    np.testing.assert_allclose(float(m["lr"]), lr * float(tr.unit_schedule(1)), rtol=1e-6)
+    deltas.append(jax.tree.map(lambda a, b: np.asarray(b) - a, p1, st["params"]))
+  assert texts[0] == texts[1]
+  big = jax.tree.leaves(deltas[1])[0]
+  np.testing.assert_allclose(big, 4 * jax.tree.leaves(deltas[0])[0], rtol=1e-3, atol=1e-7)
+
+
 def test_train_resume_bit_identical_and_checkpoint_guards(shards, tmp_path):
   from train.checkpoint import CheckpointMismatchError
   from train.loop import train

@@ -25,6 +25,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from parallax_jax import diagnostics as pdiag
@@ -39,9 +40,13 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
 def make_optimizer(cfg: TrainConfig):
+  """(tx, unit schedule): the optimizer with the schedule's shape at peak 1. Its updates are
+  linear in the learning rate, so the step multiplies them by the peak lr, a traced argument:
+  runs that differ only in lr compile to one program (the persistent compilation cache then
+  serves a learning-rate sweep). A separate `adam_lr` enters as its ratio to `lr`."""
   oc = cfg.optimizer
-  lr = wsd(oc.lr, cfg.run.steps, cfg.schedule)
-  adam_lr = lr if oc.adam_lr is None else wsd(oc.adam_lr, cfg.run.steps, cfg.schedule)
+  lr = wsd(1.0, cfg.run.steps, cfg.schedule)
+  adam_lr = lr if oc.adam_lr is None else wsd(oc.adam_lr / oc.lr, cfg.run.steps, cfg.schedule)
   if oc.name == "muon":
     tx = muon(lr, weight_decay=oc.weight_decay, adam_learning_rate=adam_lr, adam_b1=oc.b1,
               adam_b2=oc.b2, adam_eps=oc.eps, adam_weight_decay=oc.adam_weight_decay,
@@ -67,7 +72,7 @@ class Trainer:
   def __init__(self, cfg: TrainConfig, mesh):
     self.cfg, self.mesh = cfg, mesh
     self.model = Qwen3Model(cfg.model)
-    self.tx, self.lr_schedule = make_optimizer(cfg)
+    self.tx, self.unit_schedule = make_optimizer(cfg)
     with self.context():
       abstract = jax.eval_shape(functools.partial(init_params, cfg.model), jax.random.key(0))
       self.params_abstract = abstract
@@ -77,6 +82,7 @@ class Trainer:
       self.opt_shardings = mesh_lib.state_like_params_sharding(
           opt_abstract, self.param_shardings, abstract, mesh)
     rep = mesh_lib.replicated(mesh)
+    self.peak_lr = jax.device_put(np.float32(cfg.optimizer.lr), rep)
     self.state_shardings = {"step": rep, "params": self.param_shardings,
                             "opt_state": self.opt_shardings}
     self.state_abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract,
@@ -84,7 +90,7 @@ class Trainer:
     self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
     self.eval_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     self._train_step = jax.jit(self._train_step_impl,
-                               in_shardings=(self.state_shardings, self.batch_shardings),
+                               in_shardings=(self.state_shardings, self.batch_shardings, rep),
                                out_shardings=(self.state_shardings, rep),
                                donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval_step_impl,
@@ -146,7 +152,10 @@ class Trainer:
     nll, zsq, n = token_losses(logits, mb["targets"], mb["segment_ids"] != 0)
     return nll + self.cfg.optimizer.z_loss * zsq, (nll, zsq, n)
 
-  def _train_step_impl(self, state, batch):
+  def lr_schedule(self, step):
+    return self.cfg.optimizer.lr * self.unit_schedule(step)
+
+  def _train_step_impl(self, state, batch, peak_lr):
     params = state["params"]
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
     accum = batch["inputs"].shape[0]
@@ -164,6 +173,7 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    updates = jax.tree.map(lambda u: (u.astype(jnp.float32) * peak_lr).astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
     step = state["step"]
     # The norm of the NEW parameters: the loop stops before keeping or saving a state that a
@@ -171,12 +181,12 @@ class Trainer:
     # the update) cannot show. One fused reduction over the parameters.
     metrics = {"loss": nll / denom, "z_loss": zsq / denom, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params),
-               "lr": jnp.asarray(self.lr_schedule(step), jnp.float32), "tokens": n}
+               "lr": peak_lr * jnp.asarray(self.unit_schedule(step), jnp.float32), "tokens": n}
     return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
 
   def train_step(self, state, batch):
     with self.context():
-      return self._train_step(state, batch)
+      return self._train_step(state, batch, self.peak_lr)
 
   def _eval_step_impl(self, params, batch):
     if self.cfg.optimizer.loss_chunk_tokens:

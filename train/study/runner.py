@@ -15,8 +15,8 @@
 - A finished run's checkpoints are deleted (a 100M-parameter run's state is ~1.3 GB; the
   study keeps metrics, not weights) unless keep_checkpoints.
 - XLA's persistent compilation cache (`<out>/.jax_cache`) lets runs that compile to the
-  same program (seeds of an arm; evaluation and diagnostics across its learning rates)
-  skip the compile.
+  same program (every run of an arm: the peak lr is an argument of the train step) skip
+  the compile.
 """
 from __future__ import annotations
 
