@@ -125,27 +125,33 @@ def cupti_calls(fn, args, iters=1):
   return [ts] if iters == 1 else ts
 
 
-TIMER = {"mode": "cupti"}  # "wall" once CUPTI failed (no GPU), or set so (a CPU check)
+# mode: "wall" once CUPTI failed in a sticky call, or when set so (a CPU check); last: the
+# timer the last call used.
+TIMER = {"mode": "cupti", "last": None}
 
 
-def time_ms(fn, args, iters=20, warmup=2):
+def time_ms(fn, args, iters=20, warmup=2, sticky=True):
   """(median, all calls) in ms of fn(*args) (jitted): the sum of one call's kernel times
-  (CUPTI), or wall-clock time per call where CUPTI is unavailable (TIMER says which)."""
+  (CUPTI), or wall-clock time per call where CUPTI fails; sticky: then wall clock for every
+  later call too (TIMER says which)."""
   import jax
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   if TIMER["mode"] == "cupti":
     try:
       ts = [sum(float(t) for _, t in call) for call in cupti_calls(fn, args, iters)]
+      TIMER["last"] = "cupti"
       return statistics.median(ts), ts
     except Exception as e:  # noqa: BLE001
       log("CUPTI timing failed, falling back to wall clock:", repr(e)[:300])
-      TIMER["mode"] = "wall"
+      if sticky:
+        TIMER["mode"] = "wall"
   ts = []
   for _ in range(iters):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     ts.append((time.perf_counter() - t0) * 1e3)
+  TIMER["last"] = "wall"
   return statistics.median(ts), ts
 
 
