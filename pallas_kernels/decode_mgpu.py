@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +57,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.decode import NUM_SMS, split_chunk
-from pallas_kernels.parallax_mgpu import _SMEM_LIMIT, hopper_platform
-from pallas_kernels.parallax_triton import _pad
+from pallas_kernels.common import (LOG2E, NUM_SMS, SMEM_LIMIT, hopper_platform, pad,
+                                   split_chunk)
 
-LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _BOX = 8          # query rows per TMA box: the SMEM tile's row granule
@@ -148,8 +145,8 @@ def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None
     # the K/V TMA descriptors tile the cache's length by the SMEM tile's 8 rows
     return False, f"cache length {S} must be a multiple of {_BOX}"
   need = smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize)
-  if need > _SMEM_LIMIT:
-    return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {_SMEM_LIMIT})"
+  if need > SMEM_LIMIT:
+    return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {SMEM_LIMIT})"
   return hopper_platform(platform)
 
 
@@ -521,12 +518,12 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
   G = Hq // Hkv
   bk = cfg.block_kv
   if S < bk:  # tiny caches only: pad to one tile (the padded keys are past every length)
-    k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
+    k_cache, v_cache = pad(k_cache, 1, bk), pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
   ns = cfg.num_splits or default_splits(B, Hkv, Sp, bk)
   _, ns = split_chunk(Sp, ns, bk)
   rows = -(-B * Hq // _BOX) * _BOX  # whole 8-row boxes
-  q2, r2 = (None if x is None else _pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
+  q2, r2 = (None if x is None else pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
   out = _decode(lengths, q2, k_cache, v_cache, r2, num_heads=Hq, scale=float(scale),
                 window=None if window is None else int(window), cfg=cfg, num_splits=ns,

@@ -43,10 +43,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-# The Triton forward's V -> fp16 conversion: both forwards must round V the same way.
-from pallas_kernels.parallax_triton import _fp16_values
+# fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
+# way)
+from pallas_kernels.common import LOG2E, SMEM_LIMIT, fp16_values, hopper_platform
 
-LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
@@ -111,34 +111,11 @@ def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
                     schedule_barrier=not parallax)
 
 
-# ----------------------------------------------------------------------------- support
-
-_SMEM_LIMIT = 232448 - 4096  # H100 max dynamic SMEM per block, minus barriers and slack
-
-
 def smem_bytes(cfg: MgpuConfig, head_dim: int, parallax: bool, itemsize: int = 2) -> int:
   """SMEM of the kernel's buffers: Q (+R) per consumer, the K and V rings, row vectors."""
   qr = _COMPUTE_WGS * cfg.block_q * head_dim * itemsize * (2 if parallax else 1)
   kv = 2 * cfg.num_stages * cfg.block_kv * head_dim * itemsize
   return qr + kv + 2 * _COMPUTE_WGS * 2 * cfg.block_q * 4
-
-
-def hopper_platform(platform: str | None) -> tuple[bool, str]:
-  """(True, "") if Mosaic GPU Hopper kernels can run for `platform`: None checks the default
-  device (a CUDA GPU of compute capability 9.x: wgmma is sm_90a only); "cuda"/"gpu" (e.g.
-  lowering on an abstract H100) and "interpret" skip the device check."""
-  if platform is None:
-    try:
-      dev = jax.devices()[0]
-    except RuntimeError:
-      return False, "no device"
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform != "gpu" or cc is None or not str(cc).startswith("9."):
-      return False, f"needs a Hopper GPU (sm_90), got {dev.platform} {cc}"
-    platform = "cuda"
-  if platform not in ("cuda", "gpu", "interpret"):
-    return False, f"platform {platform!r} is not cuda"
-  return True, ""
 
 
 def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
@@ -179,8 +156,8 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
     return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"
   if S % cfg.block_kv:
     return False, f"S={S} is not a multiple of block_kv={cfg.block_kv}"
-  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > _SMEM_LIMIT:
-    return False, f"{cfg} needs more SMEM than {_SMEM_LIMIT} bytes"
+  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
+    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
   if causal and T > S:
     return False, "causal with T > S (rows without keys) is not implemented"
   ok, why = hopper_platform(platform)
@@ -561,7 +538,7 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   lse = +inf, as the Triton forward. A row whose output is not finite gets lse = NaN (for
   the Triton forward's fixup pass, see `fwd_call`).
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
-  v_fp16: `_fp16_values(v)` when the caller has it already.
+  v_fp16: `fp16_values(v)` when the caller has it already.
   """
   B, T, Hq, D = q.shape
   cfg = config or default_config(D, r is not None)
@@ -573,7 +550,7 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
   vmul = jnp.float32(1.0)
   if r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and cfg.fp16_pv:
-    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
+    v, vmul = fp16_values(v) if v_fp16 is None else v_fp16
   params = jnp.stack([scale * LOG2E, jnp.broadcast_to(vmul, (Hq,))], axis=1)
   params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
   return _forward(q, k, v, r, params, q_segment_ids, kv_segment_ids, causal=bool(causal),
@@ -596,7 +573,7 @@ def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None =
                       config=cfg)
   if not mg:
     return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
-  v_fp16 = _fp16_values(v) if tcfg.fp16_pv else None   # one conversion for both kernels
+  v_fp16 = fp16_values(v) if tcfg.fp16_pv else None    # one conversion for both kernels
   outs = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
                                q_segment_ids=qseg, kv_segment_ids=kseg, config=cfg,
                                v_fp16=v_fp16)

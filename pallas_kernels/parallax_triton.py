@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +42,11 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-NEG_INF = -1e30  # finite "minus infinity" for masked logits (keeps exp2(m_old - m_new) finite)
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+from pallas_kernels.common import (LOG2E, NEG_INF, SUPPORTED_DTYPES, compiler_params, dot,
+                                   finite, fp16_values, iota, next_pow2, nonfinite, pad,
+                                   round_up)
+
 MAX_HEAD_DIM = 256
 
 
@@ -124,14 +121,6 @@ def default_block_sizes(head_dim: int, parallax: bool = True, dtype=None) -> Blo
     return BlockSizes()
   d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
   return _TABLE[(d, parallax)]
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 # ----------------------------------------------------------------------------- config
@@ -312,21 +301,6 @@ def _with_seg_ranges(ranges, srng_ref):
   return lo, mid_lo, mid_hi, hi
 
 
-def _dot(a, b, trans_b=False):
-  """a @ b (or a @ b.T) with fp32 accumulation. fp32 inputs follow
-  `jax_default_matmul_precision` like an XLA dot: the default lowers to TF32, 'highest' (as
-  the tests set it) to an IEEE fp32 dot. Every kernel casts its operands to the input dtype,
-  so only all-fp32 calls reach this case."""
-  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _iota(n, axis, ndim=2):
-  shape = [1] * ndim
-  shape[axis] = n
-  return lax.broadcasted_iota(jnp.int32, tuple(shape), axis)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -335,44 +309,17 @@ def _qtile(i, cfg: _Cfg, bq: int):
   return cfg.Tp // bq - 1 - i if cfg.causal else i
 
 
-def _nonfinite(x):
-  """1.0 where x is not finite, else 0.0 (f32); reduced with max, which on the GPU ignores
-  NaN operands (maxnumf), so the indicator, never x itself, is what gets reduced."""
-  return jnp.where(jnp.isfinite(x), 0.0, 1.0)
-
-
 def _worst(x):
   """f32 scalar: 1.0 if some entry of the 2-D x is not finite, else 0.0. Axis by axis: a
   one-step reduction of a 2-D block to a scalar fails to lower under an explicit-sharding
   mesh (jax 0.11.2)."""
-  return jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0)
-
-
-def _any_nonfinite(*xs):
-  """Scalar bool: some entry of some 2-D x is not finite (two reductions per tensor, once
-  per program: the decode kernel's gate of its careful path)."""
-  return functools.reduce(jnp.maximum, [_worst(x) for x in xs]) > 0.0
+  return jnp.max(jnp.max(nonfinite(x), axis=1), axis=0)
 
 
 def _flag(*xs):
   """A training kernel's mark of its program for the fixup launch: f32 1.0 if some entry of
   some 2-D x is not finite, else 0.0 (two reductions per tensor, once per program)."""
   return functools.reduce(jnp.maximum, [_worst(x) for x in xs])
-
-
-def _finite(x):
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-
-
-def _rewrite(cfg_interpret: bool, write, compute):
-  """write(compute()) over what the fast pass wrote: a barrier first, so every thread's
-  earlier stores land before any thread's new ones (the two stores of an element may come
-  from different threads)."""
-  def go():
-    if not cfg_interpret:
-      plgpu.debug_barrier()
-    write(compute())
-  return go
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
@@ -421,33 +368,33 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     ks = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
-    s = _dot(q, k, trans_b=True) * scale
+    s = dot(q, k, trans_b=True) * scale
     if masked:
       kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
-      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+      mask = _visible(qs + iota(bq, 0), ks + iota(bk, 1), cfg,
                       None if qseg is None else qseg[:, None],
                       None if kseg is None else kseg[None, :])
       s = jnp.where(mask, s, NEG_INF)
     if careful:
-      bad_v = jnp.max(_nonfinite(v), axis=1)[None, :]          # [1, bk]
+      bad_v = jnp.max(nonfinite(v), axis=1)[None, :]           # [1, bk]
       flag = jnp.maximum(flag, jnp.max(jnp.where(mask, bad_v, 0.0), axis=1))
-      v = _finite(v)
+      v = finite(v)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     if masked:
       p = jnp.where(mask, p, 0.0)
     d1 = d1 * alpha + jnp.sum(p, axis=1)
-    o1 = o1 * alpha[:, None] + _dot(p.astype(dt), v)
+    o1 = o1 * alpha[:, None] + dot(p.astype(dt), v)
     if not cfg.has_r:
       out = (m_new, d1, o1)
     else:
-      t = _dot(r, k, trans_b=True)
+      t = dot(r, k, trans_b=True)
       p2 = p * t
       if careful:
         p2 = jnp.where(mask, p2, 0.0)
       d2 = d2 * alpha + jnp.sum(p2, axis=1)
-      o2 = o2 * alpha[:, None] + _dot(p2.astype(dt), v)
+      o2 = o2 * alpha[:, None] + dot(p2.astype(dt), v)
       out = (m_new, d1, o1, d2, o2)
     return out + (flag,) if careful else out
 
@@ -476,9 +423,9 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
       o = vbar
     lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
     if flag is None:   # fast pass: mark rows with a non-finite output for the fixup launch
-      lse = jnp.where(jnp.max(_nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
+      lse = jnp.where(jnp.max(nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
     else:
-      dead = jnp.maximum(flag, jnp.max(_nonfinite(o), axis=1)) > 0.0
+      dead = jnp.maximum(flag, jnp.max(nonfinite(o), axis=1)) > 0.0
       o = jnp.where(dead[:, None], jnp.nan, o)
       lse = jnp.where(dead, jnp.inf, lse)
       tbar = jnp.where(dead, 0.0, tbar)
@@ -506,32 +453,20 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     write(finish(_loop3(ranges, body, init)))
 
 
-def _compiler_params(num_warps, num_stages):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _fp16_values(v):
-  """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar)."""
-  # finite entries only: one NaN or inf must not rescale (and so poison) every value
-  vmax = jnp.max(jnp.where(jnp.isfinite(v), jnp.abs(v), 0)).astype(jnp.float32)
-  e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
-  return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
-
-
 def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
               fast=False):
   """(o, lse, tbar, vbar) of the Triton forward: the fast launch, then the fixup launch that
   repairs the tiles it marked (see `_fwd_kernel`). fast: the fast launch only (rows whose
   output is not finite have lse = NaN). fixup: (o, lse, tbar, vbar) of a fast forward
   (this one's or the Mosaic GPU kernel's) to repair in place: the fixup launch only.
-  v_fp16: (v as fp16, its scale) from `_fp16_values`, if already made."""
+  v_fp16: (v as fp16, its scale) from `fp16_values`, if already made."""
   if fixup is None and not fast:
     if cfg.fp16_pv and v_fp16 is None:
-      v_fp16 = _fp16_values(v)   # one conversion for both launches
+      v_fp16 = fp16_values(v)    # one conversion for both launches
     outs = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
     return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
   if cfg.fp16_pv:
-    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
+    v, vmul = fp16_values(v) if v_fp16 is None else v_fp16
     scale = jnp.concatenate([scale, vmul[None]])
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -579,7 +514,7 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=No
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
-      compiler_params=_compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
+      compiler_params=compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
       interpret=cfg.interpret, name=f"{kind}_fwd_fixup" if fixup is not None else f"{kind}_fwd",
   )(*args)
   if cfg.has_r:
@@ -644,7 +579,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
     # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv;
     # zero on dead rows (their o is NaN, their do anything), where dk/dv weigh them by 0
     delta_row = jnp.where(
-        live_row, jnp.sum(do32 * _finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
+        live_row, jnp.sum(do32 * finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
     delta_ref[...] = delta_row
     if cfg.has_r:
       gbar_row = jnp.where(
@@ -667,29 +602,29 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
     if cm:
-      k = _finite(k)
-    a = jnp.exp2(_dot(q, k, trans_b=True) * scale - lse)
+      k = finite(k)
+    a = jnp.exp2(dot(q, k, trans_b=True) * scale - lse)
     if masked:
       kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
-      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+      mask = _visible(qs + iota(bq, 0), ks + iota(bk, 1), cfg,
                       None if qseg is None else qseg[:, None],
                       None if kseg is None else kseg[None, :])
       a = jnp.where(mask, a, 0.0)
-    g = _dot(do, v, trans_b=True)
+    g = dot(do, v, trans_b=True)
     if cfg.has_r:
       dq, dr = carry
-      t = _dot(r, k, trans_b=True)
+      t = dot(r, k, trans_b=True)
       dtt = a * (gbar - g)
       if cm:
         dtt = jnp.where(mask, dtt, 0.0)
-      dr = dr + _dot(dtt.astype(dt), k)
+      dr = dr + dot(dtt.astype(dt), k)
       ds = a * gmd - dtt * (tbar1 - t)
     else:
       dq = carry
       ds = a * (g - delta)
     if cm:
       ds = jnp.where(mask, ds, 0.0)
-    dq = dq + _dot(ds.astype(dt), k)
+    dq = dq + dot(ds.astype(dt), k)
     return (dq, dr) if cfg.has_r else dq
 
   zacc = jnp.zeros((bq, D), jnp.float32)
@@ -702,7 +637,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
   if cfg.has_r:
     dr_ref[...] = carry[1].astype(dr_ref.dtype)
   if cfg.need_dscale:
-    qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
+    qdq_ref[...] = jnp.sum(finite(q.astype(jnp.float32)) * dq, axis=1)
   if not careful:
     flag_ref[...] = _flag(*carry)
 
@@ -735,7 +670,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *
   args = [scale, q, k, v, r, do, lse, tbar, qseg, kseg, srng]
   n_args = len(args)
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
-  params = _compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
+  params = compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
   kind = "parallax" if pr else "softmax"
   # the outputs the fixup launch rewrites: dq, dr, qdq
   fix_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -809,7 +744,7 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
   k = k_ref[...]
   v = v_ref[...]
   if careful:
-    k, v = _finite(k), _finite(v)
+    k, v = finite(k), finite(v)
   kseg = kseg_ref[...] if cfg.has_seg else None
   D = k.shape[-1]
   dt = k.dtype
@@ -826,33 +761,33 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
       q = q_ref[pl.ds(qs, bq), h, :]
       do = do_ref[pl.ds(qs, bq), h, :]
       if careful:
-        q, do = _finite(q), _finite(do)
+        q, do = finite(q), finite(do)
       lse = lse_ref[h, pl.ds(qs, bq)][None, :]
       delta = delta_ref[h, pl.ds(qs, bq)][None, :]
-      a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
+      a = jnp.exp2(dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
       if masked:
         qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
-        mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
+        mask = _visible(qs + iota(bq, 1), ks + iota(bk, 0), cfg,
                         None if qseg is None else qseg[None, :],
                         None if kseg is None else kseg[:, None])
         a = jnp.where(mask, a, 0.0)
       keep = (lambda x: jnp.where(mask, x, 0.0)) if careful and masked else (lambda x: x)
-      gt = _dot(v, do, trans_b=True)  # [bk, bq]
+      gt = dot(v, do, trans_b=True)  # [bk, bq]
       if cfg.has_r:
         r = r_ref[pl.ds(qs, bq), h, :]
         if careful:
-          r = _finite(r)
+          r = finite(r)
         tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
         gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
-        c = tbar1 - _dot(k, r, trans_b=True)
+        c = tbar1 - dot(k, r, trans_b=True)
         dtt = keep(a * (gbar - gt))
         ds = keep(a * (gbar - delta) - dtt * c)
-        dv = dv + _dot(keep(a * c).astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
+        dv = dv + dot(keep(a * c).astype(dt), do)
+        dk = dk + dot((ds * scale_raw).astype(dt), q) + dot(dtt.astype(dt), r)
       else:
         ds = keep(a * (gt - delta))
-        dv = dv + _dot(a.astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q)
+        dv = dv + dot(a.astype(dt), do)
+        dk = dk + dot((ds * scale_raw).astype(dt), q)
       return dk, dv
 
     return _loop3(ranges, body, carry)
@@ -893,7 +828,7 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
   args = [scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [kv_spec, kv_spec]
-  params = _compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
+  params = compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
   kind = "parallax" if pr else "softmax"
   n_args = len(args)
 
@@ -1023,18 +958,10 @@ def _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids):
                        f"{kv_segment_ids.shape}")
 
 
-def _pad(x, axis, new, value=0):
-  if x is None or x.shape[axis] == new:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, new - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _fit_blocks(bs: BlockSizes, T: int, S: int) -> BlockSizes:
   """Shrink tiles that are larger than the sequence (keeping powers of two >= 16)."""
-  tq = max(16, _next_pow2(T))
-  tk = max(16, _next_pow2(S))
+  tq = max(16, next_pow2(T))
+  tk = max(16, next_pow2(S))
   return dataclasses.replace(
       bs, block_q=min(bs.block_q, tq), block_k=min(bs.block_k, tk),
       block_q_dq=min(bs.block_q_dq, tq), block_k_dq=min(bs.block_k_dq, tk),
@@ -1063,25 +990,25 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
   else:
     need_dscale = True
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  Dp = max(16, _next_pow2(D))
+  Dp = max(16, next_pow2(D))
   bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None,
                                                                          q.dtype)
   bs = _fit_blocks(bs, T, S)
-  Tp = _round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
-  Sp = _round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
+  Tp = round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
+  Sp = round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
   has_seg = q_segment_ids is not None
   cfg = _Cfg(T=T, S=S, Tp=Tp, Sp=Sp, D=Dp, Hq=Hq, Hkv=Hkv, causal=bool(causal),
              window=None if window is None else int(window), has_r=r is not None,
              has_seg=has_seg, need_dscale=need_dscale, blocks=bs, interpret=bool(interpret),
              fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2))
-  qp = _pad(_pad(q, 1, Tp), 3, Dp)
-  rp = None if r is None else _pad(_pad(r, 1, Tp), 3, Dp)
-  kp = _pad(_pad(k, 1, Sp), 3, Dp)
-  vp = _pad(_pad(v, 1, Sp), 3, Dp)
+  qp = pad(pad(q, 1, Tp), 3, Dp)
+  rp = None if r is None else pad(pad(r, 1, Tp), 3, Dp)
+  kp = pad(pad(k, 1, Sp), 3, Dp)
+  vp = pad(pad(v, 1, Sp), 3, Dp)
   qseg = kseg = None
   if has_seg:
-    qseg = _pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
-    kseg = _pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
+    qseg = pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
+    kseg = pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
   o = _flash(cfg, qp, kp, vp, rp, scale_arr, qseg, kseg)
   if Tp != T or Dp != D:
     o = o[:, :T, :, :D]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, parallax_flash_attention
+from pallas_kernels import common
 from pallas_kernels import parallax_triton as pt
 from parallax_jax import masks
 from tests.test_pallas_train import _triton_modules, verify_triton_modules
@@ -70,20 +71,20 @@ def setup(c: Case, seed=0):
                                    q_seg=None if seg is None else seg[0],
                                    kv_seg=None if seg is None else seg[1]))
   vis = np.broadcast_to(vis, (1, c.T, c.S))
-  Dp = max(16, pt._next_pow2(c.D))
+  Dp = max(16, common.next_pow2(c.D))
   bs = pt._fit_blocks(c.blocks, c.T, c.S)
-  Tp = pt._round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
-  Sp = pt._round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
+  Tp = common.round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
+  Sp = common.round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
   cfg = pt._Cfg(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
                 window=c.window, has_r=c.parallax, has_seg=c.segments,
                 need_dscale=c.need_dscale, blocks=bs, interpret=True,
                 fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
-  pq = lambda a: pt._pad(pt._pad(a, 1, Tp), 3, Dp)
-  pk = lambda a: pt._pad(pt._pad(a, 1, Sp), 3, Dp)
+  pq = lambda a: common.pad(common.pad(a, 1, Tp), 3, Dp)
+  pk = lambda a: common.pad(common.pad(a, 1, Sp), 3, Dp)
   scale = jnp.asarray(np.linspace(0.15, 0.35, c.Hq), jnp.float32)
   qseg = kseg = None
   if seg is not None:
-    qseg, kseg = pt._pad(seg[0], 1, Tp, -1), pt._pad(seg[1], 1, Sp, -2)
+    qseg, kseg = common.pad(seg[0], 1, Tp, -1), common.pad(seg[1], 1, Sp, -2)
   args = (pq(x["q"]), pk(x["k"]), pk(x["v"]), pq(x["r"]) if c.parallax else None, scale,
           qseg, kseg)
   return cfg, args, pq(x["do"]), vis, seg
