@@ -67,7 +67,7 @@ def main(argv=None):
   import jax.numpy as jnp
   from bench import common
   from bench.attention_train import kernel_breakdown, time_ms
-  from pallas_kernels.parallax_triton import parallax_flash_attention
+  from pallas_kernels import parallax_flash_attention
 
   B, L, Hq, Hkv, D = 4, 4096, 16, 8, 128
   ks = jax.random.split(jax.random.key(0), 5)

@@ -40,7 +40,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from jax.experimental import pallas as pl  # noqa: E402
 
 from bench.common import environment  # noqa: E402
-from pallas_kernels import decode as dk  # noqa: E402
+from pallas_kernels import decode_triton as dk  # noqa: E402
+from pallas_kernels.common import split_chunk  # noqa: E402
 
 T0 = time.time()
 
@@ -120,7 +121,7 @@ def shapes_within(specs: str, budget: float):
 
 
 def pallas_step(scale, parallax=True, module=dk, **launch):
-  """One decode step of the Triton kernel (`module`: pallas_kernels.decode, or another source
+  """One decode step of the Triton kernel (`module`: pallas_kernels.decode_triton, or a source
   of it: bench/decode_ab.py) with `parallax_decode` keywords `launch`; ex["arr"] None: the call
   zeroes its own counter."""
   def step(q, k, v, r, lens, ex):
@@ -277,7 +278,7 @@ def launched(B, Hkv, L, D, rows):
   after the kernel rounds its chunk of the cache up to whole tiles)."""
   pack = dk.default_pack(B, Hkv, L, D, rows=rows)
   bk, ns = dk.default_launch(B, Hkv, L, D, rows=rows, pack=pack)
-  return bk, dk.split_chunk(L, ns, bk)[1], pack
+  return bk, split_chunk(L, ns, bk)[1], pack
 
 
 def shape_inputs(B, L, Hq, Hkv, D):

@@ -1,6 +1,9 @@
 """A/B of the Triton decode kernel against a baseline source of it, in one run: the working
-tree's `pallas_kernels/decode.py` against another version of that file (e.g. `git show
-REV:pallas_kernels/decode.py > /tmp/base.py`), with cuDNN softmax decode as the common bar.
+tree's `pallas_kernels/decode_triton.py` against another version of that file (e.g. `git show
+REV:pallas_kernels/decode_triton.py > /tmp/base.py`), with cuDNN softmax decode as the common
+bar. The baseline's imports resolve in this tree: an older version (`pallas_kernels/decode.py`,
+which takes its helpers from `parallax_triton`) needs that import rewritten to take them from
+`pallas_kernels.common` (the same helpers, without the leading underscore).
 
 Same inputs, timing and chaining as bench/decode.py (CUPTI kernel time of STEPS chained
 steps / STEPS, the arrival counter handed on); max relative error against the float32
@@ -25,7 +28,7 @@ import numpy as np
 from bench.common import environment
 from bench.decode import (SHAPES_HELP, STEPS, flush_buffer, impls, launched, log,
                           pallas_step, shape_inputs, shapes_within, time_step)
-from pallas_kernels import decode as dk
+from pallas_kernels import decode_triton as dk
 
 
 def load_module(path: str, name: str = "decode_baseline"):
@@ -87,7 +90,8 @@ def write_md(res, path):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--baseline", required=True, help="a source file of pallas_kernels/decode.py")
+  ap.add_argument("--baseline", required=True,
+                  help="a source file of pallas_kernels/decode_triton.py")
   ap.add_argument("--out", default="bench/results", help="directory for decode_ab.json / .md")
   ap.add_argument("--name", default="decode_ab", help="file name stem of the results")
   ap.add_argument("--budget", type=float, default=300.0, help="seconds; later shapes skipped")

@@ -27,7 +27,7 @@ import numpy as np
 from bench.common import environment
 from bench.decode import (SHAPES_HELP, chained_cold, flush_buffer, impls, launched, log,
                           pallas_step, shape_inputs, shapes_within, time_cold_us)
-from pallas_kernels import decode as dk
+from pallas_kernels import decode_triton as dk
 
 
 def sweep_shape(grid, B, L, Hq, Hkv, D, variants, buf, reps):

@@ -1,5 +1,5 @@
 """A/B of the decode kernels in one run: the Pallas-Triton split-KV kernel (the default,
-`pallas_kernels.decode`) against the Mosaic GPU kernel (`pallas_kernels.decode_mgpu`: packed
+`pallas_kernels.decode_triton`) against the Mosaic GPU kernel (`pallas_kernels.decode_mgpu`: packed
 and unpacked Q/R tiles, ring depths, one or two consumer warpgroups, split counts), with cuDNN
 softmax decode as the common bar.
 
@@ -25,8 +25,9 @@ import numpy as np
 from bench.common import environment, kernel_medians_us
 from bench.decode import (SHAPES_HELP, STEPS, chained, log, shape_inputs,
                           shapes_within, time_us)
-from pallas_kernels import decode as dk
 from pallas_kernels import decode_mgpu as dm
+from pallas_kernels import decode_triton as dk
+from pallas_kernels.common import split_chunk
 
 
 def variants(B, Hkv, L):
@@ -76,7 +77,7 @@ def bench_shape(grid, B, L, Hq, Hkv, D):
   kv_bytes = 2 * B * L * Hkv * D * 2
   ns = dm.default_splits(B, Hkv, L, dm.DecodeConfig().block_kv)
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
-         "mgpu_num_splits": dk.split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
+         "mgpu_num_splits": split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
   args = (q, k, v, r, lens, {"ql": jnp.ones((B,), jnp.int32), "arr": dk.init_arrivals(B, Hkv)})
   cfgs = variants(B, Hkv, L)
   for name, step in steps(B, L, Hq, Hkv, D).items():

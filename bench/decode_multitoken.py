@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from bench.common import environment  # noqa: E402
 from bench.decode import time_us  # noqa: E402
-from pallas_kernels import decode as dk  # noqa: E402
+from pallas_kernels import decode_triton as dk  # noqa: E402
 
 
 def main():

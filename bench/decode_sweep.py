@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from bench.common import environment, kernel_medians_us  # noqa: E402
 from bench.decode import time_us  # noqa: E402
-from pallas_kernels import decode as dk  # noqa: E402
+from pallas_kernels import decode_triton as dk  # noqa: E402
 
 T0 = time.time()
 SHAPES = [  # (grid, B, L, Hq, Hkv, D)

@@ -1,4 +1,4 @@
-"""Non-finite values in the split-KV decode kernel (pallas_kernels/decode.py): interpret mode
+"""Non-finite values in the split-KV decode kernel (pallas_kernels/decode_triton.py): interpret mode
 on CPU against `reference_decode` (docs/attention.md, rules 1-2), and the kernel's structure
 (one loop over the keys for one new token per row) in its CUDA lowering on an abstract H100.
 """
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
+from pallas_kernels import common
+from pallas_kernels import decode_triton as dk
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -196,7 +197,7 @@ def test_many_splits_merge_by_tiles(rng):
   """>= 32 splits (the merge reads [splits, D] tiles): NaN past lengths changes nothing, a
   visible NaN in one split kills its rows."""
   S, lengths = 512, [333, 512, 17]
-  assert dk.split_chunk(S, 32, 16)[1] >= dk.MERGE_TILES_FROM
+  assert common.split_chunk(S, 32, 16)[1] >= dk.MERGE_TILES_FROM
   poison = _tail("v", lengths, NAN) + _tail("k", lengths, INF)
   check(rng, poison=poison, lengths=lengths, S=S, ns=32, dead="none")
   dead = check(rng, poison=poison + [("v", 0, 200, 0, NAN)], lengths=lengths, S=S, ns=32)

@@ -1,4 +1,4 @@
-"""Split-KV Pallas decode kernel (pallas_kernels/decode.py): interpret mode on CPU against a
+"""Split-KV Pallas decode kernel (pallas_kernels/decode_triton.py): interpret mode on CPU against a
 dense float32 reference (and once against `parallax_jax.attention`); `-m gpu` compiled."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
+from pallas_kernels import decode_triton as dk
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 4e-3}

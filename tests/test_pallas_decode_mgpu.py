@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
+from pallas_kernels import decode_triton as dk
 from pallas_kernels import decode_mgpu as dm
 from tests.test_pallas_decode import TOL, poison_tail
 from tests.test_pallas_mgpu import _mosaic_modules, has_hopper
@@ -234,7 +234,7 @@ def test_softmax_runs_once_per_real_row(pack):
 
 
 def test_one_module_across_call_sites():
-  """Three calls, one Mosaic module (the jit boundary around the kernel, as parallax_mgpu)."""
+  """Three calls, one Mosaic module (the jit boundary around the kernel, as attention_mgpu)."""
   cfg = dm.DecodeConfig(num_splits=1)
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)

@@ -1,4 +1,4 @@
-"""Mosaic GPU (Hopper) forward of Parallax / softmax attention (pallas_kernels/parallax_mgpu).
+"""Mosaic GPU (Hopper) forward of Parallax / softmax attention (pallas_kernels/attention_mgpu).
 
 CPU:
   * the kernel runs in the Mosaic GPU interpreter (plgpu.InterpretGPUParams: simulated
@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import parallax_mgpu as pm
-from pallas_kernels import parallax_triton as pt
+from pallas_kernels import attention
+from pallas_kernels import attention_mgpu as pm
+from pallas_kernels import attention_triton as pt
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -215,10 +216,10 @@ def test_interpret_matches_reference(name):
 def _triton_cfg(q, k, r, causal, interpret):
   B, T, Hq, D = q.shape
   bs = pt.BlockSizes(64, 64, 4, 2, 64, 64, 4, 2, 64, 64, 4, 2)
-  return pt._Cfg(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
-                 causal=causal, window=None, has_r=r is not None, has_seg=False,
-                 need_dscale=False, blocks=bs, interpret=interpret,
-                 fp16_pv=r is not None and q.dtype == jnp.bfloat16)
+  return pt.CallConfig(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
+                       causal=causal, window=None, has_r=r is not None, has_seg=False,
+                       need_dscale=False, blocks=bs, interpret=interpret,
+                       fp16_pv=r is not None and q.dtype == jnp.bfloat16)
 
 
 def test_residuals_match_triton_and_feed_its_backward():
@@ -227,7 +228,7 @@ def test_residuals_match_triton_and_feed_its_backward():
   q, k, v, r, scale = inputs(c, seed=1)
   sc = jnp.full((c.Hq,), scale, jnp.float32)
   tcfg = _triton_cfg(q, k, r, c.causal, interpret=True)
-  t_o, t_lse, t_tbar, t_vbar = pt._fwd_call(tcfg, q, k, v, r, sc, None, None)
+  t_o, t_lse, t_tbar, t_vbar = pt.fwd_call(tcfg, q, k, v, r, sc, None, None)
   o, (lse, tbar, vbar) = pm.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=c.causal,
                                                   interpret=interpret_params())
   for a, b in ((o, t_o), (lse, t_lse), (tbar, t_tbar), (vbar, t_vbar)):
@@ -238,9 +239,9 @@ def test_residuals_match_triton_and_feed_its_backward():
   do = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32).astype(q.dtype)
 
   def grads(o, lse, tbar, vbar):
-    dq, dr, delta, gbar, _ = pt._dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, sc, None,
-                                         None)
-    dk, dv = pt._dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, sc, None, None)
+    dq, dr, delta, gbar, _ = pt.dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, sc, None,
+                                        None)
+    dk, dv = pt.dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, sc, None, None)
     return dq, dk, dv, dr
 
   for name, a, b in zip("dq dk dv dr".split(), grads(o, lse, tbar, vbar),
@@ -252,7 +253,7 @@ def test_residuals_match_triton_and_feed_its_backward():
 def test_nonfinite_rows_are_marked_and_fixed(segments):
   """A NaN value in a masked tile reaches rows that do not see it through the tile's
   products (0 * NaN): the kernel marks every row with a non-finite output (lse = NaN), and
-  the Triton fixup pass (`fwd_call`'s second launch) recomputes those tiles carefully, so
+  the Triton fixup pass (`mosaic_fwd_call`'s second launch) recomputes those tiles carefully, so
   the result equals the Triton forward's on the same inputs."""
   c = Case(T=128, S=128, D=64, segments=segments)
   q, k, v, r, scale = inputs(c, seed=3)
@@ -264,8 +265,8 @@ def test_nonfinite_rows_are_marked_and_fixed(segments):
                                   kv_segment_ids=ks, interpret=interpret_params())
   lse = np.asarray(outs[1][0])
   assert np.isnan(lse[:, :, :40]).any()      # the leak the marks exist for
-  o, lse, tbar, vbar = pm.fixup(tcfg, q, k, v, r, sc, qs, ks, outs)
-  want = pt._fwd_call(tcfg, q, k, v, r, sc, qs, ks)
+  o, lse, tbar, vbar = attention.mosaic_fixup(tcfg, q, k, v, r, sc, qs, ks, outs)
+  want = pt.fwd_call(tcfg, q, k, v, r, sc, qs, ks)
   o, wo = np.asarray(o, np.float32), np.asarray(want[0], np.float32)
   assert np.array_equal(np.isnan(o), np.isnan(wo)) and np.isnan(wo[:, 40:]).all(axis=(2, 3)).any()
   assert not np.isnan(np.asarray(lse)).any() and rel(o[:, :40], wo[:, :40]) < 5e-3
@@ -297,13 +298,13 @@ def test_supported():
 
 
 def test_fwd_call_falls_back_to_triton():
-  """fwd_call (the wiring hook) with an unsupported config runs the Triton forward."""
+  """mosaic_fwd_call (the wiring hook) with an unsupported config runs the Triton forward."""
   c = Case(T=128, S=128, D=64)
   q, k, v, r, scale = inputs(c)
   tcfg = _triton_cfg(q, k, r, True, interpret=True)  # interpret: never the Mosaic kernel
   sc = jnp.full((c.Hq,), scale, jnp.float32)
-  got = pm.fwd_call(tcfg, q, k, v, r, sc, None, None)
-  want = pt._fwd_call(tcfg, q, k, v, r, sc, None, None)
+  got = attention.mosaic_fwd_call(tcfg, q, k, v, r, sc, None, None)
+  want = pt.fwd_call(tcfg, q, k, v, r, sc, None, None)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
@@ -376,7 +377,7 @@ def test_fixup_lowering_abstract_h100(parallax):
                              blocks=pt.default_block_sizes(128, parallax))
 
   def f(q, k, v, r, sc, o, lse, tbar, vbar):
-    return pm.fixup(tcfg, q, k, v, r, sc, None, None, (o, (lse, tbar, vbar)))
+    return attention.mosaic_fixup(tcfg, q, k, v, r, sc, None, None, (o, (lse, tbar, vbar)))
 
   args = (q, kv, kv, q if parallax else None, sd(8, dt=jnp.float32), q, rows,
           rows if parallax else None, q if parallax else None)
@@ -465,7 +466,7 @@ def test_gpu_residuals_match_triton(D, causal):
   tcfg = dataclasses.replace(_triton_cfg(q, k, r, causal, interpret=False),
                              blocks=pt.default_block_sizes(D, True))
   t_o, t_lse, t_tbar, t_vbar = jax.jit(
-      lambda *a: pt._fwd_call(tcfg, *a, None, None))(q, k, v, r, sc)
+      lambda *a: pt.fwd_call(tcfg, *a, None, None))(q, k, v, r, sc)
   o, (lse, tbar, vbar) = jax.jit(lambda *a: pm.parallax_forward_mgpu(
       *a, scale=scale, causal=causal))(q, k, v, r)
   assert rel(o, t_o) < 5e-3 and rel(vbar, t_vbar) < 5e-3

@@ -19,7 +19,8 @@ import pallas_kernels
 from parallax_jax import masks
 from tests import test_masking as masking
 from pallas_kernels import BlockSizes, parallax_flash_attention
-from pallas_kernels import parallax_triton as pt
+from pallas_kernels import attention
+from pallas_kernels import attention_triton as pt
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -228,7 +229,7 @@ def test_rows_without_keys_are_zero(rng):
 def test_seg_ranges_cover_visible_tiles(sort, rng):
   """`_seg_ranges`: every tile pair with a shared id lies in [lo, hi); every tile in
   [mid_lo, mid_hi) shares one id with all real rows of its row tile (safe to leave unmasked)."""
-  from pallas_kernels.parallax_triton import _seg_ranges
+  from pallas_kernels.attention_triton import _seg_ranges
   B, R, C, br, bc = 3, 90, 70, 16, 8
   Rp, Cp = 96, 72
   rows = rng.integers(0, 4, (B, R))
@@ -281,12 +282,12 @@ def test_poisoned_padding_is_masked(rng):
   Tp, Sp = 64, 96
   poison = lambda x, n: jnp.concatenate(
       [x, jnp.full((x.shape[0], n - x.shape[1]) + x.shape[2:], 3e3, x.dtype)], axis=1)
-  cfg = pt._Cfg(T=50, S=70, Tp=Tp, Sp=Sp, D=64, Hq=2, Hkv=1, causal=True, window=None,
-                has_r=True, has_seg=False, need_dscale=False, blocks=bs, interpret=True)
+  cfg = pt.CallConfig(T=50, S=70, Tp=Tp, Sp=Sp, D=64, Hq=2, Hkv=1, causal=True, window=None,
+                      has_r=True, has_seg=False, need_dscale=False, blocks=bs, interpret=True)
   scale_arr = jnp.full((2,), scale, jnp.float32)
   args = (poison(q, Tp), poison(k, Sp), poison(v, Sp), poison(r, Tp))
   do = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  o, grads = value_and_vjp(lambda *a: pt._flash(cfg, *a, scale_arr, None, None), args,
+  o, grads = value_and_vjp(lambda *a: attention._flash(cfg, *a, scale_arr, None, None), args,
                            jnp.pad(do, ((0, 0), (0, Tp - 50), (0, 0), (0, 0))))
   o_ref, grads_ref = value_and_vjp(lambda *a: reference(*a, scale, **kw), (q, k, v, r), do)
   assert rel_err(o[:, :50], o_ref) < 2e-5

@@ -22,7 +22,8 @@ import pytest
 
 from pallas_kernels import BlockSizes, parallax_flash_attention
 from pallas_kernels import common
-from pallas_kernels import parallax_triton as pt
+from pallas_kernels import attention
+from pallas_kernels import attention_triton as pt
 from parallax_jax import masks
 from tests.test_pallas_train import _triton_modules, verify_triton_modules
 
@@ -72,13 +73,13 @@ def setup(c: Case, seed=0):
                                    kv_seg=None if seg is None else seg[1]))
   vis = np.broadcast_to(vis, (1, c.T, c.S))
   Dp = max(16, common.next_pow2(c.D))
-  bs = pt._fit_blocks(c.blocks, c.T, c.S)
+  bs = attention._fit_blocks(c.blocks, c.T, c.S)
   Tp = common.round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
   Sp = common.round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  cfg = pt._Cfg(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
-                window=c.window, has_r=c.parallax, has_seg=c.segments,
-                need_dscale=c.need_dscale, blocks=bs, interpret=True,
-                fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
+  cfg = pt.CallConfig(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
+                      window=c.window, has_r=c.parallax, has_seg=c.segments,
+                      need_dscale=c.need_dscale, blocks=bs, interpret=True,
+                      fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
   pq = lambda a: common.pad(common.pad(a, 1, Tp), 3, Dp)
   pk = lambda a: common.pad(common.pad(a, 1, Sp), 3, Dp)
   scale = jnp.asarray(np.linspace(0.15, 0.35, c.Hq), jnp.float32)
@@ -94,15 +95,15 @@ def setup(c: Case, seed=0):
 def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
   """Every launch's result: the fast forward and the repaired one, then the fast dq/dr and
   dk/dv launches (with their flags) and the repaired ones, both on the repaired forward."""
-  fwd_fast = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
-  fwd = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  fwd_fast = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fwd = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
   o, lse, tbar, vbar = fwd
-  dq_fast = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
-  dq = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
+  dq_fast = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
+  dq = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
   delta, gbar = dq[2], dq[3]
-  dkv_fast = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                          fast=True)
-  dkv = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  dkv_fast = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                         fast=True)
+  dkv = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   return fwd_fast, fwd, dq_fast, dq, dkv_fast, dkv
 
 
@@ -366,7 +367,7 @@ def _fwd_bwd(case: Case):
   cfg, (q, k, v, r, scale, qseg, kseg), do, _, _ = setup(case)
 
   def fn(q, k, v, r, do):
-    o, vjp = jax.vjp(lambda *a: pt._flash(cfg, *a, scale, qseg, kseg), q, k, v, r)
+    o, vjp = jax.vjp(lambda *a: attention._flash(cfg, *a, scale, qseg, kseg), q, k, v, r)
     return vjp(do)
   return fn, (q, k, v, r, do)
 
@@ -472,21 +473,21 @@ def gated(cfg, q, k, v, r, scale, qseg, kseg, do, row_mark, dq_flags, dkv_flags)
   """The fast results, and each fixup launch run alone on sentinel outputs with the given
   marks: forward rows where row_mark [B, Hq, Tp] is set get lse = NaN, the others lse = 5;
   dq and dk/dv programs get the given flags."""
-  fast = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fast = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
   o, lse, tbar, vbar = fast
   sent = lambda x, val: None if x is None else jnp.full(x.shape, val, x.dtype)
-  fwd = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
+  fwd = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
       sent(o, 7.0), jnp.where(row_mark, jnp.nan, 5.0), sent(tbar, 3.0), sent(vbar, 7.0)))
-  dq_fast = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
-                        fast=True)
+  dq_fast = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
+                       fast=True)
   _, _, delta, gbar, _, _ = dq_fast
-  dq = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
+  dq = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
       sent(dq_fast[0], 7.0), sent(dq_fast[1], 7.0), delta, gbar, sent(dq_fast[4], 7.0),
       dq_flags))
-  dkv_fast = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                          fast=True)
-  dkv = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                     fixup=(sent(dkv_fast[0], 7.0), sent(dkv_fast[1], 7.0), dkv_flags))
+  dkv_fast = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                         fast=True)
+  dkv = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                    fixup=(sent(dkv_fast[0], 7.0), sent(dkv_fast[1], 7.0), dkv_flags))
   return fast, fwd, dq_fast[:2] + dq_fast[4:5], dq, dkv_fast[:2], dkv
 
 

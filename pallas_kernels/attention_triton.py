@@ -22,8 +22,10 @@ Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary t
 segment ids in packed (sorted) rows the loops also skip tiles of other documents and keep
 single-document interior tiles unmasked (`_seg_ranges`); unsorted ids mask every tile.
 
-T, S are padded to the tile sizes and D to a power of two (>= 16) by the wrapper; padded keys
-are masked, padded query rows are computed and dropped (their cotangents are zero).
+T, S are padded to the tile sizes and D to a power of two (>= 16) by the caller
+(`attention.parallax_flash_attention`, which calls `fwd_call`, `dq_call` and `dkv_call` with a
+`CallConfig`); padded keys are masked, padded query rows are computed and dropped (their
+cotangents are zero).
 
 Non-finite values (docs/attention.md): each kernel runs as two launches. The fast launch
 computes every program as above and marks those whose result is not finite (forward: lse =
@@ -38,16 +40,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (LOG2E, NEG_INF, SUPPORTED_DTYPES, compiler_params, dot,
-                                   finite, fp16_values, iota, next_pow2, nonfinite, pad,
-                                   round_up)
-
-MAX_HEAD_DIM = 256
+from pallas_kernels.common import (LOG2E, NEG_INF, compiler_params, dot, finite, fp16_values,
+                                   iota, nonfinite)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -79,7 +76,7 @@ class BlockSizes:
   # by a power of two so that max|v| < 2^15 (exact; undone on the output); |r.k| must stay
   # below 65504 (fp16 range).
   fp16_p2: bool = True
-  # Forward on Hopper through the Mosaic GPU kernel (`parallax_mgpu`: TMA, wgmma, two
+  # Forward on Hopper through the Mosaic GPU kernel (`attention_mgpu`: TMA, wgmma, two
   # ping-ponged consumer warpgroups) where it supports the call (no window,
   # aligned lengths); else, and in interpret mode, the Triton forward. Same residuals, so the
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
@@ -127,7 +124,8 @@ def default_block_sizes(head_dim: int, parallax: bool = True, dtype=None) -> Blo
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class CallConfig:
+  """What the kernels of one call take as static: lengths, padding, heads, masks, tiles."""
   T: int  # real query length
   S: int  # real key length
   Tp: int  # padded
@@ -153,7 +151,7 @@ class _Cfg:
     return self.S - self.T
 
 
-def _visible(qi, kj, cfg: _Cfg, qseg=None, kseg=None):
+def _visible(qi, kj, cfg: CallConfig, qseg=None, kseg=None):
   """Mask for query indices qi and key indices kj (broadcast against each other)."""
   pos = qi + cfg.offset
   m = kj < cfg.S
@@ -177,7 +175,7 @@ def _clip(x, lo, hi):
   return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
+def _kv_tiles(qs, bq: int, bk: int, cfg: CallConfig):
   """K/V tile ranges for query rows [qs, qs + bq).
 
   Returns (lo, mid_lo, mid_hi, hi): tiles [lo, hi) hold visible keys; tiles in
@@ -215,7 +213,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
   return lo, mid_lo, mid_hi, hi
 
 
-def _q_tiles(ks, bk: int, bq: int, cfg: _Cfg):
+def _q_tiles(ks, bk: int, bq: int, cfg: CallConfig):
   """Query tile ranges for key rows [ks, ks + bk) (see `_kv_tiles`); rows >= T are skipped."""
   off, W = cfg.offset, cfg.window
   zero = jnp.int32(0)
@@ -304,7 +302,7 @@ def _with_seg_ranges(ranges, srng_ref):
 # ----------------------------------------------------------------------------- forward
 
 
-def _qtile(i, cfg: _Cfg, bq: int):
+def _qtile(i, cfg: CallConfig, bq: int):
   """Query tile of grid index i: with causal masks the heaviest (last) tiles launch first."""
   return cfg.Tp // bq - 1 - i if cfg.causal else i
 
@@ -323,7 +321,7 @@ def _flag(*xs):
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
-                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
+                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: CallConfig, bq: int, bk: int,
                 fixup: bool = False, careful_only: bool = False, pids=None):
   """One query tile. Non-finite inputs (docs/attention.md) take two launches.
 
@@ -453,8 +451,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     write(finish(_loop3(ranges, body, init)))
 
 
-def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
-              fast=False):
+def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
+             fast=False):
   """(o, lse, tbar, vbar) of the Triton forward: the fast launch, then the fixup launch that
   repairs the tiles it marked (see `_fwd_kernel`). fast: the fast launch only (rows whose
   output is not finite have lse = NaN). fixup: (o, lse, tbar, vbar) of a fast forward
@@ -463,8 +461,8 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=No
   if fixup is None and not fast:
     if cfg.fp16_pv and v_fp16 is None:
       v_fp16 = fp16_values(v)    # one conversion for both launches
-    outs = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
-    return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
+    outs = fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
+    return fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
   if cfg.fp16_pv:
     v, vmul = fp16_values(v) if v_fp16 is None else v_fp16
     scale = jnp.concatenate([scale, vmul[None]])
@@ -539,7 +537,7 @@ def _flag_spec(grid_tile):
 
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref, qseg_ref,
                kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
-               dr_ref, qdq_ref, *, cfg: _Cfg, bq: int, bk: int, fixup: bool = False,
+               dr_ref, qdq_ref, *, cfg: CallConfig, bq: int, bk: int, fixup: bool = False,
                careful: bool = False, pids=None):
   """dq (and dr) of one query tile. Rows the forward wrote as dead (lse = +inf: a NaN row,
   or one without keys) send nothing back: their dq, dr are zero and their delta, gbar
@@ -642,8 +640,8 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
     flag_ref[...] = _flag(*carry)
 
 
-def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
-             fast=False, fixup=None):
+def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
+            fast=False, fixup=None):
   """(dq, dr, delta, gbar, qdq) of the dq/dr kernel: the fast launch, then the fixup launch
   on the programs it marked (see `_dq_kernel`). fast: the fast launch only, its flags
   [B, Hq, q tiles] appended to the result. fixup: such a fast result (with its flags) to
@@ -720,7 +718,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *
 
 def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
                 gbar_ref, qseg_ref, kseg_ref, srng_ref, flag_ref, dk_ref, dv_ref, *,
-                cfg: _Cfg, bq: int, bk: int, fixup: bool = False, careful: bool = False,
+                cfg: CallConfig, bq: int, bk: int, fixup: bool = False, careful: bool = False,
                 pids=None):
   """dk, dv of one key tile, summed over the GQA group. Dead rows (lse = +inf) have zero
   weights (their delta, gbar are zero).
@@ -800,8 +798,8 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
     flag_ref[...] = _flag(dk, dv)
 
 
-def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
-              fast=False, fixup=None):
+def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
+             fast=False, fixup=None):
   """(dk, dv) of the dk/dv kernel: the fast launch, then the fixup launch on the programs it
   marked (see `_dkv_kernel`). fast: the fast launch only, its flags [B, Hkv, key tiles]
   appended to the result. fixup: such a fast result (dk, dv, flags) to repair in place: the
@@ -859,157 +857,3 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
       compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dkv_fixup",
   )(*args, flags, dk, dv)
   return dk, dv
-
-
-# ----------------------------------------------------------------------------- custom_vjp
-
-ATTN_RESIDUALS = "attn_residuals"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, r, scale, qseg, kseg):
-  return _forward(cfg, q, k, v, r, scale, qseg, kseg)[0]
-
-
-def _forward(cfg, q, k, v, r, scale, qseg, kseg):
-  if cfg.blocks.mosaic_forward and not cfg.interpret:
-    from pallas_kernels import parallax_mgpu  # lazy: it imports this module
-    return parallax_mgpu.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
-  return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
-
-
-def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
-  # symbolic_zeros=True: primals arrive wrapped with a `perturbed` flag; dscale is only
-  # computed when the scale array is being differentiated.
-  need_dscale = cfg.need_dscale and scale.perturbed
-  q, k, v, r, scale, qseg, kseg = (
-      None if x is None else x.value for x in (q, k, v, r, scale, qseg, kseg))
-  o, lse, tbar, vbar = _forward(cfg, q, k, v, r, scale, qseg, kseg)
-  # Named so a remat policy can keep them (`save_only_these_names(ATTN_RESIDUALS)`): without
-  # it, a rematerialised layer reruns this forward kernel in its backward pass.
-  o, lse, tbar, vbar = (checkpoint_name(x, ATTN_RESIDUALS) for x in (o, lse, tbar, vbar))
-  flag = jnp.zeros((0,), jnp.float32) if need_dscale else None
-  return o, (q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag)
-
-
-def _flash_bwd(cfg, res, do):
-  q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag = res
-  cfg = dataclasses.replace(cfg, need_dscale=flag is not None)
-  if isinstance(do, jax.custom_derivatives.SymbolicZero):
-    do = jnp.zeros(o.shape, o.dtype)
-  do = do.astype(q.dtype)
-  dq, dr, delta, gbar, qdq = _dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg,
-                                      kseg)
-  dk, dv = _dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
-  if cfg.need_dscale:
-    dscale = jnp.sum(qdq, axis=(0, 2))
-  else:
-    dscale = jnp.zeros_like(scale)
-  return dq, dk, dv, dr, dscale, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def is_supported(q, k, v, r=None, *, window=None, q_segment_ids=None, kv_segment_ids=None,
-                 interpret=False, platform=None) -> tuple[bool, str]:
-  """(True, "") if `parallax_flash_attention` can run these inputs, else (False, reason).
-
-  Accepts arrays or jax.ShapeDtypeStruct. `platform` defaults to the default backend; the
-  kernel runs on "gpu"/"cuda" (or anywhere with interpret=True).
-  """
-  try:
-    _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  except ValueError as e:
-    return False, str(e)
-  if not interpret:
-    platform = platform or jax.default_backend()
-    if platform not in ("gpu", "cuda", "rocm"):
-      return False, f"the Pallas Triton kernel needs a GPU (platform is {platform!r})"
-  return True, ""
-
-
-def _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"expected [B, L, H, D] inputs, got {q.shape=}, {k.shape=}, {v.shape=}")
-  B, T, Hq, D = q.shape
-  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-    raise ValueError(f"k and v must be [B, S, Hkv, {D}], got {k.shape=}, {v.shape=}")
-  if r is not None and r.shape != q.shape:
-    raise ValueError(f"r must have q's shape {q.shape}, got {r.shape}")
-  Hkv = k.shape[2]
-  if Hq % Hkv:
-    raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-  if D > MAX_HEAD_DIM:
-    raise ValueError(f"head_dim {D} > {MAX_HEAD_DIM} is not supported")
-  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
-  if len(dts) != 1 or next(iter(dts)) not in SUPPORTED_DTYPES:
-    raise ValueError(f"q, k, v, r must share one dtype among float32/bfloat16/float16, got {dts}")
-  if window is not None and int(window) < 1:
-    raise ValueError(f"window must be >= 1, got {window}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-  if q_segment_ids is not None:
-    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, k.shape[1]):
-      raise ValueError(f"segment ids must be [B, T] and [B, S], got {q_segment_ids.shape}, "
-                       f"{kv_segment_ids.shape}")
-
-
-def _fit_blocks(bs: BlockSizes, T: int, S: int) -> BlockSizes:
-  """Shrink tiles that are larger than the sequence (keeping powers of two >= 16)."""
-  tq = max(16, next_pow2(T))
-  tk = max(16, next_pow2(S))
-  return dataclasses.replace(
-      bs, block_q=min(bs.block_q, tq), block_k=min(bs.block_k, tk),
-      block_q_dq=min(bs.block_q_dq, tq), block_k_dq=min(bs.block_k_dq, tk),
-      block_q_dkv=min(bs.block_q_dkv, tq), block_k_dkv=min(bs.block_k_dkv, tk))
-
-
-def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None,
-                             q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
-                             interpret=False):
-  """Fused Parallax attention (softmax attention when r is None), differentiable.
-
-  q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (Hq a multiple of Hkv; q-head h reads kv-head
-  h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
-  0 meaning uniform weights; an array scale gets a cotangent. causal: end-aligned (query i
-  sees keys j <= S - T + i). window: keep keys with j > S - T + i - window (and
-  j < S - T + i + window without causal). q_segment_ids [B, T], kv_segment_ids [B, S]: int
-  ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, D] in
-  q's dtype. block_sizes: `BlockSizes` override (default: heuristic table).
-  """
-  _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  B, T, Hq, D = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
-  if isinstance(scale, (int, float, np.floating, np.integer)):
-    need_dscale = False
-    scale_arr = jnp.full((Hq,), float(scale), jnp.float32)
-  else:
-    need_dscale = True
-    scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  Dp = max(16, next_pow2(D))
-  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None,
-                                                                         q.dtype)
-  bs = _fit_blocks(bs, T, S)
-  Tp = round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
-  Sp = round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  has_seg = q_segment_ids is not None
-  cfg = _Cfg(T=T, S=S, Tp=Tp, Sp=Sp, D=Dp, Hq=Hq, Hkv=Hkv, causal=bool(causal),
-             window=None if window is None else int(window), has_r=r is not None,
-             has_seg=has_seg, need_dscale=need_dscale, blocks=bs, interpret=bool(interpret),
-             fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2))
-  qp = pad(pad(q, 1, Tp), 3, Dp)
-  rp = None if r is None else pad(pad(r, 1, Tp), 3, Dp)
-  kp = pad(pad(k, 1, Sp), 3, Dp)
-  vp = pad(pad(v, 1, Sp), 3, Dp)
-  qseg = kseg = None
-  if has_seg:
-    qseg = pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
-    kseg = pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
-  o = _flash(cfg, qp, kp, vp, rp, scale_arr, qseg, kseg)
-  if Tp != T or Dp != D:
-    o = o[:, :T, :, :D]
-  return o

@@ -1,6 +1,6 @@
 """Hopper (sm_90a) forward kernel for Parallax / softmax attention in Pallas Mosaic GPU.
 
-Same math and residuals as the Pallas-Triton forward (`parallax_triton._fwd_kernel`), per
+Same math and residuals as the Pallas-Triton forward (`attention_triton._fwd_kernel`), per
 q-head and query row, fp32 accumulation:
 
     S1 = q.k * scale (log2 domain), one running max m;  P1 = exp2(S1 - m)
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -531,7 +530,7 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
 
   q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D], as `parallax_flash_attention`. scale: python
   float, scalar or [Hq] array (1/bandwidth, 0 = uniform weights). causal: end-aligned.
-  Returns (o, (lse, tbar, vbar)) as parallax_triton._fwd_call returns (o, lse, tbar, vbar):
+  Returns (o, (lse, tbar, vbar)) as attention_triton.fwd_call returns (o, lse, tbar, vbar):
   o, vbar [B, T, Hq, D] in q's dtype, lse, tbar [B, Hq, T] f32; tbar, vbar None without r.
   q_segment_ids [B, T], kv_segment_ids [B, S] int32 (optional, both or neither): a query
   sees only keys of its own id (packed sequences); rows that see no key give o = 0 and
@@ -555,142 +554,3 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
   return _forward(q, k, v, r, params, q_segment_ids, kv_segment_ids, causal=bool(causal),
                   cfg=cfg, interpret=interpret)
-
-
-def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None = None):
-  """Drop-in replacement for `parallax_triton._fwd_call(cfg, q, k, v, r, scale, qseg, kseg)`
-  (same arguments and (o, lse, tbar, vbar) result): the Mosaic GPU kernel when it supports
-  the call, else the Triton forward. For wiring into `_flash` / `_flash_fwd`."""
-  from pallas_kernels import parallax_triton as pt
-  mg = tcfg.window is None and not tcfg.interpret
-  # padded keys would need masking; zero-padded head dims are harmless (Dp = D here anyway)
-  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S
-  cfg = config or default_config(q.shape[-1], tcfg.has_r)
-  if tcfg.has_r and jnp.dtype(q.dtype) == jnp.bfloat16:
-    cfg = dataclasses.replace(cfg, fp16_pv=tcfg.fp16_pv)  # follow BlockSizes.fp16_p2
-  if mg:
-    mg, _ = supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg, kv_segment_ids=kseg,
-                      config=cfg)
-  if not mg:
-    return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
-  v_fp16 = fp16_values(v) if tcfg.fp16_pv else None    # one conversion for both kernels
-  outs = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
-                               q_segment_ids=qseg, kv_segment_ids=kseg, config=cfg,
-                               v_fp16=v_fp16)
-  return fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, v_fp16=v_fp16)
-
-
-def fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
-  """The Mosaic GPU forward's (o, (lse, tbar, vbar)) with the rows it marked (lse = NaN: a
-  non-finite output) recomputed by the Triton forward's careful pass, in place: tiles
-  without a mark return at once (one small launch when every value is finite)."""
-  from pallas_kernels import parallax_triton as pt
-  o, (lse, tbar, vbar) = outs
-  outs = pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, fixup=(o, lse, tbar, vbar),
-                      v_fp16=v_fp16)
-  # As `_forward`'s outputs: a single user, so a scanned model's stacked-residual writes
-  # do not clone the call.
-  return lax.optimization_barrier(tuple(outs))
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def main():
-  """Time the Mosaic GPU forward against the Triton forward on a GPU (CUPTI kernel time).
-
-  PYTHONPATH=. python3 pallas_kernels/parallax_mgpu.py [--quick]
-  """
-  import argparse
-  import statistics
-
-  import numpy as np
-  from jax.experimental.mosaic.gpu import profiler
-
-  from pallas_kernels import parallax_triton as pt
-
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true", help="main shape only, defaults only")
-  ap.add_argument("--tiles", action="store_true",
-                  help="also sweep block_kv x num_stages x schedule_barrier")
-  ap.add_argument("--shapes", default="all", choices=("all", "main"),
-                  help="main: B=4 L=4096 Hq/Hkv 16/8 D=128 causal only")
-  ap.add_argument("--segments", action="store_true",
-                  help="packed-sequence segment ids (4 documents of random length per row)")
-  args = ap.parse_args()
-  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-
-  def kernel_ms(fn, xs, iters=20):
-    jax.block_until_ready(fn(*xs))
-    _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*xs)
-    return statistics.median(float(t) for t in ts)
-
-  def triton_fwd(q, k, v, r, ids, scale, causal):
-    B, T, Hq, D = q.shape
-    bs = pt.default_block_sizes(D, r is not None)
-    tcfg = pt._Cfg(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
-                   causal=causal, window=None, has_r=r is not None, has_seg=ids is not None,
-                   need_dscale=False, blocks=bs, interpret=False,
-                   fp16_pv=(r is not None and q.dtype == jnp.bfloat16 and bs.fp16_p2))
-    return pt._fwd_call(tcfg, q, k, v, r, jnp.full((Hq,), scale, jnp.float32), ids, ids)
-
-  shapes = [(4, 4096, 16, 8, 128, True)]
-  if not args.quick and args.shapes == "all":
-    shapes += [(4, 4096, 16, 8, 64, True), (4, 4096, 16, 8, 128, False),
-               (2, 16384, 16, 8, 128, True), (8, 1024, 16, 8, 128, True)]
-  for B, L, Hq, Hkv, D, causal in shapes:
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(ks[0], (B, L, Hq, D), jnp.float32).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
-    r = (0.5 * jax.random.normal(ks[3], (B, L, Hq, D), jnp.float32)).astype(jnp.bfloat16)
-    scale = 1.0 / math.sqrt(D)
-    pairs = (L * (L + 1) // 2 if causal else L * L) * B * Hq  # FLOPs as if unmasked
-    ids = None
-    if args.segments:
-      rng = np.random.default_rng(0)
-      cuts = np.sort(rng.choice(np.arange(1, L), size=(B, 3), replace=True), axis=1)
-      ids = jnp.asarray(np.stack([np.searchsorted(c, np.arange(L), side="right") + 1
-                                  for c in cuts]), jnp.int32)
-    for parallax in (True, False):
-      rr = r if parallax else None
-      flops = (8 if parallax else 4) * D * pairs
-      tri = jax.jit(lambda q, k, v, r, ids: triton_fwd(q, k, v, r, ids, scale, causal))
-      t_tri = kernel_ms(tri, (q, k, v, rr, ids))
-      ref = tri(q, k, v, rr, ids)
-      base = default_config(D, parallax)
-      configs = [base]
-      if not args.quick:
-        configs += [dataclasses.replace(base, schedule_barrier=sb, pin_softmax=pin,
-                                        num_stages=st, split_waits=sw)
-                    for sb in (True, False) for pin in (True, False) for st in (2, 3)
-                    for sw in ((True, False) if parallax else (True,))]
-      if args.tiles:
-        configs += [MgpuConfig(block_kv=bkv, num_stages=st, schedule_barrier=sb)
-                    for bkv in (64, 128) for st in (2, 3) for sb in (True, False)]
-      configs = list(dict.fromkeys(configs))
-      print(f"== B={B} L={L} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} segments={args.segments} "
-            f"{'parallax' if parallax else 'softmax'}: triton {t_tri:.3f} ms "
-            f"({flops / t_tri / 1e9:.0f} TF/s)", flush=True)
-      for cfg in configs:
-        f = jax.jit(lambda q, k, v, r, ids, cfg=cfg: parallax_forward_mgpu(
-            q, k, v, r, scale=scale, causal=causal, q_segment_ids=ids, kv_segment_ids=ids,
-            config=cfg))
-        try:
-          t = kernel_ms(f, (q, k, v, rr, ids))
-          o, res = f(q, k, v, rr, ids)
-        except Exception as e:  # noqa: BLE001  (e.g. SMEM overflow for big tiles)
-          print(f"  {cfg}: failed {repr(e)[:300]}", flush=True)
-          continue
-        d = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) -
-                                              np.asarray(b, np.float32))))
-        diffs = [d(o, ref[0]), d(res[0], ref[1])]
-        if parallax:
-          diffs += [d(res[1], ref[2]), d(res[2], ref[3])]
-        print(f"  mgpu {cfg}: {t:.3f} ms ({flops / t / 1e9:.0f} TF/s, {t_tri / t:.2f}x "
-              f"triton); max |diff| vs triton o, lse, tbar, vbar: "
-              + ", ".join(f"{x:.1e}" for x in diffs), flush=True)
-
-
-if __name__ == "__main__":
-  main()
