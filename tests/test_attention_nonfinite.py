@@ -1,9 +1,10 @@
 """The training kernels' non-finite handling: fast launches that mark, fixup launches that repair.
 
-Each Triton training kernel (forward, dq/dr, dk/dv) runs as a fast launch that computes every
-program as if its inputs were finite and marks the programs whose result is not (forward:
-lse = NaN on the rows; backward: a flag per program), and a fixup launch that reads the marks
-first and reruns only the marked programs carefully, in place (docs/attention.md).
+Each Triton training kernel (`attention_triton`: forward, dq/dr, dk/dv) runs as a fast launch
+that computes every program as if its inputs were finite and marks the programs whose result
+is not (forward: lse = NaN on the rows; backward: a flag per program), and a fixup launch that
+reads the marks first and reruns only the marked programs carefully, in place
+(docs/attention.md).
 
 CPU: the kernels run in Pallas interpret mode; the structure of the fast kernels (no branch,
 no second loop) is checked on their jaxprs and on the Triton IR lowered for an abstract H100.
@@ -20,12 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, parallax_flash_attention
-from pallas_kernels import common
-from pallas_kernels import attention
-from pallas_kernels import attention_triton as pt
+from pallas_kernels import BlockSizes, attention, common, parallax_flash_attention
+from pallas_kernels import attention_triton as tr
 from parallax_jax import masks
-from tests.test_pallas_train import _triton_modules, verify_triton_modules
+from tests.kernels import lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -76,7 +75,7 @@ def setup(c: Case, seed=0):
   bs = attention._fit_blocks(c.blocks, c.T, c.S)
   Tp = common.round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
   Sp = common.round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  cfg = pt.CallConfig(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
+  cfg = tr.CallConfig(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
                       window=c.window, has_r=c.parallax, has_seg=c.segments,
                       need_dscale=c.need_dscale, blocks=bs, interpret=True,
                       fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
@@ -95,15 +94,15 @@ def setup(c: Case, seed=0):
 def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
   """Every launch's result: the fast forward and the repaired one, then the fast dq/dr and
   dk/dv launches (with their flags) and the repaired ones, both on the repaired forward."""
-  fwd_fast = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
-  fwd = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  fwd_fast = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fwd = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
   o, lse, tbar, vbar = fwd
-  dq_fast = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
-  dq = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
+  dq_fast = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
+  dq = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
   delta, gbar = dq[2], dq[3]
-  dkv_fast = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+  dkv_fast = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
                          fast=True)
-  dkv = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  dkv = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   return fwd_fast, fwd, dq_fast, dq, dkv_fast, dkv
 
 
@@ -435,8 +434,6 @@ def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
   """Forward + backward lowered for CUDA on an abstract H100: six Triton kernels (three
   fast, three fixup) whose TTIR verifies. In the TTIR the fast kernels hold no scf.if and
   only their hot loops; each fixup kernel branches on its mark."""
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   sd = lambda *s, dt=lc["dtype"]: jax.ShapeDtypeStruct(s, dt)
   q = sd(2, lc["T"], lc["Hq"], lc["D"])
   kv = sd(2, lc["S"], lc["Hkv"], lc["D"])
@@ -450,9 +447,7 @@ def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
     o, vjp = jax.vjp(fn, q, k, v, r, sc)
     return o, vjp(o)
 
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(*args, *ids).lower(lowering_platforms=("cuda",))
-  mods = dict(_triton_modules(lowered))
+  mods = dict(triton_modules(lower_h100(f, *args, *ids)))
   kind = "parallax" if lc["parallax"] else "softmax"
   assert sorted(mods) == sorted(f"{kind}_{k}{s}" for k in LOOPS for s in ("", "_fixup"))
   verify_triton_modules(list(mods.items()))
@@ -473,20 +468,20 @@ def gated(cfg, q, k, v, r, scale, qseg, kseg, do, row_mark, dq_flags, dkv_flags)
   """The fast results, and each fixup launch run alone on sentinel outputs with the given
   marks: forward rows where row_mark [B, Hq, Tp] is set get lse = NaN, the others lse = 5;
   dq and dk/dv programs get the given flags."""
-  fast = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fast = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
   o, lse, tbar, vbar = fast
   sent = lambda x, val: None if x is None else jnp.full(x.shape, val, x.dtype)
-  fwd = pt.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
+  fwd = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
       sent(o, 7.0), jnp.where(row_mark, jnp.nan, 5.0), sent(tbar, 3.0), sent(vbar, 7.0)))
-  dq_fast = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
+  dq_fast = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
                        fast=True)
   _, _, delta, gbar, _, _ = dq_fast
-  dq = pt.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
+  dq = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
       sent(dq_fast[0], 7.0), sent(dq_fast[1], 7.0), delta, gbar, sent(dq_fast[4], 7.0),
       dq_flags))
-  dkv_fast = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+  dkv_fast = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
                          fast=True)
-  dkv = pt.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+  dkv = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
                     fixup=(sent(dkv_fast[0], 7.0), sent(dkv_fast[1], 7.0), dkv_flags))
   return fast, fwd, dq_fast[:2] + dq_fast[4:5], dq, dkv_fast[:2], dkv
 
