@@ -29,7 +29,7 @@ Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA (q-head h reads kv
 h // (Hq // Hkv)), non-causal, causal with T <= S (end-aligned, as the Triton kernel),
 T a multiple of 2 * block_q and S a multiple of block_kv, segment ids (int32, any values:
 every K/V tile is masked by id); no window.
-Everything else goes to the Triton kernel (`fwd_call` falls back automatically).
+Everything else goes to the Triton kernel (`attention.mosaic_fwd_call` falls back to it).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ class MgpuConfig:
 
 
 def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
-  """Defaults by register budget, confirmed by `main`'s H100 sweep (bench/NOTES.md v3).
+  """Defaults by register budget, confirmed by `attention.main`'s H100 sweep (bench/NOTES.md
+  v3).
 
   Parallax D=128: O1 + O2 take 128 of the 240 registers per thread, S1 + S2 at block_kv=64
   another 64 (block_kv=128 ran 2x slower). Softmax has half the accumulators, so
@@ -535,7 +536,7 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   q_segment_ids [B, T], kv_segment_ids [B, S] int32 (optional, both or neither): a query
   sees only keys of its own id (packed sequences); rows that see no key give o = 0 and
   lse = +inf, as the Triton forward. A row whose output is not finite gets lse = NaN (for
-  the Triton forward's fixup pass, see `fwd_call`).
+  the Triton forward's fixup pass, see `attention.mosaic_fwd_call`).
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
   v_fp16: `fp16_values(v)` when the caller has it already.
   """
