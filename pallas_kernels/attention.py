@@ -232,7 +232,7 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
 def main():
   """Time the Mosaic GPU forward against the Triton forward on a GPU (CUPTI kernel time).
 
-  PYTHONPATH=. python3 -m pallas_kernels.attention [--quick]
+  PYTHONPATH=. python3 pallas_kernels/attention.py [--quick]
   """
   import argparse
   import statistics
