@@ -133,15 +133,15 @@ def impls(sh: Shape, blocks=None):
       q, k, v, scale=scale, is_causal=sh.causal, implementation="cudnn"), False)
   out["xla_softmax"] = (lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, scale=scale, is_causal=sh.causal, implementation="xla"), False)
-  # Mosaic GPU (Hopper) forward, forward only (no VJP): pallas_kernels/parallax_mgpu.py
-  from pallas_kernels import parallax_mgpu
+  # Mosaic GPU (Hopper) forward, forward only (no VJP): pallas_kernels/attention_mgpu.py
+  from pallas_kernels import attention_mgpu
 
   def mgpu(q, k, v, r=None):
     interp = None
     if INTERPRET["on"]:
       from jax.experimental.pallas import mosaic_gpu as plgpu
       interp = plgpu.InterpretGPUParams()
-    return parallax_mgpu.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=sh.causal,
+    return attention_mgpu.parallax_forward_mgpu(q, k, v, r, scale=scale, causal=sh.causal,
                                                interpret=interp)[0]
 
   out["pallas_mgpu_parallax"] = (lambda q, k, v, r: mgpu(q, k, v, r), True)

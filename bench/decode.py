@@ -29,7 +29,8 @@ The XLA paths run only where B*L <= 256k (they are 3-5x slower and only baseline
 
   PYTHONPATH=. python3 bench/decode.py grid --out DIR [--budget 300] [--cold]
   PYTHONPATH=. python3 bench/decode.py ab --baseline /tmp/base.py --out DIR [--cold]
-      (git show REV:pallas_kernels/decode.py > /tmp/base.py)
+      (git show REV:pallas_kernels/decode_triton.py > /tmp/base.py; an older
+      decode.py takes its helpers from parallax_triton: rewrite that import to pallas_kernels.common)
   PYTHONPATH=. python3 bench/decode.py launch-sweep --out DIR --shapes gqa:32:4096,... \\
       --variants '[{}, {"block_kv": 32, "num_stages": 3}]' [--reps 2]
   PYTHONPATH=. python3 bench/decode.py MODE --help
@@ -56,7 +57,8 @@ from jax.experimental import pallas as pl  # noqa: E402
 import pallas_kernels  # noqa: E402
 from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
-from pallas_kernels import decode as dk  # noqa: E402  (default_pack, split_chunk)
+from pallas_kernels import decode_triton as dk  # noqa: E402  (default_pack)
+from pallas_kernels.common import split_chunk  # noqa: E402
 
 STEPS = 8  # dependent decode calls per timed call (see `chained`)
 GRIDS = {"gqa": (16, 8, 128), "mha": (8, 8, 64)}  # grid -> (Hq, Hkv, D)
@@ -222,7 +224,7 @@ def launched(B, Hkv, L, D, rows):
   after the kernel rounds its chunk of the cache up to whole tiles)."""
   pack = dk.default_pack(B, Hkv, L, D, rows=rows)
   bk, ns = pallas_kernels.default_launch(B, Hkv, L, D, rows=rows, pack=pack)
-  return bk, dk.split_chunk(L, ns, bk)[1], pack
+  return bk, split_chunk(L, ns, bk)[1], pack
 
 
 def shape_inputs(B, L, Hq, Hkv, D):
@@ -691,7 +693,7 @@ def mgpu_shape(dm, grid, B, L, Hq, Hkv, D):
   kv_bytes = 2 * B * L * Hkv * D * 2
   ns = dm.default_splits(B, Hkv, L, dm.DecodeConfig().block_kv)
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
-         "mgpu_num_splits": dk.split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
+         "mgpu_num_splits": split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
   args = step_args(q, k, v, r, lens, B, Hkv)
   cfgs = mgpu_variants(dm, B, Hkv, L)
   steps = {"triton_parallax": pallas_step(scale), "cudnn_softmax": sdpa_step(scale)}
@@ -769,10 +771,10 @@ def parser():
            "D=64 B 1-256, L 1k-32k; every implementation (decode_grid_warm / _cold)")
   p.add_argument("--cold", action="store_true", help=COLD_HELP)
   p = mode("ab", ab, "the Triton kernel of the working tree vs a baseline source file of "
-           "pallas_kernels/decode.py, cuDNN as the common bar (decode_ab); default shapes: the "
+           "pallas_kernels/decode_triton.py, cuDNN as the common bar (decode_ab); default shapes: the "
            "split ones of the grid, where the in-kernel merge of the splits is on the "
            "critical path")
-  p.add_argument("--baseline", required=True, help="a source file of pallas_kernels/decode.py")
+  p.add_argument("--baseline", required=True, help="a source file of pallas_kernels/decode_triton.py")
   p.add_argument("--name", default="decode_ab", help="file name stem of the results")
   p.add_argument("--shapes", default=AB_SHAPES, help=SHAPES_HELP)
   p.add_argument("--cold", action="store_true", help=COLD_HELP)

@@ -1,6 +1,6 @@
 """Hopper (sm_90a) decode kernel for Parallax / softmax attention in Pallas Mosaic GPU.
 
-Same contract and math as the Triton-lowering decode kernel (`pallas_kernels.decode`): one
+Same contract and math as the Triton-lowering decode kernel (`decode_triton`): one
 new query row per sequence (q, r: [B, Hq, D]) against the KV cache [B, S_max, Hkv, D] read in
 place, per-sequence lengths, optional window, GQA packing (the G = Hq/Hkv rows of a KV head in
 one program, so each K/V byte is read once per split). Per row, fp32:
@@ -43,13 +43,12 @@ run: no semaphores, no atomics with a result. The Triton kernel has one (bench/N
 
 Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one
 token per sequence, a cache length that is a multiple of 8 (the K/V TMA tiling), any lengths
-and window. Everything else: `pallas_kernels.decode.parallax_decode`.
+and window. Everything else: `decode_triton.parallax_decode`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +57,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.decode import NUM_SMS, split_chunk
-from pallas_kernels.parallax_mgpu import _SMEM_LIMIT, hopper_platform
-from pallas_kernels.parallax_triton import _pad
+from pallas_kernels.common import (LOG2E, NUM_SMS, SMEM_LIMIT, hopper_platform, pad,
+                                   split_chunk)
 
-LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _BOX = 8          # query rows per TMA box: the SMEM tile's row granule
@@ -126,7 +123,7 @@ def smem_bytes(cfg: DecodeConfig, head_dim: int, parallax: bool, itemsize: int =
 def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None,
               platform: str | None = None) -> tuple[bool, str]:
   """(True, "") if `parallax_decode_mgpu` takes these inputs, else (False, reason).
-  platform as `parallax_mgpu.supported` (None: the default device must be a Hopper GPU)."""
+  platform as `attention_mgpu.supported` (None: the default device must be a Hopper GPU)."""
   if q.ndim != 3 or k_cache.ndim != 4:
     return False, f"expected q [B, Hq, D] and a [B, S, Hkv, D] cache, got {q.shape}, " \
                   f"{k_cache.shape}"
@@ -148,8 +145,8 @@ def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None
     # the K/V TMA descriptors tile the cache's length by the SMEM tile's 8 rows
     return False, f"cache length {S} must be a multiple of {_BOX}"
   need = smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize)
-  if need > _SMEM_LIMIT:
-    return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {_SMEM_LIMIT})"
+  if need > SMEM_LIMIT:
+    return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {SMEM_LIMIT})"
   return hopper_platform(platform)
 
 
@@ -195,7 +192,7 @@ def _row_half(x, half, interpret):
 
 
 # A jit boundary: one lowering (one Mosaic module, one ptxas compile) per shape and launch,
-# shared by every call site (as `parallax_mgpu._forward`).
+# shared by every call site (as `attention_mgpu._forward`).
 @functools.partial(jax.jit, static_argnames=("num_heads", "scale", "window", "cfg",
                                              "num_splits", "s_max", "interpret"))
 def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg, num_splits,
@@ -504,7 +501,7 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
                          config: DecodeConfig | None = None, interpret=None):
   """Decode attention of one new token per sequence with the Mosaic GPU kernel.
 
-  Arguments as `pallas_kernels.decode.parallax_decode` (q, r [B, Hq, D]; caches
+  Arguments as `decode_triton.parallax_decode` (q, r [B, Hq, D]; caches
   [B, S_max, Hkv, D]; lengths [B] int32: keys j < lengths[b] valid; window: keys
   j > lengths[b] - 1 - window; scale: python float). Returns o [B, Hq, D] in q's dtype.
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
@@ -521,12 +518,12 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
   G = Hq // Hkv
   bk = cfg.block_kv
   if S < bk:  # tiny caches only: pad to one tile (the padded keys are past every length)
-    k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
+    k_cache, v_cache = pad(k_cache, 1, bk), pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
   ns = cfg.num_splits or default_splits(B, Hkv, Sp, bk)
   _, ns = split_chunk(Sp, ns, bk)
   rows = -(-B * Hq // _BOX) * _BOX  # whole 8-row boxes
-  q2, r2 = (None if x is None else _pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
+  q2, r2 = (None if x is None else pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
   lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
   out = _decode(lengths, q2, k_cache, v_cache, r2, num_heads=Hq, scale=float(scale),
                 window=None if window is None else int(window), cfg=cfg, num_splits=ns,

@@ -331,7 +331,7 @@ def _decode_pallas_kind(probe, affine, q, k_cache, v_cache):
     return None, (f"the decode kernel computes softmax and Parallax (probe='learned', "
                   f"affine='affine'), got probe={probe!r}, affine={affine!r}")
   try:
-    from pallas_kernels.parallax_triton import SUPPORTED_DTYPES
+    from pallas_kernels.common import SUPPORTED_DTYPES
   except ImportError as e:  # pragma: no cover - depends on the install
     return None, f"pallas_kernels is unavailable: {e}"
   d = q.shape[-1]

@@ -78,6 +78,28 @@ def compile_cache(shared_compile_cache):
   return shared_compile_cache
 
 
+def pytest_generate_tests(metafunc):
+  """A kernel test class's `name` runs over the class's own `CASES` (tests/kernels.py): the
+  compiled class and its interpret-mode subclass each bring their table."""
+  cls = metafunc.cls
+  if "name" in metafunc.fixturenames and hasattr(cls, "INTERPRET") and hasattr(cls, "CASES"):
+    metafunc.parametrize("name", list(cls.CASES))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+  """Tests of a kernel class that runs compiled (`INTERPRET = False`, tests/kernels.py) are
+  `gpu` tests, skipped without the device its `NEEDS` names."""
+  from tests.kernels import DEVICES
+  for item in items:
+    cls = getattr(item, "cls", None)
+    if getattr(cls, "INTERPRET", None) is False:
+      found, reason = DEVICES[cls.NEEDS]
+      item.add_marker(pytest.mark.gpu)
+      if not found():
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
   """Token shards of a ~0.25 MB slice of the Python stdlib (BPE 320) for the loop's tests."""

@@ -1,4 +1,4 @@
-"""Non-finite values in the split-KV decode kernel (pallas_kernels/decode.py): interpret mode
+"""Non-finite values in the split-KV decode kernel (pallas_kernels/decode_triton.py): interpret mode
 on CPU against `reference_decode` (docs/attention.md, rules 1-2), and the kernel's structure
 (one loop over the keys for one new token per row) in its CUDA lowering on an abstract H100.
 """
@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
+from pallas_kernels import common
+from pallas_kernels import decode_triton as dk
+from tests.kernels import lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -196,7 +198,7 @@ def test_many_splits_merge_by_tiles(rng):
   """>= 32 splits (the merge reads [splits, D] tiles): NaN past lengths changes nothing, a
   visible NaN in one split kills its rows."""
   S, lengths = 512, [333, 512, 17]
-  assert dk.split_chunk(S, 32, 16)[1] >= dk.MERGE_TILES_FROM
+  assert common.split_chunk(S, 32, 16)[1] >= dk.MERGE_TILES_FROM
   poison = _tail("v", lengths, NAN) + _tail("k", lengths, INF)
   check(rng, poison=poison, lengths=lengths, S=S, ns=32, dead="none")
   dead = check(rng, poison=poison + [("v", 0, 200, 0, NAN)], lengths=lengths, S=S, ns=32)
@@ -251,9 +253,6 @@ def test_multi_token_window(rng, ns):
 
 def _lower(tokens, parallax, batch, S, ns, Hq=16, Hkv=8, D=128, window=500, pack=None):
   """TTIR modules of the kernel lowered for CUDA on an abstract H100 (no GPU)."""
-  from tests.test_pallas_train import _triton_modules, verify_triton_modules
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   q = jax.ShapeDtypeStruct((batch, Hq, D) if tokens == 1 else (batch, tokens, Hq, D),
                            jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((batch, S, Hkv, D), jnp.bfloat16)
@@ -261,9 +260,7 @@ def _lower(tokens, parallax, batch, S, ns, Hq=16, Hkv=8, D=128, window=500, pack
   f = lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r if parallax else None, scale=0.1,
                                                lengths=l, window=window, num_splits=ns,
                                                kv_heads_per_program=pack)
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(q, kv, kv, q, lens).lower(lowering_platforms=("cuda",))
-  mods = _triton_modules(lowered)
+  mods = triton_modules(lower_h100(f, q, kv, kv, q, lens))
   assert [n for n, _ in mods] == ["parallax_decode" if parallax else "softmax_decode"]
   verify_triton_modules(mods)
   return mods

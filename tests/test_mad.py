@@ -493,7 +493,7 @@ def test_macro_accuracy_equals_torchmetrics(rng):
 ])
 def test_fused_kernels_under_vmap_match_dense(interpret, rng):
   """The GPU runs vmap the Pallas kernels over the sweep (MAD's head_dim 8 is padded to 16)."""
-  from pallas_kernels.parallax_triton import parallax_flash_attention
+  from pallas_kernels import parallax_flash_attention
   dt = jnp.float32 if interpret else jnp.bfloat16
   q, k, v, r = (jnp.asarray(rng.standard_normal((3, 2, 32, 4, 8)), dt) for _ in range(4))
   r = 0.3 * r

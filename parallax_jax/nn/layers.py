@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.parallax_triton import ATTN_RESIDUALS
+from pallas_kernels.attention import ATTN_RESIDUALS
 from parallax_jax import api as _api
 
 if TYPE_CHECKING:  # annotation only: importing parallax_jax.models here would be circular

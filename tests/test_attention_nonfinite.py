@@ -1,9 +1,10 @@
 """The training kernels' non-finite handling: fast launches that mark, fixup launches that repair.
 
-Each Triton training kernel (forward, dq/dr, dk/dv) runs as a fast launch that computes every
-program as if its inputs were finite and marks the programs whose result is not (forward:
-lse = NaN on the rows; backward: a flag per program), and a fixup launch that reads the marks
-first and reruns only the marked programs carefully, in place (docs/attention.md).
+Each Triton training kernel (`attention_triton`: forward, dq/dr, dk/dv) runs as a fast launch
+that computes every program as if its inputs were finite and marks the programs whose result
+is not (forward: lse = NaN on the rows; backward: a flag per program), and a fixup launch that
+reads the marks first and reruns only the marked programs carefully, in place
+(docs/attention.md).
 
 CPU: the kernels run in Pallas interpret mode; the structure of the fast kernels (no branch,
 no second loop) is checked on their jaxprs and on the Triton IR lowered for an abstract H100.
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, parallax_flash_attention
-from pallas_kernels import parallax_triton as pt
+from pallas_kernels import BlockSizes, attention, common, parallax_flash_attention
+from pallas_kernels import attention_triton as tr
 from parallax_jax import masks
-from tests.test_pallas_train import _triton_modules, verify_triton_modules
+from tests.kernels import lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -70,20 +71,20 @@ def setup(c: Case, seed=0):
                                    q_seg=None if seg is None else seg[0],
                                    kv_seg=None if seg is None else seg[1]))
   vis = np.broadcast_to(vis, (1, c.T, c.S))
-  Dp = max(16, pt._next_pow2(c.D))
-  bs = pt._fit_blocks(c.blocks, c.T, c.S)
-  Tp = pt._round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
-  Sp = pt._round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  cfg = pt._Cfg(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
-                window=c.window, has_r=c.parallax, has_seg=c.segments,
-                need_dscale=c.need_dscale, blocks=bs, interpret=True,
-                fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
-  pq = lambda a: pt._pad(pt._pad(a, 1, Tp), 3, Dp)
-  pk = lambda a: pt._pad(pt._pad(a, 1, Sp), 3, Dp)
+  Dp = max(16, common.next_pow2(c.D))
+  bs = attention._fit_blocks(c.blocks, c.T, c.S)
+  Tp = common.round_up(c.T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
+  Sp = common.round_up(c.S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
+  cfg = tr.CallConfig(T=c.T, S=c.S, Tp=Tp, Sp=Sp, D=Dp, Hq=c.Hq, Hkv=c.Hkv, causal=c.causal,
+                      window=c.window, has_r=c.parallax, has_seg=c.segments,
+                      need_dscale=c.need_dscale, blocks=bs, interpret=True,
+                      fp16_pv=c.parallax and jnp.dtype(c.dtype) == jnp.bfloat16 and bs.fp16_p2)
+  pq = lambda a: common.pad(common.pad(a, 1, Tp), 3, Dp)
+  pk = lambda a: common.pad(common.pad(a, 1, Sp), 3, Dp)
   scale = jnp.asarray(np.linspace(0.15, 0.35, c.Hq), jnp.float32)
   qseg = kseg = None
   if seg is not None:
-    qseg, kseg = pt._pad(seg[0], 1, Tp, -1), pt._pad(seg[1], 1, Sp, -2)
+    qseg, kseg = common.pad(seg[0], 1, Tp, -1), common.pad(seg[1], 1, Sp, -2)
   args = (pq(x["q"]), pk(x["k"]), pk(x["v"]), pq(x["r"]) if c.parallax else None, scale,
           qseg, kseg)
   return cfg, args, pq(x["do"]), vis, seg
@@ -93,15 +94,15 @@ def setup(c: Case, seed=0):
 def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
   """Every launch's result: the fast forward and the repaired one, then the fast dq/dr and
   dk/dv launches (with their flags) and the repaired ones, both on the repaired forward."""
-  fwd_fast = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
-  fwd = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
+  fwd_fast = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fwd = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
   o, lse, tbar, vbar = fwd
-  dq_fast = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
-  dq = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
+  dq_fast = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fast=True)
+  dq = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
   delta, gbar = dq[2], dq[3]
-  dkv_fast = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                          fast=True)
-  dkv = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  dkv_fast = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                         fast=True)
+  dkv = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   return fwd_fast, fwd, dq_fast, dq, dkv_fast, dkv
 
 
@@ -365,7 +366,7 @@ def _fwd_bwd(case: Case):
   cfg, (q, k, v, r, scale, qseg, kseg), do, _, _ = setup(case)
 
   def fn(q, k, v, r, do):
-    o, vjp = jax.vjp(lambda *a: pt._flash(cfg, *a, scale, qseg, kseg), q, k, v, r)
+    o, vjp = jax.vjp(lambda *a: attention._flash(cfg, *a, scale, qseg, kseg), q, k, v, r)
     return vjp(do)
   return fn, (q, k, v, r, do)
 
@@ -433,8 +434,6 @@ def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
   """Forward + backward lowered for CUDA on an abstract H100: six Triton kernels (three
   fast, three fixup) whose TTIR verifies. In the TTIR the fast kernels hold no scf.if and
   only their hot loops; each fixup kernel branches on its mark."""
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   sd = lambda *s, dt=lc["dtype"]: jax.ShapeDtypeStruct(s, dt)
   q = sd(2, lc["T"], lc["Hq"], lc["D"])
   kv = sd(2, lc["S"], lc["Hkv"], lc["D"])
@@ -448,9 +447,7 @@ def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
     o, vjp = jax.vjp(fn, q, k, v, r, sc)
     return o, vjp(o)
 
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(*args, *ids).lower(lowering_platforms=("cuda",))
-  mods = dict(_triton_modules(lowered))
+  mods = dict(triton_modules(lower_h100(f, *args, *ids)))
   kind = "parallax" if lc["parallax"] else "softmax"
   assert sorted(mods) == sorted(f"{kind}_{k}{s}" for k in LOOPS for s in ("", "_fixup"))
   verify_triton_modules(list(mods.items()))
@@ -471,21 +468,21 @@ def gated(cfg, q, k, v, r, scale, qseg, kseg, do, row_mark, dq_flags, dkv_flags)
   """The fast results, and each fixup launch run alone on sentinel outputs with the given
   marks: forward rows where row_mark [B, Hq, Tp] is set get lse = NaN, the others lse = 5;
   dq and dk/dv programs get the given flags."""
-  fast = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
+  fast = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
   o, lse, tbar, vbar = fast
   sent = lambda x, val: None if x is None else jnp.full(x.shape, val, x.dtype)
-  fwd = pt._fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
+  fwd = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=(
       sent(o, 7.0), jnp.where(row_mark, jnp.nan, 5.0), sent(tbar, 3.0), sent(vbar, 7.0)))
-  dq_fast = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
-                        fast=True)
+  dq_fast = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
+                       fast=True)
   _, _, delta, gbar, _, _ = dq_fast
-  dq = pt._dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
+  dq = tr.dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, fixup=(
       sent(dq_fast[0], 7.0), sent(dq_fast[1], 7.0), delta, gbar, sent(dq_fast[4], 7.0),
       dq_flags))
-  dkv_fast = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                          fast=True)
-  dkv = pt._dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
-                     fixup=(sent(dkv_fast[0], 7.0), sent(dkv_fast[1], 7.0), dkv_flags))
+  dkv_fast = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                         fast=True)
+  dkv = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                    fixup=(sent(dkv_fast[0], 7.0), sent(dkv_fast[1], 7.0), dkv_flags))
   return fast, fwd, dq_fast[:2] + dq_fast[4:5], dq, dkv_fast[:2], dkv
 
 

@@ -1,6 +1,6 @@
 """Hopper (sm_90a) forward kernel for Parallax / softmax attention in Pallas Mosaic GPU.
 
-Same math and residuals as the Pallas-Triton forward (`parallax_triton._fwd_kernel`), per
+Same math and residuals as the Pallas-Triton forward (`attention_triton._fwd_kernel`), per
 q-head and query row, fp32 accumulation:
 
     S1 = q.k * scale (log2 domain), one running max m;  P1 = exp2(S1 - m)
@@ -29,13 +29,12 @@ Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA (q-head h reads kv
 h // (Hq // Hkv)), non-causal, causal with T <= S (end-aligned, as the Triton kernel),
 T a multiple of 2 * block_q and S a multiple of block_kv, segment ids (int32, any values:
 every K/V tile is masked by id); no window.
-Everything else goes to the Triton kernel (`fwd_call` falls back automatically).
+Everything else goes to the Triton kernel (`attention.mosaic_fwd_call` falls back to it).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +42,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-# The Triton forward's V -> fp16 conversion: both forwards must round V the same way.
-from pallas_kernels.parallax_triton import _fp16_values
+# fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
+# way)
+from pallas_kernels.common import LOG2E, SMEM_LIMIT, fp16_values, hopper_platform
 
-LOG2E = math.log2(math.e)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
@@ -97,7 +96,8 @@ class MgpuConfig:
 
 
 def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
-  """Defaults by register budget, confirmed by `main`'s H100 sweep (bench/NOTES.md v3).
+  """Defaults by register budget, confirmed by `attention.main`'s H100 sweep (bench/NOTES.md
+  v3).
 
   Parallax D=128: O1 + O2 take 128 of the 240 registers per thread, S1 + S2 at block_kv=64
   another 64 (block_kv=128 ran 2x slower). Softmax has half the accumulators, so
@@ -111,34 +111,11 @@ def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
                     schedule_barrier=not parallax)
 
 
-# ----------------------------------------------------------------------------- support
-
-_SMEM_LIMIT = 232448 - 4096  # H100 max dynamic SMEM per block, minus barriers and slack
-
-
 def smem_bytes(cfg: MgpuConfig, head_dim: int, parallax: bool, itemsize: int = 2) -> int:
   """SMEM of the kernel's buffers: Q (+R) per consumer, the K and V rings, row vectors."""
   qr = _COMPUTE_WGS * cfg.block_q * head_dim * itemsize * (2 if parallax else 1)
   kv = 2 * cfg.num_stages * cfg.block_kv * head_dim * itemsize
   return qr + kv + 2 * _COMPUTE_WGS * 2 * cfg.block_q * 4
-
-
-def hopper_platform(platform: str | None) -> tuple[bool, str]:
-  """(True, "") if Mosaic GPU Hopper kernels can run for `platform`: None checks the default
-  device (a CUDA GPU of compute capability 9.x: wgmma is sm_90a only); "cuda"/"gpu" (e.g.
-  lowering on an abstract H100) and "interpret" skip the device check."""
-  if platform is None:
-    try:
-      dev = jax.devices()[0]
-    except RuntimeError:
-      return False, "no device"
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform != "gpu" or cc is None or not str(cc).startswith("9."):
-      return False, f"needs a Hopper GPU (sm_90), got {dev.platform} {cc}"
-    platform = "cuda"
-  if platform not in ("cuda", "gpu", "interpret"):
-    return False, f"platform {platform!r} is not cuda"
-  return True, ""
 
 
 def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
@@ -179,8 +156,8 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
     return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"
   if S % cfg.block_kv:
     return False, f"S={S} is not a multiple of block_kv={cfg.block_kv}"
-  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > _SMEM_LIMIT:
-    return False, f"{cfg} needs more SMEM than {_SMEM_LIMIT} bytes"
+  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
+    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
   if causal and T > S:
     return False, "causal with T > S (rows without keys) is not implemented"
   ok, why = hopper_platform(platform)
@@ -554,14 +531,14 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
 
   q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D], as `parallax_flash_attention`. scale: python
   float, scalar or [Hq] array (1/bandwidth, 0 = uniform weights). causal: end-aligned.
-  Returns (o, (lse, tbar, vbar)) as parallax_triton._fwd_call returns (o, lse, tbar, vbar):
+  Returns (o, (lse, tbar, vbar)) as attention_triton.fwd_call returns (o, lse, tbar, vbar):
   o, vbar [B, T, Hq, D] in q's dtype, lse, tbar [B, Hq, T] f32; tbar, vbar None without r.
   q_segment_ids [B, T], kv_segment_ids [B, S] int32 (optional, both or neither): a query
   sees only keys of its own id (packed sequences); rows that see no key give o = 0 and
   lse = +inf, as the Triton forward. A row whose output is not finite gets lse = NaN (for
-  the Triton forward's fixup pass, see `fwd_call`).
+  the Triton forward's fixup pass, see `attention.mosaic_fwd_call`).
   interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
-  v_fp16: `_fp16_values(v)` when the caller has it already.
+  v_fp16: `fp16_values(v)` when the caller has it already.
   """
   B, T, Hq, D = q.shape
   cfg = config or default_config(D, r is not None)
@@ -573,147 +550,8 @@ def parallax_forward_mgpu(q, k, v, r=None, *, scale, causal=True, q_segment_ids=
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
   vmul = jnp.float32(1.0)
   if r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and cfg.fp16_pv:
-    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
+    v, vmul = fp16_values(v) if v_fp16 is None else v_fp16
   params = jnp.stack([scale * LOG2E, jnp.broadcast_to(vmul, (Hq,))], axis=1)
   params = jnp.broadcast_to(params[:, :, None], (Hq, 2, cfg.block_q))
   return _forward(q, k, v, r, params, q_segment_ids, kv_segment_ids, causal=bool(causal),
                   cfg=cfg, interpret=interpret)
-
-
-def fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *, config: MgpuConfig | None = None):
-  """Drop-in replacement for `parallax_triton._fwd_call(cfg, q, k, v, r, scale, qseg, kseg)`
-  (same arguments and (o, lse, tbar, vbar) result): the Mosaic GPU kernel when it supports
-  the call, else the Triton forward. For wiring into `_flash` / `_flash_fwd`."""
-  from pallas_kernels import parallax_triton as pt
-  mg = tcfg.window is None and not tcfg.interpret
-  # padded keys would need masking; zero-padded head dims are harmless (Dp = D here anyway)
-  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S
-  cfg = config or default_config(q.shape[-1], tcfg.has_r)
-  if tcfg.has_r and jnp.dtype(q.dtype) == jnp.bfloat16:
-    cfg = dataclasses.replace(cfg, fp16_pv=tcfg.fp16_pv)  # follow BlockSizes.fp16_p2
-  if mg:
-    mg, _ = supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg, kv_segment_ids=kseg,
-                      config=cfg)
-  if not mg:
-    return pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg)
-  v_fp16 = _fp16_values(v) if tcfg.fp16_pv else None   # one conversion for both kernels
-  outs = parallax_forward_mgpu(q, k, v, r, scale=scale, causal=tcfg.causal,
-                               q_segment_ids=qseg, kv_segment_ids=kseg, config=cfg,
-                               v_fp16=v_fp16)
-  return fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, v_fp16=v_fp16)
-
-
-def fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
-  """The Mosaic GPU forward's (o, (lse, tbar, vbar)) with the rows it marked (lse = NaN: a
-  non-finite output) recomputed by the Triton forward's careful pass, in place: tiles
-  without a mark return at once (one small launch when every value is finite)."""
-  from pallas_kernels import parallax_triton as pt
-  o, (lse, tbar, vbar) = outs
-  outs = pt._fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, fixup=(o, lse, tbar, vbar),
-                      v_fp16=v_fp16)
-  # As `_forward`'s outputs: a single user, so a scanned model's stacked-residual writes
-  # do not clone the call.
-  return lax.optimization_barrier(tuple(outs))
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def main():
-  """Time the Mosaic GPU forward against the Triton forward on a GPU (CUPTI kernel time).
-
-  PYTHONPATH=. python3 pallas_kernels/parallax_mgpu.py [--quick]
-  """
-  import argparse
-  import statistics
-
-  import numpy as np
-  from jax.experimental.mosaic.gpu import profiler
-
-  from pallas_kernels import parallax_triton as pt
-
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true", help="main shape only, defaults only")
-  ap.add_argument("--tiles", action="store_true",
-                  help="also sweep block_kv x num_stages x schedule_barrier")
-  ap.add_argument("--shapes", default="all", choices=("all", "main"),
-                  help="main: B=4 L=4096 Hq/Hkv 16/8 D=128 causal only")
-  ap.add_argument("--segments", action="store_true",
-                  help="packed-sequence segment ids (4 documents of random length per row)")
-  args = ap.parse_args()
-  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-
-  def kernel_ms(fn, xs, iters=20):
-    jax.block_until_ready(fn(*xs))
-    _, ts = profiler.measure(fn, aggregate=True, iterations=iters)(*xs)
-    return statistics.median(float(t) for t in ts)
-
-  def triton_fwd(q, k, v, r, ids, scale, causal):
-    B, T, Hq, D = q.shape
-    bs = pt.default_block_sizes(D, r is not None)
-    tcfg = pt._Cfg(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
-                   causal=causal, window=None, has_r=r is not None, has_seg=ids is not None,
-                   need_dscale=False, blocks=bs, interpret=False,
-                   fp16_pv=(r is not None and q.dtype == jnp.bfloat16 and bs.fp16_p2))
-    return pt._fwd_call(tcfg, q, k, v, r, jnp.full((Hq,), scale, jnp.float32), ids, ids)
-
-  shapes = [(4, 4096, 16, 8, 128, True)]
-  if not args.quick and args.shapes == "all":
-    shapes += [(4, 4096, 16, 8, 64, True), (4, 4096, 16, 8, 128, False),
-               (2, 16384, 16, 8, 128, True), (8, 1024, 16, 8, 128, True)]
-  for B, L, Hq, Hkv, D, causal in shapes:
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(ks[0], (B, L, Hq, D), jnp.float32).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16)
-    r = (0.5 * jax.random.normal(ks[3], (B, L, Hq, D), jnp.float32)).astype(jnp.bfloat16)
-    scale = 1.0 / math.sqrt(D)
-    pairs = (L * (L + 1) // 2 if causal else L * L) * B * Hq  # FLOPs as if unmasked
-    ids = None
-    if args.segments:
-      rng = np.random.default_rng(0)
-      cuts = np.sort(rng.choice(np.arange(1, L), size=(B, 3), replace=True), axis=1)
-      ids = jnp.asarray(np.stack([np.searchsorted(c, np.arange(L), side="right") + 1
-                                  for c in cuts]), jnp.int32)
-    for parallax in (True, False):
-      rr = r if parallax else None
-      flops = (8 if parallax else 4) * D * pairs
-      tri = jax.jit(lambda q, k, v, r, ids: triton_fwd(q, k, v, r, ids, scale, causal))
-      t_tri = kernel_ms(tri, (q, k, v, rr, ids))
-      ref = tri(q, k, v, rr, ids)
-      base = default_config(D, parallax)
-      configs = [base]
-      if not args.quick:
-        configs += [dataclasses.replace(base, schedule_barrier=sb, pin_softmax=pin,
-                                        num_stages=st, split_waits=sw)
-                    for sb in (True, False) for pin in (True, False) for st in (2, 3)
-                    for sw in ((True, False) if parallax else (True,))]
-      if args.tiles:
-        configs += [MgpuConfig(block_kv=bkv, num_stages=st, schedule_barrier=sb)
-                    for bkv in (64, 128) for st in (2, 3) for sb in (True, False)]
-      configs = list(dict.fromkeys(configs))
-      print(f"== B={B} L={L} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} segments={args.segments} "
-            f"{'parallax' if parallax else 'softmax'}: triton {t_tri:.3f} ms "
-            f"({flops / t_tri / 1e9:.0f} TF/s)", flush=True)
-      for cfg in configs:
-        f = jax.jit(lambda q, k, v, r, ids, cfg=cfg: parallax_forward_mgpu(
-            q, k, v, r, scale=scale, causal=causal, q_segment_ids=ids, kv_segment_ids=ids,
-            config=cfg))
-        try:
-          t = kernel_ms(f, (q, k, v, rr, ids))
-          o, res = f(q, k, v, rr, ids)
-        except Exception as e:  # noqa: BLE001  (e.g. SMEM overflow for big tiles)
-          print(f"  {cfg}: failed {repr(e)[:300]}", flush=True)
-          continue
-        d = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) -
-                                              np.asarray(b, np.float32))))
-        diffs = [d(o, ref[0]), d(res[0], ref[1])]
-        if parallax:
-          diffs += [d(res[1], ref[2]), d(res[2], ref[3])]
-        print(f"  mgpu {cfg}: {t:.3f} ms ({flops / t / 1e9:.0f} TF/s, {t_tri / t:.2f}x "
-              f"triton); max |diff| vs triton o, lse, tbar, vbar: "
-              + ", ".join(f"{x:.1e}" for x in diffs), flush=True)
-
-
-if __name__ == "__main__":
-  main()

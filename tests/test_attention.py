@@ -1,9 +1,11 @@
-"""Fused Pallas (Triton-lowering) Parallax / softmax attention kernels: forward and backward.
+"""Fused Parallax / softmax attention for training (`pallas_kernels.attention`, the front over
+the Triton kernels of `attention_triton` and the Mosaic GPU forward): forward and backward.
 
 CPU: the kernels run with interpret=True against a dense float32 reference (output and the
 gradients dq, dk, dv, dr, dscale), and every kernel is lowered for CUDA with an abstract H100
 (TTIR generated and verified; see `test_cuda_lowering_abstract_h100`). GPU tests (`-m gpu`) run
-the compiled kernels at larger shapes.
+the compiled kernels at larger shapes: `TestFlashAttention` compiled, its subclass
+`TestFlashAttentionInterpret` the same test in interpret mode on the CPU cases.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from pallas_kernels import BlockSizes, attention, attention_triton, parallax_flash_attention
 from parallax_jax import masks
 from tests import test_masking as masking
-from pallas_kernels import BlockSizes, parallax_flash_attention
-from pallas_kernels import parallax_triton as pt
+from tests.kernels import has_gpu, lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -29,13 +31,6 @@ B64 = BlockSizes(64, 64, 4, 2, 64, 64, 4, 2, 64, 64, 4, 2)
 MIXED = BlockSizes(64, 32, 4, 2, 32, 64, 4, 2, 16, 32, 4, 2)
 # max |x - ref| / max |ref| allowed, by dtype: (output, gradients)
 TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (1e-2, 2e-2), jnp.float16: (4e-3, 1e-2)}
-
-
-def has_gpu():
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
 
 
 # ----------------------------------------------------------------------------- reference
@@ -204,9 +199,43 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_interpret_matches_reference(name, rng):
-  check_case(CASES[name], rng)
+GPU_CASES = {
+    "bf16_parallax_causal_gqa": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
+                                     dtype=jnp.bfloat16, blocks=None),
+    # aligned T == S with packed segments: the Mosaic GPU forward (segment-id masks) + Triton bwd
+    "bf16_parallax_causal_gqa_segments": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
+                                              dtype=jnp.bfloat16, segments=True, blocks=None),
+    "bf16_parallax_d64_window_odd": Case(B=2, T=1000, S=1000, Hq=4, Hkv=1, D=64,
+                                         dtype=jnp.bfloat16, window=100, blocks=None),
+    "fp16_parallax_segments_T<S": Case(B=2, T=500, S=777, Hq=4, Hkv=2, D=128,
+                                       dtype=jnp.float16, segments=True, blocks=None),
+    # long documents: skipped, single-id (unmasked) and mixed tiles in the Triton backward
+    "bf16_parallax_causal_docs": Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128,
+                                      dtype=jnp.bfloat16, segments="docs", blocks=None),
+    "bf16_softmax_noncausal": Case(B=2, T=1024, S=1024, Hq=8, Hkv=8, D=128,
+                                   dtype=jnp.bfloat16, parallax=False, causal=False,
+                                   blocks=None),
+    "f32_parallax_array_scale": Case(B=1, T=300, S=300, Hq=4, Hkv=2, D=64,
+                                     array_scale=True, blocks=None),
+}
+
+
+class TestFlashAttention:
+  """Output and gradients against the reference, compiled on a GPU (default tiles: on Hopper
+  the Mosaic GPU forward where it applies)."""
+  INTERPRET = False
+  NEEDS = "gpu"
+  CASES = GPU_CASES
+
+  def test_matches_reference(self, name, rng):
+    errs = check_case(self.CASES[name], rng, interpret=self.INTERPRET)
+    print(name, errs)
+
+
+class TestFlashAttentionInterpret(TestFlashAttention):
+  """The same in interpret mode (the Triton kernels), on the CPU cases."""
+  INTERPRET = True
+  CASES = CASES
 
 
 def test_rows_without_keys_are_zero(rng):
@@ -228,7 +257,6 @@ def test_rows_without_keys_are_zero(rng):
 def test_seg_ranges_cover_visible_tiles(sort, rng):
   """`_seg_ranges`: every tile pair with a shared id lies in [lo, hi); every tile in
   [mid_lo, mid_hi) shares one id with all real rows of its row tile (safe to leave unmasked)."""
-  from pallas_kernels.parallax_triton import _seg_ranges
   B, R, C, br, bc = 3, 90, 70, 16, 8
   Rp, Cp = 96, 72
   rows = rng.integers(0, 4, (B, R))
@@ -237,8 +265,8 @@ def test_seg_ranges_cover_visible_tiles(sort, rng):
     rows, cols = np.sort(rows, axis=1), np.sort(cols, axis=1)
   rows_p = np.pad(rows, ((0, 0), (0, Rp - R)), constant_values=-1)
   cols_p = np.pad(cols, ((0, 0), (0, Cp - C)), constant_values=-2)
-  rng_ = np.asarray(_seg_ranges(jnp.asarray(rows_p, jnp.int32), jnp.asarray(cols_p, jnp.int32),
-                                R, C, br, bc))
+  rng_ = np.asarray(attention_triton._seg_ranges(
+      jnp.asarray(rows_p, jnp.int32), jnp.asarray(cols_p, jnp.int32), R, C, br, bc))
   n_mid = 0
   for b in range(B):
     for i in range(Rp // br):
@@ -281,12 +309,13 @@ def test_poisoned_padding_is_masked(rng):
   Tp, Sp = 64, 96
   poison = lambda x, n: jnp.concatenate(
       [x, jnp.full((x.shape[0], n - x.shape[1]) + x.shape[2:], 3e3, x.dtype)], axis=1)
-  cfg = pt._Cfg(T=50, S=70, Tp=Tp, Sp=Sp, D=64, Hq=2, Hkv=1, causal=True, window=None,
-                has_r=True, has_seg=False, need_dscale=False, blocks=bs, interpret=True)
+  cfg = attention_triton.CallConfig(T=50, S=70, Tp=Tp, Sp=Sp, D=64, Hq=2, Hkv=1, causal=True,
+                                    window=None, has_r=True, has_seg=False, need_dscale=False,
+                                    blocks=bs, interpret=True)
   scale_arr = jnp.full((2,), scale, jnp.float32)
   args = (poison(q, Tp), poison(k, Sp), poison(v, Sp), poison(r, Tp))
   do = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  o, grads = value_and_vjp(lambda *a: pt._flash(cfg, *a, scale_arr, None, None), args,
+  o, grads = value_and_vjp(lambda *a: attention._flash(cfg, *a, scale_arr, None, None), args,
                            jnp.pad(do, ((0, 0), (0, Tp - 50), (0, 0), (0, 0))))
   o_ref, grads_ref = value_and_vjp(lambda *a: reference(*a, scale, **kw), (q, k, v, r), do)
   assert rel_err(o[:, :50], o_ref) < 2e-5
@@ -422,45 +451,6 @@ def test_input_validation():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
-def verify_triton_modules(mods):
-  """Each kernel's Triton IR parses, verifies and contains a tensor-core dot."""
-  from jax._src.lib import triton as tlib
-  from jax._src.interpreters import mlir
-  from jax._src.lib.mlir import ir
-  for name, raw in mods:
-    ctx = mlir.make_ir_context()
-    tlib.dialect.register_dialect(ctx)
-    with ctx:
-      module = ir.Module.parse(raw)
-      assert module.operation.verify(), name
-      assert "tt.dot" in str(module), name
-
-
-def custom_call_configs(lowered, target: str):
-  """`mhlo.backend_config` of every custom call whose target name contains `target`."""
-  out = []
-
-  def walk(op):
-    for region in op.regions:
-      for block in region.blocks:
-        for o in block.operations:
-          o = o.operation
-          if o.name == "stablehlo.custom_call" and target in str(
-              o.attributes["call_target_name"]):
-            out.append(o.attributes["mhlo.backend_config"])
-          walk(o)
-
-  walk(lowered.compiler_ir("stablehlo").operation)
-  return out
-
-
-def _triton_modules(lowered):
-  """(name, TTIR bytecode) of every Triton custom call in a lowered module."""
-  from jax._src.lib.mlir import ir
-  return [(ir.StringAttr(bc["name"]).value, ir.StringAttr(bc["ir"]).value_bytes)
-          for bc in custom_call_configs(lowered, "triton")]
-
-
 LOWER_CASES = [
     dict(T=4096, S=4096, Hq=16, Hkv=8, D=128, dtype=jnp.bfloat16, parallax=True,
          kw=dict(causal=True)),
@@ -484,8 +474,6 @@ def test_cuda_lowering_abstract_h100(lc):
   (jax-cuda*-plugin), which a CPU jaxlib does not have; those errors show up only in the
   `gpu`-marked tests.
   """
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   B = 2
   sd = lambda *s, dt=lc["dtype"]: jax.ShapeDtypeStruct(s, dt)
   q = sd(B, lc["T"], lc["Hq"], lc["D"])
@@ -502,9 +490,7 @@ def test_cuda_lowering_abstract_h100(lc):
     o, vjp = jax.vjp(fn, q, k, v, r, sc)
     return o, vjp(o)
 
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-  mods = _triton_modules(lowered)
+  mods = triton_modules(lower_h100(f, *args))
   kind = "parallax" if lc["parallax"] else "softmax"
   # each kernel is a fast launch and the fixup launch that repairs its marked programs
   assert sorted(n for n, _ in mods) == sorted(
@@ -513,36 +499,6 @@ def test_cuda_lowering_abstract_h100(lc):
 
 
 # ----------------------------------------------------------------------------- GPU
-
-
-GPU_CASES = {
-    "bf16_parallax_causal_gqa": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
-                                     dtype=jnp.bfloat16, blocks=None),
-    # aligned T == S with packed segments: the Mosaic GPU forward (segment-id masks) + Triton bwd
-    "bf16_parallax_causal_gqa_segments": Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128,
-                                              dtype=jnp.bfloat16, segments=True, blocks=None),
-    "bf16_parallax_d64_window_odd": Case(B=2, T=1000, S=1000, Hq=4, Hkv=1, D=64,
-                                         dtype=jnp.bfloat16, window=100, blocks=None),
-    "fp16_parallax_segments_T<S": Case(B=2, T=500, S=777, Hq=4, Hkv=2, D=128,
-                                       dtype=jnp.float16, segments=True, blocks=None),
-    # long documents: skipped, single-id (unmasked) and mixed tiles in the Triton backward
-    "bf16_parallax_causal_docs": Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128,
-                                      dtype=jnp.bfloat16, segments="docs", blocks=None),
-    "bf16_softmax_noncausal": Case(B=2, T=1024, S=1024, Hq=8, Hkv=8, D=128,
-                                   dtype=jnp.bfloat16, parallax=False, causal=False,
-                                   blocks=None),
-    "f32_parallax_array_scale": Case(B=1, T=300, S=300, Hq=4, Hkv=2, D=64,
-                                     array_scale=True, blocks=None),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_matches_reference(name, rng):
-  c = GPU_CASES[name]
-  errs = check_case(c, rng, interpret=False)
-  print(name, errs)
 
 
 @pytest.mark.gpu

@@ -29,11 +29,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.parallax_triton import (NEG_INF, SUPPORTED_DTYPES, _compiler_params,
-                                            _dot, _finite, _iota, _next_pow2, _nonfinite, _pad,
-                                            _rewrite, _round_up)
+from pallas_kernels.common import (NEG_INF, NUM_SMS, SUPPORTED_DTYPES, compiler_params, dot,
+                                   finite, iota, next_pow2, nonfinite, pad, rewrite,
+                                   split_chunk)
 
-NUM_SMS = 132  # H100 SXM
 # Register budgets (fp32 registers per thread) of the merges' loads in flight.
 MERGE_REGS = 192         # `_merge_by_split`
 MERGE_REGS_TILES = 64    # `_merge_by_tiles`
@@ -144,13 +143,6 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   return 64, ns
 
 
-def split_chunk(s_max: int, num_splits: int, block_kv: int) -> tuple[int, int]:
-  """(keys per split, splits launched): each split covers whole tiles, so the count can drop
-  (L=4k, 64-key tiles: 33 asked -> chunks of 128 -> 32 launched)."""
-  chunk = _round_up(-(-s_max // num_splits), block_kv)
-  return chunk, -(-s_max // chunk)
-
-
 def _p2v(p2, v):
   """P2 V with ~16-bit P2 precision on the tensor cores.
 
@@ -160,10 +152,10 @@ def _p2v(p2, v):
   MMAs: decode pads the G rows to 16, so the MMA count, not its size, is what matters.
   """
   if v.dtype == jnp.float32:
-    return _dot(p2, v)
+    return dot(p2, v)
   hi = p2.astype(v.dtype)
   lo = (p2 - hi.astype(jnp.float32)).astype(v.dtype)
-  return _dot(hi, v) + _dot(lo, v)
+  return dot(hi, v) + dot(lo, v)
 
 
 def _finish(d1, d2, o1, o2):
@@ -192,20 +184,20 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   has_r = r_ref is not None
   head_rows = tokens * group                # rows (token t, head g) = t * G + g of a KV head
   nrow = pack * head_rows                   # the program's `pack` KV heads, one after another
-  bh, D = max(16, _next_pow2(nrow)), q_ref.shape[-1]
+  bh, D = max(16, next_pow2(nrow)), q_ref.shape[-1]
   L = jnp.minimum(len_ref[b], s_max)
   seen_lo = 0 if window is None else jnp.maximum(L - tokens + 1 - window, 0)
   lo = jnp.maximum(s * chunk, seen_lo)
   hi = jnp.minimum((s + 1) * chunk, L)      # [lo, hi): the union of the rows' key ranges
   if tokens > 1:
     # Token t of T sits at slot L - T + t and sees keys j <= that slot (and > slot - window).
-    end = jnp.minimum(L - (tokens - 1) + _iota(bh, 0) % head_rows // group, L)    # [bh, 1]
+    end = jnp.minimum(L - (tokens - 1) + iota(bh, 0) % head_rows // group, L)     # [bh, 1]
     row_lo = jnp.maximum(s * chunk, 0 if window is None else jnp.maximum(end - window, 0))
     row_hi = jnp.minimum((s + 1) * chunk, end)
   # The rows of KV head h, read in place from [Hkv * rows, D] and zero-padded to the 16 rows
   # an MMA needs by a masked load (no padded copy of q / r in HBM).
   rows = pl.ds(h * nrow, bh)
-  row_ok = _iota(bh, 0) < nrow                                    # [bh, 1]
+  row_ok = iota(bh, 0) < nrow                                     # [bh, 1]
   load_rows = lambda ref: plgpu.load(ref.at[rows, :], mask=row_ok, other=0.0)
   q = load_rows(q_ref)
   r = load_rows(r_ref) if has_r else None
@@ -218,13 +210,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
       else plgpu.load(ref.at[pl.ds(start, bk), cols], mask=ok, other=0.0))
   if pack == 1:
     heads_of = lambda ref, start, ok: [load_keys(ref, start, slice(None), ok)]
-    scores = lambda x, ks: _dot(x, ks[0], trans_b=True)
+    scores = lambda x, ks: dot(x, ks[0], trans_b=True)
     by_head = lambda f, w, vs, acc: acc + f(w, vs[0])
   else:
-    sub = _iota(bh, 0) // head_rows                                # [bh, 1] head of a row
+    sub = iota(bh, 0) // head_rows                                 # [bh, 1] head of a row
     heads_of = lambda ref, start, ok: [load_keys(ref, start, pl.ds(p * D, D), ok)
                                        for p in range(pack)]
-    scores = lambda x, ks: _tree(jnp.add, [jnp.where(sub == p, _dot(x, kp, trans_b=True), 0.0)
+    scores = lambda x, ks: _tree(jnp.add, [jnp.where(sub == p, dot(x, kp, trans_b=True), 0.0)
                                            for p, kp in enumerate(ks)])
 
     def by_head(f, w, vs, acc):
@@ -244,13 +236,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     first = lo + i * bk
     if short:   # one tile over all the keys, the slots outside [lo, hi) read as zeros
       start = jnp.minimum(first, s_max - bk)
-      slots = start + _iota(bk, 0)                                          # [bk, 1]
+      slots = start + iota(bk, 0)                                           # [bk, 1]
       ok = (slots >= lo) & (slots < hi)
     else:       # inside [seen_lo, L): plain loads
       start, ok = jnp.minimum(first, L - bk), None
     k = heads_of(k_ref, start, ok)
     v = heads_of(v_ref, start, ok)
-    j = start + _iota(bk, 1)                                                # [1, bk]
+    j = start + iota(bk, 1)                                                 # [1, bk]
     if tokens == 1:  # every row sees [lo, hi)
       valid = (j >= first) & (j < hi)
     else:
@@ -262,11 +254,11 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     s2 = scores(r, k) if has_r else None
     s1 = jnp.where(valid, s1, NEG_INF)
     if careful:  # V's finite part, rows that see a non-finite value flagged, S2 masked
-      bad = [jnp.max(_nonfinite(vp), axis=1)[None, :] for vp in v]           # [1, bk]
+      bad = [jnp.max(nonfinite(vp), axis=1)[None, :] for vp in v]            # [1, bk]
       bad = bad[0] if pack == 1 else _tree(jnp.add, [jnp.where(sub == p, b, 0.0)
                                                       for p, b in enumerate(bad)])
       flag = jnp.maximum(flag, jnp.max(jnp.where(valid, bad, 0.0), axis=1))
-      v = [_finite(vp) for vp in v]
+      v = [finite(vp) for vp in v]
       s2 = jnp.where(valid, s2, 0.0) if has_r else None
     m_new = jnp.maximum(m, jnp.max(s1, axis=1))
     alpha = jnp.exp(m - m_new)
@@ -275,7 +267,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     if has_r:
       p2 = p1 * s2
       d2 = d2 * alpha[:, None] + p2 if lazy else d2 * alpha + jnp.sum(p2, axis=1)
-    o1 = by_head(lambda w, vp: _dot(w.astype(vp.dtype), vp), p1, v, o1 * alpha[:, None])
+    o1 = by_head(lambda w, vp: dot(w.astype(vp.dtype), vp), p1, v, o1 * alpha[:, None])
     if has_r:
       o2 = by_head(_p2v, p2, v, o2 * alpha[:, None])
     out = (m_new, d1, d2, o1, o2)
@@ -304,7 +296,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
   no_key = hi <= lo if tokens == 1 else (hi <= lo) | (L < tokens)
 
   def qr_dead(d1):  # (q, r read again: the loop's copies need not stay live after it)
-    bad = lambda ref: jnp.max(_nonfinite(load_rows(ref).astype(jnp.float32)), axis=1)
+    bad = lambda ref: jnp.max(nonfinite(load_rows(ref).astype(jnp.float32)), axis=1)
     worst = jnp.maximum(bad(q_ref), bad(r_ref)) if has_r else bad(q_ref)
     return jnp.where(worst > 0.0, jnp.nan, d1)
 
@@ -323,9 +315,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     # slots it does not see never get here) make the row dead: NaN d1, so its output, after
     # any merge, is NaN in every entry. One row reduction per program (O1 + O2 is
     # non-finite where either is).
-    dead = jnp.max(_nonfinite(o1 + o2 if has_r else o1), axis=1)
+    dead = jnp.max(nonfinite(o1 + o2 if has_r else o1), axis=1)
     if has_r:
-      dead = jnp.maximum(dead, _nonfinite(d2))
+      dead = jnp.maximum(dead, nonfinite(d2))
     d1 = jnp.where(dead > 0.0, jnp.nan, d1)
     d1 = lax.cond(no_key, qr_dead, lambda d1: d1, d1)
     return (m, d1, d2, o1, o2), dead
@@ -353,7 +345,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     # before this token's window): then the loop runs again carefully (V's finite part,
     # S2 masked per row, rows that see a non-finite value flagged) and rewrites the result.
     any_dead = jnp.max(jnp.where(vec_ok, dead, 0.0)) > 0.0
-    pl.when(any_dead)(_rewrite(interpret, emit, lambda: run(True)[0]))
+    pl.when(any_dead)(rewrite(interpret, emit, lambda: run(True)[0]))
   if num_splits == 1:
     return
 
@@ -389,7 +381,7 @@ def merge_group_splits(rows: int, head_dim: int, num_warps: int, parallax: bool,
   """Splits whose partials `_merge_by_split` loads at once: a split's [rows, D] tiles of O1
   (and O2) take rows*D / threads registers per thread each, plus the row scalars (m, d1(,
   d2)); as many splits as fit MERGE_REGS, at most all of them."""
-  per_tile = -(-_next_pow2(rows) * head_dim // (32 * num_warps))
+  per_tile = -(-next_pow2(rows) * head_dim // (32 * num_warps))
   per_split = (2 if parallax else 1) * per_tile + (3 if parallax else 2)
   return max(1, min(num_splits, MERGE_REGS // per_split))
 
@@ -410,9 +402,9 @@ def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, nu
   bench/NOTES.md, decode v10), in code whose size does not grow with rows x splits.
   """
   has_r = o2_ref is not None
-  R, D = _next_pow2(nrow), o1_ref.shape[-1]
+  R, D = next_pow2(nrow), o1_ref.shape[-1]
   U = merge_group_splits(nrow, D, num_warps, has_r, num_splits)
-  row_ok = _iota(R, 0) < nrow                                   # [R, 1]
+  row_ok = iota(R, 0) < nrow                                    # [R, 1]
 
   def load_split(sp):   # (m, d1, d2, O1, O2) of split sp; past the last split: no keys
     ok = sp < num_splits
@@ -453,8 +445,8 @@ def _merge_by_tiles(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, nu
   """
   has_r = o2_ref is not None
   D = o1_ref.shape[-1]
-  nsp = _next_pow2(num_splits)
-  split_ok = _iota(nsp, 0) < num_splits                          # [nsp, 1]
+  nsp = next_pow2(num_splits)
+  split_ok = iota(nsp, 0) < num_splits                           # [nsp, 1]
   load = lambda ref, other: plgpu.load(ref, mask=split_ok, other=other)
   col = lambda ref, g, other: load(ref.at[pl.ds(0, nsp), pl.ds(g, 1)], other)     # [nsp, 1]
   tile = lambda ref, g: load(ref.at[pl.ds(0, nsp), jnp.asarray(g, jnp.int32), :], 0.0)
@@ -542,10 +534,10 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
     if kv_heads_per_program is None and num_warps is None and num_stages is None:
       pack = default_pack(B, Hkv, S, D, rows=R, parallax=r is not None)
     bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None, pack=pack)
-  bh = max(16, _next_pow2(pack * R))
+  bh = max(16, next_pow2(pack * R))
   if S < bk:  # tiny caches only: pad to one tile
-    bk = max(16, min(bk, _next_pow2(S)))
-    k_cache, v_cache = _pad(k_cache, 1, bk), _pad(v_cache, 1, bk)
+    bk = max(16, min(bk, next_pow2(S)))
+    k_cache, v_cache = pad(k_cache, 1, bk), pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
   if ns is None:
     ns = default_num_splits(B, Hkv, S, bk, rows=R)
@@ -647,7 +639,7 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   call = pl.pallas_call(
       kernel, grid=(Hp, B, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
-      compiler_params=_compiler_params(num_warps, num_stages), interpret=bool(interpret),
+      compiler_params=compiler_params(num_warps, num_stages), interpret=bool(interpret),
       name="parallax_decode" if has_r else "softmax_decode",
   )
   outs = _removable(call)(*args)
@@ -711,8 +703,8 @@ def reference_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None
   nonfinite = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
   dead = jnp.any(valid & jnp.transpose(nonfinite(k) | nonfinite(v), (0, 2, 1)), axis=-1)
   dead |= nonfinite(q) | (False if r is None else nonfinite(r))
-  k, v, q = _finite(k), _finite(v), _finite(f(q))
-  r = None if r is None else _finite(f(r))
+  k, v, q = finite(k), finite(v), finite(f(q))
+  r = None if r is None else finite(f(r))
   s1 = jnp.einsum("bhd,bshd->bhs", q, k, precision=hp) * scale
   s1 = jnp.where(valid, s1, -jnp.inf)
   m = jnp.max(s1, axis=-1, keepdims=True)

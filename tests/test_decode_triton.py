@@ -1,5 +1,6 @@
-"""Split-KV Pallas decode kernel (pallas_kernels/decode.py): interpret mode on CPU against a
-dense float32 reference (and once against `parallax_jax.attention`); `-m gpu` compiled."""
+"""Split-KV Pallas decode kernel (pallas_kernels/decode_triton.py): interpret mode on CPU
+against a dense float32 reference (and once against `parallax_jax.attention`); `-m gpu`
+compiled."""
 from __future__ import annotations
 
 import warnings
@@ -9,17 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
+from pallas_kernels import decode_triton as dk
+from tests.kernels import has_gpu, lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 4e-3}
-
-
-def has_gpu():
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
 
 
 def make(rng, B, Hq, Hkv, S, D, dtype, parallax=True, tokens=None):
@@ -426,10 +421,6 @@ def test_gpu_decode_attention_auto_picks_kernel(member, tokens):
     (True, 1, 64, "pack")])  # two KV heads per program, 32-key tiles (S=1000)
 def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   """Lower for CUDA on an abstract H100 (no GPU) and verify the kernel's TTIR."""
-  from tests.test_pallas_train import _triton_modules, verify_triton_modules
-
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   q = jax.ShapeDtypeStruct((batch, 16, 128) if tokens == 1 else (batch, tokens, 16, 128),
                            jnp.bfloat16)
   S = 3000
@@ -440,9 +431,7 @@ def test_cuda_lowering_abstract_h100(parallax, tokens, batch, ns):
   lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
   f = lambda q, k, v, r, l: dk.parallax_decode(q, k, v, r if parallax else None, scale=0.1,
                                                lengths=l, window=500, num_splits=ns)
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(q, kv, kv, q, lens).lower(lowering_platforms=("cuda",))
-  mods = _triton_modules(lowered)
+  mods = triton_modules(lower_h100(f, q, kv, kv, q, lens))
   assert [n for n, _ in mods] == ["parallax_decode" if parallax else "softmax_decode"]
   verify_triton_modules(mods)
 

@@ -22,8 +22,10 @@ Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary t
 segment ids in packed (sorted) rows the loops also skip tiles of other documents and keep
 single-document interior tiles unmasked (`_seg_ranges`); unsorted ids mask every tile.
 
-T, S are padded to the tile sizes and D to a power of two (>= 16) by the wrapper; padded keys
-are masked, padded query rows are computed and dropped (their cotangents are zero).
+T, S are padded to the tile sizes and D to a power of two (>= 16) by the caller
+(`attention.parallax_flash_attention`, which calls `fwd_call`, `dq_call` and `dkv_call` with a
+`CallConfig`); padded keys are masked, padded query rows are computed and dropped (their
+cotangents are zero).
 
 Non-finite values (docs/attention.md): each kernel runs as two launches. The fast launch
 computes every program as above and marks those whose result is not finite (forward: lse =
@@ -35,22 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-NEG_INF = -1e30  # finite "minus infinity" for masked logits (keeps exp2(m_old - m_new) finite)
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MAX_HEAD_DIM = 256
+from pallas_kernels.common import (LOG2E, NEG_INF, compiler_params, dot, finite, fp16_values,
+                                   iota, nonfinite)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -82,7 +76,7 @@ class BlockSizes:
   # by a power of two so that max|v| < 2^15 (exact; undone on the output); |r.k| must stay
   # below 65504 (fp16 range).
   fp16_p2: bool = True
-  # Forward on Hopper through the Mosaic GPU kernel (`parallax_mgpu`: TMA, wgmma, two
+  # Forward on Hopper through the Mosaic GPU kernel (`attention_mgpu`: TMA, wgmma, two
   # ping-ponged consumer warpgroups) where it supports the call (no window,
   # aligned lengths); else, and in interpret mode, the Triton forward. Same residuals, so the
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
@@ -96,7 +90,7 @@ class BlockSizes:
 
 
 # Heuristic table: (head_dim bucket, parallax?) -> BlockSizes, for Hopper-class GPUs.
-# Picked per kernel from the CUPTI block sweeps of bench/attention_train.py on an H100
+# Picked per kernel from the CUPTI block sweeps of `bench/attention.py train` on an H100
 # (B=4, L=4096, Hq=16, Hkv=8, causal, bf16; bench/results/attention_train.md, NOTES.md).
 # The 256 entries are unmeasured guesses. Override with `block_sizes=`.
 _TABLE: dict[tuple[int, bool], BlockSizes] = {
@@ -126,19 +120,12 @@ def default_block_sizes(head_dim: int, parallax: bool = True, dtype=None) -> Blo
   return _TABLE[(d, parallax)]
 
 
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class CallConfig:
+  """What the kernels of one call take as static: lengths, padding, heads, masks, tiles."""
   T: int  # real query length
   S: int  # real key length
   Tp: int  # padded
@@ -164,7 +151,7 @@ class _Cfg:
     return self.S - self.T
 
 
-def _visible(qi, kj, cfg: _Cfg, qseg=None, kseg=None):
+def _visible(qi, kj, cfg: CallConfig, qseg=None, kseg=None):
   """Mask for query indices qi and key indices kj (broadcast against each other)."""
   pos = qi + cfg.offset
   m = kj < cfg.S
@@ -188,7 +175,7 @@ def _clip(x, lo, hi):
   return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
+def _kv_tiles(qs, bq: int, bk: int, cfg: CallConfig):
   """K/V tile ranges for query rows [qs, qs + bq).
 
   Returns (lo, mid_lo, mid_hi, hi): tiles [lo, hi) hold visible keys; tiles in
@@ -226,7 +213,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: _Cfg):
   return lo, mid_lo, mid_hi, hi
 
 
-def _q_tiles(ks, bk: int, bq: int, cfg: _Cfg):
+def _q_tiles(ks, bk: int, bq: int, cfg: CallConfig):
   """Query tile ranges for key rows [ks, ks + bk) (see `_kv_tiles`); rows >= T are skipped."""
   off, W = cfg.offset, cfg.window
   zero = jnp.int32(0)
@@ -312,46 +299,19 @@ def _with_seg_ranges(ranges, srng_ref):
   return lo, mid_lo, mid_hi, hi
 
 
-def _dot(a, b, trans_b=False):
-  """a @ b (or a @ b.T) with fp32 accumulation. fp32 inputs follow
-  `jax_default_matmul_precision` like an XLA dot: the default lowers to TF32, 'highest' (as
-  the tests set it) to an IEEE fp32 dot. Every kernel casts its operands to the input dtype,
-  so only all-fp32 calls reach this case."""
-  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _iota(n, axis, ndim=2):
-  shape = [1] * ndim
-  shape[axis] = n
-  return lax.broadcasted_iota(jnp.int32, tuple(shape), axis)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
-def _qtile(i, cfg: _Cfg, bq: int):
+def _qtile(i, cfg: CallConfig, bq: int):
   """Query tile of grid index i: with causal masks the heaviest (last) tiles launch first."""
   return cfg.Tp // bq - 1 - i if cfg.causal else i
-
-
-def _nonfinite(x):
-  """1.0 where x is not finite, else 0.0 (f32); reduced with max, which on the GPU ignores
-  NaN operands (maxnumf), so the indicator, never x itself, is what gets reduced."""
-  return jnp.where(jnp.isfinite(x), 0.0, 1.0)
 
 
 def _worst(x):
   """f32 scalar: 1.0 if some entry of the 2-D x is not finite, else 0.0. Axis by axis: a
   one-step reduction of a 2-D block to a scalar fails to lower under an explicit-sharding
   mesh (jax 0.11.2)."""
-  return jnp.max(jnp.max(_nonfinite(x), axis=1), axis=0)
-
-
-def _any_nonfinite(*xs):
-  """Scalar bool: some entry of some 2-D x is not finite (two reductions per tensor, once
-  per program: the decode kernel's gate of its careful path)."""
-  return functools.reduce(jnp.maximum, [_worst(x) for x in xs]) > 0.0
+  return jnp.max(jnp.max(nonfinite(x), axis=1), axis=0)
 
 
 def _flag(*xs):
@@ -360,23 +320,8 @@ def _flag(*xs):
   return functools.reduce(jnp.maximum, [_worst(x) for x in xs])
 
 
-def _finite(x):
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-
-
-def _rewrite(cfg_interpret: bool, write, compute):
-  """write(compute()) over what the fast pass wrote: a barrier first, so every thread's
-  earlier stores land before any thread's new ones (the two stores of an element may come
-  from different threads)."""
-  def go():
-    if not cfg_interpret:
-      plgpu.debug_barrier()
-    write(compute())
-  return go
-
-
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
-                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: _Cfg, bq: int, bk: int,
+                o_ref, lse_ref, tbar_ref, vbar_ref, *, cfg: CallConfig, bq: int, bk: int,
                 fixup: bool = False, careful_only: bool = False, pids=None):
   """One query tile. Non-finite inputs (docs/attention.md) take two launches.
 
@@ -421,33 +366,33 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     ks = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
-    s = _dot(q, k, trans_b=True) * scale
+    s = dot(q, k, trans_b=True) * scale
     if masked:
       kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
-      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+      mask = _visible(qs + iota(bq, 0), ks + iota(bk, 1), cfg,
                       None if qseg is None else qseg[:, None],
                       None if kseg is None else kseg[None, :])
       s = jnp.where(mask, s, NEG_INF)
     if careful:
-      bad_v = jnp.max(_nonfinite(v), axis=1)[None, :]          # [1, bk]
+      bad_v = jnp.max(nonfinite(v), axis=1)[None, :]           # [1, bk]
       flag = jnp.maximum(flag, jnp.max(jnp.where(mask, bad_v, 0.0), axis=1))
-      v = _finite(v)
+      v = finite(v)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     if masked:
       p = jnp.where(mask, p, 0.0)
     d1 = d1 * alpha + jnp.sum(p, axis=1)
-    o1 = o1 * alpha[:, None] + _dot(p.astype(dt), v)
+    o1 = o1 * alpha[:, None] + dot(p.astype(dt), v)
     if not cfg.has_r:
       out = (m_new, d1, o1)
     else:
-      t = _dot(r, k, trans_b=True)
+      t = dot(r, k, trans_b=True)
       p2 = p * t
       if careful:
         p2 = jnp.where(mask, p2, 0.0)
       d2 = d2 * alpha + jnp.sum(p2, axis=1)
-      o2 = o2 * alpha[:, None] + _dot(p2.astype(dt), v)
+      o2 = o2 * alpha[:, None] + dot(p2.astype(dt), v)
       out = (m_new, d1, o1, d2, o2)
     return out + (flag,) if careful else out
 
@@ -476,9 +421,9 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
       o = vbar
     lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
     if flag is None:   # fast pass: mark rows with a non-finite output for the fixup launch
-      lse = jnp.where(jnp.max(_nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
+      lse = jnp.where(jnp.max(nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
     else:
-      dead = jnp.maximum(flag, jnp.max(_nonfinite(o), axis=1)) > 0.0
+      dead = jnp.maximum(flag, jnp.max(nonfinite(o), axis=1)) > 0.0
       o = jnp.where(dead[:, None], jnp.nan, o)
       lse = jnp.where(dead, jnp.inf, lse)
       tbar = jnp.where(dead, 0.0, tbar)
@@ -506,32 +451,20 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     write(finish(_loop3(ranges, body, init)))
 
 
-def _compiler_params(num_warps, num_stages):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _fp16_values(v):
-  """v as fp16 scaled by 2^-e (e >= 0) so that max|v| < 2^15, and 2^e (fp32 scalar)."""
-  # finite entries only: one NaN or inf must not rescale (and so poison) every value
-  vmax = jnp.max(jnp.where(jnp.isfinite(v), jnp.abs(v), 0)).astype(jnp.float32)
-  e = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(vmax, 1e-30))) - 14.0, 0.0)
-  return (v.astype(jnp.float32) * jnp.exp2(-e)).astype(jnp.float16), jnp.exp2(e)
-
-
-def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
-              fast=False):
+def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=None,
+             fast=False):
   """(o, lse, tbar, vbar) of the Triton forward: the fast launch, then the fixup launch that
   repairs the tiles it marked (see `_fwd_kernel`). fast: the fast launch only (rows whose
   output is not finite have lse = NaN). fixup: (o, lse, tbar, vbar) of a fast forward
   (this one's or the Mosaic GPU kernel's) to repair in place: the fixup launch only.
-  v_fp16: (v as fp16, its scale) from `_fp16_values`, if already made."""
+  v_fp16: (v as fp16, its scale) from `fp16_values`, if already made."""
   if fixup is None and not fast:
     if cfg.fp16_pv and v_fp16 is None:
-      v_fp16 = _fp16_values(v)   # one conversion for both launches
-    outs = _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
-    return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
+      v_fp16 = fp16_values(v)    # one conversion for both launches
+    outs = fwd_call(cfg, q, k, v, r, scale, qseg, kseg, v_fp16=v_fp16, fast=True)
+    return fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fixup=outs, v_fp16=v_fp16)
   if cfg.fp16_pv:
-    v, vmul = _fp16_values(v) if v_fp16 is None else v_fp16
+    v, vmul = fp16_values(v) if v_fp16 is None else v_fp16
     scale = jnp.concatenate([scale, vmul[None]])
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -579,7 +512,7 @@ def _fwd_call(cfg: _Cfg, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp16=No
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases,
-      compiler_params=_compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
+      compiler_params=compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
       interpret=cfg.interpret, name=f"{kind}_fwd_fixup" if fixup is not None else f"{kind}_fwd",
   )(*args)
   if cfg.has_r:
@@ -604,7 +537,7 @@ def _flag_spec(grid_tile):
 
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref, qseg_ref,
                kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
-               dr_ref, qdq_ref, *, cfg: _Cfg, bq: int, bk: int, fixup: bool = False,
+               dr_ref, qdq_ref, *, cfg: CallConfig, bq: int, bk: int, fixup: bool = False,
                careful: bool = False, pids=None):
   """dq (and dr) of one query tile. Rows the forward wrote as dead (lse = +inf: a NaN row,
   or one without keys) send nothing back: their dq, dr are zero and their delta, gbar
@@ -644,7 +577,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
     # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv;
     # zero on dead rows (their o is NaN, their do anything), where dk/dv weigh them by 0
     delta_row = jnp.where(
-        live_row, jnp.sum(do32 * _finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
+        live_row, jnp.sum(do32 * finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
     delta_ref[...] = delta_row
     if cfg.has_r:
       gbar_row = jnp.where(
@@ -667,29 +600,29 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
     k = k_ref[pl.ds(ks, bk), :]
     v = v_ref[pl.ds(ks, bk), :]
     if cm:
-      k = _finite(k)
-    a = jnp.exp2(_dot(q, k, trans_b=True) * scale - lse)
+      k = finite(k)
+    a = jnp.exp2(dot(q, k, trans_b=True) * scale - lse)
     if masked:
       kseg = kseg_ref[pl.ds(ks, bk)] if cfg.has_seg else None
-      mask = _visible(qs + _iota(bq, 0), ks + _iota(bk, 1), cfg,
+      mask = _visible(qs + iota(bq, 0), ks + iota(bk, 1), cfg,
                       None if qseg is None else qseg[:, None],
                       None if kseg is None else kseg[None, :])
       a = jnp.where(mask, a, 0.0)
-    g = _dot(do, v, trans_b=True)
+    g = dot(do, v, trans_b=True)
     if cfg.has_r:
       dq, dr = carry
-      t = _dot(r, k, trans_b=True)
+      t = dot(r, k, trans_b=True)
       dtt = a * (gbar - g)
       if cm:
         dtt = jnp.where(mask, dtt, 0.0)
-      dr = dr + _dot(dtt.astype(dt), k)
+      dr = dr + dot(dtt.astype(dt), k)
       ds = a * gmd - dtt * (tbar1 - t)
     else:
       dq = carry
       ds = a * (g - delta)
     if cm:
       ds = jnp.where(mask, ds, 0.0)
-    dq = dq + _dot(ds.astype(dt), k)
+    dq = dq + dot(ds.astype(dt), k)
     return (dq, dr) if cfg.has_r else dq
 
   zacc = jnp.zeros((bq, D), jnp.float32)
@@ -702,13 +635,13 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
   if cfg.has_r:
     dr_ref[...] = carry[1].astype(dr_ref.dtype)
   if cfg.need_dscale:
-    qdq_ref[...] = jnp.sum(_finite(q.astype(jnp.float32)) * dq, axis=1)
+    qdq_ref[...] = jnp.sum(finite(q.astype(jnp.float32)) * dq, axis=1)
   if not careful:
     flag_ref[...] = _flag(*carry)
 
 
-def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
-             fast=False, fixup=None):
+def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
+            fast=False, fixup=None):
   """(dq, dr, delta, gbar, qdq) of the dq/dr kernel: the fast launch, then the fixup launch
   on the programs it marked (see `_dq_kernel`). fast: the fast launch only, its flags
   [B, Hq, q tiles] appended to the result. fixup: such a fast result (with its flags) to
@@ -735,7 +668,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *
   args = [scale, q, k, v, r, do, lse, tbar, qseg, kseg, srng]
   n_args = len(args)
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
-  params = _compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
+  params = compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
   kind = "parallax" if pr else "softmax"
   # the outputs the fixup launch rewrites: dq, dr, qdq
   fix_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -785,7 +718,7 @@ def _dq_call(cfg: _Cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *
 
 def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref, tbar_ref,
                 gbar_ref, qseg_ref, kseg_ref, srng_ref, flag_ref, dk_ref, dv_ref, *,
-                cfg: _Cfg, bq: int, bk: int, fixup: bool = False, careful: bool = False,
+                cfg: CallConfig, bq: int, bk: int, fixup: bool = False, careful: bool = False,
                 pids=None):
   """dk, dv of one key tile, summed over the GQA group. Dead rows (lse = +inf) have zero
   weights (their delta, gbar are zero).
@@ -809,7 +742,7 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
   k = k_ref[...]
   v = v_ref[...]
   if careful:
-    k, v = _finite(k), _finite(v)
+    k, v = finite(k), finite(v)
   kseg = kseg_ref[...] if cfg.has_seg else None
   D = k.shape[-1]
   dt = k.dtype
@@ -826,33 +759,33 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
       q = q_ref[pl.ds(qs, bq), h, :]
       do = do_ref[pl.ds(qs, bq), h, :]
       if careful:
-        q, do = _finite(q), _finite(do)
+        q, do = finite(q), finite(do)
       lse = lse_ref[h, pl.ds(qs, bq)][None, :]
       delta = delta_ref[h, pl.ds(qs, bq)][None, :]
-      a = jnp.exp2(_dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
+      a = jnp.exp2(dot(k, q, trans_b=True) * scale - lse)  # [bk, bq]
       if masked:
         qseg = qseg_ref[pl.ds(qs, bq)] if cfg.has_seg else None
-        mask = _visible(qs + _iota(bq, 1), ks + _iota(bk, 0), cfg,
+        mask = _visible(qs + iota(bq, 1), ks + iota(bk, 0), cfg,
                         None if qseg is None else qseg[None, :],
                         None if kseg is None else kseg[:, None])
         a = jnp.where(mask, a, 0.0)
       keep = (lambda x: jnp.where(mask, x, 0.0)) if careful and masked else (lambda x: x)
-      gt = _dot(v, do, trans_b=True)  # [bk, bq]
+      gt = dot(v, do, trans_b=True)  # [bk, bq]
       if cfg.has_r:
         r = r_ref[pl.ds(qs, bq), h, :]
         if careful:
-          r = _finite(r)
+          r = finite(r)
         tbar1 = 1.0 + tbar_ref[h, pl.ds(qs, bq)][None, :]
         gbar = gbar_ref[h, pl.ds(qs, bq)][None, :]
-        c = tbar1 - _dot(k, r, trans_b=True)
+        c = tbar1 - dot(k, r, trans_b=True)
         dtt = keep(a * (gbar - gt))
         ds = keep(a * (gbar - delta) - dtt * c)
-        dv = dv + _dot(keep(a * c).astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q) + _dot(dtt.astype(dt), r)
+        dv = dv + dot(keep(a * c).astype(dt), do)
+        dk = dk + dot((ds * scale_raw).astype(dt), q) + dot(dtt.astype(dt), r)
       else:
         ds = keep(a * (gt - delta))
-        dv = dv + _dot(a.astype(dt), do)
-        dk = dk + _dot((ds * scale_raw).astype(dt), q)
+        dv = dv + dot(a.astype(dt), do)
+        dk = dk + dot((ds * scale_raw).astype(dt), q)
       return dk, dv
 
     return _loop3(ranges, body, carry)
@@ -865,8 +798,8 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
     flag_ref[...] = _flag(dk, dv)
 
 
-def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
-              fast=False, fixup=None):
+def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
+             fast=False, fixup=None):
   """(dk, dv) of the dk/dv kernel: the fast launch, then the fixup launch on the programs it
   marked (see `_dkv_kernel`). fast: the fast launch only, its flags [B, Hkv, key tiles]
   appended to the result. fixup: such a fast result (dk, dv, flags) to repair in place: the
@@ -893,7 +826,7 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
   args = [scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [kv_spec, kv_spec]
-  params = _compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
+  params = compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
   kind = "parallax" if pr else "softmax"
   n_args = len(args)
 
@@ -924,165 +857,3 @@ def _dkv_call(cfg: _Cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, ks
       compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dkv_fixup",
   )(*args, flags, dk, dv)
   return dk, dv
-
-
-# ----------------------------------------------------------------------------- custom_vjp
-
-ATTN_RESIDUALS = "attn_residuals"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, r, scale, qseg, kseg):
-  return _forward(cfg, q, k, v, r, scale, qseg, kseg)[0]
-
-
-def _forward(cfg, q, k, v, r, scale, qseg, kseg):
-  if cfg.blocks.mosaic_forward and not cfg.interpret:
-    from pallas_kernels import parallax_mgpu  # lazy: it imports this module
-    return parallax_mgpu.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
-  return _fwd_call(cfg, q, k, v, r, scale, qseg, kseg)
-
-
-def _flash_fwd(cfg, q, k, v, r, scale, qseg, kseg):
-  # symbolic_zeros=True: primals arrive wrapped with a `perturbed` flag; dscale is only
-  # computed when the scale array is being differentiated.
-  need_dscale = cfg.need_dscale and scale.perturbed
-  q, k, v, r, scale, qseg, kseg = (
-      None if x is None else x.value for x in (q, k, v, r, scale, qseg, kseg))
-  o, lse, tbar, vbar = _forward(cfg, q, k, v, r, scale, qseg, kseg)
-  # Named so a remat policy can keep them (`save_only_these_names(ATTN_RESIDUALS)`): without
-  # it, a rematerialised layer reruns this forward kernel in its backward pass.
-  o, lse, tbar, vbar = (checkpoint_name(x, ATTN_RESIDUALS) for x in (o, lse, tbar, vbar))
-  flag = jnp.zeros((0,), jnp.float32) if need_dscale else None
-  return o, (q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag)
-
-
-def _flash_bwd(cfg, res, do):
-  q, k, v, r, scale, qseg, kseg, o, lse, tbar, vbar, flag = res
-  cfg = dataclasses.replace(cfg, need_dscale=flag is not None)
-  if isinstance(do, jax.custom_derivatives.SymbolicZero):
-    do = jnp.zeros(o.shape, o.dtype)
-  do = do.astype(q.dtype)
-  dq, dr, delta, gbar, qdq = _dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg,
-                                      kseg)
-  dk, dv = _dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
-  if cfg.need_dscale:
-    dscale = jnp.sum(qdq, axis=(0, 2))
-  else:
-    dscale = jnp.zeros_like(scale)
-  return dq, dk, dv, dr, dscale, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def is_supported(q, k, v, r=None, *, window=None, q_segment_ids=None, kv_segment_ids=None,
-                 interpret=False, platform=None) -> tuple[bool, str]:
-  """(True, "") if `parallax_flash_attention` can run these inputs, else (False, reason).
-
-  Accepts arrays or jax.ShapeDtypeStruct. `platform` defaults to the default backend; the
-  kernel runs on "gpu"/"cuda" (or anywhere with interpret=True).
-  """
-  try:
-    _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  except ValueError as e:
-    return False, str(e)
-  if not interpret:
-    platform = platform or jax.default_backend()
-    if platform not in ("gpu", "cuda", "rocm"):
-      return False, f"the Pallas Triton kernel needs a GPU (platform is {platform!r})"
-  return True, ""
-
-
-def _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"expected [B, L, H, D] inputs, got {q.shape=}, {k.shape=}, {v.shape=}")
-  B, T, Hq, D = q.shape
-  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-    raise ValueError(f"k and v must be [B, S, Hkv, {D}], got {k.shape=}, {v.shape=}")
-  if r is not None and r.shape != q.shape:
-    raise ValueError(f"r must have q's shape {q.shape}, got {r.shape}")
-  Hkv = k.shape[2]
-  if Hq % Hkv:
-    raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-  if D > MAX_HEAD_DIM:
-    raise ValueError(f"head_dim {D} > {MAX_HEAD_DIM} is not supported")
-  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
-  if len(dts) != 1 or next(iter(dts)) not in SUPPORTED_DTYPES:
-    raise ValueError(f"q, k, v, r must share one dtype among float32/bfloat16/float16, got {dts}")
-  if window is not None and int(window) < 1:
-    raise ValueError(f"window must be >= 1, got {window}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-  if q_segment_ids is not None:
-    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, k.shape[1]):
-      raise ValueError(f"segment ids must be [B, T] and [B, S], got {q_segment_ids.shape}, "
-                       f"{kv_segment_ids.shape}")
-
-
-def _pad(x, axis, new, value=0):
-  if x is None or x.shape[axis] == new:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, new - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def _fit_blocks(bs: BlockSizes, T: int, S: int) -> BlockSizes:
-  """Shrink tiles that are larger than the sequence (keeping powers of two >= 16)."""
-  tq = max(16, _next_pow2(T))
-  tk = max(16, _next_pow2(S))
-  return dataclasses.replace(
-      bs, block_q=min(bs.block_q, tq), block_k=min(bs.block_k, tk),
-      block_q_dq=min(bs.block_q_dq, tq), block_k_dq=min(bs.block_k_dq, tk),
-      block_q_dkv=min(bs.block_q_dkv, tq), block_k_dkv=min(bs.block_k_dkv, tk))
-
-
-def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None,
-                             q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
-                             interpret=False):
-  """Fused Parallax attention (softmax attention when r is None), differentiable.
-
-  q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (Hq a multiple of Hkv; q-head h reads kv-head
-  h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
-  0 meaning uniform weights; an array scale gets a cotangent. causal: end-aligned (query i
-  sees keys j <= S - T + i). window: keep keys with j > S - T + i - window (and
-  j < S - T + i + window without causal). q_segment_ids [B, T], kv_segment_ids [B, S]: int
-  ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, D] in
-  q's dtype. block_sizes: `BlockSizes` override (default: heuristic table).
-  """
-  _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  B, T, Hq, D = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
-  if isinstance(scale, (int, float, np.floating, np.integer)):
-    need_dscale = False
-    scale_arr = jnp.full((Hq,), float(scale), jnp.float32)
-  else:
-    need_dscale = True
-    scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  Dp = max(16, _next_pow2(D))
-  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None,
-                                                                         q.dtype)
-  bs = _fit_blocks(bs, T, S)
-  Tp = _round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
-  Sp = _round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-  has_seg = q_segment_ids is not None
-  cfg = _Cfg(T=T, S=S, Tp=Tp, Sp=Sp, D=Dp, Hq=Hq, Hkv=Hkv, causal=bool(causal),
-             window=None if window is None else int(window), has_r=r is not None,
-             has_seg=has_seg, need_dscale=need_dscale, blocks=bs, interpret=bool(interpret),
-             fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2))
-  qp = _pad(_pad(q, 1, Tp), 3, Dp)
-  rp = None if r is None else _pad(_pad(r, 1, Tp), 3, Dp)
-  kp = _pad(_pad(k, 1, Sp), 3, Dp)
-  vp = _pad(_pad(v, 1, Sp), 3, Dp)
-  qseg = kseg = None
-  if has_seg:
-    qseg = _pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
-    kseg = _pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
-  o = _flash(cfg, qp, kp, vp, rp, scale_arr, qseg, kseg)
-  if Tp != T or Dp != D:
-    o = o[:, :T, :, :D]
-  return o

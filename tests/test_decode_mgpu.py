@@ -6,7 +6,8 @@ windows; splits; GQA ratios 1-8; bf16 / fp16; head_dim 64 / 128). Interpreter ga
 0.11.2): no wgmma with a register LHS and no `inline_mgpu`, so there the P V product runs as
 a plain dot and the tile's row-half pick as array ops (`_row_half`); the
 lowering tests below build both for CUDA on an abstract H100, and the GPU tests run them.
-GPU (`-m gpu`, Hopper): compiled kernel against the reference and the Triton kernel.
+GPU (`-m gpu`, Hopper): compiled kernel against the reference and the Triton kernel
+(`TestDecodeMgpu`; `TestDecodeMgpuInterpret` is the interpreter's run of the same test).
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode as dk
 from pallas_kernels import decode_mgpu as dm
-from tests.test_pallas_decode import TOL, poison_tail
-from tests.test_pallas_mgpu import _mosaic_modules, has_hopper
+from pallas_kernels import decode_triton as dk
+from tests.kernels import has_hopper, interpret_params, lower_h100, mosaic_modules
+from tests.test_decode_triton import TOL, poison_tail
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -65,11 +66,6 @@ def run(c: Case, interpret):
   return o, err
 
 
-def interpret_params(races=False):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu.InterpretGPUParams(detect_races=races)
-
-
 _UNPACKED = dm.DecodeConfig(num_stages=2, num_splits=1, pack_qr=False)
 CASES = {
     "gqa2_packed": Case(),
@@ -105,9 +101,48 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_interpret_matches_reference(name):
-  run(CASES[name], interpret_params())
+def _gpu_case(B, Hq, Hkv, S, D, splits, window, pack, consumers):
+  lengths = tuple(int(x) for x in np.linspace(max(1, S // 3), S, B).round())
+  return Case(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, lengths=lengths, window=window,
+              config=dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
+                                     num_stages=4 if consumers > 1 else 3))
+
+
+# compiled (Hopper): every shape with packed / unpacked Q and R rows and two consumers
+GPU_CASES = {
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_splits{splits}_window{window}_"
+    f"{'packed' if pack else 'unpacked'}_{consumers}wg":
+        _gpu_case(B, Hq, Hkv, S, D, splits, window, pack, consumers)
+    for B, Hq, Hkv, S, D, splits, window in [
+        (1, 16, 8, 8192, 128, None, None), (8, 16, 8, 1024, 128, None, 300),
+        (64, 16, 8, 1000, 128, None, None), (4, 8, 8, 4096, 64, None, None),
+        (2, 32, 4, 776, 128, 3, None)]
+    for pack, consumers in [(True, 1), (False, 1), (True, 2)]
+}
+
+
+class TestDecodeMgpu:
+  """The kernel against the dense reference, compiled on a Hopper GPU, and there against the
+  Triton kernel as well."""
+  INTERPRET = False
+  NEEDS = "hopper"
+  CASES = GPU_CASES
+
+  def test_matches_reference(self, name):
+    c = self.CASES[name]
+    o, _ = run(c, interpret_params() if self.INTERPRET else None)
+    if not self.INTERPRET:
+      q, k, v, r = inputs(c)
+      t = dk.parallax_decode(q, k, v, r, scale=1.0 / np.sqrt(c.D),
+                             lengths=jnp.asarray(c.lengths, jnp.int32), window=c.window)
+      t = np.asarray(t, np.float32)
+      assert np.max(np.abs(o - t)) / np.max(np.abs(t)) <= TOL[c.dtype]
+
+
+class TestDecodeMgpuInterpret(TestDecodeMgpu):
+  """The same in the Mosaic GPU interpreter, on the CPU cases (reference only)."""
+  INTERPRET = True
+  CASES = CASES
 
 
 @pytest.mark.parametrize("consumers", [1, 2])
@@ -168,8 +203,6 @@ def test_supported_and_errors():
 
 
 def _lower(B, Hq, Hkv, S, D, parallax, config):
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   q = jax.ShapeDtypeStruct((B, Hq, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.bfloat16)
   ln = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -177,9 +210,7 @@ def _lower(B, Hq, Hkv, S, D, parallax, config):
   def f(q, k, v, r, ln):
     return dm.parallax_decode_mgpu(q, k, v, r, scale=0.125, lengths=ln, config=config)
 
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(f).trace(q, kv, kv, q if parallax else None, ln).lower(
-        lowering_platforms=("cuda",))
+  return lower_h100(f, q, kv, kv, q if parallax else None, ln)
 
 
 @pytest.mark.parametrize("D,parallax,pack,splits,consumers,S", [
@@ -193,7 +224,7 @@ def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers, S):
   split and SMEM hand-over); PTX -> SASS runs only on the GPU."""
   cfg = dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
                         num_stages=2 * consumers if consumers > 1 else 3)
-  mods = _mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, S, D, parallax, cfg))
+  mods = mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, S, D, parallax, cfg))
   assert len(mods) == 1
   ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
   assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % cfg.block_kv in ops  # S
@@ -227,17 +258,15 @@ def test_softmax_runs_once_per_real_row(pack):
   """The row-half pick leaves one exp2 per S1 value of the q rows: a thread's 64-key tile
   has 16 values per 8-row half (+ 2 for the running max's rescale), not 32 + 2."""
   cfg = dm.DecodeConfig(pack_qr=pack, num_splits=16)
-  (mod,) = _mosaic_modules(_lower(1, 16, 8, 8192, 128, True, cfg))
+  (mod,) = mosaic_modules(_lower(1, 16, 8, 8192, 128, True, cfg))
   n = _ops_after_cse(mod, ["ex2.approx", "arith.truncf"])
   assert n["ex2.approx"] == cfg.block_kv // 4 + 2, n
   assert n["arith.truncf"] == cfg.block_kv // 4, n   # hi(P2) and the P V operand, once each
 
 
 def test_one_module_across_call_sites():
-  """Three calls, one Mosaic module (the jit boundary around the kernel, as parallax_mgpu)."""
+  """Three calls, one Mosaic module (the jit boundary around the kernel, as attention_mgpu)."""
   cfg = dm.DecodeConfig(num_splits=1)
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
   q = jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((4, 1024, 8, 128), jnp.bfloat16)
   ln = jax.ShapeDtypeStruct((4,), jnp.int32)
@@ -248,38 +277,13 @@ def test_one_module_across_call_sites():
       o = dm.parallax_decode_mgpu(o * 2, k, v, q, scale=0.1, lengths=ln, config=cfg)
     return o
 
-  with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(f).trace(q, kv, kv, ln).lower(lowering_platforms=("cuda",))
-  assert len(_mosaic_modules(lowered)) == 1
+  assert len(mosaic_modules(lower_h100(f, q, kv, kv, ln))) == 1
 
 
 # ----------------------------------------------------------------------------- GPU
 
-gpu = pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
-
-
 @pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("pack,consumers", [(True, 1), (False, 1), (True, 2)])
-@pytest.mark.parametrize("B,Hq,Hkv,S,D,splits,window", [
-    (1, 16, 8, 8192, 128, None, None), (8, 16, 8, 1024, 128, None, 300),
-    (64, 16, 8, 1000, 128, None, None), (4, 8, 8, 4096, 64, None, None),
-    (2, 32, 4, 776, 128, 3, None)])
-def test_gpu_matches_reference_and_triton(pack, consumers, B, Hq, Hkv, S, D, splits, window):
-  lengths = tuple(int(x) for x in np.linspace(max(1, S // 3), S, B).round())
-  c = Case(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, lengths=lengths, window=window,
-           config=dm.DecodeConfig(pack_qr=pack, num_splits=splits, num_consumers=consumers,
-                                  num_stages=4 if consumers > 1 else 3))
-  o, err = run(c, None)
-  q, k, v, r = inputs(c)
-  t = dk.parallax_decode(q, k, v, r, scale=1.0 / np.sqrt(D),
-                         lengths=jnp.asarray(lengths, jnp.int32), window=window)
-  t = np.asarray(t, np.float32)
-  assert np.max(np.abs(o - t)) / np.max(np.abs(t)) <= TOL[c.dtype]
-
-
-@pytest.mark.gpu
-@gpu
+@pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_softmax_and_dtypes(dtype):
   run(Case(B=8, Hq=16, Hkv=8, S=2048, D=128, dtype=dtype, parallax=False,
