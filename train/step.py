@@ -152,9 +152,6 @@ class Trainer:
     nll, zsq, n = token_losses(logits, mb["targets"], mb["segment_ids"] != 0)
     return nll + self.cfg.optimizer.z_loss * zsq, (nll, zsq, n)
 
-  def lr_schedule(self, step):
-    return self.cfg.optimizer.lr * self.unit_schedule(step)
-
   def _train_step_impl(self, state, batch, peak_lr):
     params = state["params"]
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
