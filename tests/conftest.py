@@ -80,10 +80,14 @@ def compile_cache(shared_compile_cache):
 
 def pytest_generate_tests(metafunc):
   """A kernel test class's `name` runs over the class's own `CASES` (tests/kernels.py): the
-  compiled class and its interpret-mode subclass each bring their table."""
+  compiled class and its interpret-mode subclass each bring their table; where the class
+  names `CI_CASES`, the other cases are `slow`."""
   cls = metafunc.cls
   if "name" in metafunc.fixturenames and hasattr(cls, "INTERPRET") and hasattr(cls, "CASES"):
-    metafunc.parametrize("name", list(cls.CASES))
+    from tests.kernels import ci_subset
+    keep = getattr(cls, "CI_CASES", None)
+    names = list(cls.CASES)
+    metafunc.parametrize("name", names if keep is None else ci_subset(names, keep))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

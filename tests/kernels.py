@@ -4,14 +4,17 @@ CUDA on an abstract H100 (no GPU needed) and the kernels of a lowered module.
 Compiled and interpret-mode runs of one test share a class (as jax's
 tests/pallas/gpu_ops_test.py): the class runs the kernels compiled (`INTERPRET = False`, the
 device it needs in `NEEDS`) and a subclass with `INTERPRET = True` reruns its tests in
-interpret mode. tests/conftest.py parametrises a class's `name` over its own `CASES` and marks
-the compiled class's tests `gpu`, skipping them without the device.
+interpret mode. tests/conftest.py parametrises a class's `name` over its own `CASES` (those
+outside its `CI_CASES`, where it names some, marked slow) and marks the compiled class's tests
+`gpu`, skipping them without the device.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
+import pytest
 
 
 @functools.cache
@@ -30,6 +33,25 @@ def has_hopper() -> bool:
 
 
 DEVICES = {"gpu": (has_gpu, "needs a CUDA GPU"), "hopper": (has_hopper, "needs a Hopper GPU")}
+
+
+def ci_subset(names, keep):
+  """The cases, those outside `keep` marked slow: CI runs a few that cover every kind and
+  dtype; `-m slow` (or no -m) runs the rest."""
+  assert set(keep) <= set(names), set(keep) - set(names)
+  return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+def checkerboard(names: str, *axes):
+  """The cases of a grid, those whose axis indices sum to an odd number marked slow: CI runs
+  half of the grid, with every value of every axis; `-m slow` (or no -m) runs the rest."""
+  out = []
+  for idx in itertools.product(*(range(len(a)) for a in axes)):
+    vals = [a[i] for a, i in zip(axes, idx)]
+    flat = [x for v in vals for x in (v if isinstance(v, tuple) else (v,))]
+    marks = [pytest.mark.slow] if sum(idx) % 2 else []
+    out.append(pytest.param(*flat, marks=marks, id="-".join(str(getattr(x, "__name__", x)) for x in flat)))
+  return pytest.mark.parametrize(names, out)
 
 
 def interpret_params(races=False):

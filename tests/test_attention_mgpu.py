@@ -244,9 +244,17 @@ class TestMgpuForward:
 
 
 class TestMgpuForwardInterpret(TestMgpuForward):
-  """The same in the Mosaic GPU interpreter (some cases with its race detector)."""
+  """The same in the Mosaic GPU interpreter (some cases with its race detector); CI runs the
+  cases that keep every dtype, member, mask, segment kind, stage count and wait scheme."""
   INTERPRET = True
   CASES = CASES
+  CI_CASES = ["bf16_parallax_causal_d128", "bf16_parallax_noncausal_d128",
+              "fp16_parallax_causal_T<S_d128_3stages",
+              "bf16_parallax_causal_d64_bkv64_arrayscale_races",
+              "fp16_softmax_noncausal_d128_B2", "bf16_parallax_bf16_pv",
+              "bf16_parallax_causal_joint_waits_232regs",
+              "fp16_softmax_causal_packed_segments_d64",
+              "bf16_parallax_noncausal_cross_segments_T<S"]
 
 
 def _triton_cfg(q, k, r, causal, interpret):

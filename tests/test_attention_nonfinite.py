@@ -24,7 +24,7 @@ import pytest
 from pallas_kernels import BlockSizes, attention, common, parallax_flash_attention
 from pallas_kernels import attention_triton as tr
 from parallax_jax import masks
-from tests.kernels import lower_h100, triton_modules, verify_triton_modules
+from tests.kernels import ci_subset, lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -108,13 +108,6 @@ def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
 
 def f32(x):
   return np.asarray(x, np.float32)
-
-
-def ci_subset(names, keep):
-  """The cases, those outside `keep` marked slow: CI runs a few that cover every kind and
-  dtype; `-m slow` (or no -m) runs the rest."""
-  assert set(keep) <= set(names)
-  return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def same(a, b):

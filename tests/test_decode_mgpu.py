@@ -140,9 +140,14 @@ class TestDecodeMgpu:
 
 
 class TestDecodeMgpuInterpret(TestDecodeMgpu):
-  """The same in the Mosaic GPU interpreter, on the CPU cases (reference only)."""
+  """The same in the Mosaic GPU interpreter, on the CPU cases (reference only); CI runs the
+  cases that keep packing, splits, windows, stage counts, consumers, dtypes and GQA 1-8."""
   INTERPRET = True
   CASES = CASES
+  CI_CASES = ["gqa2_packed", "gqa2_unpacked_3stages", "softmax_splits_zero_length",
+              "mha_lengths_0_1_64_rows_padded", "gqa8_fp16_d128_window_splits",
+              "gqa4_cache_under_one_tile", "bk128_splits2", "2wg_packed_lengths_1_200",
+              "2wg_splits3_window", "2wg_unpacked_softmax_zero_length"]
 
 
 @pytest.mark.parametrize("consumers", [1, 2])

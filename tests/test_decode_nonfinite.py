@@ -4,7 +4,6 @@ on CPU against `reference_decode` (docs/attention.md, rules 1-2), and the kernel
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 
 from pallas_kernels import common
 from pallas_kernels import decode_triton as dk
-from tests.kernels import lower_h100, triton_modules, verify_triton_modules
+from tests.kernels import checkerboard, lower_h100, triton_modules, verify_triton_modules
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -86,18 +85,6 @@ def _tail(name, lengths, value, head=None):
 
 LENGTHS = [1, 37, 70, 16]      # S=70, 16-key tiles: a one-key row, mid-tile, the clamped last
                                # tile (70 = 4 x 16 + 6), a tile boundary
-
-
-def checkerboard(names: str, *axes):
-  """The cases of a grid, those whose axis indices sum to an odd number marked slow: CI runs
-  half of the grid, with every value of every axis; `-m slow` (or no -m) runs the rest."""
-  out = []
-  for idx in itertools.product(*(range(len(a)) for a in axes)):
-    vals = [a[i] for a, i in zip(axes, idx)]
-    flat = [x for v in vals for x in (v if isinstance(v, tuple) else (v,))]
-    marks = [pytest.mark.slow] if sum(idx) % 2 else []
-    out.append(pytest.param(*flat, marks=marks, id="-".join(str(getattr(x, "__name__", x)) for x in flat)))
-  return pytest.mark.parametrize(names, out)
 
 
 # ----------------------------------------------------------------------------- one token

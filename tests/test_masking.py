@@ -97,6 +97,19 @@ def check_rows(o, want, nan_rows, tol):
   assert err <= tol, err
 
 
+def check_clean_row_grads(f, clean, poisoned, nan_rows, name):
+  """The gradients (q, k, v, r) of a loss over the rows that see no poison: finite, and
+  those of the clean inputs."""
+  keep = jnp.asarray(~nan_rows)[..., None]
+  w = jnp.cos(jnp.arange(np.prod(clean[0].shape), dtype=jnp.float32)).reshape(clean[0].shape)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.where(keep, f(*a) * w, 0.0)),
+                          argnums=(0, 1, 2, 3)))
+  for x, y, arg in zip(grad(*poisoned), grad(*clean), "qkvr"):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.all(np.isfinite(x)), f"{name}: d{arg} not finite"
+    np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6, err_msg=f"{name}: d{arg}")
+
+
 @pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("xla", jnp.bfloat16),
                                         ("chunked", jnp.float32), ("chunked", jnp.bfloat16)])
 def test_poison_reaches_only_the_rows_that_see_it(impl, dtype):
@@ -117,15 +130,7 @@ def test_gradients_of_clean_rows_ignore_the_poison(impl):
   with the poison replaced by finite values (no 0 * NaN anywhere)."""
   for name, c in CASES.items():
     clean, poisoned, kw, nan_rows = make(c, jnp.float32)
-    keep = jnp.asarray(~nan_rows)[..., None]
-    w = jnp.cos(jnp.arange(c.T * HQ * D, dtype=jnp.float32)).reshape(1, c.T, HQ, D)
-    f = attn(impl, kw)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.where(keep, f(*a) * w, 0.0)),
-                            argnums=(0, 1, 2, 3)))
-    for x, y, arg in zip(grad(*poisoned), grad(*clean), "qkvr"):
-      x, y = np.asarray(x), np.asarray(y)
-      assert np.all(np.isfinite(x)), f"{name}: d{arg} not finite"
-      np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6, err_msg=f"{name}: d{arg}")
+    check_clean_row_grads(attn(impl, kw), clean, poisoned, nan_rows, name)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
