@@ -29,9 +29,10 @@ cotangents are zero).
 
 Non-finite values (docs/attention.md): each kernel runs as two launches. The fast launch
 computes every program as above and marks those whose result is not finite (forward: lse =
-NaN on the row; dq/dr, dk/dv: one f32 flag per program); the fixup launch reads a program's
-mark before anything else and reruns only the marked programs carefully, writing over their
-outputs in place (aliased in and out). On clean inputs a fixup launch costs its mark reads.
+NaN on the row; dq/dr, dk/dv: one f32 flag per program); the fixup launch (on the compact
+grid of `common.compact_fixup_call`: a program per chunk of marks) reads the marks before
+anything else and reruns only the marked programs carefully, writing over their outputs in
+place (aliased in and out). On clean inputs a fixup launch costs one wave of mark reads.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (LOG2E, NEG_INF, compiler_params, dot, finite, fp16_values,
-                                   iota, nonfinite)
+from pallas_kernels.common import (LOG2E, NEG_INF, compact_fixup_call, compiler_params, dot,
+                                   finite, fp16_values, iota, nonfinite)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -299,6 +300,35 @@ def _with_seg_ranges(ranges, srng_ref):
   return lo, mid_lo, mid_hi, hi
 
 
+@dataclasses.dataclass(frozen=True)
+class _QueryTiles:
+  """The launch of a kernel with one program per query tile (forward, dq/dr): grid (q tiles,
+  B, Hq), the tile order qt, the blocks a program sees (its q rows, its KV head's whole K/V,
+  its lse-like rows, its segment ids and tile ranges) and the segment tile ranges."""
+  grid: tuple
+  qt: object
+  q_spec: object
+  kv_spec: object
+  row_spec: object
+  seg_specs: tuple   # q ids, kv ids, tile ranges (None each without segment ids)
+  srng: object
+
+
+def _query_tiles(cfg: CallConfig, B: int, bq: int, bk: int, qseg, kseg) -> _QueryTiles:
+  qt = lambda i: _qtile(i, cfg, bq)
+  D, G, seg = cfg.D, cfg.G, cfg.has_seg
+  return _QueryTiles(
+      grid=(cfg.Tp // bq, B, cfg.Hq), qt=qt,
+      q_spec=pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0)),
+      kv_spec=pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+      row_spec=pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i))),
+      seg_specs=(
+          pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if seg else None,
+          pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if seg else None,
+          pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if seg else None),
+      srng=_seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if seg else None)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -344,7 +374,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     pl.when(marked)(functools.partial(
         _fwd_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
         o_ref, lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk, careful_only=True,
-        pids=(pl.program_id(0), pl.program_id(2))))
+        pids=pids or (pl.program_id(0), pl.program_id(2))))
     return
   pid0, h = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
   iq = _qtile(pid0, cfg, bq)
@@ -468,21 +498,10 @@ def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp
     scale = jnp.concatenate([scale, vmul[None]])
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-  D, G = cfg.D, cfg.G
-  grid = (cfg.Tp // bq, B, cfg.Hq)
-  qt = lambda i: _qtile(i, cfg, bq)
-  q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0))
-  kv_spec = pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i)))
-  in_specs = [
-      pl.BlockSpec(scale.shape, lambda i, b, h: (0,)),
-      q_spec, kv_spec, kv_spec,
-      q_spec if cfg.has_r else None,
-      pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
-      pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
-      pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if cfg.has_seg else None,
-  ]
-  srng = _seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if cfg.has_seg else None
+  t = _query_tiles(cfg, B, bq, bk, qseg, kseg)
+  grid, qt, q_spec, row_spec, srng = t.grid, t.qt, t.q_spec, t.row_spec, t.srng
+  in_specs = [pl.BlockSpec(scale.shape, lambda i, b, h: (0,)), q_spec, t.kv_spec, t.kv_spec,
+              q_spec if cfg.has_r else None, *t.seg_specs]
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
   out_specs = [q_spec, row_spec]
@@ -500,21 +519,26 @@ def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp
     args += prev
   n_in = len(in_specs)
 
-  def kernel(*refs):
+  def kernel(*refs, pids=None):
     (scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref), outs = (
         refs[:8], refs[n_in:])
     o_ref, lse_ref, *rest = outs
     tbar_ref, vbar_ref = rest if cfg.has_r else (None, None)
     _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref, o_ref,
-                lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk, fixup=fixup is not None)
+                lse_ref, tbar_ref, vbar_ref, cfg=cfg, bq=bq, bk=bk, fixup=fixup is not None,
+                pids=pids)
 
   kind = "parallax" if cfg.has_r else "softmax"
-  outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages),
-      interpret=cfg.interpret, name=f"{kind}_fwd_fixup" if fixup is not None else f"{kind}_fwd",
-  )(*args)
+  params = compiler_params(cfg.blocks.num_warps, cfg.blocks.num_stages)
+  if fixup is None:
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=params, interpret=cfg.interpret, name=f"{kind}_fwd")(*args)
+  else:   # marks: the rows of lse (an output) that are NaN
+    outs = compact_fixup_call(
+        kernel, args, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        mark=(n_in + 1, bq), tile_index=qt, input_output_aliases=aliases,
+        compiler_params=params, interpret=cfg.interpret, name=f"{kind}_fwd_fixup")
   if cfg.has_r:
     return tuple(outs)
   return outs[0], outs[1], None, None
@@ -525,9 +549,9 @@ def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp
 # Each backward kernel runs as two launches, as the forward: the fast launch computes every
 # program as if its inputs were finite and writes a mark per program (flags [B, heads,
 # tiles] f32: 1.0 if its result holds a non-finite value, two reductions once per program);
-# the fixup launch reads a program's mark before anything else and, only where it is set,
-# runs the program's loops again carefully and overwrites its outputs (aliased in and out).
-# On clean inputs the fixup launch costs its flag reads.
+# the fixup launch (compact grid) reads the marks before anything else and, only where one
+# is set, runs that program's loops again carefully and overwrites its outputs (aliased in
+# and out). On clean inputs the fixup launch costs one wave of flag reads.
 
 
 def _flag_spec(grid_tile):
@@ -557,7 +581,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
         _dq_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
         qseg_ref, kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
         dr_ref, qdq_ref, cfg=cfg, bq=bq, bk=bk, careful=True,
-        pids=(pl.program_id(0), pl.program_id(2))))
+        pids=pids or (pl.program_id(0), pl.program_id(2))))
     return
   pid0, h = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
   iq = _qtile(pid0, cfg, bq)
@@ -648,23 +672,13 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   repair in place: the fixup launch only."""
   B = q.shape[0]
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-  D, G = cfg.D, cfg.G
-  grid = (cfg.Tp // bq, B, cfg.Hq)
-  qt = lambda i: _qtile(i, cfg, bq)
-  q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0))
-  kv_spec = pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i)))
+  t = _query_tiles(cfg, B, bq, bk, qseg, kseg)
+  grid, qt, q_spec, row_spec, srng = t.grid, t.qt, t.q_spec, t.row_spec, t.srng
   flag_spec = _flag_spec(qt)
   pr = cfg.has_r
-  in_specs = [
-      pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)),
-      q_spec, kv_spec, kv_spec, q_spec if pr else None, q_spec, row_spec,
-      row_spec if pr else None,
-      pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if cfg.has_seg else None,
-      pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if cfg.has_seg else None,
-      pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if cfg.has_seg else None,
-  ]
-  srng = _seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if cfg.has_seg else None
+  in_specs = [pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)), q_spec, t.kv_spec, t.kv_spec,
+              q_spec if pr else None, q_spec, row_spec, row_spec if pr else None,
+              *t.seg_specs]
   args = [scale, q, k, v, r, do, lse, tbar, qseg, kseg, srng]
   n_args = len(args)
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
@@ -701,18 +715,18 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   base = sum(a is not None for a in args + [delta, gbar, flags])
   aliases = {base + i: i for i in range(sum(x is not None for x in prev))}
 
-  def fix_kernel(*refs):
+  def fix_kernel(*refs, pids=None):
     ins, (delta_ref, gbar_ref, flag_ref) = refs[:n_args], refs[n_args:n_args + 3]
     dq_ref, dr_ref, qdq_ref = refs[n_args + 6:]
     _dq_kernel(*ins, None, None, delta_ref, gbar_ref, flag_ref, dq_ref, dr_ref, qdq_ref,
-               cfg=cfg, bq=bq, bk=bk, fixup=True)
+               cfg=cfg, bq=bq, bk=bk, fixup=True, pids=pids)
 
-  dq, dr, qdq = pl.pallas_call(
-      fix_kernel, grid=grid,
+  dq, dr, qdq = compact_fixup_call(
+      fix_kernel, [*args, delta, gbar, flags, *prev], grid=grid,
       in_specs=in_specs + [row_spec, row_spec if pr else None, flag_spec] + fix_specs,
-      out_specs=fix_specs, out_shape=fix_shape, input_output_aliases=aliases,
-      compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dq_fixup",
-  )(*args, delta, gbar, flags, *prev)
+      out_specs=fix_specs, out_shape=fix_shape, mark=(n_args + 2, 1), tile_index=qt,
+      input_output_aliases=aliases, compiler_params=params, interpret=cfg.interpret,
+      name=f"{kind}_bwd_dq_fixup")
   return dq, dr, delta, gbar, qdq
 
 
@@ -735,7 +749,7 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
     pl.when(flag_ref[...] > 0.0)(functools.partial(
         _dkv_kernel, scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_ref,
         tbar_ref, gbar_ref, qseg_ref, kseg_ref, srng_ref, flag_ref, dk_ref, dv_ref, cfg=cfg,
-        bq=bq, bk=bk, careful=True, pids=(pl.program_id(0), pl.program_id(2))))
+        bq=bq, bk=bk, careful=True, pids=pids or (pl.program_id(0), pl.program_id(2))))
     return
   ikv, hkv = pids if pids is not None else (pl.program_id(0), pl.program_id(2))
   ks = ikv * bk
@@ -847,13 +861,13 @@ def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qse
 
   base = sum(a is not None for a in args) + 1   # aliases index the flattened inputs
 
-  def fix_kernel(*refs):
+  def fix_kernel(*refs, pids=None):
     ins, flag_ref, (dk_ref, dv_ref) = refs[:n_args], refs[n_args], refs[n_args + 3:]
-    _dkv_kernel(*ins, flag_ref, dk_ref, dv_ref, cfg=cfg, bq=bq, bk=bk, fixup=True)
+    _dkv_kernel(*ins, flag_ref, dk_ref, dv_ref, cfg=cfg, bq=bq, bk=bk, fixup=True, pids=pids)
 
-  dk, dv = pl.pallas_call(
-      fix_kernel, grid=grid, in_specs=in_specs + [flag_spec] + out_specs,
-      out_specs=out_specs, out_shape=out_shape, input_output_aliases={base: 0, base + 1: 1},
-      compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dkv_fixup",
-  )(*args, flags, dk, dv)
+  dk, dv = compact_fixup_call(
+      fix_kernel, [*args, flags, dk, dv], grid=grid, in_specs=in_specs + [flag_spec] + out_specs,
+      out_specs=out_specs, out_shape=out_shape, mark=(n_args, 1), tile_index=lambda j: j,
+      input_output_aliases={base: 0, base + 1: 1}, compiler_params=params,
+      interpret=cfg.interpret, name=f"{kind}_bwd_dkv_fixup")
   return dk, dv

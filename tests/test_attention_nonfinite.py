@@ -90,8 +90,7 @@ def setup(c: Case, seed=0):
   return cfg, args, pq(x["do"]), vis, seg
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
+def _launches(cfg, q, k, v, r, scale, qseg, kseg, do):
   """Every launch's result: the fast forward and the repaired one, then the fast dq/dr and
   dk/dv launches (with their flags) and the repaired ones, both on the repaired forward."""
   fwd_fast = tr.fwd_call(cfg, q, k, v, r, scale, qseg, kseg, fast=True)
@@ -104,6 +103,9 @@ def launches(cfg, q, k, v, r, scale, qseg, kseg, do):
                          fast=True)
   dkv = tr.dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   return fwd_fast, fwd, dq_fast, dq, dkv_fast, dkv
+
+
+launches = jax.jit(_launches, static_argnums=0)
 
 
 def f32(x):
@@ -190,6 +192,20 @@ POISON = {
         Case(T=39, S=39, causal=False, window=5, poison=(("v", 21, 0, -np.inf),)),
         ("fwd", "dq", "dkv")),
 }
+
+
+def test_compact_fixup_chunks_match_one_point_per_program(monkeypatch):
+  """The fixup launches' compact grid: programs that cover several grid points (a chunk of
+  marks, one set) give, bit for bit, the results of one point per program."""
+  c = Case(T=64, S=64, poison=(("v", 20, None, np.nan), ("q", 50, 1, np.nan)))
+  cfg, args, do, _, _ = setup(c)
+  one = jax.jit(_launches, static_argnums=0)(cfg, *args, do)
+  monkeypatch.setattr(common, "NUM_SMS", 1)
+  assert common.fixup_chunk(4, 16) == 4    # 4 tiles x 1 x 4 heads: chunks of 4 tiles
+  chunked = jax.jit(_launches, static_argnums=0)(cfg, *args, do)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(chunked)):
+    assert same(a, b)
+  assert np.isnan(f32(one[0][1])).any()    # the forward marked rows: the fixups ran
 
 
 def nan_rows_of(c: Case, vis):
@@ -374,16 +390,18 @@ LOOPS = {"fwd": 3, "bwd_dq": 3, "bwd_dkv": 4}
     Case(Hq=2, Hkv=2, window=5, causal=False)], ids=["parallax", "softmax_seg", "window"])
 def test_fast_kernels_have_no_branch_and_no_second_loop(case):
   """Jaxpr level: each fast kernel holds its hot loops only (no cond: no careful pass
-  compiled into it); each fixup kernel one cond (the mark's gate) around the same loops."""
+  compiled into it); each fixup kernel (compact grid) a cond on its chunk of marks around
+  the loop over the chunk's grid points, each with a cond on its own mark around the same
+  hot loops."""
   fn, args = _fwd_bwd(case)
   kernels = pallas_kernels_of(fn, *args)
   kind = "parallax" if case.parallax else "softmax"
   assert sorted(kernels) == sorted(f"{kind}_{k}{s}" for k in LOOPS for s in ("", "_fixup"))
   for k, n_loops in LOOPS.items():
     assert control_flow(kernels[f"{kind}_{k}"]) == (n_loops, 0), k
-    assert control_flow(kernels[f"{kind}_{k}_fixup"]) == (n_loops, 1), k
-    # the fixup's gate is the kernel's first operation on data: its top level is the mark's
-    # load, its test and the cond (program ids aside)
+    assert control_flow(kernels[f"{kind}_{k}_fixup"]) == (n_loops + 1, 2), k
+    # the fixup's gate is the kernel's first operation on data: its top level is the load
+    # of the chunk of marks, its test and the cond (program ids aside)
     top = [e.primitive.name for e in kernels[f"{kind}_{k}_fixup"].eqns]
     assert top[-1] == "cond" and "dot_general" not in top, (k, top)
     assert sum(n in ("get", "load") for n in top) == 1, (k, top)
@@ -426,7 +444,8 @@ LOWER = [
 def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
   """Forward + backward lowered for CUDA on an abstract H100: six Triton kernels (three
   fast, three fixup) whose TTIR verifies. In the TTIR the fast kernels hold no scf.if and
-  only their hot loops; each fixup kernel branches on its mark."""
+  only their hot loops; each fixup kernel branches on its chunk of marks and on each mark,
+  around a loop over the chunk's grid points and the same hot loops."""
   sd = lambda *s, dt=lc["dtype"]: jax.ShapeDtypeStruct(s, dt)
   q = sd(2, lc["T"], lc["Hq"], lc["D"])
   kv = sd(2, lc["S"], lc["Hkv"], lc["D"])
@@ -448,7 +467,7 @@ def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
     fast, fix = _ttir_ops(mods[f"{kind}_{k}"]), _ttir_ops(mods[f"{kind}_{k}_fixup"])
     loops = lambda ops: ops.get("scf.for", 0) + ops.get("scf.while", 0)
     assert fast.get("scf.if", 0) == 0 and loops(fast) == n_loops, (k, fast)
-    assert fix.get("scf.if", 0) >= 1 and loops(fix) == n_loops, (k, fix)
+    assert fix.get("scf.if", 0) >= 2 and loops(fix) == n_loops + 1, (k, fix)
     # the fast kernel: a mark (forward: lse) and no more matrix products than the fixup's
     assert fast.get("tt.dot", 0) == fix.get("tt.dot", 0), k
 
