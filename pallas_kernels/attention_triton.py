@@ -337,17 +337,14 @@ def _qtile(i, cfg: CallConfig, bq: int):
   return cfg.Tp // bq - 1 - i if cfg.causal else i
 
 
-def _worst(x):
-  """f32 scalar: 1.0 if some entry of the 2-D x is not finite, else 0.0. Axis by axis: a
-  one-step reduction of a 2-D block to a scalar fails to lower under an explicit-sharding
-  mesh (jax 0.11.2)."""
-  return jnp.max(jnp.max(nonfinite(x), axis=1), axis=0)
-
-
-def _flag(*xs):
+def _mark(*rows):
   """A training kernel's mark of its program for the fixup launch: f32 1.0 if some entry of
-  some 2-D x is not finite, else 0.0 (two reductions per tensor, once per program)."""
-  return functools.reduce(jnp.maximum, [_worst(x) for x in xs])
+  the [rows] vectors (row sums of its results, per-row values; None skipped) is not finite,
+  else 0.0. Summed first, so one reduction: a non-finite entry makes its row sum and the sum
+  non-finite (NaN absorbs; inf - inf is NaN); a finite sum that overflows marks a clean
+  program, which the fixup then recomputes to the same values."""
+  total = functools.reduce(jnp.add, [x for x in rows if x is not None])
+  return jnp.max(nonfinite(total), axis=0)
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_ref,
@@ -451,7 +448,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
       o = vbar
     lse = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, d1, 1.0)), jnp.inf)
     if flag is None:   # fast pass: mark rows with a non-finite output for the fixup launch
-      lse = jnp.where(jnp.max(nonfinite(o), axis=1) > 0.0, jnp.nan, lse)
+      # (by the row sum: one add per entry; a non-finite entry makes it non-finite)
+      lse = jnp.where(jnp.isfinite(jnp.sum(o, axis=1)), lse, jnp.nan)
     else:
       dead = jnp.maximum(flag, jnp.max(nonfinite(o), axis=1)) > 0.0
       o = jnp.where(dead[:, None], jnp.nan, o)
@@ -563,17 +561,20 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
                kseg_ref, srng_ref, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref,
                dr_ref, qdq_ref, *, cfg: CallConfig, bq: int, bk: int, fixup: bool = False,
                careful: bool = False, pids=None):
-  """dq (and dr) of one query tile. Rows the forward wrote as dead (lse = +inf: a NaN row,
-  or one without keys) send nothing back: their dq, dr are zero and their delta, gbar
-  (written for the dk/dv kernel) too.
+  """dq (and dr) of one query tile, and the backward preprocess for its rows: delta = do.o
+  and gbar = do.vbar (written for the dk/dv kernel). Rows the forward wrote as dead (lse =
+  +inf: a NaN row, or one without keys) send nothing back: their dq, dr, delta, gbar are
+  zero.
 
-  The fast launch (fixup=False; o_ref, vbar_ref in, delta_ref, gbar_ref, flag_ref out): the
-  loops as they are; the dead rows are zeroed once, after them; the mark is set if a live
-  row's dq or dr is not finite (a masked key or value was not).
-  The fixup launch (fixup=True; delta_ref, gbar_ref, flag_ref in, dq_ref, dr_ref, qdq_ref
-  aliased in and out, o_ref = vbar_ref = None): a marked program runs the loops again with
-  the dead rows' do zeroed and, on masked tiles, K's finite part and masked ds, dt, and
-  overwrites dq, dr (and qdq); the others return after reading their mark."""
+  The fast launch (fixup=False): the loops as they are, the preprocess as if every row were
+  live; the mark is set if a row's dq, dr, delta or gbar is not finite (a dead row's NaN o,
+  or a masked key or value that was not finite), from one sum of their row sums.
+  The fixup launch (fixup=True; dq_ref, dr_ref, qdq_ref, delta_ref, gbar_ref aliased in and
+  out): a marked program redoes the preprocess and the loops with the dead rows' do zeroed
+  and, on masked tiles, K's finite part and masked ds, dt, and overwrites its outputs; the
+  others return after reading their mark. So the fast launch holds no select on live rows:
+  elementwise work per program is what costs at short loops (no-op selects there cost
+  ~10% of the dq kernel at 1k tokens)."""
   if fixup:
     # the mark first, before any other load (program ids read out here: the interpreter
     # has no program_id inside a branch)
@@ -590,23 +591,20 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
   scale = scale_raw * LOG2E
   q = q_ref[...]
   lse_row = lse_ref[...]
-  live_row = jnp.isfinite(lse_row)
+  do = do_ref[...]
+  keep = (lambda x: finite(x)) if careful else (lambda x: x)
   if careful:
-    do = jnp.where(live_row[:, None], do_ref[...], 0.0).astype(do_ref.dtype)
-    delta_row = delta_ref[...]
-    gbar_row = gbar_ref[...] if cfg.has_r else None
-  else:
-    do = do_ref[...]
-    do32 = do.astype(jnp.float32)
-    # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv;
-    # zero on dead rows (their o is NaN, their do anything), where dk/dv weigh them by 0
-    delta_row = jnp.where(
-        live_row, jnp.sum(do32 * finite(o_ref[...].astype(jnp.float32)), axis=1), 0.0)
-    delta_ref[...] = delta_row
-    if cfg.has_r:
-      gbar_row = jnp.where(
-          live_row, jnp.sum(do32 * vbar_ref[...].astype(jnp.float32), axis=1), 0.0)
-      gbar_ref[...] = gbar_row
+    live_row = jnp.isfinite(lse_row)
+    do = jnp.where(live_row[:, None], do, 0.0).astype(do_ref.dtype)
+  # backward preprocess, fused: delta = do.o (and gbar = do.vbar), also written for dk/dv;
+  # careful: zero on dead rows (their o is NaN, their do anything; zeroed above)
+  do32 = do.astype(jnp.float32)
+  delta_row = jnp.sum(do32 * keep(o_ref[...].astype(jnp.float32)), axis=1)
+  delta_ref[...] = delta_row
+  gbar_row = None
+  if cfg.has_r:
+    gbar_row = jnp.sum(do32 * keep(vbar_ref[...].astype(jnp.float32)), axis=1)
+    gbar_ref[...] = gbar_row
   lse = lse_row[:, None]
   delta = delta_row[:, None]
   if cfg.has_r:
@@ -652,16 +650,19 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
   zacc = jnp.zeros((bq, D), jnp.float32)
   carry = (zacc, zacc) if cfg.has_r else zacc
   carry = _loop3(_with_seg_ranges(_kv_tiles(qs, bq, bk, cfg), srng_ref), body, carry)
-  live = live_row[:, None]
-  carry = tuple(jnp.where(live, x, 0.0) for x in (carry if cfg.has_r else (carry,)))
+  carry = carry if cfg.has_r else (carry,)
+  if careful:
+    carry = tuple(jnp.where(live_row[:, None], x, 0.0) for x in carry)
   dq = carry[0]
   dq_ref[...] = (dq * scale_raw).astype(dq_ref.dtype)
   if cfg.has_r:
     dr_ref[...] = carry[1].astype(dr_ref.dtype)
+  qdq_row = None
   if cfg.need_dscale:
-    qdq_ref[...] = jnp.sum(finite(q.astype(jnp.float32)) * dq, axis=1)
+    qdq_row = jnp.sum(keep(q.astype(jnp.float32)) * dq, axis=1)
+    qdq_ref[...] = qdq_row
   if not careful:
-    flag_ref[...] = _flag(*carry)
+    flag_ref[...] = _mark(*[jnp.sum(x, axis=1) for x in carry], delta_row, gbar_row, qdq_row)
 
 
 def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
@@ -684,7 +685,7 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
   params = compiler_params(cfg.blocks.num_warps_dq, cfg.blocks.num_stages_dq)
   kind = "parallax" if pr else "softmax"
-  # the outputs the fixup launch rewrites: dq, dr, qdq
+  # outputs of both launches: dq, dr, qdq (the fixup launch also rewrites delta, gbar)
   fix_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct(q.shape, q.dtype) if pr else None,
                rows if cfg.need_dscale else None]
@@ -710,21 +711,23 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   else:
     dq, dr, delta, gbar, qdq, flags = fixup
 
-  # fixup launch: inputs + (delta, gbar, flags) + aliased (dq, dr, qdq)
-  prev = [dq, dr, qdq]
-  base = sum(a is not None for a in args + [delta, gbar, flags])
+  # fixup launch: inputs + (o, vbar, flags) + aliased (dq, dr, qdq, delta, gbar)
+  prev = [dq, dr, qdq, delta, gbar]
+  out_shape = fix_shape + [rows, rows if pr else None]
+  out_specs = fix_specs + [row_spec, row_spec if pr else None]
+  base = sum(a is not None for a in args + [o, vbar, flags])
   aliases = {base + i: i for i in range(sum(x is not None for x in prev))}
 
   def fix_kernel(*refs, pids=None):
-    ins, (delta_ref, gbar_ref, flag_ref) = refs[:n_args], refs[n_args:n_args + 3]
-    dq_ref, dr_ref, qdq_ref = refs[n_args + 6:]
-    _dq_kernel(*ins, None, None, delta_ref, gbar_ref, flag_ref, dq_ref, dr_ref, qdq_ref,
+    ins, (o_ref, vbar_ref, flag_ref) = refs[:n_args], refs[n_args:n_args + 3]
+    dq_ref, dr_ref, qdq_ref, delta_ref, gbar_ref = refs[n_args + 8:]
+    _dq_kernel(*ins, o_ref, vbar_ref, delta_ref, gbar_ref, flag_ref, dq_ref, dr_ref, qdq_ref,
                cfg=cfg, bq=bq, bk=bk, fixup=True, pids=pids)
 
-  dq, dr, qdq = compact_fixup_call(
-      fix_kernel, [*args, delta, gbar, flags, *prev], grid=grid,
-      in_specs=in_specs + [row_spec, row_spec if pr else None, flag_spec] + fix_specs,
-      out_specs=fix_specs, out_shape=fix_shape, mark=(n_args + 2, 1), tile_index=qt,
+  dq, dr, qdq, delta, gbar = compact_fixup_call(
+      fix_kernel, [*args, o, vbar, flags, *prev], grid=grid,
+      in_specs=in_specs + [q_spec, q_spec if pr else None, flag_spec] + out_specs,
+      out_specs=out_specs, out_shape=out_shape, mark=(n_args + 2, 1), tile_index=qt,
       input_output_aliases=aliases, compiler_params=params, interpret=cfg.interpret,
       name=f"{kind}_bwd_dq_fixup")
   return dq, dr, delta, gbar, qdq
@@ -809,7 +812,7 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   if not careful:
-    flag_ref[...] = _flag(dk, dv)
+    flag_ref[...] = _mark(jnp.sum(dk, axis=1), jnp.sum(dv, axis=1))
 
 
 def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
