@@ -3,6 +3,8 @@ GPU forward where it applies, Triton backward) against cuDNN and the XLA paths. 
 
   train      forward and forward+backward at the shape of record, an L x D sweep and block
              sweeps of the Pallas kernels (attention_train, in --out)
+  grid       the training kernels over L x D x GQA ratio and packed documents against cuDNN
+             (attention_grid; --resume continues a run cut short)
   segments   the same shape with segment-id layouts: what packed sequences cost
              (attention_segments)
   xla        dense vs chunked XLA paths (and cuDNN on GPU): wall time and compiled memory
@@ -16,6 +18,7 @@ CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`, sum of kernel times per c
 over calls), with a wall-clock fallback (train); xla times wall-clock medians of jitted calls.
 
   PYTHONPATH=. python3 bench/attention.py train --out DIR [--no-block-sweep] [--budget-s 320]
+  PYTHONPATH=. python3 bench/attention.py grid --out $OUT [--resume] [--budget-s 480]
   PYTHONPATH=. python3 bench/attention.py xla [--only-32k]
   git archive REV pallas_kernels | tar -x -C /tmp/before
   PYTHONPATH=/tmp/before:. python3 bench/attention.py nonfinite --out /tmp/before.json
@@ -444,6 +447,119 @@ def train(a):
   print(md)
 
 
+# ----------------------------------------------------------------------------- grid
+
+GRID_L = (1024, 4096, 16384, 32768)
+GRID_D = (64, 128)
+GRID_HKV = (16, 8, 4)        # Hq = 16: GQA ratios 1, 2, 4
+GRID_TOKENS = 16384          # B = tokens / L (at least 1)
+GRID_DOCS = 4                # the packed rows: documents of L / 4 tokens (GQA 2)
+TARGETS = {"fwd": 1.8, "fwdbwd": 1.9}   # Parallax / cuDNN softmax, the kernels issue's aim
+
+
+def grid_shapes():
+  """(Shape, documents per row) of the grid: every L x D x GQA ratio without documents, and
+  GQA 2 with packed documents."""
+  for D in GRID_D:
+    for L in GRID_L:
+      B = max(1, GRID_TOKENS // L)
+      for hkv in GRID_HKV:
+        yield Shape(B=B, L=L, Hq=16, Hkv=hkv, D=D), 0
+      yield Shape(B=B, L=L, Hq=16, Hkv=8, D=D), GRID_DOCS
+
+
+def grid_key(sh: Shape, docs: int) -> str:
+  return f"L{sh.L}_D{sh.D}_G{sh.Hq // sh.Hkv}_docs{docs}"
+
+
+def grid_row(sh: Shape, docs: int, iters: int) -> dict:
+  """Forward and forward+backward times (ms) of Parallax and softmax through
+  `parallax_flash_attention` (with segment ids where docs) and of cuDNN softmax (causal, no
+  documents: it takes no segment ids here), and the ratios to cuDNN."""
+  inputs = make_inputs(sh)
+  scale = 1.0 / math.sqrt(sh.D)
+  kw = {}
+  if docs:
+    ids = jnp.asarray(np.repeat(np.arange(docs), sh.L // docs)[None].repeat(sh.B, 0), jnp.int32)
+    kw = dict(q_segment_ids=ids, kv_segment_ids=ids)
+  fns = {
+      "parallax": (lambda q, k, v, r: parallax_flash_attention(
+          q, k, v, r, scale=scale, causal=True, interpret=INTERPRET["on"], **kw), True),
+      "softmax": (lambda q, k, v: parallax_flash_attention(
+          q, k, v, scale=scale, causal=True, interpret=INTERPRET["on"], **kw), False),
+  }
+  if not INTERPRET["on"]:
+    fns["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation="cudnn"), False)
+  row = {"key": grid_key(sh, docs), "shape": dataclasses.asdict(sh), "docs": docs}
+  for name, (attn, parallax) in fns.items():
+    try:
+      fwd, train_fn = fwd_and_train_fns(attn, parallax)
+      row[f"{name}_fwd_ms"], _ = time_ms(fwd, inputs, iters)
+      row[f"{name}_fwdbwd_ms"], _ = time_ms(train_fn, inputs, iters)
+    except Exception as e:  # noqa: BLE001
+      row[f"{name}_error"] = repr(e)[:1000]
+      log(f"{row['key']} {name} failed: {repr(e)[:300]}")
+  for name in ("parallax", "softmax"):
+    for kind in ("fwd", "fwdbwd"):
+      num, den = row.get(f"{name}_{kind}_ms"), row.get(f"cudnn_{kind}_ms")
+      if num and den:
+        row[f"{name}_{kind}_x"] = num / den
+  return row
+
+
+def grid_md(rows) -> str:
+  head = ["L", "D", "GQA", "docs", "B", "Parallax fwd ms", "cuDNN fwd ms", "x",
+          "Parallax fwd+bwd ms", "cuDNN fwd+bwd ms", "x", "softmax (ours) fwd / fwd+bwd x"]
+  md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  f = lambda x, n=3: "-" if x is None else f"{x:.{n}f}"
+  for r in rows:
+    sh = r["shape"]
+    mark = lambda kind: "" if r.get(f"parallax_{kind}_x") is None or (
+        r[f"parallax_{kind}_x"] <= TARGETS[kind]) else " *"
+    md.append(
+        f"| {sh['L']} | {sh['D']} | {sh['Hq'] // sh['Hkv']} | {r['docs'] or '-'} | {sh['B']} | "
+        f"{f(r.get('parallax_fwd_ms'))} | {f(r.get('cudnn_fwd_ms'))} | "
+        f"{f(r.get('parallax_fwd_x'), 2)}{mark('fwd')} | {f(r.get('parallax_fwdbwd_ms'))} | "
+        f"{f(r.get('cudnn_fwdbwd_ms'))} | {f(r.get('parallax_fwdbwd_x'), 2)}{mark('fwdbwd')} | "
+        f"{f(r.get('softmax_fwd_x'), 2)} / {f(r.get('softmax_fwdbwd_x'), 2)} |")
+  return "\n".join(md)
+
+
+def grid(a):
+  """The training-kernel grid: L x D x GQA ratio (and packed documents), each row saved as it
+  ends; --resume skips the rows a previous (cut short) run wrote."""
+  if a.cpu_smoke:
+    INTERPRET["on"] = True
+    common.TIMER["mode"] = "wall"
+  path = os.path.join(common.RESULTS, f"{a.name}.json")
+  rows = []
+  if a.resume and os.path.exists(path):
+    with open(path) as fh:
+      rows = json.load(fh)["results"]
+  done = {r["key"] for r in rows}
+  shapes = list(grid_shapes())
+  if a.cpu_smoke:
+    shapes = [(Shape(B=1, L=64, Hq=4, Hkv=4, D=64), 0), (Shape(B=1, L=64, Hq=4, Hkv=2, D=64), 4)]
+  env = {**common.environment(), "timer": common.TIMER["mode"]}
+  notes = (f"bf16, causal, Hq=16, B = {GRID_TOKENS} tokens / L; `parallax_flash_attention` "
+           "(Mosaic GPU forward on Hopper, Triton backward) and cuDNN "
+           "(`jax.nn.dot_product_attention`, no segment ids: its rows with documents are the "
+           f"full causal rows). Sums of kernel times per call (CUPTI), median of {a.iters}. "
+           f"x: over cuDNN softmax; * above the aim (forward {TARGETS['fwd']}, forward+backward "
+           f"{TARGETS['fwdbwd']}).")
+  for sh, docs in shapes:
+    if grid_key(sh, docs) in done:
+      continue
+    if time.time() - common.T0 > a.budget_s:
+      log("time budget reached: rerun with --resume for the rest")
+      break
+    row = grid_row(sh, docs, a.iters)
+    log(json.dumps(row))
+    rows.append(row)
+    common.write_results(a.name, env, rows, grid_md(rows), notes, out=a.out)
+
+
 # ----------------------------------------------------------------------------- segments
 
 
@@ -745,6 +861,16 @@ def parser():
                  help="seconds; the sweeps stop when spent")
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes, interpret mode, wall-clock timer (checks the mode)")
+  p = mode("grid", grid, "training kernels over L x D x GQA ratio and packed documents: "
+           "Parallax and softmax forward, forward+backward against cuDNN (attention_grid)")
+  p.add_argument("--iters", type=int, default=10, help="timed calls per median")
+  p.add_argument("--budget-s", type=float, default=480.0,
+                 help="seconds; no new row starts after them")
+  p.add_argument("--resume", action="store_true", help="keep the rows of a previous run")
+  p.add_argument("--name", default="attention_grid", help="results file stem")
+  p.add_argument("--out", default=None, help="also copy the result files here")
+  p.add_argument("--cpu-smoke", action="store_true",
+                 help="two tiny shapes, interpret mode, wall-clock timer (checks the mode)")
   p = mode("segments", segments, "training attention with segment ids: one shape (the 0.6B "
            "training shape), Parallax forward and forward+backward per segment-id layout "
            "(bench/results/attention_segments)")
