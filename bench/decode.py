@@ -2,7 +2,8 @@
 softmax decode, the XLA Parallax path, torch's FlashAttention-2 and its own variants. Modes
 (result files under --out, default bench/results):
 
-  grid          the decode grid, GQA and MHA (decode_grid_warm; --cold: decode_grid_cold)
+  grid          the decode grid, GQA and MHA (decode_grid_warm; --cold: decode_grid_cold);
+                --grids adds one grid per GQA ratio 1-16 and head dim 64 / 128
   ab            the working tree's Triton kernel vs another source file of it (decode_ab)
   launch-sweep  explicit `parallax_decode` launch keywords, L2 cold (decode_launch_sweep)
   split-sweep   split counts x tiles around the defaults, L2 warm, unchained (decode_sweep)
@@ -61,8 +62,13 @@ from pallas_kernels import decode_triton as dk  # noqa: E402  (default_pack)
 from pallas_kernels.common import split_chunk  # noqa: E402
 
 STEPS = 8  # dependent decode calls per timed call (see `chained`)
-GRIDS = {"gqa": (16, 8, 128), "mha": (8, 8, 64)}  # grid -> (Hq, Hkv, D)
-SHAPES_HELP = "comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64)"
+# grid -> (Hq, Hkv, D): the grids of record (gqa, mha) and one per GQA ratio G and head dim
+GRIDS = {"gqa": (16, 8, 128), "mha": (8, 8, 64),
+         "g1d128": (16, 16, 128), "g4d128": (32, 8, 128), "g8d128": (64, 8, 128),
+         "g16d128": (128, 8, 128), "g2d64": (16, 8, 64), "g4d64": (32, 8, 64),
+         "g8d64": (64, 8, 64)}
+SHAPES_HELP = ("comma list of grid:B:L (gqa: Hq=16 Hkv=8 D=128; mha: 8/8 D=64; gGdD: GQA ratio "
+               "G at head dim D, e.g. g4d128: 32/8 D=128, g1d128: 16/16)")
 LAUNCH = "block_kv, num_splits, kv_heads_per_program"
 
 
@@ -300,7 +306,13 @@ def torch_fa2(B, L, Hq, Hkv, D, scale, cold=False):
 
 
 GRID_BS = {"gqa": (1, 8, 32, 64, 128, 256), "mha": (1, 8, 64, 256)}
+GRID_BS_OTHER = (1, 8, 64, 256)     # the per-ratio grids
 GRID_LS = (1024, 4096, 8192, 32768)
+
+
+def grid_title(name):
+  Hq, Hkv, D = GRIDS[name]
+  return f"{name}: Hq={Hq}, Hkv={Hkv} (GQA {Hq // Hkv}), D={D}"
 
 
 def grid(a):
@@ -311,7 +323,10 @@ def grid(a):
     log("HBM copy GB/s", round(res["hbm_copy_GBps"]))
   except Exception as e:  # noqa: BLE001
     log("hbm copy failed", repr(e)[:200])
-  for name, Bs in GRID_BS.items():
+  for name in a.grids.split(","):
+    if name not in GRIDS:
+      raise SystemExit(f"--grids: unknown grid {name!r} (one of {', '.join(GRIDS)})")
+    Bs = GRID_BS.get(name, GRID_BS_OTHER)
     Hq, Hkv, D = GRIDS[name]
     for L in GRID_LS:
       for B in Bs:
@@ -322,7 +337,8 @@ def grid(a):
           log(f"budget spent; skip {name} B={B} L={L}")
           continue
         res["rows"].append(grid_shape(name, B, L, Hq, Hkv, D, flush_buf))
-        save(a.out, "decode_grid_cold" if a.cold else "decode_grid_warm", res, grid_md)
+        stem = "decode_grid" if a.grids == "gqa,mha" else "decode_grid_ratios"
+        save(a.out, f"{stem}_{'cold' if a.cold else 'warm'}", res, grid_md)
 
 
 def grid_shape(grid, B, L, Hq, Hkv, D, flush_buf=None):
@@ -381,7 +397,8 @@ def grid_md(res, path):
     lines += ["Cold L2 (`--cold`): a 256 MB read between steps (a Pallas kernel, `l2_flush`, "
               "not timed; torch: before each call, outside its events) evicts the L2, so every "
               "step reads the cache from HBM, as in a model.", ""]
-  for grid, title in (("gqa", "GQA: Hq=16, Hkv=8, D=128"), ("mha", "MHA: Hq=Hkv=8, D=64")):
+  for grid in dict.fromkeys(r["grid"] for r in res["rows"]):
+    title = grid_title(grid)
     rows = [r for r in res["rows"] if r["grid"] == grid]
     if not rows:
       continue
@@ -770,6 +787,10 @@ def parser():
   p = mode("grid", grid, "the decode grid: GQA Hq=16 Hkv=8 D=128 B 1-256 and MHA Hq=Hkv=8 "
            "D=64 B 1-256, L 1k-32k; every implementation (decode_grid_warm / _cold)")
   p.add_argument("--cold", action="store_true", help=COLD_HELP)
+  p.add_argument("--grids", default="gqa,mha",
+                 help=f"comma list of grids ({', '.join(GRIDS)}); gGdD: GQA ratio G at head "
+                 "dim D, B 1, 8, 64, 256; other than gqa,mha the results go to "
+                 "decode_grid_ratios_warm / _cold")
   p = mode("ab", ab, "the Triton kernel of the working tree vs a baseline source file of "
            "pallas_kernels/decode_triton.py, cuDNN as the common bar (decode_ab); default shapes: the "
            "split ones of the grid, where the in-kernel merge of the splits is on the "
