@@ -209,6 +209,31 @@ def test_compact_fixup_chunks_match_one_point_per_program(monkeypatch):
   assert np.isnan(f32(one[0][1])).any()    # the forward marked rows: the fixups ran
 
 
+@pytest.mark.slow
+def test_compact_fixup_chunks_under_vmap(monkeypatch):
+  """vmap (as the MAD benchmark trains its runs) adds a grid axis to every launch: the
+  compact fixup programs, each covering several tiles, still find their marks; each run's
+  value and gradients equal its own unbatched call's."""
+  monkeypatch.setattr(common, "NUM_SMS", 1)
+  rng = np.random.default_rng(0)
+  n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  T, Hq, Hkv, D = 64, 4, 2, 16
+  q, k, v, r = n(2, 1, T, Hq, D), n(2, 1, T, Hkv, D), n(2, 1, T, Hkv, D), n(2, 1, T, Hq, D)
+  v = v.at[0, :, 20].set(jnp.nan)          # run 0: a masked NaN value
+  q = q.at[1, :, 50, 1].set(jnp.nan)       # run 1: a dead row
+  w = jnp.cos(jnp.arange(T * Hq * D, dtype=jnp.float32)).reshape(1, T, Hq, D)
+  loss = lambda *a: jnp.nansum(parallax_flash_attention(
+      *a, scale=0.25, block_sizes=B16, interpret=True) * w)
+  vg = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+  batched = jax.jit(jax.vmap(vg))(q, k, v, r)
+  one = jax.jit(vg)
+  for i in range(2):
+    for a, b in zip(jax.tree.leaves(one(q[i], k[i], v[i], r[i])),
+                    jax.tree.leaves(jax.tree.map(lambda x: x[i], batched))):
+      np.testing.assert_allclose(f32(a), f32(b), rtol=1e-5, atol=1e-5)
+      assert np.isfinite(f32(a)).all()
+
+
 def nan_rows_of(c: Case, vis):
   """[1, T, Hq]: the rows that see a poisoned q, r, k or v entry."""
   G = c.Hq // c.Hkv
