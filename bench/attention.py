@@ -810,17 +810,23 @@ def nonfinite_table(before_path, after_path):
   """Markdown: total kernel us per shape, before and after, and the fixup launch's share."""
   before = {_key(r): r for r in common.read_rows(before_path)}
   lines = ["| kind | pass | B | L | D | member | docs | NaN masked | before us | after us | "
-           "after/before | fixup us |", "|" + "---|" * 12]
+           "after/before | fixup us | dq, dk/dv after/before |", "|" + "---|" * 13]
+
+  def kernel_sum(row, suffix):   # the fast launch of a backward kernel (not its fixup)
+    return sum(t for n, t in row["kernels_us"].items() if n.endswith(suffix))
+
   for r in common.read_rows(after_path):
     b = before.get(_key(r))
     if b is None:
       continue
     nan = r.get("nan_at_masked", r.get("nan_past_lengths"))
     fix = sum(t for n, t in r["kernels_us"].items() if "fixup" in n)
+    ratios = [f"{kernel_sum(r, k) / kernel_sum(b, k):.3f}" for k in ("bwd_dq", "bwd_dkv")
+              if kernel_sum(b, k) > 0]
     lines.append(f"| {r['kind']} | {r.get('pass_', 'step')} | {r['B']} | {r['L']} | {r['D']} | "
                  f"{r['member']} | {'4' if r.get('segments') else '1'} | {'yes' if nan else 'no'} | "
                  f"{b['total_us']:.1f} | {r['total_us']:.1f} | {r['total_us'] / b['total_us']:.3f} "
-                 f"| {fix:.1f} |")
+                 f"| {fix:.1f} | {', '.join(ratios) or '-'} |")
   return "\n".join(lines) + "\n"
 
 
