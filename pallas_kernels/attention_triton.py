@@ -592,7 +592,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, tbar_ref,
   q = q_ref[...]
   lse_row = lse_ref[...]
   do = do_ref[...]
-  keep = (lambda x: finite(x)) if careful else (lambda x: x)
+  keep = finite if careful else (lambda x: x)
   if careful:
     live_row = jnp.isfinite(lse_row)
     do = jnp.where(live_row[:, None], do, 0.0).astype(do_ref.dtype)
