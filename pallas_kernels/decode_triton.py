@@ -106,7 +106,7 @@ def default_pack(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows:
 
 
 def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, rows: int = 1,
-                   parallax: bool = True, pack: int = 1) -> tuple[int, int]:
+                   parallax: bool = True, pack: int = 1, tokens: int = 1) -> tuple[int, int]:
   """(block_kv, num_splits) that `parallax_decode` picks when given neither, for `pack` KV
   heads per program (`default_pack`: 32-key tiles for two heads at head_dim >= 128).
 
@@ -129,9 +129,19 @@ def default_launch(batch: int, num_kv_heads: int, s_max: int, head_dim: int, row
   -> 49.2, L=32k 1432 -> 1395; MHA B=32 (256) L=4k 117.4 -> 94.3 (cuDNN 91.1); MHA B=16 (128)
   L=8k 197.2 -> 92.7 (cuDNN 95.1). Slower: 32-key tiles with 2048 programs (MHA B=256 L=4k 721
   -> 739) or 128 (GQA B=16 L=4k 91.5 -> 105.6).
+  One new token (`tokens` = 1) of 4-8 q-heads per KV head (rows) at head_dim >= 128, few
+  programs (B*Hkv <= 32) and a long cache: 128-key tiles, one program per SM, each split at
+  least 4 tiles long. The rows cap of `default_num_splits` (for the merge of multi-token
+  launches) left these at 16 splits of 64-key tiles. H100, L2 evicted between steps, Hkv=8
+  (decode v15 in bench/NOTES.md, us; cuDNN softmax in brackets): G=4 B=1 L=4k 15.2 -> 13.4
+  (13.7), L=16k 34.2 -> 30.4 (30.6), L=32k 54.5 -> 51.3 (51.8), B=2 L=4k 21.1 -> 18.2 (19.1),
+  B=4 L=4k 30.0 -> 29.4 (30.2); G=8 B=1 L=4k 15.2 -> 14.2 (13.6), L=32k 70.7 -> 53.9 (52.0).
   """
   ns = default_num_splits(batch, num_kv_heads, s_max, 64, rows=rows)
   progs = batch * num_kv_heads
+  if (parallax and head_dim >= 128 and tokens == 1 and 4 <= rows <= 8 and ns > 1
+      and progs <= 32 and s_max >= 2048):
+    return 128, max(1, min(NUM_SMS // progs, s_max // (4 * 128)))
   if pack > 1 and head_dim >= 128 and ns == 1:
     return 32, 1
   if parallax and head_dim >= 128 and ns >= 32 and s_max >= 2048:
@@ -533,7 +543,8 @@ def parallax_decode(q, k_cache, v_cache, r=None, *, scale, lengths, window=None,
   if block_kv is None and num_splits is None and S >= bk:
     if kv_heads_per_program is None and num_warps is None and num_stages is None:
       pack = default_pack(B, Hkv, S, D, rows=R, parallax=r is not None)
-    bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None, pack=pack)
+    bk, ns = default_launch(B, Hkv, S, D, rows=R, parallax=r is not None, pack=pack,
+                            tokens=T)
   bh = max(16, next_pow2(pack * R))
   if S < bk:  # tiny caches only: pad to one tile
     bk = max(16, min(bk, next_pow2(S)))

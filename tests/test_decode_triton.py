@@ -210,6 +210,7 @@ def test_default_splits_and_small_cache(rng):
   check(rng, 2, 2, 1, 10, 16, jnp.float32, [3, 10], bk=None)  # S < block_kv: padded
   check(rng, 1, 2, 1, 300, 16, jnp.float32, [299], bk=None)  # heuristic num_splits
   check(rng, 1, 2, 1, 2048, 128, jnp.float32, [2000], bk=None)  # 16 splits of 128-key tiles
+  check(rng, 1, 4, 1, 2048, 128, jnp.float32, [2000], bk=None)  # 4 rows: 4 splits of 128
   # one split of 128-key tiles, row sums kept per element (3 tiles, the last one clamped)
   check(rng, 2, 4, 2, 300, 128, jnp.float32, [300, 131], ns=1, bk=128, window=200)
   # one split of 32-key tiles (B*Hkv = 400 programs, ~3 per SM: the default), S = 260
@@ -230,6 +231,14 @@ def test_default_splits_and_small_cache(rng):
   assert dk.default_launch(16, 8, 1024, 64) == (128, 1)
   assert dk.default_launch(16, 8, 1024, 128, rows=2) == (64, 1)
   assert dk.default_launch(256, 8, 1024, 128, rows=2, parallax=False) == (64, 1)
+  # one token of 4-8 q-heads per KV head, few programs: 128-key tiles, one program per SM,
+  # splits of >= 4 tiles; not for several tokens, softmax or many programs
+  assert dk.default_launch(1, 8, 4096, 128, rows=4) == (128, 8)
+  assert dk.default_launch(1, 8, 32768, 128, rows=8) == (128, 16)
+  assert dk.default_launch(4, 8, 16384, 128, rows=4) == (128, 4)
+  assert dk.default_launch(1, 8, 4096, 128, rows=4, tokens=2) == (64, 16)
+  assert dk.default_launch(1, 8, 4096, 128, rows=4, parallax=False) == (64, 16)
+  assert dk.default_launch(8, 8, 4096, 128, rows=4) == (64, 4)
   assert dk.default_num_splits(1, 8, 32768) > 1
   assert dk.default_num_splits(256, 8, 1024) == 1
 
