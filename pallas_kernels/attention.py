@@ -9,7 +9,10 @@ two (>= 16), fits the tile sizes to the sequence (`BlockSizes`, by default from
     fixup launch on the rows it marked non-finite (`mosaic_fwd_call`); else, and in
     interpret mode, the Triton forward (`attention_triton.fwd_call`). Both leave the same
     residuals (o, lse, tbar, vbar).
-  * backward: the Triton dq/dr and dk/dv kernels (`attention_triton`).
+  * backward: the Triton dq/dr kernel and the Triton dk/dv kernel (`attention_triton`), or
+    with `BlockSizes.mosaic_dkv` on Hopper the Mosaic GPU dk/dv kernel
+    (`attention_mgpu_dkv`) where it covers the call, followed by the Triton dk/dv fixup
+    launch on the key tiles it marked (`mosaic_dkv_call`).
 
 The kernels' math, masks and non-finite handling: `attention_triton`, docs/attention.md.
 The kernel modules import only `pallas_kernels.common`; this module imports them.
@@ -27,9 +30,11 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import attention_mgpu as mgpu
+from pallas_kernels import attention_mgpu_dkv as mgpu_dkv
 from pallas_kernels.attention_triton import (BlockSizes, CallConfig, default_block_sizes,
                                              dkv_call, dq_call, fwd_call)
-from pallas_kernels.common import SUPPORTED_DTYPES, fp16_values, next_pow2, pad, round_up
+from pallas_kernels.common import (SUPPORTED_DTYPES, fp16_values, next_pow2, nonfinite, pad,
+                                   round_up)
 
 MAX_HEAD_DIM = 256
 
@@ -72,7 +77,8 @@ def _flash_bwd(cfg, res, do):
   do = do.astype(q.dtype)
   dq, dr, delta, gbar, qdq = dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg,
                                      kseg)
-  dk, dv = dkv_call(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  dkv = mosaic_dkv_call if cfg.blocks.mosaic_dkv and not cfg.interpret else dkv_call
+  dk, dv = dkv(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   if cfg.need_dscale:
     dscale = jnp.sum(qdq, axis=(0, 2))
   else:
@@ -119,6 +125,34 @@ def mosaic_fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
   # As `attention_mgpu._forward`'s outputs: a single user, so a scanned model's
   # stacked-residual writes do not clone the call.
   return lax.optimization_barrier(tuple(outs))
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU dk/dv
+
+
+def mosaic_dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
+                    config: mgpu_dkv.DkvConfig | None = None, interpret=None):
+  """Drop-in replacement for `attention_triton.dkv_call` (same arguments and (dk, dv)
+  result): the Mosaic GPU kernel when it supports the call, then the Triton dk/dv fixup
+  launch on every Triton key tile holding a key row whose dk or dv is not finite; else the
+  Triton kernel. interpret (tests): a plgpu.InterpretGPUParams for the Mosaic kernel, with
+  an interpret-mode `tcfg` for the Triton launches."""
+  mg = tcfg.window is None and (interpret is not None or not tcfg.interpret)
+  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S  # padded keys would need masking
+  if mg:
+    mg, _ = mgpu_dkv.supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg,
+                               kv_segment_ids=kseg, config=config,
+                               platform="interpret" if interpret is not None else None)
+  if not mg:
+    return dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
+  dk, dv, rowsum = mgpu_dkv.parallax_dkv_mgpu(
+      q, k, v, r, do, lse, delta, tbar, gbar, scale=scale, causal=tcfg.causal,
+      q_segment_ids=qseg, kv_segment_ids=kseg, config=config, interpret=interpret)
+  B, Hkv, S = rowsum.shape
+  bk = tcfg.blocks.block_k_dkv  # the fixup's tiles: S = Sp is a multiple of them
+  flags = jnp.max(nonfinite(rowsum).reshape(B, Hkv, S // bk, bk), axis=-1)
+  return dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
+                  fixup=(dk, dv, flags))
 
 
 # ----------------------------------------------------------------------------- public API

@@ -44,10 +44,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
 # way)
-from pallas_kernels.common import LOG2E, SMEM_LIMIT, fp16_values, hopper_platform
+from pallas_kernels.common import (LOG2E, SMEM_LIMIT, fp16_values, hopper_platform,
+                                   mgpu_inputs_ok)
 
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_HEAD_DIMS = (64, 128)
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
 # consumer cap -> producer cap: 2 * 128 * consumer + 128 * producer = 168 * 384 (the launch's
 # even split of the 64K register file, rounded to 8)
@@ -127,30 +126,11 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   a CUDA GPU of compute capability 9.x, wgmma being sm_90a only); "cuda"/"gpu" skips the
   device check (e.g. for lowering on an abstract H100); "interpret" skips it too.
   """
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    return False, "expected [B, L, H, D] inputs"
+  ok, why = mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids)
+  if not ok:
+    return ok, why
   B, T, Hq, D = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
-  if v.shape != k.shape or k.shape[0] != B or k.shape[3] != D:
-    return False, f"k and v must be [B, S, Hkv, {D}]"
-  if r is not None and r.shape != q.shape:
-    return False, "r must have q's shape"
-  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
-  if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
-    return False, f"dtypes {dts}: need one of bfloat16/float16"
-  if D not in _HEAD_DIMS:
-    return False, f"head_dim {D} not in {_HEAD_DIMS}"
-  if Hq % Hkv:
-    return False, "Hq must be a multiple of Hkv"
-  if window is not None:
-    return False, "window masks are not implemented"
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    return False, "give both q_segment_ids and kv_segment_ids, or neither"
-  if q_segment_ids is not None:
-    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S):
-      return False, f"segment ids must be [B, T] and [B, S] = {(B, T)}, {(B, S)}"
-    if any(jnp.dtype(x.dtype) != jnp.int32 for x in (q_segment_ids, kv_segment_ids)):
-      return False, "segment ids must be int32"
+  S = k.shape[1]
   cfg = config or default_config(D, r is not None)
   if T % (_COMPUTE_WGS * cfg.block_q):
     return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"

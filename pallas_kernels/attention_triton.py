@@ -82,6 +82,11 @@ class BlockSizes:
   # aligned lengths); else, and in interpret mode, the Triton forward. Same residuals, so the
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
   mosaic_forward: bool = True
+  # dk/dv on Hopper through the Mosaic GPU kernel (`attention_mgpu_dkv`) where it supports the
+  # call, its non-finite marks repaired by the Triton dk/dv fixup launch. Off by default: on
+  # an H100 (bench/NOTES.md) it runs softmax and D=64 at 1.3x the Triton kernel's speed but
+  # Parallax at D=128 at 0.85-0.98x, and with segment ids at 0.5x (it skips no tiles by id).
+  mosaic_dkv: bool = False
 
   def __post_init__(self):
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):

@@ -223,3 +223,39 @@ def hopper_platform(platform: str | None) -> tuple[bool, str]:
   if platform not in ("cuda", "gpu", "interpret"):
     return False, f"platform {platform!r} is not cuda"
   return True, ""
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU inputs
+
+MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MGPU_HEAD_DIMS = (64, 128)
+
+
+def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[bool, str]:
+  """The input checks the Mosaic GPU training kernels share (their tile constraints aside):
+  (True, "") or (False, reason). Arrays or ShapeDtypeStructs."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    return False, "expected [B, L, H, D] inputs"
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  if v.shape != k.shape or k.shape[0] != B or k.shape[3] != D:
+    return False, f"k and v must be [B, S, Hkv, {D}]"
+  if r is not None and r.shape != q.shape:
+    return False, "r must have q's shape"
+  dts = {jnp.dtype(x.dtype) for x in (q, k, v) + (() if r is None else (r,))}
+  if len(dts) != 1 or next(iter(dts)) not in MGPU_DTYPES:
+    return False, f"dtypes {dts}: need one of bfloat16/float16"
+  if D not in MGPU_HEAD_DIMS:
+    return False, f"head_dim {D} not in {MGPU_HEAD_DIMS}"
+  if Hq % Hkv:
+    return False, "Hq must be a multiple of Hkv"
+  if window is not None:
+    return False, "window masks are not implemented"
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    return False, "give both q_segment_ids and kv_segment_ids, or neither"
+  if q_segment_ids is not None:
+    if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S):
+      return False, f"segment ids must be [B, T] and [B, S] = {(B, T)}, {(B, S)}"
+    if any(jnp.dtype(x.dtype) != jnp.int32 for x in (q_segment_ids, kv_segment_ids)):
+      return False, "segment ids must be int32"
+  return True, ""

@@ -1,0 +1,406 @@
+"""Hopper (sm_90a) dk/dv kernel for Parallax / softmax attention in Pallas Mosaic GPU.
+
+The math of the Triton dk/dv kernel (`attention_triton._dkv_kernel`), per key row j and
+query row i of q-head h (transposed tiles [keys, queries], fp32 accumulation):
+
+    a   = exp2(k.q * scale * log2e - lse)          (lse in the log2 domain; 0 if masked)
+    gt  = v.do;  c = (1 + tbar) - k.r
+    dtt = a (gbar - gt);  ds = a (gbar - delta) - dtt c
+    dv += (a c) do;  dk += (ds * scale) q + dtt r          (softmax: c = 1, r = 0 and
+                                                             ds = a (gt - delta))
+
+summed over the q-heads of the key's GQA group. delta, gbar come from the dq kernel.
+
+Structure (after the backward of jax/experimental/pallas/ops/gpu/attention_mgpu.py, with the
+forward's hand-written producer so causal ranges can be dynamic): one CTA per (kv-head,
+2 * 64 key rows, batch), three warpgroups. Warpgroups 0 and 1 each own 64 key rows: they
+load their K and V tiles once and hold dK, dV [64, D] in fp32 registers. Warpgroup 2 is the
+producer: it streams, for each q-head of the group and each query tile the CTA's keys see,
+the Q, R, dO tiles and the row vectors (lse, delta, 1 + tbar, gbar) by TMA into a
+`num_stages`-deep SMEM ring. Per step a consumer issues K Q^T, K R^T, V dO^T on the tensor
+cores (wgmma, both operands in SMEM), forms a, c, ds, dtt in registers and issues
+dV += (a c) dO, dK += ds Q + dtt R with the left operand from registers. A consumer skips
+(releases at once) the query tiles that only the other consumer's keys see.
+
+Non-finite values follow the Triton kernels' protocol: this is a fast launch; it returns
+per key row the sum of its dK and dV rows, from which the caller marks the Triton key tiles
+whose results are not finite, and the Triton fixup launch recomputes those
+(`attention.mosaic_dkv_call`).
+
+Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA, non-causal, causal with
+T <= S (end-aligned), T a multiple of block_q and S of 128, segment ids (int32: every tile
+is masked by id); no window. Everything else runs the Triton kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import LOG2E, SMEM_LIMIT, hopper_platform, mgpu_inputs_ok
+
+_COMPUTE_WGS = 2  # consumer warpgroups per CTA
+_BLOCK_K = 64  # key rows per consumer warpgroup: one wgmma M tile
+_PRODUCER_REGISTERS = {232: 40, 240: 24}
+
+
+@dataclasses.dataclass(frozen=True)
+class DkvConfig:
+  """Tiles of the Mosaic GPU dk/dv kernel.
+
+  block_q: query rows per pipeline step (the N of the three [64, block_q] score tiles, the K
+    of the dK, dV products: 64 or 128, wgmma taking a register operand's K in groups of
+    64). Registers per consumer thread at D=128: dK + dV take 128, the three fp32 score
+    tiles 96 at block_q=64.
+  num_stages: depth of the Q / R / dO / row-vector SMEM ring (>= 2).
+  consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
+  """
+  block_q: int = 64
+  num_stages: int = 2
+  consumer_registers: int = 240
+
+  def __post_init__(self):
+    if self.block_q not in (64, 128):
+      raise ValueError(f"block_q={self.block_q} must be 64 or 128")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+    if self.consumer_registers not in _PRODUCER_REGISTERS:
+      raise ValueError(f"consumer_registers={self.consumer_registers} must be one of "
+                       f"{sorted(_PRODUCER_REGISTERS)}")
+
+
+def default_config(head_dim: int, parallax: bool = True) -> DkvConfig:
+  """block_q=64 everywhere: at D=128 Parallax's three score tiles and dK, dV fill ~224 of
+  the 240 registers."""
+  del head_dim, parallax
+  return DkvConfig(block_q=64, num_stages=2)
+
+
+def smem_bytes(cfg: DkvConfig, head_dim: int, parallax: bool, itemsize: int = 2) -> int:
+  """SMEM of the buffers: K and V per consumer, the Q (R) dO ring, row vectors, ids."""
+  kv = 2 * _COMPUTE_WGS * _BLOCK_K * head_dim * itemsize
+  ring = cfg.num_stages * cfg.block_q * head_dim * itemsize * (3 if parallax else 2)
+  rows = cfg.num_stages * (4 if parallax else 2) * cfg.block_q * 4
+  return kv + ring + rows + cfg.num_stages * cfg.block_q * 4 + _COMPUTE_WGS * _BLOCK_K * 12
+
+
+def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
+              kv_segment_ids=None, config: DkvConfig | None = None,
+              platform: str | None = None) -> tuple[bool, str]:
+  """(True, "") if `parallax_dkv_mgpu` handles these inputs, else (False, reason). Accepts
+  arrays or ShapeDtypeStructs; platform as `attention_mgpu.supported`."""
+  ok, why = mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids)
+  if not ok:
+    return ok, why
+  B, T, Hq, D = q.shape
+  S = k.shape[1]
+  cfg = config or default_config(D, r is not None)
+  if T % cfg.block_q:
+    return False, f"T={T} is not a multiple of block_q={cfg.block_q}"
+  if S % (_COMPUTE_WGS * _BLOCK_K):
+    return False, f"S={S} is not a multiple of {_COMPUTE_WGS * _BLOCK_K}"
+  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
+    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
+  if causal and T > S:
+    return False, "causal with T > S (rows without keys) is not implemented"
+  return hopper_platform(platform)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "cfg", "interpret"))
+def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cfg: DkvConfig,
+         interpret=None):
+  """The plgpu.kernel call. rows [B, Hq, n, T] f32: lse, delta (, 1 + tbar, gbar with r).
+  params [Hq, 2, block_q] f32: row 0 = scale * log2e, row 1 = scale, per column.
+  Returns dk, dv [B, S, Hkv, D] (k's dtype) and rowsum [B, Hkv, S] f32, the sum of each
+  key row's dk and dv entries (non-finite iff some entry is)."""
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  G = Hq // Hkv
+  dtype = k.dtype
+  has_r = r is not None
+  has_seg = qseg is not None
+  n_rows = rows.shape[2]
+  bq, bk = cfg.block_q, _BLOCK_K
+  off = S - T  # end-aligned causal: query i sits at key position i + off
+  nq = T // bq
+  n_cta = S // (_COMPUTE_WGS * bk)
+  stages = cfg.num_stages
+  # The GPU interpreter runs each warpgroup's code as a computation on XLA's CPU thread
+  # pool, and a barrier wait blocks its pool thread: on a 2-core machine the two consumers
+  # waiting for the producer's first loads can leave it no thread to run on (a deadlock).
+  # Interpreted, each consumer loads its own tiles into its own slot instead (no producer):
+  # the same tiles, masks and arithmetic; the producer's ring runs on GPUs only.
+  self_load = interpret is not None
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per key row
+  col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per query column
+
+  def q_tile_lo(kb):
+    """First query tile that key rows [kb, kb + bk) see (causal), and the first that all of
+    them see."""
+    lo = lax.div(jnp.maximum(kb - off, 0), bq)
+    full = jnp.minimum(lax.div(jnp.maximum(kb + (bk - 1 - off), 0) + (bq - 1), bq), nq)
+    return lo, full
+
+  def kernel(refs, scoped):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    r_ref = refs.pop(3) if has_r else None
+    do_ref, rows_ref, p_ref = refs[3:6]
+    qseg_ref, kseg_ref = (refs.pop(6), refs.pop(6)) if has_seg else (None, None)
+    dk_ref, dv_ref, sum_ref = refs[6:9]
+    (k_smem, v_smem, q_smem, r_smem, do_smem, row_smem, qs_smem, p_smem2, ks_smem, sum_smem), (
+        k_bar, v_bar, p_bar, ks_bar, q_bar, r_bar, do_bar, row_bar, qs_bar), free = scoped
+    b = lax.axis_index("batch")
+    hk = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    k0 = lax.axis_index("kv_seq") * (_COMPUTE_WGS * bk)
+    lo_cta = q_tile_lo(k0)[0] if causal else jnp.int32(0)
+    n_i = nq - lo_cta  # query tiles per q-head
+    steps = G * n_i
+
+    def fetch(g, i, slot):  # query tile i of the group's q-head g into a ring slot
+      h = hk * G + g
+      src = (b, pl.ds(i * bq, bq), h)
+      plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], q_bar.at[slot])
+      if has_r:
+        plgpu.copy_gmem_to_smem(r_ref.at[src], r_smem.at[slot], r_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(rows_ref.at[b, h, :, pl.ds(i * bq, bq)], row_smem.at[slot],
+                              row_bar.at[slot])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(i * bq, bq)], qs_smem.at[slot],
+                                qs_bar.at[slot])
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_registers, action="increase")
+      kb = k0 + wg * bk
+      if causal:
+        lo, full = q_tile_lo(kb)
+      else:
+        lo = full = jnp.int32(0)
+      src = (b, pl.ds(kb, bk), hk)
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[wg], v_bar.at[wg])
+      p_smem = p_smem2.at[wg]
+      plgpu.copy_gmem_to_smem(p_ref.at[pl.ds(hk * G, G)], p_smem, p_bar.at[wg])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(kseg_ref.at[b, pl.ds(kb, bk)], ks_smem.at[wg], ks_bar.at[wg])
+      plgpu.barrier_wait(p_bar.at[wg])
+      if has_seg:
+        plgpu.barrier_wait(ks_bar.at[wg])
+        ksv = plgpu.load(ks_smem.at[wg], layout=row_layout)
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+      k_t, v_t = k_smem.at[wg], v_smem.at[wg]
+
+      def wait_loaded(slot):
+        plgpu.barrier_wait(q_bar.at[slot])
+        if has_r:
+          plgpu.barrier_wait(r_bar.at[slot])
+        plgpu.barrier_wait(do_bar.at[slot])
+        plgpu.barrier_wait(row_bar.at[slot])
+        if has_seg:
+          plgpu.barrier_wait(qs_bar.at[slot])
+
+      def skip(i, carry, base):
+        # a tile only the other consumer's keys see: observe its loads (the interpreter
+        # checks every barrier phase) and release it
+        slot = lax.rem(base + i, jnp.array(stages, i.dtype))
+        wait_loaded(slot)
+        plgpu.barrier_arrive(free.at[slot])
+        return carry
+
+      def body(i, carry, base, g, masked: bool):
+        dk, dv = carry
+        if self_load:  # this consumer's own slot, loaded and awaited here
+          slot = wg
+          fetch(g, i, slot)
+        else:
+          slot = lax.rem(base + i, jnp.array(stages, i.dtype))
+        wait_loaded(slot)
+        q_t, do_t = q_smem.at[slot], do_smem.at[slot]
+        r_t = r_smem.at[slot] if has_r else None
+
+        def scores(*accs):
+          plgpu.wgmma(accs[0], k_t, q_t.transpose((1, 0)))
+          plgpu.wgmma(accs[1], v_t, do_t.transpose((1, 0)))
+          if has_r:
+            plgpu.wgmma(accs[2], k_t, r_t.transpose((1, 0)))
+          return tuple(acc[...] for acc in accs)
+
+        acc_t = plgpu.ACC((bk, bq), jnp.float32)
+        sc = pl.run_scoped(scores, *((acc_t,) * (3 if has_r else 2)))
+        s, gt = sc[:2]
+        col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
+        row_vec = lambda j: col(plgpu.load(row_smem.at[slot, j], layout=col_layout))
+        c2 = col(plgpu.load(p_smem.at[g, 0], layout=col_layout))   # scale * log2e
+        sc1 = col(plgpu.load(p_smem.at[g, 1], layout=col_layout))  # scale
+        a = jnp.exp2(s * c2 - row_vec(0))
+        if masked:
+          kj = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout)
+          qi = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=wgmma_layout)
+          a = jnp.where(kj + kb <= qi + (i * bq + off), a, 0.0)
+        if has_seg:
+          qsv = plgpu.load(qs_smem.at[slot], layout=col_layout)
+          same = (lax.broadcast_in_dim(ksv, s.shape, [0]) ==
+                  lax.broadcast_in_dim(qsv, s.shape, [1]))
+          a = jnp.where(same, a, 0.0)
+        delta = row_vec(1)
+        if has_r:
+          c = row_vec(2) - sc[2]  # (1 + tbar) - k.r
+          gbar = row_vec(3)
+          dtt = a * (gbar - gt)
+          ds = (a * (gbar - delta) - dtt * c) * sc1
+          pv = (a * c).astype(dtype)
+          lhs = (ds.astype(dtype), dtt.astype(dtype))
+        else:
+          pv = a.astype(dtype)
+          lhs = ((a * (gt - delta) * sc1).astype(dtype),)
+
+        def products(accs):
+          dv_acc, dk_acc = accs
+          plgpu.wgmma(dv_acc, pv, do_t)
+          plgpu.wgmma(dk_acc, lhs[0], q_t)
+          if has_r:
+            plgpu.wgmma(dk_acc, lhs[1], r_t)
+
+        if interpret is None:  # accumulate in place
+          dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        else:
+          # the GPU interpreter (jax 0.11.2) has neither a register-LHS wgmma nor
+          # pl.run_state: the same arithmetic as plain dots
+          f32 = functools.partial(lax.dot, preferred_element_type=jnp.float32)
+          dv = dv + f32(pv, do_t[...])
+          dk = dk + f32(lhs[0], q_t[...])
+          if has_r:
+            dk = dk + f32(lhs[1], r_t[...])
+          plgpu.commit_smem()  # generic-proxy SMEM reads, before the slot goes to the TMA
+        if has_seg:
+          plgpu.commit_smem()
+        if not self_load:
+          plgpu.barrier_arrive(free.at[slot])
+        return dk, dv
+
+      def head(g, carry):
+        base = g * n_i - lo_cta  # step of query tile i = base + i
+        if not self_load:
+          carry = lax.fori_loop(lo_cta, lo, functools.partial(skip, base=base), carry)
+        carry = lax.fori_loop(lo, full, functools.partial(body, base=base, g=g, masked=True),
+                              carry)
+        return lax.fori_loop(full, nq, functools.partial(body, base=base, g=g, masked=False),
+                             carry)
+
+      zacc = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), wgmma_layout)
+      dk, dv = lax.fori_loop(0, G, head, (zacc, zacc))
+      k_t[...] = dk.astype(dtype)  # K, V no longer needed: their SMEM takes the results
+      v_t[...] = dv.astype(dtype)
+      sum_smem.at[wg][...] = dk.sum(axis=1) + dv.sum(axis=1)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_t, dk_ref.at[src])
+      plgpu.copy_smem_to_gmem(v_t, dv_ref.at[src])
+      plgpu.copy_smem_to_gmem(sum_smem.at[wg], sum_ref.at[b, hk, pl.ds(kb, bk)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == (-1 if self_load else _COMPUTE_WGS))
+    def _producer():
+      plgpu.set_max_registers(_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
+
+      def load(step, slot):
+        g = lax.div(step, n_i)
+        fetch(g, lo_cta + step - g * n_i, slot)
+
+      for i in range(stages):
+        pl.when(i < steps)(functools.partial(load, i, i))
+
+      @pl.loop(0, jnp.maximum(steps - stages, 0))
+      def _(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(free.at[slot])
+        load(step + stages, slot)
+
+      @pl.loop(jnp.maximum(steps - stages, 0), steps)
+      def _(step):  # observe the last releases too (the interpreter checks every phase)
+        plgpu.barrier_wait(free.at[lax.rem(step, jnp.array(stages, step.dtype))])
+
+  def entry(*refs):
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
+    smem = (
+        tiled((_COMPUTE_WGS, bk, D), dtype),  # K, then dK
+        tiled((_COMPUTE_WGS, bk, D), dtype),  # V, then dV
+        tiled((stages, bq, D), dtype),  # Q ring
+        tiled((stages, bq, D), dtype) if has_r else None,  # R ring
+        tiled((stages, bq, D), dtype),  # dO ring
+        plgpu.SMEM((stages, n_rows, bq), jnp.float32),  # row vectors ring
+        plgpu.SMEM((stages, bq), jnp.int32) if has_seg else None,  # q segment ids ring
+        plgpu.SMEM((_COMPUTE_WGS, G, 2, bq), jnp.float32),  # params of the group's heads
+        plgpu.SMEM((_COMPUTE_WGS, bk), jnp.int32) if has_seg else None,  # k segment ids
+        plgpu.SMEM((_COMPUTE_WGS, bk), jnp.float32),  # row sums out
+    )
+    per_wg = lambda: plgpu.Barrier(num_barriers=_COMPUTE_WGS)
+    per_slot = lambda: plgpu.Barrier(num_barriers=stages)
+    loaded = (per_wg(), per_wg(), per_wg(), per_wg() if has_seg else None,
+              per_slot(), per_slot() if has_r else None, per_slot(), per_slot(),
+              per_slot() if has_seg else None)
+    free = plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages)
+    pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free,
+                  collective_axes="wg")
+
+  out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype),
+              jax.ShapeDtypeStruct((B, Hkv, S), jnp.float32)]
+  args = ((q, k, v) + ((r,) if has_r else ()) + (do, rows, params) +
+          ((qseg, kseg) if has_seg else ()))
+  return plgpu.kernel(
+      entry,
+      out_type=out_type,
+      grid=(Hkv, n_cta, B),
+      grid_names=("heads", "kv_seq", "batch"),
+      num_threads=_COMPUTE_WGS + (0 if self_load else 1),
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+
+def parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar=None, gbar=None, *, scale,
+                      causal=True, q_segment_ids=None, kv_segment_ids=None,
+                      config: DkvConfig | None = None, interpret=None):
+  """dk, dv of Parallax attention (softmax when r is None) with the Mosaic GPU kernel.
+
+  q, r, do: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lse, tbar [B, Hq, T] f32 (the forward's
+  residuals: lse in the log2 domain, +inf for rows without keys), delta, gbar [B, Hq, T]
+  f32 (the dq kernel's: zero for such rows). scale: python float, scalar or [Hq]. Returns
+  (dk, dv, rowsum): dk, dv in k's dtype, rowsum [B, Hkv, S] f32 the sum of each key row's
+  dk and dv entries (not finite iff one of them is: the caller's mark for a fixup).
+  interpret: a plgpu.InterpretGPUParams to run on CPU (tests). Check `supported` first.
+  """
+  B, T, Hq, D = q.shape
+  cfg = config or default_config(D, r is not None)
+  ok, why = supported(q, k, v, r, causal=causal, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids, config=cfg,
+                      platform="interpret" if interpret is not None else "cuda")
+  if not ok:
+    raise ValueError(f"parallax_dkv_mgpu: unsupported inputs: {why}")
+  if r is not None and (tbar is None or gbar is None):
+    raise ValueError("parallax_dkv_mgpu: r needs tbar and gbar")
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
+  vecs = (lse, delta) + ((1.0 + tbar, gbar) if r is not None else ())
+  rows = jnp.stack([x.astype(jnp.float32) for x in vecs], axis=2)  # [B, Hq, n, T]
+  params = jnp.broadcast_to(jnp.stack([scale * LOG2E, scale], axis=1)[:, :, None],
+                            (Hq, 2, cfg.block_q))
+  return _dkv(q, k, v, r, do, rows, params, q_segment_ids, kv_segment_ids,
+              causal=bool(causal), cfg=cfg, interpret=interpret)
