@@ -22,6 +22,7 @@ over calls), with a wall-clock fallback (train); xla times wall-clock medians of
   PYTHONPATH=. python3 bench/attention.py train --out DIR [--no-block-sweep] [--budget-s 320]
   PYTHONPATH=. python3 bench/attention.py grid --out $OUT [--resume] [--budget-s 480]
   PYTHONPATH=. python3 bench/attention.py xla [--only-32k]
+  PYTHONPATH=. python3 bench/attention.py dkv [--configs] --out $OUT
   git archive REV pallas_kernels | tar -x -C /tmp/before
   PYTHONPATH=/tmp/before:. python3 bench/attention.py nonfinite --out /tmp/before.json
   PYTHONPATH=. python3 bench/attention.py nonfinite --out /tmp/after.json
