@@ -19,8 +19,11 @@ producer: it streams, for each q-head of the group and each query tile the CTA's
 the Q, R, dO tiles and the row vectors (lse, delta, 1 + tbar, gbar) by TMA into a
 `num_stages`-deep SMEM ring. Per step a consumer issues K Q^T, K R^T, V dO^T on the tensor
 cores (wgmma, both operands in SMEM), forms a, c, ds, dtt in registers and issues
-dV += (a c) dO, dK += ds Q + dtt R with the left operand from registers. A consumer skips
-(releases at once) the query tiles that only the other consumer's keys see.
+dV += (a c) dO, dK += ds Q + dtt R with the left operand from registers. A consumer's
+query tiles are those its keys see: the causal geometry and, with segment ids, the run of
+tiles holding its keys' ids (`common.seg_ranges`, as the Triton kernel skips them); the CTA
+streams the union of its two consumers' ranges, and each releases unread the tiles only the
+other needs.
 
 Non-finite values follow the Triton kernels' protocol: this is a fast launch; it returns
 per key row the sum of its dK and dV rows, from which the caller marks the Triton key tiles
@@ -28,8 +31,8 @@ whose results are not finite, and the Triton fixup launch recomputes those
 (`attention.mosaic_dkv_call`).
 
 Covered (see `supported`): bf16/fp16, head_dim 64 or 128, GQA, non-causal, causal with
-T <= S (end-aligned), T a multiple of block_q and S of 128, segment ids (int32: every tile
-is masked by id); no window. Everything else runs the Triton kernel.
+T <= S (end-aligned), T a multiple of block_q and S of 128, segment ids (int32; every tile
+in a consumer's range is masked by id); no window. Everything else runs the Triton kernel.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import LOG2E, SMEM_LIMIT, hopper_platform, mgpu_inputs_ok
+from pallas_kernels.common import (LOG2E, SMEM_LIMIT, hopper_platform, mgpu_inputs_ok,
+                                   seg_ranges)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
 _BLOCK_K = 64  # key rows per consumer warpgroup: one wgmma M tile
@@ -115,10 +119,12 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "cfg", "interpret"))
-def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cfg: DkvConfig,
-         interpret=None):
+def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal: bool,
+         cfg: DkvConfig, interpret=None):
   """The plgpu.kernel call. rows [B, Hq, n, T] f32: lse, delta (, 1 + tbar, gbar with r).
   params [Hq, 2, block_q] f32: row 0 = scale * log2e, row 1 = scale, per column.
+  srng [B, S / 64, 4] int32 with segment ids: `common.seg_ranges` of each 64-key tile, in
+  query tiles (lo and hi used: the tiles outside are skipped).
   Returns dk, dv [B, S, Hkv, D] (k's dtype) and rowsum [B, Hkv, S] f32, the sum of each
   key row's dk and dv entries (non-finite iff some entry is)."""
   B, T, Hq, D = q.shape
@@ -155,16 +161,39 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cf
     q_ref, k_ref, v_ref = refs[:3]
     r_ref = refs.pop(3) if has_r else None
     do_ref, rows_ref, p_ref = refs[3:6]
-    qseg_ref, kseg_ref = (refs.pop(6), refs.pop(6)) if has_seg else (None, None)
+    qseg_ref, kseg_ref, srng_ref = ((refs.pop(6), refs.pop(6), refs.pop(6)) if has_seg
+                                    else (None, None, None))
     dk_ref, dv_ref, sum_ref = refs[6:9]
-    (k_smem, v_smem, q_smem, r_smem, do_smem, row_smem, qs_smem, p_smem2, ks_smem, sum_smem), (
-        k_bar, v_bar, p_bar, ks_bar, q_bar, r_bar, do_bar, row_bar, qs_bar), free = scoped
+    (k_smem, v_smem, q_smem, r_smem, do_smem, row_smem, qs_smem, p_smem2, ks_smem, sum_smem,
+     sr_smem), (k_bar, v_bar, p_bar, ks_bar, q_bar, r_bar, do_bar, row_bar, qs_bar,
+                sr_bar), free = scoped
     b = lax.axis_index("batch")
     hk = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     k0 = lax.axis_index("kv_seq") * (_COMPUTE_WGS * bk)
-    lo_cta = q_tile_lo(k0)[0] if causal else jnp.int32(0)
-    n_i = nq - lo_cta  # query tiles per q-head
+    if has_seg:  # every thread reads the query-tile ranges of the CTA's two key tiles
+      plgpu.copy_gmem_to_smem(srng_ref.at[b, pl.ds(lax.div(k0, bk), _COMPUTE_WGS)],
+                              sr_smem.at[wg], sr_bar.at[wg])
+      plgpu.barrier_wait(sr_bar.at[wg])
+
+    def tiles(w):
+      """(lo, full, hi) of consumer w: query tiles [lo, hi) its keys see, [full, hi) all of
+      them (causal geometry and segment ranges)."""
+      lo, full = q_tile_lo(k0 + w * bk) if causal else (jnp.int32(0), jnp.int32(0))
+      hi = jnp.int32(nq)
+      if has_seg:
+        hi = jnp.minimum(hi, sr_smem[wg, w, 3])
+        lo = jnp.minimum(jnp.maximum(lo, sr_smem[wg, w, 0]), hi)
+        full = jnp.minimum(jnp.maximum(full, lo), hi)
+      return lo, full, hi
+
+    ranges = [tiles(w) for w in range(_COMPUTE_WGS)]
+    # the CTA streams the union of its consumers' ranges (an empty one adds nothing)
+    (lo0, _, hi0), (lo1, _, hi1) = ranges
+    e0, e1 = hi0 <= lo0, hi1 <= lo1
+    lo_cta = jnp.where(e0, jnp.where(e1, 0, lo1), jnp.where(e1, lo0, jnp.minimum(lo0, lo1)))
+    hi_cta = jnp.where(e0, jnp.where(e1, 0, hi1), jnp.where(e1, hi0, jnp.maximum(hi0, hi1)))
+    n_i = hi_cta - lo_cta  # query tiles per q-head
     steps = G * n_i
 
     def fetch(g, i, slot):  # query tile i of the group's q-head g into a ring slot
@@ -184,10 +213,12 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cf
     def _consumer():
       plgpu.set_max_registers(cfg.consumer_registers, action="increase")
       kb = k0 + wg * bk
-      if causal:
-        lo, full = q_tile_lo(kb)
-      else:
-        lo = full = jnp.int32(0)
+      lo, full, hi = (jnp.where(wg == 0, x, y) for x, y in zip(*ranges))
+      # inside the CTA's range, so the skips cover exactly its other tiles (an empty range
+      # may lie outside it)
+      lo = jnp.minimum(jnp.maximum(lo, lo_cta), hi_cta)
+      hi = jnp.minimum(jnp.maximum(hi, lo), hi_cta)
+      full = jnp.minimum(jnp.maximum(full, lo), hi)
       src = (b, pl.ds(kb, bk), hk)
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[wg], k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[wg], v_bar.at[wg])
@@ -297,8 +328,11 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cf
           carry = lax.fori_loop(lo_cta, lo, functools.partial(skip, base=base), carry)
         carry = lax.fori_loop(lo, full, functools.partial(body, base=base, g=g, masked=True),
                               carry)
-        return lax.fori_loop(full, nq, functools.partial(body, base=base, g=g, masked=False),
-                             carry)
+        carry = lax.fori_loop(full, hi, functools.partial(body, base=base, g=g, masked=False),
+                              carry)
+        if not self_load:
+          carry = lax.fori_loop(hi, hi_cta, functools.partial(skip, base=base), carry)
+        return carry
 
       zacc = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), wgmma_layout)
       dk, dv = lax.fori_loop(0, G, head, (zacc, zacc))
@@ -347,12 +381,14 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cf
         plgpu.SMEM((_COMPUTE_WGS, G, 2, bq), jnp.float32),  # params of the group's heads
         plgpu.SMEM((_COMPUTE_WGS, bk), jnp.int32) if has_seg else None,  # k segment ids
         plgpu.SMEM((_COMPUTE_WGS, bk), jnp.float32),  # row sums out
+        plgpu.SMEM((_COMPUTE_WGS + 1, _COMPUTE_WGS, 4), jnp.int32) if has_seg else None,
     )
     per_wg = lambda: plgpu.Barrier(num_barriers=_COMPUTE_WGS)
     per_slot = lambda: plgpu.Barrier(num_barriers=stages)
     loaded = (per_wg(), per_wg(), per_wg(), per_wg() if has_seg else None,
               per_slot(), per_slot() if has_r else None, per_slot(), per_slot(),
-              per_slot() if has_seg else None)
+              per_slot() if has_seg else None,
+              plgpu.Barrier(num_barriers=_COMPUTE_WGS + 1) if has_seg else None)
     free = plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages)
     pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free,
                   collective_axes="wg")
@@ -360,7 +396,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, *, causal: bool, cf
   out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype),
               jax.ShapeDtypeStruct((B, Hkv, S), jnp.float32)]
   args = ((q, k, v) + ((r,) if has_r else ()) + (do, rows, params) +
-          ((qseg, kseg) if has_seg else ()))
+          ((qseg, kseg, srng) if has_seg else ()))
   return plgpu.kernel(
       entry,
       out_type=out_type,
@@ -402,5 +438,8 @@ def parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar=None, gbar=None, *, scale
   rows = jnp.stack([x.astype(jnp.float32) for x in vecs], axis=2)  # [B, Hq, n, T]
   params = jnp.broadcast_to(jnp.stack([scale * LOG2E, scale], axis=1)[:, :, None],
                             (Hq, 2, cfg.block_q))
-  return _dkv(q, k, v, r, do, rows, params, q_segment_ids, kv_segment_ids,
+  srng = None
+  if q_segment_ids is not None:  # query tiles each 64-key tile's ids allow
+    srng = seg_ranges(kv_segment_ids, q_segment_ids, k.shape[1], T, _BLOCK_K, cfg.block_q)
+  return _dkv(q, k, v, r, do, rows, params, q_segment_ids, kv_segment_ids, srng,
               causal=bool(causal), cfg=cfg, interpret=interpret)

@@ -20,7 +20,7 @@ Masks: causal is end-aligned (query i sits at position i + S - T); window W keep
 pos - W < j (and j < pos + W without causal); segment ids; rows without keys give 0.
 Each K/V (or Q) loop is split into unmasked interior tiles and masked boundary tiles. With
 segment ids in packed (sorted) rows the loops also skip tiles of other documents and keep
-single-document interior tiles unmasked (`_seg_ranges`); unsorted ids mask every tile.
+single-document interior tiles unmasked (`common.seg_ranges`); unsorted ids mask every tile.
 
 T, S are padded to the tile sizes and D to a power of two (>= 16) by the caller
 (`attention.parallax_flash_attention`, which calls `fwd_call`, `dq_call` and `dkv_call` with a
@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (LOG2E, NEG_INF, compact_fixup_call, compiler_params, dot,
-                                   finite, fp16_values, iota, nonfinite)
+                                   finite, fp16_values, iota, nonfinite, seg_ranges)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -84,8 +84,9 @@ class BlockSizes:
   mosaic_forward: bool = True
   # dk/dv on Hopper through the Mosaic GPU kernel (`attention_mgpu_dkv`) where it supports the
   # call, its non-finite marks repaired by the Triton dk/dv fixup launch. Off by default: on
-  # an H100 (bench/NOTES.md) it runs softmax and D=64 at 1.3x the Triton kernel's speed but
-  # Parallax at D=128 at 0.85-0.98x, and with segment ids at 0.5x (it skips no tiles by id).
+  # an H100 (bench/NOTES.md) it ran softmax and D=64 at 1.3x the Triton kernel's speed but
+  # Parallax at D=128 at 0.85-0.98x, and with segment ids at 0.5x before it skipped query
+  # tiles by segment range (not timed since).
   mosaic_dkv: bool = False
 
   def __post_init__(self):
@@ -204,7 +205,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: CallConfig):
   else:
     lo = zero
   lo = jnp.minimum(lo, hi)
-  # tiles fully visible to all rows (segment ids aside: see `_seg_ranges`)
+  # tiles fully visible to all rows (segment ids aside: see `common.seg_ranges`)
   full_hi = qs * 0 + cfg.S // bk
   if cfg.causal:
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(qs + (off + 1), zero), bk))
@@ -262,39 +263,8 @@ def _loop3(ranges, body, carry):
   return carry
 
 
-def _seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
-  """Column-tile ranges segment ids allow, per row tile: int32 [B, rows tiles, 4] =
-  (lo, mid_lo, mid_hi, hi) as `_kv_tiles`, intersected with the geometric ranges in the
-  kernels (`_with_seg_ranges`). rows [B, Rp], cols [B, Cp]: padded ids, n_rows / n_cols real.
-
-  Packed rows hold non-decreasing ids, so the columns whose id falls in a row tile's id span
-  are one run [a, b): tiles outside it are skipped, tiles inside it need no segment mask
-  when the row tile holds a single id. Rows whose real ids are not sorted get every column
-  tile, all masked. Computed in XLA once per call ([B, tiles, n_cols] compares).
-  """
-  big = jnp.int32(jnp.iinfo(jnp.int32).max)
-  r, c = rows[:, :n_rows], cols[:, :n_cols]
-  ok = (jnp.all(r[:, 1:] >= r[:, :-1], axis=1) & jnp.all(c[:, 1:] >= c[:, :-1], axis=1))
-  B, Rp = rows.shape
-  nt, nc = Rp // b_rows, cols.shape[1] // b_cols
-  real = (jnp.arange(Rp) < n_rows).reshape(nt, b_rows)
-  tiles = rows.reshape(B, nt, b_rows)
-  tmin = jnp.min(jnp.where(real, tiles, big), axis=2)
-  tmax = jnp.max(jnp.where(real, tiles, -big), axis=2)
-  a = jnp.sum(c[:, None, :] < tmin[:, :, None], axis=2, dtype=jnp.int32)
-  b = jnp.sum(c[:, None, :] <= tmax[:, :, None], axis=2, dtype=jnp.int32)
-  lo, hi = a // b_cols, _cdiv(b, b_cols)
-  one = tmin == tmax
-  mid_lo = jnp.where(one, _cdiv(a, b_cols), lo)
-  mid_hi = jnp.where(one, b // b_cols, lo)
-  okb = ok[:, None]
-  out = [jnp.where(okb, lo, 0), jnp.where(okb, mid_lo, 0), jnp.where(okb, mid_hi, 0),
-         jnp.where(okb, hi, nc)]
-  return jnp.stack(out, axis=-1).astype(jnp.int32)
-
-
 def _with_seg_ranges(ranges, srng_ref):
-  """Geometric tile ranges intersected with a `_seg_ranges` row (None: no segment ids)."""
+  """Geometric tile ranges intersected with a `common.seg_ranges` row (None: no segment ids)."""
   if srng_ref is None:
     return ranges
   lo, mid_lo, mid_hi, hi = ranges
@@ -331,7 +301,7 @@ def _query_tiles(cfg: CallConfig, B: int, bq: int, bk: int, qseg, kseg) -> _Quer
           pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if seg else None,
           pl.BlockSpec((None, cfg.Sp), lambda i, b, h: (b, 0)) if seg else None,
           pl.BlockSpec((None, None, 4), lambda i, b, h: (b, qt(i), 0)) if seg else None),
-      srng=_seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if seg else None)
+      srng=seg_ranges(qseg, kseg, cfg.T, cfg.S, bq, bk) if seg else None)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -844,7 +814,7 @@ def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qse
       pl.BlockSpec((None, None, 4), lambda j, b, h: (b, j, 0)) if cfg.has_seg else None,
   ]
   # key tiles are the rows here: the query tiles each one's ids allow
-  srng = _seg_ranges(kseg, qseg, cfg.S, cfg.T, bk, bq) if cfg.has_seg else None
+  srng = seg_ranges(kseg, qseg, cfg.S, cfg.T, bk, bq) if cfg.has_seg else None
   args = [scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [kv_spec, kv_spec]

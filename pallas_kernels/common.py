@@ -259,3 +259,41 @@ def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[b
     if any(jnp.dtype(x.dtype) != jnp.int32 for x in (q_segment_ids, kv_segment_ids)):
       return False, "segment ids must be int32"
   return True, ""
+
+
+# ----------------------------------------------------------------------------- segment ids
+
+
+def _ceil_div(a, b: int):
+  return lax.div(a + (b - 1), b)
+
+
+def seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
+  """Column-tile ranges segment ids allow, per row tile: int32 [B, rows tiles, 4] =
+  (lo, mid_lo, mid_hi, hi) as `_kv_tiles`, intersected with the geometric ranges in the
+  kernels (`attention_triton._with_seg_ranges`, `attention_mgpu_dkv`). rows [B, Rp], cols [B, Cp]: padded ids, n_rows / n_cols real.
+
+  Packed rows hold non-decreasing ids, so the columns whose id falls in a row tile's id span
+  are one run [a, b): tiles outside it are skipped, tiles inside it need no segment mask
+  when the row tile holds a single id. Rows whose real ids are not sorted get every column
+  tile, all masked. Computed in XLA once per call ([B, tiles, n_cols] compares).
+  """
+  big = jnp.int32(jnp.iinfo(jnp.int32).max)
+  r, c = rows[:, :n_rows], cols[:, :n_cols]
+  ok = (jnp.all(r[:, 1:] >= r[:, :-1], axis=1) & jnp.all(c[:, 1:] >= c[:, :-1], axis=1))
+  B, Rp = rows.shape
+  nt, nc = Rp // b_rows, cols.shape[1] // b_cols
+  real = (jnp.arange(Rp) < n_rows).reshape(nt, b_rows)
+  tiles = rows.reshape(B, nt, b_rows)
+  tmin = jnp.min(jnp.where(real, tiles, big), axis=2)
+  tmax = jnp.max(jnp.where(real, tiles, -big), axis=2)
+  a = jnp.sum(c[:, None, :] < tmin[:, :, None], axis=2, dtype=jnp.int32)
+  b = jnp.sum(c[:, None, :] <= tmax[:, :, None], axis=2, dtype=jnp.int32)
+  lo, hi = a // b_cols, _ceil_div(b, b_cols)
+  one = tmin == tmax
+  mid_lo = jnp.where(one, _ceil_div(a, b_cols), lo)
+  mid_hi = jnp.where(one, b // b_cols, lo)
+  okb = ok[:, None]
+  out = [jnp.where(okb, lo, 0), jnp.where(okb, mid_lo, 0), jnp.where(okb, mid_hi, 0),
+         jnp.where(okb, hi, nc)]
+  return jnp.stack(out, axis=-1).astype(jnp.int32)

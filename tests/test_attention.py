@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import BlockSizes, attention, attention_triton, parallax_flash_attention
+from pallas_kernels import BlockSizes, attention, attention_triton, common, parallax_flash_attention
 from parallax_jax import masks
 from tests import test_masking as masking
 from tests.kernels import ci_subset, has_gpu
@@ -261,7 +261,7 @@ def test_rows_without_keys_are_zero(rng):
 
 @pytest.mark.parametrize("sort", [True, False])
 def test_seg_ranges_cover_visible_tiles(sort, rng):
-  """`_seg_ranges`: every tile pair with a shared id lies in [lo, hi); every tile in
+  """`common.seg_ranges`: every tile pair with a shared id lies in [lo, hi); every tile in
   [mid_lo, mid_hi) shares one id with all real rows of its row tile (safe to leave unmasked)."""
   B, R, C, br, bc = 3, 90, 70, 16, 8
   Rp, Cp = 96, 72
@@ -271,7 +271,7 @@ def test_seg_ranges_cover_visible_tiles(sort, rng):
     rows, cols = np.sort(rows, axis=1), np.sort(cols, axis=1)
   rows_p = np.pad(rows, ((0, 0), (0, Rp - R)), constant_values=-1)
   cols_p = np.pad(cols, ((0, 0), (0, Cp - C)), constant_values=-2)
-  rng_ = np.asarray(attention_triton._seg_ranges(
+  rng_ = np.asarray(common.seg_ranges(
       jnp.asarray(rows_p, jnp.int32), jnp.asarray(cols_p, jnp.int32), R, C, br, bc))
   n_mid = 0
   for b in range(B):
