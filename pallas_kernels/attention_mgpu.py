@@ -44,13 +44,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
 # way)
-from pallas_kernels.common import (LOG2E, SMEM_LIMIT, fp16_values, hopper_platform,
+from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT,
+                                   check_mgpu_pipeline, fp16_values, hopper_platform,
                                    mgpu_inputs_ok)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
-# consumer cap -> producer cap: 2 * 128 * consumer + 128 * producer = 168 * 384 (the launch's
-# even split of the 64K register file, rounded to 8)
-_PRODUCER_REGISTERS = {232: 40, 240: 24}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +85,7 @@ class MgpuConfig:
       raise ValueError(f"block_q={self.block_q} must be 64")
     if self.block_kv % 64 or self.block_kv <= 0:
       raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
-    if self.num_stages < 2:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
-    if self.consumer_registers not in _PRODUCER_REGISTERS:
-      raise ValueError(f"consumer_registers={self.consumer_registers} must be one of "
-                       f"{sorted(_PRODUCER_REGISTERS)}")
+    check_mgpu_pipeline(self.num_stages, self.consumer_registers)
 
 
 def default_config(head_dim: int, parallax: bool = True) -> MgpuConfig:
@@ -410,7 +404,7 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
 
     @pl.when(wg == _COMPUTE_WGS)
     def _producer():
-      plgpu.set_max_registers(_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
+      plgpu.set_max_registers(MGPU_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
       hk = lax.div(h, jnp.array(G, h.dtype))
 
       def load_kseg(step, slot):

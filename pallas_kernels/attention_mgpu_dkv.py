@@ -45,12 +45,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import (LOG2E, SMEM_LIMIT, hopper_platform, mgpu_inputs_ok,
+from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT,
+                                   check_mgpu_pipeline, hopper_platform, mgpu_inputs_ok,
                                    seg_ranges)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
 _BLOCK_K = 64  # key rows per consumer warpgroup: one wgmma M tile
-_PRODUCER_REGISTERS = {232: 40, 240: 24}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +71,7 @@ class DkvConfig:
   def __post_init__(self):
     if self.block_q not in (64, 128):
       raise ValueError(f"block_q={self.block_q} must be 64 or 128")
-    if self.num_stages < 2:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
-    if self.consumer_registers not in _PRODUCER_REGISTERS:
-      raise ValueError(f"consumer_registers={self.consumer_registers} must be one of "
-                       f"{sorted(_PRODUCER_REGISTERS)}")
+    check_mgpu_pipeline(self.num_stages, self.consumer_registers)
 
 
 def default_config(head_dim: int, parallax: bool = True) -> DkvConfig:
@@ -251,7 +247,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         plgpu.barrier_arrive(free.at[slot])
         return carry
 
-      def body(i, carry, base, g, masked: bool):
+      def body(i, carry, base, g, scales, masked: bool):
         dk, dv = carry
         if self_load:  # this consumer's own slot, loaded and awaited here
           slot = wg
@@ -274,8 +270,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         s, gt = sc[:2]
         col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
         row_vec = lambda j: col(plgpu.load(row_smem.at[slot, j], layout=col_layout))
-        c2 = col(plgpu.load(p_smem.at[g, 0], layout=col_layout))   # scale * log2e
-        sc1 = col(plgpu.load(p_smem.at[g, 1], layout=col_layout))  # scale
+        c2, sc1 = (col(x) for x in scales)  # scale * log2e, scale
         a = jnp.exp2(s * c2 - row_vec(0))
         if masked:
           kj = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout)
@@ -315,8 +310,9 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
           dk = dk + f32(lhs[0], q_t[...])
           if has_r:
             dk = dk + f32(lhs[1], r_t[...])
-          plgpu.commit_smem()  # generic-proxy SMEM reads, before the slot goes to the TMA
-        if has_seg:
+        if has_seg or interpret is not None:
+          # generic-proxy SMEM reads (ids; the interpreter's dots), before the slot goes back
+          # to the TMA
           plgpu.commit_smem()
         if not self_load:
           plgpu.barrier_arrive(free.at[slot])
@@ -324,12 +320,13 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
 
       def head(g, carry):
         base = g * n_i - lo_cta  # step of query tile i = base + i
+        # q-head g's constants, once per head: scale * log2e, scale
+        scales = tuple(plgpu.load(p_smem.at[g, j], layout=col_layout) for j in (0, 1))
+        step = functools.partial(body, base=base, g=g, scales=scales)
         if not self_load:
           carry = lax.fori_loop(lo_cta, lo, functools.partial(skip, base=base), carry)
-        carry = lax.fori_loop(lo, full, functools.partial(body, base=base, g=g, masked=True),
-                              carry)
-        carry = lax.fori_loop(full, hi, functools.partial(body, base=base, g=g, masked=False),
-                              carry)
+        carry = lax.fori_loop(lo, full, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(full, hi, functools.partial(step, masked=False), carry)
         if not self_load:
           carry = lax.fori_loop(hi, hi_cta, functools.partial(skip, base=base), carry)
         return carry
@@ -347,7 +344,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
 
     @pl.when(wg == (-1 if self_load else _COMPUTE_WGS))
     def _producer():
-      plgpu.set_max_registers(_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
+      plgpu.set_max_registers(MGPU_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
 
       def load(step, slot):
         g = lax.div(step, n_i)

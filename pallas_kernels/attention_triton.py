@@ -44,8 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (LOG2E, NEG_INF, compact_fixup_call, compiler_params, dot,
-                                   finite, fp16_values, iota, nonfinite, seg_ranges)
+from pallas_kernels.common import (LOG2E, NEG_INF, cdiv, compact_fixup_call, compiler_params,
+                                   dot, finite, fp16_values, iota, nonfinite, seg_ranges)
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -173,11 +173,6 @@ def _visible(qi, kj, cfg: CallConfig, qseg=None, kseg=None):
   return m
 
 
-def _cdiv(a, b: int):
-  """ceil(a / b) for a >= 0 (a may be traced)."""
-  return lax.div(a + (b - 1), b)
-
-
 def _clip(x, lo, hi):
   return jnp.minimum(jnp.maximum(x, lo), hi)
 
@@ -199,7 +194,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: CallConfig):
   else:
     jmax = qs * 0 + (cfg.S - 1)
   jmax = jnp.minimum(jmax, cfg.S - 1)
-  hi = jnp.minimum(_cdiv(jnp.maximum(jmax + 1, zero), bk), nk)
+  hi = jnp.minimum(cdiv(jnp.maximum(jmax + 1, zero), bk), nk)
   if W is not None:
     lo = lax.div(jnp.maximum(qs + (off - W + 1), zero), bk)
   else:
@@ -212,7 +207,7 @@ def _kv_tiles(qs, bq: int, bk: int, cfg: CallConfig):
   elif W is not None:
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(qs + (off + W), zero), bk))
   if W is not None:
-    full_lo = _cdiv(jnp.maximum(qs + (bq + off - W), zero), bk)
+    full_lo = cdiv(jnp.maximum(qs + (bq + off - W), zero), bk)
   else:
     full_lo = zero
   mid_lo = _clip(full_lo, lo, hi)
@@ -235,12 +230,12 @@ def _q_tiles(ks, bk: int, bq: int, cfg: CallConfig):
   else:
     ihi = ks * 0 + cfg.T
   ihi = _clip(ihi, zero, cfg.T)
-  hi = _cdiv(ihi, bq)
+  hi = cdiv(ihi, bq)
   lo = jnp.minimum(lax.div(jnp.maximum(imin, zero), bq), hi)
   if cfg.causal:
-    full_lo = _cdiv(jnp.maximum(ks + (bk - 1 - off), zero), bq)
+    full_lo = cdiv(jnp.maximum(ks + (bk - 1 - off), zero), bq)
   elif W is not None:
-    full_lo = _cdiv(jnp.maximum(ks + (bk - off - W), zero), bq)
+    full_lo = cdiv(jnp.maximum(ks + (bk - off - W), zero), bq)
   else:
     full_lo = zero
   if W is not None:

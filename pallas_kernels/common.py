@@ -229,6 +229,19 @@ def hopper_platform(platform: str | None) -> tuple[bool, str]:
 
 MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MGPU_HEAD_DIMS = (64, 128)
+# Warp-specialised kernels (two consumer warpgroups, one producer): consumer register cap ->
+# producer cap, 2 * 128 * consumer + 128 * producer = 168 * 384 (the launch's even split of
+# the 64K register file, rounded to 8)
+MGPU_PRODUCER_REGISTERS = {232: 40, 240: 24}
+
+
+def check_mgpu_pipeline(num_stages: int, consumer_registers: int):
+  """ValueError unless a warp-specialised kernel's ring depth and register cap are valid."""
+  if num_stages < 2:
+    raise ValueError(f"num_stages={num_stages} must be >= 2")
+  if consumer_registers not in MGPU_PRODUCER_REGISTERS:
+    raise ValueError(f"consumer_registers={consumer_registers} must be one of "
+                     f"{sorted(MGPU_PRODUCER_REGISTERS)}")
 
 
 def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[bool, str]:
@@ -264,14 +277,16 @@ def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[b
 # ----------------------------------------------------------------------------- segment ids
 
 
-def _ceil_div(a, b: int):
+def cdiv(a, b: int):
+  """ceil(a / b) for a >= 0 (a may be traced)."""
   return lax.div(a + (b - 1), b)
 
 
 def seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
   """Column-tile ranges segment ids allow, per row tile: int32 [B, rows tiles, 4] =
   (lo, mid_lo, mid_hi, hi) as `_kv_tiles`, intersected with the geometric ranges in the
-  kernels (`attention_triton._with_seg_ranges`, `attention_mgpu_dkv`). rows [B, Rp], cols [B, Cp]: padded ids, n_rows / n_cols real.
+  kernels (`attention_triton._with_seg_ranges`, `attention_mgpu_dkv`). rows [B, Rp],
+  cols [B, Cp]: padded ids, n_rows / n_cols real.
 
   Packed rows hold non-decreasing ids, so the columns whose id falls in a row tile's id span
   are one run [a, b): tiles outside it are skipped, tiles inside it need no segment mask
@@ -289,9 +304,9 @@ def seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
   tmax = jnp.max(jnp.where(real, tiles, -big), axis=2)
   a = jnp.sum(c[:, None, :] < tmin[:, :, None], axis=2, dtype=jnp.int32)
   b = jnp.sum(c[:, None, :] <= tmax[:, :, None], axis=2, dtype=jnp.int32)
-  lo, hi = a // b_cols, _ceil_div(b, b_cols)
+  lo, hi = a // b_cols, cdiv(b, b_cols)
   one = tmin == tmax
-  mid_lo = jnp.where(one, _ceil_div(a, b_cols), lo)
+  mid_lo = jnp.where(one, cdiv(a, b_cols), lo)
   mid_hi = jnp.where(one, b // b_cols, lo)
   okb = ok[:, None]
   out = [jnp.where(okb, lo, 0), jnp.where(okb, mid_lo, 0), jnp.where(okb, mid_hi, 0),

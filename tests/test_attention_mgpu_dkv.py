@@ -33,7 +33,8 @@ from tests.test_attention_mgpu import Case, inputs, reference, rel, segment_ids
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-TOL = {jnp.bfloat16: 1e-2, jnp.float16: 5e-3}  # max |x - ref| / max |ref| of dk and dv
+# max |x - ref| / max |ref| of dk and dv, as the forward's
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 4e-3}
 
 
 def residuals_and_grads(c: Case, seed=0):
