@@ -103,14 +103,17 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f"# MAD: {meta.get('tag', '')}", ""]
   lines += [
       f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; {meta.get('date', '')}; "
-      f"wall {meta.get('wall_s', 0):.0f} s in all, of which compiling every program "
-      f"(concurrently) {meta.get('compile_wall_s', 0):.0f} s.",
+      f"wall {meta.get('wall_s', 0):.0f} s in all, of which compiling (each command's programs "
+      f"concurrently) {meta.get('compile_wall_s', 0):.0f} s.",
       f"Protocol: epochs {epochs} (MAD: 200), batch {proto.get('batch_size')}, "
       f"lr {list(proto.get('lrs', []))} x wd {list(proto.get('wds', []))}, cosine to "
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
       f"{' (and the rest of its seed sweep: --sweep-stop)' if proto.get('stop_sweep') else ''}; "
       f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
       f"Model: {meta.get('model', {})}.",
+      *(f"Command: `python -m parallax_jax.mad {' '.join(a)}`" + (f" ({d})" if d else "")
+        for a, d in zip(meta.get("commands") or [meta.get("argv") or []],
+                        meta.get("dates") or [None])),
       "Accuracy: MAD's (torchmetrics MulticlassAccuracy, average='macro', per test batch, "
       "batch-weighted mean), read at each run's lowest-test-perplexity epoch; task score = best "
       "over the sweep, mean over settings; ± = sample std over seeds.", ""]
@@ -188,7 +191,14 @@ def merge(paths: list[str], tag: str) -> dict[str, Any]:
       parts.append(json.load(f))
   if not parts:
     raise ValueError("merge: no result files given")
-  meta = dict(parts[0]["meta"], tag=tag, merged_from=[os.path.basename(p) for p in paths],
-              wall_s=sum(p["meta"].get("wall_s", 0.0) for p in parts))
+  metas = [p["meta"] for p in parts]
+  meta = dict(metas[0], tag=tag, merged_from=[os.path.basename(p) for p in paths],
+              commands=[m.get("argv") for m in metas],
+              dates=[m.get("date") for m in metas],
+              tasks=[t for m in metas for t in m.get("tasks", [])],
+              task_epochs={t: n for m in metas for t, n in (m.get("task_epochs") or {}).items()},
+              wall_s=sum(m.get("wall_s", 0.0) for m in metas),
+              compile_wall_s=sum(m.get("compile_wall_s", 0.0) for m in metas))
+  meta.pop("argv", None)
   return {"meta": meta, "programs": [q for p in parts for q in p["programs"]],
           "runs": [r for p in parts for r in p["runs"]]}
