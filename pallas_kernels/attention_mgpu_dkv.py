@@ -51,6 +51,7 @@ from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT,
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
 _BLOCK_K = 64  # key rows per consumer warpgroup: one wgmma M tile
+_SR_SLOT_ROWS = 8  # rows of 4 int32 per warpgroup's segment-range slot: 128 bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
     k0 = lax.axis_index("kv_seq") * (_COMPUTE_WGS * bk)
     if has_seg:  # every thread reads the query-tile ranges of the CTA's two key tiles
       plgpu.copy_gmem_to_smem(srng_ref.at[b, pl.ds(lax.div(k0, bk), _COMPUTE_WGS)],
-                              sr_smem.at[wg], sr_bar.at[wg])
+                              sr_smem.at[wg, pl.ds(0, _COMPUTE_WGS)], sr_bar.at[wg])
       plgpu.barrier_wait(sr_bar.at[wg])
 
     def tiles(w):
@@ -378,7 +379,9 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         plgpu.SMEM((_COMPUTE_WGS, G, 2, bq), jnp.float32),  # params of the group's heads
         plgpu.SMEM((_COMPUTE_WGS, bk), jnp.int32) if has_seg else None,  # k segment ids
         plgpu.SMEM((_COMPUTE_WGS, bk), jnp.float32),  # row sums out
-        plgpu.SMEM((_COMPUTE_WGS + 1, _COMPUTE_WGS, 4), jnp.int32) if has_seg else None,
+        # segment ranges, one 128-byte slot per warpgroup: a TMA writes SMEM at 128-byte
+        # aligned addresses only (a 32-byte slot faults with a misaligned address)
+        plgpu.SMEM((_COMPUTE_WGS + 1, _SR_SLOT_ROWS, 4), jnp.int32) if has_seg else None,
     )
     per_wg = lambda: plgpu.Barrier(num_barriers=_COMPUTE_WGS)
     per_slot = lambda: plgpu.Barrier(num_barriers=stages)
