@@ -36,10 +36,11 @@ DEVICES = {"gpu": (has_gpu, "needs a CUDA GPU"), "hopper": (has_hopper, "needs a
 
 
 def ci_subset(names, keep):
-  """The cases, those outside `keep` marked slow: CI runs a few that cover every kind and
-  dtype; `-m slow` (or no -m) runs the rest."""
+  """The cases (names or tuples of values), those outside `keep` marked slow: CI runs a few
+  that cover every kind and dtype; `-m slow` (or no -m) runs the rest."""
   assert set(keep) <= set(names), set(keep) - set(names)
-  return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in names]
+  return [n if n in keep else pytest.param(*(n if isinstance(n, tuple) else (n,)),
+                                           marks=pytest.mark.slow) for n in names]
 
 
 def checkerboard(names: str, *axes):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import parallax_jax as pj
+from tests.kernels import ci_subset
 
 BS = pj.BlockSizes(64, 64)
 
@@ -29,8 +30,10 @@ def loss(impl, probe="learned", affine="affine", **kw):
 
 
 def compare(args, tol, **kw):
-  dense = jax.value_and_grad(loss("xla", **kw), argnums=(0, 1, 2, 3))(*args)
-  chunk = jax.value_and_grad(loss("chunked", block_sizes=BS, **kw), argnums=(0, 1, 2, 3))(*args)
+  # Jitted: one compile each is several times faster on CPU than dispatching op by op.
+  dense = jax.jit(jax.value_and_grad(loss("xla", **kw), argnums=(0, 1, 2, 3)))(*args)
+  chunk = jax.jit(jax.value_and_grad(loss("chunked", block_sizes=BS, **kw),
+                                     argnums=(0, 1, 2, 3)))(*args)
   for got, want, name in zip(jax.tree.leaves(chunk), jax.tree.leaves(dense),
                              ["value", "dq", "dk", "dv", "dr"]):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -40,17 +43,19 @@ def compare(args, tol, **kw):
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2)])  # ratios 1,2,4,8 + MQA
+@pytest.mark.parametrize("hq,hkv", ci_subset(  # ratios 1, 2, 4, 8 + MQA
+    [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2)], [(4, 4), (8, 2), (8, 1)]))
 def test_gqa_ratios(rng, hq, hkv):
   compare(inputs(rng, 1, 130, 130, hq, hkv, 16, np.float32), 2e-5)
 
 
-@pytest.mark.parametrize("window", [1, 63, 64, 100, 129])
+@pytest.mark.parametrize("window", ci_subset([1, 63, 64, 100, 129], [1, 100]))
 def test_unaligned_windows(rng, window):
   compare(inputs(rng, 1, 200, 200, 2, 1, 16, np.float32), 2e-5, window=window)
 
 
-@pytest.mark.parametrize("t,s", [(1, 150), (37, 150), (150, 150), (150, 40)])
+@pytest.mark.parametrize("t,s", ci_subset([(1, 150), (37, 150), (150, 150), (150, 40)],
+                                           [(1, 150), (150, 40)]))
 def test_fewer_queries_than_keys_end_aligned(rng, t, s):
   compare(inputs(rng, 2, t, s, 4, 2, 16, np.float32), 2e-5)
 
@@ -66,19 +71,21 @@ def test_segment_ids(rng):
   compare(args, 2e-5, segment_ids=seg, window=50)
 
 
-@pytest.mark.parametrize("probe,affine", [("none", "constant"), ("query", "linear"),
-                                          ("query", "affine"), ("learned", "boundary")])
+@pytest.mark.parametrize("probe,affine", ci_subset(
+    [("none", "constant"), ("query", "linear"), ("query", "affine"), ("learned", "boundary")],
+    [("query", "affine"), ("learned", "boundary")]))
 def test_other_streaming_members(rng, probe, affine):
   compare(inputs(rng, 1, 100, 100, 2, 1, 16, np.float32, r_scale=0.05), 5e-5,
           probe=probe, affine=affine)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 4e-3)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2),
+                                       pytest.param(jnp.float16, 4e-3, marks=pytest.mark.slow)])
 def test_low_precision_against_float32_reference(rng, dtype, tol):
   args32 = inputs(rng, 1, 140, 140, 4, 2, 32, np.float32)
   args_lp = tuple(x.astype(dtype) for x in args32)
-  want = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(*args32)
-  got = jax.grad(loss("chunked", block_sizes=BS), argnums=(0, 1, 2, 3))(*args_lp)
+  want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2, 3)))(*args32)
+  got = jax.jit(jax.grad(loss("chunked", block_sizes=BS), argnums=(0, 1, 2, 3)))(*args_lp)
   for g, w in zip(got, want):
     assert g.dtype == dtype
     err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
@@ -147,8 +154,8 @@ def test_forward_mode_matches_dense(rng):
                             ("query", "boundary", dict(causal=False))]:
     f = lambda impl: loss(impl, probe, affine, **kw, **(
         dict(block_sizes=pj.BlockSizes(16, 16)) if impl == "chunked" else {}))
-    _, got = jax.jvp(f("chunked"), args, tangents)
-    _, want = jax.jvp(f("xla"), args, tangents)
+    _, got = jax.jit(lambda a, t: jax.jvp(f("chunked"), a, t))(args, tangents)
+    _, want = jax.jit(lambda a, t: jax.jvp(f("xla"), a, t))(args, tangents)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=f"{probe} {affine}")
 
 
@@ -157,9 +164,9 @@ def test_forward_mode_at_the_default_switch(rng):
   (it failed with "can't apply forward-mode autodiff (jvp) to a custom_vjp function")."""
   q, k, v, r = inputs(rng, 1, 1025, 1025, 1, 1, 8, np.float32)
   assert pj.api._choose(None, "learned", "affine", q, k, v, r, None, None, None) == "chunked"
-  _, got = jax.jvp(lambda r: pj.parallax_attention(q, k, v, r), (r,), (r,))
-  _, want = jax.jvp(lambda r: pj.parallax_attention(q, k, v, r, implementation="xla"), (r,),
-                    (r,))
+  _, got = jax.jit(lambda r: jax.jvp(lambda r: pj.parallax_attention(q, k, v, r), (r,), (r,)))(r)
+  _, want = jax.jit(lambda r: jax.jvp(
+      lambda r: pj.parallax_attention(q, k, v, r, implementation="xla"), (r,), (r,)))(r)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 

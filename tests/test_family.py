@@ -24,8 +24,10 @@ def make(rng, b=2, t=12, s=None, hq=4, hkv=2, d=8, dv=None, dtype=np.float64, r_
 
 
 def call(impl, q, k, v, r, probe, affine, **kw):
-  return pj.attention(q, k, v, r if probe == "learned" else None, probe=probe, affine=affine,
-                      implementation=impl, **kw)
+  # Jitted: one compile is faster on CPU than dispatching the chunked scans op by op.
+  return jax.jit(lambda q, k, v, r: pj.attention(
+      q, k, v, r if probe == "learned" else None, probe=probe, affine=affine,
+      implementation=impl, **kw))(q, k, v, r)
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
@@ -48,7 +50,7 @@ def test_random_shapes_brute_force(x64):
   hyp = pytest.importorskip("hypothesis")
   st = hyp.strategies
 
-  @hyp.settings(max_examples=12, deadline=None, derandomize=True)
+  @hyp.settings(max_examples=6, deadline=None, derandomize=True)
   @hyp.given(t=st.integers(1, 10), extra=st.integers(0, 5), hkv=st.sampled_from([1, 2]),
              grp=st.sampled_from([1, 2, 3]), d=st.sampled_from([2, 5]),
              window=st.sampled_from([None, 1, 3]), causal=st.booleans(),
@@ -73,8 +75,8 @@ def test_identity1_zero_probe_is_softmax_exactly(rng, impl):
   f_soft = lambda q, k, v: jnp.sum(jnp.tanh(pj.softmax_attention(q, k, v, implementation=impl)))
   np.testing.assert_array_equal(pj.parallax_attention(q, k, v, zero, implementation=impl),
                                 pj.softmax_attention(q, k, v, implementation=impl))
-  g1 = jax.grad(f_par, argnums=(0, 1, 2))(q, k, v)
-  g2 = jax.grad(f_soft, argnums=(0, 1, 2))(q, k, v)
+  g1 = jax.jit(jax.grad(f_par, argnums=(0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(f_soft, argnums=(0, 1, 2)))(q, k, v)
   chex.assert_trees_all_close(g1, g2, atol=1e-6, rtol=1e-6)
 
 

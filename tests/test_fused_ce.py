@@ -13,6 +13,7 @@ import pytest
 
 from parallax_jax.nn.layers import logits_dot
 from parallax_jax.nn.losses import chunked_cross_entropy, fused_cross_entropy
+from tests.kernels import checkerboard
 from train.step import token_losses
 
 B, T, D, V = 3, 37, 64, 1000  # 111 tokens: no chunk size below divides it evenly
@@ -47,9 +48,8 @@ def _close(a, b, rtol):
       np.max(np.abs(a - b)), np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("layout", ["vd", "dv"])
-@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-4)])
-@pytest.mark.parametrize("chunk", [16, 111, 4096])
+@checkerboard("layout,dtype,rtol,chunk", ["vd", "dv"], [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-4)],
+              [16, 111, 4096])
 def test_values_match_unfused(layout, dtype, rtol, chunk):
   x, w, t, m = _inputs(layout)
   l0, a0 = _reference(x, w, t, m, dtype, layout)
@@ -243,7 +243,8 @@ def _host_batch(seed=0):
           "segment_ids": seg, "positions": np.broadcast_to(pos, (4, 32)).copy()}
 
 
-@pytest.mark.parametrize("tie, dtype, rtol", [(True, "float32", 1e-5), (False, "bfloat16", 1e-4)])
+@pytest.mark.parametrize("tie, dtype, rtol", [pytest.param(True, "float32", 1e-5, marks=pytest.mark.slow),
+                                              (False, "bfloat16", 1e-4)])
 def test_train_step_matches_unfused(tie, dtype, rtol):
   res = {}
   for chunk in (0, 24):  # 64 tokens per micro-batch: 3 chunks of 22 (2 padding)

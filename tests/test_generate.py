@@ -177,7 +177,8 @@ def test_cli_samples_from_a_checkpoint(tmp_path, capsys):
   assert [x["new_ids"] for x in lines] == np.asarray(ref.tokens).tolist()
 
 
-@pytest.mark.parametrize("case", ["parallax-gated", "softmax-window"])
+@pytest.mark.parametrize("case", ["parallax-gated",
+                                  pytest.param("softmax-window", marks=pytest.mark.slow)])
 def test_generate_pallas_decode_equals_xla(case):
   """The decode step through the Pallas decode kernel (interpret mode on CPU, the cache read
   in place) gives the same greedy tokens and close logits as the dense 'xla' decode."""
@@ -207,7 +208,7 @@ def test_generate_pallas_decode_equals_xla(case):
     np.testing.assert_allclose(lp, lx, rtol=1e-5, atol=1e-5, err_msg=f"step {s}")
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_generate_carries_the_decode_arrival_counter(scan_layers):
   """A cache long enough for split decode launches (192 slots: 3 splits of 64): the cache's
   arrival counters ([layers, B, Hkv]) are carried through every layer and step and stay zero,
@@ -274,7 +275,7 @@ def test_prefill_and_decode_step_refuse_bad_input():
     decode_step(cfg, params, jnp.array([1]), full)
 
 
-@pytest.mark.parametrize("pad_id", [-1, V + 5])
+@pytest.mark.parametrize("pad_id", [-1, pytest.param(V + 5, marks=pytest.mark.slow)])
 def test_generate_pad_id_need_not_be_a_token(pad_id):
   """Finished sequences feed their sampled token to the model, not pad_id, so pad_id only
   marks the output (before: pad_id was embedded: -1 wrapped around, V + 5 put NaN in the

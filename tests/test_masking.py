@@ -110,8 +110,9 @@ def check_clean_row_grads(f, clean, poisoned, nan_rows, name):
     np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6, err_msg=f"{name}: d{arg}")
 
 
-@pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("xla", jnp.bfloat16),
-                                        ("chunked", jnp.float32), ("chunked", jnp.bfloat16)])
+@pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("chunked", jnp.bfloat16),
+                                        pytest.param("xla", jnp.bfloat16, marks=pytest.mark.slow),
+                                        pytest.param("chunked", jnp.float32, marks=pytest.mark.slow)])
 def test_poison_reaches_only_the_rows_that_see_it(impl, dtype):
   members = ("parallax", "softmax") if dtype == jnp.float32 else ("parallax",)
   for name, c in CASES.items():

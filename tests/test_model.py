@@ -90,7 +90,8 @@ def test_scan_layers_equals_unrolled():
 
 @pytest.mark.parametrize("name,kw", [
     ("parallax", dict(r_norm=True, correction_gate=True)),
-    ("parallax-chunked-window", dict(implementation="chunked", window=3)),
+    pytest.param("parallax-chunked-window", dict(implementation="chunked", window=3),
+                 marks=pytest.mark.slow),
     ("lla", dict(ridge=0.1)),
 ])
 def test_causality_by_gradient(name, kw):
@@ -117,8 +118,9 @@ def test_causality_by_gradient(name, kw):
     assert bool(jnp.all(rows[:, lo:i + 1] > 0)), (name, i, rows)
 
 
-@pytest.mark.parametrize("implementation,dtype", [("xla", "float32"), ("chunked", "float32"),
-                                                  ("xla", "bfloat16")])
+@pytest.mark.parametrize("implementation,dtype", [
+    ("xla", "float32"), ("chunked", "float32"),
+    pytest.param("xla", "bfloat16", marks=pytest.mark.slow)])
 def test_wr_zero_equals_softmax_values_and_grads(implementation, dtype):
   par = small(attention="parallax", implementation=implementation, dtype=dtype)
   soft = par.replace(attention="softmax")

@@ -79,6 +79,7 @@ def test_train_profiles_steps_and_summary_reads_trace(shards, tmp_path, capsys):
   assert json.load(open(js))["kernels"]
 
 
+@pytest.mark.slow
 def test_trace_stops_when_the_loop_exits_inside_the_window(shards, tmp_path):
   import jax
   from train.loop import train
