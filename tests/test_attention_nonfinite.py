@@ -141,8 +141,7 @@ CLEAN = {
 }
 
 
-@pytest.mark.parametrize("name", ci_subset(list(CLEAN), [
-    "f32_parallax_gqa2_odd", "bf16_parallax_gqa2_d64_segments"]))
+@pytest.mark.parametrize("name", ci_subset(list(CLEAN), ["bf16_parallax_gqa2_d64_segments"]))
 def test_clean_inputs_fixups_leave_the_fast_results(name):
   """No mark on clean inputs, and every fixup launch leaves its outputs bit for bit as the
   fast launch wrote them (forward, dq/dr/delta/gbar/qdq, dk/dv)."""
@@ -320,8 +319,7 @@ GRAD_CASES = ["masked_nan_v", "masked_nan_k_T<S", "dead_row_nan_q", "dead_row_na
               "gqa1_d64_bf16_segments_nan_q"]
 
 
-@pytest.mark.parametrize("name", ci_subset(GRAD_CASES, [
-    "masked_nan_k_T<S", "dead_row_nan_r", "segments_nan_v_softmax"]))
+@pytest.mark.parametrize("name", ci_subset(GRAD_CASES, ["masked_nan_k_T<S", "dead_row_nan_r"]))
 def test_repaired_results_follow_the_rule(name):
   """End to end (`parallax_flash_attention`, its custom_vjp): rows that see the poison are
   NaN, the others equal the result with the poison replaced by finite values, and so do the
@@ -467,7 +465,9 @@ LOWER = [
 ]
 
 
-@pytest.mark.parametrize("lc", LOWER, ids=lambda lc: f"{lc['D']}_{lc['parallax']}")
+@pytest.mark.parametrize("lc", LOWER[:2] + [pytest.param(lc, marks=pytest.mark.slow)
+                                          for lc in LOWER[2:]],
+                         ids=lambda lc: f"{lc['D']}_{lc['parallax']}")
 def test_cuda_lowering_abstract_h100_fast_and_fixup(lc):
   """Forward + backward lowered for CUDA on an abstract H100: six Triton kernels (three
   fast, three fixup) whose TTIR verifies. In the TTIR the fast kernels hold no scf.if and

@@ -146,7 +146,7 @@ class TestDecodeMgpuInterpret(TestDecodeMgpu):
   CASES = CASES
   CI_CASES = ["gqa2_packed", "gqa2_unpacked_3stages", "softmax_splits_zero_length",
               "mha_lengths_0_1_64_rows_padded", "gqa8_fp16_d128_window_splits",
-              "2wg_splits3_window", "2wg_unpacked_softmax_zero_length"]
+              "2wg_splits3_window"]
 
 
 @pytest.mark.parametrize("consumers", [1, 2])

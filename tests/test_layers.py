@@ -136,6 +136,7 @@ def test_learnable_bandwidth_gets_gradients():
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_block_remat_policies_agree():
   c = cfg(r_init="like_q")
   cos, sin = rope_args()
