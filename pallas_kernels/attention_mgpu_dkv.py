@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT,
+from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT, cdiv,
                                    check_mgpu_pipeline, hopper_platform, mgpu_inputs_ok,
                                    seg_ranges)
 
@@ -150,7 +150,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
     """First query tile that key rows [kb, kb + bk) see (causal), and the first that all of
     them see."""
     lo = lax.div(jnp.maximum(kb - off, 0), bq)
-    full = jnp.minimum(lax.div(jnp.maximum(kb + (bk - 1 - off), 0) + (bq - 1), bq), nq)
+    full = jnp.minimum(cdiv(jnp.maximum(kb + (bk - 1 - off), 0), bq), nq)
     return lo, full
 
   def kernel(refs, scoped):
