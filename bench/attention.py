@@ -9,8 +9,8 @@ GPU forward where it applies, Triton backward) against cuDNN and the XLA paths. 
              (attention_segments)
   xla        dense vs chunked XLA paths (and cuDNN on GPU): wall time and compiled memory
              (attention_xla_gpu, attention_xla_cpu; --only-32k: attention_xla_cpu_32k)
-  dkv        the Mosaic GPU dk/dv kernel against the Triton dk/dv fast launch
-             (attention_dkv_mgpu)
+  bwd        the Mosaic GPU dq/dr and dk/dv kernels against the Triton fast launches
+             (attention_bwd_mgpu)
   nonfinite  CUPTI kernel times of the training and decode kernels on clean inputs and with
              NaN at masked positions, for an A/B of the non-finite handling against an older
              checkout; --table writes the before / after table (kernel_nonfinite)
@@ -22,7 +22,7 @@ over calls), with a wall-clock fallback (train); xla times wall-clock medians of
   PYTHONPATH=. python3 bench/attention.py train --out DIR [--no-block-sweep] [--budget-s 320]
   PYTHONPATH=. python3 bench/attention.py grid --out $OUT [--resume] [--budget-s 480]
   PYTHONPATH=. python3 bench/attention.py xla [--only-32k]
-  PYTHONPATH=. python3 bench/attention.py dkv [--configs] --out $OUT
+  PYTHONPATH=. python3 bench/attention.py bwd [--kernels dq,dkv] [--configs] --out $OUT
   git archive REV pallas_kernels | tar -x -C /tmp/before
   PYTHONPATH=/tmp/before:. python3 bench/attention.py nonfinite --out /tmp/before.json
   PYTHONPATH=. python3 bench/attention.py nonfinite --out /tmp/after.json
@@ -856,18 +856,15 @@ def nonfinite(a):
 # ----------------------------------------------------------------------------- dkv
 
 
-DKV_SHAPES = [  # B, L, Hq, Hkv, D, Parallax, causal, 4 documents
+BWD_SHAPES = [  # B, L, Hq, Hkv, D, Parallax, causal, 4 documents
     (4, 4096, 16, 8, 128, True, True, False), (4, 4096, 16, 8, 128, False, True, False),
     (4, 4096, 16, 8, 128, True, True, True), (4, 4096, 16, 8, 128, False, True, True),
     (8, 1024, 16, 8, 128, True, True, False), (4, 4096, 16, 8, 64, True, True, False),
     (4, 4096, 16, 8, 64, False, True, True), (2, 2048, 16, 4, 128, True, False, False)]
 
 
-def dkv_row(B, L, Hq, Hkv, D, parallax, causal, docs, iters, configs):
-  """The Triton dk/dv fast launch and the Mosaic GPU dk/dv kernel (each config) on the
-  residuals of the Triton forward and dq kernels: us (CUPTI median), TFLOP/s (executed
-  matmul FLOPs, causal pairs only), max relative difference of dk, dv to the Triton's."""
-  from pallas_kernels import attention_mgpu_dkv as dm
+def _bwd_inputs(B, L, Hq, Hkv, D, parallax, causal, docs):
+  """Random bf16 inputs of one backward shape and the Triton forward's residuals."""
   from pallas_kernels import attention_triton as tr
   ks = jax.random.split(jax.random.key(L + D), 5)
   q = jax.random.normal(ks[0], (B, L, Hq, D), jnp.bfloat16)
@@ -877,31 +874,36 @@ def dkv_row(B, L, Hq, Hkv, D, parallax, causal, docs, iters, configs):
   do = jax.random.normal(ks[4], (B, L, Hq, D), jnp.bfloat16)
   ids = (jnp.asarray(np.repeat(np.arange(4), L // 4)[None].repeat(B, 0), jnp.int32)
          if docs else None)
-  scale = 1 / math.sqrt(D)
   bs = tr.default_block_sizes(D, parallax)
   cfg = tr.CallConfig(T=L, S=L, Tp=L, Sp=L, D=D, Hq=Hq, Hkv=Hkv, causal=causal, window=None,
                       has_r=parallax, has_seg=docs, need_dscale=False, blocks=bs,
                       interpret=False, fp16_pv=parallax and bs.fp16_p2)
-  sc = jnp.full((Hq,), scale, jnp.float32)
-  o, lse, tbar, vbar = jax.jit(lambda *a: tr.fwd_call(cfg, *a))(q, k, v, r, sc, ids, ids)
-  _, _, delta, gbar, _ = jax.jit(lambda *a: tr.dq_call(cfg, *a))(
-      q, k, v, r, do, o, vbar, lse, tbar, sc, ids, ids)
-  args = (q, k, v, r, do, lse, delta, tbar, gbar)
-  tri = jax.jit(lambda *a: tr.dkv_call(cfg, *a, sc, ids, ids, fast=True))
-  ref = tri(*args)
+  sc = jnp.full((Hq,), 1 / math.sqrt(D), jnp.float32)
+  res = jax.jit(lambda *a: tr.fwd_call(cfg, *a))(q, k, v, r, sc, ids, ids)
+  return cfg, (q, k, v, r, do), ids, sc, res
+
+
+def _bwd_row(shape, iters, tri, mosaic, configs, ref_outs):
+  """One row: the Triton fast launch `tri` and the Mosaic kernel `mosaic(config)` for each
+  config; us (CUPTI median of the sum of the call's kernels), TFLOP/s (executed matmul FLOPs,
+  causal pairs only), max relative difference of the outputs (ref_outs picks them) to
+  Triton's."""
+  B, L, Hq, Hkv, D, parallax, causal, docs, kernel = shape
   pairs = B * Hq * (L * (L + 1) // 2 if causal else L * L) // (4 if docs else 1)
   flops = (12 if parallax else 8) * D * pairs
   row = dict(B=B, L=L, Hq=Hq, Hkv=Hkv, D=D, member="parallax" if parallax else "softmax",
-             causal=causal, docs=4 if docs else 1, us={}, tflops={}, rel_diff={})
-  row["us"]["triton"] = round(sum(common.kernel_medians_us(tri, args, iters).values()), 2)
+             causal=causal, docs=4 if docs else 1, kernel=kernel, us={}, tflops={},
+             rel_diff={})
+  f, args = tri
+  ref = ref_outs(f(*args))
+  row["us"]["triton"] = round(sum(common.kernel_medians_us(f, args, iters).values()), 2)
   for c in configs:
     name = "mosaic" if c is None else f"mosaic {c}"
-    f = jax.jit(lambda *a, c=c: dm.parallax_dkv_mgpu(
-        *a, scale=scale, causal=causal, q_segment_ids=ids, kv_segment_ids=ids, config=c))
+    f = mosaic(c)
     try:
-      dk, dv, _ = f(*args)
+      got = ref_outs(f(*args))
       row["us"][name] = round(sum(common.kernel_medians_us(f, args, iters).values()), 2)
-      row["rel_diff"][name] = max(rel_err(dk, ref[0]), rel_err(dv, ref[1]))
+      row["rel_diff"][name] = max(rel_err(x, y) for x, y in zip(got, ref))
     except Exception as e:  # noqa: BLE001  (a config that does not compile: recorded)
       row["us"][name] = None
       row["rel_diff"][name] = repr(e)[:200]
@@ -910,31 +912,89 @@ def dkv_row(B, L, Hq, Hkv, D, parallax, causal, docs, iters, configs):
   return row
 
 
-def dkv_md(rows) -> str:
-  lines = ["| B | L | Hq/Hkv | D | member | causal | docs | kernel | us | TFLOP/s | x Triton | "
-           "rel diff |", "|" + "---|" * 12]
+def dkv_row(B, L, Hq, Hkv, D, parallax, causal, docs, iters, configs):
+  """The Triton dk/dv fast launch and the Mosaic GPU dk/dv kernel (each config) on the
+  residuals of the Triton forward and dq kernels."""
+  from pallas_kernels import attention_mgpu_dkv as dm
+  from pallas_kernels import attention_triton as tr
+  cfg, (q, k, v, r, do), ids, sc, (o, lse, tbar, vbar) = _bwd_inputs(
+      B, L, Hq, Hkv, D, parallax, causal, docs)
+  _, _, delta, gbar, _ = jax.jit(lambda *a: tr.dq_call(cfg, *a))(
+      q, k, v, r, do, o, vbar, lse, tbar, sc, ids, ids)
+  args = (q, k, v, r, do, lse, delta, tbar, gbar)
+  tri = jax.jit(lambda *a: tr.dkv_call(cfg, *a, sc, ids, ids, fast=True))
+  mosaic = lambda c: jax.jit(lambda *a: dm.parallax_dkv_mgpu(
+      *a, scale=sc, causal=causal, q_segment_ids=ids, kv_segment_ids=ids, config=c))
+  return _bwd_row((B, L, Hq, Hkv, D, parallax, causal, docs, "dkv"), iters, (tri, args),
+                  mosaic, configs, lambda outs: outs[:2])
+
+
+def dq_row(B, L, Hq, Hkv, D, parallax, causal, docs, iters, configs):
+  """The Triton dq/dr fast launch (its delta, gbar preprocess inside) and the Mosaic GPU
+  dq/dr kernel (each config) with the XLA reduction that gives it delta, gbar."""
+  from pallas_kernels import attention_mgpu_dq as dm
+  from pallas_kernels import attention_triton as tr
+  cfg, (q, k, v, r, do), ids, sc, (o, lse, tbar, vbar) = _bwd_inputs(
+      B, L, Hq, Hkv, D, parallax, causal, docs)
+  args = (q, k, v, r, do, o, vbar, lse, tbar)
+  tri = jax.jit(lambda *a: tr.dq_call(cfg, *a, sc, ids, ids, fast=True))
+
+  def mosaic(c):
+    def f(q, k, v, r, do, o, vbar, lse, tbar):
+      rd = lambda x: jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32),
+                                x.astype(jnp.float32))
+      dq, dr, rowsum = dm.parallax_dq_mgpu(
+          q, k, v, r, do, lse, rd(o), tbar, None if r is None else rd(vbar), scale=sc,
+          causal=causal, q_segment_ids=ids, kv_segment_ids=ids, config=c)
+      return dq, dr, rowsum
+    return jax.jit(f)
+
+  pick = lambda outs: [x for x in outs[:2] if x is not None]
+  return _bwd_row((B, L, Hq, Hkv, D, parallax, causal, docs, "dq"), iters, (tri, args),
+                  mosaic, configs, pick)
+
+
+def bwd_md(rows) -> str:
+  lines = ["| kernel | B | L | Hq/Hkv | D | member | causal | docs | launch | us | TFLOP/s | "
+           "x Triton | rel diff |", "|" + "---|" * 13]
   for r in rows:
     t = r["us"]["triton"]
     for n, us in r["us"].items():
       ratio = f"{t / us:.2f}" if us else "-"
       d = r["rel_diff"].get(n, "")
       d = f"{d:.1e}" if isinstance(d, float) else (d or "-")
-      lines.append(f"| {r['B']} | {r['L']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['member']} | "
+      lines.append(f"| {r.get('kernel', 'dkv')} | {r['B']} | {r['L']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['member']} | "
                    f"{r['causal']} | {r['docs']} | {n} | {us} | {r['tflops'][n]} | {ratio} | "
                    f"{d} |")
   return "\n".join(lines)
 
 
-def dkv(a):
-  """The Mosaic GPU dk/dv kernel against the Triton dk/dv fast launch (issue 28)."""
-  from pallas_kernels import attention_mgpu_dkv as dm
-  configs = [None] + ([dm.DkvConfig(num_stages=3), dm.DkvConfig(consumer_registers=232)]
-                      if a.configs else [])
-  rows = [dkv_row(*sh, a.iters, configs) for sh in DKV_SHAPES]
-  common.write_results(a.name, common.environment(), rows, dkv_md(rows),
-                       notes="x Triton: the Triton kernel's time over this row's (> 1: "
-                       "faster). rel diff: max |x - triton| / max |triton| of dk, dv.",
-                       out=a.out)
+def bwd(a):
+  """The Mosaic GPU backward kernels against the Triton fast launches, per kernel."""
+  from pallas_kernels import attention_mgpu_dkv as dkm
+  from pallas_kernels import attention_mgpu_dq as dqm
+  kernels = a.kernels.split(",")
+  unknown = set(kernels) - {"dq", "dkv"}
+  if unknown:
+    raise SystemExit(f"--kernels: unknown {sorted(unknown)} (dq, dkv)")
+  rows, env = [], common.environment()
+  # shape-major, so a cut-short run has both kernels at its first shapes; written after
+  # every row
+  for sh in BWD_SHAPES:
+    for kernel in kernels:
+      if kernel == "dkv":
+        configs = [None] + ([dkm.DkvConfig(num_stages=3),
+                             dkm.DkvConfig(consumer_registers=232)] if a.configs else [])
+        rows.append(dkv_row(*sh, a.iters, configs))
+      else:
+        configs = [None] + ([dqm.DqConfig(num_stages=3),
+                             dqm.DqConfig(consumer_registers=232)] if a.configs else [])
+        rows.append(dq_row(*sh, a.iters, configs))
+      common.write_results(a.name, env, rows, bwd_md(rows),
+                           notes="x Triton: the Triton kernel's time over this row's (> 1: "
+                           "faster). dq: the Mosaic time includes the XLA reduction giving "
+                           "it delta, gbar (the Triton dq kernel computes them). rel diff: "
+                           "max |x - triton| / max |triton| of dq, dr or dk, dv.", out=a.out)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -977,11 +1037,12 @@ def parser():
                  help="only the chunked Parallax fwd+bwd at B=1 H=4 L=32768 D=64 float32 (the "
                  "CPU acceptance run: attention_xla_<platform>_32k)")
   p.add_argument("--name", default=None, help="results file stem (default by platform)")
-  p = mode("dkv", dkv, "the Mosaic GPU dk/dv kernel against the Triton dk/dv fast launch "
-           "(attention_dkv_mgpu)")
+  p = mode("bwd", bwd, "the Mosaic GPU dq/dr and dk/dv kernels against the Triton fast "
+           "launches (attention_bwd_mgpu)")
+  p.add_argument("--kernels", default="dq,dkv", help="comma list of dq, dkv")
   p.add_argument("--iters", type=int, default=20, help="timed calls per median")
   p.add_argument("--configs", action="store_true", help="also 3 stages and 232 registers")
-  p.add_argument("--name", default="attention_dkv_mgpu", help="results file stem")
+  p.add_argument("--name", default="attention_bwd_mgpu", help="results file stem")
   p.add_argument("--out", default=None, help="also copy the result files here")
   p = mode("nonfinite", nonfinite, "GPU kernel times of the training and decode kernels, for "
            "an A/B of the non-finite handling (kernel_nonfinite); public pallas_kernels entry "

@@ -10,9 +10,10 @@ two (>= 16), fits the tile sizes to the sequence (`BlockSizes`, by default from
     interpret mode, the Triton forward (`attention_triton.fwd_call`). Both leave the same
     residuals (o, lse, tbar, vbar).
   * backward: the Triton dq/dr kernel and the Triton dk/dv kernel (`attention_triton`), or
-    with `BlockSizes.mosaic_dkv` on Hopper the Mosaic GPU dk/dv kernel
-    (`attention_mgpu_dkv`) where it covers the call, followed by the Triton dk/dv fixup
-    launch on the key tiles it marked (`mosaic_dkv_call`).
+    on Hopper with `BlockSizes.mosaic_dq` / `mosaic_dkv` the Mosaic GPU dq/dr
+    (`attention_mgpu_dq`) / dk/dv (`attention_mgpu_dkv`) kernel where it covers the call,
+    followed by the Triton kernel's fixup launch on the tiles it marked
+    (`mosaic_dq_call`, `mosaic_dkv_call`).
 
 The kernels' math, masks and non-finite handling: `attention_triton`, docs/attention.md.
 The kernel modules import only `pallas_kernels.common`; this module imports them.
@@ -31,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import attention_mgpu as mgpu
 from pallas_kernels import attention_mgpu_dkv as mgpu_dkv
+from pallas_kernels import attention_mgpu_dq as mgpu_dq
 from pallas_kernels.attention_triton import (BlockSizes, CallConfig, default_block_sizes,
                                              dkv_call, dq_call, fwd_call)
 from pallas_kernels.common import (SUPPORTED_DTYPES, fp16_values, next_pow2, nonfinite, pad,
@@ -75,8 +77,8 @@ def _flash_bwd(cfg, res, do):
   if isinstance(do, jax.custom_derivatives.SymbolicZero):
     do = jnp.zeros(o.shape, o.dtype)
   do = do.astype(q.dtype)
-  dq, dr, delta, gbar, qdq = dq_call(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg,
-                                     kseg)
+  dqf = mosaic_dq_call if cfg.blocks.mosaic_dq and not cfg.interpret else dq_call
+  dq, dr, delta, gbar, qdq = dqf(cfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
   dkv = mosaic_dkv_call if cfg.blocks.mosaic_dkv and not cfg.interpret else dkv_call
   dk, dv = dkv(cfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   if cfg.need_dscale:
@@ -125,6 +127,43 @@ def mosaic_fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
   # As `attention_mgpu._forward`'s outputs: a single user, so a scanned model's
   # stacked-residual writes do not clone the call.
   return lax.optimization_barrier(tuple(outs))
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU dq/dr
+
+
+def mosaic_dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
+                   config: mgpu_dq.DqConfig | None = None, interpret=None):
+  """Drop-in replacement for `attention_triton.dq_call` (same arguments and (dq, dr, delta,
+  gbar, qdq) result): delta = do.o and gbar = do.vbar in XLA, the Mosaic GPU kernel when it
+  supports the call, then the Triton dq fixup launch on every Triton query tile holding a
+  row whose dq, dr, delta or gbar is not finite; else the Triton kernel. interpret (tests):
+  a plgpu.InterpretGPUParams for the Mosaic kernel, with an interpret-mode `tcfg` for the
+  Triton launches."""
+  mg = tcfg.window is None and (interpret is not None or not tcfg.interpret)
+  # padded rows would need masking; the kernel has no q.dq rows for a differentiated scale
+  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S and not tcfg.need_dscale
+  if mg:
+    mg, _ = mgpu_dq.supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg,
+                              kv_segment_ids=kseg, config=config,
+                              platform="interpret" if interpret is not None else None)
+  if not mg:
+    return dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
+  # The Triton fast launch's preprocess, as it computes it: no select on dead rows (their
+  # NaN o marks them, and the fixup zeroes them)
+  row_dot = lambda x: jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32),
+                                 x.astype(jnp.float32))
+  delta = row_dot(o)
+  gbar = row_dot(vbar) if r is not None else None
+  dq, dr, rowsum = mgpu_dq.parallax_dq_mgpu(
+      q, k, v, r, do, lse, delta, tbar, gbar, scale=scale, causal=tcfg.causal,
+      q_segment_ids=qseg, kv_segment_ids=kseg, config=config, interpret=interpret)
+  B, Hq, T = rowsum.shape
+  bq = tcfg.blocks.block_q_dq  # the fixup's tiles: T = Tp is a multiple of them
+  total = rowsum + delta + (0.0 if gbar is None else gbar)
+  flags = jnp.max(nonfinite(total).reshape(B, Hq, T // bq, bq), axis=-1)
+  return dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
+                 fixup=(dq, dr, delta, gbar, None, flags))
 
 
 # ----------------------------------------------------------------------------- Mosaic GPU dk/dv

@@ -88,6 +88,10 @@ class BlockSizes:
   # Parallax at D=128 at 0.85-0.98x, and with segment ids at 0.5x before it skipped query
   # tiles by segment range (not timed since).
   mosaic_dkv: bool = False
+  # dq/dr on Hopper through the Mosaic GPU kernel (`attention_mgpu_dq`) where it supports the
+  # call (not with a differentiated scale), its non-finite marks repaired by the Triton dq
+  # fixup launch. Off by default until it is timed against the Triton kernel on a GPU.
+  mosaic_dq: bool = False
 
   def __post_init__(self):
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
