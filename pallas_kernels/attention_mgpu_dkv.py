@@ -271,7 +271,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         s, gt = sc[:2]
         col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
         row_vec = lambda j: col(plgpu.load(row_smem.at[slot, j], layout=col_layout))
-        c2, sc1 = (col(x) for x in scales)  # scale * log2e, scale
+        c2, sc1 = scales  # scale * log2e, scale
         a = jnp.exp2(s * c2 - row_vec(0))
         if masked:
           kj = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout)
@@ -321,8 +321,9 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
 
       def head(g, carry):
         base = g * n_i - lo_cta  # step of query tile i = base + i
-        # q-head g's constants, once per head: scale * log2e, scale
-        scales = tuple(plgpu.load(p_smem.at[g, j], layout=col_layout) for j in (0, 1))
+        # q-head g's constants, once per head: scale * log2e, scale, as scalars (a register
+        # each; a per-column vector holds block_q / 4 per thread)
+        scales = (p_smem[g, 0, 0], p_smem[g, 1, 0])
         step = functools.partial(body, base=base, g=g, scales=scales)
         if not self_load:
           carry = lax.fori_loop(lo_cta, lo, functools.partial(skip, base=base), carry)

@@ -226,14 +226,15 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
           plgpu.barrier_wait(bar.at[wg])
       q_t, do_t = q_smem.at[wg], do_smem.at[wg]
       r_t = r_smem.at[wg] if has_r else None
-      # loaded once as vectors (a few registers), broadcast to the score tile where used:
-      # per row lse, delta (, 1 + tbar, gbar, gbar - delta); per column the head's scales
+      # loaded once as vectors (two registers each), broadcast to the score tile where used:
+      # per row lse, delta (, 1 + tbar, gbar, gbar - delta)
       col = lambda x: lax.broadcast_in_dim(x, (bq, bk), [1])
       row = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
       rv = [plgpu.load(row_smem.at[wg, j], layout=row_layout) for j in range(n_rows)]
       if has_r:
         rv.append(rv[3] - rv[1])
-      scales = tuple(plgpu.load(p_smem.at[wg, j], layout=col_layout) for j in (0, 1))
+      # scalars (one register each; a per-column vector would hold block_k / 4 per thread)
+      c2, sc1 = p_smem[wg, 0, 0], p_smem[wg, 1, 0]  # scale * log2e, scale
       qsv = plgpu.load(qs_smem.at[wg], layout=row_layout) if has_seg else None
 
       def wait_loaded(slot):
@@ -269,7 +270,6 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
         acc_t = plgpu.ACC((bq, bk), jnp.float32)
         sc = pl.run_scoped(scores, *((acc_t,) * (3 if has_r else 2)))
         s, g = sc[:2]
-        c2, sc1 = (col(x) for x in scales)  # scale * log2e, scale
         a = jnp.exp2(s * c2 - row(rv[0]))
         if masked:
           qi = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout)
