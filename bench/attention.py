@@ -890,7 +890,10 @@ def _bwd_row(shape, iters, tri, mosaic, configs, ref_outs):
   Triton's."""
   B, L, Hq, Hkv, D, parallax, causal, docs, kernel = shape
   pairs = B * Hq * (L * (L + 1) // 2 if causal else L * L) // (4 if docs else 1)
-  flops = (12 if parallax else 8) * D * pairs
+  # matmuls per (query, key) pair, 2 D FLOPs each: dk/dv K Q^T, V dO^T, dV, dK (+ K R^T,
+  # dK's R term); dq/dr Q K^T, dO V^T, dQ (+ R K^T, dR)
+  mm = {"dkv": (6, 4), "dq": (5, 3)}[kernel][0 if parallax else 1]
+  flops = 2 * mm * D * pairs
   row = dict(B=B, L=L, Hq=Hq, Hkv=Hkv, D=D, member="parallax" if parallax else "softmax",
              causal=causal, docs=4 if docs else 1, kernel=kernel, us={}, tflops={},
              rel_diff={})
