@@ -3,6 +3,7 @@ budget, config guards) with a stand-in loop, and one real 2-arm grid through tra
 its report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -212,6 +213,13 @@ def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, 
   out = runner.run_grids([g], runner.RunOptions(out=str(tmp_path), stop_at=time.time() + 50,
                                                 compile_cache=False), log=msgs.append)
   assert out["ran"] == [] and any("not started" in m for m in msgs)
+  # a grid with nothing finished takes its estimate from the study's other grids
+  g2 = dataclasses.replace(sweep_grid(), name="g2")
+  msgs = []
+  out = runner.run_grids([g, g2], runner.RunOptions(out=str(tmp_path), stop_at=time.time() + 50,
+                                                    compile_cache=False), log=msgs.append)
+  assert out["ran"] == [] and any(m.startswith("study: g2/") and "not started" in m
+                                  for m in msgs), msgs
 
 
 def test_pack_leaves_out_checkpoints(tmp_path):

@@ -8,7 +8,8 @@
   a run cut off by the end of a call starts over in the next; the budget check below keeps
   that rare.)
 - `stop_at` (epoch seconds): no run starts unless its estimated wall time (the median of
-  this arm's finished runs, else of the grid's, else unknown: it starts) ends before it, and
+  this arm's finished runs, else the largest arm median of the grid's, else of the study's
+  other grids, else unknown: it starts) ends before it, and
   at `stop_at` the run in progress gets SIGTERM, which the loop answers by saving a
   checkpoint and returning: the call that holds the device ends on time with every
   finished result on disk.
@@ -250,16 +251,24 @@ def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None 
 
 
 # --------------------------------------------------------------------------- the grid
-def estimate_s(grid: Grid, arm: str, results: dict[str, dict]) -> float | None:
+def estimate_s(grid: Grid, arm: str, results: dict[str, dict],
+               study: list[dict[str, dict]] = ()) -> float | None:
   """Expected wall time of one more run of `arm`: the median of its finished runs, else the
-  largest median among the grid's arms (unknown arms are assumed slow)."""
-  by_arm: dict[str, list[float]] = {}
-  for r in results.values():
-    if r.get("status") == "done" and r.get("wall_s") and r.get("jobs", 1) == 1:
-      by_arm.setdefault(r["arm"], []).append(float(r["wall_s"]))
-  if arm in by_arm:
-    return statistics.median(by_arm[arm])
-  return max((statistics.median(v) for v in by_arm.values()), default=None)
+  largest median among the grid's arms, else among the arms of the study's other grids
+  (`study`: their results; unknown arms are assumed slow). None if nothing has finished."""
+  def medians(res):
+    by_arm: dict[str, list[float]] = {}
+    for r in res.values():
+      if r.get("status") == "done" and r.get("wall_s") and r.get("jobs", 1) == 1:
+        by_arm.setdefault(r["arm"], []).append(float(r["wall_s"]))
+    return {a: statistics.median(v) for a, v in by_arm.items()}
+
+  own = medians(results)
+  if arm in own:
+    return own[arm]
+  if own:
+    return max(own.values())
+  return max((m for res in study for m in medians(res).values()), default=None)
 
 
 class _Deadline:
@@ -366,13 +375,15 @@ def run_grids(grids: list[Grid], opts: RunOptions, log=print,
 def _next_run(grids, opts: RunOptions, skipped: set[str], log):
   """The first pending run that fits before stop_at (a run that does not is skipped for this
   invocation: a shorter one may still fit)."""
-  for g, results, _, todo in _plan_all(grids, opts):
+  plans = _plan_all(grids, opts)
+  study = [results for _, results, _, _ in plans]
+  for g, results, _, todo in plans:
     for spec in todo:
       key = f"{g.name}/{spec.run_id}"
       if key in skipped:
         continue
       if opts.stop_at is not None:
-        est = estimate_s(g, spec.arm, results)
+        est = estimate_s(g, spec.arm, results, study)
         left = opts.stop_at - time.time()
         if est is not None and est * (1 if opts.gpus else opts.jobs) > left:
           log(f"study: {key} needs ~{est:.0f} s, {left:.0f} s left: not started")
