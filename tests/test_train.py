@@ -289,9 +289,11 @@ def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
 def test_metrics_eval_diagnostics_samples_and_plot(shards, tmp_path):
   from train.loop import train
   from train.plot import plot_runs
+  from train.checkpoint import Checkpointer
   cfg = small_config(shards, str(tmp_path / "m"), steps=4, eval_every=4, diag_every=4,
-                     sample_lines=2, sample_tokens=8, log_every=2)
+                     sample_lines=2, sample_tokens=8, log_every=2, save_final=False)
   out = train(cfg, log=lambda s: None)
+  assert Checkpointer(str(tmp_path / "m" / "checkpoints")).latest_step() is None
   recs = [json.loads(l) for l in open(tmp_path / "m" / "metrics.jsonl")]
   keys = set().union(*recs)
   for k in ("loss", "perplexity", "tokens_per_s", "grad_norm", "lr", "eval/loss",

@@ -185,7 +185,9 @@ class RunConfig:
     seed: train/resume.py lists the keys); 'override' continues and applies such changes,
     printing each; 'never' starts from scratch and refuses an out_dir that holds checkpoints.
     true / false are read as 'auto' / 'never'.
-  checkpoint_every: 0 saves only at the end (and on SIGTERM). diag_every: COR per layer and
+  checkpoint_every: 0 saves only at the end (and on SIGTERM). save_final: false skips the
+  save at the last step (runs whose weights nobody keeps, e.g. the quality study's; a
+  SIGTERM still saves). diag_every: COR per layer and
   stable ranks of W_R / W_Q (0 disables). peak_tflops: per-device peak for MFU (0: auto from
   the device kind; unknown devices such as CPU report no MFU).
   profile_start / profile_steps: when profile_steps > 0, record a JAX profiler trace
@@ -203,6 +205,7 @@ class RunConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   async_checkpoint: bool = True
+  save_final: bool = True
   resume: str = "auto"
   progress: bool = True
   peak_tflops: float = 0.0

@@ -502,7 +502,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         history.append({"step": step, **eval_metrics})
         bar.write(f"step {step:6d}  eval loss {eval_metrics['eval/loss']:.4f}  "
                   f"ppl {eval_metrics['eval/perplexity']:.1f}")
-      if (last or step == stop_after or stop["signal"] is not None
+      if ((last and rc.save_final) or step == stop_after or stop["signal"] is not None
           or (rc.checkpoint_every and step % rc.checkpoint_every == 0)):
         save(step)
       window["t"] += time.perf_counter() - t_extra  # keep tokens/s about training only

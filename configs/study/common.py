@@ -59,11 +59,12 @@ def train_config(name: str, model_cfg, optimizer: str) -> TrainConfig:
       optimizer=OptimizerConfig(name=optimizer, lr=LRS[optimizer][0], weight_decay=0.1,
                                 adam_weight_decay=0.1, clip_grad_norm=1.0, z_loss=1e-4),
       schedule=ScheduleConfig(warmup_steps=60, decay_fraction=0.25, decay_shape="1-sqrt"),
-      # checkpoint_every=0: one save at the end (and on SIGTERM, which the runner sends when a
-      # call's time is up); a finished run's checkpoint is deleted, so saves are pure cost.
+      # checkpoint_every=0, save_final=False: a save only on SIGTERM (which the runner sends
+      # when a call's time is up); the study keeps metrics, not weights, so other saves
+      # (~1.3 GB of state each) are pure cost.
       run=RunConfig(steps=STEPS, out_dir=f"runs/study/{name}", log_every=20, eval_every=240,
                     diag_every=120, checkpoint_every=0, keep_checkpoints=1, progress=False,
-                    sample_lines=0),
+                    sample_lines=0, save_final=False),
   )
 
 

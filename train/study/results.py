@@ -32,6 +32,7 @@ from train.resume import flatten
 # only these differ (another out_dir after a move, more frequent logging, ...).
 NEUTRAL_KEYS = ("name", "run.out_dir", "run.progress", "run.resume", "run.log_every",
                 "run.checkpoint_every", "run.keep_checkpoints", "run.async_checkpoint",
+                "run.save_final",
                 "run.profile_start", "run.profile_steps", "run.sample_lines",
                 "run.sample_tokens", "run.sample_temperature", "data.path", "data.prefetch",
                 "data.verify", "data.auto_prepare")
