@@ -161,6 +161,10 @@ def split_tokens(data_path: str, split: str = "train") -> int | None:
 
 
 def _git_commit() -> str | None:
+  """The code's commit: $PARALLAX_JAX_COMMIT where the caller knows it better than the
+  checkout's git metadata (a copied tree whose .git is missing or stale), else HEAD."""
+  if os.environ.get("PARALLAX_JAX_COMMIT"):
+    return os.environ["PARALLAX_JAX_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, timeout=10, check=True).stdout.strip() or None
