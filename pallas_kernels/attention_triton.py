@@ -84,13 +84,14 @@ class BlockSizes:
   mosaic_forward: bool = True
   # dk/dv on Hopper through the Mosaic GPU kernel (`attention_mgpu_dkv`) where it supports the
   # call, its non-finite marks repaired by the Triton dk/dv fixup launch. Off by default: on
-  # an H100 (bench/NOTES.md) it ran softmax and D=64 at 1.3x the Triton kernel's speed but
-  # Parallax at D=128 at 0.85-0.98x, and with segment ids at 0.5x before it skipped query
-  # tiles by segment range (not timed since).
+  # an H100 (bench/results/attention_bwd_mgpu.md) it ran softmax at 1.26-1.45x and Parallax
+  # at D=64 at 1.35x the Triton kernel's speed but Parallax at D=128 at 0.83-0.99x; where it
+  # wins it waits for its full GPU test run (bench/NOTES.md).
   mosaic_dkv: bool = False
   # dq/dr on Hopper through the Mosaic GPU kernel (`attention_mgpu_dq`) where it supports the
   # call (not with a differentiated scale), its non-finite marks repaired by the Triton dq
-  # fixup launch. Off by default until it is timed against the Triton kernel on a GPU.
+  # fixup launch. Off by default: on an H100 it ran at 0.51-0.92x the Triton kernel's speed
+  # (bench/results/attention_bwd_mgpu.md).
   mosaic_dq: bool = False
 
   def __post_init__(self):
