@@ -313,6 +313,7 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
                                                         "softmax/lr0.01_s0": "done"}
   par = res["parallax/lr0.01_s0"]
   assert par["final_step"] == 2 and math.isfinite(par["eval_loss"])
+  assert par["timings_s"]["steps"] > 0 and par["timings_s"]["save"] == 0  # save_final off
   assert not os.path.exists(os.path.join(par["run_dir"], "checkpoints"))
   recs = res_lib.read_metrics(par["run_dir"])
   assert any(k.startswith("cor/layer_") for r in recs for k in r)

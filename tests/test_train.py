@@ -294,6 +294,10 @@ def test_metrics_eval_diagnostics_samples_and_plot(shards, tmp_path):
                      sample_lines=2, sample_tokens=8, log_every=2, save_final=False)
   out = train(cfg, log=lambda s: None)
   assert Checkpointer(str(tmp_path / "m" / "checkpoints")).latest_step() is None
+  t = out["timings_s"]
+  assert set(t) == {"setup", "first_step", "steps", "eval", "diag", "save", "finish"}
+  assert all(v >= 0 for v in t.values()) and t["eval"] > 0 and t["diag"] > 0
+  assert t["save"] == 0 and t["steps"] >= t["first_step"] > 0
   recs = [json.loads(l) for l in open(tmp_path / "m" / "metrics.jsonl")]
   keys = set().union(*recs)
   for k in ("loss", "perplexity", "tokens_per_s", "grad_norm", "lr", "eval/loss",

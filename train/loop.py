@@ -318,6 +318,7 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
 def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[str, Any]:
   """Run (or resume) training. stop_after: return after this global step (tests: simulate an
   interruption) after saving a checkpoint there."""
+  t_enter = time.perf_counter()
   is_main = jax.process_index() == 0
   log = log or (lambda s: print(s, flush=True) if is_main else None)
   rc = cfg.run
@@ -372,6 +373,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   last_saved = start if start > 0 else None  # verified finite when restored
   eval_metrics: dict[str, float] = {}
   stopped_by = None
+  # where the wall time goes (seconds): setup (data, mesh, init or restore), the first step
+  # (its compile), eval, diagnostics, saves, the steps, and finish (waiting for async saves,
+  # the plot, samples)
+  timings = {"setup": 0.0, "first_step": 0.0, "steps": 0.0, "eval": 0.0, "diag": 0.0,
+             "save": 0.0, "finish": 0.0}
 
   def drain():
     nonlocal pending
@@ -388,6 +394,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     losses[step_no] = m["loss"]
     if step_no == start + 1:  # the first step includes compilation: not in tokens/s
       window["t"], window["tsteps"] = time.perf_counter(), -1
+      timings["first_step"] = window["t"] - t_loop
     window["tsteps"] = window.get("tsteps", 0) + 1
     window["steps"] += 1
     window["loss"] += m["loss"]
@@ -459,6 +466,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   if rc.profile_steps and is_main and start >= prof_last:
     log(f"profile: steps {prof_first}..{prof_last} were done before step {start}; not tracing")
   step = start
+  t_loop = time.perf_counter()
+  timings["setup"] = t_loop - t_enter
   try:
     while step < rc.steps:
       profiled = rc.profile_steps > 0 and is_main and prof_first <= step + 1 <= prof_last
@@ -487,6 +496,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
       drain()
       t_extra = time.perf_counter()
       if rc.diag_every and (step % rc.diag_every == 0 or last):
+        t_part = time.perf_counter()
         diag_batch = trainer.device_batch(next(iter(data_lib.make_dataset(
             cfg.data.path, split="val", seq_len=cfg.data.seq_len, batch_size=local_b,
             shuffle=False, prefetch=0, verify=cfg.data.verify))))
@@ -496,15 +506,20 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         cors = [v for k, v in sorted(d.items()) if k.startswith("cor/")]
         if cors:
           bar.write(f"step {step:6d}  COR per layer " + " ".join(f"{c:.3f}" for c in cors))
+        timings["diag"] += time.perf_counter() - t_part
       if rc.eval_every and (step % rc.eval_every == 0 or last):
+        t_part = time.perf_counter()
         eval_metrics = evaluate(trainer, cfg, state["params"])
         writer.write(step, eval_metrics)
         history.append({"step": step, **eval_metrics})
         bar.write(f"step {step:6d}  eval loss {eval_metrics['eval/loss']:.4f}  "
                   f"ppl {eval_metrics['eval/perplexity']:.1f}")
+        timings["eval"] += time.perf_counter() - t_part
       if ((last and rc.save_final) or step == stop_after or stop["signal"] is not None
           or (rc.checkpoint_every and step % rc.checkpoint_every == 0)):
+        t_part = time.perf_counter()
         save(step)
+        timings["save"] += time.perf_counter() - t_part
       window["t"] += time.perf_counter() - t_extra  # keep tokens/s about training only
       if stop["signal"] is not None:
         stopped_by = signal.Signals(stop["signal"]).name
@@ -515,6 +530,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         break
     drain()
   finally:
+    t_end = time.perf_counter()
     try:
       stop_profile(step, complete=False)  # no-op unless the loop left the window early
     finally:
@@ -542,6 +558,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     log("samples:")
     for s in samples:
       log("  | " + s.replace("\n", "\n  | "))
+  timings["steps"] = (t_end - t_loop) - timings["eval"] - timings["diag"] - timings["save"]
+  timings["finish"] = time.perf_counter() - t_end
   return {"losses": losses, "history": history, "eval": eval_metrics, "final_step": step,
           "stopped_by": stopped_by, "samples": samples, "state": state,
-          "checkpoint_dir": ckpt.directory}
+          "checkpoint_dir": ckpt.directory,
+          "timings_s": {k: round(v, 2) for k, v in timings.items()}}

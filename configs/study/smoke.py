@@ -17,7 +17,7 @@ def config(name: str, model_cfg) -> TrainConfig:
       optimizer=OptimizerConfig(name="adamw", lr=1e-2),
       schedule=ScheduleConfig(warmup_steps=1, decay_fraction=0.5),
       run=RunConfig(steps=2, log_every=1, eval_every=2, diag_every=2, checkpoint_every=0,
-                    keep_checkpoints=1, progress=False, sample_lines=0))
+                    keep_checkpoints=1, progress=False, sample_lines=0, save_final=False))
 
 
 def get_grid() -> Grid:

@@ -228,6 +228,7 @@ def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None 
       summary = loop.train(cfg, log=lambda s: print(s, flush=True))
     if summary.get("stopped_by"):
       status = "interrupted"
+    result["timings_s"] = summary.get("timings_s")
   except loop.NonFiniteLossError as e:
     status, error = "diverged", str(e).splitlines()[0]
   except Exception as e:  # noqa: BLE001 - one broken run must not end the grid
