@@ -168,7 +168,10 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
     h = lax.axis_index("heads")
     hk = lax.div(h, G)
     wg = lax.axis_index("wg")
-    q0 = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq)
+    # causal: the last query rows, which see the most keys, launch first (the last wave of
+    # CTAs then holds the short ones), as the forward orders its tiles
+    qc = lax.axis_index("q_seq")
+    q0 = ((n_cta - 1 - qc) if causal else qc) * (_COMPUTE_WGS * bq)
     if has_seg:  # every thread reads the key-tile ranges of the CTA's two query tiles
       plgpu.copy_gmem_to_smem(srng_ref.at[b, pl.ds(lax.div(q0, bq), _COMPUTE_WGS)],
                               sr_smem.at[wg, pl.ds(0, _COMPUTE_WGS)], sr_bar.at[wg])
