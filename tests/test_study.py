@@ -323,3 +323,19 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
   for png in ("loss_curves.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
     assert os.path.getsize(os.path.join(out, "smoke", png)) > 0
   assert main(["plan", "--grid", grid, "--out", out, *sets]) == 0
+
+
+def test_two_runs_at_a_time_in_subprocesses(tmp_path):
+  """--jobs 2: each run in its own `_run` subprocess with half the device's memory; both
+  results land, marked jobs=2 (left out of the timing estimates)."""
+  from train.prepare import prepare
+  from train.study.__main__ import main
+  data = str(tmp_path / "data")
+  prepare(data, None, vocab_size=320, max_mb=0.1, val_fraction=0.2, quiet=True)
+  out = str(tmp_path / "study")
+  grid = os.path.join(REPO, "configs", "study", "smoke.py")
+  assert main(["--grid", grid, "--out", out, "--jobs", "2", "--no-compile-cache",
+               "--set", f"data.path={data}", "--stop-at", str(int(time.time()) + 300)]) == 0
+  res = res_lib.load_results(out, "smoke")
+  assert {r["status"] for r in res.values()} == {"done"} and len(res) == 2
+  assert all(r["jobs"] == 2 for r in res.values())
