@@ -320,6 +320,7 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
   assert main(["report", "--out", out]) == 0
   text = open(os.path.join(out, "report.md")).read()
   assert "| parallax | adamw | 0.01 |" in text and "vs softmax" in text
+  assert "| parallax - softmax (1, 1) | " in text  # the gap over training
   for png in ("loss_curves.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
     assert os.path.getsize(os.path.join(out, "smoke", png)) > 0
   assert main(["plan", "--grid", grid, "--out", out, *sets]) == 0

@@ -232,6 +232,40 @@ def _diag_table(arms: list[ArmSummary]) -> list[str]:
   return rows
 
 
+def _eval_curve(a: ArmSummary) -> dict[int, float]:
+  """Held-out loss at each evaluation step, mean over the best-lr seeds (the steps every one
+  of them logged)."""
+  per = []
+  for r in a.seeds:
+    recs = res_lib.read_metrics(r["run_dir"])
+    per.append({x["step"]: x["eval/loss"] for x in recs if isinstance(x.get("eval/loss"), float)})
+  if not per:
+    return {}
+  steps = set.intersection(*(set(p) for p in per))
+  return {s: statistics.fmean(p[s] for p in per) for s in sorted(steps)}
+
+
+def _gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
+  """Arm minus baseline eval loss at each evaluation step (whether a difference at the end
+  was there all along, grows or closes)."""
+  pairs = []
+  for a in arms:
+    base = index.get(_resolve(a, a.baseline)) if a.baseline and not a.unavailable else None
+    ca, cb = (_eval_curve(a), _eval_curve(base)) if base else ({}, {})
+    common = sorted(set(ca) & set(cb))
+    if common:
+      pairs.append((a, base, {s: ca[s] - cb[s] for s in common}))
+  if not pairs:
+    return []
+  steps = sorted({s for *_, d in pairs for s in d})
+  rows = ["| arm - baseline (seeds) | " + " | ".join(f"step {s}" for s in steps) + " |",
+          "|---|" + "---|" * len(steps)]
+  for a, base, d in pairs:
+    rows.append(f"| {a.arm} - {base.arm} ({len(a.seeds)}, {len(base.seeds)}) | "
+                + " | ".join(f"{d[s]:+.4f}" if s in d else "-" for s in steps) + " |")
+  return rows
+
+
 # --------------------------------------------------------------------------- plots
 def _plt():
   try:
@@ -433,6 +467,10 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     if failed:
       lines.append("")
     lines += ["Learning-rate sweeps:", ""] + _sweep_table(arms) + [""]
+    gap = _gap_table(arms, index)
+    if gap:
+      lines += ["Eval loss over training, arm minus its baseline at their best lrs (mean over "
+                "seeds; negative: the arm is lower):", ""] + gap + [""]
     diag = _diag_table(arms)
     if len(diag) > 2:
       lines += ["Diagnostics at the end of the best-lr runs (mean over seeds):", ""] + diag + [""]
