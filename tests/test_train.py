@@ -286,6 +286,28 @@ def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
   assert Checkpointer(str(tmp_path / "term" / "checkpoints")).latest_step() == 2
 
 
+def test_sigterm_at_the_last_step_is_a_finished_run(shards, tmp_path, monkeypatch):
+  """A SIGTERM that lands during the last step: the run is complete (its eval done), so it
+  is not reported stopped (a study would otherwise redo it); the checkpoint is still saved."""
+  from train import step as step_lib
+  from train.checkpoint import Checkpointer
+  from train.loop import train
+  real = step_lib.Trainer.train_step
+  calls = {"n": 0}
+
+  def term_at_last(self, state, batch):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, state, batch)
+
+  monkeypatch.setattr(step_lib.Trainer, "train_step", term_at_last)
+  out = train(small_config(shards, str(tmp_path / "t"), steps=3, eval_every=3),
+              log=lambda s: None)
+  assert out["stopped_by"] is None and out["final_step"] == 3 and out["eval"]
+  assert Checkpointer(str(tmp_path / "t" / "checkpoints")).latest_step() == 3
+
+
 def test_metrics_eval_diagnostics_samples_and_plot(shards, tmp_path):
   from train.loop import train
   from train.plot import plot_runs

@@ -521,7 +521,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         save(step)
         timings["save"] += time.perf_counter() - t_part
       window["t"] += time.perf_counter() - t_extra  # keep tokens/s about training only
-      if stop["signal"] is not None:
+      if stop["signal"] is not None and not last:  # at the last step the run is complete
         stopped_by = signal.Signals(stop["signal"]).name
         log(f"{stopped_by}: saved checkpoint {ckpt.directory}/{step}; exiting")
         break
@@ -552,7 +552,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished run
       log(f"loss plot: not written ({type(e).__name__}: {e})")
   samples = []
-  if stopped_by is None and rc.sample_lines > 0 and is_main:
+  if stopped_by is None and stop["signal"] is None and rc.sample_lines > 0 and is_main:
     samples = sample(cfg, state["params"], meta, rc.sample_lines, rc.sample_tokens,
                      rc.sample_temperature, rc.seed)
     log("samples:")
