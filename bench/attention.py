@@ -986,12 +986,12 @@ def bwd(a):
   for sh in BWD_SHAPES:
     for kernel in kernels:
       if kernel == "dkv":
-        configs = [None] + ([dkm.DkvConfig(num_stages=3),
-                             dkm.DkvConfig(consumer_registers=232)] if a.configs else [])
+        configs = [None] + ([dkm.DkvConfig(num_stages=3), dkm.DkvConfig(consumer_registers=232),
+                             dkm.DkvConfig(split_scores=True)] if a.configs else [])
         rows.append(dkv_row(*sh, a.iters, configs))
       else:
-        configs = [None] + ([dqm.DqConfig(num_stages=3),
-                             dqm.DqConfig(consumer_registers=232)] if a.configs else [])
+        configs = [None] + ([dqm.DqConfig(num_stages=3), dqm.DqConfig(consumer_registers=232),
+                             dqm.DqConfig(split_scores=True)] if a.configs else [])
         rows.append(dq_row(*sh, a.iters, configs))
       common.write_results(a.name, env, rows, bwd_md(rows),
                            notes="x Triton: the Triton kernel's time over this row's (> 1: "
@@ -1044,7 +1044,8 @@ def parser():
            "launches (attention_bwd_mgpu)")
   p.add_argument("--kernels", default="dq,dkv", help="comma list of dq, dkv")
   p.add_argument("--iters", type=int, default=20, help="timed calls per median")
-  p.add_argument("--configs", action="store_true", help="also 3 stages and 232 registers")
+  p.add_argument("--configs", action="store_true",
+                 help="also 3 stages, 232 registers and split score products")
   p.add_argument("--name", default="attention_bwd_mgpu", help="results file stem")
   p.add_argument("--out", default=None, help="also copy the result files here")
   p = mode("nonfinite", nonfinite, "GPU kernel times of the training and decode kernels, for "

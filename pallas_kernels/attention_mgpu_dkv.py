@@ -64,10 +64,14 @@ class DkvConfig:
     tiles 96 at block_q=64.
   num_stages: depth of the Q / R / dO / row-vector SMEM ring (>= 2).
   consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
+  split_scores: Parallax only: issue K Q^T and K R^T, form a and c, then issue V dO^T, so
+    two fp32 score tiles are live at a time instead of three (32 fewer registers per
+    thread at block_q=64; the third product no longer overlaps the first two's math).
   """
   block_q: int = 64
   num_stages: int = 2
   consumer_registers: int = 240
+  split_scores: bool = False
 
   def __post_init__(self):
     if self.block_q not in (64, 128):
@@ -259,16 +263,22 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         q_t, do_t = q_smem.at[slot], do_smem.at[slot]
         r_t = r_smem.at[slot] if has_r else None
 
-        def scores(*accs):
-          plgpu.wgmma(accs[0], k_t, q_t.transpose((1, 0)))
-          plgpu.wgmma(accs[1], v_t, do_t.transpose((1, 0)))
-          if has_r:
-            plgpu.wgmma(accs[2], k_t, r_t.transpose((1, 0)))
-          return tuple(acc[...] for acc in accs)
-
         acc_t = plgpu.ACC((bk, bq), jnp.float32)
-        sc = pl.run_scoped(scores, *((acc_t,) * (3 if has_r else 2)))
-        s, gt = sc[:2]
+
+        def scores(*pairs):  # x y^T of each (x, y) on the tensor cores, issued together
+          def issue(*accs):
+            for acc, (x, y) in zip(accs, pairs):
+              plgpu.wgmma(acc, x, y.transpose((1, 0)))
+            return tuple(acc[...] for acc in accs)
+          return pl.run_scoped(issue, *((acc_t,) * len(pairs)))
+
+        if has_r and cfg.split_scores:  # V dO^T waits until a and c are formed
+          s, kr = scores((k_t, q_t), (k_t, r_t))
+          gt = None
+        else:
+          sc = scores((k_t, q_t), (v_t, do_t), *([(k_t, r_t)] if has_r else []))
+          s, gt = sc[:2]
+          kr = sc[2] if has_r else None
         col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
         row_vec = lambda j: col(plgpu.load(row_smem.at[slot, j], layout=col_layout))
         c2, sc1 = scales  # scale * log2e, scale
@@ -284,7 +294,9 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
           a = jnp.where(same, a, 0.0)
         delta = row_vec(1)
         if has_r:
-          c = row_vec(2) - sc[2]  # (1 + tbar) - k.r
+          c = row_vec(2) - kr  # (1 + tbar) - k.r
+          if gt is None:
+            (gt,) = scores((v_t, do_t))
           gbar = row_vec(3)
           dtt = a * (gbar - gt)
           ds = (a * (gbar - delta) - dtt * c) * sc1

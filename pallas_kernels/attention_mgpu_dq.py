@@ -62,10 +62,14 @@ class DqConfig:
     at block_k=64.
   num_stages: depth of the K / V SMEM ring (>= 2).
   consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
+  split_scores: Parallax only: issue Q K^T and R K^T, form a and c, then issue dO V^T, so
+    two fp32 score tiles are live at a time instead of three (32 fewer registers per
+    thread at block_k=64; the third product no longer overlaps the first two's math).
   """
   block_k: int = 64
   num_stages: int = 2
   consumer_registers: int = 240
+  split_scores: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128):
@@ -263,16 +267,22 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
         wait_loaded(slot)
         k_t, v_t = k_smem.at[slot], v_smem.at[slot]
 
-        def scores(*accs):
-          plgpu.wgmma(accs[0], q_t, k_t.transpose((1, 0)))
-          plgpu.wgmma(accs[1], do_t, v_t.transpose((1, 0)))
-          if has_r:
-            plgpu.wgmma(accs[2], r_t, k_t.transpose((1, 0)))
-          return tuple(acc[...] for acc in accs)
-
         acc_t = plgpu.ACC((bq, bk), jnp.float32)
-        sc = pl.run_scoped(scores, *((acc_t,) * (3 if has_r else 2)))
-        s, g = sc[:2]
+
+        def scores(*pairs):  # x y^T of each (x, y) on the tensor cores, issued together
+          def issue(*accs):
+            for acc, (x, y) in zip(accs, pairs):
+              plgpu.wgmma(acc, x, y.transpose((1, 0)))
+            return tuple(acc[...] for acc in accs)
+          return pl.run_scoped(issue, *((acc_t,) * len(pairs)))
+
+        if has_r and cfg.split_scores:  # dO V^T waits until a and c are formed
+          s, rk = scores((q_t, k_t), (r_t, k_t))
+          g = None
+        else:
+          sc = scores((q_t, k_t), (do_t, v_t), *([(r_t, k_t)] if has_r else []))
+          s, g = sc[:2]
+          rk = sc[2] if has_r else None
         a = jnp.exp2(s * c2 - row(rv[0]))
         if masked:
           qi = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout)
@@ -282,9 +292,11 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
           ksv = plgpu.load(ks_smem.at[slot], layout=col_layout)
           a = jnp.where(col(ksv) == row(qsv), a, 0.0)
         if has_r:
+          c = row(rv[2]) - rk  # (1 + tbar) - r.k
+          if g is None:
+            (g,) = scores((do_t, v_t))
           dtt = a * (row(rv[3]) - g)
-          # c = (1 + tbar) - r.k
-          ds = (a * row(rv[4]) - dtt * (row(rv[2]) - sc[2])) * sc1
+          ds = (a * row(rv[4]) - dtt * c) * sc1
           lhs = (ds.astype(dtype), dtt.astype(dtype))
         else:
           lhs = ((a * (g - row(rv[1])) * sc1).astype(dtype),)

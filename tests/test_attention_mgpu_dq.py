@@ -69,6 +69,8 @@ CASES = {
     "bf16_parallax_noncausal_cross_segments_arrayscale": (
         Case(causal=False, segments="cross", array_scale=True), None),
     "bf16_parallax_causal_races": (Case(races=True), None),
+    "bf16_parallax_causal_d128_split_scores": (Case(T=128, S=128, D=128, Hq=4, Hkv=1),
+                                               dm.DqConfig(split_scores=True)),
 }
 
 GPU_CASES = {
@@ -183,9 +185,10 @@ def test_supported():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
-@pytest.mark.parametrize("D,parallax,causal,seg", [(128, True, True, False),
-                                                   (64, False, False, True)])
-def test_cuda_lowering_abstract_h100(D, parallax, causal, seg):
+@pytest.mark.parametrize("D,parallax,causal,seg,split", [(128, True, True, False, False),
+                                                         (64, False, False, True, False),
+                                                         (128, True, True, True, True)])
+def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split):
   """Mosaic GPU's Python lowering in full and the module verifier, without a GPU."""
   sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
   q, kv, row = sd(2, 1024, 8, D), sd(2, 1024, 4, D), sd(2, 8, 1024, dt=jnp.float32)
@@ -193,6 +196,7 @@ def test_cuda_lowering_abstract_h100(D, parallax, causal, seg):
 
   def f(q, k, v, r, do, lse, delta, tbar, gbar, ids):
     return dm.parallax_dq_mgpu(q, k, v, r, do, lse, delta, tbar, gbar, scale=0.1,
+                               config=dm.DqConfig(split_scores=True) if split else None,
                                causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
 
   p = parallax
