@@ -129,7 +129,28 @@ def mosaic_fixup(tcfg, q, k, v, r, scale, qseg, kseg, outs, *, v_fp16=None):
   return lax.optimization_barrier(tuple(outs))
 
 
-# ----------------------------------------------------------------------------- Mosaic GPU dq/dr
+# ----------------------------------------------------------------------------- Mosaic GPU backward
+
+
+def _mosaic_bwd_covers(kernel, tcfg, q, k, v, r, qseg, kseg, config, interpret) -> bool:
+  """Whether a Mosaic GPU backward kernel module (`mgpu_dq`, `mgpu_dkv`) takes this call: no
+  window, unpadded lengths (padded rows or keys would need masking), its `supported`; on
+  the GPU only unless `interpret` (tests) is given."""
+  if tcfg.window is not None or (interpret is None and tcfg.interpret):
+    return False
+  if tcfg.Tp != tcfg.T or tcfg.Sp != tcfg.S:
+    return False
+  return kernel.supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg,
+                          kv_segment_ids=kseg, config=config,
+                          platform="interpret" if interpret is not None else None)[0]
+
+
+def _marks(rowsum, tile: int):
+  """[B, H, L / tile] f32: 1 where a tile of rows holds a non-finite row sum."""
+  B, H, L = rowsum.shape
+  return jnp.max(nonfinite(rowsum).reshape(B, H, L // tile, tile), axis=-1)
+
+
 
 
 def mosaic_dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,
@@ -140,14 +161,9 @@ def mosaic_dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, 
   row whose dq, dr, delta or gbar is not finite; else the Triton kernel. interpret (tests):
   a plgpu.InterpretGPUParams for the Mosaic kernel, with an interpret-mode `tcfg` for the
   Triton launches."""
-  mg = tcfg.window is None and (interpret is not None or not tcfg.interpret)
-  # padded rows would need masking; the kernel has no q.dq rows for a differentiated scale
-  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S and not tcfg.need_dscale
-  if mg:
-    mg, _ = mgpu_dq.supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg,
-                              kv_segment_ids=kseg, config=config,
-                              platform="interpret" if interpret is not None else None)
-  if not mg:
+  # the kernel writes no q.dq rows, which a differentiated scale needs
+  if tcfg.need_dscale or not _mosaic_bwd_covers(mgpu_dq, tcfg, q, k, v, r, qseg, kseg, config,
+                                                interpret):
     return dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg)
   # The Triton fast launch's preprocess, as it computes it: no select on dead rows (their
   # NaN o marks them, and the fixup zeroes them)
@@ -158,15 +174,10 @@ def mosaic_dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, 
   dq, dr, rowsum = mgpu_dq.parallax_dq_mgpu(
       q, k, v, r, do, lse, delta, tbar, gbar, scale=scale, causal=tcfg.causal,
       q_segment_ids=qseg, kv_segment_ids=kseg, config=config, interpret=interpret)
-  B, Hq, T = rowsum.shape
-  bq = tcfg.blocks.block_q_dq  # the fixup's tiles: T = Tp is a multiple of them
-  total = rowsum + delta + (0.0 if gbar is None else gbar)
-  flags = jnp.max(nonfinite(total).reshape(B, Hq, T // bq, bq), axis=-1)
+  # the fixup's tiles (T = Tp is a multiple of them); a non-finite delta or gbar marks too
+  flags = _marks(rowsum + delta + (0.0 if gbar is None else gbar), tcfg.blocks.block_q_dq)
   return dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg,
                  fixup=(dq, dr, delta, gbar, None, flags))
-
-
-# ----------------------------------------------------------------------------- Mosaic GPU dk/dv
 
 
 def mosaic_dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg, *,
@@ -176,20 +187,12 @@ def mosaic_dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, k
   launch on every Triton key tile holding a key row whose dk or dv is not finite; else the
   Triton kernel. interpret (tests): a plgpu.InterpretGPUParams for the Mosaic kernel, with
   an interpret-mode `tcfg` for the Triton launches."""
-  mg = tcfg.window is None and (interpret is not None or not tcfg.interpret)
-  mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S  # padded keys would need masking
-  if mg:
-    mg, _ = mgpu_dkv.supported(q, k, v, r, causal=tcfg.causal, q_segment_ids=qseg,
-                               kv_segment_ids=kseg, config=config,
-                               platform="interpret" if interpret is not None else None)
-  if not mg:
+  if not _mosaic_bwd_covers(mgpu_dkv, tcfg, q, k, v, r, qseg, kseg, config, interpret):
     return dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg)
   dk, dv, rowsum = mgpu_dkv.parallax_dkv_mgpu(
       q, k, v, r, do, lse, delta, tbar, gbar, scale=scale, causal=tcfg.causal,
       q_segment_ids=qseg, kv_segment_ids=kseg, config=config, interpret=interpret)
-  B, Hkv, S = rowsum.shape
-  bk = tcfg.blocks.block_k_dkv  # the fixup's tiles: S = Sp is a multiple of them
-  flags = jnp.max(nonfinite(rowsum).reshape(B, Hkv, S // bk, bk), axis=-1)
+  flags = _marks(rowsum, tcfg.blocks.block_k_dkv)  # the fixup's tiles: S = Sp is a multiple
   return dkv_call(tcfg, q, k, v, r, do, lse, delta, tbar, gbar, scale, qseg, kseg,
                   fixup=(dk, dv, flags))
 

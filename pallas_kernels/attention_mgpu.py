@@ -44,9 +44,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
 # way)
-from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT,
-                                   check_mgpu_pipeline, fp16_values, hopper_platform,
-                                   mgpu_inputs_ok)
+from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, check_mgpu_pipeline,
+                                   fp16_values, hopper_platform, mgpu_inputs_ok,
+                                   mgpu_lengths_ok, wgmma_smem)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
 
@@ -126,14 +126,12 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   B, T, Hq, D = q.shape
   S = k.shape[1]
   cfg = config or default_config(D, r is not None)
-  if T % (_COMPUTE_WGS * cfg.block_q):
-    return False, f"T={T} is not a multiple of {_COMPUTE_WGS * cfg.block_q}"
-  if S % cfg.block_kv:
-    return False, f"S={S} is not a multiple of block_kv={cfg.block_kv}"
-  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
-    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
-  if causal and T > S:
-    return False, "causal with T > S (rows without keys) is not implemented"
+  ok, why = mgpu_lengths_ok(T, S, (_COMPUTE_WGS * cfg.block_q, str(_COMPUTE_WGS * cfg.block_q)),
+                            (cfg.block_kv, f"block_kv={cfg.block_kv}"),
+                            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize),
+                            cfg, causal)
+  if not ok:
+    return ok, why
   ok, why = hopper_platform(platform)
   if not ok:
     return ok, why
@@ -441,14 +439,11 @@ def _forward(q, k, v, r, params, qseg=None, kseg=None, *, causal: bool, cfg: Mgp
         plgpu.barrier_wait(v_free.at[slot])
 
   def entry(*refs):
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
     smem = (
-        tiled((_COMPUTE_WGS, bq, D), dtype),  # Q, then o
-        tiled((_COMPUTE_WGS, bq, D), dtype) if has_r else None,  # R, then vbar
-        tiled((stages, bkv, D), dtype),  # K ring
-        tiled((stages, bkv, D), vdtype),  # V ring
+        wgmma_smem((_COMPUTE_WGS, bq, D), dtype),  # Q, then o
+        wgmma_smem((_COMPUTE_WGS, bq, D), dtype) if has_r else None,  # R, then vbar
+        wgmma_smem((stages, bkv, D), dtype),  # K ring
+        wgmma_smem((stages, bkv, D), vdtype),  # V ring
         plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # params rows
         plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32),  # lse, tbar out
         plgpu.SMEM((_COMPUTE_WGS, bq), jnp.int32) if has_seg else None,  # q segment ids

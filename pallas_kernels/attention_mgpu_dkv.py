@@ -45,9 +45,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT, cdiv,
-                                   check_mgpu_pipeline, hopper_platform, mgpu_inputs_ok,
-                                   seg_ranges)
+from pallas_kernels.common import (MGPU_PRODUCER_REGISTERS, MgpuBwdConfig, cdiv,
+                                   check_mgpu_bwd_call, clamp_tile_range, cta_tile_range,
+                                   hopper_platform, launch_warp_specialized, mgpu_bwd_rows,
+                                   mgpu_inputs_ok, mgpu_lengths_ok, producer_ring, seg_ranges,
+                                   wgmma_scores, wgmma_smem)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
 _BLOCK_K = 64  # key rows per consumer warpgroup: one wgmma M tile
@@ -55,28 +57,21 @@ _SR_SLOT_ROWS = 8  # rows of 4 int32 per warpgroup's segment-range slot: 128 byt
 
 
 @dataclasses.dataclass(frozen=True)
-class DkvConfig:
-  """Tiles of the Mosaic GPU dk/dv kernel.
+class DkvConfig(MgpuBwdConfig):
+  """Tiles of the Mosaic GPU dk/dv kernel (its ring streams Q, R, dO and the row vectors;
+  the pipeline fields: `common.MgpuBwdConfig`).
 
   block_q: query rows per pipeline step (the N of the three [64, block_q] score tiles, the K
     of the dK, dV products: 64 or 128, wgmma taking a register operand's K in groups of
     64). Registers per consumer thread at D=128: dK + dV take 128, the three fp32 score
     tiles 96 at block_q=64.
-  num_stages: depth of the Q / R / dO / row-vector SMEM ring (>= 2).
-  consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
-  split_scores: Parallax only: issue K Q^T and K R^T, form a and c, then issue V dO^T, so
-    two fp32 score tiles are live at a time instead of three (32 fewer registers per
-    thread at block_q=64; the third product no longer overlaps the first two's math).
   """
   block_q: int = 64
-  num_stages: int = 2
-  consumer_registers: int = 240
-  split_scores: bool = False
 
   def __post_init__(self):
     if self.block_q not in (64, 128):
       raise ValueError(f"block_q={self.block_q} must be 64 or 128")
-    check_mgpu_pipeline(self.num_stages, self.consumer_registers)
+    super().__post_init__()
 
 
 def default_config(head_dim: int, parallax: bool = True) -> DkvConfig:
@@ -105,15 +100,11 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   B, T, Hq, D = q.shape
   S = k.shape[1]
   cfg = config or default_config(D, r is not None)
-  if T % cfg.block_q:
-    return False, f"T={T} is not a multiple of block_q={cfg.block_q}"
-  if S % (_COMPUTE_WGS * _BLOCK_K):
-    return False, f"S={S} is not a multiple of {_COMPUTE_WGS * _BLOCK_K}"
-  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
-    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
-  if causal and T > S:
-    return False, "causal with T > S (rows without keys) is not implemented"
-  return hopper_platform(platform)
+  ok, why = mgpu_lengths_ok(T, S, (cfg.block_q, f"block_q={cfg.block_q}"),
+                            (_COMPUTE_WGS * _BLOCK_K, str(_COMPUTE_WGS * _BLOCK_K)),
+                            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize),
+                            cfg, causal)
+  return hopper_platform(platform) if ok else (ok, why)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -182,18 +173,12 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
       them (causal geometry and segment ranges)."""
       lo, full = q_tile_lo(k0 + w * bk) if causal else (jnp.int32(0), jnp.int32(0))
       hi = jnp.int32(nq)
-      if has_seg:
-        hi = jnp.minimum(hi, sr_smem[wg, w, 3])
-        lo = jnp.minimum(jnp.maximum(lo, sr_smem[wg, w, 0]), hi)
-        full = jnp.minimum(jnp.maximum(full, lo), hi)
+      if has_seg:  # and within the tiles its ids allow
+        lo, full, hi = clamp_tile_range(lo, full, hi, sr_smem[wg, w, 0], sr_smem[wg, w, 3])
       return lo, full, hi
 
     ranges = [tiles(w) for w in range(_COMPUTE_WGS)]
-    # the CTA streams the union of its consumers' ranges (an empty one adds nothing)
-    (lo0, _, hi0), (lo1, _, hi1) = ranges
-    e0, e1 = hi0 <= lo0, hi1 <= lo1
-    lo_cta = jnp.where(e0, jnp.where(e1, 0, lo1), jnp.where(e1, lo0, jnp.minimum(lo0, lo1)))
-    hi_cta = jnp.where(e0, jnp.where(e1, 0, hi1), jnp.where(e1, hi0, jnp.maximum(hi0, hi1)))
+    lo_cta, hi_cta = cta_tile_range(ranges)  # the CTA streams the union of the two
     n_i = hi_cta - lo_cta  # query tiles per q-head
     steps = G * n_i
 
@@ -214,12 +199,8 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
     def _consumer():
       plgpu.set_max_registers(cfg.consumer_registers, action="increase")
       kb = k0 + wg * bk
-      lo, full, hi = (jnp.where(wg == 0, x, y) for x, y in zip(*ranges))
-      # inside the CTA's range, so the skips cover exactly its other tiles (an empty range
-      # may lie outside it)
-      lo = jnp.minimum(jnp.maximum(lo, lo_cta), hi_cta)
-      hi = jnp.minimum(jnp.maximum(hi, lo), hi_cta)
-      full = jnp.minimum(jnp.maximum(full, lo), hi)
+      lo, full, hi = clamp_tile_range(*(jnp.where(wg == 0, x, y) for x, y in zip(*ranges)),
+                                      lo_cta, hi_cta)
       src = (b, pl.ds(kb, bk), hk)
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[wg], k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[wg], v_bar.at[wg])
@@ -263,15 +244,7 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         q_t, do_t = q_smem.at[slot], do_smem.at[slot]
         r_t = r_smem.at[slot] if has_r else None
 
-        acc_t = plgpu.ACC((bk, bq), jnp.float32)
-
-        def scores(*pairs):  # x y^T of each (x, y) on the tensor cores, issued together
-          def issue(*accs):
-            for acc, (x, y) in zip(accs, pairs):
-              plgpu.wgmma(acc, x, y.transpose((1, 0)))
-            return tuple(acc[...] for acc in accs)
-          return pl.run_scoped(issue, *((acc_t,) * len(pairs)))
-
+        scores = functools.partial(wgmma_scores, plgpu.ACC((bk, bq), jnp.float32))
         if has_r and cfg.split_scores:  # V dO^T waits until a and c are formed
           s, kr = scores((k_t, q_t), (k_t, r_t))
           gt = None
@@ -364,29 +337,15 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
         g = lax.div(step, n_i)
         fetch(g, lo_cta + step - g * n_i, slot)
 
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(load, i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(step):
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
-        plgpu.barrier_wait(free.at[slot])
-        load(step + stages, slot)
-
-      @pl.loop(jnp.maximum(steps - stages, 0), steps)
-      def _(step):  # observe the last releases too (the interpreter checks every phase)
-        plgpu.barrier_wait(free.at[lax.rem(step, jnp.array(stages, step.dtype))])
+      producer_ring(steps, stages, load, free)
 
   def entry(*refs):
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
     smem = (
-        tiled((_COMPUTE_WGS, bk, D), dtype),  # K, then dK
-        tiled((_COMPUTE_WGS, bk, D), dtype),  # V, then dV
-        tiled((stages, bq, D), dtype),  # Q ring
-        tiled((stages, bq, D), dtype) if has_r else None,  # R ring
-        tiled((stages, bq, D), dtype),  # dO ring
+        wgmma_smem((_COMPUTE_WGS, bk, D), dtype),  # K, then dK
+        wgmma_smem((_COMPUTE_WGS, bk, D), dtype),  # V, then dV
+        wgmma_smem((stages, bq, D), dtype),  # Q ring
+        wgmma_smem((stages, bq, D), dtype) if has_r else None,  # R ring
+        wgmma_smem((stages, bq, D), dtype),  # dO ring
         plgpu.SMEM((stages, n_rows, bq), jnp.float32),  # row vectors ring
         plgpu.SMEM((stages, bq), jnp.int32) if has_seg else None,  # q segment ids ring
         plgpu.SMEM((_COMPUTE_WGS, G, 2, bq), jnp.float32),  # params of the group's heads
@@ -408,18 +367,10 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
 
   out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype),
               jax.ShapeDtypeStruct((B, Hkv, S), jnp.float32)]
-  args = ((q, k, v) + ((r,) if has_r else ()) + (do, rows, params) +
-          ((qseg, kseg, srng) if has_seg else ()))
-  return plgpu.kernel(
-      entry,
-      out_type=out_type,
-      grid=(Hkv, n_cta, B),
-      grid_names=("heads", "kv_seq", "batch"),
-      num_threads=_COMPUTE_WGS + (0 if self_load else 1),
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(*args)
+  return launch_warp_specialized(
+      entry, (q, k, v, r, do, rows, params, qseg, kseg, srng), out_type=out_type,
+      grid=(Hkv, n_cta, B), grid_names=("heads", "kv_seq", "batch"), consumers=_COMPUTE_WGS,
+      producer=not self_load, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -442,15 +393,9 @@ def parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar=None, gbar=None, *, scale
   ok, why = supported(q, k, v, r, causal=causal, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids, config=cfg,
                       platform="interpret" if interpret is not None else "cuda")
-  if not ok:
-    raise ValueError(f"parallax_dkv_mgpu: unsupported inputs: {why}")
-  if r is not None and (tbar is None or gbar is None):
-    raise ValueError("parallax_dkv_mgpu: r needs tbar and gbar")
-  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  vecs = (lse, delta) + ((1.0 + tbar, gbar) if r is not None else ())
-  rows = jnp.stack([x.astype(jnp.float32) for x in vecs], axis=2)  # [B, Hq, n, T]
-  params = jnp.broadcast_to(jnp.stack([scale * LOG2E, scale], axis=1)[:, :, None],
-                            (Hq, 2, cfg.block_q))
+  check_mgpu_bwd_call("parallax_dkv_mgpu", (ok, why), r, tbar, gbar)
+  rows, params = mgpu_bwd_rows(lse, delta, tbar if r is not None else None, gbar, scale, Hq,
+                               cfg.block_q)
   srng = None
   if q_segment_ids is not None:  # query tiles each 64-key tile's ids allow
     srng = seg_ranges(kv_segment_ids, q_segment_ids, k.shape[1], T, _BLOCK_K, cfg.block_q)

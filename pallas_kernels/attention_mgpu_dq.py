@@ -43,9 +43,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, SMEM_LIMIT, cdiv,
-                                   check_mgpu_pipeline, hopper_platform, mgpu_inputs_ok,
-                                   seg_ranges)
+from pallas_kernels.common import (MGPU_PRODUCER_REGISTERS, MgpuBwdConfig, cdiv,
+                                   check_mgpu_bwd_call, clamp_tile_range, cta_tile_range,
+                                   hopper_platform, launch_warp_specialized, mgpu_bwd_rows,
+                                   mgpu_inputs_ok, mgpu_lengths_ok, producer_ring, seg_ranges,
+                                   wgmma_scores, wgmma_smem)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
 _BLOCK_Q = 64  # query rows per consumer warpgroup: one wgmma M tile
@@ -53,28 +55,21 @@ _SR_SLOT_ROWS = 8  # rows of 4 int32 per warpgroup's segment-range slot: 128 byt
 
 
 @dataclasses.dataclass(frozen=True)
-class DqConfig:
-  """Tiles of the Mosaic GPU dq/dr kernel.
+class DqConfig(MgpuBwdConfig):
+  """Tiles of the Mosaic GPU dq/dr kernel (its ring streams K and V; the pipeline fields:
+  `common.MgpuBwdConfig`).
 
   block_k: key rows per pipeline step (the N of the three [64, block_k] score tiles, the K of
     the dQ, dR products: 64 or 128, wgmma taking a register operand's K in groups of 64).
     Registers per consumer thread at D=128: dQ + dR take 128, the three fp32 score tiles 96
     at block_k=64.
-  num_stages: depth of the K / V SMEM ring (>= 2).
-  consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
-  split_scores: Parallax only: issue Q K^T and R K^T, form a and c, then issue dO V^T, so
-    two fp32 score tiles are live at a time instead of three (32 fewer registers per
-    thread at block_k=64; the third product no longer overlaps the first two's math).
   """
   block_k: int = 64
-  num_stages: int = 2
-  consumer_registers: int = 240
-  split_scores: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128):
       raise ValueError(f"block_k={self.block_k} must be 64 or 128")
-    check_mgpu_pipeline(self.num_stages, self.consumer_registers)
+    super().__post_init__()
 
 
 def default_config(head_dim: int, parallax: bool = True) -> DqConfig:
@@ -105,15 +100,11 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   B, T, Hq, D = q.shape
   S = k.shape[1]
   cfg = config or default_config(D, r is not None)
-  if T % (_COMPUTE_WGS * _BLOCK_Q):
-    return False, f"T={T} is not a multiple of {_COMPUTE_WGS * _BLOCK_Q}"
-  if S % cfg.block_k:
-    return False, f"S={S} is not a multiple of block_k={cfg.block_k}"
-  if smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize) > SMEM_LIMIT:
-    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
-  if causal and T > S:
-    return False, "causal with T > S (rows without keys) is not implemented"
-  return hopper_platform(platform)
+  ok, why = mgpu_lengths_ok(T, S, (_COMPUTE_WGS * _BLOCK_Q, str(_COMPUTE_WGS * _BLOCK_Q)),
+                            (cfg.block_k, f"block_k={cfg.block_k}"),
+                            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize),
+                            cfg, causal)
+  return hopper_platform(platform) if ok else (ok, why)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -186,18 +177,12 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
       them (causal geometry and segment ranges)."""
       lo = jnp.int32(0)
       full, hi = k_tiles(q0 + w * bq) if causal else (jnp.int32(nk), jnp.int32(nk))
-      if has_seg:
-        hi = jnp.minimum(hi, sr_smem[wg, w, 3])
-        lo = jnp.minimum(jnp.maximum(lo, sr_smem[wg, w, 0]), hi)
-        full = jnp.minimum(jnp.maximum(full, lo), hi)
+      if has_seg:  # and within the tiles its ids allow
+        lo, full, hi = clamp_tile_range(lo, full, hi, sr_smem[wg, w, 0], sr_smem[wg, w, 3])
       return lo, full, hi
 
     ranges = [tiles(w) for w in range(_COMPUTE_WGS)]
-    # the CTA streams the union of its consumers' ranges (an empty one adds nothing)
-    (lo0, _, hi0), (lo1, _, hi1) = ranges
-    e0, e1 = hi0 <= lo0, hi1 <= lo1
-    lo_cta = jnp.where(e0, jnp.where(e1, 0, lo1), jnp.where(e1, lo0, jnp.minimum(lo0, lo1)))
-    hi_cta = jnp.where(e0, jnp.where(e1, 0, hi1), jnp.where(e1, hi0, jnp.maximum(hi0, hi1)))
+    lo_cta, hi_cta = cta_tile_range(ranges)  # the CTA streams the union of the two
     steps = hi_cta - lo_cta
 
     def fetch(j, slot):  # key tile j into a ring slot
@@ -212,12 +197,8 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
     def _consumer():
       plgpu.set_max_registers(cfg.consumer_registers, action="increase")
       qw = q0 + wg * bq
-      lo, full, hi = (jnp.where(wg == 0, x, y) for x, y in zip(*ranges))
-      # inside the CTA's range, so the skips cover exactly its other tiles (an empty range
-      # may lie outside it)
-      lo = jnp.minimum(jnp.maximum(lo, lo_cta), hi_cta)
-      hi = jnp.minimum(jnp.maximum(hi, lo), hi_cta)
-      full = jnp.minimum(jnp.maximum(full, lo), hi)
+      lo, full, hi = clamp_tile_range(*(jnp.where(wg == 0, x, y) for x, y in zip(*ranges)),
+                                      lo_cta, hi_cta)
       src = (b, pl.ds(qw, bq), h)
       plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[wg], q_bar.at[wg])
       if has_r:
@@ -267,15 +248,7 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
         wait_loaded(slot)
         k_t, v_t = k_smem.at[slot], v_smem.at[slot]
 
-        acc_t = plgpu.ACC((bq, bk), jnp.float32)
-
-        def scores(*pairs):  # x y^T of each (x, y) on the tensor cores, issued together
-          def issue(*accs):
-            for acc, (x, y) in zip(accs, pairs):
-              plgpu.wgmma(acc, x, y.transpose((1, 0)))
-            return tuple(acc[...] for acc in accs)
-          return pl.run_scoped(issue, *((acc_t,) * len(pairs)))
-
+        scores = functools.partial(wgmma_scores, plgpu.ACC((bq, bk), jnp.float32))
         if has_r and cfg.split_scores:  # dO V^T waits until a and c are formed
           s, rk = scores((q_t, k_t), (r_t, k_t))
           g = None
@@ -347,29 +320,15 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
     def _producer():
       plgpu.set_max_registers(MGPU_PRODUCER_REGISTERS[cfg.consumer_registers], action="decrease")
 
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(fetch, lo_cta + i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(step):
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
-        plgpu.barrier_wait(free.at[slot])
-        fetch(lo_cta + step + stages, slot)
-
-      @pl.loop(jnp.maximum(steps - stages, 0), steps)
-      def _(step):  # observe the last releases too (the interpreter checks every phase)
-        plgpu.barrier_wait(free.at[lax.rem(step, jnp.array(stages, step.dtype))])
+      producer_ring(steps, stages, lambda step, slot: fetch(lo_cta + step, slot), free)
 
   def entry(*refs):
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
     smem = (
-        tiled((_COMPUTE_WGS, bq, D), dtype),  # Q, then dQ
-        tiled((_COMPUTE_WGS, bq, D), dtype) if has_r else None,  # R, then dR
-        tiled((_COMPUTE_WGS, bq, D), dtype),  # dO
-        tiled((stages, bk, D), dtype),  # K ring
-        tiled((stages, bk, D), dtype),  # V ring
+        wgmma_smem((_COMPUTE_WGS, bq, D), dtype),  # Q, then dQ
+        wgmma_smem((_COMPUTE_WGS, bq, D), dtype) if has_r else None,  # R, then dR
+        wgmma_smem((_COMPUTE_WGS, bq, D), dtype),  # dO
+        wgmma_smem((stages, bk, D), dtype),  # K ring
+        wgmma_smem((stages, bk, D), dtype),  # V ring
         plgpu.SMEM((_COMPUTE_WGS, n_rows, bq), jnp.float32),  # row vectors
         plgpu.SMEM((_COMPUTE_WGS, bq), jnp.int32) if has_seg else None,  # q segment ids
         plgpu.SMEM((_COMPUTE_WGS, 2, bk), jnp.float32),  # the head's scales per column
@@ -391,18 +350,10 @@ def _dq(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causal
 
   out_type = ([jax.ShapeDtypeStruct(q.shape, dtype)] * (2 if has_r else 1)
               + [jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)])
-  args = ((q, k, v) + ((r,) if has_r else ()) + (do, rows, params) +
-          ((qseg, kseg, srng) if has_seg else ()))
-  return plgpu.kernel(
-      entry,
-      out_type=out_type,
-      grid=(Hq, n_cta, B),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=_COMPUTE_WGS + (0 if self_load else 1),
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(*args)
+  return launch_warp_specialized(
+      entry, (q, k, v, r, do, rows, params, qseg, kseg, srng), out_type=out_type,
+      grid=(Hq, n_cta, B), grid_names=("heads", "q_seq", "batch"), consumers=_COMPUTE_WGS,
+      producer=not self_load, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -425,15 +376,9 @@ def parallax_dq_mgpu(q, k, v, r, do, lse, delta, tbar=None, gbar=None, *, scale,
   ok, why = supported(q, k, v, r, causal=causal, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids, config=cfg,
                       platform="interpret" if interpret is not None else "cuda")
-  if not ok:
-    raise ValueError(f"parallax_dq_mgpu: unsupported inputs: {why}")
-  if r is not None and (tbar is None or gbar is None):
-    raise ValueError("parallax_dq_mgpu: r needs tbar and gbar")
-  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  vecs = (lse, delta) + ((1.0 + tbar, gbar) if r is not None else ())
-  rows = jnp.stack([x.astype(jnp.float32) for x in vecs], axis=2)  # [B, Hq, n, T]
-  params = jnp.broadcast_to(jnp.stack([scale * LOG2E, scale], axis=1)[:, :, None],
-                            (Hq, 2, cfg.block_k))
+  check_mgpu_bwd_call("parallax_dq_mgpu", (ok, why), r, tbar, gbar)
+  rows, params = mgpu_bwd_rows(lse, delta, tbar if r is not None else None, gbar, scale, Hq,
+                               cfg.block_k)
   srng = None
   if q_segment_ids is not None:  # key tiles each 64-row query tile's ids allow
     srng = seg_ranges(q_segment_ids, kv_segment_ids, T, k.shape[1], _BLOCK_Q, cfg.block_k)

@@ -1,18 +1,21 @@
 """Pieces the kernel modules share: constants, small array helpers, the non-finite helpers,
-the compact grid of the fixup launches, the fp16 V conversion, the Hopper check, the SM count
-and the split-KV chunking.
+the compact grid of the fixup launches, the fp16 V conversion, the Hopper check, the SM count,
+the Mosaic GPU kernels' input checks and warp-specialised pipeline pieces, and the split-KV
+and segment-range tiling.
 
 This module imports no kernel module: each kernel module imports only this one (and jax), and
 the fronts (`attention`, the package) import the kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 LOG2E = math.log2(math.e)
@@ -244,6 +247,35 @@ def check_mgpu_pipeline(num_stages: int, consumer_registers: int):
                      f"{sorted(MGPU_PRODUCER_REGISTERS)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class MgpuBwdConfig:
+  """What the configs of the Mosaic GPU backward kernels share (each adds its streamed tile).
+
+  num_stages: depth of the SMEM ring the producer fills (>= 2).
+  consumer_registers: per-thread register cap of the consumer warpgroups (232 or 240).
+  split_scores: Parallax only: issue the two products that form a and c (of K with Q and
+    R), form a and c, then issue the third (of V with dO), so two fp32 score tiles are live
+    at a time instead of three (32 fewer registers per thread at 64 columns; the third
+    product no longer overlaps the first two's math).
+  """
+  num_stages: int = 2
+  consumer_registers: int = 240
+  split_scores: bool = False
+
+  def __post_init__(self):
+    check_mgpu_pipeline(self.num_stages, self.consumer_registers)
+
+
+def check_mgpu_bwd_call(name: str, supported: tuple[bool, str], r, tbar, gbar):
+  """ValueError unless a Mosaic GPU backward kernel supports the call and has the residuals
+  Parallax needs."""
+  ok, why = supported
+  if not ok:
+    raise ValueError(f"{name}: unsupported inputs: {why}")
+  if r is not None and (tbar is None or gbar is None):
+    raise ValueError(f"{name}: r needs tbar and gbar")
+
+
 def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[bool, str]:
   """The input checks the Mosaic GPU training kernels share (their tile constraints aside):
   (True, "") or (False, reason). Arrays or ShapeDtypeStructs."""
@@ -272,6 +304,104 @@ def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[b
     if any(jnp.dtype(x.dtype) != jnp.int32 for x in (q_segment_ids, kv_segment_ids)):
       return False, "segment ids must be int32"
   return True, ""
+
+
+def mgpu_lengths_ok(T: int, S: int, t_tile: tuple[int, str], s_tile: tuple[int, str],
+                    smem: int, cfg, causal: bool) -> tuple[bool, str]:
+  """The tile constraints of a Mosaic GPU training kernel: T a multiple of t_tile and S of
+  s_tile ((size, how the reason names it) pairs), its buffers (`smem` bytes of `cfg`)
+  within SMEM_LIMIT, and T <= S under a causal mask."""
+  for name, n, (size, label) in (("T", T, t_tile), ("S", S, s_tile)):
+    if n % size:
+      return False, f"{name}={n} is not a multiple of {label}"
+  if smem > SMEM_LIMIT:
+    return False, f"{cfg} needs more SMEM than {SMEM_LIMIT} bytes"
+  if causal and T > S:
+    return False, "causal with T > S (rows without keys) is not implemented"
+  return True, ""
+
+
+def mgpu_bwd_rows(lse, delta, tbar, gbar, scale, n_heads: int, width: int):
+  """The Mosaic GPU backward kernels' row and head inputs: rows [B, Hq, n, T] f32 = lse,
+  delta (, 1 + tbar, gbar when tbar is given) and params [Hq, 2, width] f32 = scale * log2e,
+  scale per head (scale: float, scalar or [Hq]; width: a TMA-sized row)."""
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n_heads,))
+  vecs = (lse, delta) + ((1.0 + tbar, gbar) if tbar is not None else ())
+  rows = jnp.stack([x.astype(jnp.float32) for x in vecs], axis=2)
+  params = jnp.broadcast_to(jnp.stack([scale * LOG2E, scale], axis=1)[:, :, None],
+                            (n_heads, 2, width))
+  return rows, params
+
+
+# ----------------------------------------------------------------------------- warp-specialised
+# The pieces of the Mosaic GPU backward kernels' pipeline: two consumer warpgroups, each with
+# its own range of tiles, and a producer streaming the union of the two through a ring.
+
+
+def wgmma_smem(shape, dtype):
+  """An SMEM buffer in the layout wgmma operands and TMA copies of 2-byte tiles use:
+  (8, 64) tiles, 128-byte swizzle."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def cta_tile_range(ranges):
+  """[lo, hi) of the union of the two consumers' (lo, full, hi) ranges; an empty range adds
+  nothing (both empty: [0, 0))."""
+  (lo0, _, hi0), (lo1, _, hi1) = ranges
+  e0, e1 = hi0 <= lo0, hi1 <= lo1
+  lo = jnp.where(e0, jnp.where(e1, 0, lo1), jnp.where(e1, lo0, jnp.minimum(lo0, lo1)))
+  hi = jnp.where(e0, jnp.where(e1, 0, hi1), jnp.where(e1, hi0, jnp.maximum(hi0, hi1)))
+  return lo, hi
+
+
+def clamp_tile_range(lo, full, hi, lo_bound, hi_bound):
+  """A consumer's (lo, full, hi) tile range inside [lo_bound, hi_bound): the tiles its
+  segment ids allow, or the CTA's range (so the tiles it skips are exactly the CTA's
+  others). A range left empty is (x, x, x) for some x in the bounds."""
+  lo = jnp.minimum(jnp.maximum(lo, lo_bound), hi_bound)
+  hi = jnp.minimum(jnp.maximum(hi, lo), hi_bound)
+  return lo, jnp.minimum(jnp.maximum(full, lo), hi), hi
+
+
+def wgmma_scores(acc_type, *pairs):
+  """x y^T of each (x, y) pair of SMEM tiles on the tensor cores, issued together into fresh
+  accumulators of `acc_type` (a plgpu.ACC); their values."""
+  def issue(*accs):
+    for acc, (x, y) in zip(accs, pairs):
+      plgpu.wgmma(acc, x, y.transpose((1, 0)))
+    return tuple(acc[...] for acc in accs)
+
+  return pl.run_scoped(issue, *((acc_type,) * len(pairs)))
+
+
+def producer_ring(steps, stages: int, load, free):
+  """A producer warpgroup's loop: `load(step, slot)` for the first `stages` steps, then each
+  later step into the slot its consumers released (`free`: a barrier per slot), and last a
+  wait on the final releases too (the interpreter checks every barrier phase)."""
+  slot_of = lambda step: lax.rem(step, jnp.array(stages, step.dtype))
+  for i in range(stages):
+    pl.when(i < steps)(lambda i=i: load(i, i))
+
+  @pl.loop(0, jnp.maximum(steps - stages, 0))
+  def _(step):
+    plgpu.barrier_wait(free.at[slot_of(step)])
+    load(step + stages, slot_of(step))
+
+  @pl.loop(jnp.maximum(steps - stages, 0), steps)
+  def _(step):
+    plgpu.barrier_wait(free.at[slot_of(step)])
+
+
+def launch_warp_specialized(entry, args, *, out_type, grid, grid_names, consumers: int,
+                            producer: bool, interpret=None):
+  """plgpu.kernel of `entry` over `grid` with `consumers` warpgroups (and a producer one),
+  called on the args that are not None."""
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=grid, grid_names=grid_names,
+      num_threads=consumers + int(producer), thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
+  )(*[a for a in args if a is not None])
 
 
 # ----------------------------------------------------------------------------- segment ids

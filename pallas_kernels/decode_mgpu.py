@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import (LOG2E, NUM_SMS, SMEM_LIMIT, hopper_platform, pad,
-                                   split_chunk)
+                                   split_chunk, wgmma_smem)
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
@@ -433,19 +433,16 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
   n_copies = (_ROWS // _STRIPE) * (4 if has_r and not pack else 2)
 
   def entry(*refs):
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    tiled = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
     smem = (
-        tiled((_ROWS, D), dtype),                                    # A: q (and r) stripes
-        tiled((_ROWS, D), dtype) if has_r and not pack else None,    # A of r (unpacked)
-        tiled((stages, bk, D), dtype),                               # K ring
-        tiled((stages, bk, D), dtype),                               # V ring
+        wgmma_smem((_ROWS, D), dtype),  # A: q (and r) stripes
+        wgmma_smem((_ROWS, D), dtype) if has_r and not pack else None,  # A of r (unpacked)
+        wgmma_smem((stages, bk, D), dtype),  # K ring
+        wgmma_smem((stages, bk, D), dtype),  # V ring
         # O, read back shifted (stores of the wgmma layout need tiled, swizzled SMEM)
         plgpu.SMEM((_ROWS + 2 * _STRIPE, D), jnp.float32,
-                   transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
-        tiled((_ROWS, D), dtype),                                    # o staging
-        plgpu.SMEM((3, _ROWS), jnp.float32),                         # m, d1, d2 staging
+                   transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+        wgmma_smem((_ROWS, D), dtype),  # o staging
+        plgpu.SMEM((3, _ROWS), jnp.float32),  # m, d1, d2 staging
     )
     loaded = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
               plgpu.Barrier(num_barriers=n_copies))
