@@ -15,8 +15,6 @@ reference, and gradients through `parallax_flash_attention` with and without it.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 import warnings
 
 import jax
@@ -27,65 +25,15 @@ import pytest
 from pallas_kernels import attention
 from pallas_kernels import attention_mgpu_dkv as dm
 from pallas_kernels import attention_triton as tr
-from tests.kernels import (has_hopper, interpret_params, lower_h100, mosaic_modules,
-                           triton_modules)
-from tests.test_attention_mgpu import Case, inputs, reference, rel, segment_ids
+from tests.kernels import has_hopper, interpret_params
+from tests import mgpu_bwd_cases as bwd
+from tests.mgpu_bwd_cases import with_config
+from tests.test_attention_mgpu import Case, inputs, rel
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-# max |x - ref| / max |ref| of dk and dv, as the forward's
-TOL = {jnp.bfloat16: 1e-2, jnp.float16: 4e-3}
-
-
-def residuals_and_grads(c: Case, seed=0):
-  """Inputs, the kernel's residual arguments (lse, delta, tbar, gbar from the reference's
-  o, vbar in float32) and the reference dk, dv."""
-  q, k, v, r, scale = inputs(c, seed)
-  qs, ks = segment_ids(c, seed)
-  do = jax.random.normal(jax.random.PRNGKey(seed + 11), q.shape, jnp.float32).astype(q.dtype)
-  o, lse, tbar, vbar = reference(q, k, v, r, scale, c.causal, qs, ks)
-  f32 = lambda x: x.astype(jnp.float32)
-  delta = jnp.einsum("bthd,bthd->bht", o, f32(do))
-  gbar = None if r is None else jnp.einsum("bthd,bthd->bht", vbar, f32(do))
-  _, vjp = jax.vjp(lambda k, v: reference(q, k, v, r, scale, c.causal, qs, ks)[0],
-                   f32(k), f32(v))
-  dk, dv = vjp(f32(do))
-  return (q, k, v, r, do, lse, delta, tbar, gbar, scale, qs, ks), (dk, dv)
-
-
-CASES = {
-    "bf16_parallax_causal_d64_gqa2": (Case(), None),
-    "bf16_parallax_causal_d128_gqa4": (Case(T=128, S=128, D=128, Hq=4, Hkv=1), None),
-    "fp16_softmax_noncausal_d128": (Case(D=128, dtype=jnp.float16, parallax=False,
-                                         causal=False), None),
-    "bf16_parallax_causal_T<S_d128": (Case(T=128, S=384, D=128), None),
-    "bf16_parallax_packed_segments_3stages": (Case(segments="packed"),
-                                              dm.DkvConfig(num_stages=3)),
-    "bf16_parallax_packed_segments_B2": (Case(B=2, segments="packed"), None),
-    "bf16_softmax_causal_packed_segments_d128": (Case(D=128, parallax=False,
-                                                      segments="packed"), None),
-    "bf16_parallax_noncausal_cross_segments_arrayscale": (
-        Case(causal=False, segments="cross", array_scale=True), None),
-    "bf16_parallax_causal_races": (Case(races=True), None),
-    "bf16_parallax_causal_d128_split_scores": (Case(T=128, S=128, D=128, Hq=4, Hkv=1),
-                                               dm.DkvConfig(split_scores=True)),
-}
-
-GPU_CASES = {
-    "bf16_parallax_causal_d128_L1024": (Case(B=2, T=1024, S=1024, Hq=8, Hkv=4, D=128), None),
-    "bf16_parallax_causal_d64_L2048_gqa8": (Case(B=1, T=2048, S=2048, Hq=8, Hkv=1, D=64),
-                                            None),
-    "bf16_softmax_noncausal_d128_3stages": (Case(B=1, T=1024, S=2048, Hq=4, Hkv=2, D=128,
-                                                 parallax=False, causal=False),
-                                            dm.DkvConfig(num_stages=3)),
-    "fp16_parallax_causal_T<S_d128": (Case(B=1, T=1024, S=2048, Hq=4, Hkv=2, D=128,
-                                           dtype=jnp.float16), None),
-    "bf16_parallax_packed_segments_d128": (Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128,
-                                                segments="packed"), None),
-    "bf16_parallax_cross_segments_arrayscale": (Case(B=1, T=1024, S=1024, Hq=4, Hkv=2,
-                                                     causal=False, segments="cross",
-                                                     array_scale=True), None),
-}
+CASES = with_config(bwd.CASES, dm.DkvConfig)
+GPU_CASES = with_config(bwd.GPU_CASES, dm.DkvConfig)
 
 
 class TestMgpuDkv:
@@ -96,7 +44,7 @@ class TestMgpuDkv:
 
   def test_matches_reference(self, name):
     c, cfg = self.CASES[name]
-    (q, k, v, r, do, lse, delta, tbar, gbar, scale, qs, ks), (rdk, rdv) = residuals_and_grads(c)
+    (q, k, v, r, do, lse, delta, tbar, gbar, scale, qs, ks), ref = bwd.residuals_and_grads(c)
     ok, why = dm.supported(q, k, v, r, causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
                            config=cfg, platform="interpret" if self.INTERPRET else None)
     assert ok, why
@@ -115,8 +63,8 @@ class TestMgpuDkv:
       assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
     assert dk.shape == k.shape and dk.dtype == k.dtype and dv.dtype == v.dtype
     assert rowsum.shape == (c.B, c.Hkv, c.S) and bool(jnp.all(jnp.isfinite(rowsum)))
-    errs = {"dk": rel(dk, rdk), "dv": rel(dv, rdv)}
-    assert max(errs.values()) < TOL[c.dtype], errs
+    errs = {"dk": rel(dk, ref["k"]), "dv": rel(dv, ref["v"])}
+    assert max(errs.values()) < bwd.TOL[c.dtype], errs
     print(name, errs)
 
 
@@ -125,16 +73,7 @@ class TestMgpuDkvInterpret(TestMgpuDkv):
   causal and not, GQA 4, packed segments, 3 stages), the rest are `slow`."""
   INTERPRET = True
   CASES = CASES
-  CI_CASES = ["bf16_parallax_causal_d128_gqa4", "fp16_softmax_noncausal_d128",
-              "bf16_parallax_packed_segments_3stages"]
-
-
-def _tcfg(q, k, r, causal, seg, interpret=True):
-  B, T, Hq, D = q.shape
-  return tr.CallConfig(T=T, S=k.shape[1], Tp=T, Sp=k.shape[1], D=D, Hq=Hq, Hkv=k.shape[2],
-                       causal=causal, window=None, has_r=r is not None, has_seg=seg,
-                       need_dscale=False, blocks=tr.default_block_sizes(D, r is not None),
-                       interpret=interpret, fp16_pv=r is not None and q.dtype == jnp.bfloat16)
+  CI_CASES = bwd.CI_CASES
 
 
 def test_nonfinite_key_rows_are_marked_and_fixed():
@@ -145,7 +84,7 @@ def test_nonfinite_key_rows_are_marked_and_fixed():
   q, k, v, r, scale = inputs(c, seed=5)
   v = v.at[:, 100].set(jnp.nan)
   do = jax.random.normal(jax.random.PRNGKey(9), q.shape, jnp.float32).astype(q.dtype)
-  tcfg = _tcfg(q, k, r, True, False)
+  tcfg = bwd.triton_config(q, k, r, True, False)
   sc = jnp.full((c.Hq,), scale, jnp.float32)
   o, lse, tbar, vbar = tr.fwd_call(tcfg, q, k, v, r, sc, None, None)
   _, _, delta, gbar, _ = tr.dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, sc, None, None)
@@ -186,43 +125,15 @@ def test_supported():
                                                          (128, True, True, True, True)])
 def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split):
   """Mosaic GPU's Python lowering in full and the module verifier, without a GPU."""
-  sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
-  q, kv, row = sd(2, 1024, 8, D), sd(2, 1024, 4, D), sd(2, 8, 1024, dt=jnp.float32)
-  ids = sd(2, 1024, dt=jnp.int32) if seg else None
-
-  def f(q, k, v, r, do, lse, delta, tbar, gbar, ids):
-    return dm.parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar, gbar, scale=0.1,
-                                config=dm.DkvConfig(split_scores=True) if split else None,
-                                causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
-
-  p = parallax
-  mods = mosaic_modules(lower_h100(f, q, kv, kv, q if p else None, q, row, row,
-                                   row if p else None, row if p else None, ids))
-  assert len(mods) == 1
-  ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
-  assert b"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ops  # K Q^T, V dO^T
-  assert b"wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16" % D in ops  # dK, dV
-  assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
-  assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops  # TMA stores
-  assert b"setmaxnreg.inc.sync.aligned.u32" in ops and b"setmaxnreg.dec.sync.aligned.u32" in ops
+  cfg = dm.DkvConfig(split_scores=True) if split else dm.default_config(D, parallax)
+  bwd.check_cuda_lowering(dm.parallax_dkv_mgpu, cfg, D, parallax, causal, seg, cfg.block_q)
 
 
 def test_training_gradient_lowers_with_mosaic_dkv(monkeypatch):
-  """`BlockSizes(mosaic_dkv=True)`: a training gradient lowers for an H100 with the Mosaic
-  dk/dv kernel and the Triton dk/dv fixup launch in place of the Triton dk/dv kernel."""
+  """`BlockSizes(mosaic_dkv=True)`: the Mosaic dk/dv kernel and the Triton fixup launch in place
+  of the Triton dk/dv kernel, lowered for an H100."""
   monkeypatch.setattr(dm, "hopper_platform", lambda platform: (True, ""))
-  sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-  q, kv = sd(1, 1024, 8, 128), sd(1, 1024, 4, 128)
-  bs = dataclasses.replace(tr.default_block_sizes(128, True), mosaic_dkv=True)
-
-  def loss(q, k, v, r):
-    o = attention.parallax_flash_attention(q, k, v, r, scale=0.1, block_sizes=bs)
-    return jnp.sum(o.astype(jnp.float32))
-
-  low = lower_h100(jax.grad(loss, argnums=(1, 2)), q, kv, kv, q)
-  names = [n for n, _ in triton_modules(low)]
-  assert "parallax_bwd_dkv_fixup" in names and "parallax_bwd_dkv" not in names, names
-  assert len(mosaic_modules(low)) >= 1
+  bwd.check_training_gradient_lowers("mosaic_dkv", (1, 2), "parallax_bwd_dkv")
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -232,24 +143,5 @@ def test_training_gradient_lowers_with_mosaic_dkv(monkeypatch):
 @pytest.mark.skipif(not has_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("segments,poison", [(False, False), (True, False), (True, True)])
 def test_gpu_gradients_match_triton(segments, poison):
-  """Gradients through `parallax_flash_attention` with the Mosaic dk/dv kernel equal the
-  Triton kernel's (NaN at a masked position: the fixup repairs what the kernel marks)."""
-  c = Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128, segments="packed" if segments else None)
-  q, k, v, r, scale = inputs(c, seed=2)
-  qs, ks = segment_ids(c, seed=2)
-  if poison:
-    v = v.at[:, -1].set(jnp.nan)  # the last key: seen by the last row only
-  w = jax.random.normal(jax.random.PRNGKey(4), q.shape, jnp.float32)
-
-  def grads(mosaic):
-    bs = dataclasses.replace(tr.default_block_sizes(128, True), mosaic_dkv=mosaic)
-    loss = lambda q, k, v, r: jnp.sum(attention.parallax_flash_attention(
-        q, k, v, r, scale=scale, q_segment_ids=qs, kv_segment_ids=ks,
-        block_sizes=bs).astype(jnp.float32) * w)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, r)
-
-  for name, a, b in zip(("dq", "dk", "dv", "dr"), grads(True), grads(False)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
-    fin = np.isfinite(b)
-    assert rel(a[fin], b[fin]) < 1e-2, name
+  """Gradients through the front with the Mosaic dk/dv kernel equal the Triton kernels'."""
+  bwd.check_front_gradients_match_triton("mosaic_dkv", segments, poison)

@@ -104,7 +104,8 @@ recs = [json.loads(l) for l in open(out + "_run/metrics.jsonl")]
 res["loop"] = {"part": part["final_step"], "final": rest["final_step"],
                "samples": len(rest["samples"]),
                "loss_steps": [r["step"] for r in recs if "loss" in r],
-               "keys": sorted(set().union(*recs))}
+               "keys": sorted(set().union(*recs)),
+               "timings": rest["timings_s"]}
 print("RESULT" + json.dumps(res))
 """)
 
@@ -153,6 +154,8 @@ def test_parallelisms_match_single_device(tmp_path):
   assert (loop["part"], loop["final"], loop["samples"]) == (1, 2, 1), loop
   assert loop["loss_steps"] == [1, 2], loop
   assert {"eval/loss", "cor/layer_0", "stable_rank/layers_0/attn/r_proj"} <= set(loop["keys"])
+  t = loop["timings"]  # the resumed part: one step, its eval, diagnostics and save
+  assert t["steps"] >= t["first_step"] > 0 and t["eval"] > 0 and t["diag"] > 0 and t["save"] > 0
 
 
 @pytest.mark.slow
