@@ -220,6 +220,12 @@ def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, 
                                                     compile_cache=False), log=msgs.append)
   assert out["ran"] == [] and any(m.startswith("study: g2/") and "not started" in m
                                   for m in msgs), msgs
+  # two at a time: runs made that way are the estimate, else the runs made alone x 2
+  done = {"a": {"status": "done", "arm": "a", "wall_s": 100.0, "jobs": 1}}
+  assert runner.estimate_s(g, "b", done, jobs=2) == 200.0
+  done["b"] = {"status": "done", "arm": "b", "wall_s": 130.0, "jobs": 2}
+  assert runner.estimate_s(g, "a", done, jobs=2) == 130.0
+  assert runner.estimate_s(g, "a", done) == 100.0
 
 
 def test_pack_leaves_out_checkpoints(tmp_path):

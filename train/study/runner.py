@@ -257,23 +257,32 @@ def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None 
 
 # --------------------------------------------------------------------------- the grid
 def estimate_s(grid: Grid, arm: str, results: dict[str, dict],
-               study: list[dict[str, dict]] = ()) -> float | None:
-  """Expected wall time of one more run of `arm`: the median of its finished runs, else the
-  largest median among the grid's arms, else among the arms of the study's other grids
-  (`study`: their results; unknown arms are assumed slow). None if nothing has finished."""
-  def medians(res):
+               study: list[dict[str, dict]] = (), jobs: int = 1) -> float | None:
+  """Expected wall time of one more run of `arm` when `jobs` run at a time on the device:
+  the median of its finished runs made that way, else the largest median among the grid's
+  arms, else among the arms of the study's other grids (`study`: their results; unknown
+  arms are assumed slow). With jobs > 1 and no such run yet, the runs made alone x jobs (an
+  upper bound: sharing the device is no slower than taking turns). None if nothing fits."""
+  def medians(res, n):
     by_arm: dict[str, list[float]] = {}
     for r in res.values():
-      if r.get("status") == "done" and r.get("wall_s") and r.get("jobs", 1) == 1:
+      if r.get("status") == "done" and r.get("wall_s") and r.get("jobs", 1) == n:
         by_arm.setdefault(r["arm"], []).append(float(r["wall_s"]))
     return {a: statistics.median(v) for a, v in by_arm.items()}
 
-  own = medians(results)
-  if arm in own:
-    return own[arm]
-  if own:
-    return max(own.values())
-  return max((m for res in study for m in medians(res).values()), default=None)
+  def estimate(n):
+    own = medians(results, n)
+    if arm in own:
+      return own[arm]
+    if own:
+      return max(own.values())
+    return max((m for res in study for m in medians(res, n).values()), default=None)
+
+  est = estimate(jobs)
+  if est is None and jobs > 1:
+    alone = estimate(1)
+    est = None if alone is None else alone * jobs
+  return est
 
 
 class _Deadline:
@@ -388,9 +397,9 @@ def _next_run(grids, opts: RunOptions, skipped: set[str], log):
       if key in skipped:
         continue
       if opts.stop_at is not None:
-        est = estimate_s(g, spec.arm, results, study)
+        est = estimate_s(g, spec.arm, results, study, jobs=1 if opts.gpus else opts.jobs)
         left = opts.stop_at - time.time()
-        if est is not None and est * (1 if opts.gpus else opts.jobs) > left:
+        if est is not None and est > left:
           log(f"study: {key} needs ~{est:.0f} s, {left:.0f} s left: not started")
           skipped.add(key)
           continue
