@@ -10,10 +10,10 @@ two (>= 16), fits the tile sizes to the sequence (`BlockSizes`, by default from
     interpret mode, the Triton forward (`attention_triton.fwd_call`). Both leave the same
     residuals (o, lse, tbar, vbar).
   * backward: the Triton dq/dr kernel and the Triton dk/dv kernel (`attention_triton`), or
-    on Hopper with `BlockSizes.mosaic_dq` / `mosaic_dkv` the Mosaic GPU dq/dr
-    (`attention_mgpu_dq`) / dk/dv (`attention_mgpu_dkv`) kernel where it covers the call,
-    followed by the Triton kernel's fixup launch on the tiles it marked
-    (`mosaic_dq_call`, `mosaic_dkv_call`).
+    on Hopper with `BlockSizes.mosaic_dq` / `mosaic_dkv` (the latter on in the default
+    table for softmax and D=64) the Mosaic GPU dq/dr (`attention_mgpu_dq`) / dk/dv
+    (`attention_mgpu_dkv`) kernel where it covers the call, followed by the Triton kernel's
+    fixup launch on the tiles it marked (`mosaic_dq_call`, `mosaic_dkv_call`).
 
 The kernels' math, masks and non-finite handling: `attention_triton`, docs/attention.md.
 The kernel modules import only `pallas_kernels.common`; this module imports them.
@@ -149,8 +149,6 @@ def _marks(rowsum, tile: int):
   """[B, H, L / tile] f32: 1 where a tile of rows holds a non-finite row sum."""
   B, H, L = rowsum.shape
   return jnp.max(nonfinite(rowsum).reshape(B, H, L // tile, tile), axis=-1)
-
-
 
 
 def mosaic_dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, kseg, *,

@@ -83,10 +83,10 @@ class BlockSizes:
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
   mosaic_forward: bool = True
   # dk/dv on Hopper through the Mosaic GPU kernel (`attention_mgpu_dkv`) where it supports the
-  # call, its non-finite marks repaired by the Triton dk/dv fixup launch. Off by default: on
-  # an H100 (bench/results/attention_bwd_mgpu.md) it ran softmax at 1.26-1.45x and Parallax
-  # at D=64 at 1.35x the Triton kernel's speed but Parallax at D=128 at 0.83-0.99x; where it
-  # wins it waits for its full GPU test run (bench/NOTES.md).
+  # call, its non-finite marks repaired by the Triton dk/dv fixup launch. On in the table for
+  # softmax and for Parallax at D=64, where it ran at 1.26-1.44x and 1.34x the Triton
+  # kernel's speed on an H100 (bench/results/attention_bwd_mgpu.md); off for Parallax at
+  # D=128 (0.84-1.06x) and by default here.
   mosaic_dkv: bool = False
   # dq/dr on Hopper through the Mosaic GPU kernel (`attention_mgpu_dq`) where it supports the
   # call (not with a differentiated scale), its non-finite marks repaired by the Triton dq
@@ -107,11 +107,11 @@ class BlockSizes:
 # The 256 entries are unmeasured guesses. Override with `block_sizes=`.
 _TABLE: dict[tuple[int, bool], BlockSizes] = {
     # fwd 0.47 ms, dq 0.45 ms, dk/dv 0.70 ms (softmax, D=64)
-    (64, False): BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    (64, False): BlockSizes(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3, mosaic_dkv=True),
     # fwd 0.73 ms, dq 0.70 ms, dk/dv 1.14 ms (Parallax, D=64)
-    (64, True): BlockSizes(128, 128, 8, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    (64, True): BlockSizes(128, 128, 8, 3, 64, 64, 4, 3, 64, 64, 4, 3, mosaic_dkv=True),
     # fwd 0.75 ms, dq 0.83 ms, dk/dv 1.19 ms (softmax, D=128)
-    (128, False): BlockSizes(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3),
+    (128, False): BlockSizes(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3, mosaic_dkv=True),
     # fwd 1.11 ms, dq 1.25 ms, dk/dv 1.85 ms (Parallax, D=128)
     (128, True): BlockSizes(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3),
     (256, False): BlockSizes(64, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2),
