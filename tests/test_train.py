@@ -165,6 +165,32 @@ def test_data_iterator_state_resumes_and_shards_per_process(shards):
     x.close()
 
 
+def test_prepare_writes_each_document_as_encoded_across_batches(tmp_path, monkeypatch):
+  """Tokenized in several size-bounded batches, every document lands in its split as the
+  tokenizer encodes it alone, then EOS, in corpus order."""
+  from tokenizers import Tokenizer
+  from train import prepare as prep
+  docs = [f"def f{i}(x):\n    return x * {i} + {'y' * (i % 7)}\n" * (1 + i % 5)
+          for i in range(60)]
+  src = tmp_path / "docs.jsonl"
+  src.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+  monkeypatch.setattr(prep, "BATCH_BYTES", 300)  # many batches, some of one document
+  assert len(list(prep._byte_batches(docs, 300))) > 10
+  meta = prep.prepare(str(tmp_path / "out"), [str(src)], vocab_size=300, val_fraction=0.2,
+                      quiet=True)
+  tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+  eos = meta["eos_id"]
+  for split in ("train", "val"):
+    want = [tok.encode(d).ids + [eos] for i, d in enumerate(docs)
+            if prep._is_val(i, 0.2) == (split == "val")]
+    got = []
+    for name in meta["splits"][split]:
+      ids = np.fromfile(tmp_path / "out" / f"{name}.bin", meta["dtype"])
+      off = np.load(tmp_path / "out" / f"{name}.offsets.npy")
+      got += [ids[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+    assert got == want, split
+
+
 # --------------------------------------------------------------------------- mesh
 def test_rule_table_covers_every_logical_name():
   from train.mesh import RULES, mesh_shape

@@ -90,6 +90,24 @@ def train_bpe(docs: list[str], vocab_size: int):
   return tok
 
 
+# Documents per tokenizer call, by size: the tokenizer encodes a call's documents in
+# parallel, so a call of a fixed number of documents waits for its longest one; ~8 MB
+# calls keep the cores busy and the ids held in Python lists small.
+BATCH_BYTES = 8_000_000
+
+
+def _byte_batches(docs: list[str], max_bytes: int):
+  """(start, stop) ranges of docs of about max_bytes characters each (at least one doc)."""
+  start, size = 0, 0
+  for i, d in enumerate(docs):
+    size += len(d)
+    if size >= max_bytes:
+      yield start, i + 1
+      start, size = i + 1, 0
+  if start < len(docs):
+    yield start, len(docs)
+
+
 def _is_val(i: int, fraction: float) -> bool:
   return (zlib.crc32(str(i).encode()) % 10_000) < fraction * 10_000
 
@@ -139,14 +157,14 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
     splits[split].append(name)
     buffers[split], counts[split] = [], 0
 
-  batch = 256
-  for start in range(0, len(docs), batch):
-    encs = tok.encode_batch(docs[start:start + batch])
-    for k, enc in enumerate(encs):
-      ids = np.asarray(enc.ids + [eos_id], np.int64)
+  for start, stop in _byte_batches(docs, BATCH_BYTES):
+    # ids only (no offsets): about half the time of encode_batch
+    encs = tok.encode_batch_fast(docs[start:stop])
+    for k, enc in enumerate(encs, start):
+      ids = np.append(np.asarray(enc.ids, np.int64), eos_id)
       if len(ids) < 2:
         continue
-      split = "val" if start + k in val else "train"
+      split = "val" if k in val else "train"
       buffers[split].append(ids)
       counts[split] += len(ids)
       if counts[split] >= shard_tokens:
