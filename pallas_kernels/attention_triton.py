@@ -83,10 +83,11 @@ class BlockSizes:
   # Triton backward is shared. H100, B=4 L=4096 D=128 causal: 1.02 vs 1.18 ms.
   mosaic_forward: bool = True
   # dk/dv on Hopper through the Mosaic GPU kernel (`attention_mgpu_dkv`) where it supports the
-  # call, its non-finite marks repaired by the Triton dk/dv fixup launch. On in the table for
-  # softmax and for Parallax at D=64, where it ran at 1.26-1.44x and 1.34x the Triton
-  # kernel's speed on an H100 (bench/results/attention_bwd_mgpu.md); off for Parallax at
-  # D=128 (0.84-1.06x) and by default here.
+  # call, its non-finite marks repaired by the Triton dk/dv fixup launch. Off in a
+  # BlockSizes built by hand; the table turns it on for softmax and for Parallax at D=64,
+  # where it ran at 1.26-1.44x and 1.34x the Triton kernel's speed on an H100
+  # (bench/results/attention_bwd_mgpu.md). Parallax at D=128 keeps the Triton kernel
+  # (0.84-1.06x).
   mosaic_dkv: bool = False
   # dq/dr on Hopper through the Mosaic GPU kernel (`attention_mgpu_dq`) where it supports the
   # call (not with a differentiated scale), its non-finite marks repaired by the Triton dq

@@ -262,7 +262,8 @@ def estimate_s(grid: Grid, arm: str, results: dict[str, dict],
   the median of its finished runs made that way, else the largest median among the grid's
   arms, else among the arms of the study's other grids (`study`: their results; unknown
   arms are assumed slow). With jobs > 1 and no such run yet, the runs made alone x jobs (an
-  upper bound: sharing the device is no slower than taking turns). None if nothing fits."""
+  upper bound: sharing the device is no slower than taking turns). None if nothing has
+  finished."""
   def medians(res, n):
     by_arm: dict[str, list[float]] = {}
     for r in res.values():
