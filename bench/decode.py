@@ -675,7 +675,8 @@ def multitoken(a):
 def mgpu_variants(dm, B, Hkv, L):
   """name -> DecodeConfig of the Mosaic GPU kernel at this shape. `2wg`: two consumer
   warpgroups on alternate tiles; `halfsplits`: half the default split count (longer
-  programs, half the partials to merge)."""
+  programs, half the partials to merge); `cluster`: the splits (at most 8) merged in the
+  kernel through distributed shared memory instead of by XLA."""
   base = dm.DecodeConfig()
   two = dataclasses.replace(base, num_stages=4, num_consumers=2)
   out = {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
@@ -685,6 +686,8 @@ def mgpu_variants(dm, B, Hkv, L):
   splits = dm.default_splits(B, Hkv, L, base.block_kv)
   if splits > 1:   # (one split: the same launch as mgpu_pack_2wg)
     out["mgpu_pack_2wg_halfsplits"] = dataclasses.replace(two, num_splits=splits // 2)
+    out["mgpu_pack_cluster"] = dataclasses.replace(base, cluster_merge=True)
+    out["mgpu_pack_2wg_cluster"] = dataclasses.replace(two, cluster_merge=True)
   return out
 
 

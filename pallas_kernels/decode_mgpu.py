@@ -65,6 +65,7 @@ _HEAD_DIMS = (64, 128)
 _BOX = 8          # query rows per TMA box: the SMEM tile's row granule
 _STRIPE = 16      # rows per warp in a wgmma tile
 _ROWS = 64        # wgmma M
+MAX_CLUSTER = 8   # CTAs per cluster without the non-portable opt-in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +81,17 @@ class DecodeConfig:
     per-tile chains (wgmma -> softmax -> wgmma) per SM where one chain's latency, not
     memory, sets the time. num_stages must be a multiple of it (a ring slot then belongs
     to one consumer, which sees every phase of its barriers).
+  cluster_merge: the splits of one (batch, KV head) run as one thread-block cluster and
+    merge in the kernel: each leaves its (O, m, d1, d2) in its SMEM, split 0 reads the
+    others' through distributed shared memory and stores o (no XLA merge). Splits are
+    capped at 8, the portable cluster size. GPU only: the interpreter has no cluster refs.
   """
   block_kv: int = 64
   num_stages: int = 3
   num_splits: int | None = None
   pack_qr: bool = True
   num_consumers: int = 1
+  cluster_merge: bool = False
 
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
@@ -147,6 +153,8 @@ def supported(q, k_cache, v_cache, r=None, *, config: DecodeConfig | None = None
   need = smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize)
   if need > SMEM_LIMIT:
     return False, f"{cfg} needs {need} bytes of SMEM at head_dim {D} (> {SMEM_LIMIT})"
+  if cfg.cluster_merge and platform == "interpret":
+    return False, "cluster_merge: the Mosaic GPU interpreter cannot read another CTA's SMEM"
   return hopper_platform(platform)
 
 
@@ -191,6 +199,22 @@ def _row_half(x, half, interpret):
   return pick(x)
 
 
+def cluster_sync():
+  """barrier.cluster with release / acquire semantics: every thread of every CTA in the
+  cluster arrives, then waits for all; SMEM writes before it are visible to the cluster's
+  reads after it (each warpgroup calls it, so all of a CTA's threads take part)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+
+  @plgpu.inline_mgpu()
+  def sync(_):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
+                    "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;",
+                    "", has_side_effects=True)
+
+  sync()
+
+
 # A jit boundary: one lowering (one Mosaic module, one ptxas compile) per shape and launch,
 # shared by every call site (as `attention_mgpu._forward`).
 @functools.partial(jax.jit, static_argnames=("num_heads", "scale", "window", "cfg",
@@ -202,7 +226,7 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
   Returns the 8 box rows of each (b, h): o [B, Hkv, 8, D] (one split; a TMA store of only
   the G rows of (b, h) would need an SMEM tile of G < 8 rows), or the partials of each
   (b, h, split): vecs [B, Hkv, ns, nv, 8] f32 (m, d1(, d2)) and mats [B, Hkv, ns, nm, 8, D]
-  f32 (O1(, O2hi, O2lo))."""
+  f32 (O1(, O2hi, O2lo)); with cfg.cluster_merge, o as for one split."""
   B, S, Hkv, D = k_cache.shape
   Hq = num_heads
   G = Hq // Hkv
@@ -214,6 +238,7 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
   c_log2 = float(scale) * LOG2E
   nc = cfg.num_consumers
   nv, nm = (3, 3) if has_r else (2, 1)   # (m, d1, d2) / (O1, O2hi, O2lo)
+  cluster = cfg.cluster_merge and ns > 1  # the splits merge through each other's SMEM
   row_layout = plgpu.Layout.WGMMA.reduce(1)
 
   def tile_range(L, s):
@@ -336,16 +361,17 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
       o, m, d1, d2 = state
       o_scr.at[pl.ds(0, _ROWS)][...] = o
       for i, x in enumerate((m, d1, d2)):
-        vec_smem.at[i][...] = x
+        vec_smem[i][...] = x
       plgpu.barrier_arrive(x_bar)
 
-    def take_over(state):
-      """First consumer: the exact merge of the second consumer's state into its own."""
+    def merge_from(state, where=lambda ref: ref):
+      """The exact merge into `state` of the (O, m, d1, d2) stored in o_scr's rows 0-63 and
+      vec_smem of this program (where: identity) or of another split in the cluster (where:
+      its cluster_ref, applied to each final slice)."""
       o, m, d1, d2 = state
-      plgpu.barrier_wait(x_bar)
-      o_x = plgpu.load(o_scr.at[pl.ds(0, _ROWS)], layout=plgpu.Layout.WGMMA,
+      o_x = plgpu.load(where(o_scr.at[pl.ds(0, _ROWS)]), layout=plgpu.Layout.WGMMA,
                        optimized=False)
-      m_x, d1_x, d2_x = (plgpu.load(vec_smem.at[i], layout=row_layout, optimized=False)
+      m_x, d1_x, d2_x = (plgpu.load(where(vec_smem[i]), layout=row_layout, optimized=False)
                          for i in range(3))
       m_new = jnp.maximum(m, m_x)
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -353,13 +379,44 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
       bc = lambda x: lax.broadcast_in_dim(x, o.shape, [0])
       return (o * bc(a) + o_x * bc(a_x), m_new, d1 * a + d1_x * a_x, d2 * a + d2_x * a_x)
 
+    def take_over(state):
+      """First consumer: the exact merge of the second consumer's state into its own."""
+      plgpu.barrier_wait(x_bar)
+      return merge_from(state)
+
+    def merge_cluster(state):
+      """Every split's state to its SMEM; split 0 merges the others' (distributed shared
+      memory reads, after a cluster barrier) and stores o; a second barrier keeps each
+      split's SMEM alive until split 0 has read it."""
+      o, m, d1, d2 = state
+      o_scr.at[pl.ds(0, _ROWS)][...] = o
+      for i, x in enumerate((m, d1, d2)):
+        vec_smem[i][...] = x
+      cluster_sync()
+
+      @pl.when(s == 0)
+      def _():
+        st = state
+        for j in range(1, ns):
+          st = merge_from(st, lambda ref, j=j: plgpu.cluster_ref(ref, {"split": j}))
+        store(st, single=True)
+
+      cluster_sync()
+
     def finish(state):
+      if cluster:
+        merge_cluster(state)
+      else:
+        store(state, single=ns == 1)
+
+    def store(state, single):
+      """o of one split's (or the merged) state, else the split's partials."""
       o, m, d1, d2 = state
       # O's stripes: O1 (rows 0-15), O2hi (16-31), O2lo (32-47). Read back shifted by 16
       # and 32 rows so that O2 lands on O1's rows.
-      if has_r or ns > 1:
+      if has_r or not single:
         o_scr.at[pl.ds(0, _ROWS)][...] = o
-      if ns == 1:
+      if single:
         o1 = o
         if has_r:
           o2 = (plgpu.load(o_scr.at[pl.ds(_STRIPE, _ROWS)], layout=plgpu.Layout.WGMMA,
@@ -381,10 +438,10 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
       else:
         vec_ref, mat_ref = outs
         for i, x in enumerate((m, d1, d2)[:nv]):
-          vec_smem.at[i][...] = x
+          vec_smem[i][...] = x
         plgpu.commit_smem()
         for i in range(nv):
-          plgpu.copy_smem_to_gmem(vec_smem.at[i, pl.ds(0, _BOX)], vec_ref.at[b, h, s, i])
+          plgpu.copy_smem_to_gmem(vec_smem[i].at[pl.ds(0, _BOX)], vec_ref.at[b, h, s, i])
         for i in range(nm):
           plgpu.copy_smem_to_gmem(o_scr.at[pl.ds(i * _STRIPE, _BOX)], mat_ref.at[b, h, s, i])
       plgpu.wait_smem_to_gmem(0)
@@ -402,6 +459,9 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
       def _second_consumer():
         plgpu.set_max_registers(232, action="increase")
         hand_over(run_tiles(1))
+        if cluster:  # every thread of the cluster takes part in its barriers
+          cluster_sync()
+          cluster_sync()
 
     @pl.when(wg == nc)
     def _producer():
@@ -430,6 +490,10 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
 
+      if cluster:
+        cluster_sync()
+        cluster_sync()
+
   n_copies = (_ROWS // _STRIPE) * (4 if has_r and not pack else 2)
 
   def entry(*refs):
@@ -442,7 +506,9 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
         plgpu.SMEM((_ROWS + 2 * _STRIPE, D), jnp.float32,
                    transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
         wgmma_smem((_ROWS, D), dtype),  # o staging
-        plgpu.SMEM((3, _ROWS), jnp.float32),  # m, d1, d2 staging
+        # m, d1, d2 staging: one buffer each (a peer split reads them whole: a slice of
+        # one buffer loses its static offset through the cluster ref's lowering)
+        tuple(plgpu.SMEM((_ROWS,), jnp.float32) for _ in range(3)),
     )
     loaded = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
               plgpu.Barrier(num_barriers=n_copies))
@@ -451,15 +517,18 @@ def _decode(lengths, q2, k_cache, v_cache, r2, *, num_heads, scale, window, cfg,
     pl.run_scoped(lambda *scoped: kernel(refs, scoped), smem, loaded, free, handed,
                   collective_axes="wg")
 
-  if ns == 1:
+  if ns == 1 or cluster:
     out_type = [jax.ShapeDtypeStruct((B, Hkv, _BOX, D), dtype)]
   else:
     out_type = [jax.ShapeDtypeStruct((B, Hkv, ns, nv, _BOX), jnp.float32),
                 jax.ShapeDtypeStruct((B, Hkv, ns, nm, _BOX, D), jnp.float32)]
   args = (lengths, q2, k_cache, v_cache) + ((r2,) if has_r else ())
+  # a cluster's CTAs are scheduled together, so split 0 can wait for the others' states
+  launch = (dict(grid=(Hkv, B), grid_names=("heads", "batch"), cluster=(ns,),
+                 cluster_names=("split",)) if cluster else
+            dict(grid=(Hkv, B, ns), grid_names=("heads", "batch", "split")))
   return plgpu.kernel(
-      entry, out_type=out_type, grid=(Hkv, B, ns), grid_names=("heads", "batch", "split"),
-      num_threads=nc + 1, thread_name="wg",
+      entry, out_type=out_type, **launch, num_threads=nc + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
   )(*args)
 
@@ -518,6 +587,8 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
     k_cache, v_cache = pad(k_cache, 1, bk), pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
   ns = cfg.num_splits or default_splits(B, Hkv, Sp, bk)
+  if cfg.cluster_merge:
+    ns = min(ns, MAX_CLUSTER)
   _, ns = split_chunk(Sp, ns, bk)
   rows = -(-B * Hq // _BOX) * _BOX  # whole 8-row boxes
   q2, r2 = (None if x is None else pad(x.reshape(B * Hq, D), 0, rows) for x in (q, r))
@@ -526,7 +597,7 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
                 window=None if window is None else int(window), cfg=cfg, num_splits=ns,
                 s_max=S, interpret=interpret)
   idx = _box_rows(B, Hq, Hkv)
-  if ns == 1:
+  if ns == 1 or cfg.cluster_merge:
     o = jnp.take_along_axis(out[0], idx[..., None], axis=2)      # [B, Hkv, G, D]
   else:
     o = _merge(*out, idx, r is not None).astype(q.dtype)

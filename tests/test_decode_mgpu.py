@@ -119,6 +119,19 @@ GPU_CASES = {
         (2, 32, 4, 776, 128, 3, None)]
     for pack, consumers in [(True, 1), (False, 1), (True, 2)]
 }
+# the splits merged in the kernel through distributed shared memory (GPU only)
+GPU_CASES.update({
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_cluster{splits}_"
+    f"{consumers}wg":
+        dataclasses.replace(_gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers),
+                            parallax=parallax,
+                            config=dm.DecodeConfig(num_splits=splits, cluster_merge=True,
+                                                   num_consumers=consumers,
+                                                   num_stages=4 if consumers > 1 else 3))
+    for B, Hq, Hkv, S, D, splits, window, consumers, parallax in [
+        (1, 16, 8, 8192, 128, 8, None, 1, True), (1, 32, 4, 4096, 128, 8, None, 2, True),
+        (2, 32, 4, 776, 128, 3, 300, 1, True), (4, 8, 8, 4096, 64, 5, None, 1, False)]
+})
 
 
 class TestDecodeMgpu:
@@ -186,6 +199,10 @@ def test_supported_and_errors():
   assert "dtypes" in ok(s(2, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32), s(2, 64, 8, 64, dt=f32))[1]
   assert "SMEM" in ok(s(2, 8, 128), s(2, 64, 8, 128), s(2, 64, 8, 128),
                       config=dm.DecodeConfig(block_kv=256, num_stages=4))[1]
+  assert "interpreter" in ok(s(2, 8, 64), s(2, 64, 8, 64), s(2, 64, 8, 64),
+                            config=dm.DecodeConfig(cluster_merge=True))[1]
+  assert dm.supported(s(2, 8, 64), s(2, 64, 8, 64), s(2, 64, 8, 64), platform="cuda",
+                      config=dm.DecodeConfig(cluster_merge=True)) == (True, "")
   if not has_hopper():
     assert "Hopper" in dm.supported(s(2, 8, 64), s(2, 64, 8, 64), s(2, 64, 8, 64))[1]
   with pytest.raises(ValueError, match="Hq/Hkv"):
@@ -236,6 +253,19 @@ def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers, S):
   assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
   assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops      # TMA stores
   assert (b"setmaxnreg.inc.sync.aligned.u32" in ops) == (consumers > 1)
+
+
+@pytest.mark.parametrize("D,parallax,consumers", [(128, True, 1), (64, False, 2)])
+def test_cluster_merge_lowers(D, parallax, consumers):
+  """cluster_merge: one cluster of 8 splits per (b, KV head), a release / acquire cluster
+  barrier around split 0's reads of the others' SMEM (mapa), o stored by the kernel."""
+  cfg = dm.DecodeConfig(num_splits=8, cluster_merge=True, num_consumers=consumers,
+                        num_stages=4 if consumers > 1 else 3)
+  mods = mosaic_modules(_lower(1, 16 if D == 128 else 8, 8, 8192, D, parallax, cfg))
+  assert len(mods) == 1
+  ops = set(re.findall(rb"[a-z_]+(?:\.[a-z_0-9]+)+", mods[0]))
+  assert {b"barrier.cluster.arrive.release.aligned", b"barrier.cluster.wait.acquire.aligned",
+          b"nvvm.mapa", b"gpu.cluster_block_id"} <= ops
 
 
 def _ops_after_cse(module_bytes, names):
