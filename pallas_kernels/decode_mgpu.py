@@ -37,9 +37,13 @@ exact merge, so two per-tile chains (wgmma, softmax, wgmma) run per SM instead o
 registers are split 232/232/40 as in `attention_mgpu`.
 
 Splits over the KV length (when B*Hkv does not fill the GPU) write fp32 partials (m, d1, d2,
-O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`): an in-kernel
-merge needs a cross-CTA election, which the Mosaic GPU interpreter (the CPU tests) cannot
-run: no semaphores, no atomics with a result. The Triton kernel has one (bench/NOTES.md).
+O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`). With
+`cluster_merge` the splits of one (b, h) are instead one thread-block cluster (at most 8):
+each leaves its state in its SMEM, and after a cluster barrier split 0 reads the others'
+through distributed shared memory, merges them exactly (the two consumers' merge, once per
+peer) and stores o; a second barrier keeps the peers' SMEM alive until it has. The Mosaic
+GPU interpreter (the CPU tests) has no cluster refs, so that path is checked by its CUDA
+lowering on CPU and by the GPU tests.
 
 Covered (`supported`): bf16 / fp16, head_dim 64 or 128, Hq/Hkv in {1, 2, 4, 8}, q of one
 token per sequence, a cache length that is a multiple of 8 (the K/V TMA tiling), any lengths
