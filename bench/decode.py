@@ -676,7 +676,8 @@ def mgpu_variants(dm, B, Hkv, L):
   """name -> DecodeConfig of the Mosaic GPU kernel at this shape. `2wg`: two consumer
   warpgroups on alternate tiles; `halfsplits`: half the default split count (longer
   programs, half the partials to merge); `cluster`: the splits (at most 8) merged in the
-  kernel through distributed shared memory instead of by XLA."""
+  kernel through distributed shared memory instead of by XLA; `cluster16`: up to 16 in one
+  cluster (the non-portable size: the launch may be refused, recorded as an error)."""
   base = dm.DecodeConfig()
   two = dataclasses.replace(base, num_stages=4, num_consumers=2)
   out = {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
@@ -688,6 +689,9 @@ def mgpu_variants(dm, B, Hkv, L):
     out["mgpu_pack_2wg_halfsplits"] = dataclasses.replace(two, num_splits=splits // 2)
     out["mgpu_pack_cluster"] = dataclasses.replace(base, cluster_merge=True)
     out["mgpu_pack_2wg_cluster"] = dataclasses.replace(two, cluster_merge=True)
+  if splits > 8:   # the default's split count in one cluster: past the portable 8 CTAs
+    out["mgpu_pack_cluster16"] = dataclasses.replace(base, cluster_merge=True,
+                                                     num_splits=min(splits, 16))
   return out
 
 

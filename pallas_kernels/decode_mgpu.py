@@ -87,8 +87,10 @@ class DecodeConfig:
     to one consumer, which sees every phase of its barriers).
   cluster_merge: the splits of one (batch, KV head) run as one thread-block cluster and
     merge in the kernel: each leaves its (O, m, d1, d2) in its SMEM, split 0 reads the
-    others' through distributed shared memory and stores o (no XLA merge). Splits are
-    capped at 8, the portable cluster size. GPU only: the interpreter has no cluster refs.
+    others' through distributed shared memory and stores o (no XLA merge). The default
+    split count is capped at 8, the portable cluster size; an explicit num_splits above
+    it asks for a larger cluster, which the device may refuse at launch. GPU only: the
+    interpreter has no cluster refs.
   """
   block_kv: int = 64
   num_stages: int = 3
@@ -591,7 +593,7 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
     k_cache, v_cache = pad(k_cache, 1, bk), pad(v_cache, 1, bk)
   Sp = k_cache.shape[1]
   ns = cfg.num_splits or default_splits(B, Hkv, Sp, bk)
-  if cfg.cluster_merge:
+  if cfg.cluster_merge and cfg.num_splits is None:
     ns = min(ns, MAX_CLUSTER)
   _, ns = split_chunk(Sp, ns, bk)
   rows = -(-B * Hq // _BOX) * _BOX  # whole 8-row boxes
