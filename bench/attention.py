@@ -1,5 +1,6 @@
 """Training-attention benchmarks: the fused Pallas kernels (`parallax_flash_attention`: Mosaic
-GPU forward where it applies, Triton backward) against cuDNN and the XLA paths. Modes:
+GPU forward where it applies, Triton backward but for the Mosaic GPU dk/dv kernel that the
+block-size table turns on for softmax and D=64) against cuDNN and the XLA paths. Modes:
 
   train      forward and forward+backward at the shape of record, an L x D sweep and block
              sweeps of the Pallas kernels (attention_train, in --out)
@@ -546,7 +547,8 @@ def grid(a):
     shapes = [(Shape(B=1, L=64, Hq=4, Hkv=4, D=64), 0), (Shape(B=1, L=64, Hq=4, Hkv=2, D=64), 4)]
   env = {**common.environment(), "timer": common.TIMER["mode"]}
   notes = (f"bf16, causal, Hq=16, B = {GRID_TOKENS} tokens / L; `parallax_flash_attention` "
-           "(Mosaic GPU forward on Hopper, Triton backward) and cuDNN "
+           "(Mosaic GPU forward on Hopper, Triton backward, Mosaic GPU dk/dv for softmax and "
+           "D=64) and cuDNN "
            "(`jax.nn.dot_product_attention`, no segment ids: its rows with documents are the "
            f"full causal rows). Sums of kernel times per call (CUPTI), median of {a.iters}. "
            f"x: over cuDNN softmax; * above the aim (forward {TARGETS['fwd']}, forward+backward "
@@ -641,7 +643,7 @@ def segments(a):
     md.append(f"| {r_['layout']} | {tiles} | {vis} | {r_['fwd_ms']:.3f} | "
               f"{r_['fwd_bwd_ms']:.3f} | {kern} |")
   notes = (f"B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} bf16 causal, `parallax_flash_attention` "
-           f"(Mosaic GPU forward, Triton backward), CUPTI median of {a.iters}.")
+           f"(the default kernels: `bench/attention.py` docstring), CUPTI median of {a.iters}.")
   common.write_results(a.name, common.environment(), rows, "\n".join(md), notes, out=a.out)
 
 
