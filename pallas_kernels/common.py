@@ -364,15 +364,28 @@ def clamp_tile_range(lo, full, hi, lo_bound, hi_bound):
   return lo, jnp.minimum(jnp.maximum(full, lo), hi), hi
 
 
-def wgmma_scores(acc_type, *pairs):
+def wgmma_scores(acc_type, *pairs, inits=None, interpret=False):
   """x y^T of each (x, y) pair of SMEM tiles on the tensor cores, issued together into fresh
-  accumulators of `acc_type` (a plgpu.ACC); their values."""
+  accumulators of `acc_type` (a plgpu.ACC); their values. inits: a starting value per
+  accumulator (WGMMA-layout arrays), so the products add to them: a term folded into the
+  accumulator needs no registers of its own after the issue (the interpreter, which has no
+  pl.run_state, adds it after)."""
   def issue(*accs):
     for acc, (x, y) in zip(accs, pairs):
       plgpu.wgmma(acc, x, y.transpose((1, 0)))
     return tuple(acc[...] for acc in accs)
 
-  return pl.run_scoped(issue, *((acc_type,) * len(pairs)))
+  if inits is None:
+    return pl.run_scoped(issue, *((acc_type,) * len(pairs)))
+  if interpret:
+    return tuple(v + i for v, i in zip(pl.run_scoped(issue, *((acc_type,) * len(pairs))),
+                                       inits))
+
+  def issue_into(accs):
+    for acc, (x, y) in zip(accs, pairs):
+      plgpu.wgmma(acc, x, y.transpose((1, 0)))
+
+  return tuple(pl.run_state(issue_into)(tuple(plgpu.ACC.init(i) for i in inits)))
 
 
 def producer_ring(steps, stages: int, load, free):

@@ -32,8 +32,20 @@ from tests.test_attention_mgpu import Case, inputs, rel
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-CASES = with_config(bwd.CASES, dm.DkvConfig)
-GPU_CASES = with_config(bwd.GPU_CASES, dm.DkvConfig)
+# the dk/dv kernel's own option: gbar and 1 + tbar folded into the score accumulators
+FOLD_CASES = {
+    "bf16_parallax_causal_d128_gqa4_fold_rows": (Case(T=128, S=128, D=128, Hq=4, Hkv=1),
+                                                 {"fold_rows": True}),
+    "bf16_parallax_packed_segments_fold_rows_split_scores": (
+        Case(segments="packed"), {"fold_rows": True, "split_scores": True}),
+}
+CASES = with_config(bwd.CASES | FOLD_CASES, dm.DkvConfig)
+GPU_CASES = with_config(bwd.GPU_CASES | {
+    "bf16_parallax_causal_d128_L1024_fold_rows": (Case(B=2, T=1024, S=1024, Hq=8, Hkv=4,
+                                                       D=128), {"fold_rows": True}),
+    "bf16_parallax_cross_segments_arrayscale_fold_rows": (
+        Case(B=1, T=1024, S=1024, Hq=4, Hkv=2, causal=False, segments="cross",
+             array_scale=True), {"fold_rows": True, "split_scores": True})}, dm.DkvConfig)
 
 
 class TestMgpuDkv:
@@ -73,7 +85,7 @@ class TestMgpuDkvInterpret(TestMgpuDkv):
   causal and not, GQA 4, packed segments, 3 stages), the rest are `slow`."""
   INTERPRET = True
   CASES = CASES
-  CI_CASES = bwd.CI_CASES
+  CI_CASES = bwd.CI_CASES + ["bf16_parallax_causal_d128_gqa4_fold_rows"]
 
 
 def test_nonfinite_key_rows_are_marked_and_fixed():
@@ -138,12 +150,13 @@ def test_supported():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
-@pytest.mark.parametrize("D,parallax,causal,seg,split", [(128, True, True, False, False),
-                                                         (64, False, False, True, False),
-                                                         (128, True, True, True, True)])
-def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split):
+@pytest.mark.parametrize("D,parallax,causal,seg,split,fold", [
+    (128, True, True, False, False, False), (64, False, False, True, False, False),
+    (128, True, True, True, True, False), (128, True, True, False, False, True)])
+def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split, fold):
   """Mosaic GPU's Python lowering in full and the module verifier, without a GPU."""
-  cfg = dm.DkvConfig(split_scores=True) if split else dm.default_config(D, parallax)
+  cfg = (dm.DkvConfig(split_scores=split, fold_rows=fold) if split or fold
+         else dm.default_config(D, parallax))
   bwd.check_cuda_lowering(dm.parallax_dkv_mgpu, cfg, D, parallax, causal, seg, cfg.block_q)
 
 
