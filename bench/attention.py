@@ -987,10 +987,11 @@ def bwd(a):
   # every row
   for sh in BWD_SHAPES:
     for kernel in kernels:
-      parallax = sh[5]  # (split_scores and fold_rows change Parallax only)
+      parallax = sh[5]  # (split_scores changes Parallax only)
       if kernel == "dkv":
-        configs = [None] + ([dkm.DkvConfig(num_stages=3), dkm.DkvConfig(consumer_registers=232)]
-                            + ([dkm.DkvConfig(split_scores=True), dkm.DkvConfig(fold_rows=True),
+        configs = [None] + ([dkm.DkvConfig(num_stages=3), dkm.DkvConfig(consumer_registers=232),
+                             dkm.DkvConfig(fold_rows=True)]
+                            + ([dkm.DkvConfig(split_scores=True),
                                 dkm.DkvConfig(fold_rows=True, split_scores=True)]
                                if parallax else []) if a.configs else [])
         rows.append(dkv_row(*sh, a.iters, configs))
@@ -1051,8 +1052,8 @@ def parser():
   p.add_argument("--kernels", default="dq,dkv", help="comma list of dq, dkv")
   p.add_argument("--iters", type=int, default=20, help="timed calls per median")
   p.add_argument("--configs", action="store_true",
-                 help="also 3 stages, 232 registers and, for Parallax, split score products "
-                      "and (dk/dv) row vectors folded into the score accumulators")
+                 help="also 3 stages, 232 registers, (dk/dv) row vectors folded into the "
+                      "score accumulators and, for Parallax, split score products")
   p.add_argument("--name", default="attention_bwd_mgpu", help="results file stem")
   p.add_argument("--out", default=None, help="also copy the result files here")
   p = mode("nonfinite", nonfinite, "GPU kernel times of the training and decode kernels, for "

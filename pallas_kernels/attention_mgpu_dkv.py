@@ -65,10 +65,11 @@ class DkvConfig(MgpuBwdConfig):
     of the dK, dV products: 64 or 128, wgmma taking a register operand's K in groups of
     64). Registers per consumer thread at D=128: dK + dV take 128, the three fp32 score
     tiles 96 at block_q=64.
-  fold_rows: Parallax only: the V dO^T and K R^T accumulators start at -gbar and
-    -(1 + tbar) (per query column), so the products leave gt - gbar and k.r - (1 + tbar)
-    and the step's math needs two per-column vectors (lse, gbar - delta) instead of four:
-    a column vector takes block_q / 4 registers per thread (16 at 64 columns).
+  fold_rows: the V dO^T and K R^T accumulators start at -gbar and -(1 + tbar) (per query
+    column), so the products leave gt - gbar and k.r - (1 + tbar) and the step's math needs
+    two per-column vectors (lse, gbar - delta) instead of four (softmax: V dO^T starts at
+    -delta, one instead of two): a column vector takes block_q / 4 registers per thread
+    (16 at 64 columns).
   """
   block_q: int = 64
   fold_rows: bool = False
@@ -253,11 +254,11 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
                                    interpret=interpret is not None)
         col = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
         row_vec = lambda j: col(plgpu.load(row_smem.at[slot, j], layout=col_layout))
-        fold = has_r and cfg.fold_rows
+        fold = cfg.fold_rows
         zscore = lambda: plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), wgmma_layout)
-        # with fold: gt - gbar and k.r - (1 + tbar) from accumulators started at -gbar and
-        # -(1 + tbar)
-        gt_init = lambda: -row_vec(3)
+        # with fold: gt - gbar (softmax: gt - delta) and k.r - (1 + tbar) from accumulators
+        # started at -gbar (-delta) and -(1 + tbar)
+        gt_init = lambda: -row_vec(3 if has_r else 1)
         kr_init = lambda: -row_vec(2)
         if has_r and cfg.split_scores:  # V dO^T waits until a and c are formed
           s, kr = (scores((k_t, q_t), (k_t, r_t), inits=(zscore(), kr_init())) if fold
@@ -265,8 +266,8 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
           gt = None
         else:
           pairs = ((k_t, q_t), (v_t, do_t), *([(k_t, r_t)] if has_r else []))
-          sc = (scores(*pairs, inits=(zscore(), gt_init(), kr_init())) if fold
-                else scores(*pairs))
+          inits = (zscore(), gt_init()) + ((kr_init(),) if has_r else ())
+          sc = scores(*pairs, inits=inits) if fold else scores(*pairs)
           s, gt = sc[:2]
           kr = sc[2] if has_r else None
         c2, sc1 = scales  # scale * log2e, scale
@@ -281,7 +282,10 @@ def _dkv(q, k, v, r, do, rows, params, qseg=None, kseg=None, srng=None, *, causa
                   lax.broadcast_in_dim(qsv, s.shape, [1]))
           a = jnp.where(same, a, 0.0)
         delta = row_vec(1)
-        if fold:  # kr = k.r - (1 + tbar) = -c, gt = v.do - gbar
+        if fold and not has_r:  # gt = v.do - delta
+          pv = a.astype(dtype)
+          lhs = ((a * gt * sc1).astype(dtype),)
+        elif fold:  # kr = k.r - (1 + tbar) = -c, gt = v.do - gbar
           if gt is None:
             (gt,) = scores((v_t, do_t), inits=(gt_init(),))
           dtt = -a * gt

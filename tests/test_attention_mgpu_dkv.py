@@ -38,6 +38,8 @@ FOLD_CASES = {
                                                  {"fold_rows": True}),
     "bf16_parallax_packed_segments_fold_rows_split_scores": (
         Case(segments="packed"), {"fold_rows": True, "split_scores": True}),
+    "bf16_softmax_causal_packed_segments_fold_rows": (Case(parallax=False, segments="packed"),
+                                                      {"fold_rows": True}),
 }
 CASES = with_config(bwd.CASES | FOLD_CASES, dm.DkvConfig)
 GPU_CASES = with_config(bwd.GPU_CASES | {
@@ -45,7 +47,10 @@ GPU_CASES = with_config(bwd.GPU_CASES | {
                                                        D=128), {"fold_rows": True}),
     "bf16_parallax_cross_segments_arrayscale_fold_rows": (
         Case(B=1, T=1024, S=1024, Hq=4, Hkv=2, causal=False, segments="cross",
-             array_scale=True), {"fold_rows": True, "split_scores": True})}, dm.DkvConfig)
+             array_scale=True), {"fold_rows": True, "split_scores": True}),
+    "bf16_softmax_causal_packed_segments_d128_fold_rows": (
+        Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128, parallax=False, segments="packed"),
+        {"fold_rows": True})}, dm.DkvConfig)
 
 
 class TestMgpuDkv:
@@ -85,7 +90,8 @@ class TestMgpuDkvInterpret(TestMgpuDkv):
   causal and not, GQA 4, packed segments, 3 stages), the rest are `slow`."""
   INTERPRET = True
   CASES = CASES
-  CI_CASES = bwd.CI_CASES + ["bf16_parallax_causal_d128_gqa4_fold_rows"]
+  CI_CASES = bwd.CI_CASES + ["bf16_parallax_causal_d128_gqa4_fold_rows",
+                             "bf16_softmax_causal_packed_segments_fold_rows"]
 
 
 def test_nonfinite_key_rows_are_marked_and_fixed():
@@ -152,7 +158,8 @@ def test_supported():
 
 @pytest.mark.parametrize("D,parallax,causal,seg,split,fold", [
     (128, True, True, False, False, False), (64, False, False, True, False, False),
-    (128, True, True, True, True, False), (128, True, True, False, False, True)])
+    (128, True, True, True, True, False), (128, True, True, False, False, True),
+    (64, False, True, True, False, True)])
 def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split, fold):
   """Mosaic GPU's Python lowering in full and the module verifier, without a GPU."""
   cfg = (dm.DkvConfig(split_scores=split, fold_rows=fold) if split or fold
