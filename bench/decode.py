@@ -698,7 +698,8 @@ def mgpu_variants(dm, B, Hkv, L):
 def mgpu_ab(a):
   """For the Mosaic variants the JSON also splits one step's CUPTI time by kernel (the decode
   kernel, the XLA merge of the split partials, the row gather), so the per-tile loop can be
-  compared apart from the merge, which this kernel leaves to XLA."""
+  compared apart from the merge, which this kernel leaves to XLA unless its splits merge in
+  a cluster (the `cluster` variants)."""
   from pallas_kernels import decode_mgpu as dm
   ok, why = dm.supported(jax.ShapeDtypeStruct((1, 16, 128), jnp.bfloat16),
                          jax.ShapeDtypeStruct((1, 64, 8, 128), jnp.bfloat16),
