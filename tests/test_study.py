@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import tarfile
 import time
@@ -327,6 +328,10 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
   text = open(os.path.join(out, "report.md")).read()
   assert "| parallax | adamw | 0.01 |" in text and "vs softmax" in text
   assert "| parallax - softmax (1, 1) | " in text  # the gap over training
+  # the paper's claims: AdamW's gap and diagnostics measured, Muon's not run in this grid
+  assert re.search(r"\| Parallax - softmax final eval loss[^|]*\| - \| [+-]\d\.\d{4} \| "
+                   r"not measured yet \|", text), text
+  assert re.search(r"\| COR, deepest quarter[^|]*\| - \| \d+\.\d\d \|", text)
   for png in ("loss_curves.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
     assert os.path.getsize(os.path.join(out, "smoke", png)) > 0
   assert main(["plan", "--grid", grid, "--out", out, *sets]) == 0
