@@ -494,10 +494,12 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
   devices = sorted({r.get("device") for r in all_results if r.get("device")})
   corpora = sorted({r.get("corpus_sha256")[:12] for r in all_results if r.get("corpus_sha256")})
   commits = sorted({r.get("commit") for r in all_results if r.get("commit")})
+  jaxes = sorted({r.get("jax") for r in all_results if r.get("jax")})
   lines = ["# Quality study: results", "",
            f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `python -m train.study report "
            f"--out {out}` from {len(all_results)} runs. Devices: {', '.join(devices) or '-'}; "
-           f"corpus: {', '.join(corpora) or '-'}; commits: {', '.join(commits) or '-'}.", "",
+           f"jax: {', '.join(jaxes) or '-'}; corpus: {', '.join(corpora) or '-'}; "
+           f"commits: {', '.join(commits) or '-'}.", "",
            "Final eval loss: the loss on the held-out split at the last step; mean +- sample "
            "std over the seeds at the arm's best lr (the sweep seed's lowest loss). Step time, "
            "tokens/s and MFU: medians over logged windows of runs that had the device alone.",
