@@ -94,7 +94,8 @@ class TestMgpuDkvInterpret(TestMgpuDkv):
                              "bf16_softmax_causal_packed_segments_fold_rows"]
 
 
-def test_nonfinite_key_rows_are_marked_and_fixed():
+@pytest.mark.parametrize("fold", [False, True])
+def test_nonfinite_key_rows_are_marked_and_fixed(fold):
   """NaN in the value of key 100 reaches, through 0 * NaN in the masked tiles' products,
   the dv rows of keys the NaN row never meets; the kernel's row sums mark them and the
   Triton fixup launch recomputes those key tiles: the result equals the Triton kernel's."""
@@ -107,10 +108,11 @@ def test_nonfinite_key_rows_are_marked_and_fixed():
   o, lse, tbar, vbar = tr.fwd_call(tcfg, q, k, v, r, sc, None, None)
   _, _, delta, gbar, _ = tr.dq_call(tcfg, q, k, v, r, do, o, vbar, lse, tbar, sc, None, None)
   args = (q, k, v, r, do, lse, delta, tbar, gbar, sc, None, None)
+  cfg = dm.DkvConfig(fold_rows=fold)
   _, _, rowsum = dm.parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar, gbar, scale=scale,
-                                      interpret=interpret_params())
+                                      config=cfg, interpret=interpret_params())
   assert not np.isfinite(np.asarray(rowsum)).all()
-  got = attention.mosaic_dkv_call(tcfg, *args, interpret=interpret_params())
+  got = attention.mosaic_dkv_call(tcfg, *args, config=cfg, interpret=interpret_params())
   want = tr.dkv_call(tcfg, *args)
   for a, b in zip(got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
