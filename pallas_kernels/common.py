@@ -370,21 +370,17 @@ def wgmma_scores(acc_type, *pairs, inits=None, interpret=False):
   accumulator (WGMMA-layout arrays), so the products add to them: a term folded into the
   accumulator needs no registers of its own after the issue (the interpreter, which has no
   pl.run_state, adds it after)."""
-  def issue(*accs):
-    for acc, (x, y) in zip(accs, pairs):
-      plgpu.wgmma(acc, x, y.transpose((1, 0)))
-    return tuple(acc[...] for acc in accs)
-
-  if inits is None:
-    return pl.run_scoped(issue, *((acc_type,) * len(pairs)))
-  if interpret:
-    return tuple(v + i for v, i in zip(pl.run_scoped(issue, *((acc_type,) * len(pairs))),
-                                       inits))
-
   def issue_into(accs):
     for acc, (x, y) in zip(accs, pairs):
       plgpu.wgmma(acc, x, y.transpose((1, 0)))
 
+  def fresh(*accs):
+    issue_into(accs)
+    return tuple(acc[...] for acc in accs)
+
+  if inits is None or interpret:
+    vals = pl.run_scoped(fresh, *((acc_type,) * len(pairs)))
+    return vals if inits is None else tuple(v + i for v, i in zip(vals, inits))
   return tuple(pl.run_state(issue_into)(tuple(plgpu.ACC.init(i) for i in inits)))
 
 
