@@ -45,8 +45,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # fp16_values: the Triton forward's V -> fp16 conversion (both forwards round V the same
 # way)
 from pallas_kernels.common import (LOG2E, MGPU_PRODUCER_REGISTERS, check_mgpu_pipeline,
-                                   fp16_values, hopper_platform, mgpu_inputs_ok,
-                                   mgpu_lengths_ok, wgmma_smem)
+                                   fp16_values, hopper_platform, mgpu_call_ok,
+                                   wgmma_smem)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA (each owns block_q query rows)
 
@@ -120,16 +120,13 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
   a CUDA GPU of compute capability 9.x, wgmma being sm_90a only); "cuda"/"gpu" skips the
   device check (e.g. for lowering on an abstract H100); "interpret" skips it too.
   """
-  ok, why = mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  if not ok:
-    return ok, why
-  B, T, Hq, D = q.shape
-  S = k.shape[1]
-  cfg = config or default_config(D, r is not None)
-  ok, why = mgpu_lengths_ok(T, S, (_COMPUTE_WGS * cfg.block_q, str(_COMPUTE_WGS * cfg.block_q)),
-                            (cfg.block_kv, f"block_kv={cfg.block_kv}"),
-                            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize),
-                            cfg, causal)
+  def tiles(D):
+    cfg = config or default_config(D, r is not None)
+    return (cfg, (_COMPUTE_WGS * cfg.block_q, str(_COMPUTE_WGS * cfg.block_q)),
+            (cfg.block_kv, f"block_kv={cfg.block_kv}"),
+            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize))
+
+  ok, why = mgpu_call_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids, causal, tiles)
   if not ok:
     return ok, why
   ok, why = hopper_platform(platform)

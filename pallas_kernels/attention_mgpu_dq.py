@@ -46,7 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.common import (MGPU_PRODUCER_REGISTERS, MgpuBwdConfig, cdiv,
                                    check_mgpu_bwd_call, clamp_tile_range, cta_tile_range,
                                    hopper_platform, launch_warp_specialized, mgpu_bwd_rows,
-                                   mgpu_inputs_ok, mgpu_lengths_ok, producer_ring, seg_ranges,
+                                   mgpu_call_ok, producer_ring, seg_ranges,
                                    wgmma_scores, wgmma_smem)
 
 _COMPUTE_WGS = 2  # consumer warpgroups per CTA
@@ -94,16 +94,13 @@ def supported(q, k, v, r=None, *, causal=True, window=None, q_segment_ids=None,
               platform: str | None = None) -> tuple[bool, str]:
   """(True, "") if `parallax_dq_mgpu` handles these inputs, else (False, reason). Accepts
   arrays or ShapeDtypeStructs; platform as `attention_mgpu.supported`."""
-  ok, why = mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids)
-  if not ok:
-    return ok, why
-  B, T, Hq, D = q.shape
-  S = k.shape[1]
-  cfg = config or default_config(D, r is not None)
-  ok, why = mgpu_lengths_ok(T, S, (_COMPUTE_WGS * _BLOCK_Q, str(_COMPUTE_WGS * _BLOCK_Q)),
-                            (cfg.block_k, f"block_k={cfg.block_k}"),
-                            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize),
-                            cfg, causal)
+  def tiles(D):
+    cfg = config or default_config(D, r is not None)
+    return (cfg, (_COMPUTE_WGS * _BLOCK_Q, str(_COMPUTE_WGS * _BLOCK_Q)),
+            (cfg.block_k, f"block_k={cfg.block_k}"),
+            smem_bytes(cfg, D, r is not None, jnp.dtype(q.dtype).itemsize))
+
+  ok, why = mgpu_call_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids, causal, tiles)
   return hopper_platform(platform) if ok else (ok, why)
 
 

@@ -306,11 +306,18 @@ def mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids) -> tuple[b
   return True, ""
 
 
-def mgpu_lengths_ok(T: int, S: int, t_tile: tuple[int, str], s_tile: tuple[int, str],
-                    smem: int, cfg, causal: bool) -> tuple[bool, str]:
-  """The tile constraints of a Mosaic GPU training kernel: T a multiple of t_tile and S of
-  s_tile ((size, how the reason names it) pairs), its buffers (`smem` bytes of `cfg`)
-  within SMEM_LIMIT, and T <= S under a causal mask."""
+def mgpu_call_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids, causal: bool,
+                 tiles) -> tuple[bool, str]:
+  """The checks a Mosaic GPU training kernel's `supported` makes before the platform's: the
+  shared input checks (`mgpu_inputs_ok`), then its tiles: tiles(head_dim) -> (cfg, t_tile,
+  s_tile, smem bytes of cfg's buffers), with T a multiple of t_tile and S of s_tile ((size,
+  how the reason names it) pairs), the buffers within SMEM_LIMIT and T <= S under a causal
+  mask."""
+  ok, why = mgpu_inputs_ok(q, k, v, r, window, q_segment_ids, kv_segment_ids)
+  if not ok:
+    return ok, why
+  T, D, S = q.shape[1], q.shape[3], k.shape[1]
+  cfg, t_tile, s_tile, smem = tiles(D)
   for name, n, (size, label) in (("T", T, t_tile), ("S", S, s_tile)):
     if n % size:
       return False, f"{name}={n} is not a multiple of {label}"

@@ -63,6 +63,31 @@ def with_config(cases: dict, config_cls) -> dict:
   return {n: (c, None if kw is None else config_cls(**kw)) for n, (c, kw) in cases.items()}
 
 
+def run_case(module, kernel, c: Case, cfg, interpret: bool):
+  """One kernel case: the reference's residuals and gradients, the kernel's `supported`,
+  then `kernel` (parallax_dq_mgpu or parallax_dkv_mgpu of `module`) interpreted or jitted
+  on a fresh q buffer (it must not read its outputs' memory), with the race detector's
+  verdict where the case asks for it. Returns (inputs, the kernel's outputs, grads)."""
+  from tests.kernels import interpret_params
+  args, ref = residuals_and_grads(c)
+  q, k, v, r, do, lse, delta, tbar, gbar, scale, qs, ks = args
+  ok, why = module.supported(q, k, v, r, causal=c.causal, q_segment_ids=qs,
+                             kv_segment_ids=ks, config=cfg,
+                             platform="interpret" if interpret else None)
+  assert ok, why
+
+  def f(q, k, v, r, do, lse, delta, tbar, gbar):
+    return kernel(q, k, v, r, do, lse, delta, tbar, gbar, scale=scale, causal=c.causal,
+                  q_segment_ids=qs, kv_segment_ids=ks, config=cfg,
+                  interpret=interpret_params(c.races) if interpret else None)
+
+  out = (f if interpret else jax.jit(f))(q.at[:].set(q), k, v, r, do, lse, delta, tbar, gbar)
+  if c.races:
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
+  return args, out, ref
+
+
 def residuals_and_grads(c: Case, seed=0):
   """Inputs, the kernels' residual arguments (lse, delta, tbar, gbar from the reference's
   o, vbar in float32) and the reference's gradients {q, k, v, r} (r None for softmax)."""

@@ -61,23 +61,8 @@ class TestMgpuDkv:
 
   def test_matches_reference(self, name):
     c, cfg = self.CASES[name]
-    (q, k, v, r, do, lse, delta, tbar, gbar, scale, qs, ks), ref = bwd.residuals_and_grads(c)
-    ok, why = dm.supported(q, k, v, r, causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
-                           config=cfg, platform="interpret" if self.INTERPRET else None)
-    assert ok, why
-    if c.races:
-      from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-
-    def f(q, k, v, r, do, lse, delta, tbar, gbar):
-      return dm.parallax_dkv_mgpu(q, k, v, r, do, lse, delta, tbar, gbar, scale=scale,
-                                  causal=c.causal, q_segment_ids=qs, kv_segment_ids=ks,
-                                  config=cfg,
-                                  interpret=interpret_params(c.races) if self.INTERPRET else None)
-
-    dk, dv, rowsum = (f if self.INTERPRET else jax.jit(f))(q, k, v, r, do, lse, delta, tbar,
-                                                           gbar)
-    if c.races:
-      assert not gpu_callbacks.get_races().races_found, "the race detector reported a race"
+    (_, k, v, *_), (dk, dv, rowsum), ref = bwd.run_case(dm, dm.parallax_dkv_mgpu, c, cfg,
+                                                        self.INTERPRET)
     assert dk.shape == k.shape and dk.dtype == k.dtype and dv.dtype == v.dtype
     assert rowsum.shape == (c.B, c.Hkv, c.S) and bool(jnp.all(jnp.isfinite(rowsum)))
     errs = {"dk": rel(dk, ref["k"]), "dv": rel(dv, ref["v"])}

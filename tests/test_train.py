@@ -293,20 +293,25 @@ def test_nan_loss_stops_keeping_last_good_checkpoint(shards, tmp_path, monkeypat
   assert Checkpointer(str(tmp_path / "nan" / "checkpoints")).latest_step() == 2
 
 
-def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
+def sigterm_during_step(n: int, monkeypatch):
+  """The process sends itself SIGTERM inside the n-th train step (1-based)."""
   from train import step as step_lib
-  from train.checkpoint import Checkpointer
-  from train.loop import train
   real = step_lib.Trainer.train_step
   calls = {"n": 0}
 
-  def step_then_term(self, state, batch):
+  def step(self, state, batch):
     calls["n"] += 1
-    if calls["n"] == 2:
+    if calls["n"] == n:
       os.kill(os.getpid(), signal.SIGTERM)
     return real(self, state, batch)
 
-  monkeypatch.setattr(step_lib.Trainer, "train_step", step_then_term)
+  monkeypatch.setattr(step_lib.Trainer, "train_step", step)
+
+
+def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
+  from train.checkpoint import Checkpointer
+  from train.loop import train
+  sigterm_during_step(2, monkeypatch)
   out = train(small_config(shards, str(tmp_path / "term")), log=lambda s: None)
   assert out["stopped_by"] == "SIGTERM" and out["final_step"] == 2
   assert Checkpointer(str(tmp_path / "term" / "checkpoints")).latest_step() == 2
@@ -315,19 +320,9 @@ def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
 def test_sigterm_at_the_last_step_is_a_finished_run(shards, tmp_path, monkeypatch):
   """A SIGTERM that lands during the last step: the run is complete (its eval done), so it
   is not reported stopped (a study would otherwise redo it); the checkpoint is still saved."""
-  from train import step as step_lib
   from train.checkpoint import Checkpointer
   from train.loop import train
-  real = step_lib.Trainer.train_step
-  calls = {"n": 0}
-
-  def term_at_last(self, state, batch):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(self, state, batch)
-
-  monkeypatch.setattr(step_lib.Trainer, "train_step", term_at_last)
+  sigterm_during_step(3, monkeypatch)
   out = train(small_config(shards, str(tmp_path / "t"), steps=3, eval_every=3),
               log=lambda s: None)
   assert out["stopped_by"] is None and out["final_step"] == 3 and out["eval"]
