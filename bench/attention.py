@@ -974,6 +974,19 @@ def bwd_md(rows) -> str:
   return "\n".join(lines)
 
 
+def kept_bwd_rows(name: str, kernels) -> list:
+  """The rows of the kernels this run leaves out, from the results file it rewrites, each
+  naming the run it came from (a `--kernels dkv` run keeps the last dq rows)."""
+  path = os.path.join(common.RESULTS, f"{name}.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    old = json.load(fh)
+  src = {k: old["environment"].get(k) for k in ("date", "command", "pallas_kernels")}
+  return [{**r, "from": r.get("from", src)} for r in old["results"]
+          if r.get("kernel", "dkv") not in kernels]
+
+
 def bwd(a):
   """The Mosaic GPU backward kernels against the Triton fast launches, per kernel."""
   from pallas_kernels import attention_mgpu_dkv as dkm
@@ -982,7 +995,9 @@ def bwd(a):
   unknown = set(kernels) - {"dq", "dkv"}
   if unknown:
     raise SystemExit(f"--kernels: unknown {sorted(unknown)} (dq, dkv)")
-  rows, env = [], common.environment()
+  kept, rows, env = kept_bwd_rows(a.name, kernels), [], common.environment()
+  kept_note = "".join(f" Rows kept from an earlier run: {src}."
+                      for src in dict.fromkeys(json.dumps(r["from"]) for r in kept))
   # shape-major, so a cut-short run has both kernels at its first shapes; written after
   # every row
   for sh in BWD_SHAPES:
@@ -1000,11 +1015,11 @@ def bwd(a):
                             + ([dqm.DqConfig(split_scores=True)] if parallax else [])
                             if a.configs else [])
         rows.append(dq_row(*sh, a.iters, configs))
-      common.write_results(a.name, env, rows, bwd_md(rows),
+      common.write_results(a.name, env, rows + kept, bwd_md(rows + kept),
                            notes="x Triton: the Triton kernel's time over this row's (> 1: "
                            "faster). dq: the Mosaic time includes the XLA reduction giving "
                            "it delta, gbar (the Triton dq kernel computes them). rel diff: "
-                           "max |x - triton| / max |triton| of dq, dr or dk, dv.", out=a.out)
+                           "max |x - triton| / max |triton| of dq, dr or dk, dv." + kept_note, out=a.out)
 
 
 # ----------------------------------------------------------------------------- command line
