@@ -974,6 +974,22 @@ def bwd_md(rows) -> str:
   return "\n".join(lines)
 
 
+def bwd_configs(kernel: str, parallax: bool) -> dict:
+  """The named kernel configs `bwd --configs` times next to the default."""
+  if kernel == "dkv":
+    from pallas_kernels.attention_mgpu_dkv import DkvConfig as C
+    out = {"stages3": C(num_stages=3), "regs232": C(consumer_registers=232),
+           "fold": C(fold_rows=True)}
+    if parallax:
+      out |= {"split": C(split_scores=True), "fold_split": C(fold_rows=True, split_scores=True)}
+  else:
+    from pallas_kernels.attention_mgpu_dq import DqConfig as C
+    out = {"stages3": C(num_stages=3), "regs232": C(consumer_registers=232)}
+    if parallax:
+      out["split"] = C(split_scores=True)
+  return out
+
+
 def kept_bwd_rows(name: str, kernels) -> list:
   """The rows of the kernels this run leaves out, from the results file it rewrites, each
   naming the run it came from (a `--kernels dkv` run keeps the last dq rows)."""
@@ -989,12 +1005,14 @@ def kept_bwd_rows(name: str, kernels) -> list:
 
 def bwd(a):
   """The Mosaic GPU backward kernels against the Triton fast launches, per kernel."""
-  from pallas_kernels import attention_mgpu_dkv as dkm
-  from pallas_kernels import attention_mgpu_dq as dqm
   kernels = a.kernels.split(",")
   unknown = set(kernels) - {"dq", "dkv"}
   if unknown:
     raise SystemExit(f"--kernels: unknown {sorted(unknown)} (dq, dkv)")
+  names = {n for k in kernels for n in bwd_configs(k, True)}
+  unknown = set((a.configs or "all").split(",")) - names - {"all"}
+  if unknown:
+    raise SystemExit(f"--configs: unknown {sorted(unknown)} ({', '.join(sorted(names))})")
   kept, rows, env = kept_bwd_rows(a.name, kernels), [], common.environment()
   kept_note = "".join(f" Rows kept from an earlier run: {src}."
                       for src in dict.fromkeys(json.dumps(r["from"]) for r in kept))
@@ -1003,17 +1021,11 @@ def bwd(a):
   for sh in BWD_SHAPES:
     for kernel in kernels:
       parallax = sh[5]  # (split_scores changes Parallax only)
+      configs = [None] + [c for n, c in bwd_configs(kernel, parallax).items()
+                          if a.configs == "all" or n in (a.configs or "").split(",")]
       if kernel == "dkv":
-        configs = [None] + ([dkm.DkvConfig(num_stages=3), dkm.DkvConfig(consumer_registers=232),
-                             dkm.DkvConfig(fold_rows=True)]
-                            + ([dkm.DkvConfig(split_scores=True),
-                                dkm.DkvConfig(fold_rows=True, split_scores=True)]
-                               if parallax else []) if a.configs else [])
         rows.append(dkv_row(*sh, a.iters, configs))
       else:
-        configs = [None] + ([dqm.DqConfig(num_stages=3), dqm.DqConfig(consumer_registers=232)]
-                            + ([dqm.DqConfig(split_scores=True)] if parallax else [])
-                            if a.configs else [])
         rows.append(dq_row(*sh, a.iters, configs))
       common.write_results(a.name, env, rows + kept, bwd_md(rows + kept),
                            notes="x Triton: the Triton kernel's time over this row's (> 1: "
@@ -1066,9 +1078,11 @@ def parser():
            "launches (attention_bwd_mgpu)")
   p.add_argument("--kernels", default="dq,dkv", help="comma list of dq, dkv")
   p.add_argument("--iters", type=int, default=20, help="timed calls per median")
-  p.add_argument("--configs", action="store_true",
-                 help="also 3 stages, 232 registers, (dk/dv) row vectors folded into the "
-                      "score accumulators and, for Parallax, split score products")
+  p.add_argument("--configs", nargs="?", const="all", default=None, metavar="NAMES",
+                 help="also time other configs: all (no value), or a comma list of stages3 "
+                      "(3 stages), regs232 (232 consumer registers), fold (dk/dv: row "
+                      "vectors folded into the score accumulators), split (Parallax: split "
+                      "score products), fold_split")
   p.add_argument("--name", default="attention_bwd_mgpu", help="results file stem")
   p.add_argument("--out", default=None, help="also copy the result files here")
   p = mode("nonfinite", nonfinite, "GPU kernel times of the training and decode kernels, for "
