@@ -177,14 +177,19 @@ def test_runner_resumes_across_calls_and_records_divergence(tmp_path, monkeypatc
   train, calls = fake_train(diverge_above=3e-3)
   monkeypatch.setattr(loop, "train", train)
   g = sweep_grid()
-  opts = runner.RunOptions(out=str(tmp_path), max_runs=1, compile_cache=False)
+  root = tmp_path / "study"
+  pack = tmp_path / "call" / "study.tar.gz"  # rewritten as each run ends
+  opts = runner.RunOptions(out=str(root), max_runs=1, compile_cache=False,
+                           pack_to=str(pack))
   out = runner.run_grids([g], opts, log=lambda s: None)  # a first slice: one run
   assert [r["run_id"] for r in out["ran"]] == ["a/lr0.002_s0"] and out["pending"] == 2
-  opts = runner.RunOptions(out=str(tmp_path), compile_cache=False)
+  with tarfile.open(pack) as t:
+    assert "study/g/a/lr0.002_s0/result.json" in t.getnames()
+  opts = runner.RunOptions(out=str(root), compile_cache=False)
   out = runner.run_grids([g], opts, log=lambda s: None)  # the rest, then the seed stage
   assert [(r["run_id"], r["status"]) for r in out["ran"]] == [
       ("a/lr0.001_s0", "done"), ("a/lr0.004_s0", "diverged"), ("a/lr0.002_s1", "done")]
-  res = res_lib.load_results(str(tmp_path), "g")
+  res = res_lib.load_results(str(root), "g")
   r = res["a/lr0.002_s1"]
   assert r["eval_loss"] == pytest.approx(3.01) and r["tokens"] == 4 * 4 * 32
   assert r["step_time_s"] == 0.1 and r["params"] > 0 and r["stage"] == "seed"
@@ -194,7 +199,7 @@ def test_runner_resumes_across_calls_and_records_divergence(tmp_path, monkeypatc
   assert out["ran"] == [] and len(calls) == n
   with pytest.raises(runner.StudyError, match="another config"):
     runner.run_one(g, grid_lib.RunSpec("g", "a", 2e-3, 0, "sweep"),
-                   runner.RunOptions(out=str(tmp_path), extra=("schedule.warmup_steps=2",)))
+                   runner.RunOptions(out=str(root), extra=("schedule.warmup_steps=2",)))
 
 
 def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, monkeypatch):

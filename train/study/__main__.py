@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-attempts", type=int, default=2)
     ap.add_argument("--no-compile-cache", action="store_true")
     ap.add_argument("--allow-data-change", action="store_true")
+    ap.add_argument("--pack-to", default=None, metavar="TAR_GZ",
+                    help="rewrite this pack (as `pack --to`) after every run that ends, so a "
+                    "killed call still returns the runs it finished")
   if cmd == "_run":
     ap.add_argument("--arm", required=True)
     ap.add_argument("--lr", type=float, required=True)
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
                              jobs=len(gpus) or a.jobs, gpus=gpus,
                              keep_checkpoints=a.keep_checkpoints, max_attempts=a.max_attempts,
                              compile_cache=not a.no_compile_cache,
-                             allow_data_change=a.allow_data_change)
+                             allow_data_change=a.allow_data_change, pack_to=a.pack_to)
     runner.run_grids(grids, opts, paths=paths)
     return 0
   except (ValueError, runner.StudyError, FileNotFoundError) as e:

@@ -58,6 +58,7 @@ class RunOptions:
   compile_cache: bool = True
   dry_run: bool = False
   allow_data_change: bool = False
+  pack_to: str | None = None         # rewrite this pack after every run that ends
 
 
 class StudyError(RuntimeError):
@@ -372,6 +373,7 @@ def run_grids(grids: list[Grid], opts: RunOptions, log=print,
       log(f"study: run {g.name}/{spec.run_id} ({spec.stage})")
       res = run_one(g, spec, opts, corpus.get(g.name), log)
       ran.append(res)
+      _repack(opts, log)
       log(f"study: {g.name}/{spec.run_id} {res['status']}"
           + (f" eval loss {res['eval_loss']:.4f}" if res.get("eval_loss") else "")
           + f" in {res.get('wall_s', 0):.0f} s" + (f" ({res['error']})" if res.get("error") else ""))
@@ -451,6 +453,7 @@ def _run_parallel(grids: list[Grid], opts: RunOptions, paths: dict[str, str], lo
           g_name, run_id = key.split("/", 1)
           res = res_lib.load_results(opts.out, g_name).get(run_id, {"status": "failed"})
           ran.append(res)
+          _repack(opts, log)
           log(f"study: {key} {res.get('status')} (exit {p.returncode})")
       late = opts.stop_at is not None and time.time() >= opts.stop_at
       if (stop["sig"] or late) and stopped is None:
@@ -501,10 +504,22 @@ def pack(out: str, to: str, log=print) -> str:
     return info
 
   os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
-  with tarfile.open(to, "w:gz") as tar:
+  tmp = f"{to}.tmp"  # renamed when complete: a process killed mid-write leaves the last pack
+  with tarfile.open(tmp, "w:gz") as tar:
     tar.add(out, arcname=base, filter=keep)
+  os.replace(tmp, to)
   log(f"packed {out} into {to} ({os.path.getsize(to) / 1e6:.2f} MB)")
   return to
+
+
+def _repack(opts: RunOptions, log):
+  """The pack as of now (opts.pack_to), so a call killed before its last command still
+  returns every run that ended."""
+  if opts.pack_to:
+    try:
+      pack(opts.out, opts.pack_to, log)
+    except OSError as e:
+      log(f"study: could not pack into {opts.pack_to}: {e!r}")
 
 
 def summary_line(res: dict) -> str:
