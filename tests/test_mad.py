@@ -438,6 +438,19 @@ def test_scores_best_of_sweep_then_mean_over_settings_and_seeds():
   assert s["average"]["mean"] == pytest.approx(0.6)
 
 
+def test_lr_positions_count_edges_ties_and_solved_sweeps():
+  def run(seed, lr, acc, wd=0.0, task="compression"):
+    return dict(member="softmax", optimizer="adamw", task=task, setting="baseline", seed=seed,
+                lr=lr, wd=wd, acc=acc)
+  runs = [run(0, 1e-4, 0.5), run(0, 1e-3, 0.6), run(0, 1e-3, 0.7, wd=0.1),   # top (best wd)
+          run(1, 1e-4, 0.8), run(1, 1e-3, 0.6),                              # bottom
+          run(2, 1e-4, 0.5), run(2, 5e-4, 0.9), run(2, 1e-3, 0.6),           # inside
+          run(3, 1e-4, 0.9), run(3, 1e-3, 0.9005),                           # tie
+          run(4, 1e-4, 0.2), run(4, 1e-3, 1.0)]                              # solved
+  assert report.lr_positions(runs)["softmax/adamw"] == dict(
+      bottom=1, inside=1, top=1, tie=1, solved=1)
+
+
 def test_cli_smoke_writes_json_table_and_chart(tmp_path):
   from parallax_jax.mad.__main__ import main
   args = ["--quick", "--tasks", "memorization", "--members", "parallax", "--optimizers", "muon",

@@ -71,6 +71,45 @@ def scores(runs: list[dict[str, Any]], metric: str = "acc") -> dict[str, Any]:
   return dict(out)
 
 
+SOLVED = 0.999   # accuracy above which a sweep's winner says nothing about the lr
+TIE = 1e-3       # lrs whose best accuracies are this close share the win
+
+
+def lr_positions(runs: list[dict[str, Any]], metric: str = "acc") -> dict[str, dict[str, int]]:
+  """Where each (task, setting, seed) sweep's best lr sits in the lr grid, per combo:
+  {combo: {'bottom', 'inside', 'top', 'tie', 'solved': counts}}. A winner at the grid's
+  top or bottom means the grid did not bracket that run's best lr. 'solved': the best run is
+  above SOLVED (several lrs solve the task, and early stopping ends the sweep at the first);
+  'tie': the best accuracies of two or more lrs are within TIE of each other."""
+  per_lr: dict[tuple, dict[float, float]] = defaultdict(dict)
+  grid: dict[str, set[float]] = defaultdict(set)
+  for r in runs:
+    v = r[metric]
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+      continue
+    c = combo(r)
+    grid[c].add(r["lr"])
+    key = (c, r["task"], r["setting"], r["seed"])
+    per_lr[key][r["lr"]] = max(v, per_lr[key].get(r["lr"], -math.inf))
+  out: dict[str, dict[str, int]] = {}
+  for (c, *_), accs in per_lr.items():
+    counts = out.setdefault(c, dict.fromkeys(("bottom", "inside", "top", "tie", "solved"), 0))
+    best = max(accs.values())
+    winners = [lr for lr, a in accs.items() if a >= best - TIE]
+    lrs = sorted(grid[c])
+    if best > SOLVED:
+      counts["solved"] += 1
+    elif len(winners) > 1:
+      counts["tie"] += 1
+    elif len(lrs) > 1 and winners[0] == lrs[-1]:
+      counts["top"] += 1
+    elif len(lrs) > 1 and winners[0] == lrs[0]:
+      counts["bottom"] += 1
+    else:
+      counts["inside"] += 1
+  return out
+
+
 def _cell(s: dict[str, Any] | None) -> str:
   if s is None:
     return "-"
@@ -124,6 +163,17 @@ def markdown(result: dict[str, Any]) -> str:
             "| task | " + " | ".join(combos) + " |", "|" + "---|" * (len(combos) + 1)]
   for t in tasks + [AVERAGE]:
     lines.append("| " + " | ".join([t] + [_cell(micro[c].get(t)) for c in combos]) + " |")
+  pos = lr_positions(result["runs"])
+  lines += ["", "Where each sweep's best lr sits in the lr grid (one count per task setting and "
+            f"seed; 'solved': the best run is above {SOLVED}, which several lrs reach; 'tie': "
+            f"two or more lrs within {TIE} of the best). A best lr at the grid's top or bottom "
+            "was not bracketed by the grid: a wider grid may raise that score.", "",
+            "| member/optimizer | bottom | inside | top | tie | solved |",
+            "|---|---|---|---|---|---|"]
+  for c in combos:
+    n = pos.get(c, {})
+    lines.append(f"| {c} | " + " | ".join(str(n.get(k, 0)) for k in
+                                         ("bottom", "inside", "top", "tie", "solved")) + " |")
   lines += ["", "Wall time per program (one task setting, every seed x lr x wd run at once):", "",
             "| task | setting | member/optimizer | runs | compile s | train s | epochs | s/epoch |",
             "|---|---|---|---|---|---|---|---|"]
