@@ -242,13 +242,20 @@ def merge(paths: list[str], tag: str) -> dict[str, Any]:
   if not parts:
     raise ValueError("merge: no result files given")
   metas = [p["meta"] for p in parts]
-  meta = dict(metas[0], tag=tag, merged_from=[os.path.basename(p) for p in paths],
-              commands=[m.get("argv") for m in metas],
-              dates=[m.get("date") for m in metas],
+  meta = dict(metas[0], tag=tag,
+              merged_from=[f for p, m in zip(paths, metas)
+                           for f in m.get("merged_from", [os.path.basename(p)])],
+              # a merged file brings the commands and dates it was merged from
+              commands=[c for m in metas for c in m.get("commands", [m.get("argv")])],
+              dates=[d for m in metas for d in m.get("dates", [m.get("date")])],
               tasks=[t for m in metas for t in m.get("tasks", [])],
               task_epochs={t: n for m in metas for t, n in (m.get("task_epochs") or {}).items()},
               wall_s=sum(m.get("wall_s", 0.0) for m in metas),
               compile_wall_s=sum(m.get("compile_wall_s", 0.0) for m in metas))
   meta.pop("argv", None)
+  protos = [m.get("protocol") or {} for m in metas]
+  if protos[0]:  # the grid is the union of the parts' grids (e.g. an lr extension)
+    meta["protocol"] = dict(protos[0], **{k: sorted({x for p in protos for x in p.get(k, [])})
+                                          for k in ("lrs", "wds")})
   return {"meta": meta, "programs": [q for p in parts for q in p["programs"]],
           "runs": [r for p in parts for r in p["runs"]]}
