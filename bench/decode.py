@@ -28,7 +28,7 @@ step reads its cache from HBM, as in a model, where the other layers run between
 one. Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only).
 The XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
-  PYTHONPATH=. python3 bench/decode.py grid --out DIR [--budget 300] [--cold]
+  PYTHONPATH=. python3 bench/decode.py grid --out DIR [--budget 300] [--cold] [--grids ...] [--resume]
   PYTHONPATH=. python3 bench/decode.py ab --baseline /tmp/base.py --out DIR [--cold]
       (git show REV:pallas_kernels/decode_triton.py > /tmp/base.py; an older
       decode.py takes its helpers from parallax_triton: rewrite that import to pallas_kernels.common)
@@ -315,8 +315,31 @@ def grid_title(name):
   return f"{name}: Hq={Hq}, Hkv={Hkv} (GQA {Hq // Hkv}), D={D}"
 
 
+def grid_stem(a) -> str:
+  return (("decode_grid" if a.grids == "gqa,mha" else "decode_grid_ratios")
+          + ("_cold" if a.cold else "_warm"))
+
+
+def resumed_rows(out: str, stem: str) -> list:
+  """The rows of an earlier run of the same grid file (<out>, else bench/results), each
+  naming the run it came from: a grid too large for one call is measured over several."""
+  for d in (out, common.RESULTS):
+    path = os.path.join(d, f"{stem}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      src = {k: old["env"].get(k) for k in ("date", "command", "pallas_kernels")}
+      return [dict(r, **{"from": r.get("from", src)}) for r in old["rows"]]
+  return []
+
+
 def grid(a):
   res = {"env": common.environment(), "cold": a.cold, "rows": []}
+  stem = grid_stem(a)
+  if a.resume:
+    res["rows"] = resumed_rows(a.out, stem)
+    log(f"resume: {len(res['rows'])} rows of {stem} kept")
+  done = {(r["grid"], r["B"], r["L"]) for r in res["rows"]}
   flush_buf = flush_buffer() if a.cold else None
   try:
     res["hbm_copy_GBps"] = hbm_copy_gbps()
@@ -333,12 +356,13 @@ def grid(a):
         if B * L > 4 * 2**20:
           log(f"skip B={B} L={L}: KV {2 * B * L * Hkv * D * 2 / 1e9:.0f} GB")
           continue
+        if (name, B, L) in done:
+          continue
         if time.time() - common.T0 > a.budget:
           log(f"budget spent; skip {name} B={B} L={L}")
           continue
         res["rows"].append(grid_shape(name, B, L, Hq, Hkv, D, flush_buf))
-        stem = "decode_grid" if a.grids == "gqa,mha" else "decode_grid_ratios"
-        save(a.out, f"{stem}_{'cold' if a.cold else 'warm'}", res, grid_md)
+        save(a.out, stem, res, grid_md)
 
 
 def grid_shape(grid, B, L, Hq, Hkv, D, flush_buf=None):
@@ -397,9 +421,13 @@ def grid_md(res, path):
     lines += ["Cold L2 (`--cold`): a 256 MB read between steps (a Pallas kernel, `l2_flush`, "
               "not timed; torch: before each call, outside its events) evicts the L2, so every "
               "step reads the cache from HBM, as in a model.", ""]
+  kept = list(dict.fromkeys(json.dumps(r["from"]) for r in res["rows"] if "from" in r))
+  if kept:
+    lines += ["Rows marked † were kept from earlier runs (`--resume`): " + "; ".join(kept)
+              + ".", ""]
   for grid in dict.fromkeys(r["grid"] for r in res["rows"]):
     title = grid_title(grid)
-    rows = [r for r in res["rows"] if r["grid"] == grid]
+    rows = sorted((r for r in res["rows"] if r["grid"] == grid), key=lambda r: (r["L"], r["B"]))
     if not rows:
       continue
     lines += [f"## {title}", "", "| B | L | Parallax splits (x keys per tile if not 64, KV "
@@ -421,7 +449,8 @@ def grid_md(res, path):
           s += f", err {e['rel_err']:.1e}"
         cells.append(s)
       bk, ns, pack = row[LAUNCH]
-      lines.append(f"| {row['B']} | {row['L']} | {ns}" + (f" x {bk}" if bk != 64 else "")
+      lines.append(f"| {row['B']}{' †' if 'from' in row else ''} | {row['L']} | {ns}"
+                   + (f" x {bk}" if bk != 64 else "")
                    + (f", {pack} KV heads" if pack > 1 else "") + " | " + " | ".join(cells)
                    + " |")
     lines.append("")
@@ -799,6 +828,9 @@ def parser():
                  help=f"comma list of grids ({', '.join(GRIDS)}); gGdD: GQA ratio G at head "
                  "dim D, B 1, 8, 64, 256; other than gqa,mha the results go to "
                  "decode_grid_ratios_warm / _cold")
+  p.add_argument("--resume", action="store_true",
+                 help="keep the rows of the grid file in --out (else bench/results) and time "
+                 "only the shapes it lacks; kept rows name the run they came from")
   p = mode("ab", ab, "the Triton kernel of the working tree vs a baseline source file of "
            "pallas_kernels/decode_triton.py, cuDNN as the common bar (decode_ab); default shapes: the "
            "split ones of the grid, where the in-kernel merge of the splits is on the "
