@@ -1031,7 +1031,8 @@ def bwd(a):
                            notes="x Triton: the Triton kernel's time over this row's (> 1: "
                            "faster). dq: the Mosaic time includes the XLA reduction giving "
                            "it delta, gbar (the Triton dq kernel computes them). rel diff: "
-                           "max |x - triton| / max |triton| of dq, dr or dk, dv." + kept_note, out=a.out)
+                           "max |x - triton| / max |triton| of dq, dr or dk, dv."
+                           + kept_note, out=a.out)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -28,7 +28,8 @@ step reads its cache from HBM, as in a model, where the other layers run between
 one. Error: max |o - ref| / max |ref| against a float32 dense reference (B*L <= 256k only).
 The XLA paths run only where B*L <= 256k (they are 3-5x slower and only baselines).
 
-  PYTHONPATH=. python3 bench/decode.py grid --out DIR [--budget 300] [--cold] [--grids ...] [--resume]
+  PYTHONPATH=. python3 bench/decode.py grid --out DIR [--budget 300] [--cold] [--grids G,..]
+      [--resume]
   PYTHONPATH=. python3 bench/decode.py ab --baseline /tmp/base.py --out DIR [--cold]
       (git show REV:pallas_kernels/decode_triton.py > /tmp/base.py; an older
       decode.py takes its helpers from parallax_triton: rewrite that import to pallas_kernels.common)
