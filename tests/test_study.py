@@ -310,6 +310,22 @@ def test_corpus_shards_load_and_are_reused(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+def test_report_times_runs_of_one_device():
+  from train.study import report
+  h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+  runs = [dict(status="done", device=h100, step_time_s=0.11),
+          dict(status="done", device=h100, step_time_s=0.13, jobs=2),  # shared the device
+          dict(status="done", device=h200, step_time_s=0.08),
+          dict(status="done", device=h200, step_time_s=0.09),
+          dict(status="done", device=h100, step_time_s=0.12)]
+  assert report.timing_device(runs) == h100  # a tie between alone runs: by name
+  a = report.ArmSummary(grid="g", arm="a", optimizer="muon", baseline=None, note="", lrs=[],
+                         sweep={}, best=None, edge=None, seeds=runs, pending=[])
+  assert a.median_of("step_time_s", h100) == pytest.approx(0.115)
+  assert a.median_of("step_time_s", h200) == pytest.approx(0.085)
+  assert a.median_of("step_time_s") == pytest.approx(0.10)
+
+
 def test_smoke_grid_through_the_loop_and_report(tmp_path):
   """2 arms x 1 lr x 1 seed of a tiny model through train.loop.train, then the report."""
   from train.prepare import prepare

@@ -59,9 +59,10 @@ class ArmSummary:
       return None, None, 0
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
 
-  def median_of(self, key: str) -> float | None:
+  def median_of(self, key: str, device: str | None = None) -> float | None:
+    """Median over the best-lr runs that had the device alone (and ran on `device`)."""
     vals = [r[key] for r in self.seeds if isinstance(r.get(key), (int, float))
-            and r.get("jobs", 1) == 1]
+            and r.get("jobs", 1) == 1 and (device is None or r.get("device") == device)]
     return statistics.median(vals) if vals else None
 
   def first(self, key: str):
@@ -139,7 +140,16 @@ def _delta(a: ArmSummary, b: ArmSummary | None) -> str:
   return text
 
 
-def _table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
+def timing_device(results: list[dict]) -> str | None:
+  """The device most runs that had it alone ran on: the timing columns use its runs only
+  (an H100's and an H200's step times are not one population)."""
+  devs = [r["device"] for r in results if r.get("device") and r.get("jobs", 1) == 1
+          and r.get("status") == "done"]
+  return min(set(devs), key=lambda d: (-devs.count(d), d)) if devs else None
+
+
+def _table(arms: list[ArmSummary], index: dict[str, ArmSummary],
+           device: str | None = None) -> list[str]:
   rows = ["| arm | optimizer | best lr | lrs tried | final eval loss (mean +- std, n) | "
           "vs baseline | tokens (epochs) | params | step time (s) | tokens/s | MFU |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -157,13 +167,14 @@ def _table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
     tokens = a.first("tokens")
     epochs = a.first("epochs")
     params = a.first("params")
-    mfu = a.median_of("mfu")
+    mfu = a.median_of("mfu", device)
     rows.append(
         f"| {a.arm} | {a.optimizer} | {best} | {', '.join(grid_lib.lr_key(x) for x in sorted(a.lrs))} "
         f"| {loss} | {_delta(a, base)}" + (f" vs {a.baseline}" if base else "") +
         f" | {_fmt(tokens and tokens / 1e6, '.3g')}M"
         + (f" ({epochs:.2f})" if epochs else "") + f" | {_fmt(params and params / 1e6, '.4g')}M "
-        f"| {_fmt(a.median_of('step_time_s'), '.3f')} | {_fmt(a.median_of('tokens_per_s'), ',.0f')} "
+        f"| {_fmt(a.median_of('step_time_s', device), '.3f')} "
+        f"| {_fmt(a.median_of('tokens_per_s', device), ',.0f')} "
         f"| {_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} |")
   return rows
 
@@ -492,6 +503,7 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
   index = {a.key: a for arms in summaries.values() for a in arms}
   all_results = [r for n in names for r in res_lib.load_results(out, n).values()]
   devices = sorted({r.get("device") for r in all_results if r.get("device")})
+  tdev = timing_device(all_results)
   corpora = sorted({r.get("corpus_sha256")[:12] for r in all_results if r.get("corpus_sha256")})
   commits = sorted({r.get("commit") for r in all_results if r.get("commit")})
   jaxes = sorted({r.get("jax") for r in all_results if r.get("jax")})
@@ -502,14 +514,14 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
            f"commits: {', '.join(commits) or '-'}.", "",
            "Final eval loss: the loss on the held-out split at the last step; mean +- sample "
            "std over the seeds at the arm's best lr (the sweep seed's lowest loss). Step time, "
-           "tokens/s and MFU: medians over logged windows of runs that had the device alone.",
-           ""]
+           "tokens/s and MFU: medians over logged windows of runs that had the device alone"
+           + (f", on {tdev} only" if len(devices) > 1 and tdev else "") + ".", ""]
   for n in names:
     arms = summaries[n]
     g = grids.get(n)
     gdir = os.path.join(out, n)
     lines += [f"## {n}" + (f": {g.description}" if g and g.description else ""), ""]
-    lines += _table(arms, index) + [""]
+    lines += _table(arms, index, tdev if len(devices) > 1 else None) + [""]
     pend = [f"{a.arm}/{x.split('/', 1)[1]}" for a in arms for x in a.pending]
     if pend:
       lines += [f"Not yet run ({len(pend)}; the plan grows as sweeps end): "
