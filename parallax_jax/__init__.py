@@ -6,6 +6,7 @@ from parallax_jax.api import (
     MEMBERS,
     PROBES,
     attention,
+    chosen_implementation,
     decode_attention,
     linear_attention,
     lla_attention,
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AFFINES", "DECODE_IMPLEMENTATIONS", "IMPLEMENTATIONS", "diagnostics", "MEMBERS", "PROBES",
-    "BlockSizes", "attention", "decode_attention", "linear_attention", "lla_attention", "member",
+    "BlockSizes", "attention", "chosen_implementation", "decode_attention", "linear_attention", "lla_attention", "member",
     "parallax_attention", "softmax_attention",
 ]

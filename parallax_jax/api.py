@@ -187,6 +187,16 @@ def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg):
   return "chunked"
 
 
+def chosen_implementation(q, k, v, r=None, *, probe: str, affine: str,
+                          window: int | None = None, segment_ids: Any = None,
+                          implementation: str | None = None) -> str:
+  """The implementation `attention` runs for these inputs (arrays or jax.ShapeDtypeStruct)
+  on the default backend: `implementation` when given, else what None resolves to."""
+  q_seg, kv_seg = _check_inputs(q, k, v, r, probe, affine, None, "direct", window, segment_ids,
+                                implementation, None)
+  return _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg)
+
+
 def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None,
               ridge: float | None = None, solver: str = "direct", causal: bool = True,
               window: int | None = None, segment_ids: Any = None,

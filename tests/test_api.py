@@ -209,6 +209,20 @@ def test_weight_statistics(qkvr):
   np.testing.assert_array_equal(zero["negative_mass"], np.zeros(H))
 
 
+def test_chosen_implementation_names_what_attention_runs():
+  short = jax.ShapeDtypeStruct((2, 64, 4, 16), jnp.bfloat16)
+  long = jax.ShapeDtypeStruct((1, 2048, 4, 16), jnp.float32)
+  choose = lambda x, **kw: pj.chosen_implementation(x, x, x, x, probe="learned", affine="affine",
+                                                    **kw)
+  off_gpu = jax.default_backend() != "gpu"
+  assert choose(short) == ("xla" if off_gpu else "pallas")
+  assert choose(long) == ("chunked" if off_gpu else "pallas")  # past 2^20 pairs a head
+  assert choose(long, implementation="xla") == "xla"
+  assert pj.chosen_implementation(short, short, short, probe="solve", affine="boundary") == "xla"
+  with pytest.raises(ValueError, match="implementation"):
+    choose(short, implementation="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 def test_default_implementation_on_gpu_is_the_fused_kernel_and_matches_reference():

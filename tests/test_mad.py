@@ -464,6 +464,7 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
   assert len(saved["runs"]) == 2 and len(saved["programs"]) == 1
   assert set(saved["scores"]) == {"parallax/muon"}
   assert "| memorization |" in (tmp_path / "mad_smoke.md").read_text()
+  assert saved["programs"][0]["attention"] == "xla"  # the library's choice on a CPU
   assert result["meta"]["protocol"]["epochs"] == 2
   # Merging: runs of another command (here the same runs relabelled) join the table.
   other = dict(saved, runs=[dict(r, member="softmax") for r in saved["runs"]])

@@ -149,7 +149,10 @@ def markdown(result: dict[str, Any]) -> str:
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
       f"{' (and the rest of its seed sweep: --sweep-stop)' if proto.get('stop_sweep') else ''}; "
       f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
-      f"Model: {meta.get('model', {})}.",
+      f"Model: {meta.get('model', {})}"
+      + ("; implementation None is the library's choice, per program in the wall-time "
+         "table's attention column" if (meta.get("model") or {}).get("implementation", 1) is None
+         else "") + ".",
       *(f"Command: `python -m parallax_jax.mad {' '.join(a)}`" + (f" ({d})" if d else "")
         for a, d in zip(meta.get("commands") or [meta.get("argv") or []],
                         meta.get("dates") or [None])),
@@ -175,12 +178,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| {c} | " + " | ".join(str(n.get(k, 0)) for k in
                                          ("bottom", "inside", "top", "tie", "solved")) + " |")
   lines += ["", "Wall time per program (one task setting, every seed x lr x wd run at once):", "",
-            "| task | setting | member/optimizer | runs | compile s | train s | epochs | s/epoch |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| task | setting | member/optimizer | attention | runs | compile s | train s | "
+            "epochs | s/epoch |", "|---|---|---|---|---|---|---|---|---|"]
   for p in result["programs"]:
     per = p["train_s"] / max(p["epochs_run"], 1)
     lines.append(f"| {p['task']} | {p['setting']} | {p['member']}/{p['optimizer']} | "
-                 f"{p['runs']} | {p['compile_s']:.1f} | {p['train_s']:.1f} | {p['epochs_run']} | "
+                 f"{p.get('attention') or '-'} | {p['runs']} | {p['compile_s']:.1f} | {p['train_s']:.1f} | {p['epochs_run']} | "
                  f"{per:.2f} |")
   return "\n".join(lines) + "\n"
 

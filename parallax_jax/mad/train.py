@@ -37,7 +37,8 @@ import numpy as np
 import optax
 
 from parallax_jax.mad import metrics as mt
-from parallax_jax.mad.model import MUON_ROUTING, MADModel, ModelConfig, init_params, param_shapes
+from parallax_jax.mad.model import (MUON_ROUTING, MADModel, ModelConfig, attention_implementation,
+                                    init_params, param_shapes)
 from parallax_jax.mad.tasks import IGNORE, TaskSetting, make_dataset
 from parallax_jax.optim import muon
 
@@ -122,6 +123,7 @@ class Program:
   steps_per_epoch: int
   compile_s: float
   temp_bytes: int | None = None  # XLA's scratch for one epoch call (memory planning)
+  attention: str | None = None   # the mixer's implementation (xla, chunked, pallas)
 
 
 def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: dict[str, Any],
@@ -193,7 +195,8 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
       data["test_x"], data["test_y"]).compile()
   mem = epoch.memory_analysis()
   temp = None if mem is None else int(mem.temp_size_in_bytes)
-  return Program(init, epoch, steps, time.perf_counter() - t0, temp)
+  return Program(init, epoch, steps, time.perf_counter() - t0, temp,
+                 attention_implementation(cfg, bs, length))
 
 
 def data_shapes(setting: TaskSetting, num_seeds: int, protocol: Protocol) -> dict[str, Any]:
@@ -281,7 +284,8 @@ def run_setting(setting: TaskSetting, *, optimizer: str, seeds: tuple[int, ...],
       "data_s": round(data_s, 3), "compile_s": round(program.compile_s, 3),
       "train_s": round(train_s, 3), "epochs_run": epochs_done,
       "steps_per_epoch": program.steps_per_epoch, "length": setting.length,
-      "vocab_size": setting.vocab_size, "temp_bytes": program.temp_bytes}}
+      "vocab_size": setting.vocab_size, "temp_bytes": program.temp_bytes,
+      "attention": program.attention}}
 
 
 def _train_group(program: Program, cfg: ModelConfig, part, real: int, seeds, protocol: Protocol,
