@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AFFINES", "DECODE_IMPLEMENTATIONS", "IMPLEMENTATIONS", "diagnostics", "MEMBERS", "PROBES",
-    "BlockSizes", "attention", "chosen_implementation", "decode_attention", "linear_attention", "lla_attention", "member",
-    "parallax_attention", "softmax_attention",
+    "BlockSizes", "attention", "chosen_implementation", "decode_attention", "linear_attention",
+    "lla_attention", "member", "parallax_attention", "softmax_attention",
 ]

@@ -140,6 +140,8 @@ def markdown(result: dict[str, Any]) -> str:
   epochs = (", ".join(f"{t} {n}" for t, n in epochs.items()) if len(set(epochs.values())) > 1
             else proto.get("epochs"))
   lines = [f"# MAD: {meta.get('tag', '')}", ""]
+  model = meta.get("model") or {}
+  auto = "implementation" in model and model["implementation"] is None
   lines += [
       f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; {meta.get('date', '')}; "
       f"wall {meta.get('wall_s', 0):.0f} s in all, of which compiling (each command's programs "
@@ -149,10 +151,8 @@ def markdown(result: dict[str, Any]) -> str:
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
       f"{' (and the rest of its seed sweep: --sweep-stop)' if proto.get('stop_sweep') else ''}; "
       f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
-      f"Model: {meta.get('model', {})}"
-      + ("; implementation None is the library's choice, per program in the wall-time "
-         "table's attention column" if (meta.get("model") or {}).get("implementation", 1) is None
-         else "") + ".",
+      f"Model: {model}" + ("; implementation None is the library's choice, per program in "
+                           "the wall-time table's attention column" if auto else "") + ".",
       *(f"Command: `python -m parallax_jax.mad {' '.join(a)}`" + (f" ({d})" if d else "")
         for a, d in zip(meta.get("commands") or [meta.get("argv") or []],
                         meta.get("dates") or [None])),
@@ -183,8 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
   for p in result["programs"]:
     per = p["train_s"] / max(p["epochs_run"], 1)
     lines.append(f"| {p['task']} | {p['setting']} | {p['member']}/{p['optimizer']} | "
-                 f"{p.get('attention') or '-'} | {p['runs']} | {p['compile_s']:.1f} | {p['train_s']:.1f} | {p['epochs_run']} | "
-                 f"{per:.2f} |")
+                 f"{p.get('attention') or '-'} | {p['runs']} | {p['compile_s']:.1f} | "
+                 f"{p['train_s']:.1f} | {p['epochs_run']} | {per:.2f} |")
   return "\n".join(lines) + "\n"
 
 
