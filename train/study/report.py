@@ -521,7 +521,7 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     g = grids.get(n)
     gdir = os.path.join(out, n)
     lines += [f"## {n}" + (f": {g.description}" if g and g.description else ""), ""]
-    lines += _table(arms, index, tdev if len(devices) > 1 else None) + [""]
+    lines += _table(arms, index, tdev) + [""]
     pend = [f"{a.arm}/{x.split('/', 1)[1]}" for a in arms for x in a.pending]
     if pend:
       lines += [f"Not yet run ({len(pend)}; the plan grows as sweeps end): "
