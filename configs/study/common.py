@@ -5,7 +5,8 @@ heads x 128 / 4 KV heads, SwiGLU 2048, vocab 16384: 107.0M parameters with Paral
 zero-initialised), 106.4M for its parameter-matched softmax control (MLP 2368).
 Training: L=1024, 32 sequences (32,768 tokens) a step, 960 steps = 31.5M tokens, WSD
 (60 warmup steps, 1-sqrt decay over the last 25%), weight decay 0.1, clip 1.0, z-loss 1e-4,
-bf16 compute, scanned layers (compiles in a fraction of the unrolled time), no remat.
+bf16 compute, scanned layers, no remat. (Unrolled, a step is 28% faster on an H100 but
+setup and compiling take ~35 s longer: even at 960 steps; bench/NOTES.md.)
 """
 import os
 
