@@ -979,9 +979,9 @@ def bwd_configs(kernel: str, parallax: bool) -> dict:
   if kernel == "dkv":
     from pallas_kernels.attention_mgpu_dkv import DkvConfig as C
     out = {"stages3": C(num_stages=3), "regs232": C(consumer_registers=232),
-           "fold": C(fold_rows=True)}
+           "unfold": C(fold_rows=False)}
     if parallax:
-      out |= {"split": C(split_scores=True), "fold_split": C(fold_rows=True, split_scores=True)}
+      out["split"] = C(split_scores=True)
   else:
     from pallas_kernels.attention_mgpu_dq import DqConfig as C
     out = {"stages3": C(num_stages=3), "regs232": C(consumer_registers=232)}
@@ -1081,9 +1081,9 @@ def parser():
   p.add_argument("--iters", type=int, default=20, help="timed calls per median")
   p.add_argument("--configs", nargs="?", const="all", default=None, metavar="NAMES",
                  help="also time other configs: all (no value), or a comma list of stages3 "
-                      "(3 stages), regs232 (232 consumer registers), fold (dk/dv: row "
-                      "vectors folded into the score accumulators), split (Parallax: split "
-                      "score products), fold_split")
+                      "(3 stages), regs232 (232 consumer registers), unfold (dk/dv: row "
+                      "vectors read apart from the score accumulators, the old default), "
+                      "split (Parallax: split score products)")
   p.add_argument("--name", default="attention_bwd_mgpu", help="results file stem")
   p.add_argument("--out", default=None, help="also copy the result files here")
   p = mode("nonfinite", nonfinite, "GPU kernel times of the training and decode kernels, for "

@@ -32,25 +32,26 @@ from tests.test_attention_mgpu import Case, inputs, rel
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-# the dk/dv kernel's own option: gbar and 1 + tbar folded into the score accumulators
-FOLD_CASES = {
-    "bf16_parallax_causal_d128_gqa4_fold_rows": (Case(T=128, S=128, D=128, Hq=4, Hkv=1),
-                                                 {"fold_rows": True}),
-    "bf16_parallax_packed_segments_fold_rows_split_scores": (
-        Case(segments="packed"), {"fold_rows": True, "split_scores": True}),
-    "bf16_softmax_causal_packed_segments_fold_rows": (Case(parallax=False, segments="packed"),
-                                                      {"fold_rows": True}),
+# the dk/dv kernel's own option, on by default (gbar and 1 + tbar folded into the score
+# accumulators): these cases keep the unfolded step covered
+UNFOLDED_CASES = {
+    "bf16_parallax_causal_d128_gqa4_unfolded": (Case(T=128, S=128, D=128, Hq=4, Hkv=1),
+                                                {"fold_rows": False}),
+    "bf16_parallax_packed_segments_unfolded_split_scores": (
+        Case(segments="packed"), {"fold_rows": False, "split_scores": True}),
+    "bf16_softmax_causal_packed_segments_unfolded": (Case(parallax=False, segments="packed"),
+                                                     {"fold_rows": False}),
 }
-CASES = with_config(bwd.CASES | FOLD_CASES, dm.DkvConfig)
+CASES = with_config(bwd.CASES | UNFOLDED_CASES, dm.DkvConfig)
 GPU_CASES = with_config(bwd.GPU_CASES | {
-    "bf16_parallax_causal_d128_L1024_fold_rows": (Case(B=2, T=1024, S=1024, Hq=8, Hkv=4,
-                                                       D=128), {"fold_rows": True}),
-    "bf16_parallax_cross_segments_arrayscale_fold_rows": (
+    "bf16_parallax_causal_d128_L1024_unfolded": (Case(B=2, T=1024, S=1024, Hq=8, Hkv=4,
+                                                      D=128), {"fold_rows": False}),
+    "bf16_parallax_cross_segments_arrayscale_unfolded": (
         Case(B=1, T=1024, S=1024, Hq=4, Hkv=2, causal=False, segments="cross",
-             array_scale=True), {"fold_rows": True, "split_scores": True}),
-    "bf16_softmax_causal_packed_segments_d128_fold_rows": (
+             array_scale=True), {"fold_rows": False, "split_scores": True}),
+    "bf16_softmax_causal_packed_segments_d128_unfolded": (
         Case(B=2, T=2048, S=2048, Hq=8, Hkv=4, D=128, parallax=False, segments="packed"),
-        {"fold_rows": True})}, dm.DkvConfig)
+        {"fold_rows": False})}, dm.DkvConfig)
 
 
 class TestMgpuDkv:
@@ -75,8 +76,8 @@ class TestMgpuDkvInterpret(TestMgpuDkv):
   causal and not, GQA 4, packed segments, 3 stages), the rest are `slow`."""
   INTERPRET = True
   CASES = CASES
-  CI_CASES = bwd.CI_CASES + ["bf16_parallax_causal_d128_gqa4_fold_rows",
-                             "bf16_softmax_causal_packed_segments_fold_rows"]
+  CI_CASES = bwd.CI_CASES + ["bf16_parallax_causal_d128_gqa4_unfolded",
+                             "bf16_softmax_causal_packed_segments_unfolded"]
 
 
 @pytest.mark.parametrize("fold", [False, True])
@@ -149,8 +150,7 @@ def test_supported():
     (64, False, True, True, False, True)])
 def test_cuda_lowering_abstract_h100(D, parallax, causal, seg, split, fold):
   """Mosaic GPU's Python lowering in full and the module verifier, without a GPU."""
-  cfg = (dm.DkvConfig(split_scores=split, fold_rows=fold) if split or fold
-         else dm.default_config(D, parallax))
+  cfg = dm.DkvConfig(split_scores=split, fold_rows=fold)
   bwd.check_cuda_lowering(dm.parallax_dkv_mgpu, cfg, D, parallax, causal, seg, cfg.block_q)
 
 
