@@ -232,6 +232,10 @@ def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, 
   done["b"] = {"status": "done", "arm": "b", "wall_s": 130.0, "jobs": 2}
   assert runner.estimate_s(g, "a", done, jobs=2) == 130.0
   assert runner.estimate_s(g, "a", done) == 100.0
+  # runs of another length count scaled by the steps (a grid of longer runs)
+  steps = grid_lib.arm_config(g.arm("a")).run.steps
+  done = {"z": {"status": "done", "arm": "z", "wall_s": 100.0, "steps": steps // 2}}
+  assert runner.estimate_s(g, "a", done) == pytest.approx(100.0 * steps / (steps // 2))
 
 
 def test_pack_leaves_out_checkpoints(tmp_path):
@@ -324,6 +328,24 @@ def test_report_times_runs_of_one_device():
   assert a.median_of("step_time_s", h100) == pytest.approx(0.115)
   assert a.median_of("step_time_s", h200) == pytest.approx(0.085)
   assert a.median_of("step_time_s") == pytest.approx(0.10)
+
+
+def test_claims_read_only_grids_that_feed_them(tmp_path):
+  """The claims' loss gap comes from main's pair; a grid with `claims=False` (a rerun at
+  another length) is left out even when its pair comes first."""
+  from train.study import report
+
+  def arm(grid, name, opt, base, loss):
+    return report.ArmSummary(grid=grid, arm=name, optimizer=opt, baseline=base, note="",
+                             lrs=[1e-3], sweep={}, best=1e-3, edge=None,
+                             seeds=[{"status": "done", "eval_loss": loss,
+                                     "run_dir": str(tmp_path / grid / name)}], pending=[])
+  arms = [arm("long", "p", "adamw", "s", 1.0), arm("long", "s", "adamw", None, 3.0),
+          arm("main", "p", "adamw", "s", 2.0), arm("main", "s", "adamw", None, 2.5)]
+  index = {a.key: a for a in arms}
+  gap_row = lambda rows: next(r for r in rows if r.startswith("| Parallax - softmax"))
+  assert "| - | -2.0000 |" in gap_row(report._claims(index))
+  assert "| - | -0.5000 |" in gap_row(report._claims(index, frozenset({"long"})))
 
 
 def test_smoke_grid_through_the_loop_and_report(tmp_path):

@@ -95,6 +95,9 @@ class Grid:
   min_lrs: int = 3
   data: StudyData | None = None
   description: str = ""
+  # whether the report's table of the paper's claims reads this grid's arms: off for a grid
+  # that reruns arms outside the sweep protocol (another length, one lr)
+  claims: bool = True
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not NAME_RE.match(self.name):

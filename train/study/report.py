@@ -279,14 +279,16 @@ def _gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str
   return rows
 
 
-def _claims(index: dict[str, ArmSummary]) -> list[str]:
+def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) -> list[str]:
   """The paper's claims about the optimizer coupling next to what the study measured, per
   optimizer: the Parallax - softmax loss gap (arms whose baseline is a control, an arm
   with no baseline of its own), W_R's stable rank and the COR of the deepest quarter of
   the layers in those Parallax arms, and the mean gate of the arms that log one. The
-  verdict is the stated comparison of means only; the tables above give the seed spread."""
+  verdict is the stated comparison of means only; the tables above give the seed spread.
+  skip: grids whose arms are left out (`Grid.claims` off)."""
   opts = ("muon", "adamw")
   pairs = {}
+  index = {k: a for k, a in index.items() if a.grid not in skip}
   for a in index.values():
     base = index.get(_resolve(a, a.baseline)) if a.baseline and not a.unavailable else None
     if base is not None and base.baseline is None and a.seeds:
@@ -556,7 +558,7 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
   lines += ["## The paper's claims, as measured", "",
             "Means over the seeds at each arm's best lr; the Parallax arms are those compared "
             "with a softmax control, the gate from the arms that log one.", ""]
-  lines += _claims(index) + [""]
+  lines += _claims(index, frozenset(n for n, g in grids.items() if not g.claims)) + [""]
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))

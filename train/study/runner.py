@@ -262,14 +262,21 @@ def estimate_s(grid: Grid, arm: str, results: dict[str, dict],
   """Expected wall time of one more run of `arm` when `jobs` run at a time on the device:
   the median of its finished runs made that way, else the largest median among the grid's
   arms, else among the arms of the study's other grids (`study`: their results; unknown
-  arms are assumed slow). With jobs > 1 and no such run yet, the runs made alone x jobs (an
-  upper bound: sharing the device is no slower than taking turns). None if nothing has
-  finished."""
+  arms are assumed slow). A run counts scaled by the ratio of this arm's steps to its own
+  (fixed costs scale too: an upper bound for a longer run). With jobs > 1 and no such
+  run yet, the runs made alone x jobs (an upper bound: sharing the device is no slower than
+  taking turns). None if nothing has finished."""
+  try:
+    steps = grid_lib.arm_config(grid.arm(arm)).run.steps
+  except ValueError:
+    steps = None
+
   def medians(res, n):
     by_arm: dict[str, list[float]] = {}
     for r in res.values():
       if r.get("status") == "done" and r.get("wall_s") and r.get("jobs", 1) == n:
-        by_arm.setdefault(r["arm"], []).append(float(r["wall_s"]))
+        scale = steps / r["steps"] if steps and r.get("steps") else 1.0
+        by_arm.setdefault(r["arm"], []).append(float(r["wall_s"]) * scale)
     return {a: statistics.median(v) for a, v in by_arm.items()}
 
   def estimate(n):

@@ -1,0 +1,29 @@
+"""Twice the tokens: main's four arms at 1920 steps (62.9M tokens, ~1.14 epochs of the
+corpus), each at its best lr of main's 960-step sweep (AdamW 1e-3 both; Muon 6e-3
+Parallax, 3e-3 softmax), one seed, no sweep.
+
+Why: at 960 steps Parallax's train loss falls faster from the first logged steps under both
+optimizers; softmax/Muon catches up by step ~300, softmax/AdamW is still 0.11 behind at the
+end. If the AdamW gap is that early speed-up not yet recovered, it shrinks here; if it is a
+lasting difference, it does not. AdamW's pair runs first. Each arm's lr is taken from main's
+sweep by the same rule (its best at 960 steps), so no arm is tuned more than another.
+"""
+from configs.study.common import DATA, STEPS, control, model, train_config
+from train.study import Arm, Grid
+
+BEST_LR = {"parallax_adamw": 1e-3, "softmax_adamw": 1e-3,
+           "parallax_muon": 6e-3, "softmax_muon": 3e-3}
+LONG = ("run.steps=%d" % (2 * STEPS), "run.diag_every=240")
+
+
+def get_grid() -> Grid:
+  arms = []
+  for opt in ("adamw", "muon"):
+    par = model("parallax")
+    for name, m in ((f"parallax_{opt}", par), (f"softmax_{opt}", control(par))):
+      arms.append(Arm(f"{name}_long", train_config(f"{name}_long", m, opt), (BEST_LR[name],),
+                      overrides=LONG,
+                      baseline=f"softmax_{opt}_long" if name.startswith("parallax") else None))
+  return Grid("long", tuple(arms), seeds=1, min_lrs=1, max_extra_lrs=0, data=DATA,
+              description="main's arms at twice the tokens, at their 960-step best lrs",
+              claims=False)
