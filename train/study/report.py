@@ -312,7 +312,8 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
   def verdict(d, test, what):
     if any(d.get(o) is None for o in opts):
       return "not measured yet"
-    return ("as the paper" if test(d["muon"], d["adamw"]) else "not as the paper") + f": {what}"
+    return ("as the paper" if test(d["muon"], d["adamw"]) else "not as the paper") + \
+        f" (test: {what})"
 
   rows = ["| claim (paper) | Muon | AdamW | verdict |", "|---|---|---|---|",
           f"| Parallax - softmax final eval loss: lower under Muon, the gap narrower or gone "
