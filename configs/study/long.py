@@ -3,7 +3,7 @@ corpus), each at its best lr of main's 960-step sweep (AdamW 1e-3 both; Muon 6e-
 Parallax, 3e-3 softmax), one seed, no sweep.
 
 Why: at 960 steps Parallax's train loss falls faster from the first logged steps under both
-optimizers; softmax/Muon catches up by step ~300, softmax/AdamW is still 0.11 behind at the
+optimizers; softmax/Muon is within 0.02 by step 400, softmax/AdamW is still 0.11 behind at the
 end. If the AdamW gap is that early speed-up not yet recovered, it shrinks here; if it is a
 lasting difference, it does not. AdamW's pair runs first. Each arm's lr is taken from main's
 sweep by the same rule (its best at 960 steps), so no arm is tuned more than another.
