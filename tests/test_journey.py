@@ -96,3 +96,16 @@ def test_user_journey(installed):
   p = run(installed, "-m", "train", "--config", "tiny", "--set", "model.attention=softmax",
           "--set", "run.out_dir=runs/soft", *SMALL, "--set", "run.steps=1", expect=1)
   assert p.stderr.strip().startswith("error: resuming from") and "run.steps" in p.stderr
+
+
+def test_readme_python_examples_run():
+  """Every ```python block of the README, in order, in one namespace, as a user pastes them."""
+  import re
+  text = open(os.path.join(REPO, "README.md")).read()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(blocks) >= 2
+  ns: dict = {}
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), ns)  # noqa: S102
+  assert ns["o"].shape == (2, 1024, 8, 64) and len(ns["grads"]) == 5
+  assert ns["logits"].shape[:2] == (1, 8) and ns["out"].tokens.shape == (1, 8)
