@@ -88,6 +88,22 @@ def test_scan_layers_equals_unrolled():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_init_is_the_scanned_init_unstacked():
+  """Same rng, same values either way; the unrolled tree and its logical names are flax's own
+  (the unrolled model's direct init gives the same structure, shapes and specs)."""
+  cfg = small(correction_gate=True, learnable_bandwidth=True, tie_embeddings=False,
+              num_layers=3, remat_policy=("none", "full", "dots"))
+  params = qwen3.init_params(cfg, 7)
+  stacked = qwen3.init_params(cfg.replace(scan_layers=True, remat_policy="none"), 7)
+  for i in range(3):
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]),
+                 params[f"layers_{i}"], stacked["layers"])
+  direct = qwen3.Qwen3Model(cfg).init(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nn.unbox(direct["params"]))
+  assert nn.get_partition_spec(qwen3.init_params(cfg, 7, boxed=True)) == \
+      nn.get_partition_spec(direct["params"])
+
+
 @pytest.mark.parametrize("name,kw", [
     ("parallax", dict(r_norm=True, correction_gate=True)),
     pytest.param("parallax-chunked-window", dict(implementation="chunked", window=3),
