@@ -116,7 +116,7 @@ def test_selection_unavailable_arms_and_grid_checks():
 def test_study_grids_load_matched_and_equal_tokens():
   from parallax_jax.models.qwen3 import param_count
   grids = {n: grid_lib.load_grid(os.path.join(REPO, "configs", "study", f"{n}.py"))
-           for n in ("main", "gate", "wr", "smoke")}
+           for n in ("main", "gate", "wr", "compute", "long", "smoke")}
   main = grids["main"]
   for opt in ("muon", "adamw"):
     par = grid_lib.arm_config(main.arm(f"parallax_{opt}"))
@@ -124,7 +124,7 @@ def test_study_grids_load_matched_and_equal_tokens():
     assert ctl.model.attention == "softmax" and par.optimizer.name == ctl.optimizer.name == opt
     assert abs(param_count(par.model) / param_count(ctl.model) - 1) < 0.01
     assert 100e6 < param_count(par.model) < 150e6
-  study = [a for n in ("main", "gate", "wr") for a in grids[n].arms]
+  study = [a for n in ("main", "gate", "wr", "compute") for a in grids[n].arms]
   shapes = {(a.config.run.steps, a.config.data.global_batch_size, a.config.data.seq_len)
             for a in study}
   assert len(shapes) == 1 and all(len(a.lrs) >= 3 for a in study)
@@ -135,6 +135,18 @@ def test_study_grids_load_matched_and_equal_tokens():
   assert grid_lib.arm_config(grids["gate"].arms[0]).model.correction_gate
   assert grid_lib.arm_config(grids["wr"].arm("like_q_muon")).model.r_init == "like_q"
   assert grid_lib.arm_config(grids["wr"].arm("r_norm_muon")).model.r_norm
+  # the compute-matched control: Parallax's forward FLOPs per token within 1%
+  from parallax_jax.models.presets import flops_per_token
+  for opt in ("muon", "adamw"):
+    par = grid_lib.arm_config(main.arm(f"parallax_{opt}")).model
+    ctl = grid_lib.arm_config(grids["compute"].arm(f"softmax_compute_{opt}")).model
+    assert ctl.attention == "softmax"
+    assert abs(flops_per_token(ctl, 1024) / flops_per_token(par, 1024) - 1) < 0.01
+  # the long grid: main's arms at twice the steps, one lr each, out of the claims table
+  long = grids["long"]
+  assert not long.claims and {len(a.lrs) for a in long.arms} == {1}
+  steps = main.arms[0].config.run.steps
+  assert {grid_lib.arm_config(a).run.steps for a in long.arms} == {2 * steps}
 
 
 # --------------------------------------------------------------------------- runner
