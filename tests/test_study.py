@@ -387,7 +387,7 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
   assert re.search(r"\| Parallax - softmax final eval loss[^|]*\| - \| [+-]\d\.\d{4} \| "
                    r"not measured yet \|", text), text
   assert re.search(r"\| COR, deepest quarter[^|]*\| - \| \d+\.\d\d \|", text)
-  for png in ("loss_curves.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
+  for png in ("loss_curves.png", "gap.png", "lr_sweep.png", "cor.png", "stable_rank.png"):
     assert os.path.getsize(os.path.join(out, "smoke", png)) > 0
   assert main(["plan", "--grid", grid, "--out", out, *sets]) == 0
 

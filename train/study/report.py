@@ -245,17 +245,22 @@ def _diag_table(arms: list[ArmSummary]) -> list[str]:
   return rows
 
 
-def _eval_curve(a: ArmSummary) -> dict[int, float]:
-  """Held-out loss at each evaluation step, mean over the best-lr seeds (the steps every one
-  of them logged)."""
+def _curve(a: ArmSummary, key: str) -> dict[int, float]:
+  """`key` at each step every best-lr seed logged, mean over the seeds."""
   per = []
   for r in a.seeds:
     recs = res_lib.read_metrics(r["run_dir"])
-    per.append({x["step"]: x["eval/loss"] for x in recs if isinstance(x.get("eval/loss"), float)})
+    per.append({x["step"]: x[key] for x in recs if isinstance(x.get(key), float)})
   if not per:
     return {}
   steps = set.intersection(*(set(p) for p in per))
   return {s: statistics.fmean(p[s] for p in per) for s in sorted(steps)}
+
+
+def _eval_curve(a: ArmSummary) -> dict[int, float]:
+  """Held-out loss at each evaluation step, mean over the best-lr seeds (the steps every one
+  of them logged)."""
+  return _curve(a, "eval/loss")
 
 
 def _gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
@@ -376,6 +381,39 @@ def plot_loss_curves(arms: list[ArmSummary], path: str) -> str | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_gap(arms: list[ArmSummary], index: dict[str, ArmSummary], path: str) -> str | None:
+  """Arm minus baseline over training: the train loss (the window mean of each log step;
+  at a step both arms' runs of a seed see the same batches) as a line, the eval loss as
+  dots; means over each arm's best-lr seeds. Where a gap opens and whether it closes."""
+  plt = _plt()
+  pairs = []
+  for a in arms:
+    base = index.get(_resolve(a, a.baseline)) if a.baseline and not a.unavailable else None
+    if base is not None and a.seeds and base.seeds:
+      pairs.append((a, base))
+  if plt is None or not pairs:
+    return None
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  for i, (a, base) in enumerate(pairs):
+    c = f"C{i % 10}"
+    m = _tokens_per_step(a.seeds[0]) / 1e6
+    for key, style in (("loss", "-"), ("eval/loss", "o")):
+      ca, cb = _curve(a, key), _curve(base, key)
+      steps = sorted(set(ca) & set(cb))
+      ax.plot([s * m for s in steps], [ca[s] - cb[s] for s in steps], style, color=c,
+              lw=1.0, ms=4, label=f"{a.arm} - {base.arm}" if key == "loss" else None)
+  ax.axhline(0.0, color="k", lw=0.8)
+  ax.set_xlabel("tokens (M)")
+  ax.set_ylabel("loss difference (negative: arm lower)")
+  ax.set_title("arm - baseline: train loss (lines), eval loss (dots)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -543,6 +581,7 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     if len(diag) > 2:
       lines += ["Diagnostics at the end of the best-lr runs (mean over seeds):", ""] + diag + [""]
     plots = [plot_loss_curves(arms, os.path.join(gdir, "loss_curves.png")),
+             plot_gap(arms, index, os.path.join(gdir, "gap.png")),
              plot_lr_sweep(arms, os.path.join(gdir, "lr_sweep.png")),
              plot_layer_diag(arms, COR_PREFIX, "COR", os.path.join(gdir, "cor.png")),
              plot_stable_rank(arms, os.path.join(gdir, "stable_rank.png")),
