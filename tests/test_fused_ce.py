@@ -256,7 +256,8 @@ def test_train_step_matches_unfused(tie, dtype, rtol):
       st, m = tr.train_step(st, tr.device_batch(hb, accum=2))
       out += [float(m["loss"]), float(m["z_loss"]), float(m["grad_norm"]), float(m["tokens"])]
     ev = jax.device_get(tr.eval_step(st["params"], tr.device_batch(_host_batch(5))))
-    out += [float(ev["nll"]), float(ev["tokens"])]
+    out += [float(ev["nll"]), float(ev["tokens"]), float(ev["nll_repeat"]),
+            float(ev["tokens_repeat"])]
     res[chunk] = out
   assert all(np.isfinite(res[0]))
   np.testing.assert_allclose(res[24], res[0], rtol=rtol)

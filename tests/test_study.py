@@ -383,6 +383,8 @@ def test_smoke_grid_through_the_loop_and_report(tmp_path):
   text = open(os.path.join(out, "report.md")).read()
   assert "| parallax | adamw | 0.01 |" in text and "vs softmax" in text
   assert "| parallax - softmax (1, 1) | " in text  # the gap over training
+  assert re.search(r"\| parallax - softmax \(0\.\d\d\) \| [+-]\d\.\d{4} / [+-]\d\.\d{4} \|",
+                   text), text  # and split by repeated / novel targets
   # the paper's claims: AdamW's gap and diagnostics measured, Muon's not run in this grid
   assert re.search(r"\| Parallax - softmax final eval loss[^|]*\| - \| [+-]\d\.\d{4} \| "
                    r"not measured yet \|", text), text

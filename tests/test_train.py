@@ -344,12 +344,37 @@ def test_metrics_eval_diagnostics_samples_and_plot(shards, tmp_path):
   recs = [json.loads(l) for l in open(tmp_path / "m" / "metrics.jsonl")]
   keys = set().union(*recs)
   for k in ("loss", "perplexity", "tokens_per_s", "grad_norm", "lr", "eval/loss",
+            "eval/loss_repeat", "eval/loss_novel", "eval/repeat_fraction",
             "cor/layer_0", "cor/layer_1", "stable_rank/layers_0/attn/r_proj",
             "stable_rank/layers_0/attn/q_proj"):
     assert k in keys, k
+  ev = next(r for r in recs if "eval/loss_repeat" in r)  # the split averages to the whole
+  f = ev["eval/repeat_fraction"]
+  assert 0 < f < 1 and ev["eval/loss"] == pytest.approx(
+      f * ev["eval/loss_repeat"] + (1 - f) * ev["eval/loss_novel"], rel=1e-5)
   assert len(out["samples"]) == 2 and all(isinstance(s, str) for s in out["samples"])
   png = plot_runs([str(tmp_path / "m")], str(tmp_path / "loss.png"))
   assert png is None or os.path.getsize(png) > 0
+
+
+def test_repeat_targets_match_a_brute_force_scan():
+  import jax.numpy as jnp
+  from train.step import repeat_targets
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 4, (3, 41))
+  seg = np.repeat(np.array([[1] * 20 + [2] * 18 + [0] * 3]), 3, axis=0)
+  seg[2] = 1  # one document
+  inputs, targets = toks[:, :-1], toks[:, 1:]
+  got = np.asarray(repeat_targets(jnp.asarray(inputs), jnp.asarray(targets),
+                                  jnp.asarray(seg[:, :-1])))
+  want = np.zeros_like(got)
+  for b in range(3):
+    for t in range(40):
+      want[b, t] = seg[b, t] != 0 and any(
+          seg[b, u] == seg[b, t] and inputs[b, u] == inputs[b, t] and
+          targets[b, u] == targets[b, t] for u in range(t))
+  np.testing.assert_array_equal(got, want)
+  assert 0 < want.mean() < 1
 
 
 def test_scanned_remat_model_step_and_diagnostics(shards, tmp_path):

@@ -217,13 +217,21 @@ def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
                              batch_size=local_b, shuffle=False, prefetch=0,
                              verify=cfg.data.verify)
   it = iter(ds)
-  nll, n = 0.0, 0.0
+  sums: dict[str, float] = {}
   for _ in range(cfg.data.eval_batches):
     out = jax.device_get(trainer.eval_step(params, trainer.device_batch(next(it))))
-    nll += float(out["nll"])
-    n += float(out["tokens"])
-  loss = nll / max(n, 1.0)
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  loss = sums["nll"] / max(sums["tokens"], 1.0)
+  metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+  if "tokens_repeat" in sums:  # the loss on targets a copy predicts, and on the rest
+    n_rep, n_new = sums["tokens_repeat"], sums["tokens"] - sums["tokens_repeat"]
+    if n_rep > 0:
+      metrics["eval/loss_repeat"] = sums["nll_repeat"] / n_rep
+    if n_new > 0:
+      metrics["eval/loss_novel"] = (sums["nll"] - sums["nll_repeat"]) / n_new
+    metrics["eval/repeat_fraction"] = n_rep / max(sums["tokens"], 1.0)
+  return metrics
 
 
 def check_run_dir(out_dir: str):

@@ -68,6 +68,22 @@ def token_losses(logits, targets, mask):
   return jnp.sum((logz - picked) * m), jnp.sum(jnp.square(logz) * m), jnp.sum(m)
 
 
+# rows longer than this skip the repeat split of the eval loss (its test is [L, L] per row)
+REPEAT_SPLIT_MAX_LEN = 8192
+
+
+def repeat_targets(inputs, targets, segment_ids):
+  """[B, L] bool: the target at t repeats a bigram seen earlier in its document (some s < t
+  in the same segment has inputs[s] == inputs[t] and targets[s] == targets[t]), so copying
+  what followed the last occurrence of this token, as an induction head does, predicts it."""
+  length = inputs.shape[1]
+  pairs = ((inputs[:, :, None] == inputs[:, None, :])
+           & (targets[:, :, None] == targets[:, None, :])
+           & (segment_ids[:, :, None] == segment_ids[:, None, :]))
+  earlier = jnp.tril(jnp.ones((length, length), jnp.bool_), k=-1)  # [t, s]: s < t
+  return jnp.any(pairs & earlier, axis=-1) & (segment_ids != 0)
+
+
 class Trainer:
   def __init__(self, cfg: TrainConfig, mesh):
     self.cfg, self.mesh = cfg, mesh
@@ -186,13 +202,30 @@ class Trainer:
       return self._train_step(state, batch, self.peak_lr)
 
   def _eval_step_impl(self, params, batch):
+    """Summed NLL and token count, and the same over the targets that repeat an earlier
+    bigram of their document (`repeat_targets`; rows up to REPEAT_SPLIT_MAX_LEN)."""
+    valid = batch["segment_ids"] != 0
+    masks = {"": valid}
+    if batch["inputs"].shape[1] <= REPEAT_SPLIT_MAX_LEN:
+      masks["_repeat"] = repeat_targets(batch["inputs"], batch["targets"],
+                                        batch["segment_ids"])
+    out = {}
     if self.cfg.optimizer.loss_chunk_tokens:
-      _, (nll, _, n) = self._head_loss(params, batch, chunked_cross_entropy)
-      return {"nll": nll, "tokens": n}
+      x, w, layout = self.model.apply({"params": params}, batch["inputs"],
+                                      positions=batch["positions"],
+                                      segment_ids=batch["segment_ids"], return_hidden=True)
+      for k, m in masks.items():
+        _, (nll, _, n) = chunked_cross_entropy(
+            x, w, batch["targets"], m, dtype=self.cfg.model.compute_dtype, w_layout=layout,
+            chunk_tokens=self.cfg.optimizer.loss_chunk_tokens)
+        out["nll" + k], out["tokens" + k] = nll, n
+      return out
     logits = self.model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"])
-    nll, _, n = token_losses(logits, batch["targets"], batch["segment_ids"] != 0)
-    return {"nll": nll, "tokens": n}
+    for k, m in masks.items():
+      nll, _, n = token_losses(logits, batch["targets"], m)
+      out["nll" + k], out["tokens" + k] = nll, n
+    return out
 
   def eval_step(self, params, batch):
     with self.context():

@@ -284,6 +284,33 @@ def _gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str
   return rows
 
 
+def _split_gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> list[str]:
+  """Arm minus baseline eval loss on the targets that repeat an earlier bigram of their
+  document (what copying predicts) and on the rest, at each evaluation both logged."""
+  pairs = []
+  for a in arms:
+    base = index.get(_resolve(a, a.baseline)) if a.baseline and not a.unavailable else None
+    if base is None:
+      continue
+    cur = {k: (_curve(a, f"eval/loss_{k}"), _curve(base, f"eval/loss_{k}"))
+           for k in ("repeat", "novel")}
+    common = sorted(set.intersection(*(set(x) & set(y) for x, y in cur.values())))
+    if common:
+      pairs.append((a, base, {s: tuple(x[s] - y[s] for x, y in cur.values()) for s in common},
+                    _curve(a, "eval/repeat_fraction")))
+  if not pairs:
+    return []
+  steps = sorted({s for _, _, d, _ in pairs for s in d})
+  rows = ["| arm - baseline: repeat / novel (repeat share) | "
+          + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+  for a, base, d, frac in pairs:
+    share = f"{frac[max(frac)]:.2f}" if frac else "-"
+    rows.append(f"| {a.arm} - {base.arm} ({share}) | "
+                + " | ".join(f"{d[s][0]:+.4f} / {d[s][1]:+.4f}" if s in d else "-"
+                             for s in steps) + " |")
+  return rows
+
+
 def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) -> list[str]:
   """The paper's claims about the optimizer coupling next to what the study measured, per
   optimizer: the Parallax - softmax loss gap (arms whose baseline is a control, an arm
@@ -577,6 +604,11 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     if gap:
       lines += ["Eval loss over training, arm minus its baseline at their best lrs (mean over "
                 "seeds; negative: the arm is lower):", ""] + gap + [""]
+    split = _split_gap_table(arms, index)
+    if split:
+      lines += ["The same gap on the targets that repeat an earlier bigram of their document "
+                "(a copy predicts them) and on the rest (runs that log the split):", ""] \
+          + split + [""]
     diag = _diag_table(arms)
     if len(diag) > 2:
       lines += ["Diagnostics at the end of the best-lr runs (mean over seeds):", ""] + diag + [""]
