@@ -408,10 +408,7 @@ def plot_loss_curves(arms: list[ArmSummary], path: str) -> str | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_gap(arms: list[ArmSummary], index: dict[str, ArmSummary], path: str) -> str | None:
@@ -436,15 +433,25 @@ def plot_gap(arms: list[ArmSummary], index: dict[str, ArmSummary], path: str) ->
       ax.plot([s * m for s in steps], [ca[s] - cb[s] for s in steps], style, color=c,
               lw=1.0, ms=4, label=f"{a.arm} - {base.arm}" if key == "loss" else None)
   ax.axhline(0.0, color="k", lw=0.8)
-  ax.set_xlabel("tokens (M)")
-  ax.set_ylabel("loss difference (negative: arm lower)")
-  ax.set_title("arm - baseline: train loss (lines), eval loss (dots)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  return _save_axes(plt, fig, ax, path, "loss difference (negative: arm lower)",
+                    "arm - baseline: train loss (lines), eval loss (dots)")
+
+
+def _save(plt, fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def _save_axes(plt, fig, ax, path: str, ylabel: str, title: str) -> str:
+  """Label a one-axes figure over tokens, save it to path and close it."""
+  ax.set_xlabel("tokens (M)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(plt, fig, path)
 
 
 def plot_lr_sweep(arms: list[ArmSummary], path: str) -> str | None:
@@ -479,10 +486,7 @@ def plot_lr_sweep(arms: list[ArmSummary], path: str) -> str | None:
     ax.set_title(f"{opt}: lr sweep (x: diverged, *: seeds at the best lr)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def _layer_mean_series(recs: list[dict], prefix: str, suffix: str = ""):
@@ -521,10 +525,7 @@ def plot_layer_diag(arms: list[ArmSummary], prefix: str, label: str, path: str) 
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_stable_rank(arms: list[ArmSummary], path: str) -> str | None:
@@ -547,15 +548,8 @@ def plot_stable_rank(arms: list[ArmSummary], path: str) -> str | None:
   if not drawn:
     plt.close(fig)
     return None
-  ax.set_xlabel("tokens (M)")
-  ax.set_ylabel("stable rank (mean over layers)")
-  ax.set_title("stable rank of W_Q (solid) and W_R (dashed)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save_axes(plt, fig, ax, path, "stable rank (mean over layers)",
+                    "stable rank of W_Q (solid) and W_R (dashed)")
 
 
 # --------------------------------------------------------------------------- report
