@@ -79,7 +79,8 @@ for name in ["single"] + meshes:
   # diagnostics (COR from the sown q/k/v/r, stable ranks) and eval on every mesh
   d = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(batches[0])))
   ev = jax.device_get(tr.eval_step(st["params"], tr.device_batch(batches[0])))
-  ls.append([float(d["cor/layer_0"]), float(ev["nll"])])
+  ls.append([float(d["cor/layer_0"]), float(ev["nll"]), float(ev["nll_repeat"]),
+             float(ev["tokens_repeat"])])
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
@@ -140,9 +141,10 @@ def run_meshes(tmp_path, meshes, loop):
     assert res[name]["attn_q"] == [shape], res[name]
     assert all(w in res[name]["q_spec"] for w in words), res[name]
     # diagnostics and eval agree across meshes (the last entry of each run's list)
-    ref_cor, ref_nll = ref[-1]
-    cor, nll = got[-1]
+    ref_cor, ref_nll, ref_rep, ref_n = ref[-1]
+    cor, nll, rep, n = got[-1]
     assert abs(cor - ref_cor) <= 1e-2 * abs(ref_cor) and abs(nll - ref_nll) <= 1e-3 * ref_nll, name
+    assert n == ref_n > 0 and abs(rep - ref_rep) <= 1e-3 * ref_rep, name  # the repeat split
   if "tensor_accum" in meshes:
     assert "tensor" in res["tensor_accum"]["e_spec"]
   return res
@@ -153,7 +155,8 @@ def test_parallelisms_match_single_device(tmp_path):
   loop = res["loop"]
   assert (loop["part"], loop["final"], loop["samples"]) == (1, 2, 1), loop
   assert loop["loss_steps"] == [1, 2], loop
-  assert {"eval/loss", "cor/layer_0", "stable_rank/layers_0/attn/r_proj"} <= set(loop["keys"])
+  assert {"eval/loss", "eval/loss_repeat", "eval/loss_novel", "cor/layer_0",
+          "stable_rank/layers_0/attn/r_proj"} <= set(loop["keys"])
   t = loop["timings"]  # the resumed part: one step, its eval, diagnostics and save
   assert t["steps"] >= t["first_step"] > 0 and t["eval"] > 0 and t["diag"] > 0 and t["save"] > 0
 
