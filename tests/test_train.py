@@ -393,6 +393,68 @@ def test_scanned_remat_model_step_and_diagnostics(shards, tmp_path):
   assert float(d["cor/layer_0"]) > 0 and float(d["stable_rank/layers_1/attn/r_proj"]) > 0
 
 
+@pytest.mark.parametrize("extra", [{}, {"correction_gate": True, "learnable_bandwidth": True}])
+def test_diagnostics_scanned_equal_unrolled_and_per_layer_cor(shards, tmp_path, extra):
+  # The diagnostics run all layers through one loop (one kernel instance): each layer's COR
+  # must equal the family API on that layer's sown q, k, v, r, scanned or not.
+  import jax.numpy as jnp
+  from parallax_jax import diagnostics as pdiag
+  from parallax_jax.models import Qwen3Model
+  from train.mesh import make_mesh
+  from train.step import Trainer
+  base = small_config(shards, str(tmp_path))
+  it = iter(data_lib.make_dataset(shards, split="val", seq_len=32, batch_size=4, prefetch=0))
+  host = next(it)
+  got = {}
+  for scan in (False, True):
+    cfg = dataclasses.replace(base, model=base.model.replace(scan_layers=scan, **extra))
+    tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    params = tr.init_state(0)["params"]
+    if scan:  # moved off init: the loop's values must not hide a per-layer mix-up
+      params = jax.tree.map(lambda x: x, params)
+      params["layers"]["attn"]["r_proj"]["kernel"] = jax.random.normal(
+          jax.random.key(1), params["layers"]["attn"]["r_proj"]["kernel"].shape) * 0.3
+    else:
+      for i in range(cfg.model.num_layers):
+        params[f"layers_{i}"]["attn"]["r_proj"]["kernel"] = jax.random.normal(
+            jax.random.key(1), (cfg.model.num_layers,)
+            + params[f"layers_{i}"]["attn"]["r_proj"]["kernel"].shape)[i] * 0.3
+    batch = tr.device_batch(host)
+    got[scan] = {k: float(v) for k, v in jax.device_get(tr.diagnostics(params, batch)).items()}
+  for k in got[False]:
+    np.testing.assert_allclose(got[True][k], got[False][k], rtol=2e-4, err_msg=k)
+  assert set(got[True]) == set(got[False])
+  # the unrolled model, layer by layer, as the diagnostics did before they stacked the layers
+  m = cfg.model.replace(scan_layers=False)
+  _, inter = Qwen3Model(m).apply({"params": params_unrolled(params, m.num_layers)},
+                                 jnp.asarray(host["inputs"]), positions=jnp.asarray(
+                                     host["positions"]), segment_ids=jnp.asarray(
+                                     host["segment_ids"]), mutable=["intermediates"])
+  cors = []
+  for i in range(m.num_layers):
+    a = inter["intermediates"][f"layers_{i}"]["attn"]
+    r = a["r"][0]
+    bw = m.resolved_bandwidth
+    if "g" in a:
+      assert got[True][f"gate/layer_{i}"] == pytest.approx(float(jnp.mean(a["g"][0])), rel=1e-4)
+      r = r * a["g"][0][..., None]
+    if m.learnable_bandwidth:
+      bw = jnp.exp(params["layers"]["attn"]["log_bandwidth"][i])
+    cors.append(float(jnp.mean(pdiag.correction_to_output_ratio(
+        a["q"][0], a["k"][0], a["v"][0], r, causal=True,
+        segment_ids=jnp.asarray(host["segment_ids"]), bandwidth=bw))))
+  np.testing.assert_allclose([got[True][f"cor/layer_{i}"] for i in range(m.num_layers)], cors,
+                             rtol=2e-4)
+  assert len(set(np.round(cors, 6))) == len(cors)  # layers differ: an index mix-up would show
+
+
+def params_unrolled(params, num_layers):
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
+
+
 def test_overrides_are_validated_together():
   cfg = apply_overrides(TrainConfig(data=DataConfig(global_batch_size=32, grad_accum=16)),
                         ["data.global_batch_size=4", "data.grad_accum=2"])

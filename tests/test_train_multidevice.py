@@ -1,5 +1,6 @@
 """Data / FSDP / tensor parallel train steps on 8 simulated CPU devices match 1 device;
-diagnostics and eval run on every mesh; the whole loop (eval, diagnostics, checkpoint,
+diagnostics and eval run on every mesh (scanned layers' diagnostics equal the unrolled ones on
+2 x 2 x 2); the whole loop (eval, diagnostics, checkpoint,
 resume, sampling) runs on a data x fsdp x tensor = 2 x 2 x 2 mesh.
 
 CI runs two sharded meshes, data x tensor = 4 x 2 with gradient accumulation and
@@ -54,7 +55,7 @@ prepare(out, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
 assert jax.device_count() == 8
 it = iter(make_dataset(out, split="train", seq_len=32, batch_size=8, prefetch=0))
 batches = [next(it) for _ in range(2)]
-res = {}
+res, kept = {}, {}
 MESHES = {"single": (MeshConfig(1, 1, 1), 1, 1), "data": (MeshConfig(8, 1, 1), 8, 1),
           "fsdp": (MeshConfig(1, 8, 1), 8, 1), "tensor_accum": (MeshConfig(4, 1, 2), 8, 2),
           "all3": (MeshConfig(2, 2, 2), 8, 1)}
@@ -86,6 +87,22 @@ for name in ["single"] + meshes:
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
                "mu_spec": None, "attn_q": sorted({tuple(x) for x in seen})}
   configs[name] = cfg
+  kept[name] = (st, d)
+
+if "all3" in meshes:  # scanned layers on the mesh: the diagnostics stack the sown values
+  import dataclasses, jax.numpy as jnp
+  cfg = configs["all3"]
+  scfg = dataclasses.replace(cfg, model=cfg.model.replace(scan_layers=True))
+  st, d = kept["all3"]
+  n = cfg.model.num_layers
+  p = {k: v for k, v in st["params"].items() if not k.startswith("layers_")}
+  p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[st["params"][f"layers_{i}"] for i in range(n)])
+  tr = Trainer(scfg, make_mesh(scfg.mesh, jax.devices()[:8]))
+  ds = jax.device_get(tr.diagnostics(jax.device_put(p, tr.param_shardings),
+                                     tr.device_batch(batches[0])))
+  res["scan_diag"] = {"keys_differ": sorted(set(ds) ^ set(d)), "max_rel": max(
+      abs(float(ds[k]) - float(d[k])) / max(abs(float(d[k])), 1e-12) for k in d)}
 
 # The whole loop on all three axes, with the all3 config above (so the compiled train, eval
 # and diagnostics steps come from the persistent cache): eval, diagnostics, checkpoint,
@@ -153,6 +170,8 @@ def run_meshes(tmp_path, meshes, loop):
 def test_parallelisms_match_single_device(tmp_path):
   res = run_meshes(tmp_path, ["tensor_accum", "all3"], loop=True)
   loop = res["loop"]
+  sd = res["scan_diag"]  # scanned layers' diagnostics equal the unrolled ones on the mesh
+  assert sd["keys_differ"] == [] and sd["max_rel"] < 1e-3, sd
   assert (loop["part"], loop["final"], loop["samples"]) == (1, 2, 1), loop
   assert loop["loss_steps"] == [1, 2], loop
   assert {"eval/loss", "eval/loss_repeat", "eval/loss_novel", "cor/layer_0",

@@ -511,7 +511,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         d = {k: float(v) for k, v in jax.device_get(
             trainer.diagnostics(state["params"], diag_batch)).items()}
         writer.write(step, d)
-        cors = [v for k, v in sorted(d.items()) if k.startswith("cor/")]
+        # by layer number: a string sort puts layer_10 before layer_2
+        cors = [d[f"cor/layer_{i}"] for i in range(len(d)) if f"cor/layer_{i}" in d]
         if cors:
           bar.write(f"step {step:6d}  COR per layer " + " ".join(f"{c:.3f}" for c in cors))
         timings["diag"] += time.perf_counter() - t_part

@@ -254,33 +254,48 @@ class Trainer:
     if not (cfg.has_probe_params or cfg.correction_gate):
       return out
     # The attention layers sow q, k, v, r (after norm and RoPE) and the gate outside their
-    # shard_map, so these are global arrays on any mesh. Sown values from inside a scan or a
-    # remat trace are not, hence an unrolled, un-remat model with the same weights.
-    model = Qwen3Model(cfg.replace(scan_layers=False, remat_policy="none"))
-    p = params
-    if cfg.scan_layers:
-      p = {k: v for k, v in params.items() if k != "layers"}
-      for i in range(cfg.num_layers):
-        p[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    _, inter = model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
+    # shard_map, so these are global arrays on any mesh; a scan stacks them over layers. Remat
+    # is off: sown values cannot leave a remat trace.
+    model = Qwen3Model(cfg.replace(remat_policy="none"))
+    _, inter = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"], mutable=["intermediates"])
-    for i in range(cfg.num_layers):
-      attn = inter["intermediates"][f"layers_{i}"]["attn"]
-      gate = attn["g"][0] if "g" in attn else None
-      if gate is not None:
-        out[f"gate/layer_{i}"] = jnp.mean(gate.astype(jnp.float32))
-      if "r" not in attn:
-        continue
-      r = attn["r"][0]
-      if gate is not None and cfg.resolved_affine == "affine":
-        r = r * gate[..., None].astype(r.dtype)  # what the attention receives: g * r
-      bw = (jnp.exp(p[f"layers_{i}"]["attn"]["log_bandwidth"].astype(jnp.float32))
-            if cfg.learnable_bandwidth else cfg.resolved_bandwidth)
-      cor = pdiag.correction_to_output_ratio(attn["q"][0], attn["k"][0], attn["v"][0], r,
-                                             causal=True, window=cfg.window,
-                                             segment_ids=batch["segment_ids"], bandwidth=bw)
-      out[f"cor/layer_{i}"] = jnp.mean(cor)
+    inter = inter["intermediates"]
+    if cfg.scan_layers:
+      sown = {n: x[0] for n, x in inter["layers"]["attn"].items()}  # [L, B, T, H, D]
+    else:
+      per = [inter[f"layers_{i}"]["attn"] for i in range(cfg.num_layers)]
+      sown = {n: jnp.stack([a[n][0] for a in per]) for n in per[0]}
+    gate = sown.get("g")  # [L, B, T, Hq]
+    if gate is not None:
+      g = jnp.mean(gate.astype(jnp.float32), axis=(1, 2, 3))
+      out.update({f"gate/layer_{i}": g[i] for i in range(cfg.num_layers)})
+    if "r" not in sown:
+      return out
+    r = sown["r"]
+    if gate is not None and cfg.resolved_affine == "affine":
+      r = r * gate[..., None].astype(r.dtype)  # what the attention receives: g * r
+    # One layer at a time in a loop: one kernel instance of each attention to compile (not
+    # 2 x L) and one layer's outputs live at a time.
+    def layer_cor(xs, bandwidth=cfg.resolved_bandwidth):
+      if cfg.learnable_bandwidth:
+        *xs, bandwidth = xs
+      return jnp.mean(pdiag.correction_to_output_ratio(
+          *xs, causal=True, window=cfg.window, segment_ids=batch["segment_ids"],
+          bandwidth=bandwidth))
+
+    xs = (sown["q"], sown["k"], sown["v"], r)
+    if cfg.learnable_bandwidth:  # a bandwidth per layer and head
+      xs += (jnp.exp(self._layer_params(params, "log_bandwidth").astype(jnp.float32)),)
+    cor = jax.lax.map(layer_cor, xs)
+    out.update({f"cor/layer_{i}": cor[i] for i in range(cfg.num_layers)})
     return out
+
+  def _layer_params(self, params, name):
+    """params[...]["attn"][name] for every layer, stacked [L, ...] (scanned or not)."""
+    if self.cfg.model.scan_layers:
+      return params["layers"]["attn"][name]
+    return jnp.stack([params[f"layers_{i}"]["attn"][name]
+                      for i in range(self.cfg.model.num_layers)])
 
   def diagnostics(self, params, batch):
     with self.context():
