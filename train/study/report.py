@@ -558,9 +558,11 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
   if not names:
     raise FileNotFoundError(f"report: no study grids under {out!r}")
   grids = _grid_files(names, list(grid_files or []))
-  # grids compared against another grid's arms come after it (main before gate and wr)
+  # grids compared against another grid's arms come after it (main before gate and wr), and
+  # the grids outside the claims table after those in it (main before long)
   names.sort(key=lambda n: (any(a.baseline and "/" in a.baseline
-                                for a in (grids[n].arms if n in grids else ())), n))
+                                for a in (grids[n].arms if n in grids else ())),
+                            not (grids[n].claims if n in grids else True), n))
   summaries = {n: summarize_grid(out, n, grids.get(n)) for n in names}
   index = {a.key: a for arms in summaries.values() for a in arms}
   all_results = [r for n in names for r in res_lib.load_results(out, n).values()]
