@@ -113,6 +113,41 @@ def test_selection_unavailable_arms_and_grid_checks():
     Arm("A b", tiny_config(), (1e-3,))
 
 
+def test_token_efficiency_interpolates_the_control_in_log_tokens(tmp_path):
+  """softmax 2.2 at 100 tokens, 1.8 at 200; Parallax 2.0 at 100: the control needs
+  2 ** ((2.2 - 2.0) / (2.2 - 1.8)) = x1.41; below the control's longer loss only a bound."""
+  import dataclasses
+  from train.study import report
+
+  def arm(grid, name, base, loss, tokens, longer_of=None):
+    return report.ArmSummary(grid=grid, arm=name, optimizer="muon", baseline=base, note="",
+                             lrs=[1e-3], sweep={}, best=1e-3, edge=None,
+                             seeds=[{"status": "done", "eval_loss": loss, "tokens": tokens,
+                                     "run_dir": str(tmp_path / grid / name)}], pending=[],
+                             longer_of=longer_of)
+  arms = [arm("main", "p", "s", 2.0, 100), arm("main", "s", None, 2.2, 100),
+          arm("long", "p_long", "s_long", 1.7, 200, "main/p"),
+          arm("long", "s_long", None, 1.8, 200, "main/s")]
+  index = {a.key: a for a in arms}
+  (e,) = report._efficiency(index)
+  assert e["arm"].key == "main/p" and e["bound"] == "" and e["parallax"] == (2.0, 1.7)
+  assert e["ratio"] == pytest.approx(2 ** 0.5)
+  table = report._efficiency_table([e])
+  assert "x1.41 (0.0M)" in table[-1] and "-0.2000 / -0.1000" in table[-1]
+  row = report._claims(index)[-1]
+  assert "| x1.41 | - |" in row and "ahead by more than the paper's" in row
+  index["main/p"] = arm("main", "p", "s", 1.75, 100)
+  assert report._efficiency(index)[0]["bound"] == ">="
+  index["main/p"] = arm("main", "p", "s", 2.3, 100)
+  assert report._efficiency(index)[0]["bound"] == "<="
+  assert "not as the paper" in report._claims(index)[-1]
+  long = grid_lib.load_grid(os.path.join(REPO, "configs", "study", "long.py"))
+  assert {a.longer_of for a in long.arms} == {f"main/{x}_{o}" for x in ("parallax", "softmax")
+                                              for o in ("muon", "adamw")}
+  with pytest.raises(ValueError, match="longer_of must be '<grid>/<arm>'"):
+    dataclasses.replace(long.arms[0], longer_of="parallax_muon")
+
+
 def test_study_grids_load_matched_and_equal_tokens():
   from parallax_jax.models.qwen3 import param_count
   grids = {n: grid_lib.load_grid(os.path.join(REPO, "configs", "study", f"{n}.py"))

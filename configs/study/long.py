@@ -23,7 +23,8 @@ def get_grid() -> Grid:
     for name, m in ((f"parallax_{opt}", par), (f"softmax_{opt}", control(par))):
       arms.append(Arm(f"{name}_long", train_config(f"{name}_long", m, opt), (BEST_LR[name],),
                       overrides=LONG,
-                      baseline=f"softmax_{opt}_long" if name.startswith("parallax") else None))
+                      baseline=f"softmax_{opt}_long" if name.startswith("parallax") else None,
+                      longer_of=f"main/{name}"))
   return Grid("long", tuple(arms), seeds=1, min_lrs=1, max_extra_lrs=0, data=DATA,
               description="main's arms at twice the tokens, at their 960-step best lrs",
               claims=False)

@@ -60,13 +60,16 @@ class Arm:
   """One model x optimizer recipe. overrides: `--set`-style strings applied to `config`; a
   key the config does not have (a feature not in this version) makes the arm unavailable,
   reported with the one-line error, instead of failing the grid. baseline: the arm it is
-  compared with in the report: an arm of this grid, or '<grid>/<arm>' of another."""
+  compared with in the report: an arm of this grid, or '<grid>/<arm>' of another. longer_of:
+  '<grid>/<arm>' of the same recipe at fewer tokens (the report's token-efficiency table
+  interpolates between the two lengths)."""
   name: str
   config: TrainConfig
   lrs: tuple[float, ...]
   overrides: tuple[str, ...] = ()
   baseline: str | None = None
   note: str = ""
+  longer_of: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not NAME_RE.match(self.name):
@@ -82,6 +85,11 @@ class Arm:
       raise ValueError(f"arm {self.name}: lrs has duplicates: {self.lrs!r}")
     object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
     object.__setattr__(self, "overrides", tuple(self.overrides))
+    if self.longer_of is not None and not (
+        isinstance(self.longer_of, str) and self.longer_of.count("/") == 1
+        and all(NAME_RE.match(x) for x in self.longer_of.split("/"))):
+      raise ValueError(f"arm {self.name}: longer_of must be '<grid>/<arm>', got "
+                       f"{self.longer_of!r}")
 
 
 @dataclasses.dataclass(frozen=True)

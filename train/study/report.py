@@ -12,7 +12,8 @@ The table: arm, best lr (the lowest final eval loss of the sweep seed), the lrs 
 eval loss mean +- sample std over the seeds at the best lr, its difference to the arm's
 baseline (+- the standard error of the difference, when both have >= 2 seeds), tokens,
 parameters, step time, tokens/s, MFU. Nothing is written for runs that have not ended; the
-pending ones are listed. Last, the paper's claims about the optimizer coupling (the
+pending ones are listed. Where arms ran at two lengths (`Arm.longer_of`), the tokens the
+control needs to reach the Parallax arm's loss. Last, the paper's claims about the optimizer coupling (the
 Parallax - softmax gap, W_R's stable rank, COR in the deepest layers, the gate) under Muon
 and under AdamW next to what the study measured.
 """
@@ -45,6 +46,7 @@ class ArmSummary:
   seeds: list[dict]                    # done results at the best lr
   pending: list[str]
   unavailable: str | None = None
+  longer_of: str | None = None         # '<grid>/<arm>': the same recipe at fewer tokens
 
   @property
   def key(self) -> str:
@@ -105,7 +107,7 @@ def summarize_grid(out: str, name: str, grid: grid_lib.Grid | None) -> list[ArmS
       arms.append(ArmSummary(name, a.name, a.config.optimizer.name, a.baseline, a.note,
                              p.lrs, sweep, p.best, p.edge, seeds,
                              sorted(r.run_id for r in p.runs if r.run_id in todo),
-                             p.unavailable))
+                             p.unavailable, a.longer_of))
     return arms
   by_arm: dict[str, list[dict]] = {}
   for r in results.values():
@@ -311,6 +313,52 @@ def _split_gap_table(arms: list[ArmSummary], index: dict[str, ArmSummary]) -> li
   return rows
 
 
+def _efficiency(index: dict[str, ArmSummary]) -> list[dict]:
+  """Per Parallax arm whose control also ran longer (`Arm.longer_of`): the tokens the control
+  needs to reach the Parallax arm's final eval loss, as a multiple of the shorter length.
+  The control's final losses at its two lengths (each run ends its own lr decay, so both are
+  end-of-schedule losses) are interpolated linearly in log tokens; beyond them the ratio is
+  only bounded. Means over the seeds at the best lrs."""
+  longer = {a.longer_of: a for a in index.values() if a.longer_of and a.seeds}
+  out = []
+  for a in index.values():
+    base = index.get(_resolve(a, a.baseline)) if a.baseline and not a.unavailable else None
+    if base is None or base.baseline is not None or not (a.seeds and base.seeds):
+      continue
+    base_long, long = longer.get(base.key), longer.get(a.key)
+    if base_long is None:
+      continue
+    n1, n2 = base.seeds[0].get("tokens"), base_long.seeds[0].get("tokens")
+    s1, s2, p1 = base.mean_std()[0], base_long.mean_std()[0], a.mean_std()[0]
+    if not (n1 and n2 and n2 > n1 and s2 < s1):
+      continue
+    if p1 >= s1:
+      ratio, bound = 1.0, "<="
+    elif p1 <= s2:
+      ratio, bound = n2 / n1, ">="
+    else:
+      ratio, bound = (n2 / n1) ** ((s1 - p1) / (s1 - s2)), ""
+    out.append({"arm": a, "base": base, "tokens": (n1, n2), "control": (s1, s2),
+                "parallax": (p1, long.mean_std()[0] if long else None),
+                "ratio": ratio, "bound": bound})
+  return out
+
+
+def _efficiency_table(effs: list[dict]) -> list[str]:
+  if not effs:
+    return []
+  rows = ["| Parallax arm (control) | tokens | control's final eval loss | Parallax's | "
+          "Parallax - control | control's tokens to reach Parallax's loss |",
+          "|---|---|---|---|---|---|"]
+  for e in effs:
+    (n1, n2), (s1, s2), (p1, p2) = e["tokens"], e["control"], e["parallax"]
+    gap2 = _fmt(p2 - s2, "+.4f") if p2 is not None else "-"
+    rows.append(f"| {e['arm'].key} ({e['base'].key}) | {n1 / 1e6:.1f}M / {n2 / 1e6:.1f}M | "
+                f"{s1:.4f} / {s2:.4f} | {p1:.4f} / {_fmt(p2)} | {p1 - s1:+.4f} / {gap2} | "
+                f"{e['bound']}x{e['ratio']:.2f} ({e['bound']}{e['ratio'] * n1 / 1e6:.1f}M) |")
+  return rows
+
+
 def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) -> list[str]:
   """The paper's claims about the optimizer coupling next to what the study measured, per
   optimizer: the Parallax - softmax loss gap (arms whose baseline is a control, an arm
@@ -360,6 +408,24 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
           f"| correction gate (mean): ~1 under Muon, closes to ~0.26 under AdamW "
           f"| {cell(gates, 'muon', '.3f')} | {cell(gates, 'adamw', '.3f')} | "
           + verdict(gates, lambda m, a: a < m, "AdamW's below Muon's") + " |"]
+  eff = {}
+  for e in _efficiency(index):
+    eff.setdefault(e["arm"].optimizer, e)
+  m = eff.get("muon")
+  if m is None:
+    v = "not measured yet"
+  elif m["ratio"] > 1.09 and m["bound"] != "<=":
+    v = "Parallax ahead by more than the paper's"
+  elif m["ratio"] >= 1.05 and m["bound"] != "<=":
+    v = "as the paper"
+  elif m["ratio"] > 1.0 and m["bound"] != "<=":
+    v = "Parallax ahead by less than the paper's"
+  else:
+    v = "not as the paper"
+  ecell = lambda o: (f"{eff[o]['bound']}x{eff[o]['ratio']:.2f}" if o in eff else "-")
+  rows.append(f"| tokens: the control needs x1.05-1.09 Parallax's to reach its loss (5-8% "
+              f"fewer steps to a target, 124M, Muon) | {ecell('muon')} | {ecell('adamw')} | "
+              f"{v} (test: the Muon ratio against x1.05-1.09) |")
   return rows
 
 
@@ -623,6 +689,13 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
     if gate_arms and not any(_diag_final(a, GATE_PREFIX) for a in arms if a.arm in gate_arms):
       lines += [f"(gate: {', '.join(gate_arms)} have the gate on but their metrics hold no "
                 "gate/layer_i: the loop that ran them did not log it)", ""]
+  eff = _efficiency_table(_efficiency(index))
+  if eff:
+    lines += ["## Token efficiency", "",
+              "The tokens the softmax control needs to reach the Parallax arm's final eval loss, "
+              "from the control's final losses at two lengths (each run ends its own lr "
+              "decay) interpolated linearly in log tokens; outside the two lengths only a bound. "
+              "Means over the seeds at the best lrs.", ""] + eff + [""]
   lines += ["## The paper's claims, as measured", "",
             "Means over the seeds at each arm's best lr; the Parallax arms are those compared "
             "with a softmax control, the gate from the arms that log one.", ""]
