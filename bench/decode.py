@@ -738,11 +738,11 @@ def mgpu_ab(a):
     raise SystemExit(f"the Mosaic GPU decode kernel cannot run here: {why}")
   res = {"env": common.environment(), "rows": []}
   for shape in shapes_within(a.shapes, a.budget):
-    res["rows"].append(mgpu_shape(dm, *shape))
+    res["rows"].append(mgpu_shape(dm, *shape, only=a.variants))
     save(a.out, "decode_mgpu_ab", res, mgpu_md)
 
 
-def mgpu_shape(dm, grid, B, L, Hq, Hkv, D):
+def mgpu_shape(dm, grid, B, L, Hq, Hkv, D, only=None):
   scale = 1.0 / np.sqrt(D)
   (q, k, v, r, lens), refs = shape_inputs(B, L, Hq, Hkv, D)
   kv_bytes = 2 * B * L * Hkv * D * 2
@@ -750,7 +750,7 @@ def mgpu_shape(dm, grid, B, L, Hq, Hkv, D):
   row = {"grid": grid, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_GB": kv_bytes / 1e9,
          "mgpu_num_splits": split_chunk(L, ns, dm.DecodeConfig().block_kv)[1]}
   args = step_args(q, k, v, r, lens, B, Hkv)
-  cfgs = mgpu_variants(dm, B, Hkv, L)
+  cfgs = {n: c for n, c in mgpu_variants(dm, B, Hkv, L).items() if not only or n in only}
   steps = {"triton_parallax": pallas_step(scale), "cudnn_softmax": sdpa_step(scale)}
   for name, cfg in cfgs.items():
     def mg(q, k, v, r, lens, ex, cfg=cfg):
@@ -759,7 +759,8 @@ def mgpu_shape(dm, grid, B, L, Hq, Hkv, D):
 
   def mg_softmax(q, k, v, r, lens, ex):
     return dm.parallax_decode_mgpu(q, k, v, None, scale=scale, lengths=lens), ex
-  steps["mgpu_softmax"] = mg_softmax
+  if not only or "mgpu_softmax" in only:
+    steps["mgpu_softmax"] = mg_softmax
   for name, step in steps.items():
     try:
       us, how = time_step(step, args)
@@ -865,6 +866,10 @@ def parser():
            "ring depths, one or two consumer warpgroups, split counts) vs the Triton kernel, "
            "cuDNN as the common bar (decode_mgpu_ab)", budget=400.0)
   p.add_argument("--shapes", default=MGPU_SHAPES, help=SHAPES_HELP)
+  p.add_argument("--variants", type=lambda x: frozenset(x.split(",")), default=None,
+                 help="comma-separated Mosaic variants to time (mgpu_pack, mgpu_pack_2wg, "
+                      "mgpu_pack_cluster, mgpu_softmax, ...; default: all); Triton and cuDNN "
+                      "always run")
   return ap
 
 

@@ -186,6 +186,43 @@ def test_default_splits():
   assert dm.default_splits(8, 8, 1024, 64) == 2
 
 
+@pytest.mark.parametrize("has_r", [True, False])
+def test_split_merge_is_elementwise_and_exact(has_r):
+  """The XLA merge of the split partials: the exact log-sum-exp merge (against the reduction
+  form, empty splits and a row with no key included) with no reduction over the split axis,
+  so that XLA can fuse it into one kernel."""
+  B, Hkv, ns, D, G = 2, 4, 5, 16, 2
+  rng = np.random.default_rng(0)
+  nv, nm = (3, 3) if has_r else (2, 1)
+  vecs = rng.normal(size=(B, Hkv, ns, nv, 8)).astype(np.float32) * 4
+  vecs[:, :, :, 1] = np.abs(vecs[:, :, :, 1])                      # d1 >= 0
+  vecs[0, 0, 1:3, 0] = -np.inf                                     # empty splits: m = -inf,
+  vecs[0, 0, 1:3, 1:] = 0.0                                        # no mass
+  vecs[1, 2, :, 0, :] = -np.inf                                    # rows with no key at all
+  vecs[1, 2, :, 1:, :] = 0.0
+  mats = rng.normal(size=(B, Hkv, ns, nm, 8, D)).astype(np.float32)
+  idx = jnp.asarray(dm._box_rows(B, G * Hkv, Hkv))
+  got = np.asarray(dm._merge(jnp.asarray(vecs), jnp.asarray(mats), idx, has_r))
+  m = vecs[:, :, :, 0]
+  top = m.max(axis=2, keepdims=True)
+  w = np.exp2(m - np.where(np.isneginf(top), 0.0, top))
+  d1 = (w * vecs[:, :, :, 1]).sum(2)[..., None]
+  o1 = (w[..., None] * mats[:, :, :, 0]).sum(2)
+  safe = np.where(d1 > 0, d1, 1.0)
+  if has_r:
+    d2 = (w * vecs[:, :, :, 2]).sum(2)[..., None]
+    o2 = (w[..., None] * (mats[:, :, :, 1] + mats[:, :, :, 2])).sum(2)
+    want = (1 + d2 / safe) * o1 / safe - o2 / safe
+  else:
+    want = o1 / safe
+  want = np.take_along_axis(np.where(d1 > 0, want, 0.0), np.asarray(idx)[..., None], axis=2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.all(got[1, 2] == 0.0) and np.isfinite(got).all()
+  prims = {e.primitive.name for e in jax.make_jaxpr(dm._merge, static_argnums=(3,))(
+      jnp.asarray(vecs), jnp.asarray(mats), idx, has_r).jaxpr.eqns}
+  assert not prims & {"reduce_max", "reduce_sum", "argmax"}, prims
+
+
 def test_supported_and_errors():
   s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
   ok = lambda *a, **k: dm.supported(*a, platform="interpret", **k)
