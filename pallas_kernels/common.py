@@ -430,8 +430,8 @@ def cdiv(a, b: int):
 
 def seg_ranges(rows, cols, n_rows: int, n_cols: int, b_rows: int, b_cols: int):
   """Column-tile ranges segment ids allow, per row tile: int32 [B, rows tiles, 4] =
-  (lo, mid_lo, mid_hi, hi) as `attention_triton._kv_tiles`, intersected with the geometric ranges in the
-  kernels (`attention_triton._with_seg_ranges`, `attention_mgpu_dkv`). rows [B, Rp],
+  (lo, mid_lo, mid_hi, hi) as `attention_triton._kv_tiles`, intersected with the geometric
+  ranges in the kernels (`attention_triton._with_seg_ranges`, `attention_mgpu_dkv`). rows [B, Rp],
   cols [B, Cp]: padded ids, n_rows / n_cols real.
 
   Packed rows hold non-decreasing ids, so the columns whose id falls in a row tile's id span

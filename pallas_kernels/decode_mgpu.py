@@ -215,7 +215,8 @@ def cluster_sync():
   @plgpu.inline_mgpu()
   def sync(_):
     llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
-                    "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;",
+                    "barrier.cluster.arrive.release.aligned;\n\t"
+                    "barrier.cluster.wait.acquire.aligned;",
                     "", has_side_effects=True)
 
   sync()

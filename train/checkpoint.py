@@ -3,10 +3,10 @@
 Layout: <out_dir>/checkpoints/<step>/{state, data, config, integrity}; `state` is the sharded
 train state (params, optimizer state, step), `data` the data iterator's JSON state, `config`
 the full TrainConfig as JSON, `integrity` a fingerprint of every state array (two 32-bit sums
-of its raw bits: `parallax_jax.models.checkpoint.fingerprint`). Saves are asynchronous (the loop keeps training while the
-write finishes) and only the newest `keep` are kept. Orbax writes each step into a temporary
-directory and renames it once complete, so a half-written checkpoint (a crash mid-save) is
-never listed and never restored.
+of its raw bits: `parallax_jax.models.checkpoint.fingerprint`). Saves are asynchronous (the
+loop keeps training while the write finishes) and only the newest `keep` are kept. Orbax
+writes each step into a temporary directory and renames it once complete, so a half-written
+checkpoint (a crash mid-save) is never listed and never restored.
 
 What a save and a restore guarantee:
 - A state holding a NaN / inf is never saved (`NonFiniteStateError`).

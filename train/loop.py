@@ -417,7 +417,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
       tps = kt * tokens_per_step / dt if dt > 0 and kt > 0 else float("nan")
       loss = window["loss"] / k
       rec = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "grad_norm": window["gn"] / k,
-             "lr": window["lr"], "tokens_per_s": tps, "step_time_s": dt / kt if kt > 0 else float("nan"),
+             "lr": window["lr"], "tokens_per_s": tps,
+             "step_time_s": dt / kt if kt > 0 else float("nan"),
              "z_loss": m["z_loss"]}
       if peak is not None and math.isfinite(tps):
         rec["mfu"] = flops_tok * tps / (peak * jax.device_count())

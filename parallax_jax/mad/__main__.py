@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _meta(args, protocol: Protocol, model_kwargs: dict) -> dict:
   dev = jax.devices()[0]
-  return {"tag": args.tag, "argv": sys.argv[1:], "device": getattr(dev, "device_kind", dev.platform),
+  return {"tag": args.tag, "argv": sys.argv[1:],
+          "device": getattr(dev, "device_kind", dev.platform),
           "platform": dev.platform, "jax": jax.__version__, "python": platform.python_version(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "settings": args.settings, "seeds": args.seeds, "members": args.members,

@@ -216,10 +216,11 @@ class Attention(nn.Module):
   """Attention with q/k/v/o projections, QK-norm, RoPE and the family member from the config.
 
   Parallax's probe r = W_R x is a separate projection shaped like W_Q (`r_proj`), with optional
-  RMSNorm and fixed scale (`r_scale`), then the same RoPE as q. The optional sigmoid gate g (per position and q-head)
-  multiplies the correction: o = vbar - g C^T r. For affine='affine' the output is linear in r,
-  so this is computed exactly with ONE attention call by passing g * r as the probe. For
-  'boundary' (nonlinear in r) or the 'solve' probe it costs a second, softmax, call:
+  RMSNorm and fixed scale (`r_scale`), then the same RoPE as q. The optional sigmoid gate g
+  (per position and q-head) multiplies the correction: o = vbar - g C^T r. For
+  affine='affine' the output is linear in r, so this is computed exactly with ONE attention
+  call by passing g * r as the probe. For 'boundary' (nonlinear in r) or the 'solve' probe
+  it costs a second, softmax, call:
   o = vbar + g (o_full - vbar).
 
   Call: `(x [B,T,d], cos, sin, segment_ids, cache, cache_lengths) -> (y, new_cache)`.

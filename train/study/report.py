@@ -13,9 +13,9 @@ eval loss mean +- sample std over the seeds at the best lr, its difference to th
 baseline (+- the standard error of the difference, when both have >= 2 seeds), tokens,
 parameters, step time, tokens/s, MFU. Nothing is written for runs that have not ended; the
 pending ones are listed. Where arms ran at two lengths (`Arm.longer_of`), the tokens the
-control needs to reach the Parallax arm's loss. Last, the paper's claims about the optimizer coupling (the
-Parallax - softmax gap, W_R's stable rank, COR in the deepest layers, the gate) under Muon
-and under AdamW next to what the study measured.
+control needs to reach the Parallax arm's loss. Last, the paper's claims about the optimizer
+coupling (the Parallax - softmax gap, W_R's stable rank, COR in the deepest layers, the gate,
+the token ratio) under Muon and under AdamW next to what the study measured.
 """
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ def _table(arms: list[ArmSummary], index: dict[str, ArmSummary],
     params = a.first("params")
     mfu = a.median_of("mfu", device)
     rows.append(
-        f"| {a.arm} | {a.optimizer} | {best} | {', '.join(grid_lib.lr_key(x) for x in sorted(a.lrs))} "
+        f"| {a.arm} | {a.optimizer} | {best} | "
+        f"{', '.join(grid_lib.lr_key(x) for x in sorted(a.lrs))} "
         f"| {loss} | {_delta(a, base)}" + (f" vs {a.baseline}" if base else "") +
         f" | {_fmt(tokens and tokens / 1e6, '.3g')}M"
         + (f" ({epochs:.2f})" if epochs else "") + f" | {_fmt(params and params / 1e6, '.4g')}M "

@@ -383,7 +383,8 @@ def run_grids(grids: list[Grid], opts: RunOptions, log=print,
       _repack(opts, log)
       log(f"study: {g.name}/{spec.run_id} {res['status']}"
           + (f" eval loss {res['eval_loss']:.4f}" if res.get("eval_loss") else "")
-          + f" in {res.get('wall_s', 0):.0f} s" + (f" ({res['error']})" if res.get("error") else ""))
+          + f" in {res.get('wall_s', 0):.0f} s"
+          + (f" ({res['error']})" if res.get("error") else ""))
       if res["status"] == "interrupted":
         stopped = "deadline" if deadline.expired else "interrupted"
         break
