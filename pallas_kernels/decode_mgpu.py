@@ -562,9 +562,7 @@ def _merge(vecs, mats, idx, has_r):
   ns = vecs.shape[2]
   vec = lambda j, i: vecs[:, :, j, i, :, None]             # [B, Hkv, 8, 1]
   mat = lambda j, i: mats[:, :, j, i]                      # [B, Hkv, 8, D]
-  top = vec(0, 0)
-  for j in range(1, ns):
-    top = jnp.maximum(top, vec(j, 0))
+  top = functools.reduce(jnp.maximum, (vec(j, 0) for j in range(ns)))
   top = jnp.where(top == -jnp.inf, 0.0, top)
   w = [jnp.exp2(vec(j, 0) - top) for j in range(ns)]
   total = lambda f: functools.reduce(jnp.add, (w[j] * f(j) for j in range(ns)))

@@ -513,7 +513,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
             trainer.diagnostics(state["params"], diag_batch)).items()}
         writer.write(step, d)
         # by layer number: a string sort puts layer_10 before layer_2
-        cors = [d[f"cor/layer_{i}"] for i in range(len(d)) if f"cor/layer_{i}" in d]
+        cors = [v for _, v in sorted((int(k[len("cor/layer_"):]), v) for k, v in d.items()
+                                     if k.startswith("cor/layer_"))]
         if cors:
           bar.write(f"step {step:6d}  COR per layer " + " ".join(f"{c:.3f}" for c in cors))
         timings["diag"] += time.perf_counter() - t_part
