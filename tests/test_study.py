@@ -178,9 +178,12 @@ def test_study_grids_load_matched_and_equal_tokens():
     ctl = grid_lib.arm_config(grids["compute"].arm(f"softmax_compute_{opt}")).model
     assert ctl.attention == "softmax"
     assert abs(flops_per_token(ctl, 1024) / flops_per_token(par, 1024) - 1) < 0.01
-  # the long grid: main's arms at twice the steps, one lr each, out of the claims table
+  # the long grid: main's arms at twice the steps at their 960-step best lr (Muon's also at
+  # half of it, both arms alike), out of the claims table
   long = grids["long"]
-  assert not long.claims and {len(a.lrs) for a in long.arms} == {1}
+  assert not long.claims
+  for a in long.arms:
+    assert a.lrs[1:] == ((a.lrs[0] / 2,) if a.name.endswith("muon_long") else ())
   steps = main.arms[0].config.run.steps
   assert {grid_lib.arm_config(a).run.steps for a in long.arms} == {2 * steps}
 
@@ -394,6 +397,32 @@ def test_claims_read_only_grids_that_feed_them(tmp_path):
   gap_row = lambda rows: next(r for r in rows if r.startswith("| Parallax - softmax"))
   assert "| - | -2.0000 |" in gap_row(report._claims(index))
   assert "| - | -0.5000 |" in gap_row(report._claims(index, frozenset({"long"})))
+
+
+def test_report_reads_an_unfinished_sweep_at_its_best_so_far(tmp_path):
+  """While a sweep runs, the arm is read at its best finished lr, marked "so far", in the
+  table and in every claims cell it feeds; a complete sweep carries no mark."""
+  from train.study import report
+  g = sweep_grid()
+  for run_id, loss in (("a/lr0.002_s0", 2.9), ("a/lr0.001_s0", 3.0)):
+    d = tmp_path / "g" / run_id
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({**done(loss), "tokens": 100}))
+  (a,) = report.summarize_grid(str(tmp_path), "g", g)
+  assert a.provisional and a.best == 2e-3 and a.losses() == [2.9]
+  assert a.pending == ["a/lr0.004_s0"]
+  assert "| 0.002 (so far) |" in report._table([a], {a.key: a})[-1]
+  base = dataclasses.replace(a, arm="s", provisional=False)
+  par = dataclasses.replace(a, arm="p", baseline="s",
+                            seeds=[{**done(2.5), "run_dir": str(tmp_path / "none")}])
+  gap_row = next(r for r in report._claims({x.key: x for x in (base, par)})
+                 if r.startswith("| Parallax - softmax"))
+  assert "| -0.4000 (so far) |" in gap_row
+  d = tmp_path / "g" / "a/lr0.004_s0"
+  d.mkdir(parents=True)
+  (d / "result.json").write_text(json.dumps(done(3.1)))
+  (a,) = report.summarize_grid(str(tmp_path), "g", g)
+  assert not a.provisional and a.best == 2e-3 and "(so far)" not in report._table([a], {})[-1]
 
 
 def test_smoke_grid_through_the_loop_and_report(tmp_path):

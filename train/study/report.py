@@ -47,6 +47,8 @@ class ArmSummary:
   pending: list[str]
   unavailable: str | None = None
   longer_of: str | None = None         # '<grid>/<arm>': the same recipe at fewer tokens
+  # the sweep is not complete yet: `best` is the lowest loss among its finished runs
+  provisional: bool = False
 
   @property
   def key(self) -> str:
@@ -102,12 +104,19 @@ def summarize_grid(out: str, name: str, grid: grid_lib.Grid | None) -> list[ArmS
       sweep = {lr: results[f"{a.name}/lr{grid_lib.lr_key(lr)}_s{grid.sweep_seed}"]
                for lr in p.lrs
                if f"{a.name}/lr{grid_lib.lr_key(lr)}_s{grid.sweep_seed}" in results}
-      seeds = [results[r.run_id] for r in p.runs if p.best is not None and r.lr == p.best
+      best, provisional = p.best, False
+      if best is None and not p.unavailable:
+        # a study in progress: read the arm at its best lr so far, marked as such
+        done = {lr: r["eval_loss"] for lr, r in sweep.items() if r.get("status") == "done"
+                and isinstance(r.get("eval_loss"), float) and math.isfinite(r["eval_loss"])}
+        if done:
+          best, provisional = min(done, key=lambda lr: (done[lr], lr)), True
+      seeds = [results[r.run_id] for r in p.runs if best is not None and r.lr == best
                and results.get(r.run_id, {}).get("status") == "done"]
       arms.append(ArmSummary(name, a.name, a.config.optimizer.name, a.baseline, a.note,
-                             p.lrs, sweep, p.best, p.edge, seeds,
+                             p.lrs, sweep, best, p.edge, seeds,
                              sorted(r.run_id for r in p.runs if r.run_id in todo),
-                             p.unavailable, a.longer_of))
+                             p.unavailable, a.longer_of, provisional))
     return arms
   by_arm: dict[str, list[dict]] = {}
   for r in results.values():
@@ -164,7 +173,7 @@ def _table(arms: list[ArmSummary], index: dict[str, ArmSummary],
     loss = "-" if m is None else f"{m:.4f}" + (f" +- {s:.4f}" if s is not None else "") + \
         f" (n={n})"
     best = "-" if a.best is None else grid_lib.lr_key(a.best) + \
-        (f" ({a.edge} edge)" if a.edge else "")
+        (" (so far)" if a.provisional else f" ({a.edge} edge)" if a.edge else "")
     base = index.get(_resolve(a, a.baseline)) if a.baseline else None
     tokens = a.first("tokens")
     epochs = a.first("epochs")
@@ -346,7 +355,8 @@ def _efficiency(index: dict[str, ArmSummary]) -> list[dict]:
       ratio, bound = (n2 / n1) ** ((s1 - p1) / (s1 - s2)), ""
     out.append({"arm": a, "base": base, "tokens": (n1, n2), "control": (s1, s2),
                 "parallax": (p1, long.mean_std()[0] if long else None),
-                "ratio": ratio, "bound": bound})
+                "ratio": ratio, "bound": bound,
+                "provisional": any(x.provisional for x in (a, base, base_long, long) if x)})
   return out
 
 
@@ -361,7 +371,8 @@ def _efficiency_table(effs: list[dict]) -> list[str]:
     gap2 = _fmt(p2 - s2, "+.4f") if p2 is not None else "-"
     rows.append(f"| {e['arm'].key} ({e['base'].key}) | {n1 / 1e6:.1f}M / {n2 / 1e6:.1f}M | "
                 f"{s1:.4f} / {s2:.4f} | {p1:.4f} / {_fmt(p2)} | {p1 - s1:+.4f} / {gap2} | "
-                f"{e['bound']}x{e['ratio']:.2f} ({e['bound']}{e['ratio'] * n1 / 1e6:.1f}M) |")
+                f"{e['bound']}x{e['ratio']:.2f} ({e['bound']}{e['ratio'] * n1 / 1e6:.1f}M)"
+                + (" (so far)" if e["provisional"] else "") + " |")
   return rows
 
 
@@ -388,14 +399,18 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
     cor = _diag_final(a, COR_PREFIX)
     if cor:
       deep[o] = statistics.fmean(cor[-max(1, len(cor) // 4):])
-  gates = {}
+  gates, gate_prov = {}, set()
   for a in index.values():
     g = _diag_final(a, GATE_PREFIX) if a.seeds and not a.unavailable else None
     if g and a.optimizer not in gates:
       gates[a.optimizer] = statistics.fmean(g)
+      if a.provisional:
+        gate_prov.add(a.optimizer)
+  # optimizers whose cells read an arm whose sweep is still running
+  pair_prov = {o for o, (a, b) in pairs.items() if a.provisional or b.provisional}
 
-  def cell(d, o, spec):
-    return _fmt(d.get(o), spec)
+  def cell(d, o, spec, prov=frozenset()):
+    return _fmt(d.get(o), spec) + (" (so far)" if o in prov and d.get(o) is not None else "")
 
   def verdict(d, test, what):
     if any(d.get(o) is None for o in opts):
@@ -405,16 +420,17 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
 
   rows = ["| claim (paper) | Muon | AdamW | verdict |", "|---|---|---|---|",
           f"| Parallax - softmax final eval loss: lower under Muon, the gap narrower or gone "
-          f"under AdamW | {cell(gap, 'muon', '+.4f')} | {cell(gap, 'adamw', '+.4f')} | "
+          f"under AdamW | {cell(gap, 'muon', '+.4f', pair_prov)} | "
+          f"{cell(gap, 'adamw', '+.4f', pair_prov)} | "
           + verdict(gap, lambda m, a: m < 0 and m < a, "Muon gap < 0 and below AdamW's") + " |",
           f"| stable rank of W_R: collapses under AdamW (~134 -> ~10 at 0.6B), not under Muon "
-          f"| {cell(sr, 'muon', '.1f')} | {cell(sr, 'adamw', '.1f')} | "
+          f"| {cell(sr, 'muon', '.1f', pair_prov)} | {cell(sr, 'adamw', '.1f', pair_prov)} | "
           + verdict(sr, lambda m, a: a < 0.5 * m, "AdamW's below half of Muon's") + " |",
           f"| COR, deepest quarter of the layers: > 8 under Muon, < 4 under AdamW "
-          f"| {cell(deep, 'muon', '.2f')} | {cell(deep, 'adamw', '.2f')} | "
+          f"| {cell(deep, 'muon', '.2f', pair_prov)} | {cell(deep, 'adamw', '.2f', pair_prov)} | "
           + verdict(deep, lambda m, a: m > 8 and a < 4, "Muon > 8 and AdamW < 4") + " |",
           f"| correction gate (mean): ~1 under Muon, closes to ~0.26 under AdamW "
-          f"| {cell(gates, 'muon', '.3f')} | {cell(gates, 'adamw', '.3f')} | "
+          f"| {cell(gates, 'muon', '.3f', gate_prov)} | {cell(gates, 'adamw', '.3f', gate_prov)} | "
           + verdict(gates, lambda m, a: a < m, "AdamW's below Muon's") + " |"]
   eff = {}
   for e in effs:
@@ -424,7 +440,8 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
   v = ("not measured yet" if ratio is None else "not as the paper" if ratio <= 1.0 else
        "Parallax ahead by less than the paper's" if ratio < 1.05 else
        "as the paper" if ratio <= 1.09 else "Parallax ahead by more than the paper's")
-  ecell = lambda o: (f"{eff[o]['bound']}x{eff[o]['ratio']:.2f}" if o in eff else "-")
+  ecell = lambda o: (f"{eff[o]['bound']}x{eff[o]['ratio']:.2f}"
+                     + (" (so far)" if eff[o]["provisional"] else "") if o in eff else "-")
   rows.append(f"| tokens: the control needs x1.05-1.09 Parallax's to reach its loss (5-8% "
               f"fewer steps to a target, 124M, Muon) | {ecell('muon')} | {ecell('adamw')} | "
               f"{v} (test: the Muon ratio against x1.05-1.09) |")
@@ -645,7 +662,8 @@ def write_report(out: str, grid_files: list[str] | None = None, log=print) -> st
            f"jax: {', '.join(jaxes) or '-'}; corpus: {', '.join(corpora) or '-'}; "
            f"commits: {', '.join(commits) or '-'}.", "",
            "Final eval loss: the loss on the held-out split at the last step; mean +- sample "
-           "std over the seeds at the arm's best lr (the sweep seed's lowest loss). Step time, "
+           "std over the seeds at the arm's best lr (the sweep seed's lowest loss; \"so far\": "
+           "the sweep is still running and the arm is read at its best finished lr). Step time, "
            "tokens/s and MFU: medians over logged windows of runs that had the device alone"
            + (f", on {tdev} only" if len(devices) > 1 and tdev else "") + ".", ""]
   for n in names:
