@@ -136,6 +136,10 @@ def test_token_efficiency_interpolates_the_control_in_log_tokens(tmp_path):
   assert "x1.41 (0.0M)" in table[-1] and "-0.2000 / -0.1000" in table[-1]
   row = report._claims(index)[-1]
   assert "| x1.41 | - |" in row and "ahead by more than the paper's" in row
+  assert "not ahead" not in row
+  index["long/p_long"] = arm("long", "p_long", "s_long", 1.81, 200, "main/p")
+  assert "at 0.0M tokens Parallax is not ahead (+0.0100)" in report._claims(index)[-1]
+  index["long/p_long"] = arm("long", "p_long", "s_long", 1.7, 200, "main/p")
   assert report._claims(index, frozenset({"long"}))[-1] == row  # long: outside the claims
   index["main/p"] = arm("main", "p", "s", 1.75, 100)
   assert report._efficiency(index)[0]["bound"] == ">="

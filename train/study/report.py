@@ -442,6 +442,11 @@ def _claims(index: dict[str, ArmSummary], skip: frozenset[str] = frozenset()) ->
        "as the paper" if ratio <= 1.09 else "Parallax ahead by more than the paper's")
   ecell = lambda o: (f"{eff[o]['bound']}x{eff[o]['ratio']:.2f}"
                      + (" (so far)" if eff[o]["provisional"] else "") if o in eff else "-")
+  if m is not None and m["parallax"][1] is not None:
+    # the ratio is read at the shorter length; say where the longer runs leave the lead
+    (_, n2), (_, s2), (_, p2) = m["tokens"], m["control"], m["parallax"]
+    if p2 >= s2:
+      v += f"; at {n2 / 1e6:.1f}M tokens Parallax is not ahead ({p2 - s2:+.4f})"
   rows.append(f"| tokens: the control needs x1.05-1.09 Parallax's to reach its loss (5-8% "
               f"fewer steps to a target, 124M, Muon) | {ecell('muon')} | {ecell('adamw')} | "
               f"{v} (test: the Muon ratio against x1.05-1.09) |")
