@@ -40,6 +40,7 @@ The XLA paths run only where B*L <= 256k (they are 3-5x slower and only baseline
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -707,7 +708,8 @@ def mgpu_variants(dm, B, Hkv, L):
   warpgroups on alternate tiles; `halfsplits`: half the default split count (longer
   programs, half the partials to merge); `cluster`: the splits (at most 8) merged in the
   kernel through distributed shared memory instead of by XLA; `cluster16`: up to 16 in one
-  cluster (the non-portable size: the launch may be refused, recorded as an error)."""
+  cluster (the non-portable size: the launch may be refused, recorded as an error); `mk`:
+  the splits merged by one Pallas (Triton) launch that writes o's rows."""
   base = dm.DecodeConfig()
   two = dataclasses.replace(base, num_stages=4, num_consumers=2)
   out = {"mgpu_pack": base, "mgpu_nopack": dataclasses.replace(base, pack_qr=False),
@@ -719,6 +721,8 @@ def mgpu_variants(dm, B, Hkv, L):
     out["mgpu_pack_2wg_halfsplits"] = dataclasses.replace(two, num_splits=splits // 2)
     out["mgpu_pack_cluster"] = dataclasses.replace(base, cluster_merge=True)
     out["mgpu_pack_2wg_cluster"] = dataclasses.replace(two, cluster_merge=True)
+    out["mgpu_pack_mk"] = dataclasses.replace(base, merge_kernel=True)
+    out["mgpu_pack_2wg_mk"] = dataclasses.replace(two, merge_kernel=True)
   if splits > 8:   # the default's split count in one cluster: past the portable 8 CTAs
     out["mgpu_pack_cluster16"] = dataclasses.replace(base, cluster_merge=True,
                                                      num_splits=min(splits, 16))
@@ -757,10 +761,13 @@ def mgpu_shape(dm, grid, B, L, Hq, Hkv, D, only=None):
       return dm.parallax_decode_mgpu(q, k, v, r, scale=scale, lengths=lens, config=cfg), ex
     steps[name] = mg
 
-  def mg_softmax(q, k, v, r, lens, ex):
-    return dm.parallax_decode_mgpu(q, k, v, None, scale=scale, lengths=lens), ex
+  def mg_softmax(q, k, v, r, lens, ex, cfg=None):
+    return dm.parallax_decode_mgpu(q, k, v, None, scale=scale, lengths=lens, config=cfg), ex
   if not only or "mgpu_softmax" in only:
     steps["mgpu_softmax"] = mg_softmax
+  if ns > 1 and (not only or "mgpu_softmax_mk" in only):
+    steps["mgpu_softmax_mk"] = functools.partial(mg_softmax,
+                                                 cfg=dm.DecodeConfig(merge_kernel=True))
   for name, step in steps.items():
     try:
       us, how = time_step(step, args)
@@ -868,7 +875,8 @@ def parser():
   p.add_argument("--shapes", default=MGPU_SHAPES, help=SHAPES_HELP)
   p.add_argument("--variants", type=lambda x: frozenset(x.split(",")), default=None,
                  help="comma-separated Mosaic variants to time (mgpu_pack, mgpu_pack_2wg, "
-                      "mgpu_pack_cluster, mgpu_softmax, ...; default: all); Triton and cuDNN "
+                      "mgpu_pack_cluster, mgpu_pack_mk, mgpu_softmax, mgpu_softmax_mk, ...; "
+                      "default: all); Triton and cuDNN "
                       "always run")
   return ap
 

@@ -37,7 +37,8 @@ exact merge, so two per-tile chains (wgmma, softmax, wgmma) run per SM instead o
 registers are split 232/232/40 as in `attention_mgpu`.
 
 Splits over the KV length (when B*Hkv does not fill the GPU) write fp32 partials (m, d1, d2,
-O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`). With
+O1, O2hi, O2lo of the 8 rows) and a small XLA pass merges them (`_merge`), or with
+`merge_kernel` one Pallas launch (`decode_mgpu_merge`). With
 `cluster_merge` the splits of one (b, h) are instead one thread-block cluster (at most 8):
 each leaves its state in its SMEM, and after a cluster barrier split 0 reads the others'
 through distributed shared memory, merges them exactly (the two consumers' merge, once per
@@ -63,6 +64,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import (LOG2E, NUM_SMS, SMEM_LIMIT, hopper_platform, pad,
                                    split_chunk, wgmma_smem)
+from pallas_kernels.decode_mgpu_merge import merge_partials
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
@@ -91,6 +93,9 @@ class DecodeConfig:
     split count is capped at 8, the portable cluster size; an explicit num_splits above
     it asks for a larger cluster, which the device may refuse at launch. GPU only: the
     interpreter has no cluster refs.
+  merge_kernel: the split partials are merged by one Pallas (Triton) launch
+    (`decode_mgpu_merge`) that also writes o's rows in place, instead of XLA's fusions and
+    the row gather.
   """
   block_kv: int = 64
   num_stages: int = 3
@@ -98,6 +103,7 @@ class DecodeConfig:
   pack_qr: bool = True
   num_consumers: int = 1
   cluster_merge: bool = False
+  merge_kernel: bool = False
 
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
@@ -108,6 +114,9 @@ class DecodeConfig:
       raise ValueError(f"num_splits={self.num_splits} must be >= 1")
     if self.num_consumers not in (1, 2):
       raise ValueError(f"num_consumers={self.num_consumers} must be 1 or 2")
+    if self.cluster_merge and self.merge_kernel:
+      raise ValueError("cluster_merge and merge_kernel are two ways to merge the splits: "
+                       "choose one")
     if self.num_stages % self.num_consumers:
       raise ValueError(f"num_stages={self.num_stages} must be a multiple of "
                        f"num_consumers={self.num_consumers}")
@@ -613,6 +622,9 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
                 window=None if window is None else int(window), cfg=cfg, num_splits=ns,
                 s_max=S, interpret=interpret)
   idx = _box_rows(B, Hq, Hkv)
+  if ns > 1 and cfg.merge_kernel:
+    return merge_partials(*out, num_heads=Hq, has_r=r is not None, out_dtype=q.dtype,
+                          interpret=interpret is not None)
   if ns == 1 or cfg.cluster_merge:
     o = jnp.take_along_axis(out[0], idx[..., None], axis=2)      # [B, Hkv, G, D]
   else:

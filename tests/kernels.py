@@ -103,8 +103,8 @@ def mosaic_modules(lowered):
           for cfg in custom_call_configs(lowered, "mosaic_gpu")]
 
 
-def verify_triton_modules(mods):
-  """Each kernel's Triton IR parses, verifies and contains a tensor-core dot."""
+def verify_triton_modules(mods, dot=True):
+  """Each kernel's Triton IR parses, verifies and (dot) contains a tensor-core dot."""
   from jax._src.interpreters import mlir
   from jax._src.lib import triton as tlib
   from jax._src.lib.mlir import ir
@@ -114,4 +114,4 @@ def verify_triton_modules(mods):
     with ctx:
       module = ir.Module.parse(raw)
       assert module.operation.verify(), name
-      assert "tt.dot" in str(module), name
+      assert not dot or "tt.dot" in str(module), name

@@ -22,7 +22,8 @@ import pytest
 
 from pallas_kernels import decode_mgpu as dm
 from pallas_kernels import decode_triton as dk
-from tests.kernels import has_hopper, interpret_params, lower_h100, mosaic_modules
+from tests.kernels import (has_hopper, interpret_params, lower_h100, mosaic_modules,
+                           triton_modules, verify_triton_modules)
 from tests.test_decode_triton import TOL, poison_tail
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -81,6 +82,12 @@ CASES = {
                                          lengths=(300, 129), window=50,
                                          config=dm.DecodeConfig(num_stages=2, num_splits=2)),
     "gqa4_cache_under_one_tile": Case(Hq=8, Hkv=2, S=30, lengths=(30, 5)),
+    # the splits merged by the Pallas (Triton) launch instead of XLA
+    "splits3_merge_kernel": Case(config=dm.DecodeConfig(num_stages=2, num_splits=3,
+                                                        merge_kernel=True)),
+    "softmax_gqa8_merge_kernel_zero_length": Case(
+        B=2, Hq=16, Hkv=2, D=128, S=304, parallax=False, lengths=(0, 300), window=50,
+        config=dm.DecodeConfig(num_stages=2, num_splits=4, merge_kernel=True)),
     "gqa8_one_kv_head_window_5_splits": Case(B=1, Hq=8, Hkv=1, S=504, lengths=(433,),
                                              window=100,
                                              config=dm.DecodeConfig(num_stages=2, num_splits=5)),
@@ -132,6 +139,17 @@ GPU_CASES.update({
         (1, 16, 8, 8192, 128, 8, None, 1, True), (1, 32, 4, 4096, 128, 8, None, 2, True),
         (2, 32, 4, 776, 128, 3, 300, 1, True), (4, 8, 8, 4096, 64, 5, None, 1, False)]
 })
+# the splits merged by one Pallas (Triton) launch that writes o's rows (no XLA merge, no gather)
+GPU_CASES.update({
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_mk{consumers}wg":
+        dataclasses.replace(_gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers),
+                            parallax=parallax,
+                            config=dm.DecodeConfig(merge_kernel=True, num_consumers=consumers,
+                                                   num_stages=4 if consumers > 1 else 3))
+    for B, Hq, Hkv, S, D, window, consumers, parallax in [
+        (1, 32, 8, 4096, 128, None, 1, True), (1, 16, 8, 8192, 128, 300, 2, True),
+        (2, 32, 4, 776, 128, None, 1, True), (4, 8, 8, 4096, 64, None, 1, False)]
+})
 
 
 class TestDecodeMgpu:
@@ -159,7 +177,7 @@ class TestDecodeMgpuInterpret(TestDecodeMgpu):
   CASES = CASES
   CI_CASES = ["gqa2_packed", "gqa2_unpacked_3stages", "softmax_splits_zero_length",
               "mha_lengths_0_1_64_rows_padded", "gqa8_fp16_d128_window_splits",
-              "2wg_splits3_window"]
+              "2wg_splits3_window", "splits3_merge_kernel"]
 
 
 @pytest.mark.parametrize("consumers", [1, 2])
@@ -223,11 +241,40 @@ def test_split_merge_is_elementwise_and_exact(has_r):
   assert not prims & {"reduce_max", "reduce_sum", "argmax"}, prims
 
 
+@pytest.mark.parametrize("has_r", [True, False])
+def test_merge_kernel_matches_the_xla_merge(has_r):
+  """The Pallas merge launch (interpreted) against `_merge`: empty splits, rows with no key,
+  GQA 1-8, split counts that the group size must divide."""
+  from pallas_kernels import decode_mgpu_merge as mm
+  nv, nm = (3, 3) if has_r else (2, 1)
+  for B, Hkv, G, ns, D in ((2, 4, 2, 5, 64), (1, 1, 8, 4, 128), (3, 4, 1, 3, 64),
+                           (1, 8, 4, 16, 128)):
+    rng = np.random.default_rng(ns)
+    vecs = rng.normal(size=(B, Hkv, ns, nv, 8)).astype(np.float32) * 4
+    vecs[:, :, :, 1] = np.abs(vecs[:, :, :, 1])
+    vecs[0, 0, 1:3, 0], vecs[0, 0, 1:3, 1:] = -np.inf, 0.0        # empty splits
+    vecs[-1, -1, :, 0], vecs[-1, -1, :, 1:] = -np.inf, 0.0        # no key at all
+    mats = rng.normal(size=(B, Hkv, ns, nm, 8, D)).astype(np.float32)
+    vecs, mats = jnp.asarray(vecs), jnp.asarray(mats)
+    idx = jnp.asarray(dm._box_rows(B, G * Hkv, Hkv))
+    want = np.asarray(dm._merge(vecs, mats, idx, has_r)).reshape(B, G * Hkv, D)
+    got = np.asarray(mm.merge_partials(vecs, mats, num_heads=G * Hkv, has_r=has_r,
+                                       out_dtype=jnp.float32, interpret=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.all(got[-1, -G:] == 0.0) and np.isfinite(got).all()
+  assert mm.group_splits(16, 4, 32, 2, 3, 32) == 16
+  assert mm.group_splits(12, 8, 32, 2, 3, 32) == 6      # a divisor of 12 within the budget
+  with pytest.raises(ValueError, match="bad partials"):
+    mm.merge_partials(vecs, mats, num_heads=3, has_r=has_r, out_dtype=jnp.float32)
+
+
 def test_supported_and_errors():
   s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
   ok = lambda *a, **k: dm.supported(*a, platform="interpret", **k)
   assert ok(s(2, 16, 128), s(2, 64, 8, 128), s(2, 64, 8, 128), s(2, 16, 128)) == (True, "")
   assert not ok(s(2, 1, 16, 128), s(2, 64, 8, 128), s(2, 64, 8, 128))[0]     # multi-token
+  with pytest.raises(ValueError, match="choose one"):
+    dm.DecodeConfig(cluster_merge=True, merge_kernel=True)
   assert "Hq/Hkv" in ok(s(2, 12, 64), s(2, 64, 4, 64), s(2, 64, 4, 64))[1]     # G = 3
   assert "Hq/Hkv" in ok(s(2, 32, 64), s(2, 64, 2, 64), s(2, 64, 2, 64))[1]     # G = 16
   assert "head_dim" in ok(s(2, 8, 32), s(2, 64, 8, 32), s(2, 64, 8, 32))[1]
@@ -290,6 +337,18 @@ def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers, S):
   assert b"nvvm.cp.async.bulk.tensor.shared.cluster.global" in ops  # TMA loads
   assert b"nvvm.cp.async.bulk.tensor.global.shared.cta" in ops      # TMA stores
   assert (b"setmaxnreg.inc.sync.aligned.u32" in ops) == (consumers > 1)
+
+
+@pytest.mark.parametrize("D,parallax,G", [(128, True, 4), (64, False, 1)])
+def test_merge_kernel_lowers(D, parallax, G):
+  """merge_kernel: the Mosaic decode kernel then one Triton launch that merges its splits
+  and writes o (no XLA merge, no gather); its Triton IR verifies."""
+  cfg = dm.DecodeConfig(num_splits=16, merge_kernel=True)
+  lowered = _lower(1, 8 * G, 8, 4096, D, parallax, cfg)
+  assert len(mosaic_modules(lowered)) == 1
+  mods = triton_modules(lowered)
+  assert [n for n, _ in mods] == ["decode_split_merge"]
+  verify_triton_modules(mods, dot=False)
 
 
 @pytest.mark.parametrize("D,parallax,consumers", [(128, True, 1), (64, False, 2)])
