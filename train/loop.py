@@ -425,7 +425,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
       writer.write(step_no, rec)
       history.append({"step": step_no, **rec})
       bar.write(f"step {step_no:6d}  loss {loss:.4f}  ppl {rec['perplexity']:.1f}  "
-                f"gnorm {rec['grad_norm']:.3f}  lr {rec['lr']:.2e}  tok/s {tps:,.0f}"
+                f"gnorm {rec['grad_norm']:.3f}  lr {rec['lr']:.2e}  "
+                # a window of only the compiling first step has no timed step
+                + (f"tok/s {tps:,.0f}" if math.isfinite(tps) else "tok/s -")
                 + (f"  mfu {rec['mfu']:.1%}" if "mfu" in rec else ""))
       window.update(t=time.perf_counter(), steps=0, tsteps=0, loss=0.0, gn=0.0)
 

@@ -28,8 +28,10 @@ This module does not import `train`: it reads the layout, not the training code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -226,11 +228,31 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointSource:
                    f"save_checkpoint directory ({CONFIG_FILE} + params/)")
 
 
+class _NoStepMetadataNote(logging.Filter):
+  """Drops orbax's note that an item directory has no `_CHECKPOINT_METADATA`: a run's step
+  keeps that file one level up (beside `state/`), so reading the item alone always logs it,
+  for a complete checkpoint."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_item_reads():
+  log = logging.getLogger("absl")
+  note = _NoStepMetadataNote()
+  log.addFilter(note)
+  try:
+    yield
+  finally:
+    log.removeFilter(note)
+
+
 def _tree_metadata(params_dir: str) -> dict:
   """{path tuple: shape} of every array stored under an orbax pytree directory."""
   import orbax.checkpoint as ocp
   try:
-    with ocp.PyTreeCheckpointer() as ck:
+    with _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
       md = ck.metadata(params_dir)
   except Exception as e:  # noqa: BLE001 - a missing or corrupt item
     raise ValueError(f"{params_dir}: not a readable orbax checkpoint "
@@ -290,7 +312,7 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
   args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                      dtype=a.dtype), item)
   try:
-    with ocp.PyTreeCheckpointer() as ck:
+    with _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
       out = ck.restore(src.params_dir, args=ocp.args.PyTreeRestore(
           item, restore_args=args, partial_restore=True))
   except Exception as e:  # noqa: BLE001 - truncated or corrupt array files

@@ -1,8 +1,13 @@
 """Export a checkpoint for evaluation and serving in torch.
 
-    python -m parallax_jax.models.export --checkpoint runs/tiny --format fla --out export/tiny
-    python -m parallax_jax.models.export --checkpoint runs/softmax/checkpoints/300 --format hf \\
-        --out export/softmax
+    python -m parallax_jax.models.export --checkpoint runs/tiny_rnorm --format fla \\
+        --out export/tiny_rnorm
+    python -m parallax_jax.models.export --checkpoint runs/tiny_softmax/checkpoints/300 \\
+        --format hf --out export/tiny_softmax
+
+(runs/tiny_rnorm: `python -m train --config tiny --set model.r_norm=true --set
+run.out_dir=runs/tiny_rnorm`, a Parallax run fla can represent; runs/tiny_softmax:
+`python -m train --config tiny_softmax`.)
 
 --checkpoint is anything `parallax_jax.models.checkpoint.load_checkpoint` reads (a training
 run directory: its newest step, or --step; one step; a save_checkpoint directory). Formats:
