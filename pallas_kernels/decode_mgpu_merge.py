@@ -92,8 +92,8 @@ def merge_partials(vecs, mats, *, num_heads: int, has_r: bool, out_dtype, interp
                      f"num_heads={num_heads}, has_r={has_r}")
   G = num_heads // Hkv
   dc = min(D, D_CHUNK)
-  num_warps = 1                                      # a [G, 32] tile is <= 256 values
-  per_iter = group_splits(ns, G, dc, 2 if has_r else 1, nv, 32 * num_warps)
+  num_warps = max(1, min(4, G * dc // 64))           # ~2 values of a [G, 32] tile a thread
+  per_iter = group_splits(ns, G, dc, nm, nv, 32 * num_warps)   # O2hi, O2lo loaded apart
   kernel = functools.partial(_kernel, num_heads=num_heads, group=G, num_splits=ns,
                              has_r=has_r, per_iter=per_iter)
   return pl.pallas_call(
