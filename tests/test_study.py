@@ -255,6 +255,20 @@ def test_runner_resumes_across_calls_and_records_divergence(tmp_path, monkeypatc
   with pytest.raises(runner.StudyError, match="another config"):
     runner.run_one(g, grid_lib.RunSpec("g", "a", 2e-3, 0, "sweep"),
                    runner.RunOptions(out=str(root), extra=("schedule.warmup_steps=2",)))
+  # the whole grid with --set on finished runs: refused before anything runs (it used to
+  # plan nothing and report the old results as the new config's)
+  with pytest.raises(runner.StudyError, match=r"a/lr0.002_s0 finished with another config "
+                     r"\(schedule.warmup_steps: 1 -> 2\)"):
+    runner.run_grids([g], dataclasses.replace(opts, extra=("schedule.warmup_steps=2",)),
+                     log=lambda s: None)
+  assert len(calls) == n
+  # a key the runs' configs lack, at its default (code newer than the runs): still the same
+  for d in (root / "g" / "a").iterdir():
+    r = json.loads((d / "result.json").read_text())
+    del r["config"]["optimizer"]["z_loss"]
+    r["config_fingerprint"] = "older-code"
+    (d / "result.json").write_text(json.dumps(r))
+  assert runner.run_grids([g], opts, log=lambda s: None)["ran"] == []
 
 
 def test_runner_time_budget_stops_the_run_and_skips_what_does_not_fit(tmp_path, monkeypatch):

@@ -49,6 +49,17 @@ def config_diff(a: dict, b: dict) -> list[str]:
   return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
 
 
+def identity_changes(old: dict, new: dict) -> list[str]:
+  """`config_diff` of a finished run's config and the one it would run with now, leaving
+  out keys the old config lacks that now hold their default (a config key added to the code
+  after the run, at the value that reproduces it)."""
+  from train.config import TrainConfig
+  fo, defaults = flatten(old), flatten(TrainConfig().to_dict())
+  fn = flatten(new)
+  return [d for d in config_diff(old, new)
+          if not ((k := d.split(":", 1)[0]) not in fo and fn.get(k) == defaults.get(k, object()))]
+
+
 def read_json(path: str) -> dict | None:
   try:
     with open(path) as f:

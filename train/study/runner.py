@@ -199,6 +199,27 @@ def prepare_run_dir(cfg_dict: dict, run_dir: str, log):
     _set_aside(os.path.join(run_dir, "metrics.jsonl"), log)
 
 
+def _check_same_config(grid: Grid, run_id: str, prev: dict, cfg_dict: dict):
+  """A finished run is kept only while the grid (with its --set keys) still gives it the
+  config it ran with; otherwise its result would stand for a run it is not."""
+  if prev.get("config_fingerprint") == res_lib.fingerprint(cfg_dict):
+    return
+  diff = res_lib.identity_changes(prev.get("config", {}), cfg_dict)
+  if diff:
+    raise StudyError(f"{grid.name}/{run_id} finished with another config "
+                     f"({'; '.join(diff[:4])}); use another --out")
+
+
+def check_finished_configs(grid: Grid, results: dict[str, dict], plans, opts: RunOptions):
+  """Every finished run of the plan against the config it would run with now."""
+  for p in plans:
+    for spec in p.runs:
+      prev = results.get(spec.run_id)
+      if prev and prev.get("status") in FINAL:
+        cfg = grid_lib.run_config(grid, spec, opts.out, opts.extra)
+        _check_same_config(grid, spec.run_id, prev, cfg.to_dict())
+
+
 def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None = None,
             log=print) -> dict:
   """Train one run in this process and write its result.json; returns the result."""
@@ -209,10 +230,7 @@ def run_one(grid: Grid, spec: RunSpec, opts: RunOptions, corpus_sha: str | None 
   result_path = os.path.join(run_dir, "result.json")
   prev = res_lib.read_json(result_path) or {}
   if prev.get("status") in FINAL:
-    if prev.get("config_fingerprint") != res_lib.fingerprint(cfg_dict):
-      raise StudyError(f"{grid.name}/{spec.run_id} finished with another config "
-                       f"({'; '.join(res_lib.config_diff(prev.get('config', {}), cfg_dict)[:4])}); "
-                       f"use another --out")
+    _check_same_config(grid, spec.run_id, prev, cfg_dict)
     return prev
   prepare_run_dir(cfg_dict, run_dir, log)
   result = {"grid": grid.name, **grid_lib.as_dict(spec), "attempts": prev.get("attempts", 0) + 1,
@@ -351,6 +369,7 @@ def run_grids(grids: list[Grid], opts: RunOptions, log=print,
     log(f"study {g.name}: {sum(len(p.runs) for p in plans)} runs planned so far")
     for line in grid_lib.describe(g, plans, results):
       log(line)
+    check_finished_configs(g, results, plans, opts)
     if not opts.dry_run:
       corpus[g.name] = ensure_data(g, opts.extra, log)
       check_data(g, results, corpus[g.name], opts.allow_data_change)
