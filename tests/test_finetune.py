@@ -109,3 +109,18 @@ def test_from_checkpoint_takes_the_parameters_only(shards, tmp_path, monkeypatch
   jax.tree.map(np.testing.assert_array_equal, seen[0],
                jax.device_get(first["state"]["params"]))
   assert sorted(second["losses"]) == [1, 2]  # a new run: steps, schedule and data from 0
+
+
+def test_from_checkpoint_into_a_smaller_model_says_which_keys(shards, tmp_path):
+  """A model that leaves stored parameters out (here a softmax one from a Parallax run: no
+  W_R) is refused naming them and the config keys to change, not the API's drop_unused."""
+  from parallax_jax.models import presets
+  from train.loop import train
+  model = presets.tiny(vocab_size=160, max_seq_len=64, implementation="xla")
+  train(run_config(model, shards, tmp_path / "a"), log=quiet)
+  cfg = run_config(model.replace(attention="softmax", probe=None, affine=None), shards,
+                   tmp_path / "b", from_checkpoint=str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"init.from_checkpoint: .*leaves out stored parameters "
+                     r"\(.*r_proj.*\); set the model\.\* keys") as e:
+    train(cfg, log=quiet)
+  assert "drop_unused" not in str(e.value)

@@ -468,13 +468,16 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
   assert result["meta"]["protocol"]["epochs"] == 2
   # Merging: runs of another command (here the same runs relabelled) join the table.
   other = dict(saved, runs=[dict(r, member="softmax") for r in saved["runs"]])
-  other["meta"] = dict(saved["meta"], protocol=dict(saved["meta"]["protocol"], lrs=[2e-3]))
+  other["meta"] = dict(saved["meta"], protocol=dict(saved["meta"]["protocol"], lrs=[2e-3],
+                                                     stop_sweep=True))
   (tmp_path / "other.json").write_text(json.dumps(other))
   merged = main(["--merge", str(tmp_path / "mad_smoke.json"), str(tmp_path / "other.json"),
                  "--out", str(tmp_path), "--tag", "merged"])
   assert len(merged["runs"]) == 4 and set(merged["scores"]) == {"parallax/muon", "softmax/muon"}
   assert "softmax/muon" in (tmp_path / "mad_merged.md").read_text()
   assert merged["meta"]["protocol"]["lrs"] == [1e-3, 2e-3]  # the union of the parts' grids
+  # --sweep-stop in one part only: the header says so (the first part's protocol lacked it)
+  assert "in the commands with --sweep-stop" in (tmp_path / "mad_merged.md").read_text()
   # A merged file merged again keeps the commands it came from.
   again = main(["--merge", str(tmp_path / "mad_merged.json"), str(tmp_path / "mad_smoke.json"),
                 "--out", str(tmp_path), "--tag", "again"])

@@ -48,6 +48,10 @@ def test_overrides_parse_to_field_types():
   assert cfg.optimizer.lr == 3e-3 and cfg.model.num_layers == 4
   assert cfg.optimizer.adam_lr is None and cfg.run.resume == "never"
   assert cfg.model.bandwidth == float("inf") and cfg.model.window is None
+  # `str | tuple[str, ...]`: one policy, or a comma list of one per layer
+  cfg = apply_overrides(TrainConfig(), ["model.num_layers=2", "model.remat_policy=none,full"])
+  assert cfg.model.remat_policy == ("none", "full")
+  assert apply_overrides(cfg, ["model.remat_policy=full"]).model.remat_policy == "full"
 
 
 @pytest.mark.parametrize("item, match", [

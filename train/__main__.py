@@ -4,8 +4,8 @@
 `tiny_softmax`, `qwen3_0p6b_parallax`, ...; default `tiny`, the CPU demo). Every key, its
 type and value (from the chosen preset) is listed by --help. Overrides are parsed and
 validated before JAX is touched, so unknown keys and bad values fail at once. Errors a user
-can fix (config, data, checkpoints, mesh, a diverged run) are one line on stderr with exit
-status 1 (2 for bad arguments). Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+can fix are one line on stderr: exit status 2 for bad arguments and config values, 1 for
+data, checkpoint, mesh and divergence errors. Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID (or run under SLURM / a TPU pod) and jax.distributed.initialize() is
 called first; the rest is the same code path as one host.
 """

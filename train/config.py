@@ -312,6 +312,8 @@ def _parse_one(tp, text: str, key: str):
     if type(None) in args and text.strip().lower() in ("none", "null"):
       return None
     errors = []
+    if "," in text:  # `str | tuple[str, ...]`: a comma list is the tuple, not one string
+      args = sorted(args, key=lambda a: typing.get_origin(a) is not tuple)
     for a in args:
       if a is type(None):
         continue

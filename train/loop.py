@@ -281,8 +281,17 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
   if ic.from_checkpoint:
     from parallax_jax.models.checkpoint import find_checkpoint, load_checkpoint
     src = find_checkpoint(ic.from_checkpoint)
-    _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
-                                shardings=trainer.param_shardings)
+    try:
+      _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
+                                  shardings=trainer.param_shardings)
+    except ValueError as e:
+      head, sep, _ = str(e).partition("; pass drop_unused=True")
+      if not sep:
+        raise
+      # the API's way out (drop_unused) is not a config key: say what to change here
+      raise ValueError(f"init.from_checkpoint: {head}; set the model.* keys to the "
+                       "checkpoint's model (the loop starts from every stored parameter)"
+                       ) from None
     log(f"init: parameters from {src.path}" + (f" (step {src.step})" if src.step else ""))
     return params
   return None

@@ -149,7 +149,9 @@ def markdown(result: dict[str, Any]) -> str:
       f"Protocol: epochs {epochs} (MAD: 200), batch {proto.get('batch_size')}, "
       f"lr {list(proto.get('lrs', []))} x wd {list(proto.get('wds', []))}, cosine to "
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"
-      f"{' (and the rest of its seed sweep: --sweep-stop)' if proto.get('stop_sweep') else ''}; "
+      + {True: " (and the rest of its seed sweep: --sweep-stop)",
+         "some": " (and, in the commands with --sweep-stop, the rest of its seed sweep)"}.get(
+             proto.get("stop_sweep"), "") + "; "
       f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
       f"Model: {model}" + ("; implementation None is the library's choice, per program in "
                            "the wall-time table's attention column" if auto else "") + ".",
@@ -260,5 +262,7 @@ def merge(paths: list[str], tag: str) -> dict[str, Any]:
   if protos[0]:  # the grid is the union of the parts' grids (e.g. an lr extension)
     meta["protocol"] = dict(protos[0], **{k: sorted({x for p in protos for x in p.get(k, [])})
                                           for k in ("lrs", "wds")})
+    stops = {bool(p.get("stop_sweep")) for p in protos}
+    meta["protocol"]["stop_sweep"] = "some" if len(stops) > 1 else stops.pop()
   return {"meta": meta, "programs": [q for p in parts for q in p["programs"]],
           "runs": [r for p in parts for r in p["runs"]]}

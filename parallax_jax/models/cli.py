@@ -146,8 +146,8 @@ def main(argv=None) -> int:
       ap.error(f"--prompt-ids: expected comma-separated integers, got {p!r}")
   if args.prompt:
     if tokenizer is None:
-      ap.error(f"--prompt needs the `tokenizers` package and a tokenizer.json (--tokenizer); "
-               f"none at {tok_path}")
+      ap.error("--prompt needs the `tokenizers` package and a tokenizer.json (--tokenizer); "
+               + (f"none at {tok_path}" if tok_path else "this source names none"))
     prompts += [tokenizer.encode(p).ids for p in args.prompt]
   if not prompts or any(not p for p in prompts):
     ap.error("give at least one non-empty --prompt-ids or --prompt")
