@@ -3,8 +3,9 @@ split-KV decode.
 
 Entry points: `attention.parallax_flash_attention` (training; it picks the Mosaic GPU or the
 Triton forward, or interpret mode) and `decode_triton.parallax_decode`. The kernel modules,
-`attention_triton`, `attention_mgpu`, `decode_triton` and `decode_mgpu`, import only `common`,
-which imports no kernel.
+`attention_triton`, `attention_mgpu`, `decode_triton`, `decode_mgpu` and `decode_mgpu_merge`,
+import only `common`, which imports no kernel, except that `decode_mgpu` calls its own split
+merge launch (`decode_mgpu_merge`, a Triton kernel in a file of its own).
 """
 from pallas_kernels.attention import is_supported
 from pallas_kernels.attention import parallax_flash_attention

@@ -32,6 +32,13 @@ def next_pow2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def balanced(op, xs):
+  """op over xs as a balanced tree: log2(len) dependent steps, not len - 1."""
+  while len(xs) > 1:
+    xs = [op(a, b) for a, b in zip(xs[::2], xs[1::2])] + xs[len(xs) - len(xs) % 2:]
+  return xs[0]
+
+
 def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 

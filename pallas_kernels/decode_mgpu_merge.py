@@ -24,18 +24,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import compiler_params
+from pallas_kernels.common import balanced, compiler_params
 
 BOX = 8            # query rows per box of the Mosaic kernel's partials
 D_CHUNK = 32       # columns of o per program (a 128-byte fp32 row segment)
 MERGE_REGS = 192   # fp32 registers per thread for one group's loads in flight
 
-
-def _tree(op, xs):
-  """op over xs as a balanced tree: log2(len) dependent steps."""
-  while len(xs) > 1:
-    xs = [op(a, b) for a, b in zip(xs[::2], xs[1::2])] + xs[len(xs) - len(xs) % 2:]
-  return xs[0]
 
 
 def group_splits(num_splits: int, rows: int, cols: int, num_mats: int, num_vecs: int,
@@ -62,13 +56,13 @@ def _kernel(vec_ref, mat_ref, o_ref, *, num_heads, group, num_splits, has_r, per
   def step(i, carry):
     m0, *sums = carry
     parts = [load(i * per_iter + u) for u in range(per_iter)]
-    m = jnp.maximum(m0, _tree(jnp.maximum, [p[0] for p in parts]))
+    m = jnp.maximum(m0, balanced(jnp.maximum, [p[0] for p in parts]))
     m_use = jnp.where(m == -jnp.inf, 0.0, m)          # no key so far: every weight 0
     ws = [jnp.exp2(m0 - m_use)] + [jnp.exp2(p[0] - m_use) for p in parts]
     vals = [[acc] + [p[k] for p in parts] for k, acc in enumerate(sums, 1)]
     col = lambda w, x: w if x.ndim == 1 else w[:, None]
-    return (m, *(None if xs[0] is None else _tree(jnp.add, [col(w, x) * x for w, x in
-                                                            zip(ws, xs)]) for xs in vals))
+    return (m, *(None if xs[0] is None else balanced(jnp.add, [col(w, x) * x for w, x in
+                                                               zip(ws, xs)]) for xs in vals))
 
   G, DC = o_ref.shape
   zv, zm = jnp.zeros((G,), jnp.float32), jnp.zeros((G, DC), jnp.float32)

@@ -29,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (NEG_INF, NUM_SMS, SUPPORTED_DTYPES, compiler_params, dot,
-                                   finite, iota, next_pow2, nonfinite, pad, rewrite,
-                                   split_chunk)
+from pallas_kernels.common import (NEG_INF, NUM_SMS, SUPPORTED_DTYPES, balanced,
+                                   compiler_params, dot, finite, iota, next_pow2, nonfinite,
+                                   pad, rewrite, split_chunk)
 
 # Register budgets (fp32 registers per thread) of the merges' loads in flight.
 MERGE_REGS = 192         # `_merge_by_split`
@@ -226,8 +226,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     sub = iota(bh, 0) // head_rows                                 # [bh, 1] head of a row
     heads_of = lambda ref, start, ok: [load_keys(ref, start, pl.ds(p * D, D), ok)
                                        for p in range(pack)]
-    scores = lambda x, ks: _tree(jnp.add, [jnp.where(sub == p, dot(x, kp, trans_b=True), 0.0)
-                                           for p, kp in enumerate(ks)])
+    scores = lambda x, ks: balanced(jnp.add, [jnp.where(sub == p, dot(x, kp, trans_b=True),
+                                                        0.0) for p, kp in enumerate(ks)])
 
     def by_head(f, w, vs, acc):
       # acc + row block p's product with its own head's V, picked by a select after the
@@ -265,8 +265,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
     s1 = jnp.where(valid, s1, NEG_INF)
     if careful:  # V's finite part, rows that see a non-finite value flagged, S2 masked
       bad = [jnp.max(nonfinite(vp), axis=1)[None, :] for vp in v]            # [1, bk]
-      bad = bad[0] if pack == 1 else _tree(jnp.add, [jnp.where(sub == p, b, 0.0)
-                                                      for p, b in enumerate(bad)])
+      bad = bad[0] if pack == 1 else balanced(jnp.add, [jnp.where(sub == p, b, 0.0)
+                                                         for p, b in enumerate(bad)])
       flag = jnp.maximum(flag, jnp.max(jnp.where(valid, bad, 0.0), axis=1))
       v = [finite(vp) for vp in v]
       s2 = jnp.where(valid, s2, 0.0) if has_r else None
@@ -379,12 +379,6 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
           num_splits=num_splits, num_warps=num_warps)
 
 
-def _tree(op, xs):
-  """op over xs as a balanced tree: log2(len) dependent steps, not len - 1."""
-  while len(xs) > 1:
-    xs = [op(a, b) for a, b in zip(xs[::2], xs[1::2])] + xs[len(xs) - len(xs) % 2:]
-  return xs[0]
-
 
 def merge_group_splits(rows: int, head_dim: int, num_warps: int, parallax: bool,
                        num_splits: int) -> int:
@@ -428,12 +422,12 @@ def _merge_by_split(m_ref, d1_ref, d2_ref, o1_ref, o2_ref, o_ref, *, h, nrow, nu
   def group(i, carry):  # fold splits [i*U, (i+1)*U) into the running (m, d1, d2, O1, O2)
     m0, *sums = carry
     parts = [load_split(i * U + u) for u in range(U)]
-    m = jnp.maximum(m0, _tree(jnp.maximum, [p[0] for p in parts]))
+    m = jnp.maximum(m0, balanced(jnp.maximum, [p[0] for p in parts]))
     ws = [jnp.exp(m0 - m)] + [jnp.exp(p[0] - m) for p in parts]   # (NEG_INF: no keys)
     vals = [[acc] + [p[k] for p in parts] for k, acc in enumerate(sums, 1)]
     col = lambda w, x: w if x.ndim == 1 else w[:, None]
-    return (m, *(None if xs[0] is None else _tree(jnp.add, [col(w, x) * x for w, x in
-                                                            zip(ws, xs)]) for xs in vals))
+    return (m, *(None if xs[0] is None else balanced(jnp.add, [col(w, x) * x for w, x in
+                                                               zip(ws, xs)]) for xs in vals))
 
   zv, zm = jnp.zeros((R,), jnp.float32), jnp.zeros((R, D), jnp.float32)
   init = (zv + NEG_INF, zv, zv if has_r else None, zm, zm if has_r else None)

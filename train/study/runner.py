@@ -202,8 +202,8 @@ def prepare_run_dir(cfg_dict: dict, run_dir: str, log):
 def _check_same_config(grid: Grid, run_id: str, prev: dict, cfg_dict: dict):
   """A finished run is kept only while the grid (with its --set keys) still gives it the
   config it ran with; otherwise its result would stand for a run it is not."""
-  if prev.get("config_fingerprint") == res_lib.fingerprint(cfg_dict):
-    return
+  if prev.get("config_fingerprint") in (None, res_lib.fingerprint(cfg_dict)):
+    return  # (None: a result without its config, nothing to compare)
   diff = res_lib.identity_changes(prev.get("config", {}), cfg_dict)
   if diff:
     raise StudyError(f"{grid.name}/{run_id} finished with another config "
