@@ -31,7 +31,6 @@ D_CHUNK = 32       # columns of o per program (a 128-byte fp32 row segment)
 MERGE_REGS = 192   # fp32 registers per thread for one group's loads in flight
 
 
-
 def group_splits(num_splits: int, rows: int, cols: int, num_mats: int, num_vecs: int,
                  threads: int) -> int:
   """Splits loaded per iteration: the largest divisor of num_splits whose partials ([rows,
