@@ -124,3 +124,8 @@ def test_from_checkpoint_into_a_smaller_model_says_which_keys(shards, tmp_path):
                      r"\(.*r_proj.*\); set the model\.\* keys") as e:
     train(cfg, log=quiet)
   assert "drop_unused" not in str(e.value)
+  # the API says how to drop them, and names them in the exception
+  from parallax_jax.models.checkpoint import UnusedParametersError, load_checkpoint
+  with pytest.raises(UnusedParametersError, match="pass drop_unused=True") as e:
+    load_checkpoint(str(tmp_path / "a"), cfg.model)
+  assert any("r_proj" in n for n in e.value.names)

@@ -279,19 +279,17 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
     log(f"init: parameters from Hugging Face checkpoint {path}")
     return jax.device_put(params, trainer.param_shardings)
   if ic.from_checkpoint:
-    from parallax_jax.models.checkpoint import find_checkpoint, load_checkpoint
+    from parallax_jax.models.checkpoint import (UnusedParametersError, find_checkpoint,
+                                                load_checkpoint)
     src = find_checkpoint(ic.from_checkpoint)
     try:
       _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
                                   shardings=trainer.param_shardings)
-    except ValueError as e:
-      head, sep, _ = str(e).partition("; pass drop_unused=True")
-      if not sep:
-        raise
+    except UnusedParametersError as e:
       # the API's way out (drop_unused) is not a config key: say what to change here
-      raise ValueError(f"init.from_checkpoint: {head}; set the model.* keys to the "
-                       "checkpoint's model (the loop starts from every stored parameter)"
-                       ) from None
+      raise ValueError(f"init.from_checkpoint: {e.where}: the config leaves out stored "
+                       f"parameters ({e.listed()}); set the model.* keys to the checkpoint's "
+                       "model (the loop starts from every stored parameter)") from None
     log(f"init: parameters from {src.path}" + (f" (step {src.step})" if src.step else ""))
     return params
   return None

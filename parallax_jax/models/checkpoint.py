@@ -228,6 +228,19 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointSource:
                    f"save_checkpoint directory ({CONFIG_FILE} + params/)")
 
 
+class UnusedParametersError(ValueError):
+  """The config leaves out parameters the checkpoint stores (`load_checkpoint` without
+  drop_unused). where: the params directory; names: the left-out parameters ('a/b/c')."""
+
+  def __init__(self, where: str, names: list[str]):
+    self.where, self.names = where, names
+    super().__init__(f"{where}: the config leaves out stored parameters ({self.listed()}); "
+                     "pass drop_unused=True to drop them")
+
+  def listed(self) -> str:
+    return ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
+
+
 class _NoStepMetadataNote(logging.Filter):
   """Drops orbax's note that an item directory has no `_CHECKPOINT_METADATA`: a run's step
   keeps that file one level up (beside `state/`), so reading the item alone always logs it,
@@ -299,8 +312,7 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
                        f"config's is {tuple(a.shape)}")
   extra = sorted("/".join(k) for k in stored if k not in want)
   if extra and not drop_unused:
-    raise ValueError(f"{where}: the config leaves out stored parameters ({', '.join(extra[:4])}"
-                     f"{' ...' if len(extra) > 4 else ''}); pass drop_unused=True to drop them")
+    raise UnusedParametersError(where, extra)
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda a: dev, abstract_params(config))

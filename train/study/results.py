@@ -26,6 +26,7 @@ import os
 import statistics
 from typing import Any
 
+from train.config import TrainConfig
 from train.resume import flatten
 
 # Keys that do not change what a run computes: a finished run is still the same run when
@@ -43,21 +44,15 @@ def fingerprint(cfg_dict: dict) -> str:
   return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_diff(a: dict, b: dict) -> list[str]:
+def config_diff(a: dict, b: dict, *, added_at_default: bool = True) -> list[str]:
+  """'key: old -> new' for every identity key that differs. added_at_default=False leaves out
+  keys `a` lacks that `b` holds at their default (a config key the code added after `a`, at
+  the value that reproduces it)."""
   fa, fb = flatten(a), flatten(b)
+  defaults = {} if added_at_default else flatten(TrainConfig().to_dict())
   keys = sorted((set(fa) | set(fb)) - set(NEUTRAL_KEYS))
-  return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
-
-
-def identity_changes(old: dict, new: dict) -> list[str]:
-  """`config_diff` of a finished run's config and the one it would run with now, leaving
-  out keys the old config lacks that now hold their default (a config key added to the code
-  after the run, at the value that reproduces it)."""
-  from train.config import TrainConfig
-  fo, defaults = flatten(old), flatten(TrainConfig().to_dict())
-  fn = flatten(new)
-  return [d for d in config_diff(old, new)
-          if not ((k := d.split(":", 1)[0]) not in fo and fn.get(k) == defaults.get(k, object()))]
+  return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)
+          and (added_at_default or k in fa or fb.get(k) != defaults.get(k, object()))]
 
 
 def read_json(path: str) -> dict | None:

@@ -204,7 +204,7 @@ def _check_same_config(grid: Grid, run_id: str, prev: dict, cfg_dict: dict):
   config it ran with; otherwise its result would stand for a run it is not."""
   if prev.get("config_fingerprint") in (None, res_lib.fingerprint(cfg_dict)):
     return  # (None: a result without its config, nothing to compare)
-  diff = res_lib.identity_changes(prev.get("config", {}), cfg_dict)
+  diff = res_lib.config_diff(prev.get("config", {}), cfg_dict, added_at_default=False)
   if diff:
     raise StudyError(f"{grid.name}/{run_id} finished with another config "
                      f"({'; '.join(diff[:4])}); use another --out")
