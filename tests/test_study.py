@@ -60,6 +60,12 @@ def test_plan_sweep_then_seeds_at_the_best_lr():
   assert [r.run_id for r in todo] == ["a/lr0.002_s1"]
   res["a/lr0.002_s1"] = done(3.01)
   assert grid_lib.plan_arm(g, arm, res).complete
+  # an arm's own seed count replaces the grid's
+  three = dataclasses.replace(arm, seeds=3)
+  assert [r.run_id for r in grid_lib.plan_arm(g, three, res).runs[3:]] == \
+      ["a/lr0.002_s1", "a/lr0.002_s2"]
+  with pytest.raises(ValueError, match="arm a: seeds"):
+    dataclasses.replace(arm, seeds=0)
 
 
 def test_plan_extends_an_edge_best_then_stops_at_max_extra():
@@ -188,6 +194,9 @@ def test_study_grids_load_matched_and_equal_tokens():
   assert not long.claims
   for a in long.arms:
     assert a.lrs[1:] == ((a.lrs[0] / 2,) if a.name.endswith("muon_long") else ())
+  seeds = {a.name: long.seeds if a.seeds is None else a.seeds for a in long.arms}
+  assert seeds["parallax_muon_long"] == seeds["softmax_muon_long"]
+  assert seeds["parallax_adamw_long"] == seeds["softmax_adamw_long"]
   steps = main.arms[0].config.run.steps
   assert {grid_lib.arm_config(a).run.steps for a in long.arms} == {2 * steps}
 

@@ -9,7 +9,9 @@ A grid file (`configs/study/<name>.py`) defines `get_grid() -> Grid`. Every arm 
                     edge of the lrs tried (the smallest, or the largest that did not diverge),
                     the next lr beyond that edge (x or / `grid.lr_step`) is added, at most
                     `grid.max_extra_lrs` times per arm, so the best lr is bracketed;
-  stage 2 (seeds)   seeds 1 .. grid.seeds-1 at the arm's best lr (seed 0 is its sweep run).
+  stage 2 (seeds)   seeds 1 .. grid.seeds-1 at the arm's best lr (seed 0 is its sweep run);
+                    `arm.seeds` replaces grid.seeds for one arm (give it to both arms of a
+                    comparison alike).
 
 The plan is a pure function of the grid and the results on disk, so a later invocation picks
 up where the last stopped and a second stage appears by itself once its sweep is complete.
@@ -62,7 +64,7 @@ class Arm:
   reported with the one-line error, instead of failing the grid. baseline: the arm it is
   compared with in the report: an arm of this grid, or '<grid>/<arm>' of another. longer_of:
   '<grid>/<arm>' of the same recipe at fewer tokens (the report's token-efficiency table
-  interpolates between the two lengths)."""
+  interpolates between the two lengths). seeds: the grid's seed count for this arm only."""
   name: str
   config: TrainConfig
   lrs: tuple[float, ...]
@@ -70,6 +72,7 @@ class Arm:
   baseline: str | None = None
   note: str = ""
   longer_of: str | None = None
+  seeds: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not NAME_RE.match(self.name):
@@ -90,6 +93,9 @@ class Arm:
         and all(NAME_RE.match(x) for x in self.longer_of.split("/"))):
       raise ValueError(f"arm {self.name}: longer_of must be '<grid>/<arm>', got "
                        f"{self.longer_of!r}")
+    if self.seeds is not None and (isinstance(self.seeds, bool) or
+                                   not isinstance(self.seeds, int) or self.seeds < 1):
+      raise ValueError(f"arm {self.name}: seeds must be an int >= 1, got {self.seeds!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +261,8 @@ def plan_arm(grid: Grid, arm: Arm, results: dict[str, dict]) -> ArmPlan:
     lrs.append(new)
     runs.append(mk(new, grid.sweep_seed, "extend"))
   if plan.best is not None:
-    runs.extend(mk(plan.best, s, "seed") for s in range(grid.seeds) if s != grid.sweep_seed)
+    seeds = grid.seeds if arm.seeds is None else arm.seeds
+    runs.extend(mk(plan.best, s, "seed") for s in range(seeds) if s != grid.sweep_seed)
   plan.complete = plan.best is None or all(_loss(results.get(r.run_id)) is not None
                                            for r in runs)
   return plan
