@@ -339,6 +339,25 @@ def test_step_outside_the_optimizer_equals_decoupled_weight_decay(optimizer, rng
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, p_ref)
 
 
+
+def test_a_program_over_the_memory_limit_trains_fewer_runs_a_call():
+  """A sweep whose one-call memory plan exceeds the device's limit is compiled for half the
+  runs a call until it fits; run_setting then trains it in that many calls."""
+  setting = tasks.TaskSetting("compression", vocab_size=6, seq_len=8, num_train=16, num_test=8)
+  protocol = train.Protocol(epochs=1, batch_size=8, lrs=(3e-3, 1e-3), wds=(0.0, 0.5))
+  cfg = train.model_config_for(setting, **TINY, member="softmax")
+  shapes = train.data_shapes(setting, 1, protocol)
+  whole = train.build_program(cfg, "adamw", protocol, shapes, 4)
+  assert whole.num_runs == 4 and whole.need_bytes >= whole.temp_bytes > 0
+  logs = []
+  prog = train.fitting_program(cfg, "adamw", protocol, shapes, 4, limit=whole.need_bytes,
+                               log=logs.append)
+  assert prog.num_runs < 4 and prog.need_bytes <= train.MEMORY_SHARE * whole.need_bytes
+  assert "4 runs a call plan" in logs[0] and "softmax/adamw" in logs[0]
+  out = train.run_setting(setting, optimizer="adamw", seeds=(0,), protocol=protocol,
+                          model_kwargs=dict(TINY, member="softmax"), program=prog)
+  assert len(out["runs"]) == 4 and out["timing"]["runs_per_program"] == prog.num_runs
+
 class _Scripted:
   """A stand-in Program whose epochs return given (acc, ppl) per run, to test the host side."""
 

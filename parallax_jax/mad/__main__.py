@@ -161,46 +161,57 @@ def main(argv=None) -> dict:
                for t in args.tasks}
   result["meta"]["task_epochs"] = {t: p.epochs for t, p in protocols.items()}
   start = time.perf_counter()
-  # XLA compiles outside the GIL: compiling every program at once costs about the longest
-  # compile instead of their sum, on a machine with cores to spare.
+  # XLA compiles outside the GIL: the programs compile concurrently, in the order they run,
+  # while the first ones train; compiles still queued when --max-minutes stops are dropped.
   threads = max(1, min(len(jobs), args.compile_threads or os.cpu_count() or 1))
-  print(f"compiling {len(jobs)} programs ({threads} threads)", flush=True)
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    programs = list(pool.map(lambda j: compile_program(
-        j[0], optimizer=j[2], seeds=seeds, protocol=protocols[j[0].task],
-        model_kwargs=dict(model_kwargs, member=j[1])), jobs))
-  result["meta"]["compile_wall_s"] = round(time.perf_counter() - start, 2)
-  print(f"compiled in {result['meta']['compile_wall_s']:.0f} s", flush=True)
+  print(f"compiling {len(jobs)} programs ({threads} threads, ahead of training)", flush=True)
+  pool = concurrent.futures.ThreadPoolExecutor(threads)
+  futures = [pool.submit(compile_program, setting, optimizer=opt, seeds=seeds,
+                         protocol=protocols[setting.task],
+                         model_kwargs=dict(model_kwargs, member=mem),
+                         log=lambda m: print(m, flush=True))
+             for setting, mem, opt in jobs]
+  result["meta"]["compile_wall_s"] = 0.0
   runs_per_prog = args.seeds * len(protocol.lrs) * len(protocol.wds)
   groups = -(-runs_per_prog // (protocol.group_size or runs_per_prog))
   show = sys.stdout.isatty() and not args.no_progress
   from tqdm import tqdm
   bar = tqdm(total=groups * sum(protocols[s.task].epochs for s, _, _ in jobs), disable=not show,
              unit="epoch", dynamic_ncols=True)
-  data, data_key = None, None
-  for i, ((setting, mem, opt), program) in enumerate(zip(jobs, programs)):
-    if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
-      print(f"--max-minutes {args.max_minutes} reached: skipping the {len(jobs) - i} remaining "
-            "programs", flush=True)
-      result["meta"]["skipped"] = [f"{s.task}/{s.label}/{m}/{o}" for s, m, o in jobs[i:]]
-      break
-    if data_key != setting:  # one draw per setting, shared by its members and optimizers
-      data, data_key = device_data(setting, seeds, protocol), setting
-    bar.set_description(f"{setting.task} {setting.label} {mem}/{opt}")
-    out = run_setting(setting, optimizer=opt, seeds=seeds, protocol=protocols[setting.task],
-                      model_kwargs=dict(model_kwargs, member=mem), on_epoch=bar.update,
-                      program=program, data=data)
-    result["programs"].append(out["timing"])
-    result["runs"] += out["runs"]
-    result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
-    report.write(result, args.out, args.tag, png=False)
-    tm = out["timing"]
-    best = max(r["acc"] for r in out["runs"])
-    line = (f"[{i + 1}/{len(jobs)}] {setting.task} {setting.label} {mem}/{opt}: "
-            f"{tm['epochs_run']} epochs {tm['train_s']:.1f} s "
-            f"({tm['train_s'] / max(tm['epochs_run'], 1):.2f} s/epoch), best acc {best:.3f} "
-            f"(wall {result['meta']['wall_s']:.0f} s)")
-    bar.write(line) if show else print(line, flush=True)
+  try:
+    data, data_key = None, None
+    late = lambda: (args.max_minutes is not None
+                    and time.perf_counter() - start > 60 * args.max_minutes)
+    for i, ((setting, mem, opt), future) in enumerate(zip(jobs, futures)):
+      if not late():
+        t_wait = time.perf_counter()
+        program = future.result()
+        result["meta"]["compile_wall_s"] = round(
+            result["meta"]["compile_wall_s"] + time.perf_counter() - t_wait, 2)
+      if late():
+        print(f"--max-minutes {args.max_minutes} reached: skipping the {len(jobs) - i} remaining "
+              "programs", flush=True)
+        result["meta"]["skipped"] = [f"{s.task}/{s.label}/{m}/{o}" for s, m, o in jobs[i:]]
+        break
+      if data_key != setting:  # one draw per setting, shared by its members and optimizers
+        data, data_key = device_data(setting, seeds, protocol), setting
+      bar.set_description(f"{setting.task} {setting.label} {mem}/{opt}")
+      out = run_setting(setting, optimizer=opt, seeds=seeds, protocol=protocols[setting.task],
+                        model_kwargs=dict(model_kwargs, member=mem), on_epoch=bar.update,
+                        program=program, data=data)
+      result["programs"].append(out["timing"])
+      result["runs"] += out["runs"]
+      result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
+      report.write(result, args.out, args.tag, png=False)
+      tm = out["timing"]
+      best = max(r["acc"] for r in out["runs"])
+      line = (f"[{i + 1}/{len(jobs)}] {setting.task} {setting.label} {mem}/{opt}: "
+              f"{tm['epochs_run']} epochs {tm['train_s']:.1f} s "
+              f"({tm['train_s'] / max(tm['epochs_run'], 1):.2f} s/epoch), best acc {best:.3f} "
+              f"(wall {result['meta']['wall_s']:.0f} s)")
+      bar.write(line) if show else print(line, flush=True)
+  finally:  # an error or the time limit: drop the queued compiles
+    pool.shutdown(wait=False, cancel_futures=True)
   bar.close()
   result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
   paths = report.write(result, args.out, args.tag)

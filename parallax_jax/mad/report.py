@@ -144,8 +144,8 @@ def markdown(result: dict[str, Any]) -> str:
   auto = "implementation" in model and model["implementation"] is None
   lines += [
       f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; {meta.get('date', '')}; "
-      f"wall {meta.get('wall_s', 0):.0f} s in all, of which compiling (each command's programs "
-      f"concurrently) {meta.get('compile_wall_s', 0):.0f} s.",
+      f"wall {meta.get('wall_s', 0):.0f} s in all, of which waiting for compiles (each "
+      f"command's programs compile concurrently) {meta.get('compile_wall_s', 0):.0f} s.",
       f"Protocol: epochs {epochs} (MAD: 200), batch {proto.get('batch_size')}, "
       f"lr {list(proto.get('lrs', []))} x wd {list(proto.get('wds', []))}, cosine to "
       f"{proto.get('min_lr')}, early stop at test accuracy > {proto.get('stop_acc')}"

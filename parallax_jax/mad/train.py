@@ -124,6 +124,8 @@ class Program:
   compile_s: float
   temp_bytes: int | None = None  # XLA's scratch for one epoch call (memory planning)
   attention: str | None = None   # the mixer's implementation (xla, chunked, pallas)
+  num_runs: int = 1              # runs one call trains (the group it was compiled for)
+  need_bytes: int | None = None  # scratch + arguments + outputs of one epoch call
 
 
 def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: dict[str, Any],
@@ -194,9 +196,49 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
       run((num_runs,), bool), run((), i32), run((), f32), data["train_x"], data["train_y"],
       data["test_x"], data["test_y"]).compile()
   mem = epoch.memory_analysis()
-  temp = None if mem is None else int(mem.temp_size_in_bytes)
+  temp = need = None
+  if mem is not None:
+    temp = int(mem.temp_size_in_bytes)
+    need = temp + int(mem.argument_size_in_bytes) + int(mem.output_size_in_bytes) - \
+        int(getattr(mem, "alias_size_in_bytes", 0))
   return Program(init, epoch, steps, time.perf_counter() - t0, temp,
-                 attention_implementation(cfg, bs, length))
+                 attention_implementation(cfg, bs, length), num_runs, need)
+
+
+# The share of the device's memory a program may plan for: the rest is the stacked data of
+# the next setting, the allocator's fragmentation, and the runtime's own buffers.
+MEMORY_SHARE = 0.9
+
+
+def device_memory() -> int | None:
+  """Bytes the default device's allocator may hand out (None where it does not say: CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def fitting_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: dict[str, Any],
+                    num_runs: int, limit: int | None = None,
+                    log: Callable[[str], None] | None = None) -> Program:
+  """`build_program` for `num_runs` runs a call, halving the group until XLA's plan of one
+  epoch call fits MEMORY_SHARE of the device (`limit` bytes; the device's own by default).
+  Members without fused kernels (the solve probes: lla, mesa) hold [T, S] weights per head
+  and run, and a whole sweep of them at once can plan for more than the device has, where
+  XLA would rematerialize for minutes and then fail at run time."""
+  limit = device_memory() if limit is None else limit
+  while True:
+    prog = build_program(cfg, optimizer, protocol, data, num_runs)
+    if limit is None or prog.need_bytes is None or \
+        prog.need_bytes <= MEMORY_SHARE * limit or num_runs == 1:
+      break
+    smaller = -(-num_runs // 2)
+    if log:
+      log(f"{cfg.member}/{optimizer} L={cfg.seq_len}: {num_runs} runs a call plan "
+          f"{prog.need_bytes / 2**30:.1f} GiB of {limit / 2**30:.1f}: {smaller} a call")
+    num_runs = smaller
+  if limit is not None and prog.need_bytes is not None and prog.need_bytes > limit and log:
+    log(f"warning: {cfg.member}/{optimizer} L={cfg.seq_len} plans "
+        f"{prog.need_bytes / 2**30:.1f} GiB for one run of {limit / 2**30:.1f} GiB")
+  return prog
 
 
 def data_shapes(setting: TaskSetting, num_seeds: int, protocol: Protocol) -> dict[str, Any]:
@@ -227,14 +269,15 @@ def group_size(num_runs: int, protocol: Protocol) -> int:
 
 
 def compile_program(setting: TaskSetting, *, optimizer: str, seeds: tuple[int, ...],
-                    protocol: Protocol = Protocol(), model_kwargs: dict | None = None) -> Program:
+                    protocol: Protocol = Protocol(), model_kwargs: dict | None = None,
+                    log: Callable[[str], None] | None = None) -> Program:
   """The program `run_setting` would build, from shapes only (thread-safe)."""
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
   cfg = model_config_for(setting, **(model_kwargs or {}))
   runs = len(sweep(seeds, protocol))
-  return build_program(cfg, optimizer, protocol, data_shapes(setting, len(seeds), protocol),
-                       group_size(runs, protocol))
+  return fitting_program(cfg, optimizer, protocol, data_shapes(setting, len(seeds), protocol),
+                         group_size(runs, protocol), log=log)
 
 
 def model_config_for(setting: TaskSetting, **model_kwargs) -> ModelConfig:
@@ -262,9 +305,9 @@ def run_setting(setting: TaskSetting, *, optimizer: str, seeds: tuple[int, ...],
     data = device_data(setting, seeds, protocol)
   data_s = time.perf_counter() - t0
   grid = sweep(seeds, protocol)
-  group = group_size(len(grid), protocol)
   if program is None:
-    program = build_program(cfg, optimizer, protocol, data, group)
+    program = fitting_program(cfg, optimizer, protocol, data, group_size(len(grid), protocol))
+  group = program.num_runs
   runs, train_s, epochs_done = [], 0.0, 0
   for start in range(0, len(grid), group):
     part = grid[start:start + group]
