@@ -35,7 +35,8 @@ def get_grid() -> Grid:
   for opt in ("adamw", "muon"):
     par = model("parallax")
     for name, m in ((f"parallax_{opt}", par), (f"softmax_{opt}", control(par))):
-      arms.append(Arm(f"{name}_long", train_config(f"{name}_long", m, opt), tuple(BEST_LR[name] * f for f in LR_FACTORS[opt]),
+      lrs = tuple(BEST_LR[name] * f for f in LR_FACTORS[opt])
+      arms.append(Arm(f"{name}_long", train_config(f"{name}_long", m, opt), lrs,
                       overrides=LONG,
                       baseline=f"softmax_{opt}_long" if name.startswith("parallax") else None,
                       longer_of=f"main/{name}", seeds=2 if opt == "muon" else None))
