@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--train-examples", type=int, default=None, help="override the setting's")
   g.add_argument("--test-examples", type=int, default=None, help="override the setting's")
   g.add_argument("--group-size", type=int, default=None,
-                 help="runs per program call (default: the whole sweep x seeds at once)")
+                 help="runs per program call (default: the whole sweep x seeds at once, halved "
+                 "until XLA's memory plan fits the device)")
   g.add_argument("--quick", action="store_true",
                  help="CPU smoke: 2 epochs of 2 steps, batch 16, 64 train / 32 test examples")
   m = p.add_argument_group("model (defaults: MAD's)")
@@ -85,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compile-cache", default=None,
                  help="JAX persistent compilation cache directory (reused across commands)")
   p.add_argument("--compile-threads", type=int, default=None,
-                 help="programs compiled concurrently before training (default: CPU count)")
+                 help="programs compiled concurrently, in run order, ahead of training "
+                 "(default: CPU count)")
   p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                  help="combine these result files into mad_<tag>.* and exit")
   p.add_argument("--no-progress", action="store_true")
