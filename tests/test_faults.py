@@ -1,4 +1,5 @@
-"""Faults a real run meets: kills, corrupt checkpoints and shards, divergence, changed configs.
+"""Faults a real run meets: kills, corrupt checkpoints and shards, divergence, changed configs,
+a checkpoint of another process count.
 
 Every test starts from copies of one reference run (6 steps of the 2-layer test model,
 checkpoints every 2, all kept) and checks that the loop resumes from the newest checkpoint
@@ -193,6 +194,67 @@ def test_kill_9_mid_run_resumes_bit_identically(shards, reference, tmp_path):
   out = train(small_config(shards, str(run), checkpoint_every=1, keep_checkpoints=6),
               log=quiet)
   assert out["final_step"] == 6 and same_params(out["state"]["params"], reference[1])
+
+
+def _data_record(step_dir, record=None):
+  """The data iterator record of a checkpoint step; with `record`, replace it."""
+  path = os.path.join(step_dir, "data", "metadata")
+  if record is not None:
+    with open(path, "w") as f:
+      json.dump(record, f)
+  with open(path) as f:
+    return json.load(f)
+
+
+def _spy_set_state(monkeypatch) -> list:
+  calls = []
+  real = data_lib._PackIterator.set_state
+
+  def set_state(self, state):
+    calls.append(state)
+    real(self, state)
+
+  monkeypatch.setattr(data_lib._PackIterator, "set_state", set_state)
+  return calls
+
+
+def test_checkpoint_of_another_process_count(shards, reference, tmp_path, monkeypatch):
+  """A checkpoint written by 2 processes (its data record holds 2 iterator states) cannot
+  continue the data streams of 1: refused under run.resume=auto, naming both counts and the
+  remedy, nothing rewritten; under override the run continues on a fresh stream."""
+  run = copy_run(reference, tmp_path)
+  for s in ("4", "6"):
+    shutil.rmtree(run / "checkpoints" / s)
+  rec = _data_record(run / "checkpoints" / "2")
+  assert rec["process_count"] == 1 and len(rec["per_process"]) == 1, rec
+  _data_record(run / "checkpoints" / "2",
+               {"process_count": 2, "per_process": rec["per_process"] * 2})
+  with pytest.raises(CheckpointMismatchError) as e:
+    train(config(shards, run), log=quiet)
+  msg = str(e.value)
+  assert "\n" not in msg and "checkpoints/2 was written by 2 processes, this run has 1:" in msg
+  assert msg.endswith("--set run.resume=override"), msg
+  assert json.load(open(run / "config.json")) == json.load(open(
+      os.path.join(reference[0], "config.json")))
+  calls, logs = _spy_set_state(monkeypatch), []
+  out = train(config(shards, run, resume="override"), log=logs.append)
+  assert calls == [] and sorted(out["losses"]) == [3, 4, 5, 6]  # the stream starts over
+  notes = [l for l in logs if "written by 2 processes" in l]
+  assert len(notes) == 1 and notes[0].startswith("resume: ") and "restarts" in notes[0], logs
+  assert not same_params(out["state"]["params"], reference[1])  # other batches
+
+
+def test_old_checkpoint_data_state_resumes(shards, reference, tmp_path, monkeypatch):
+  """A checkpoint of an older version holds one bare iterator state: a single process
+  resumes from it bit-identically, without a warning."""
+  run = copy_run(reference, tmp_path)
+  shutil.rmtree(run / "checkpoints" / "6")
+  old = _data_record(run / "checkpoints" / "4")["per_process"][0]
+  _data_record(run / "checkpoints" / "4", old)
+  calls, logs = _spy_set_state(monkeypatch), []
+  out = train(config(shards, run), log=logs.append)
+  assert calls == [old] and same_params(out["state"]["params"], reference[1])
+  assert not [l for l in logs if l.startswith("warning:")], logs
 
 
 # --------------------------------------------------------------------------- shards

@@ -1,9 +1,12 @@
 """Orbax checkpoints of the train state + the data iterator state + the config, verified.
 
 Layout: <out_dir>/checkpoints/<step>/{state, data, config, integrity}; `state` is the sharded
-train state (params, optimizer state, step), `data` the data iterator's JSON state, `config`
-the full TrainConfig as JSON, `integrity` a fingerprint of every state array (two 32-bit sums
-of its raw bits: `parallax_jax.models.checkpoint.fingerprint`). Saves are asynchronous (the
+train state (params, optimizer state, step), `data` every process's data iterator state
+(`{"process_count": P, "per_process": [state of process 0, ..., P - 1]}`, gathered from all
+processes at each save: `gather_data_states`; train/resume.py `data_state` picks this
+process's entry on resume), `config` the full TrainConfig as JSON, `integrity` a fingerprint
+of every state array (two 32-bit sums of its raw bits:
+`parallax_jax.models.checkpoint.fingerprint`). Saves are asynchronous (the
 loop keeps training while the write finishes) and only the newest `keep` are kept. Orbax
 writes each step into a temporary directory and renames it once complete, so a half-written
 checkpoint (a crash mid-save) is never listed and never restored.
@@ -19,11 +22,14 @@ What a save and a restore guarantee:
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from parallax_jax.models.checkpoint import few, fingerprint, verify_fingerprint
 
@@ -95,13 +101,15 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state, data_state: dict, config: dict):
-    """Save asynchronously after checking that every state array is finite."""
+    """Save asynchronously after checking that every state array is finite. data_state: this
+    process's data iterator state; every process calls save (the states are gathered)."""
     fp = fingerprint(state)
     if fp["nonfinite"]:
       raise NonFiniteStateError(
           f"step {step}: the train state holds NaN / inf in {few(fp['nonfinite'])}; not saved")
+    data = gather_data_states(data_state)  # JsonSave writes on the primary process only
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
         config=ocp.args.JsonSave(config), integrity=ocp.args.JsonSave(fp)), force=True)
 
   def wait(self):
@@ -114,7 +122,9 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state,
               check_config: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
-    """(state, data iterator state) of `step`, verified against its fingerprint.
+    """(state, data record) of `step`, verified against its fingerprint. The data record is
+    as saved (every process's iterator state; a bare state from older versions): pass it to
+    train/resume.py `data_state`.
 
     Raises CheckpointMismatchError (from check_config) for a checkpoint of another config,
     CheckpointCorruptError for one that cannot be read back as written."""
@@ -167,10 +177,32 @@ class Checkpointer:
     self.manager.close()
 
 
+# --------------------------------------------------------------------------- data states
+def gather_data_states(local: dict) -> dict:
+  """{"process_count": P, "per_process": [state of process 0, ..., P - 1]} from this
+  process's JSON-serialisable data iterator state.
+
+  A collective: every process calls it. One process gathers nothing; several allgather the
+  lengths of their JSON encodings, then the bytes padded to a power of two (>= 64), so a run
+  compiles a few small gathers once and each later save costs two tiny transfers."""
+  pc = jax.process_count()
+  if pc == 1:
+    return {"process_count": 1, "per_process": [local]}
+  raw = np.frombuffer(json.dumps(local, sort_keys=True).encode(), np.uint8)
+  lens = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32)))
+  lens = lens.reshape(pc)
+  width = max(64, 1 << (int(lens.max()) - 1).bit_length())
+  buf = np.zeros((width,), np.uint8)
+  buf[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(pc, width)
+  return {"process_count": pc,
+          "per_process": [json.loads(rows[i, :int(n)].tobytes()) for i, n in enumerate(lens)]}
+
+
 def _short(e: BaseException, n: int = 160) -> str:
   text = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
   return text if len(text) <= n else text[:n - 3] + "..."
 
 
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
-           "NonFiniteStateError", "fingerprint"]
+           "NonFiniteStateError", "fingerprint", "gather_data_states"]

@@ -19,8 +19,10 @@ loop save a checkpoint at the current step and return.
 Resuming (`run.resume`, see train/resume.py for what may change) restores the newest
 checkpoint that reads back and matches its fingerprint, moving unreadable ones aside
 (train/checkpoint.py); metrics.jsonl is cut back to the restored step and TensorBoard told to
-drop the replayed steps. A new run starts from `init.from_hf` / `init.from_checkpoint`
-parameters when set. Every run ends by drawing its loss curve to `<out_dir>/loss.png`.
+drop the replayed steps. Each process continues its own data stream (a checkpoint holds every
+process's iterator state; one written by another process count: train/resume.py). A new run
+starts from `init.from_hf` / `init.from_checkpoint` parameters when set. Every run ends by
+drawing its loss curve to `<out_dir>/loss.png`.
 
 With `run.profile_steps > 0`, process 0 records a JAX profiler trace of steps
 `profile_start+1 .. profile_start+profile_steps` into `<out_dir>/profile` (xplane.pb for
@@ -316,12 +318,17 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
     if params is None:
       return 0, trainer.init_state(rc.seed)
     return 0, trainer.state_from_params(params)
-  start, state, data_state = restored
+  start, state, data_record = restored
   if start > rc.steps:
     raise ValueError(f"run.steps: {rc.steps} is before the checkpoint's step {start} "
                      f"({ckpt.directory}/{start}); nothing to train")
-  it.set_state(data_state)
-  for n in notes:
+  # this process's own data stream position (a record of another process count: refused
+  # under auto, fresh streams under override)
+  data_state, data_notes = resume_lib.data_state(data_record, rc.resume,
+                                                 f"{ckpt.directory}/{start}")
+  if data_state is not None:
+    it.set_state(data_state)
+  for n in notes + data_notes:
     log(n)
   todo = rc.steps - start
   log(f"resumed from {ckpt.directory}/{start}: "
@@ -445,6 +452,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   def save(step_no):
     nonlocal last_saved
     try:
+      # this process's data position; save gathers every process's (a collective)
       ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
     except NonFiniteStateError as e:
       raise NonFiniteLossError(f"{e}: {last_good()}") from None

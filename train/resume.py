@@ -10,11 +10,19 @@ Every config key falls in one of three classes:
               run.resume=auto, applied with a printed note under run.resume=override (the new
               schedule is evaluated from the restored step on).
   free        everything else (logging, eval, checkpoint cadence, mesh, prefetch, ...).
+
+The data streams: a checkpoint holds every process's data iterator state, and each process
+continues from its own (`data_state`). Each process reads a slice of the data that depends
+on the process count, so a checkpoint of another process count cannot continue the streams:
+refused under run.resume=auto; under run.resume=override every process's stream restarts
+from the start of its slice (data repeats).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import jax
 
 from train.checkpoint import CheckpointMismatchError
 
@@ -73,3 +81,30 @@ def check(stored: dict, current: dict, mode: str, where: str) -> list[str]:
         f"with the new values anyway (the schedule is recomputed from the restored step on), "
         f"--set run.resume=override")
   return [f"resume: {k} {a!r} -> {b!r}" for k, a, b in traj]
+
+
+def data_state(record: dict, mode: str, where: str, *, process_index: int | None = None,
+               process_count: int | None = None) -> tuple[dict | None, list[str]]:
+  """(this process's data iterator state, or None for a fresh stream; notes to print) from a
+  checkpoint's data record (train/checkpoint.py `gather_data_states`). Raise
+  CheckpointMismatchError for a record of another process count unless mode is override."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if "per_process" not in record:  # an older version's record: process 0's state only
+    if pc == 1:
+      return record, []
+    return record, [f"warning: checkpoint {where} holds one data iterator state (written by "
+                    f"an older version); all {pc} processes continue from it, as older "
+                    f"versions did, so processes other than 0 may skip or repeat some data"]
+  states = record["per_process"]
+  if len(states) == pc:
+    return states[pi], []
+  why = (f"checkpoint {where} was written by {len(states)} processes, this run has {pc}: "
+         f"each process's slice of the data depends on the process count, so the data "
+         f"streams cannot continue")
+  if mode != "override":
+    raise CheckpointMismatchError(
+        f"{why}; to resume anyway with every process's data stream restarted from the start "
+        f"of its slice (data repeats), --set run.resume=override")
+  return None, [f"resume: {why}; every process's data stream restarts from the start of its "
+                f"slice (data repeats)"]

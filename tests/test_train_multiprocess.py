@@ -1,0 +1,275 @@
+"""Multi-process (multi-host) resume: every process continues its own data stream.
+
+Each process reads its own slice of the data, so each has its own data iterator state. A save
+gathers them all into the checkpoint (`gather_data_states`, a collective; one process gathers
+nothing) and a resume hands each process its own (train/resume.py `data_state`). A checkpoint
+of another process count cannot continue the streams: refused under run.resume=auto, fresh
+streams under run.resume=override. An older checkpoint's bare state still resumes.
+
+The gather and the choice are tested with simulated processes (threads behind a fake
+allgather); one real run trains in two CPU processes joined by `jax.distributed.initialize`
+(gloo collectives), is interrupted, resumes, and matches the uninterrupted two-process run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt_lib
+from train import resume as resume_lib
+from train.checkpoint import CheckpointMismatchError, gather_data_states
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHERE = "runs/x/checkpoints/4"
+
+
+# --------------------------------------------------------------------------- gather
+def test_one_process_gathers_without_a_collective(monkeypatch):
+  def no_collective(*a, **kw):
+    raise AssertionError("one process must not run a collective")
+
+  monkeypatch.setattr(ckpt_lib.multihost_utils, "process_allgather", no_collective)
+  state = {"index": 6, "offset": 0}
+  assert gather_data_states(state) == {"process_count": 1, "per_process": [state]}
+
+
+def test_every_process_gathers_every_state(monkeypatch):
+  """Three simulated processes (threads) with states of different JSON lengths, one longer
+  than the smallest padding: each gets all three, in process order; every gather has the
+  same shape on every process (a real allgather requires it), padded to a power of two."""
+  n = 3
+  states = [{"index": 6, "offset": 0}, {"index": 7, "offset": 377},
+            {"index": 123456, "offset": 9, "parent": {"epoch": 2, "rng": "x" * 90}}]
+  barrier, slots, shapes = threading.Barrier(n), [None] * n, []
+  me = threading.local()
+
+  def allgather(x):  # stacks every process's array, like process_allgather(tiled=False)
+    slots[me.i] = np.asarray(x)
+    barrier.wait()
+    got = np.stack(slots)
+    if me.i == 0:
+      shapes.append([s.shape for s in slots])
+    barrier.wait()
+    return got
+
+  monkeypatch.setattr(jax, "process_count", lambda: n)
+  monkeypatch.setattr(ckpt_lib.multihost_utils, "process_allgather", allgather)
+  out, errors = [None] * n, []
+
+  def run(i):
+    me.i = i
+    try:
+      out[i] = gather_data_states(states[i])
+    except BaseException as e:  # noqa: BLE001
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  assert not errors, errors
+  want = {"process_count": n, "per_process": states}
+  assert out == [want] * n
+  assert json.loads(json.dumps(want)) == want  # what JsonSave writes
+  assert len(shapes) == 2 and all(len(set(s)) == 1 for s in shapes), shapes
+  width = shapes[1][0][0]
+  assert width == 256 and width >= len(json.dumps(states[2])), shapes  # 2^k >= the longest
+
+
+# --------------------------------------------------------------------------- restore
+def test_each_process_resumes_from_its_own_state():
+  states = [{"index": 6, "offset": 0}, {"index": 7, "offset": 377}]
+  rec = {"process_count": 2, "per_process": states}
+  for i in range(2):
+    assert resume_lib.data_state(rec, "auto", WHERE, process_index=i, process_count=2) == \
+        (states[i], [])
+  one = {"process_count": 1, "per_process": [states[1]]}
+  assert resume_lib.data_state(one, "auto", WHERE) == (states[1], [])  # this process: 1 of 1
+
+
+def test_an_older_checkpoint_resumes_every_process_from_its_one_state():
+  old = {"index": 6, "offset": 0}  # a bare iterator state, as older versions saved
+  assert resume_lib.data_state(old, "auto", WHERE, process_index=0, process_count=1) == \
+      (old, [])
+  for i in range(2):
+    got, notes = resume_lib.data_state(old, "auto", WHERE, process_index=i, process_count=2)
+    assert got == old and len(notes) == 1 and "\n" not in notes[0], notes
+    assert notes[0].startswith(f"warning: checkpoint {WHERE} holds one data iterator state")
+
+
+@pytest.mark.parametrize("saved, now", [(2, 1), (1, 4)])
+def test_another_process_count_is_refused_or_restarts_the_streams(saved, now):
+  rec = {"process_count": saved,
+         "per_process": [{"index": 5 + i, "offset": i} for i in range(saved)]}
+  with pytest.raises(CheckpointMismatchError) as e:
+    resume_lib.data_state(rec, "auto", WHERE, process_index=0, process_count=now)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(
+      f"checkpoint {WHERE} was written by {saved} processes, this run has {now}:"), msg
+  assert msg.endswith("restarted from the start of its slice (data repeats), "
+                      "--set run.resume=override"), msg
+  for i in range(now):
+    got, notes = resume_lib.data_state(rec, "override", WHERE, process_index=i,
+                                       process_count=now)
+    assert got is None and len(notes) == 1 and "\n" not in notes[0], notes
+    assert notes[0].startswith(f"resume: checkpoint {WHERE} was written by {saved} processes")
+    assert "restarts from the start of its slice" in notes[0]
+
+
+# --------------------------------------------------------------------------- two processes
+# One process of a two-process run: argv = process id, coordinator port, shards, run root,
+# compilation cache. Trains 6 steps uninterrupted ("full"), then 3 steps, stopped ("part"),
+# then resumes the part to 6 ("rest"); prints what each process saved and restored.
+SCRIPT = textwrap.dedent(r"""
+import json, sys
+import jax
+pid, (port, shards, root, cache) = int(sys.argv[1]), sys.argv[2:6]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid, initialization_timeout=120)
+jax.config.update("jax_compilation_cache_dir", cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from parallax_jax.models import presets
+from train import data as data_lib, resume as resume_lib
+from train.config import DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
+from train.loop import train
+
+saved, restored = [], []
+_state, _pick = data_lib.iterator_state, resume_lib.data_state
+def iterator_state(it):
+  s = _state(it)
+  saved.append(s)
+  return s
+def data_state(*a, **kw):
+  s, notes = _pick(*a, **kw)
+  restored.append(s)
+  return s, notes
+data_lib.iterator_state, resume_lib.data_state = iterator_state, data_state
+
+def config(out):
+  return TrainConfig(
+      name="test", model=presets.tiny(vocab_size=320, max_seq_len=64, implementation="xla"),
+      mesh=MeshConfig(data=2),
+      data=DataConfig(path=shards, seq_len=32, global_batch_size=4, prefetch=2,
+                      eval_batches=1, auto_prepare=False),
+      optimizer=OptimizerConfig(name="muon", lr=1e-2),
+      schedule=ScheduleConfig(warmup_steps=2, decay_fraction=0.5),
+      run=RunConfig(steps=6, out_dir=out, log_every=1, eval_every=0, diag_every=0,
+                    checkpoint_every=2, keep_checkpoints=3, progress=False, sample_lines=0))
+
+def main():
+  quiet = lambda s: None
+  assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
+  full = train(config(root + "/full"), log=quiet)
+  part = train(config(root + "/part"), stop_after=3, log=quiet)
+  at_stop = saved[-1]
+  rest = train(config(root + "/part"), log=quiet)
+  losses = lambda r: {str(k): v for k, v in r["losses"].items()}
+  print("RESULT" + json.dumps({"full": losses(full), "part": losses(part), "rest": losses(rest),
+                               "at_stop": at_stop, "restored": restored}), flush=True)
+
+try:
+  main()
+except BaseException:  # exit now: a normal exit would wait for the other process forever
+  import os, traceback
+  traceback.print_exc()
+  sys.stdout.flush(); sys.stderr.flush()
+  os._exit(1)
+""")
+
+
+def _short_document_shards(path: str, vocab: int = 320) -> str:
+  """Shards of random documents of 3 to 40 tokens: the two processes' streams then stop at
+  different positions (the stdlib shards' long documents fill every row alike)."""
+  rng = np.random.default_rng(0)
+  os.makedirs(path)
+  splits = {}
+  for split, n in (("train", 400), ("val", 40)):
+    docs = [np.append(rng.integers(1, vocab, int(rng.integers(2, 40))), 0) for _ in range(n)]
+    np.concatenate(docs).astype("<u2").tofile(os.path.join(path, f"{split}_0.bin"))
+    np.save(os.path.join(path, f"{split}_0.offsets.npy"),
+            np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64))
+    splits[split] = [f"{split}_0"]
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump({"format": "parallax-tokens-v1", "dtype": "uint16", "vocab_size": vocab,
+               "eos_id": 0, "tokenizer": "tokenizer.json", "splits": splits}, f)
+  return path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
+  """Two CPU processes (one device each, mesh data = 2): the checkpoint holds both data
+  states, each process resumes from its own, and the resumed run's losses equal the
+  uninterrupted two-process run's. One process resuming that checkpoint is refused.
+  (Handing process 0's position to both, as before, fails here: process 1's offset lies past
+  the end of its own piece, a ValueError in the packer, and process 0 waits in a collective;
+  elsewhere the other processes silently skip or repeat data.)"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=1").strip(),
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  shards = _short_document_shards(str(tmp_path / "shards"))
+  root, port = str(tmp_path), str(_free_port())
+  procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
+  for i in range(2):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port, shards, root,
+                                     compile_cache], env=env, cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True))
+  try:  # one process failing leaves the other waiting in a collective: stop it
+    t0 = time.time()
+    while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+      assert time.time() - t0 < 300, "the two processes did not finish in 300 s"
+      time.sleep(0.2)
+  finally:
+    killed = [p.poll() is None for p in procs]
+    for p, k in zip(procs, killed):
+      if k:
+        p.kill()
+        p.wait()
+  outs = [open(f).read() for f in logs]
+  for i in sorted(range(2), key=lambda i: killed[i]):  # the one that failed first
+    rc = procs[i].returncode
+    assert rc == 0, f"process {i} exited with {rc}: {outs[i][-4000:]}"
+  res = [json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][6:])
+         for out in outs]
+  a, b = res
+  # each process saved its own position at the stop, and they differ (one slice each)
+  assert a["at_stop"] != b["at_stop"], (a["at_stop"], b["at_stop"])
+  with open(os.path.join(root, "part", "checkpoints", "3", "data", "metadata")) as f:
+    assert json.load(f) == {"process_count": 2, "per_process": [a["at_stop"], b["at_stop"]]}
+  # the fresh runs restored nothing; the resumed one each process's own state
+  assert a["restored"] == [a["at_stop"]] and b["restored"] == [b["at_stop"]], (a, b)
+  for r in res:
+    assert sorted(r["full"]) == [str(s) for s in range(1, 7)]
+    assert sorted(r["part"]) == ["1", "2", "3"] and sorted(r["rest"]) == ["4", "5", "6"]
+    for s in ("4", "5", "6"):  # the same programs on the same batches: bit-identical
+      assert r["rest"][s] == r["full"][s], (s, r["rest"], r["full"])
+  assert a["full"] == b["full"]
+
+  # one process cannot continue the two streams: refused under run.resume=auto
+  from tests.test_train import small_config
+  from train.loop import train
+  cfg = small_config(shards, os.path.join(root, "part"), checkpoint_every=2)
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"checkpoints/6 was written by 2 processes, this run has 1: "):
+    train(cfg, log=lambda s: None)
