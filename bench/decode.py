@@ -723,6 +723,9 @@ def mgpu_variants(dm, B, Hkv, L):
     out["mgpu_pack_2wg_cluster"] = dataclasses.replace(two, cluster_merge=True)
     out["mgpu_pack_mk"] = dataclasses.replace(base, merge_kernel=True)
     out["mgpu_pack_2wg_mk"] = dataclasses.replace(two, merge_kernel=True)
+    for cols in (16, 8):  # more merge programs, fewer bytes each
+      out[f"mgpu_pack_mk{cols}"] = dataclasses.replace(base, merge_kernel=True,
+                                                       merge_columns=cols)
   if splits > 8:   # the default's split count in one cluster: past the portable 8 CTAs
     out["mgpu_pack_cluster16"] = dataclasses.replace(base, cluster_merge=True,
                                                      num_splits=min(splits, 16))

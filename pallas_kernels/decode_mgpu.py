@@ -95,7 +95,8 @@ class DecodeConfig:
     interpreter has no cluster refs.
   merge_kernel: the split partials are merged by one Pallas (Triton) launch
     (`decode_mgpu_merge`) that also writes o's rows in place, instead of XLA's fusions and
-    the row gather.
+    the row gather. merge_columns: o's columns one program of that launch merges (a power
+    of two >= 8; fewer: more programs, fewer bytes each).
   """
   block_kv: int = 64
   num_stages: int = 3
@@ -104,6 +105,7 @@ class DecodeConfig:
   num_consumers: int = 1
   cluster_merge: bool = False
   merge_kernel: bool = False
+  merge_columns: int = 32
 
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
@@ -117,6 +119,8 @@ class DecodeConfig:
     if self.cluster_merge and self.merge_kernel:
       raise ValueError("cluster_merge and merge_kernel are two ways to merge the splits: "
                        "choose one")
+    if self.merge_columns < 8 or self.merge_columns & (self.merge_columns - 1):
+      raise ValueError(f"merge_columns={self.merge_columns} must be a power of two >= 8")
     if self.num_stages % self.num_consumers:
       raise ValueError(f"num_stages={self.num_stages} must be a multiple of "
                        f"num_consumers={self.num_consumers}")
@@ -624,7 +628,7 @@ def parallax_decode_mgpu(q, k_cache, v_cache, r=None, *, scale, lengths, window=
   idx = _box_rows(B, Hq, Hkv)
   if ns > 1 and cfg.merge_kernel:
     return merge_partials(*out, num_heads=Hq, has_r=r is not None, out_dtype=q.dtype,
-                          interpret=interpret is not None)
+                          interpret=interpret is not None, columns=cfg.merge_columns)
   if ns == 1 or cfg.cluster_merge:
     o = jnp.take_along_axis(out[0], idx[..., None], axis=2)      # [B, Hkv, G, D]
   else:

@@ -12,7 +12,9 @@ by ~0.17 us a split, where the decode kernel itself took 7.9 (bench/NOTES.md); t
 cluster merge lost. Here a program takes U splits' partials per iteration, every load
 issued before the arithmetic, so a group costs about one L2 latency; programs are (KV head,
 batch, D chunk), so even B = 1 spreads the bytes (16 splits x 4 rows x 128 x 3 x 4 B =
-96 KB a KV head) over tens of SMs.
+96 KB a KV head) over tens of SMs. Measured on an H100 with 32 columns a program (32
+programs at B = 1, Hkv = 8): 3.55 us at G = 4 and 5.39 at G = 8, growing with each
+program's bytes, so the chunk is a knob (`columns`, DecodeConfig.merge_columns).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import balanced, compiler_params
 
 BOX = 8            # query rows per box of the Mosaic kernel's partials
-D_CHUNK = 32       # columns of o per program (a 128-byte fp32 row segment)
+D_CHUNK = 32       # default columns of o per program (a 128-byte fp32 row segment)
 MERGE_REGS = 192   # fp32 registers per thread for one group's loads in flight
 
 
@@ -73,18 +75,23 @@ def _kernel(vec_ref, mat_ref, o_ref, *, num_heads, group, num_splits, has_r, per
   o_ref[...] = jnp.where(ok, o, 0.0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "has_r", "out_dtype", "interpret"))
-def merge_partials(vecs, mats, *, num_heads: int, has_r: bool, out_dtype, interpret=False):
+@functools.partial(jax.jit, static_argnames=("num_heads", "has_r", "out_dtype", "interpret",
+                                             "columns"))
+def merge_partials(vecs, mats, *, num_heads: int, has_r: bool, out_dtype, interpret=False,
+                   columns: int = D_CHUNK):
   """o [B, Hq, D] (out_dtype) from the split partials of `decode_mgpu._decode`: the same
-  math as `decode_mgpu._merge` (rows with no key: 0)."""
+  math as `decode_mgpu._merge` (rows with no key: 0). columns: o's columns a program merges
+  (fewer: more programs, fewer bytes each)."""
   B, Hkv, ns, nv, box = vecs.shape
   nm, D = mats.shape[3], mats.shape[-1]
   if box != BOX or mats.shape[:3] != (B, Hkv, ns) or nv != (3 if has_r else 2) or \
       nm != (3 if has_r else 1) or num_heads % Hkv:
     raise ValueError(f"merge_partials: bad partials vecs {vecs.shape} mats {mats.shape} for "
                      f"num_heads={num_heads}, has_r={has_r}")
+  if columns < 8 or columns & (columns - 1):
+    raise ValueError(f"merge_partials: columns={columns} must be a power of two >= 8")
   G = num_heads // Hkv
-  dc = min(D, D_CHUNK)
+  dc = min(D, columns)
   num_warps = max(1, min(4, G * dc // 64))           # ~2 values of a [G, 32] tile a thread
   per_iter = group_splits(ns, G, dc, nm, nv, 32 * num_warps)   # O2hi, O2lo loaded apart
   kernel = functools.partial(_kernel, num_heads=num_heads, group=G, num_splits=ns,

@@ -141,14 +141,17 @@ GPU_CASES.update({
 })
 # the splits merged by one Pallas (Triton) launch that writes o's rows (no XLA merge, no gather)
 GPU_CASES.update({
-    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_mk{consumers}wg":
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_mk{consumers}wg"
+    f"{'' if cols == 32 else cols}":
         dataclasses.replace(_gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers),
                             parallax=parallax,
                             config=dm.DecodeConfig(merge_kernel=True, num_consumers=consumers,
-                                                   num_stages=4 if consumers > 1 else 3))
-    for B, Hq, Hkv, S, D, window, consumers, parallax in [
-        (1, 32, 8, 4096, 128, None, 1, True), (1, 16, 8, 8192, 128, 300, 2, True),
-        (2, 32, 4, 776, 128, None, 1, True), (4, 8, 8, 4096, 64, None, 1, False)]
+                                                   num_stages=4 if consumers > 1 else 3,
+                                                   merge_columns=cols))
+    for B, Hq, Hkv, S, D, window, consumers, parallax, cols in [
+        (1, 32, 8, 4096, 128, None, 1, True, 32), (1, 16, 8, 8192, 128, 300, 2, True, 32),
+        (2, 32, 4, 776, 128, None, 1, True, 32), (4, 8, 8, 4096, 64, None, 1, False, 32),
+        (1, 64, 8, 4096, 128, None, 1, True, 8), (1, 32, 8, 4096, 64, None, 1, False, 16)]
 })
 
 
@@ -258,14 +261,17 @@ def test_merge_kernel_matches_the_xla_merge(has_r):
     vecs, mats = jnp.asarray(vecs), jnp.asarray(mats)
     idx = jnp.asarray(dm._box_rows(B, G * Hkv, Hkv))
     want = np.asarray(dm._merge(vecs, mats, idx, has_r)).reshape(B, G * Hkv, D)
-    got = np.asarray(mm.merge_partials(vecs, mats, num_heads=G * Hkv, has_r=has_r,
-                                       out_dtype=jnp.float32, interpret=True))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    assert np.all(got[-1, -G:] == 0.0) and np.isfinite(got).all()
+    for cols in (32, 8):
+      got = np.asarray(mm.merge_partials(vecs, mats, num_heads=G * Hkv, has_r=has_r,
+                                         out_dtype=jnp.float32, interpret=True, columns=cols))
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+      assert np.all(got[-1, -G:] == 0.0) and np.isfinite(got).all()
   assert mm.group_splits(16, 4, 32, 2, 3, 32) == 16
   assert mm.group_splits(12, 8, 32, 2, 3, 32) == 6      # a divisor of 12 within the budget
   with pytest.raises(ValueError, match="bad partials"):
     mm.merge_partials(vecs, mats, num_heads=3, has_r=has_r, out_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="merge_columns=12"):
+    dm.DecodeConfig(merge_kernel=True, merge_columns=12)
 
 
 def test_supported_and_errors():
@@ -339,11 +345,11 @@ def test_cuda_lowering_abstract_h100(D, parallax, pack, splits, consumers, S):
   assert (b"setmaxnreg.inc.sync.aligned.u32" in ops) == (consumers > 1)
 
 
-@pytest.mark.parametrize("D,parallax,G", [(128, True, 4), (64, False, 1)])
-def test_merge_kernel_lowers(D, parallax, G):
+@pytest.mark.parametrize("D,parallax,G,cols", [(128, True, 4, 32), (64, False, 1, 8)])
+def test_merge_kernel_lowers(D, parallax, G, cols):
   """merge_kernel: the Mosaic decode kernel then one Triton launch that merges its splits
   and writes o (no XLA merge, no gather); its Triton IR verifies."""
-  cfg = dm.DecodeConfig(num_splits=16, merge_kernel=True)
+  cfg = dm.DecodeConfig(num_splits=16, merge_kernel=True, merge_columns=cols)
   lowered = _lower(1, 8 * G, 8, 4096, D, parallax, cfg)
   assert len(mosaic_modules(lowered)) == 1
   mods = triton_modules(lowered)
