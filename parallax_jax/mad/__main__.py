@@ -195,6 +195,10 @@ def main(argv=None) -> dict:
               "programs", flush=True)
         result["meta"]["skipped"] = [f"{s.task}/{s.label}/{m}/{o}" for s, m, o in jobs[i:]]
         break
+      calls = -(-runs_per_prog // program.num_runs)  # a program fitted to memory: more calls
+      if calls != groups:
+        bar.total += (calls - groups) * protocols[setting.task].epochs
+        bar.refresh()
       if data_key != setting:  # one draw per setting, shared by its members and optimizers
         data, data_key = device_data(setting, seeds, protocol), setting
       bar.set_description(f"{setting.task} {setting.label} {mem}/{opt}")
