@@ -353,7 +353,8 @@ def test_a_program_over_the_memory_limit_trains_fewer_runs_a_call():
   prog = train.fitting_program(cfg, "adamw", protocol, shapes, 4, limit=whole.need_bytes,
                                log=logs.append)
   assert prog.num_runs < 4 and prog.need_bytes <= train.MEMORY_SHARE * whole.need_bytes
-  assert "4 runs a call plan" in logs[0] and "softmax/adamw" in logs[0]
+  # sized from one run's plan first (on a CPU every member takes the dense path)
+  assert "one run plans" in logs[0] and "softmax/adamw" in logs[0], logs
   out = train.run_setting(setting, optimizer="adamw", seeds=(0,), protocol=protocol,
                           model_kwargs=dict(TINY, member="softmax"), program=prog)
   assert len(out["runs"]) == 4 and out["timing"]["runs_per_program"] == prog.num_runs

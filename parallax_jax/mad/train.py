@@ -221,10 +221,29 @@ def fitting_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: 
                     log: Callable[[str], None] | None = None) -> Program:
   """`build_program` for `num_runs` runs a call, halving the group until XLA's plan of one
   epoch call fits MEMORY_SHARE of the device (`limit` bytes; the device's own by default).
-  Members without fused kernels (the solve probes: lla, mesa) hold [T, S] weights per head
-  and run, and a whole sweep of them at once can plan for more than the device has, where
-  XLA would rematerialize for minutes and then fail at run time."""
+  Members without fused kernels (lla, mesa, linear: the dense path) hold [T, S] arrays per
+  head and run, and a whole sweep of them at once can plan for more than the device has,
+  where XLA would rematerialize for minutes and then fail at run time; for them the group
+  is first sized from one run's plan (one more, small compile)."""
   limit = device_memory() if limit is None else limit
+  bs, length = protocol.batch_size, data["train_x"].shape[-1]
+  if limit is not None and num_runs > 1 and \
+      attention_implementation(cfg, bs, length) != "pallas":
+    # Size the group from one run's plan first: compiling an oversized group is what costs
+    # (XLA tries to rematerialize it into the device for minutes before giving up).
+    probe = build_program(cfg, optimizer, protocol, data, 1)
+    if probe.need_bytes is not None:
+      shared = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in data.values())
+      per_run = max(probe.need_bytes - shared, 1)
+      fit = max(1, int((MEMORY_SHARE * limit - shared) // per_run))
+      if fit < num_runs:
+        if log:
+          log(f"{cfg.member}/{optimizer} L={cfg.seq_len}: one run plans "
+              f"{probe.need_bytes / 2**30:.2f} GiB: {fit} runs a call of {num_runs} fit "
+              f"{limit / 2**30:.1f}")
+        num_runs = fit
+      if num_runs == 1:
+        return probe
   while True:
     prog = build_program(cfg, optimizer, protocol, data, num_runs)
     if limit is None or prog.need_bytes is None or \
