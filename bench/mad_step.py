@@ -9,7 +9,10 @@ take its time (CUPTI, GPU only), so the cost of the members without kernels (the
 [T, S] work, the batched D x D solves of lla / mesa) is measured, not guessed.
 
   PYTHONPATH=. python3 bench/mad_step.py [--members softmax,parallax,lla,mesa,linear]
-      [--task in-context-recall] [--optimizer adamw] [--runs 18] [--steps 20] [--out DIR]
+      [--solvers direct,cholesky] [--task in-context-recall] [--optimizer adamw] [--runs 18]
+      [--steps 20] [--out DIR]
+
+--solvers: the solve-probe members (lla, mesa) get a row per solver of their D x D systems.
 
 Compiles the members' programs concurrently, then times them one at a time.
 """
@@ -33,6 +36,8 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--members", default="softmax,parallax,lla,mesa,linear")
+  ap.add_argument("--solvers", default="direct,cholesky",
+                  help="solvers the solve-probe members run with (a row each)")
   ap.add_argument("--task", default="in-context-recall")
   ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
   ap.add_argument("--runs", type=int, default=18, help="runs a program trains at once")
@@ -52,15 +57,19 @@ def main(argv=None):
   import numpy as np
 
   from parallax_jax.mad import tasks, train
-  from parallax_jax.mad.model import init_params
+  from parallax_jax.mad.model import init_params, member_spec
 
   setting = tasks.baseline(a.task)
   protocol = train.Protocol(epochs=1, steps_per_epoch=a.steps)
   dtype = a.dtype if a.dtype != "auto" else (
       "bfloat16" if jax.default_backend() == "gpu" else "float32")
-  members = a.members.split(",")
-  cfgs = {m: train.model_config_for(setting, width=a.width, num_heads=a.heads, dtype=dtype,
-                                    member=m) for m in members}
+  # (row name, member, solver): a row per solver for the members that solve a system
+  rows_spec = [(m if member_spec(m)[1] != "solve" else f"{m}/{s}", m, s)
+               for m in a.members.split(",")
+               for s in (a.solvers.split(",") if member_spec(m)[1] == "solve" else ["direct"])]
+  members = [name for name, _, _ in rows_spec]
+  cfgs = {name: train.model_config_for(setting, width=a.width, num_heads=a.heads, dtype=dtype,
+                                       member=m, solver=s) for name, m, s in rows_spec}
   shapes = train.data_shapes(setting, 1, protocol)
   log(f"compiling {len(members)} programs: {a.runs} runs of {a.task}, {a.steps} steps")
   with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
@@ -94,7 +103,8 @@ def main(argv=None):
       if isinstance(t, float):
         by_name[name] = by_name.get(name, 0.0) + t
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
-    row = {"member": m, "attention": prog.attention, "runs": n, "steps": a.steps,
+    row = {"member": m, "solver": cfg.solver, "attention": prog.attention, "runs": n,
+           "steps": a.steps,
            "compile_s": round(prog.compile_s, 1),
            "need_gib": None if prog.need_bytes is None else round(prog.need_bytes / 2**30, 2),
            "epoch_wall_s": round(wall, 4), "kernels_ms": round(total, 2),

@@ -13,7 +13,7 @@ from parallax_jax import reference as _reference
 
 PROBES = ("none", "query", "learned", "solve")
 AFFINES = ("constant", "linear", "affine", "boundary")
-SOLVERS = ("direct", "cg")
+SOLVERS = ("direct", "cholesky", "cg")
 IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 # Above this many (query, key) pairs per head `implementation=None` avoids the dense path.
 DENSE_MAX_PAIRS = 1 << 20
@@ -213,8 +213,10 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
       (learnable: gradients flow), or inf (uniform weights).
     ridge: lambda >= 0 for the solve probe; None (default) means `SOLVE_RIDGE` (1e-3). At
       ridge=0 rows with fewer than head_dim + 1 keys have a singular system (NaN/inf).
-      solver: 'direct' or 'cg' (matrix-free conjugate gradient with `cg_iters` iterations,
-      default head_dim).
+      solver: 'direct' (LU), 'cholesky' (the system is symmetric positive definite for
+      ridge > 0: half the factorization work; a system that float32 rounding leaves
+      indefinite makes its row NaN) or 'cg' (matrix-free conjugate gradient with
+      `cg_iters` iterations, default head_dim).
     causal: mask future keys; with T < S the queries are the last T positions.
     window: keep only the `window` most recent keys (including the diagonal).
     segment_ids: [B, L] ints, or (q_ids [B, T], kv_ids [B, S]); keys of other segments masked.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from parallax_jax import masks
 
@@ -101,13 +102,17 @@ def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
   else:
     rhs = kbar - q
 
-  if solver == "direct":
+  if solver in ("direct", "cholesky"):
     kk = jnp.einsum("bkgts,bksd,bkse->bkgtde", a, k, k)
     if affine != "linear":
       # Second moment about the query: E[kk^T] - kbar q^T - q kbar^T + q q^T (weights sum to 1).
       kk = (kk - kbar[..., :, None] * q[..., None, :] - q[..., :, None] * kbar[..., None, :]
             + q[..., :, None] * q[..., None, :])
-    return jnp.linalg.solve(kk + ridge[..., None] * eye, rhs[..., None])[..., 0]
+    system = kk + ridge[..., None] * eye
+    if solver == "cholesky":  # a weighted second moment plus ridge: symmetric positive definite
+      factor = jnp.linalg.cholesky(system)
+      return jax.scipy.linalg.cho_solve((factor, True), rhs[..., None])[..., 0]
+    return jnp.linalg.solve(system, rhs[..., None])[..., 0]
 
   def op(x):  # matrix-free: never forms the D x D moment
     akx = a * jnp.einsum("bkgtd,bksd->bkgts", x, k)

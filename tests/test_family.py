@@ -152,13 +152,22 @@ def test_identity6_global_ridge_regression(x64, rng, impl):
     np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-10)
 
 
-def test_cg_matches_direct(x64, rng):
+def test_cg_and_cholesky_match_direct(x64, rng):
   q, k, v, _ = make(rng, t=16, d=4)
   for affine in ("linear", "affine", "boundary"):
     kw = dict(probe="solve", affine=affine, ridge=0.2)
     direct = pj.attention(q, k, v, solver="direct", **kw)
     cg = pj.attention(q, k, v, solver="cg", cg_iters=12, **kw)
     np.testing.assert_allclose(np.asarray(cg), np.asarray(direct), rtol=1e-8, atol=1e-8)
+    chol = pj.attention(q, k, v, solver="cholesky", **kw)
+    np.testing.assert_allclose(np.asarray(chol), np.asarray(direct), rtol=1e-10, atol=1e-12)
+    # the gradients too: cholesky's rule assumes a symmetric system, which this one is
+    loss = lambda solver: lambda q, k, v: jnp.sum(
+        jnp.sin(pj.attention(q, k, v, solver=solver, **kw)))
+    for g_chol, g_direct in zip(jax.grad(loss("cholesky"), (0, 1, 2))(q, k, v),
+                                jax.grad(loss("direct"), (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(np.asarray(g_chol), np.asarray(g_direct), rtol=1e-8,
+                                 atol=1e-10)
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])

@@ -254,6 +254,8 @@ def test_member_spec():
     ModelConfig(vocab_size=8, seq_len=8, width=16, num_heads=3)
   with pytest.raises(ValueError, match="r_init"):
     ModelConfig(vocab_size=8, seq_len=8, r_init="ones")
+  with pytest.raises(ValueError, match="ModelConfig.solver"):
+    ModelConfig(vocab_size=8, seq_len=8, member="lla", solver="lu")
 
 
 @pytest.mark.parametrize("backbone", ["lm", "autoencoder"])

@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   m.add_argument("--r-norm", action="store_true")
   m.add_argument("--init-std", type=float, default=None)
   m.add_argument("--ridge", type=float, default=1e-2, help="solve-probe members only")
+  m.add_argument("--solver", default="direct", choices=api.SOLVERS,
+                 help="solve-probe members only: their D x D systems' solver")
   m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype (auto: bfloat16 on GPU, float32 elsewhere)")
   m.add_argument("--implementation", default="auto",
@@ -153,7 +155,8 @@ def main(argv=None) -> dict:
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   model_kwargs = dict(width=args.width, num_layers=args.layers, num_heads=args.heads,
                       rope=not args.no_rope, attn_bias=not args.no_attn_bias, r_init=args.r_init,
-                      r_norm=args.r_norm, init_std=args.init_std, ridge=args.ridge, dtype=dtype,
+                      r_norm=args.r_norm, init_std=args.init_std, ridge=args.ridge,
+                      solver=args.solver, dtype=dtype,
                       implementation=None if args.implementation == "auto" else args.implementation)
   result = {"meta": _meta(args, protocol, model_kwargs), "programs": [], "runs": []}
   seeds = tuple(range(args.seeds))

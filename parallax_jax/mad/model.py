@@ -76,8 +76,8 @@ def member_spec(member: str) -> tuple[float | None, str, str]:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The MAD model. mlp_width None is MAD's SwiGLU width, 16 * ceil(int(8 width / 3) / 16)
-  (352 at width 128). ridge is read by solve-probe members only ('lla', 'mesa', ...), where a
-  ridge > 0 keeps the first positions' local regressions well posed."""
+  (352 at width 128). ridge and solver are read by solve-probe members only ('lla', 'mesa',
+  ...), where a ridge > 0 keeps the first positions' local regressions well posed."""
   vocab_size: int
   seq_len: int
   backbone: str = "lm"
@@ -87,6 +87,7 @@ class ModelConfig:
   mlp_width: int | None = None
   member: str = "softmax"
   ridge: float = 1e-2
+  solver: str = "direct"
   rope: bool = True
   rope_theta: float = 10_000.0
   attn_bias: bool = True
@@ -116,6 +117,9 @@ class ModelConfig:
     if self.implementation not in api.IMPLEMENTATIONS + (None,):
       raise ValueError(f"ModelConfig.implementation: expected one of {api.IMPLEMENTATIONS} or "
                        f"None, got {self.implementation!r}")
+    if self.solver not in api.SOLVERS:
+      raise ValueError(f"ModelConfig.solver: expected one of {api.SOLVERS}, got "
+                       f"{self.solver!r}")
     if not self.ridge >= 0:
       raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
     if self.init_std is not None and not self.init_std > 0:
@@ -206,7 +210,7 @@ class Mixer(nn.Module):
       r = None if r is None else apply_rope(r, cos, sin)
     bandwidth, probe, affine = cfg.spec
     o = api.attention(q, k, v, r, probe=probe, affine=affine, bandwidth=bandwidth,
-                      ridge=cfg.ridge if probe == "solve" else 0.0,
+                      ridge=cfg.ridge if probe == "solve" else 0.0, solver=cfg.solver,
                       implementation=cfg.implementation)
     return Dense((cfg.width,), in_dims=2, use_bias=cfg.attn_bias, dtype=dt, name="o_proj")(o)
 
