@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import VOCAB, small_config
-from train import data as data_lib
+from train import checkpoint as ckpt_lib, data as data_lib
 from train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointMismatchError
 from train.loop import NonFiniteLossError, train
 
@@ -229,7 +229,11 @@ def test_checkpoint_of_another_process_count(shards, reference, tmp_path, monkey
   assert rec["process_count"] == 1 and len(rec["per_process"]) == 1, rec
   _data_record(run / "checkpoints" / "2",
                {"process_count": 2, "per_process": rec["per_process"] * 2})
-  with pytest.raises(CheckpointMismatchError) as e:
+  def no_state_read(*a, **k):
+    raise AssertionError("the state was read before the data record was checked")
+
+  with monkeypatch.context() as m, pytest.raises(CheckpointMismatchError) as e:
+    m.setattr(ckpt_lib.ocp.args, "StandardRestore", no_state_read)  # refused before it
     train(config(shards, run), log=quiet)
   msg = str(e.value)
   assert "\n" not in msg and "checkpoints/2 was written by 2 processes, this run has 1:" in msg

@@ -120,6 +120,14 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
+  def stored_data(self, step: int) -> dict:
+    """The data record of `step` alone (read before the state, to decide on it first)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore()))["data"]
+    except Exception as e:  # noqa: BLE001 - any read failure means unreadable
+      raise CheckpointCorruptError(f"its data record does not read back: {_short(e)}") from e
+
   def restore(self, step: int, abstract_state,
               check_config: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
     """(state, data record) of `step`, verified against its fingerprint. The data record is

@@ -301,6 +301,7 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
                     it, log) -> tuple[int, Any]:
   """(start step, state): the newest good checkpoint under run.resume, else a new state."""
   rc = cfg.run
+  data_choice: list = []  # (this process's data state, notes) of the step restored
   if rc.resume == "never":
     if ckpt.latest_step() is not None:
       raise ValueError(f"run.resume=never: {ckpt.directory} already holds checkpoints (latest "
@@ -310,7 +311,11 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
     notes: list[str] = []
 
     def check_config(stored: dict, step: int):
-      notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, f"{ckpt.directory}/{step}")
+      where = f"{ckpt.directory}/{step}"
+      notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, where)
+      # this process's data stream position, decided before the state is read: a refusal
+      # (a checkpoint of another process count) should not wait for a large restore
+      data_choice[:] = [resume_lib.data_state(ckpt.stored_data(step), rc.resume, where)]
 
     restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check_config)
   if restored is None:
@@ -318,14 +323,13 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
     if params is None:
       return 0, trainer.init_state(rc.seed)
     return 0, trainer.state_from_params(params)
-  start, state, data_record = restored
+  start, state, _ = restored
   if start > rc.steps:
     raise ValueError(f"run.steps: {rc.steps} is before the checkpoint's step {start} "
                      f"({ckpt.directory}/{start}); nothing to train")
-  # this process's own data stream position (a record of another process count: refused
-  # under auto, fresh streams under override)
-  data_state, data_notes = resume_lib.data_state(data_record, rc.resume,
-                                                 f"{ckpt.directory}/{start}")
+  # this process's own data stream position, chosen in check_config for the step restored
+  # (a record of another process count: refused under auto, fresh streams under override)
+  data_state, data_notes = data_choice[0]
   if data_state is not None:
     it.set_state(data_state)
   for n in notes + data_notes:
