@@ -195,6 +195,19 @@ def test_prepare_writes_each_document_as_encoded_across_batches(tmp_path, monkey
     assert got == want, split
 
 
+
+def test_prepare_warns_when_the_document_split_misses_val_fraction(tmp_path, capsys):
+  """Documents are split, not tokens: a small corpus whose held-out document is large holds
+  out far more than val_fraction; prepare says so (one line naming the option)."""
+  from train import prepare as prep
+  docs = [f"x = {i}\n" * 20 for i in range(4)] + ["y = 1\n" * 2000]  # the last one: val
+  src = tmp_path / "docs.jsonl"
+  src.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+  prep.prepare(str(tmp_path / "out"), [str(src)], vocab_size=280, val_fraction=0.02)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("warning: --val-fraction 0.02:"), err
+  assert "1 of 5 documents" in err[0]
+
 # --------------------------------------------------------------------------- mesh
 def test_rule_table_covers_every_logical_name():
   from train.mesh import RULES, mesh_shape

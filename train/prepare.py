@@ -140,6 +140,7 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
   splits: dict[str, list[str]] = {"train": [], "val": []}
   buffers: dict[str, list[np.ndarray]] = {"train": [], "val": []}
   counts = {"train": 0, "val": 0}
+  totals = {"train": 0, "val": 0}
   checksums: dict[str, dict[str, int]] = {}
 
   def flush(split):
@@ -167,6 +168,7 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
       split = "val" if k in val else "train"
       buffers[split].append(ids)
       counts[split] += len(ids)
+      totals[split] += len(ids)
       if counts[split] >= shard_tokens:
         flush(split)
   flush("train")
@@ -183,9 +185,14 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
     json.dump(meta, f, indent=1)
   os.replace(tmp, os.path.join(out, "meta.json"))  # meta.json last: a complete dataset
   if not quiet:
-    ntok = {s: sum(int(np.load(os.path.join(out, n + ".offsets.npy"))[-1]) for n in names)
-            for s, names in splits.items()}
-    print(f"prepared {out}: {len(docs)} documents, vocab {vocab}, tokens {ntok}", flush=True)
+    print(f"prepared {out}: {len(docs)} documents, vocab {vocab}, tokens {totals}", flush=True)
+    # Documents, not tokens, are split: a corpus of a few large documents can hold out far
+    # more (or less) than val_fraction of its tokens.
+    share = totals["val"] / max(sum(totals.values()), 1)
+    if val_fraction > 0 and share > max(3 * val_fraction, val_fraction + 0.1):
+      print(f"warning: --val-fraction {val_fraction}: the validation split holds {share:.0%} "
+            f"of the tokens ({len(val)} of {len(docs)} documents; the split is by document): "
+            f"add documents or lower --val-fraction", file=sys.stderr, flush=True)
   return meta
 
 
