@@ -126,34 +126,37 @@ GPU_CASES = {
         (2, 32, 4, 776, 128, 3, None)]
     for pack, consumers in [(True, 1), (False, 1), (True, 2)]
 }
+
+
+def _merged_case(B, Hq, Hkv, S, D, window, consumers, parallax, **merge):
+  """A split launch whose splits merge another way than XLA's (`merge`: DecodeConfig keys)."""
+  return dataclasses.replace(
+      _gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers), parallax=parallax,
+      config=dm.DecodeConfig(num_consumers=consumers, num_stages=4 if consumers > 1 else 3,
+                             **merge))
+
+
+_member = lambda parallax: "parallax" if parallax else "softmax"  # noqa: E731
 # the splits merged in the kernel through distributed shared memory (GPU only)
 GPU_CASES.update({
-    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_cluster{splits}_"
-    f"{consumers}wg":
-        dataclasses.replace(_gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers),
-                            parallax=parallax,
-                            config=dm.DecodeConfig(num_splits=splits, cluster_merge=True,
-                                                   num_consumers=consumers,
-                                                   num_stages=4 if consumers > 1 else 3))
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{_member(parallax)}_cluster{splits}_{consumers}wg":
+        _merged_case(B, Hq, Hkv, S, D, window, consumers, parallax, num_splits=splits,
+                     cluster_merge=True)
     for B, Hq, Hkv, S, D, splits, window, consumers, parallax in [
         (1, 16, 8, 8192, 128, 8, None, 1, True), (1, 32, 4, 4096, 128, 8, None, 2, True),
         (2, 32, 4, 776, 128, 3, 300, 1, True), (4, 8, 8, 4096, 64, 5, None, 1, False)]
 })
 # the splits merged by one Pallas (Triton) launch that writes o's rows (no XLA merge, no gather)
 GPU_CASES.update({
-    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{'parallax' if parallax else 'softmax'}_mk{consumers}wg"
+    f"B{B}_Hq{Hq}_Hkv{Hkv}_S{S}_D{D}_{_member(parallax)}_mk{consumers}wg"
     f"{'' if cols == 32 else cols}":
-        dataclasses.replace(_gpu_case(B, Hq, Hkv, S, D, None, window, True, consumers),
-                            parallax=parallax,
-                            config=dm.DecodeConfig(merge_kernel=True, num_consumers=consumers,
-                                                   num_stages=4 if consumers > 1 else 3,
-                                                   merge_columns=cols))
+        _merged_case(B, Hq, Hkv, S, D, window, consumers, parallax, merge_kernel=True,
+                     merge_columns=cols)
     for B, Hq, Hkv, S, D, window, consumers, parallax, cols in [
         (1, 32, 8, 4096, 128, None, 1, True, 32), (1, 16, 8, 8192, 128, 300, 2, True, 32),
         (2, 32, 4, 776, 128, None, 1, True, 32), (4, 8, 8, 4096, 64, None, 1, False, 32),
         (1, 64, 8, 4096, 128, None, 1, True, 8), (1, 32, 8, 4096, 64, None, 1, False, 16)]
 })
-
 
 class TestDecodeMgpu:
   """The kernel against the dense reference, compiled on a Hopper GPU, and there against the

@@ -207,8 +207,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # the restored state, leaf by leaf, against the shardings the new run's Trainer asked for
 restored = {}
 _restore = ckpt_lib.Checkpointer.restore
-def restore(self, step, abstract_state, check_config=None):
-  state, data = _restore(self, step, abstract_state, check_config)
+def restore(self, step, abstract_state, check=None):
+  state, data = _restore(self, step, abstract_state, check)
   got, want = jax.tree.leaves(state), jax.tree.leaves(abstract_state)
   restored.update(n=len(got), mismatched=sum(
       not g.sharding.is_equivalent_to(w.sharding, g.ndim) for g, w in zip(got, want)),

@@ -17,8 +17,9 @@ What a save and a restore guarantee:
   fingerprint. One that does not (a truncated or bit-flipped array file, a missing
   `_METADATA`, a directory that is not a committed checkpoint) is moved aside to
   `<step>.unreadable` with a warning, and the next older one is tried: keep-N exists for this.
-- A checkpoint written for another config is not a corrupt one: the caller's `check_config`
-  raises, naming the differing keys, and nothing is moved.
+- A checkpoint written for another config (or another process count) is not a corrupt one:
+  the caller's `check`, given the stored config and data record before the state is read,
+  raises, naming what differs, and nothing is moved.
 """
 from __future__ import annotations
 
@@ -116,34 +117,25 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   # ------------------------------------------------------------------ restore
-  def stored_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-
-  def stored_data(self, step: int) -> dict:
-    """The data record of `step` alone (read before the state, to decide on it first)."""
-    try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          data=ocp.args.JsonRestore()))["data"]
-    except Exception as e:  # noqa: BLE001 - any read failure means unreadable
-      raise CheckpointCorruptError(f"its data record does not read back: {_short(e)}") from e
-
   def restore(self, step: int, abstract_state,
-              check_config: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
+              check: Callable[[dict, dict, int], None] | None = None) -> tuple[Any, dict]:
     """(state, data record) of `step`, verified against its fingerprint. The data record is
     as saved (every process's iterator state; a bare state from older versions): pass it to
-    train/resume.py `data_state`.
+    train/resume.py `data_state`. check(config, data record, step) runs on the small JSON
+    items before the state is read.
 
-    Raises CheckpointMismatchError (from check_config) for a checkpoint of another config,
+    Raises CheckpointMismatchError (from check) for a checkpoint of another run,
     CheckpointCorruptError for one that cannot be read back as written."""
     try:
-      stored = self.stored_config(step)
+      head = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any read failure means unreadable
-      raise CheckpointCorruptError(f"its config does not read back: {_short(e)}") from e
-    if check_config is not None:
-      check_config(stored, step)
+      raise CheckpointCorruptError(f"its config or data record does not read back: "
+                                   f"{_short(e)}") from e
+    if check is not None:
+      check(head["config"], head["data"], step)
     has_fp = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
-    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
     if has_fp:
       items["integrity"] = ocp.args.JsonRestore()
     try:
@@ -156,17 +148,17 @@ class Checkpointer:
     if not has_fp:
       self.warn(f"warning: checkpoint {self.directory}/{step} has no fingerprint (written by an "
                 "older version); restored without verifying its arrays")
-    return out["state"], out["data"]
+    return out["state"], head["data"]
 
   def restore_latest(self, abstract_state,
-                     check_config: Callable[[dict, int], None] | None = None
+                     check: Callable[[dict, dict, int], None] | None = None
                      ) -> tuple[int, Any, dict] | None:
     """(step, state, data) of the newest checkpoint that restores and verifies; None when
     there is none. Unreadable ones are moved aside (and reported) on the way down."""
     tried = []
     for step in reversed(self.all_steps()):
       try:
-        state, data = self.restore(step, abstract_state, check_config)
+        state, data = self.restore(step, abstract_state, check)
         return step, state, data
       except CheckpointCorruptError as e:
         tried.append(f"{step} ({e})")

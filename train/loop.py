@@ -301,7 +301,6 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
                     it, log) -> tuple[int, Any]:
   """(start step, state): the newest good checkpoint under run.resume, else a new state."""
   rc = cfg.run
-  data_choice: list = []  # (this process's data state, notes) of the step restored
   if rc.resume == "never":
     if ckpt.latest_step() is not None:
       raise ValueError(f"run.resume=never: {ckpt.directory} already holds checkpoints (latest "
@@ -309,15 +308,15 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
     restored = None
   else:
     notes: list[str] = []
+    data_choice: list = []  # (this process's data state, notes) of the step being restored
 
-    def check_config(stored: dict, step: int):
+    def check(stored: dict, data_record: dict, step: int):
+      # before the state is read: a refusal should not wait for a large restore
       where = f"{ckpt.directory}/{step}"
       notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, where)
-      # this process's data stream position, decided before the state is read: a refusal
-      # (a checkpoint of another process count) should not wait for a large restore
-      data_choice[:] = [resume_lib.data_state(ckpt.stored_data(step), rc.resume, where)]
+      data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where)]
 
-    restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check_config)
+    restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check)
   if restored is None:
     params = initial_params(cfg, trainer, log)
     if params is None:
@@ -327,8 +326,8 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
   if start > rc.steps:
     raise ValueError(f"run.steps: {rc.steps} is before the checkpoint's step {start} "
                      f"({ckpt.directory}/{start}); nothing to train")
-  # this process's own data stream position, chosen in check_config for the step restored
-  # (a record of another process count: refused under auto, fresh streams under override)
+  # this process's own data stream position, chosen in `check` for the step restored (a
+  # record of another process count: refused under auto, fresh streams under override)
   data_state, data_notes = data_choice[0]
   if data_state is not None:
     it.set_state(data_state)
