@@ -379,7 +379,6 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, r_ref, cnt_ref, o_ref, m_ref, d1_ref, 
           num_splits=num_splits, num_warps=num_warps)
 
 
-
 def merge_group_splits(rows: int, head_dim: int, num_warps: int, parallax: bool,
                        num_splits: int) -> int:
   """Splits whose partials `_merge_by_split` loads at once: a split's [rows, D] tiles of O1
