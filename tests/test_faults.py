@@ -24,7 +24,8 @@ import pytest
 
 from tests.test_train import VOCAB, small_config
 from train import checkpoint as ckpt_lib, data as data_lib
-from train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointMismatchError
+from train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError,
+                              CheckpointSaveError)
 from train.loop import NonFiniteLossError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +143,52 @@ def test_diverged_update_is_never_saved(shards, reference, tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith("error: non-finite param_norm at step 2") and \
       err[0].endswith("the last good checkpoint is " + str(tmp_path / "cli" / "checkpoints" / "1")), err
   assert Checkpointer(str(tmp_path / "cli" / "checkpoints")).all_steps() == [1]
+
+
+# orbax's writer threads die with the failed write; their errors reach the run as one
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_path,
+                                                         monkeypatch):
+  """A checkpoint write that fails in the background (here a file-size limit, failing like a
+  full disk) stops the run at its next check with one error naming the failed step and the
+  last committed checkpoint; the partial write is removed (on a full disk its bytes would
+  stop the rerun too), and the rerun resumes to the uninterrupted result."""
+  import resource
+  out = tmp_path / "run"
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+  save = Checkpointer.save
+
+  def limited_save(self, step, *args):  # from step 4's save on, no file grows past 16 KiB
+    if step == 4:
+      self.wait()  # step 2's checkpoint is committed first
+      resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, limits[1]))
+    return save(self, step, *args)
+
+  monkeypatch.setattr(Checkpointer, "save", limited_save)
+  try:
+    with pytest.raises(CheckpointSaveError, match=r"checkpoints/4 could not be written: .*File "
+                                                  r"too large.*last good checkpoint is "
+                                                  r".*checkpoints/2 \(a rerun resumes"):
+      train(config(shards, out), log=quiet)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  monkeypatch.undo()
+  assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+  res = train(config(shards, out), log=quiet)
+  assert same_params(res["state"]["params"], reference[1])
+
+
+def test_partial_writes_are_removed_at_open(tmp_path):
+  """A crash mid-save leaves orbax's temporary directory: it can never be read back, so
+  opening the checkpoint directory deletes it (saying so)."""
+  d = tmp_path / "checkpoints"
+  (d / "4.orbax-checkpoint-tmp-1765000000" / "state").mkdir(parents=True)
+  warned = []
+  ck = Checkpointer(str(d), warn=warned.append)
+  ck.close()
+  assert os.listdir(d) == [] and "4.orbax-checkpoint-tmp-1765000000" in warned[0]
 
 
 @pytest.mark.parametrize("change, key", [

@@ -59,7 +59,8 @@ def main(argv=None) -> int:
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=1))
     return 0
-  from train.checkpoint import CheckpointCorruptError, NonFiniteStateError
+  from train.checkpoint import (CheckpointCorruptError, CheckpointSaveError,
+                                NonFiniteStateError)
   from train.loop import NonFiniteLossError, train
   try:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS"):
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
       jax.distributed.initialize()
     train(cfg)
   except (ValueError, OSError, NonFiniteLossError, NonFiniteStateError,
-          CheckpointCorruptError) as e:
+          CheckpointCorruptError, CheckpointSaveError) as e:
     # What a user can act on (a config key, a file, a diverged run): one line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -13,6 +13,10 @@ checkpoint (a crash mid-save) is never listed and never restored.
 
 What a save and a restore guarantee:
 - A state holding a NaN / inf is never saved (`NonFiniteStateError`).
+- A save that fails in the background (a full disk, a lost mount) surfaces at the loop's
+  next check (`check_saves`) as one `CheckpointSaveError` naming the cause and the last
+  committed checkpoint; its partial directory is removed so its bytes do not keep the disk
+  full, and so is any partial directory an earlier crash left (at open).
 - `restore_latest` restores the newest checkpoint that reads back and matches its
   fingerprint. One that does not (a truncated or bit-flipped array file, a missing
   `_METADATA`, a directory that is not a committed checkpoint) is moved aside to
@@ -23,8 +27,10 @@ What a save and a restore guarantee:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -36,6 +42,7 @@ from parallax_jax.models.checkpoint import few, fingerprint, verify_fingerprint
 
 ITEMS = ("state", "data", "config", "integrity")
 QUARANTINE_SUFFIX = ".unreadable"
+PARTIAL_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step directory being written
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,12 +57,17 @@ class NonFiniteStateError(RuntimeError):
   """The train state holds NaN / inf: it is not saved."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, a lost mount)."""
+
+
 # --------------------------------------------------------------------------- checkpointer
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
                warn: Callable[[str], None] = print):
     self.directory = os.path.abspath(directory)
     self.warn = warn
+    self._issued: list[int] = []  # steps of the saves issued, in order
     self._opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                               enable_async_checkpointing=async_save)
     self._set_aside_strays()
@@ -76,12 +88,26 @@ class Checkpointer:
 
   def _set_aside_strays(self):
     """An integer-named directory without orbax's commit metadata (an empty or hand-made
-    one) is not a step: move it aside so it is neither listed nor in the way of a save."""
+    one) is not a step: move it aside so it is neither listed nor in the way of a save.
+    A partial save (a crash or a full disk mid-write) is deleted: it can never be read, and
+    on a full disk its bytes are what stops the resumed run."""
     if jax.process_index() != 0:
       return
     for s in self._integer_dirs():
       if not self._is_committed(s):
         self._quarantine(s, "it is not a committed checkpoint (no _CHECKPOINT_METADATA)")
+    freed = self._remove_partial_saves()
+    if freed:
+      self.warn(f"warning: removed unfinished checkpoint writes in {self.directory}: "
+                f"{', '.join(freed)}")
+
+  def _remove_partial_saves(self) -> list[str]:
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return []
+    gone = sorted(n for n in os.listdir(self.directory) if PARTIAL_MARK in n)
+    for n in gone:
+      shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
+    return gone
 
   def all_steps(self) -> list[int]:
     return [s for s in self._integer_dirs() if self._is_committed(s)]
@@ -109,12 +135,50 @@ class Checkpointer:
       raise NonFiniteStateError(
           f"step {step}: the train state holds NaN / inf in {few(fp['nonfinite'])}; not saved")
     data = gather_data_states(data_state)  # JsonSave writes on the primary process only
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-        config=ocp.args.JsonSave(config), integrity=ocp.args.JsonSave(fp)), force=True)
+    self.check_saves()  # the previous save's failure, named as such, before this one starts
+    self._issued.append(step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave(config), integrity=ocp.args.JsonSave(fp)), force=True)
+    except Exception as e:  # noqa: BLE001 - a synchronous write failure (sync saves)
+      raise self._save_failed(e) from e
+
+  def check_saves(self):
+    """Raise `CheckpointSaveError` if a background save has failed since the last check."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised
+      raise self._save_failed(e) from e
+
+  def _save_failed(self, e: BaseException) -> CheckpointSaveError:
+    self._remove_partial_saves()
+    text = str(e)
+    if "No space left on device" in text or getattr(e, "errno", None) == errno.ENOSPC:
+      cause = "no space left on device"
+    elif "File too large" in text or getattr(e, "errno", None) == errno.EFBIG:
+      cause = "a file exceeded the size limit (File too large)"
+    else:
+      cause = _short(e)
+    try:
+      free = f"; {shutil.disk_usage(self.directory).free / 2**20:,.0f} MiB free there"
+    except OSError:
+      free = ""
+    last = self.latest_step()
+    good = (f"the last good checkpoint is {self.directory}/{last} (a rerun resumes from it)"
+            if last is not None else "no checkpoint was committed yet")
+    # the failed write is the oldest issued one that never committed (a save raises the
+    # failure of the one before it)
+    failed = [s for s in self._issued if last is None or s > last]
+    what = f"checkpoint {self.directory}/{failed[0]}" if failed else "a checkpoint"
+    return CheckpointSaveError(f"{what} could not be written: {cause}{free}; {good}")
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_failed(e) from e
+    self.check_saves()
 
   # ------------------------------------------------------------------ restore
   def restore(self, step: int, abstract_state,
@@ -173,8 +237,10 @@ class Checkpointer:
     return None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 # --------------------------------------------------------------------------- data states
@@ -205,4 +271,4 @@ def _short(e: BaseException, n: int = 160) -> str:
 
 
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
-           "NonFiniteStateError", "fingerprint", "gather_data_states"]
+           "CheckpointSaveError", "NonFiniteStateError", "fingerprint", "gather_data_states"]

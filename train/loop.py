@@ -427,6 +427,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
     window["lr"] = m["lr"]
     bar.update(1, f"loss {m['loss']:.3f} lr {m['lr']:.2e}")
     if step_no % rc.log_every == 0 or step_no == rc.steps:
+      ckpt.check_saves()  # a background save that failed stops the run here, not at the next
       now = time.perf_counter()
       dt = now - window["t"]
       k = window["steps"]
