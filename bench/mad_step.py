@@ -9,8 +9,8 @@ take its time (CUPTI, GPU only), so the cost of the members without kernels (the
 [T, S] work, the batched D x D solves of lla / mesa) is measured, not guessed.
 
   PYTHONPATH=. python3 bench/mad_step.py [--members softmax,parallax,lla,mesa,linear]
-      [--solvers direct,cholesky] [--task in-context-recall] [--optimizer adamw] [--runs 18]
-      [--steps 20] [--out DIR]
+      [--solvers direct,cholesky,unrolled] [--task in-context-recall] [--optimizer adamw]
+      [--runs 18] [--steps 20] [--out DIR]
 
 --solvers: the solve-probe members (lla, mesa) get a row per solver of their D x D systems.
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--members", default="softmax,parallax,lla,mesa,linear")
-  ap.add_argument("--solvers", default="direct,cholesky",
+  ap.add_argument("--solvers", default="direct,cholesky,unrolled",
                   help="solvers the solve-probe members run with (a row each)")
   ap.add_argument("--task", default="in-context-recall")
   ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))

@@ -13,7 +13,9 @@ from parallax_jax import reference as _reference
 
 PROBES = ("none", "query", "learned", "solve")
 AFFINES = ("constant", "linear", "affine", "boundary")
-SOLVERS = ("direct", "cholesky", "cg")
+SOLVERS = ("direct", "cholesky", "unrolled", "cg")
+# solver="unrolled" writes Cholesky out over the head dim (O(D^2) ops, O(D^3) work): small heads.
+UNROLLED_MAX_HEAD_DIM = 32
 IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 # Above this many (query, key) pairs per head `implementation=None` avoids the dense path.
 DENSE_MAX_PAIRS = 1 << 20
@@ -45,7 +47,7 @@ def _is_concrete(x):
 def _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
                   implementation, cg_iters):
   _check_qkv(q, k, v, r)
-  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
+  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, q.shape[-1])
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     _fail(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS} or None")
   return _segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
@@ -77,7 +79,7 @@ def _check_qkv(q, k, v, r):
     _fail(f"r must have q's shape {q.shape}, got {r.shape}")
 
 
-def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters):
+def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, head_dim):
   if probe not in PROBES:
     _fail(f"unknown probe {probe!r}; expected one of {PROBES}")
   if affine not in AFFINES:
@@ -88,6 +90,9 @@ def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters):
     _fail(f"r is only read by probe='learned', got probe={probe!r} with an r")
   if solver not in SOLVERS:
     _fail(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+  if solver == "unrolled" and probe == "solve" and head_dim > UNROLLED_MAX_HEAD_DIM:
+    _fail(f"solver='unrolled' is for head_dim <= {UNROLLED_MAX_HEAD_DIM}, got head_dim "
+          f"{head_dim}; use solver='cholesky'")
   if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int)
                                or cg_iters <= 0):
     _fail(f"cg_iters must be a positive int, got {cg_iters!r}")
@@ -213,9 +218,11 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
       (learnable: gradients flow), or inf (uniform weights).
     ridge: lambda >= 0 for the solve probe; None (default) means `SOLVE_RIDGE` (1e-3). At
       ridge=0 rows with fewer than head_dim + 1 keys have a singular system (NaN/inf).
-      solver: 'direct' (LU), 'cholesky' (the system is symmetric positive definite for
+    solver: 'direct' (LU), 'cholesky' (the system is symmetric positive definite for
       ridge > 0: half the factorization work; a system that float32 rounding leaves
-      indefinite makes its row NaN) or 'cg' (matrix-free conjugate gradient with
+      indefinite makes its row NaN), 'unrolled' (the same Cholesky written out over the
+      head dim as elementwise ops that XLA fuses, for head_dim <= 32: no batched library
+      calls on many tiny matrices) or 'cg' (matrix-free conjugate gradient with
       `cg_iters` iterations, default head_dim).
     causal: mask future keys; with T < S the queries are the last T positions.
     window: keep only the `window` most recent keys (including the diagonal).
@@ -323,7 +330,7 @@ def _check_decode_inputs(q, k_cache, v_cache, r, lengths, probe, affine, ridge, 
     _fail(f"lengths must be integers, got dtype {lengths.dtype}")
   if _is_concrete(lengths) and lengths.size and int(np.min(np.asarray(lengths))) < 0:
     _fail(f"lengths must be >= 0, got {np.asarray(lengths).tolist()}")
-  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters)
+  _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, d)
   if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
     _fail(f"unknown decode implementation {implementation!r}; expected one of "
           f"{DECODE_IMPLEMENTATIONS} or None")

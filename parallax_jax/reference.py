@@ -86,6 +86,43 @@ def _cg(op, b, iters):
   return x
 
 
+def _cholesky_solve_unrolled(system, rhs):
+  """Solve system x = rhs for a batch of small symmetric positive definite systems.
+
+  system [..., D, D] (only its lower triangle is read), rhs [..., D] -> x [..., D]. The
+  Cholesky factorization and the forward / back substitutions written out over the head dim:
+  slices, multiply-adds, one sqrt and one divide per column, all elementwise over the batch,
+  which XLA fuses into a few kernels (no batched library calls on many tiny matrices) and
+  autodiff differentiates like any other elementwise code. The factor is built column by
+  column, each column one [..., D - j] array, so the graph holds O(D^2) ops of O(D^3) work;
+  it is still meant for small heads (the API refuses head_dim > 32). A system that is not
+  positive definite gives NaN (sqrt of a negative pivot), as jnp.linalg.cholesky does.
+  """
+  d = system.shape[-1]
+  a_cols = jnp.unstack(system, axis=-1)  # A[..., :, j]; one unstack, its transpose one stack
+  below, inv = [], []  # below[j] = L[j+1:, j] as [..., D - j - 1]; inv[j] = 1 / L_jj
+  for j in range(d):
+    col = a_cols[j][..., j:]  # A[j:, j]
+    for p in range(j):
+      l_p = below[p][..., j - p - 1:]  # L[j:, p]
+      col = col - l_p * l_p[..., :1]  # - L[j:, p] L_jp
+    inv.append(1.0 / jnp.sqrt(col[..., 0]))
+    below.append(col[..., 1:] * inv[j][..., None])
+  y, rest = [], rhs  # L y = rhs, column by column: rest = rhs[j:] - L[j:, :j] y[:j]
+  for j in range(d):
+    y.append(rest[..., 0] * inv[j])
+    if j + 1 < d:
+      rest = rest[..., 1:] - below[j] * y[j][..., None]
+  low = [jnp.unstack(c, axis=-1) for c in below]  # low[j][i - j - 1] = L_ij
+  x = [None] * d  # L^T x = y, from the last row up
+  for i in reversed(range(d)):
+    acc = y[i]
+    for p in range(i + 1, d):
+      acc = acc - low[i][p - i - 1] * x[p]
+    x[i] = acc * inv[i]
+  return jnp.stack(x, axis=-1)
+
+
 def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
   """The exact local-regression probe rho (spec, `solve` row).
 
@@ -102,13 +139,15 @@ def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
   else:
     rhs = kbar - q
 
-  if solver in ("direct", "cholesky"):
+  if solver in ("direct", "cholesky", "unrolled"):
     kk = jnp.einsum("bkgts,bksd,bkse->bkgtde", a, k, k)
     if affine != "linear":
       # Second moment about the query: E[kk^T] - kbar q^T - q kbar^T + q q^T (weights sum to 1).
       kk = (kk - kbar[..., :, None] * q[..., None, :] - q[..., :, None] * kbar[..., None, :]
             + q[..., :, None] * q[..., None, :])
     system = kk + ridge[..., None] * eye
+    if solver == "unrolled":  # the same factorization, as elementwise ops (small heads)
+      return _cholesky_solve_unrolled(system, rhs)
     if solver == "cholesky":  # a weighted second moment plus ridge: symmetric positive definite
       factor = jnp.linalg.cholesky(system)
       return jax.scipy.linalg.cho_solve((factor, True), rhs[..., None])[..., 0]

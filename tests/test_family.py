@@ -152,22 +152,66 @@ def test_identity6_global_ridge_regression(x64, rng, impl):
     np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-10)
 
 
-def test_cg_and_cholesky_match_direct(x64, rng):
+def _solve(solver, grad=False, **kw):
+  """Jitted attention (or the gradient in q, k, v of a loss of it) with this solver: one
+  compile is faster on CPU than dispatching the unrolled solver's many ops one by one."""
+  f = lambda q, k, v: pj.attention(q, k, v, solver=solver, **kw)
+  if grad:
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), (0, 1, 2)))
+  return jax.jit(f)
+
+
+def test_cg_cholesky_and_unrolled_match_direct(x64, rng):
   q, k, v, _ = make(rng, t=16, d=4)
   for affine in ("linear", "affine", "boundary"):
     kw = dict(probe="solve", affine=affine, ridge=0.2)
-    direct = pj.attention(q, k, v, solver="direct", **kw)
-    cg = pj.attention(q, k, v, solver="cg", cg_iters=12, **kw)
+    direct = _solve("direct", **kw)(q, k, v)
+    cg = _solve("cg", cg_iters=12, **kw)(q, k, v)
     np.testing.assert_allclose(np.asarray(cg), np.asarray(direct), rtol=1e-8, atol=1e-8)
-    chol = pj.attention(q, k, v, solver="cholesky", **kw)
-    np.testing.assert_allclose(np.asarray(chol), np.asarray(direct), rtol=1e-10, atol=1e-12)
-    # the gradients too: cholesky's rule assumes a symmetric system, which this one is
-    loss = lambda solver: lambda q, k, v: jnp.sum(
-        jnp.sin(pj.attention(q, k, v, solver=solver, **kw)))
-    for g_chol, g_direct in zip(jax.grad(loss("cholesky"), (0, 1, 2))(q, k, v),
-                                jax.grad(loss("direct"), (0, 1, 2))(q, k, v)):
-      np.testing.assert_allclose(np.asarray(g_chol), np.asarray(g_direct), rtol=1e-8,
-                                 atol=1e-10)
+    for solver in ("cholesky", "unrolled"):
+      got = _solve(solver, **kw)(q, k, v)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(direct), rtol=1e-10, atol=1e-12)
+    # the gradients too: cholesky's rule assumes a symmetric system, which this one is;
+    # unrolled's are plain autodiff through the factorization and substitutions
+    g_direct = _solve("direct", grad=True, **kw)(q, k, v)
+    for solver in ("cholesky", "unrolled"):
+      for g, g_want in zip(_solve(solver, grad=True, **kw)(q, k, v), g_direct):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-8, atol=1e-10)
+  # the chunked implementation hands the solver on to the same solve (direct: boundary's)
+  kw = dict(probe="solve", affine="boundary", ridge=0.2, implementation="chunked",
+            block_sizes=pj.BlockSizes(8, 8))
+  np.testing.assert_allclose(np.asarray(_solve("unrolled", **kw)(q, k, v)),
+                             np.asarray(direct), rtol=1e-10, atol=1e-12)
+
+
+def test_unrolled_float32_as_accurate_as_direct(rng):
+  # float32 against the float64 solution: no worse than LU (boundary amplifies errors most)
+  kw = dict(probe="solve", affine="boundary", ridge=1e-2)
+  with jax.enable_x64(True):
+    q, k, v, _ = make(rng, b=1, t=12, d=8)
+    want = (_solve("direct", **kw)(q, k, v),) + _solve("direct", grad=True, **kw)(q, k, v)
+  q, k, v = (np.asarray(x, np.float32) for x in (q, k, v))
+  err = {}
+  for solver in ("direct", "unrolled"):
+    got = (_solve(solver, **kw)(q, k, v),) + _solve(solver, grad=True, **kw)(q, k, v)
+    assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in got)
+    err[solver] = [np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b)))
+                   for a, b in zip(got, want)]
+  for e_unrolled, e_direct, w in zip(err["unrolled"], err["direct"], want):
+    assert e_unrolled <= 3 * e_direct + 1e-5 * np.max(np.abs(np.asarray(w))), err
+
+
+def test_unrolled_refuses_large_heads():
+  d = pj.api.UNROLLED_MAX_HEAD_DIM + 1
+  q = k = v = jnp.zeros((1, 4, 1, d))
+  with pytest.raises(ValueError, match=f"head_dim {d}; use solver='cholesky'"):
+    pj.attention(q, k, v, probe="solve", affine="boundary", solver="unrolled")
+  with pytest.raises(ValueError, match=f"head_dim {d}; use solver='cholesky'"):
+    pj.decode_attention(q[:, 0], k, v, lengths=jnp.array([4]), probe="solve",
+                        affine="boundary", solver="unrolled")
+  # members without a solve never run the solver
+  jax.eval_shape(lambda q, k, v: pj.attention(q, k, v, probe="none", affine="constant",
+                                              solver="unrolled"), q, k, v)
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])

@@ -256,6 +256,10 @@ def test_member_spec():
     ModelConfig(vocab_size=8, seq_len=8, r_init="ones")
   with pytest.raises(ValueError, match="ModelConfig.solver"):
     ModelConfig(vocab_size=8, seq_len=8, member="lla", solver="lu")
+  with pytest.raises(ValueError, match="ModelConfig.solver: 'unrolled' is for head_dim"):
+    ModelConfig(vocab_size=8, seq_len=8, member="lla", solver="unrolled", width=64, num_heads=1)
+  ModelConfig(vocab_size=8, seq_len=8, member="softmax", solver="unrolled", width=64,
+              num_heads=1)  # no solve, no limit
 
 
 @pytest.mark.parametrize("backbone", ["lm", "autoencoder"])

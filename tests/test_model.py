@@ -288,6 +288,7 @@ def test_config_json_round_trip():
     ("dtype", dict(dtype="float8")),
     ("r_init", dict(r_init="ones")),
     ("ridge", dict(ridge=-1.0)),
+    ("solver", dict(attention="lla", solver="unrolled", head_dim=64)),
     ("window", dict(window=0)),
 ])
 def test_bad_configs_name_the_key(key, kw):
