@@ -175,6 +175,25 @@ def kernel_breakdown(fn, args):
     return [("unavailable", repr(e)[:200])]
 
 
+def kernel_breakdown_eager(fn):
+  """kernel_breakdown of `fn()`, a Python callable run as is: `profiler.measure` jits what it
+  is given, which fails for a callable that calls compiled executables (a donating MAD
+  program fed fresh buffers each call). Uses the CUPTI hooks `profiler.measure` uses."""
+  import jax
+  try:
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    jax.block_until_ready(fn())  # warm-up, outside the measurement
+    ext._cupti_init()
+    try:
+      jax.block_until_ready(fn())
+    finally:
+      timings = ext._cupti_get_timings(True)
+    return [(n, float(t)) for n, t in timings or []]
+  except Exception as e:  # noqa: BLE001
+    return [("unavailable", repr(e)[:200])]
+
+
 def compiled_bytes(jitted, *args):
   """Temp + output bytes of the compiled program: its peak working set beyond the inputs."""
   m = jitted.lower(*args).compile().memory_analysis()

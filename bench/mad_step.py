@@ -97,7 +97,7 @@ def main(argv=None):
       jax.block_until_ready(call())
       walls.append(time.perf_counter() - t0)
     wall = sorted(walls)[len(walls) // 2]
-    kernels = common.kernel_breakdown(lambda: call(), ())
+    kernels = common.kernel_breakdown_eager(call)
     total = sum(t for _, t in kernels if isinstance(t, float))
     by_name: dict[str, float] = {}
     for name, t in kernels:
