@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: the attention-family comparison on random data.
+# Set up, then print the attention-family comparison on random data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -209,6 +209,16 @@ def test_changed_config_names_the_key(shards, reference, tmp_path, change, key):
       os.path.join(reference[0], "config.json")))  # a refused resume rewrites nothing
 
 
+def test_fewer_steps_than_the_checkpoint_is_refused_once(shards, reference, tmp_path):
+  """run.steps below the checkpoint's step: one refusal that says so, under override too (an
+  override cannot make a finished step unfinished), before the state is read."""
+  run = copy_run(reference, tmp_path)
+  for mode in ("auto", "override"):
+    with pytest.raises(CheckpointMismatchError, match=r"run\.steps: 4 is before the checkpoint's "
+                                                      r"step 6 .*raise run\.steps"):
+      train(config(shards, run, steps=4, resume=mode), log=quiet)
+
+
 def test_resume_never_refuses_existing_checkpoints(shards, reference, tmp_path):
   run = copy_run(reference, tmp_path)
   with pytest.raises(ValueError, match="run.resume=never.*already holds checkpoints"):
@@ -365,9 +375,9 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys, override, message):
   preset.write_text(textwrap.dedent(f"""
       import dataclasses
       from tests.test_train import small_config
-      def get_config():
+      def get_config():  # data.auto_prepare=true: a path set by hand is still never filled
         c = small_config({shards!r}, {str(tmp_path / 'run')!r})
-        return dataclasses.replace(c, data=dataclasses.replace(c.data, auto_prepare=False))
+        return dataclasses.replace(c, data=dataclasses.replace(c.data, auto_prepare=True))
       """))
   capsys.readouterr()
   assert main(["--config", str(preset), "--set", override.format(**fill)]) == 1

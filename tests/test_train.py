@@ -63,7 +63,8 @@ def test_overrides_parse_to_field_types():
     ("schedule.decay_shape=exp", "schedule.decay_shape"),
     ("data.grad_accum=3", "data.grad_accum: must divide"),
     ("run.resume=maybe", "run.resume: unknown value"),
-    ("model.num_heads=3", "ModelConfig.num_kv_heads"),
+    ("model.num_heads=3", "model.num_kv_heads: num_heads"),
+    ("model.attention=parralax", "model.attention: unknown value .parralax."),
     ("optimizer=1", "is a section"),
     ("optimizer.lr", "expected key=value"),
 ])

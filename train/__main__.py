@@ -53,6 +53,12 @@ def main(argv=None) -> int:
     if base_err is not None:
       raise base_err
     cfg = apply_overrides(base, args.overrides)
+    keys = {item.split("=", 1)[0].strip() for item in args.overrides}
+    if "data.path" in keys and "data.auto_prepare" not in keys and cfg.data.auto_prepare:
+      # a data.path given by hand names data the user has: a typo must not be filled with
+      # the preset's demo corpus (the loop then says how to prepare it, or to opt in)
+      import dataclasses
+      cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, auto_prepare=False))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

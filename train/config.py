@@ -74,7 +74,8 @@ class DataConfig:
 
   path: directory written by `python -m train.prepare`; prepared automatically with the
     default corpus (Python stdlib sources, BPE of `vocab_size`) when missing and
-    `auto_prepare` is set. global_batch_size sequences of seq_len tokens per optimizer step,
+    `auto_prepare` is set (the CLI turns it off for a data.path set with --set, unless
+    data.auto_prepare is set too: a mistyped path is refused, not filled with the demo corpus). global_batch_size sequences of seq_len tokens per optimizer step,
     split into grad_accum micro-batches. verify: when a shard is first opened, read it
     once to check its CRC-32 against meta.json and its token ids against the vocabulary
     (false skips the read, for corpora too large to scan; sizes are always checked).
@@ -366,7 +367,15 @@ def _apply(obj, tree: dict, prefix: str):
       if dataclasses.is_dataclass(cur):
         raise ValueError(f"{full}: is a section; set one of its keys, e.g. {full}.<key>")
       changes[head] = _parse_one(hints[head], sub, full)
-  return dataclasses.replace(obj, **changes)
+  try:
+    return dataclasses.replace(obj, **changes)
+  except ValueError as e:
+    # a section's own check names its class ("ModelConfig.attention: ..."): say the key the
+    # user typed instead
+    own = f"{type(obj).__name__}."
+    if prefix and str(e).startswith(own):
+      raise ValueError(prefix + str(e)[len(own):]) from None
+    raise
 
 
 def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:

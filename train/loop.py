@@ -48,7 +48,7 @@ import numpy as np
 from parallax_jax.models.qwen3 import flops_per_token
 from train import data as data_lib
 from train import resume as resume_lib
-from train.checkpoint import Checkpointer, NonFiniteStateError
+from train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteStateError
 from train.config import TrainConfig
 from train.mesh import make_mesh
 from train.step import Trainer
@@ -283,7 +283,10 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
   if ic.from_checkpoint:
     from parallax_jax.models.checkpoint import (UnusedParametersError, find_checkpoint,
                                                 load_checkpoint)
-    src = find_checkpoint(ic.from_checkpoint)
+    try:
+      src = find_checkpoint(ic.from_checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f"init.from_checkpoint: {e}") from None
     try:
       _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
                                   shardings=trainer.param_shardings)
@@ -313,6 +316,10 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
     def check(stored: dict, data_record: dict, step: int):
       # before the state is read: a refusal should not wait for a large restore
       where = f"{ckpt.directory}/{step}"
+      if step > rc.steps:  # before the trajectory check: run.resume=override cannot help
+        raise CheckpointMismatchError(
+            f"run.steps: {rc.steps} is before the checkpoint's step {step} ({where}); nothing "
+            f"to train: raise run.steps to train further, or use a new run.out_dir")
       notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, where)
       data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where)]
 
@@ -323,9 +330,6 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
       return 0, trainer.init_state(rc.seed)
     return 0, trainer.state_from_params(params)
   start, state, _ = restored
-  if start > rc.steps:
-    raise ValueError(f"run.steps: {rc.steps} is before the checkpoint's step {start} "
-                     f"({ckpt.directory}/{start}); nothing to train")
   # this process's own data stream position, chosen in `check` for the step restored (a
   # record of another process count: refused under auto, fresh streams under override)
   data_state, data_notes = data_choice[0]

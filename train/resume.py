@@ -73,8 +73,8 @@ def check(stored: dict, current: dict, mode: str, where: str) -> list[str]:
   traj = [d for d in diff if classify(*d) == "trajectory"]
   if fixed:
     raise CheckpointMismatchError(
-        f"checkpoint {where} was written for a different run ({_fmt(fixed)}); use another "
-        f"run.out_dir, or start over with --set run.resume=never in a new run.out_dir")
+        f"checkpoint {where} was written for a different run ({_fmt(fixed)}); to train this "
+        f"config, use another run.out_dir (a new directory starts a new run)")
   if traj and mode != "override":
     raise CheckpointMismatchError(
         f"resuming from {where} would change the run's trajectory ({_fmt(traj)}); to resume "

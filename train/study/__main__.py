@@ -32,8 +32,12 @@ def _common(ap: argparse.ArgumentParser):
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-  ap = argparse.ArgumentParser(prog=f"python -m train.study {cmd}", description=__doc__,
+  named = bool(argv) and argv[0] in COMMANDS
+  cmd = argv.pop(0) if named else "run"
+  # without a command the usage reads "[run]": run is the default, plan / report / pack the
+  # others (the description lists all four)
+  ap = argparse.ArgumentParser(prog=f"python -m train.study {cmd if named else '[run]'}",
+                               description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   if cmd in ("run", "plan", "_run"):
     _common(ap)
