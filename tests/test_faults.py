@@ -145,6 +145,38 @@ def test_diverged_update_is_never_saved(shards, reference, tmp_path, capsys):
   assert Checkpointer(str(tmp_path / "cli" / "checkpoints")).all_steps() == [1]
 
 
+def test_out_of_device_memory_is_one_line(shards, tmp_path, capsys, monkeypatch):
+  """An allocation failure in a step (faked: the real one needs a full GPU) stops the CLI
+  with one line naming the step, the keys that lower memory and the last good checkpoint,
+  which a rerun resumes from."""
+  from train.__main__ import main
+  from train.step import Trainer
+  step = Trainer.train_step
+  calls = []
+
+  def failing_step(self, state, batch):
+    calls.append(1)
+    if len(calls) == 3:
+      raise jax.errors.JaxRuntimeError(
+          "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB.")
+    return step(self, state, batch)
+
+  monkeypatch.setattr(Trainer, "train_step", failing_step)
+  preset = tmp_path / "preset.py"
+  preset.write_text(textwrap.dedent(f"""
+      from tests.test_train import small_config
+      def get_config():
+        return small_config({shards!r}, {str(tmp_path / 'run')!r}, checkpoint_every=2)
+      """))
+  capsys.readouterr()
+  assert main(["--config", str(preset)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "error: out of device memory at step 3 (allocating 1.50GiB); to fit, raise "
+      "data.grad_accum (now 1: micro-batches of 4 sequences)") and err[0].endswith(
+      "the last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "2")), err
+
+
 # orbax's writer threads die with the failed write; their errors reach the run as one
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_path,

@@ -37,6 +37,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -59,6 +60,20 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0, "b200
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+class DeviceMemoryError(RuntimeError):
+  """The step (or its compile, eval, diagnostics) ran out of device memory."""
+
+
+def _memory_error(e: BaseException, cfg: TrainConfig, step: int, good: str):
+  m = re.search(r"allocate ([\d.]+\s*[KMGT]?i?B)", str(e))
+  what = f"allocating {m.group(1)}" if m else "RESOURCE_EXHAUSTED"
+  micro = cfg.data.global_batch_size // cfg.data.grad_accum
+  return DeviceMemoryError(
+      f"out of device memory at step {step} ({what}); to fit, raise data.grad_accum (now "
+      f"{cfg.data.grad_accum}: micro-batches of {micro} sequences), set "
+      f"model.remat_policy=full, or shard over more devices (mesh.fsdp); {good}")
 
 
 def device_peak_flops(override_tflops: float = 0.0) -> float | None:
@@ -565,6 +580,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
         stopped_by = "stop_after"
         break
     drain()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # async dispatch: the failing step is this one or the one before it
+    raise _memory_error(e, cfg, step + 1, last_good()) from e
   finally:
     t_end = time.perf_counter()
     try:
