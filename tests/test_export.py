@@ -221,7 +221,7 @@ def test_fla_export_refuses_what_fla_cannot_represent(tmp_path, kw, match):
 
 
 # --------------------------------------------------------------------------- CLI
-def test_export_cli(tmp_path, capsys):
+def test_export_cli(tmp_path, capsys, monkeypatch):
   cfg = cfg_of(r_norm=True)
   params = rand_params(cfg, 7)
   src = qwen3.save_checkpoint(str(tmp_path / "ckpt"), params, cfg)
@@ -230,13 +230,25 @@ def test_export_cli(tmp_path, capsys):
   assert capsys.readouterr().out.strip() == out
   cfg2, params2 = fla.load_fla_checkpoint(out, dtype="float32", implementation="xla")
   np.testing.assert_allclose(logits(cfg2, params2), logits(cfg, params), rtol=1e-5, atol=1e-5)
-  with pytest.raises(SystemExit) as e:
-    export.main(["--checkpoint", src, "--format", "hf", "--out", str(tmp_path / "hf")])
-  assert e.value.code == 2
-  assert "error: hf export: W_R (attn/r_proj) is non-zero" in capsys.readouterr().err
-  with pytest.raises(SystemExit) as e:
-    export.main(["--checkpoint", str(tmp_path / "nope"), "--format", "fla", "--out", out])
-  assert e.value.code == 2 and "no such checkpoint directory" in capsys.readouterr().err
+  # a refusal is one line, named as the command was invoked (before: argparse's usage block
+  # first, and "python -m parallax_jax.models.export" for the installed parallax-export)
+  for argv0, prog in (("/venv/bin/parallax-export", "parallax-export"),
+                      (export.__file__, "python -m parallax_jax.models.export")):
+    monkeypatch.setattr("sys.argv", [argv0])
+    with pytest.raises(SystemExit) as e:
+      export.main(["--checkpoint", src, "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{prog}: error: hf export: W_R (attn/r_proj) is non-zero"), err
+  for argv, match in (
+      (["--checkpoint", str(tmp_path / "nope"), "--format", "fla", "--out", out],
+       "no such checkpoint directory"),
+      (["--checkpoint", src, "--format", "onnx", "--out", out], "argument --format: invalid")):
+    with pytest.raises(SystemExit) as e:
+      export.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and match in err[0], err
 
 
 def test_torch_check_script():

@@ -134,6 +134,28 @@ def test_cli_samples_a_run_and_a_step_with_its_tokenizer(run, tmp_path, monkeypa
     assert "(step 2)" in err
 
 
+def test_cli_text_output_splits_into_its_samples(run, capsys):
+  """Without --json, with a tokenizer: per sample a header line naming the prompt, then the
+  prompt's text and the generated text, which may hold newlines (before: the generated texts
+  back to back, nothing between them, no prompt)."""
+  argv = ["--checkpoint", run["dir"], "--prompt-ids", "5,6,7", "--prompt", "def f(x):\n",
+          "--max-new-tokens", "5", "--eos-id", "-1"]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  recs, _ = _sample(argv, capsys)
+  parts = re.split(r"^--- sample (\d+) \(prompt: (.*)\) ---\n", out, flags=re.M)
+  assert parts[0] == "" and len(parts) == 1 + 3 * 2, out
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(os.path.join(run["data"], "tokenizer.json"))
+  for i, (n, shown, body) in enumerate(zip(parts[1::3], parts[2::3], parts[3::3])):
+    assert int(n) == i
+    prompt = tok.decode([5, 6, 7]) if i == 0 else "def f(x):\n"
+    assert shown == ("ids 5,6,7" if i == 0 else repr("def f(x):\n"))
+    assert body == prompt + recs[i]["text"] + "\n"
+  assert cli._header(0, list(range(20))) == "--- sample 0 (prompt: 20 ids 0,1,2,3,4,5,6,7,...) ---"
+  assert cli._header(1, "x" * 50) == f"--- sample 1 (prompt: {'x' * 37!r}...) ---"
+
+
 def test_cli_attention_softmax_drops_wr_with_a_note(run, capsys):
   lines, err = _sample(["--checkpoint", run["dir"], "--prompt-ids", "5,6,7",
                         "--max-new-tokens", "4", "--attention", "softmax", "--eos-id", "-1"],
@@ -166,12 +188,31 @@ def test_cli_help_shows_defaults(capsys):
     (["--prompt-ids", "1,2", "--step", "9"], "no committed checkpoint for step 9"),
 ])
 def test_cli_bad_input_is_one_line(run, capsys, argv, match):
+  """Exactly one line on stderr: no usage block, no notes (before: argparse's usage first)."""
   with pytest.raises(SystemExit) as e:
     cli.main(["--checkpoint", run["dir"]] + argv)
   assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith("parallax-sample: error: ")
-  assert re.search(match, err[-1]), err[-1]
+  out = capsys.readouterr()
+  err = out.err.splitlines()
+  assert len(err) == 1 and err[0].startswith("parallax-sample: error: "), out.err
+  assert re.search(match, err[0]), err[0]
+  assert out.out == ""
+
+
+@pytest.mark.parametrize("argv0, prog", [
+    ("/venv/bin/parallax-sample", "parallax-sample"),
+    (cli.__file__, "python -m parallax_jax.models.cli"),
+])
+def test_cli_usage_errors_are_one_line_named_as_invoked(monkeypatch, capsys, argv0, prog):
+  monkeypatch.setattr("sys.argv", [argv0])
+  for argv, match in ((["--prompt-ids", "1"], "one of the arguments --checkpoint --hf --preset "
+                       "is required"),
+                      (["--preset", "nope", "--prompt-ids", "1"], "unknown preset 'nope'")):
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: {match}"), err
 
 
 def test_cli_bad_checkpoint_paths(tmp_path, capsys):
@@ -186,7 +227,8 @@ def test_cli_bad_checkpoint_paths(tmp_path, capsys):
                       (tmp_path / "fresh_run", "has not saved a checkpoint yet")):
     with pytest.raises(SystemExit) as e:
       cli.main(["--checkpoint", str(path), "--prompt-ids", "1"])
-    assert e.value.code == 2 and match in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and match in err[0], err
 
 
 _SAVE_SHARDED = """

@@ -12,8 +12,18 @@ Qwen3 directory; W_R added at zero), or --preset (random init, for smoke tests).
 --prompt-ids (comma-separated ids; repeat for a batch of different lengths) or --prompt
 (text; needs the `tokenizers` package and a tokenizer.json: a run's data directory, the one
 beside the checkpoint, or --tokenizer). A training run's eos id (its data's meta.json) stops a
-sequence unless --eos-id says otherwise. Prints one line per sequence (JSON with --json).
-Bad arguments or files exit with status 2 and a one-line message.
+sequence unless --eos-id says otherwise.
+
+Output, one sequence per prompt, numbered from 0 in the order given (--prompt-ids first, then
+--prompt):
+  with a tokenizer   a header line `--- sample <i> (prompt: <text repr or ids>) ---`, then the
+                     prompt's text followed by the generated text (as many lines as they take);
+  without one        one line per sequence: the generated ids, space-separated;
+  --json             one JSON object per line: "prompt_ids", "new_ids", and with a tokenizer
+                     "text" (the generated text only).
+Notes (the checkpoint loaded, what --attention leaves out) go to stderr before the samples.
+Bad arguments, files, prompts or settings exit with status 2 and one line on stderr,
+`parallax-sample: error: <message>` (no usage block, no notes).
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import sys
 import jax
 import numpy as np
 
+from parallax_jax.models._parser import Parser, prog_name
+
 
 def _tokenizer(path):
   if path is None or not os.path.exists(path):
@@ -33,7 +45,20 @@ def _tokenizer(path):
     from tokenizers import Tokenizer
   except ImportError:
     return None
-  return Tokenizer.from_file(path)
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises its own Exception type
+    raise ValueError(f"cannot read the tokenizer {path}: {e}") from None
+
+
+def _header(i: int, prompt) -> str:
+  """The line before sample `i`: its prompt, the text's repr or the ids, cut short."""
+  if isinstance(prompt, str):
+    shown = repr(prompt) if len(prompt) <= 40 else repr(prompt[:37]) + "..."
+  else:
+    shown = (f"{len(prompt)} ids " if len(prompt) > 8 else "ids ") + ",".join(
+        map(str, prompt[:8])) + (",..." if len(prompt) > 8 else "")
+  return f"--- sample {i} (prompt: {shown}) ---"
 
 
 def with_attention(config, name: str):
@@ -60,8 +85,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="parallax-sample", description=__doc__.splitlines()[0],
-                               formatter_class=_Help)
+  ap = Parser(prog=prog_name("parallax-sample", "parallax_jax.models.cli", __file__),
+              description=__doc__.splitlines()[0], formatter_class=_Help)
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", help="training run directory, one step's directory "
                    "(<run>/checkpoints/<step>), or a save_checkpoint directory")
@@ -128,22 +153,26 @@ def main(argv=None) -> int:
   ap = _parser()
   args = ap.parse_args(argv)
   from parallax_jax.models.generate import generate
-  note = lambda s: print(s, file=sys.stderr, flush=True)
+  notes = []  # printed once the samples are made: a refused input prints its error line only
   overrides = {k: v for k, v in (("attention", args.attention), ("dtype", args.dtype),
                                  ("implementation", args.implementation)) if v is not None}
   try:
-    config, params, tok_path, eos_id = _load(args, overrides, note)
-  except (ValueError, FileNotFoundError) as e:
+    config, params, tok_path, eos_id = _load(args, overrides, notes.append)
+  except (ValueError, OSError) as e:
     ap.error(str(e))
   eos_id = eos_id if args.eos_id is None else (None if args.eos_id < 0 else args.eos_id)
 
-  tokenizer = _tokenizer(tok_path)
+  try:
+    tokenizer = _tokenizer(tok_path)
+  except ValueError as e:
+    ap.error(str(e))
   prompts = []
   for p in args.prompt_ids:
     try:
       prompts.append([int(t) for t in p.split(",") if t.strip()])
     except ValueError:
       ap.error(f"--prompt-ids: expected comma-separated integers, got {p!r}")
+  given = prompts + list(args.prompt)  # as the user gave them, for the text output
   if args.prompt:
     if tokenizer is None:
       ap.error("--prompt needs the `tokenizers` package and a tokenizer.json (--tokenizer); "
@@ -164,14 +193,22 @@ def main(argv=None) -> int:
                    top_p=args.top_p, top_k=args.top_k, eos_id=eos_id, pad_id=args.pad_id)
   except ValueError as e:  # bad settings are refused before anything is compiled
     ap.error(str(e))
+  for n in notes:
+    print(n, file=sys.stderr, flush=True)
   tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
   for i, p in enumerate(prompts):
     new = tokens[i, :counts[i]].tolist()
     rec = {"prompt_ids": p, "new_ids": new}
     if tokenizer is not None:
       rec["text"] = tokenizer.decode(new)
-    print(json.dumps(rec) if args.json else
-          (rec.get("text") if "text" in rec else " ".join(map(str, new))))
+    if args.json:
+      print(json.dumps(rec))
+    elif tokenizer is None:
+      print(" ".join(map(str, new)))
+    else:
+      text = given[i] if isinstance(given[i], str) else tokenizer.decode(p)
+      print(_header(i, given[i]))
+      print(text + rec["text"])
   sys.stdout.flush()
   return 0
 

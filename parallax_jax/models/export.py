@@ -1,13 +1,12 @@
 """Export a checkpoint for evaluation and serving in torch.
 
-    python -m parallax_jax.models.export --checkpoint runs/tiny_rnorm --format fla \\
-        --out export/tiny_rnorm
-    python -m parallax_jax.models.export --checkpoint runs/tiny_softmax/checkpoints/300 \\
-        --format hf --out export/tiny_softmax
+    parallax-export --checkpoint runs/tiny_rnorm --format fla --out export/tiny_rnorm
+    parallax-export --checkpoint runs/tiny_softmax/checkpoints/300 --format hf \\
+        --out export/tiny_softmax
 
-(runs/tiny_rnorm: `python -m train --config tiny --set model.r_norm=true --set
-run.out_dir=runs/tiny_rnorm`, a Parallax run fla can represent; runs/tiny_softmax:
-`python -m train --config tiny_softmax`.)
+(`python -m parallax_jax.models.export` is the same command. runs/tiny_rnorm: `python -m
+train --config tiny --set model.r_norm=true --set run.out_dir=runs/tiny_rnorm`, a Parallax
+run fla can represent; runs/tiny_softmax: `python -m train --config tiny_softmax`.)
 
 --checkpoint is anything `parallax_jax.models.checkpoint.load_checkpoint` reads (a training
 run directory: its newest step, or --step; one step; a save_checkpoint directory). Formats:
@@ -16,13 +15,17 @@ run directory: its newest step, or --step; one step; a save_checkpoint directory
   fla  a flash-linear-attention Parallax directory (fla.models.parallax,
        ParallaxForCausalLM); `parallax_jax.models.fla.save_fla_checkpoint`.
 Both write config.json + model.safetensors (numpy writer, no torch needed), copy the run's
-tokenizer.json, and set eos_token_id from the run's data. What the format cannot represent
-exits with status 2 and a one-line message; approximations are printed as notes.
+tokenizer.json, and set eos_token_id from the run's data, then print the output directory.
+Approximations are printed to stderr as notes. What the format cannot represent, a bad
+checkpoint or bad arguments exit with status 2 and one line on stderr,
+`parallax-export: error: <message>`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from parallax_jax.models._parser import Parser, prog_name
 
 FORMATS = ("hf", "fla")
 
@@ -45,10 +48,10 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m parallax_jax.models.export",
-                               description=__doc__.splitlines()[0],
-                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog="\n".join(__doc__.splitlines()[2:]))
+  ap = Parser(prog=prog_name("parallax-export", "parallax_jax.models.export", __file__),
+              description=__doc__.splitlines()[0],
+              formatter_class=argparse.RawDescriptionHelpFormatter,
+              epilog="\n".join(__doc__.splitlines()[2:]))
   ap.add_argument("--checkpoint", required=True,
                   help="training run directory, one step's directory, or a save_checkpoint "
                   "directory")
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
   try:
     notes = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype,
                    tokenizer=not args.no_tokenizer)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # a refusal, a missing file, an unwritable --out
     ap.error(str(e))
   for n in notes:
     print(f"note: {n}", file=sys.stderr)
