@@ -27,6 +27,7 @@ from train import checkpoint as ckpt_lib, data as data_lib
 from train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError,
                               CheckpointSaveError)
 from train.loop import NonFiniteLossError, train
+from train.run_lock import RunDirInUseError, run_dir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = lambda s: None  # noqa: E731
@@ -249,6 +250,18 @@ def test_fewer_steps_than_the_checkpoint_is_refused_once(shards, reference, tmp_
     with pytest.raises(CheckpointMismatchError, match=r"run\.steps: 4 is before the checkpoint's "
                                                       r"step 6 .*raise run\.steps"):
       train(config(shards, run, steps=4, resume=mode), log=quiet)
+
+
+def test_second_run_on_the_same_out_dir_is_refused(shards, reference, tmp_path):
+  """A run started on a directory another live run holds (a job submitted twice) stops
+  before touching it, naming the holder; once the holder is gone the directory is free (the
+  kernel drops the lock with its process: kill_9 below resumes through it)."""
+  run = copy_run(reference, tmp_path)
+  with run_dir_lock(str(run)):
+    with pytest.raises(RunDirInUseError, match=r"run\.out_dir .* is in use by another run "
+                                               r"\(pid \d+ on .*, since .*\); wait"):
+      train(config(shards, run), log=quiet)
+  assert train(config(shards, run), log=quiet)["final_step"] == 6
 
 
 def test_resume_never_refuses_existing_checkpoints(shards, reference, tmp_path):

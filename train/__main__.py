@@ -68,13 +68,15 @@ def main(argv=None) -> int:
   from train.checkpoint import (CheckpointCorruptError, CheckpointSaveError,
                                 NonFiniteStateError)
   from train.loop import DeviceMemoryError, NonFiniteLossError, train
+  from train.run_lock import RunDirInUseError
   try:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS"):
       import jax
       jax.distributed.initialize()
     train(cfg)
   except (ValueError, OSError, NonFiniteLossError, NonFiniteStateError,
-          CheckpointCorruptError, CheckpointSaveError, DeviceMemoryError) as e:
+          CheckpointCorruptError, CheckpointSaveError, DeviceMemoryError,
+          RunDirInUseError) as e:
     # What a user can act on (a config key, a file, a diverged run): one line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -52,6 +52,7 @@ from train import resume as resume_lib
 from train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteStateError
 from train.config import TrainConfig
 from train.mesh import make_mesh
+from train.run_lock import run_dir_lock
 from train.step import Trainer
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "a100": 312.0, "b200": 2250.0,
@@ -361,12 +362,19 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[str, Any]:
   """Run (or resume) training. stop_after: return after this global step (tests: simulate an
-  interruption) after saving a checkpoint there."""
-  t_enter = time.perf_counter()
+  interruption) after saving a checkpoint there. One run at a time in run.out_dir
+  (train/run_lock.py)."""
   is_main = jax.process_index() == 0
   log = log or (lambda s: print(s, flush=True) if is_main else None)
+  check_run_dir(cfg.run.out_dir)
+  with run_dir_lock(cfg.run.out_dir, warn=log):
+    return _train(cfg, stop_after, log)
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
+  t_enter = time.perf_counter()
+  is_main = jax.process_index() == 0
   rc = cfg.run
-  check_run_dir(rc.out_dir)
   meta = ensure_data(cfg, log)
   mesh = make_mesh(cfg.mesh)
   check_batch(cfg, mesh)

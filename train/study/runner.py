@@ -39,7 +39,7 @@ from train.study import grid as grid_lib
 from train.study import results as res_lib
 from train.study.grid import FINAL, Grid, RunSpec
 
-EXCLUDE_FROM_PACK = ("checkpoints", "tb", "profile", ".jax_cache")
+EXCLUDE_FROM_PACK = ("checkpoints", "tb", "profile", ".jax_cache", ".run.lock")
 
 
 @dataclasses.dataclass(frozen=True)
