@@ -180,6 +180,7 @@ def test_out_of_device_memory_is_one_line(shards, tmp_path, capsys, monkeypatch)
 
 # orbax's writer threads die with the failed write; their errors reach the run as one
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_path,
                                                          monkeypatch):
   """A checkpoint write that fails in the background (here a file-size limit, failing like a
@@ -192,11 +193,11 @@ def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_
   old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
   save = Checkpointer.save
 
-  def limited_save(self, step, *args):  # from step 4's save on, no file grows past 16 KiB
+  def limited_save(self, step, *args, **kw):  # from step 4 on, no file grows past 16 KiB
     if step == 4:
       self.wait()  # step 2's checkpoint is committed first
       resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, limits[1]))
-    return save(self, step, *args)
+    return save(self, step, *args, **kw)
 
   monkeypatch.setattr(Checkpointer, "save", limited_save)
   try:
@@ -250,6 +251,26 @@ def test_fewer_steps_than_the_checkpoint_is_refused_once(shards, reference, tmp_
     with pytest.raises(CheckpointMismatchError, match=r"run\.steps: 4 is before the checkpoint's "
                                                       r"step 6 .*raise run\.steps"):
       train(config(shards, run, steps=4, resume=mode), log=quiet)
+
+
+def test_resume_onto_data_prepared_again_is_refused(tmp_path):
+  """The checkpoint's data stream position indexes the data it was written on: after the
+  shards at data.path are prepared again from other text, a resume is refused (naming
+  override), and under override the new data starts over."""
+  from train.prepare import prepare
+  data = str(tmp_path / "data")
+  prepare(data, None, vocab_size=320, max_mb=0.25, val_fraction=0.1, quiet=True)
+  more = config(data, tmp_path / "run", steps=4)
+  train(more, stop_after=2, log=quiet)
+  shutil.rmtree(data)
+  prepare(data, None, vocab_size=320, max_mb=0.2, val_fraction=0.1, quiet=True)
+  with pytest.raises(CheckpointMismatchError, match=r"indexes other data than data\.path "
+                                                    r"holds now .*run\.resume=override"):
+    train(more, log=quiet)
+  notes = []
+  over = dataclasses.replace(more, run=dataclasses.replace(more.run, resume="override"))
+  assert train(over, log=notes.append)["final_step"] == 4
+  assert any("starts the new data over" in n for n in notes), notes
 
 
 def test_second_run_on_the_same_out_dir_is_refused(shards, reference, tmp_path):

@@ -127,14 +127,18 @@ class Checkpointer:
     return dst
 
   # ------------------------------------------------------------------ save
-  def save(self, step: int, state, data_state: dict, config: dict):
+  def save(self, step: int, state, data_state: dict, config: dict,
+           data_id: str | None = None):
     """Save asynchronously after checking that every state array is finite. data_state: this
-    process's data iterator state; every process calls save (the states are gathered)."""
+    process's data iterator state; every process calls save (the states are gathered).
+    data_id: the identity of the data those states index (`train.data.shards_identity`)."""
     fp = fingerprint(state)
     if fp["nonfinite"]:
       raise NonFiniteStateError(
           f"step {step}: the train state holds NaN / inf in {few(fp['nonfinite'])}; not saved")
     data = gather_data_states(data_state)  # JsonSave writes on the primary process only
+    if data_id is not None:
+      data["data_id"] = data_id
     self.check_saves()  # the previous save's failure, named as such, before this one starts
     self._issued.append(step)
     try:

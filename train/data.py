@@ -130,6 +130,16 @@ def read_meta(path: str) -> dict[str, Any]:
   return meta
 
 
+def shards_identity(meta: dict) -> str:
+  """A short hash of what the token streams are made of (the splits' shards and their
+  checksums, dtype, vocabulary, eos): equal for the same prepared data wherever it lies,
+  different when the data is prepared again from other text. Checkpoints record it, so a
+  resume never continues a stream position into other data."""
+  keys = ("dtype", "vocab_size", "eos_id", "splits", "checksums")
+  blob = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode()
+  return f"{zlib.crc32(blob):08x}{zlib.adler32(blob):08x}"
+
+
 class DocumentSource:
   """Random access to the documents of some shards: item i -> int32 token array.
 

@@ -317,7 +317,7 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
 
 
 def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Checkpointer,
-                    it, log) -> tuple[int, Any]:
+                    it, data_id: str, log) -> tuple[int, Any]:
   """(start step, state): the newest good checkpoint under run.resume, else a new state."""
   rc = cfg.run
   if rc.resume == "never":
@@ -337,7 +337,7 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
             f"run.steps: {rc.steps} is before the checkpoint's step {step} ({where}); nothing "
             f"to train: raise run.steps to train further, or use a new run.out_dir")
       notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, where)
-      data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where)]
+      data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where, data_id=data_id)]
 
     restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check)
   if restored is None:
@@ -376,6 +376,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   rc = cfg.run
   meta = ensure_data(cfg, log)
+  data_id = data_lib.shards_identity(meta)
   mesh = make_mesh(cfg.mesh)
   check_batch(cfg, mesh)
   trainer = Trainer(cfg, mesh)
@@ -389,7 +390,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
                              verify=cfg.data.verify)
   it = iter(ds)
   try:
-    start, state = _resume_or_init(cfg, cfg_dict, trainer, ckpt, it, log)
+    start, state = _resume_or_init(cfg, cfg_dict, trainer, ckpt, it, data_id, log)
   except BaseException:
     ckpt.close()
     raise
@@ -484,7 +485,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
     nonlocal last_saved
     try:
       # this process's data position; save gathers every process's (a collective)
-      ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict)
+      ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict, data_id=data_id)
     except NonFiniteStateError as e:
       raise NonFiniteLossError(f"{e}: {last_good()}") from None
     last_saved = step_no

@@ -12,7 +12,10 @@ Every config key falls in one of three classes:
   free        everything else (logging, eval, checkpoint cadence, mesh, prefetch, ...).
 
 The data streams: a checkpoint holds every process's data iterator state, and each process
-continues from its own (`data_state`). Each process reads a slice of the data that depends
+continues from its own (`data_state`), if the data is the same: the record carries the
+data's identity (`train.data.shards_identity`), and a checkpoint of other data (prepared
+again at the same path) is refused under run.resume=auto and starts the new data over under
+override. Each process reads a slice of the data that depends
 on the process count, so a checkpoint of another process count cannot continue the streams:
 refused under run.resume=auto; under run.resume=override every process's stream restarts
 from the start of its slice (data repeats).
@@ -84,12 +87,23 @@ def check(stored: dict, current: dict, mode: str, where: str) -> list[str]:
 
 
 def data_state(record: dict, mode: str, where: str, *, process_index: int | None = None,
-               process_count: int | None = None) -> tuple[dict | None, list[str]]:
+               process_count: int | None = None,
+               data_id: str | None = None) -> tuple[dict | None, list[str]]:
   """(this process's data iterator state, or None for a fresh stream; notes to print) from a
   checkpoint's data record (train/checkpoint.py `gather_data_states`). Raise
-  CheckpointMismatchError for a record of another process count unless mode is override."""
+  CheckpointMismatchError for a record of other data (`data_id`: the identity of the data
+  at data.path now) or another process count unless mode is override."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  stored_id = record.get("data_id")
+  if stored_id is not None and data_id is not None and stored_id != data_id:
+    why = (f"checkpoint {where} indexes other data than data.path holds now (data identity "
+           f"{stored_id} vs {data_id}: its shards were prepared again), so its data stream "
+           f"cannot continue")
+    if mode != "override":
+      raise CheckpointMismatchError(
+          f"{why}; to train on the new data from its start, --set run.resume=override")
+    return None, [f"resume: {why}; every process's data stream starts the new data over"]
   if "per_process" not in record:  # an older version's record: process 0's state only
     if pc == 1:
       return record, []
