@@ -177,6 +177,16 @@ def test_out_of_device_memory_is_one_line(shards, tmp_path, capsys, monkeypatch)
       "data.grad_accum (now 1: micro-batches of 4 sequences)") and err[0].endswith(
       "the last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "2")), err
 
+  # before the loop: the state itself does not fit (the rerun restores step 2's checkpoint)
+  def no_memory(*a, **k):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9GiB.")
+
+  monkeypatch.setattr(Checkpointer, "restore_latest", no_memory)
+  assert main(["--config", str(preset)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: out of device memory setting up the "
+                                             "train state (RESOURCE_EXHAUSTED"), err
+
 
 # orbax's writer threads die with the failed write; their errors reach the run as one
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -64,7 +64,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DeviceMemoryError(RuntimeError):
-  """The step (or its compile, eval, diagnostics) ran out of device memory."""
+  """The state's setup, a step (or its compile, eval, diagnostics) ran out of device memory."""
+
+
+def _is_oom(e: BaseException) -> bool:
+  return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def _memory_error(e: BaseException, cfg: TrainConfig, step: int, good: str):
@@ -391,8 +395,12 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
   it = iter(ds)
   try:
     start, state = _resume_or_init(cfg, cfg_dict, trainer, ckpt, it, data_id, log)
-  except BaseException:
+  except BaseException as e:
     ckpt.close()
+    if _is_oom(e):  # the parameters and optimizer state alone do not fit
+      raise DeviceMemoryError(
+          f"out of device memory setting up the train state ({str(e).splitlines()[0][:120]});"
+          f" shard it over more devices (mesh.fsdp) or use a smaller model") from e
     raise
   if is_main:  # only once the resume was accepted: a refused one leaves the old config
     with open(os.path.join(rc.out_dir, "config.json"), "w") as f:
@@ -590,7 +598,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
         break
     drain()
   except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    if not _is_oom(e):
       raise
     # async dispatch: the failing step is this one or the one before it
     raise _memory_error(e, cfg, step + 1, last_good()) from e
