@@ -224,6 +224,17 @@ def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_
   assert same_params(res["state"]["params"], reference[1])
 
 
+def test_a_short_checkpoint_disk_is_warned_of_at_the_start(shards, tmp_path, monkeypatch):
+  """A disk that cannot hold keep + 1 checkpoints of the state is named before training."""
+  import collections
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 4096, 4096))
+  lines = []
+  train(config(shards, tmp_path / "run", steps=2), log=lines.append)
+  warned = [l for l in lines if "GiB free; a checkpoint of this state" in l]
+  assert len(warned) == 1 and "run.keep_checkpoints=4 keeps 4" in warned[0], lines
+
+
 def test_partial_writes_are_removed_at_open(tmp_path):
   """A crash mid-save leaves orbax's temporary directory: it can never be read back, so
   opening the checkpoint directory deletes it (saying so)."""

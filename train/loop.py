@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -262,6 +263,21 @@ def check_run_dir(out_dir: str):
   os.makedirs(out_dir, exist_ok=True)
 
 
+def warn_if_disk_short(directory: str, state, keep: int, log):
+  """Warn at the start when the checkpoint disk cannot hold `keep` checkpoints plus the one
+  being written (the state's bytes, uncompressed: an upper bound): better than a failed save
+  hours in."""
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  existing = sum(os.path.getsize(os.path.join(root, f))  # kept checkpoints use space already
+                 for root, _, files in os.walk(directory) for f in files)
+  free = shutil.disk_usage(directory).free
+  if free < (keep + 1) * size - existing:
+    log(f"warning: {directory} has {free / 2**30:.1f} GiB free; a checkpoint of this state "
+        f"takes up to {size / 2**30:.1f} GiB and run.keep_checkpoints={keep} keeps {keep} "
+        f"plus the one being written: a save may fail (lower run.keep_checkpoints, or free "
+        f"space)")
+
+
 def check_batch(cfg: TrainConfig, mesh):
   """The batch splits over processes and over the data x fsdp devices."""
   d = cfg.data
@@ -408,6 +424,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params_abstract))
   log(f"{cfg.name}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
       f"{jax.device_count()} {jax.devices()[0].platform} devices, steps {start}->{rc.steps}")
+  if is_main and (rc.checkpoint_every or rc.save_final) and start < rc.steps:
+    warn_if_disk_short(ckpt.directory, state, rc.keep_checkpoints, log)
 
   tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
   flops_tok = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
