@@ -128,9 +128,10 @@ def main(argv=None):
                  f"{r['epoch_wall_s'] * r['calls'] * steps_per_epoch / a.steps:.2f} | "
                  f"{tops or '-'} |")
   notes = (f"Task {a.task} (baseline setting), optimizer {a.optimizer}, {a.runs} runs a "
-           f"program (fewer a call where they do not fit the device), {a.steps} training steps of batch {protocol.batch_size} plus the test "
-           f"set's evaluation per timed call (median of {a.iters}); the full-epoch column "
-           f"scales the call by {steps_per_epoch} / {a.steps} steps and by the calls "
+           f"program (fewer a call where they do not fit the device), {a.steps} training "
+           f"steps of batch {protocol.batch_size} plus the test set's evaluation per timed "
+           f"call (median of {a.iters}); the full-epoch column scales the call by "
+           f"{steps_per_epoch} / {a.steps} steps and by the calls "
            "(evaluation included in both, so an upper bound).")
   env = common.environment()
   common.write_results("mad_step", env, rows, "\n".join(lines), notes, a.out)

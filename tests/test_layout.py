@@ -1,6 +1,7 @@
 """The shape of pallas_kernels: the kernel modules import only `common` (and a kernel its
 own companion launch), which imports no kernel; the fronts import the kernels; no import
-cycle, no import inside a function, no private name taken from another module. Read from the source (ast), nothing is imported."""
+cycle, no import inside a function, no private name taken from another module. Read from the
+source (ast), nothing is imported."""
 from __future__ import annotations
 
 import ast

@@ -144,7 +144,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from parallax_jax.models import presets
 from train import data as data_lib, resume as resume_lib
-from train.config import DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
+from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig,
+                          TrainConfig)
 from train.loop import train
 
 saved, restored = [], []

@@ -75,8 +75,9 @@ class DataConfig:
   path: directory written by `python -m train.prepare`; prepared automatically with the
     default corpus (Python stdlib sources, BPE of `vocab_size`) when missing and
     `auto_prepare` is set (the CLI turns it off for a data.path set with --set, unless
-    data.auto_prepare is set too: a mistyped path is refused, not filled with the demo corpus). global_batch_size sequences of seq_len tokens per optimizer step,
-    split into grad_accum micro-batches. verify: when a shard is first opened, read it
+    data.auto_prepare is set too: a mistyped path is refused, not filled with the demo
+    corpus). global_batch_size sequences of seq_len tokens per optimizer step, split into
+    grad_accum micro-batches. verify: when a shard is first opened, read it
     once to check its CRC-32 against meta.json and its token ids against the vocabulary
     (false skips the read, for corpora too large to scan; sizes are always checked).
   """

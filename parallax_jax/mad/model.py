@@ -123,7 +123,8 @@ class ModelConfig:
     if (self.solver == "unrolled" and member_spec(self.member)[1] == "solve"
         and self.head_dim > api.UNROLLED_MAX_HEAD_DIM):
       raise ValueError(f"ModelConfig.solver: 'unrolled' is for head_dim <= "
-                       f"{api.UNROLLED_MAX_HEAD_DIM}, got head_dim {self.head_dim}; use 'cholesky'")
+                       f"{api.UNROLLED_MAX_HEAD_DIM}, got head_dim {self.head_dim}; "
+                       "use 'cholesky'")
     if not self.ridge >= 0:
       raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
     if self.init_std is not None and not self.init_std > 0:
