@@ -513,6 +513,25 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
     main(["--members", "transformer"])
 
 
+def test_cli_rerun_resumes_and_refuses_another_setup(tmp_path, capsys):
+  from parallax_jax.mad.__main__ import main
+  args = ["--quick", "--tasks", "memorization", "--members", "softmax", "--seeds", "1",
+          "--lrs", "1e-3", "--wds", "0", "--width", "16", "--heads", "2", "--layers", "1",
+          "--out", str(tmp_path), "--tag", "r", "--no-progress", "--compile-threads", "1"]
+  first = main(args)
+  # An interrupted suite rerun with more jobs: the finished program is kept, not retrained.
+  second = main(args[:4] + ["softmax,parallax"] + args[5:])
+  assert "1 of this command's 2 programs are done" in capsys.readouterr().out
+  assert [p["member"] for p in second["programs"]] == ["softmax", "parallax"]
+  assert second["runs"][0] == first["runs"][0]
+  assert second["meta"]["members"] == ["softmax", "parallax"]
+  assert len(second["meta"]["commands"]) == 2
+  assert main(args)["runs"] == second["runs"]  # nothing left to do
+  with pytest.raises(SystemExit, match=r"protocol.lrs: \[0.001\] there, \[0.002\] now"):
+    main(args[:8] + ["2e-3"] + args[9:])
+  assert len(main(args + ["--fresh"])["runs"]) == 1  # starts over
+
+
 @pytest.mark.slow
 def test_cli_quick_all_tasks_default_model(tmp_path):
   from parallax_jax.mad.__main__ import main

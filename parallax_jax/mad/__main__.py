@@ -5,7 +5,9 @@
 
 writes <out>/mad_<tag>.json (every run, its history, per-program wall times, scores),
 mad_<tag>.md (task x member/optimizer table, mean ± std over seeds, the paper's figures beside)
-and mad_<tag>.png, after every program so an interrupted run keeps what it finished.
+and mad_<tag>.png, after every program so an interrupted run keeps what it finished; the
+same command run again resumes there (the programs already in mad_<tag>.json are skipped;
+`--fresh` starts over).
 `--quick` is a CPU smoke (a few steps on shrunken splits); `--merge a.json b.json` combines
 runs made by separate commands. See docs/mad.md.
 """
@@ -15,6 +17,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import sys
@@ -92,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "(default: CPU count)")
   p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                  help="combine these result files into mad_<tag>.* and exit")
+  p.add_argument("--fresh", action="store_true",
+                 help="ignore (and overwrite) an existing mad_<tag>.json instead of resuming it")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
@@ -136,6 +141,47 @@ def _meta(args, protocol: Protocol, model_kwargs: dict) -> dict:
           "model": model_kwargs, "wall_s": 0.0}
 
 
+def _resumable(path: str, meta: dict) -> dict | None:
+  """The earlier result at `path` when this command continues it; None when there is none.
+
+  Its runs count only under the same protocol, model and seeds; anything else is refused in one
+  line (mixing them into one table would compare unlike runs).
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      prev = json.load(f)
+    old = prev["meta"]
+    prev["programs"], prev["runs"]  # noqa: B018 - the keys a result must have
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f"error: {path} exists but is not a MAD result ({e}); move it away, or "
+                     "pass --fresh to overwrite it")
+  if "merged_from" in old:
+    raise SystemExit(f"error: {path} was written by --merge and cannot be resumed; use another "
+                     "--tag or --out, or pass --fresh to overwrite it")
+  now = json.loads(json.dumps(meta))  # tuples as the file stores them
+  for key in ("protocol", "model", "seeds", "settings"):
+    if old.get(key) != now[key]:
+      diff = key
+      if isinstance(now[key], dict):
+        diff = ", ".join(f"{key}.{k}: {old.get(key, {}).get(k)!r} there, {now[key][k]!r} now"
+                         for k in now[key] if (old.get(key) or {}).get(k) != now[key][k])
+      else:
+        diff = f"{key}: {old.get(key)!r} there, {now[key]!r} now"
+      raise SystemExit(f"error: {path} holds runs of another setup ({diff}); use another --tag "
+                       "or --out, or pass --fresh to overwrite it")
+  for task, n in now["task_epochs"].items():
+    if task in (old.get("task_epochs") or {}) and old["task_epochs"][task] != n:
+      raise SystemExit(f"error: {path} trained {task} for {old['task_epochs'][task]} epochs, "
+                       f"this command for {n}; use another --tag or --out, or pass --fresh")
+  return prev
+
+
+def _job_key(task, label, member, optimizer) -> str:
+  return f"{task}/{label}/{member}/{optimizer}"
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
@@ -165,10 +211,31 @@ def main(argv=None) -> dict:
   protocols = {t: dataclasses.replace(protocol, epochs=args.task_epochs.get(t, args.epochs))
                for t in args.tasks}
   result["meta"]["task_epochs"] = {t: p.epochs for t, p in protocols.items()}
+  prev = None if args.fresh else _resumable(
+      os.path.join(args.out, f"mad_{args.tag}.json"), result["meta"])
+  earlier = dict(wall_s=0.0, compile_wall_s=0.0)
+  if prev is not None:  # continue it: its programs stay, the finished jobs are skipped
+    old = prev["meta"]
+    done = {_job_key(p["task"], p["setting"], p["member"], p["optimizer"])
+            for p in prev["programs"]}
+    left = [j for j in jobs if _job_key(j[0].task, j[0].label, j[1], j[2]) not in done]
+    print(f"resuming {args.out}/mad_{args.tag}.json: {len(jobs) - len(left)} of this command's "
+          f"{len(jobs)} programs are done there ({len(prev['programs'])} programs, "
+          f"{len(prev['runs'])} runs kept)", flush=True)
+    jobs = left
+    earlier = {k: old.get(k, 0.0) for k in earlier}
+    meta = result["meta"]
+    for key in ("members", "optimizers", "tasks"):  # the file covers both commands' jobs
+      meta[key] = list(dict.fromkeys(list(old.get(key, [])) + meta[key]))
+    meta["task_epochs"] = dict(old.get("task_epochs") or {}, **meta["task_epochs"])
+    meta["commands"] = old.get("commands", [old.get("argv")]) + [meta["argv"]]
+    meta["dates"] = old.get("dates", [old.get("date")]) + [meta["date"]]
+    result["programs"], result["runs"] = prev["programs"], prev["runs"]
   start = time.perf_counter()
+  wall = lambda: round(earlier["wall_s"] + time.perf_counter() - start, 2)
   # XLA compiles outside the GIL: the programs compile concurrently, in the order they run,
   # while the first ones train; compiles still queued when --max-minutes stops are dropped.
-  threads = max(1, min(len(jobs), args.compile_threads or os.cpu_count() or 1))
+  threads = max(1, min(len(jobs) or 1, args.compile_threads or os.cpu_count() or 1))
   print(f"compiling {len(jobs)} programs ({threads} threads, ahead of training)", flush=True)
   pool = concurrent.futures.ThreadPoolExecutor(threads)
   futures = [pool.submit(compile_program, setting, optimizer=opt, seeds=seeds,
@@ -176,7 +243,7 @@ def main(argv=None) -> dict:
                          model_kwargs=dict(model_kwargs, member=mem),
                          log=lambda m: print(m, flush=True))
              for setting, mem, opt in jobs]
-  result["meta"]["compile_wall_s"] = 0.0
+  result["meta"]["compile_wall_s"] = earlier["compile_wall_s"]
   runs_per_prog = args.seeds * len(protocol.lrs) * len(protocol.wds)
   groups = -(-runs_per_prog // (protocol.group_size or runs_per_prog))
   show = sys.stdout.isatty() and not args.no_progress
@@ -210,7 +277,7 @@ def main(argv=None) -> dict:
                         program=program, data=data)
       result["programs"].append(out["timing"])
       result["runs"] += out["runs"]
-      result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
+      result["meta"]["wall_s"] = wall()
       report.write(result, args.out, args.tag, png=False)
       tm = out["timing"]
       best = max(r["acc"] for r in out["runs"])
@@ -222,7 +289,7 @@ def main(argv=None) -> dict:
   finally:  # an error or the time limit: drop the queued compiles
     pool.shutdown(wait=False, cancel_futures=True)
   bar.close()
-  result["meta"]["wall_s"] = round(time.perf_counter() - start, 2)
+  result["meta"]["wall_s"] = wall()
   paths = report.write(result, args.out, args.tag)
   print("\n".join(report.table(result)))
   print("wrote", ", ".join(paths.values()))
