@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallax_jax import chunked as _chunked
+from parallax_jax import moments as _moments
 from parallax_jax import reference as _reference
 
 PROBES = ("none", "query", "learned", "solve")
@@ -16,9 +17,14 @@ AFFINES = ("constant", "linear", "affine", "boundary")
 SOLVERS = ("direct", "cholesky", "unrolled", "cg")
 # solver="unrolled" writes Cholesky out over the head dim (O(D^2) ops, O(D^3) work): small heads.
 UNROLLED_MAX_HEAD_DIM = 32
-IMPLEMENTATIONS = ("xla", "chunked", "pallas")
+IMPLEMENTATIONS = ("xla", "chunked", "pallas", "moments")
 # Above this many (query, key) pairs per head `implementation=None` avoids the dense path.
 DENSE_MAX_PAIRS = 1 << 20
+# `implementation=None` takes the moment form for the solve probe, and for any member with an
+# infinite bandwidth and no window or segments (prefix sums, no [T, S] array), when a key's
+# features (moments.width) number at most this many times the keys: small heads, where one
+# pass of A F moves fewer bytes than the dense formulas' several [T, S] passes.
+MOMENTS_MAX_WIDTH_PER_KEY = 2
 # Default ridge of the solve probe. At ridge 0 a row with fewer than head_dim + 1 keys has a
 # singular local system (NaN/inf outputs early in every sequence); 1e-3 keeps every row
 # finite in float32 and biases well-conditioned rows (moment eigenvalues ~ |k|^2) very little.
@@ -172,9 +178,16 @@ def _pallas_member(probe, affine):
   return None
 
 
-def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg):
-  """`implementation=None`: the fused kernels on GPU where they apply, else dense for short
-  sequences and chunked for long ones."""
+def _uniform(bandwidth):
+  """Whether the bandwidth is statically infinite for every head (uniform weights)."""
+  if bandwidth is None or not _is_concrete(bandwidth):
+    return False
+  return bool(np.all(np.isinf(np.asarray(bandwidth, np.float64))))
+
+
+def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg, uniform=False):
+  """`implementation=None`: the fused kernels on GPU where they apply; the moment form for
+  small heads; else dense for short sequences and chunked for long ones."""
   if implementation is not None:
     return implementation
   if jax.default_backend() == "gpu" and _pallas_member(probe, affine):
@@ -187,19 +200,26 @@ def _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg):
       ok = False
     if ok:
       return "pallas"
-  if q.shape[1] * k.shape[1] <= DENSE_MAX_PAIRS:
+  t, s = q.shape[1], k.shape[1]
+  w = _moments.width(probe, affine, q.shape[3], v.shape[3])
+  prefix = uniform and window is None and q_seg is None  # no [T, S] array at all
+  if ((prefix or probe == "solve" and t * s <= DENSE_MAX_PAIRS)
+      and w <= MOMENTS_MAX_WIDTH_PER_KEY * s and t * w <= DENSE_MAX_PAIRS):
+    return "moments"
+  if t * s <= DENSE_MAX_PAIRS:
     return "xla"
   return "chunked"
 
 
 def chosen_implementation(q, k, v, r=None, *, probe: str, affine: str,
                           window: int | None = None, segment_ids: Any = None,
-                          implementation: str | None = None) -> str:
+                          implementation: str | None = None, bandwidth: Any = None) -> str:
   """The implementation `attention` runs for these inputs (arrays or jax.ShapeDtypeStruct)
   on the default backend: `implementation` when given, else what None resolves to."""
   q_seg, kv_seg = _check_inputs(q, k, v, r, probe, affine, None, "direct", window, segment_ids,
                                 implementation, None)
-  return _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg)
+  return _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg,
+                 _uniform(bandwidth))
 
 
 def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None,
@@ -247,7 +267,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
   scale = _scale(bandwidth, q.shape[2], q.shape[3], compute_dtype)
   if 0 in (q.shape[0], q.shape[1], k.shape[1]):  # no rows, or no keys: nothing to attend
     return jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
-  impl = _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg)
+  uniform = _uniform(bandwidth)
+  impl = _choose(implementation, probe, affine, q, k, v, r, window, q_seg, kv_seg, uniform)
   ridge = _ridge(ridge, probe)
   kwargs = dict(probe=probe, affine=affine, ridge=ridge, solver=solver, cg_iters=cg_iters,
                 causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg,
@@ -256,6 +277,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
     return _reference.dense_attention(q, k, v, r, scale, **kwargs)
   if impl == "chunked":
     return _chunked.chunked_attention(q, k, v, r, scale, block_sizes=block_sizes, **kwargs)
+  if impl == "moments":
+    return _moments.moment_attention(q, k, v, r, scale, uniform=uniform, **kwargs)
   return _pallas(q, k, v, r, scale, **kwargs)
 
 

@@ -130,28 +130,11 @@ def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
   affine/boundary: rho = (M + lam I)^-1 mu,  M = sum_j a_j (k_j - q)(k_j - q)^T,  mu = kbar - q
   """
   kbar = jnp.einsum("bkgts,bksd->bkgtd", a, k)
-  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
-  # Rows without keys get the identity system instead of a zero one: their output is
-  # zeroed anyway, and a singular solve there would turn gradients into NaN.
-  ridge = ridge + jnp.where(has_keys, 0.0, 1.0)
-  if affine == "linear":
-    rhs = q
-  else:
-    rhs = kbar - q
-
-  if solver in ("direct", "cholesky", "unrolled"):
+  if solver != "cg":
     kk = jnp.einsum("bkgts,bksd,bkse->bkgtde", a, k, k)
-    if affine != "linear":
-      # Second moment about the query: E[kk^T] - kbar q^T - q kbar^T + q q^T (weights sum to 1).
-      kk = (kk - kbar[..., :, None] * q[..., None, :] - q[..., :, None] * kbar[..., None, :]
-            + q[..., :, None] * q[..., None, :])
-    system = kk + ridge[..., None] * eye
-    if solver == "unrolled":  # the same factorization, as elementwise ops (small heads)
-      return _cholesky_solve_unrolled(system, rhs)
-    if solver == "cholesky":  # a weighted second moment plus ridge: symmetric positive definite
-      factor = jnp.linalg.cholesky(system)
-      return jax.scipy.linalg.cho_solve((factor, True), rhs[..., None])[..., 0]
-    return jnp.linalg.solve(system, rhs[..., None])[..., 0]
+    return solve_moments(q, kbar, kk, has_keys, affine=affine, ridge=ridge, solver=solver,
+                         cg_iters=cg_iters)
+  ridge = ridge + jnp.where(has_keys, 0.0, 1.0)
 
   def op(x):  # matrix-free: never forms the D x D moment
     akx = a * jnp.einsum("bkgtd,bksd->bkgts", x, k)
@@ -161,7 +144,34 @@ def solve_probe(q, k, a, has_keys, *, affine, ridge, solver, cg_iters):
       y = y - kbar * qx - q * jnp.sum(akx, axis=-1, keepdims=True) + q * qx
     return y
 
-  return _cg(op, rhs, cg_iters)
+  return _cg(op, q if affine == "linear" else kbar - q, cg_iters)
+
+
+def solve_moments(q, kbar, kk, has_keys, *, affine, ridge, solver, cg_iters):
+  """The solve probe from the row's moments kbar [..., D] and kk = sum_j a_j k_j k_j^T
+  [..., D, D] (weights summing to 1; kbar unused for affine='linear')."""
+  # Rows without keys get the identity system instead of a zero one: their output is
+  # zeroed anyway, and a singular solve there would turn gradients into NaN.
+  ridge = ridge + jnp.where(has_keys, 0.0, 1.0)
+  rhs = q if affine == "linear" else kbar - q
+  if affine != "linear":
+    # Second moment about the query: E[kk^T] - kbar q^T - q kbar^T + q q^T (weights sum to 1).
+    kk = (kk - kbar[..., :, None] * q[..., None, :] - q[..., :, None] * kbar[..., None, :]
+          + q[..., :, None] * q[..., None, :])
+  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
+  system = kk + ridge[..., None] * eye
+  # moments shared by a kv head's q heads (uniform weights) meet per-head right-hand sides
+  system = jnp.broadcast_to(system, jnp.broadcast_shapes(system.shape[:-1], rhs.shape)
+                            + system.shape[-1:])
+  rhs = jnp.broadcast_to(rhs, system.shape[:-1])
+  if solver == "unrolled":  # the same factorization, as elementwise ops (small heads)
+    return _cholesky_solve_unrolled(system, rhs)
+  if solver == "cholesky":  # a weighted second moment plus ridge: symmetric positive definite
+    factor = jnp.linalg.cholesky(system)
+    return jax.scipy.linalg.cho_solve((factor, True), rhs[..., None])[..., 0]
+  if solver == "cg":
+    return _cg(lambda x: jnp.einsum("...de,...e->...d", system, x), rhs, cg_iters)
+  return jnp.linalg.solve(system, rhs[..., None])[..., 0]
 
 
 def family_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",

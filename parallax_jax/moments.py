@@ -1,0 +1,186 @@
+"""Moment form of the family (the `"moments"` implementation).
+
+A row's output depends on its keys and values only through weighted moments: vbar, kbar,
+E[k k^T] and E[k v^T] under the row's weights a_i. Stack the features of each key,
+f_j = [v_j, k_j, upper(k_j k_j^T), vec(k_j v_j^T)] (only those the member reads), and one
+weighted sum A F gives them all: softmax attention with a value of width w = Dv + D +
+D(D+1)/2 + D Dv. What follows per row is D x D algebra. The dense formulas instead make
+several passes over [T, S] arrays (rho . k_j, a_j (rho . k_j), and their gradients), so for
+small heads (MAD's D = 8: w <= 116 against S = 128-256) this form moves a fraction of the
+bytes. With an infinite bandwidth and a plain causal (or no) mask the weights are uniform
+over a prefix: A F is a cumulative sum over keys divided by the count, O(T w) with no [T, S]
+array at all (normalised linear attention and the Mesa-like ridge regression).
+
+Same contract as the dense reference (`reference.family_core`): float32 (or float64)
+arithmetic, rows without keys are zero, a row that sees a non-finite entry is NaN and a
+constant. The moments are taken about zero and centred afterwards (E[kk^T] - kbar q^T - ...),
+exactly as the dense direct solvers do.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from parallax_jax import masks
+from parallax_jax import reference as ref
+
+
+def needed(probe: str, affine: str) -> frozenset[str]:
+  """Which moments the member reads: 'v' (vbar), 'k' (kbar), 'kk', 'kv'."""
+  if affine == "constant" or (probe == "none" and affine != "linear"):
+    return frozenset({"v"})
+  if probe == "none":  # linear through the origin with a zero probe: the output is zero
+    return frozenset()
+  need = {"kv"}
+  if affine != "linear":
+    need |= {"v", "k"}
+  if probe == "solve":
+    need |= {"kk"} | ({"k"} if affine != "linear" else set())
+  return frozenset(need)
+
+
+def width(probe: str, affine: str, d: int, dv: int) -> int:
+  """Features per key the member needs (the w of A F)."""
+  sizes = {"v": dv, "k": d, "kk": d * (d + 1) // 2, "kv": d * dv}
+  return sum(sizes[m] for m in needed(probe, affine))
+
+
+def _pairs(d):
+  """The upper triangle's (row, col) indices and the [P, D, D] map back to a symmetric matrix."""
+  rows, cols = np.triu_indices(d)
+  sym = np.zeros((rows.size, d, d), np.float32)
+  sym[np.arange(rows.size), rows, cols] = 1.0
+  sym[np.arange(rows.size), cols, rows] = 1.0
+  return rows, cols, sym
+
+
+def _features(k, v, need):
+  """[B, K, S, w] features per key and the slices that unpack their moments."""
+  parts, slices, at = [], {}, 0
+  d, dv = k.shape[-1], v.shape[-1]
+  for name in ("v", "k", "kk", "kv"):
+    if name not in need:
+      continue
+    if name == "v":
+      f = v
+    elif name == "k":
+      f = k
+    elif name == "kk":
+      rows, cols, _ = _pairs(d)
+      f = k[..., rows] * k[..., cols]
+    else:
+      f = (k[..., :, None] * v[..., None, :]).reshape(k.shape[:-1] + (d * dv,))
+    parts.append(f)
+    slices[name] = slice(at, at + f.shape[-1])
+    at += f.shape[-1]
+  return jnp.concatenate(parts, axis=-1), slices
+
+
+def _prefix_means(f, t, causal):
+  """Uniform weights: [B, K, 1, T, w] means of f [B, K, S, w] over each row's keys and the
+  row's key count [T, 1] (end-aligned causal prefix, or every key)."""
+  s = f.shape[2]
+  if not causal:
+    count = jnp.full((t, 1), s, f.dtype)
+    mean = jnp.broadcast_to(jnp.mean(f, axis=2, keepdims=True), f.shape[:2] + (t, f.shape[-1]))
+    return mean[:, :, None], count
+  # query i sees keys 0 .. i + S - T (none when that is negative: T > S)
+  last = jnp.arange(t) + s - t
+  csum = jnp.cumsum(f, axis=2)[:, :, jnp.clip(last, 0, s - 1)]
+  count = jnp.maximum(last + 1, 0).astype(f.dtype)[:, None]
+  mean = jnp.where(count > 0, csum / jnp.maximum(count, 1.0), 0.0)
+  return mean[:, :, None], count
+
+
+def _prefix_flags(q, k, v, rho, causal):
+  """`reference.row_flags` for uniform prefix weights without a [T, S] mask."""
+  bad = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
+  t, s = q.shape[3], k.shape[2]
+  bad_kv = (bad(k) | bad(v)).astype(jnp.int32)  # [B, K, S]
+  if causal:
+    last = jnp.arange(t) + s - t
+    seen = jnp.cumsum(bad_kv, axis=-1)[:, :, jnp.clip(last, 0, s - 1)] * (last >= 0)
+  else:
+    seen = jnp.broadcast_to(jnp.sum(bad_kv, axis=-1, keepdims=True), bad_kv.shape[:2] + (t,))
+  flag = (seen > 0)[:, :, None, :, None] | bad(q)[..., None]
+  return flag if rho is None else flag | bad(rho)[..., None]
+
+
+def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",
+                cg_iters=None, uniform_prefix=None):
+  """All members from moments; arguments as `reference.family_core`.
+
+  uniform_prefix: None (weights from scale and mask), or 'causal' / 'full' when the bandwidth
+  is infinite and the mask is the plain end-aligned causal one / no mask (then `mask` is
+  unused and may be None): cumulative sums, no [T, S] array.
+  """
+  rho_in = {"query": q, "learned": r}.get(probe) if affine != "constant" else None
+  t = q.shape[3]
+  if uniform_prefix is None:
+    flag = ref.row_flags(q, k, v, rho_in, mask)
+    has_keys = jnp.any(mask, axis=-1)[..., None]
+  else:
+    flag = _prefix_flags(q, k, v, rho_in, uniform_prefix == "causal")
+  q, k, v = ref.finite(q), ref.finite(k), ref.finite(v)
+  need = needed(probe, affine)
+  if not need:
+    return jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
+  feats, at = _features(k, v, need)
+  if uniform_prefix is None:
+    a = ref.weights(q, k, scale, mask)
+    mom = jnp.einsum("bkgts,bksw->bkgtw", a, feats)
+  else:
+    mom, count = _prefix_means(feats, t, uniform_prefix == "causal")
+    has_keys = count > 0
+  get = lambda name: mom[..., at[name]]
+  if need == {"v"}:
+    return jnp.where(has_keys, ref.nan_rows(get("v") + jnp.zeros_like(q[..., :1]), flag), 0.0)
+  d, dv = k.shape[-1], v.shape[-1]
+  ekv = get("kv").reshape(mom.shape[:-1] + (d, dv))
+  if probe == "query":
+    rho = q
+  elif probe == "learned":
+    rho = ref.finite(r)
+  else:
+    _, _, sym = _pairs(d)  # the upper triangle's moments fill both halves
+    ekk = jnp.einsum("...p,pde->...de", get("kk"), jnp.asarray(sym, mom.dtype))
+    kbar = get("k") if affine != "linear" else None
+    rho = ref.solve_moments(q, kbar, ekk, has_keys, affine=affine, ridge=ridge, solver=solver,
+                            cg_iters=cg_iters or d)
+  u = jnp.einsum("...de,...d->...e", ekv, rho)  # sum_j a_j (rho . k_j) v_j
+  if affine == "linear":
+    o = u
+  else:
+    vbar = get("v")
+    tbar = jnp.sum(rho * get("k"), axis=-1, keepdims=True)  # rho . kbar
+    if affine == "affine":
+      o = (1.0 + tbar) * vbar - u
+    else:
+      den = 1.0 - tbar + jnp.sum(rho * q, axis=-1, keepdims=True)
+      o = vbar - (u - tbar * vbar) / den
+  o = o + jnp.zeros_like(q[..., :1])  # uniform moments are shared by a kv head's q heads
+  return jnp.where(has_keys, ref.nan_rows(o, flag), 0.0)
+
+
+def moment_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iters, causal,
+                     window, q_seg, kv_seg, compute_dtype, uniform=False):
+  """[B,T,Hq,D] layout wrapper around `moment_core` (validated inputs; see api.attention).
+
+  uniform: the bandwidth is infinite for every head; with no window and no segments the
+  moments are prefix means (no [T, S] mask or weights).
+  """
+  hkv = k.shape[2]
+  prefix = None
+  if uniform and window is None and q_seg is None:
+    prefix, mask = ("causal" if causal else "full"), None
+  else:
+    mask = masks.full_mask(q.shape[1], k.shape[1], causal=causal, window=window, q_seg=q_seg,
+                           kv_seg=kv_seg)
+    mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
+  cast = lambda x: None if x is None else x.astype(compute_dtype)
+  o = moment_core(
+      ref.split_heads(cast(q), hkv), ref.kv_heads_first(cast(k)), ref.kv_heads_first(cast(v)),
+      None if r is None else ref.split_heads(cast(r), hkv),
+      scale.astype(compute_dtype).reshape(hkv, -1), mask, probe=probe, affine=affine,
+      ridge=ridge, solver=solver, cg_iters=cg_iters, uniform_prefix=prefix)
+  return ref.merge_heads(o).astype(q.dtype)
