@@ -9,10 +9,11 @@ take its time (CUPTI, GPU only), so the cost of the members without kernels (the
 [T, S] work, the batched D x D solves of lla / mesa) is measured, not guessed.
 
   PYTHONPATH=. python3 bench/mad_step.py [--members softmax,parallax,lla,mesa,linear]
-      [--solvers direct,cholesky,unrolled] [--task in-context-recall] [--optimizer adamw]
-      [--runs 18] [--steps 20] [--out DIR]
+      [--solvers direct,cholesky,unrolled] [--implementations auto] [--task in-context-recall]
+      [--optimizer adamw] [--runs 18] [--steps 20] [--out DIR]
 
 --solvers: the solve-probe members (lla, mesa) get a row per solver of their D x D systems.
+--implementations: a row per attention implementation (auto: the library's choice).
 
 Compiles the members' programs concurrently, then times them one at a time.
 """
@@ -38,6 +39,8 @@ def parse_args(argv=None):
   ap.add_argument("--members", default="softmax,parallax,lla,mesa,linear")
   ap.add_argument("--solvers", default="direct,cholesky,unrolled",
                   help="solvers the solve-probe members run with (a row each)")
+  ap.add_argument("--implementations", default="auto",
+                  help="comma list of auto (the library's choice), xla, chunked, moments, pallas")
   ap.add_argument("--task", default="in-context-recall")
   ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
   ap.add_argument("--runs", type=int, default=18, help="runs a program trains at once")
@@ -63,13 +66,19 @@ def main(argv=None):
   protocol = train.Protocol(epochs=1, steps_per_epoch=a.steps)
   dtype = a.dtype if a.dtype != "auto" else (
       "bfloat16" if jax.default_backend() == "gpu" else "float32")
-  # (row name, member, solver): a row per solver for the members that solve a system
-  rows_spec = [(m if member_spec(m)[1] != "solve" else f"{m}/{s}", m, s)
+  impls = a.implementations.split(",")
+  # (row name, member, solver, implementation): a row per solver for the members that solve
+  # a system, and per implementation
+  rows_spec = [("/".join([m] + [s] * (member_spec(m)[1] == "solve") + [i] * (len(impls) > 1)),
+                m, s, i)
                for m in a.members.split(",")
-               for s in (a.solvers.split(",") if member_spec(m)[1] == "solve" else ["direct"])]
-  members = [name for name, _, _ in rows_spec]
+               for s in (a.solvers.split(",") if member_spec(m)[1] == "solve" else ["direct"])
+               for i in impls]
+  members = [name for name, *_ in rows_spec]
   cfgs = {name: train.model_config_for(setting, width=a.width, num_heads=a.heads, dtype=dtype,
-                                       member=m, solver=s) for name, m, s in rows_spec}
+                                       member=m, solver=s,
+                                       implementation=None if i == "auto" else i)
+          for name, m, s, i in rows_spec}
   shapes = train.data_shapes(setting, 1, protocol)
   log(f"compiling {len(members)} programs: {a.runs} runs of {a.task}, {a.steps} steps")
   with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:

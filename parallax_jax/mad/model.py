@@ -158,10 +158,11 @@ class ModelConfig:
 def attention_implementation(cfg: ModelConfig, batch: int, length: int) -> str:
   """What the mixer's `parallax_jax.attention` call runs at [batch, length] on the default
   backend (cfg.implementation, or the library's choice for None)."""
-  _, probe, affine = cfg.spec
+  bandwidth, probe, affine = cfg.spec
   x = jax.ShapeDtypeStruct((batch, length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
   return api.chosen_implementation(x, x, x, x if cfg.has_probe else None, probe=probe,
-                                   affine=affine, implementation=cfg.implementation)
+                                   affine=affine, implementation=cfg.implementation,
+                                   bandwidth=bandwidth)
 
 
 class Dense(nn.Module):
