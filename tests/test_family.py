@@ -31,7 +31,7 @@ def call(impl, q, k, v, r, probe, affine, **kw):
       implementation=impl, **kw))(q, k, v, r)
 
 
-@checkerboard("impl,probe,affine", ["xla", "chunked"], ALL_PAIRS)
+@checkerboard("impl,probe,affine", ["xla", "chunked", "moments"], ALL_PAIRS)
 def test_matches_float64_brute_force(x64, rng, impl, probe, affine):
   # GQA 2, fewer queries than keys, window and segments: every mask rule at once.
   q, k, v, r = make(rng, t=9, s=13)
@@ -127,7 +127,7 @@ def test_identity4_lla_is_weighted_least_squares_intercept(x64, rng, solver):
     np.testing.assert_allclose(got[i], coef[0], rtol=1e-7, atol=1e-8)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "moments"])
 @pytest.mark.parametrize("solver", ["direct", "cg"])
 def test_identity5_lla_reproduces_affine_maps(x64, rng, impl, solver):
   b, t, d = 2, 12, 3
@@ -141,7 +141,7 @@ def test_identity5_lla_reproduces_affine_maps(x64, rng, impl, solver):
   np.testing.assert_allclose(np.asarray(got)[:, rows], np.asarray(want)[:, rows], rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "moments"])
 def test_identity6_global_ridge_regression(x64, rng, impl):
   b, t, d, lam = 1, 10, 4, 0.3
   q, k, v, _ = make(rng, b=b, t=t, hq=1, hkv=1, d=d)
@@ -214,7 +214,7 @@ def test_unrolled_refuses_large_heads():
                                               solver="unrolled"), q, k, v)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "moments"])
 @pytest.mark.parametrize("member", ["softmax", "parallax", "lla", "lla_affine", "linear", "mesa",
                                     "least_squares"])
 def test_gradients_float64(x64, rng, impl, member):
@@ -255,6 +255,6 @@ def test_float64_output_dtype_and_mixed_precision_dtype(rng):
 
 def test_rows_without_keys_are_zero(rng):
   q, k, v, r = make(rng, t=6, s=4, dtype=np.float32)  # T > S: the first 2 queries see nothing
-  for impl in ("xla", "chunked"):
+  for impl in ("xla", "chunked", "moments"):
     o = pj.parallax_attention(q, k, v, r, implementation=impl)
     assert np.all(np.asarray(o[:, :2]) == 0) and np.all(np.isfinite(np.asarray(o)))

@@ -1,0 +1,75 @@
+"""The moment form (implementation='moments') beyond the family-wide tests in test_family.py:
+the prefix-sum path of uniform weights, its non-finite contract, and when None picks it."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import parallax_jax as pj
+from parallax_jax import moments
+from tests import brute
+from tests.test_family import make
+
+UNIFORM = [("linear", "query", "linear"), ("mesa", "solve", "linear"),
+           ("least_squares", "solve", "boundary"), ("parallax", "learned", "affine"),
+           ("softmax", "none", "constant")]
+
+
+@pytest.mark.parametrize("t,s,causal", [(9, 13, True), (13, 9, True), (9, 9, False)])
+def test_uniform_prefix_matches_brute_force(x64, rng, t, s, causal):
+  # end-aligned causal with fewer and with more queries than keys (rows without keys), and
+  # no mask; GQA 2
+  q, k, v, r = make(rng, t=t, s=s)
+  for name, probe, affine in UNIFORM:
+    kw = dict(bandwidth=math.inf, causal=causal, ridge=0.5 if probe == "solve" else 0.0)
+    rr = r if probe == "learned" else None
+    f = jax.jit(lambda q, k, v, r: pj.attention(q, k, v, r, probe=probe, affine=affine,
+                                                implementation="moments", **kw))
+    want = brute.attention(q, k, v, rr, probe=probe, affine=affine, **kw)
+    np.testing.assert_allclose(np.asarray(f(q, k, v, rr)), want, atol=1e-9, rtol=1e-9,
+                               err_msg=name)
+  f = lambda q, k, v: pj.member("least_squares", q, k, v, ridge=0.5, causal=causal,
+                                implementation="moments")
+  check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_prefix_keeps_the_non_finite_contract(x64, rng):
+  q, k, v, _ = make(rng, b=1, t=8, hq=2, hkv=1, d=3)
+  poisoned = k.at[0, 5, 0, 1].set(jnp.nan)
+  f = lambda k: pj.member("mesa", q, k, v, ridge=0.5, implementation="moments")
+  o = np.asarray(f(poisoned))
+  assert np.all(np.isnan(o[:, 5:])) and np.all(np.isfinite(o[:, :5]))
+  np.testing.assert_array_equal(o[:, :5], np.asarray(f(k))[:, :5])  # isolation
+  loss = lambda k: jnp.sum(f(k)[:, :5] ** 2)  # a loss over the rows that see no NaN
+  g = np.asarray(jax.grad(loss)(poisoned))
+  np.testing.assert_array_equal(g, np.asarray(jax.grad(loss)(k.at[0, 5, 0, 1].set(0.0))))
+
+
+def test_bfloat16_inputs_compute_in_float32(rng):
+  q, k, v, _ = make(rng, dtype=jnp.bfloat16)
+  got = pj.lla_attention(q, k, v, implementation="moments", ridge=0.1)
+  want = pj.lla_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla",
+                          ridge=0.1)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2, rtol=2e-2)
+
+
+def test_none_picks_the_moment_form_for_small_heads():
+  spec = lambda t, d, hq=16: jax.ShapeDtypeStruct((2, t, hq, d), jnp.float32)
+  choose = lambda name, t, d, **kw: pj.chosen_implementation(
+      spec(t, d), spec(t, d), spec(t, d), spec(t, d) if name == "parallax" else None,
+      probe=pj.MEMBERS[name][1], affine=pj.MEMBERS[name][2], bandwidth=pj.MEMBERS[name][0],
+      **kw)
+  # MAD's heads (D = 8): the solve probe and the uniform members
+  for name in ("lla", "lla_affine", "mesa", "least_squares", "linear"):
+    assert choose(name, 128, 8) == "moments", name
+  assert moments.width("solve", "boundary", 8, 8) == 8 + 8 + 36 + 64
+  assert choose("parallax", 128, 8) == "xla"  # no fewer [T, S] passes: more flops
+  assert choose("lla", 128, 64) == "xla"  # 64^2 features a key against 128 keys
+  assert choose("lla", 2048, 8) == "chunked"  # the weights would be a dense [T, S]
+  assert choose("linear", 8192, 8) == "moments"  # prefix sums: no [T, S] array
+  assert choose("linear", 128, 8, window=16) == "xla"  # a window: not a prefix
+  assert choose("linear", 128, 8, implementation="chunked") == "chunked"
