@@ -73,3 +73,16 @@ def test_none_picks_the_moment_form_for_small_heads():
   assert choose("linear", 8192, 8) == "moments"  # prefix sums: no [T, S] array
   assert choose("linear", 128, 8, window=16) == "xla"  # a window: not a prefix
   assert choose("linear", 128, 8, implementation="chunked") == "chunked"
+
+
+@pytest.mark.slow
+def test_higher_order_autodiff_matches_dense(x64, rng):
+  q, k, v, _ = make(rng, b=1, t=5, hq=2, hkv=1, d=2)
+  modes = {"hessian": jax.hessian, "jacrev(jacfwd)": lambda g: jax.jacrev(jax.jacfwd(g))}
+  for name in ("lla", "least_squares"):  # weights from the mask; prefix sums
+    f = lambda impl: lambda k: jnp.sum(jnp.sin(pj.member(name, q, k, v, ridge=0.5,
+                                                         implementation=impl)))
+    for mode_name, mode in modes.items():
+      np.testing.assert_allclose(np.asarray(mode(f("moments"))(k)),
+                                 np.asarray(mode(f("xla"))(k)), rtol=1e-8, atol=1e-10,
+                                 err_msg=f"{name} {mode_name}")
