@@ -46,12 +46,18 @@ def width(probe: str, affine: str, d: int, dv: int) -> int:
 
 
 def _pairs(d):
-  """The upper triangle's (row, col) indices and the [P, D, D] map back to a symmetric matrix."""
+  """One-hot [D, P] selections of the upper triangle's rows and columns, and the [P, D, D] map
+  back to a symmetric matrix. Matrix products, not indexing: the gradient of a gather is a
+  scatter, which cost more than the whole moment sum on a GPU."""
   rows, cols = np.triu_indices(d)
-  sym = np.zeros((rows.size, d, d), np.float32)
-  sym[np.arange(rows.size), rows, cols] = 1.0
-  sym[np.arange(rows.size), cols, rows] = 1.0
-  return rows, cols, sym
+  p = np.arange(rows.size)
+  pick_rows, pick_cols = np.zeros((d, p.size), np.float32), np.zeros((d, p.size), np.float32)
+  pick_rows[rows, p] = 1.0
+  pick_cols[cols, p] = 1.0
+  sym = np.zeros((p.size, d, d), np.float32)
+  sym[p, rows, cols] = 1.0
+  sym[p, cols, rows] = 1.0
+  return pick_rows, pick_cols, sym
 
 
 def _features(k, v, need):
@@ -66,8 +72,9 @@ def _features(k, v, need):
     elif name == "k":
       f = k
     elif name == "kk":
-      rows, cols, _ = _pairs(d)
-      f = k[..., rows] * k[..., cols]
+      pick_rows, pick_cols, _ = _pairs(d)
+      f = (jnp.matmul(k, jnp.asarray(pick_rows, k.dtype), precision="highest")
+           * jnp.matmul(k, jnp.asarray(pick_cols, k.dtype), precision="highest"))
     else:
       f = (k[..., :, None] * v[..., None, :]).reshape(k.shape[:-1] + (d * dv,))
     parts.append(f)
@@ -85,11 +92,21 @@ def _prefix_means(f, t, causal):
     mean = jnp.broadcast_to(jnp.mean(f, axis=2, keepdims=True), f.shape[:2] + (t, f.shape[-1]))
     return mean[:, :, None], count
   # query i sees keys 0 .. i + S - T (none when that is negative: T > S)
-  last = jnp.arange(t) + s - t
-  csum = jnp.cumsum(f, axis=2)[:, :, jnp.clip(last, 0, s - 1)]
-  count = jnp.maximum(last + 1, 0).astype(f.dtype)[:, None]
+  csum = _rows_of_prefix(jnp.cumsum(f, axis=2), t)
+  count = jnp.maximum(jnp.arange(t) + s - t + 1, 0).astype(f.dtype)[:, None]
   mean = jnp.where(count > 0, csum / jnp.maximum(count, 1.0), 0.0)
   return mean[:, :, None], count
+
+
+def _rows_of_prefix(csum, t):
+  """Rows i + S - T of a prefix sum over axis 2 (zero where negative), by a static slice or
+  pad: an index gather would differentiate into a scatter."""
+  s = csum.shape[2]
+  if t <= s:
+    return csum[:, :, s - t:]
+  pad = [(0, 0)] * csum.ndim
+  pad[2] = (t - s, 0)
+  return jnp.pad(csum, pad)
 
 
 def _prefix_flags(q, k, v, rho, causal):
@@ -98,8 +115,7 @@ def _prefix_flags(q, k, v, rho, causal):
   t, s = q.shape[3], k.shape[2]
   bad_kv = (bad(k) | bad(v)).astype(jnp.int32)  # [B, K, S]
   if causal:
-    last = jnp.arange(t) + s - t
-    seen = jnp.cumsum(bad_kv, axis=-1)[:, :, jnp.clip(last, 0, s - 1)] * (last >= 0)
+    seen = _rows_of_prefix(jnp.cumsum(bad_kv, axis=-1), t)
   else:
     seen = jnp.broadcast_to(jnp.sum(bad_kv, axis=-1, keepdims=True), bad_kv.shape[:2] + (t,))
   flag = (seen > 0)[:, :, None, :, None] | bad(q)[..., None]
@@ -143,7 +159,8 @@ def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
     rho = ref.finite(r)
   else:
     _, _, sym = _pairs(d)  # the upper triangle's moments fill both halves
-    ekk = jnp.einsum("...p,pde->...de", get("kk"), jnp.asarray(sym, mom.dtype))
+    ekk = jnp.einsum("...p,pde->...de", get("kk"), jnp.asarray(sym, mom.dtype),
+                     precision="highest")
     kbar = get("k") if affine != "linear" else None
     rho = ref.solve_moments(q, kbar, ekk, has_keys, affine=affine, ridge=ridge, solver=solver,
                             cg_iters=cg_iters or d)

@@ -86,3 +86,12 @@ def test_higher_order_autodiff_matches_dense(x64, rng):
       np.testing.assert_allclose(np.asarray(mode(f("moments"))(k)),
                                  np.asarray(mode(f("xla"))(k)), rtol=1e-8, atol=1e-10,
                                  err_msg=f"{name} {mode_name}")
+
+
+def test_gradient_has_no_scatter():
+  # Indexing the features (k[..., rows]) or the prefix sums differentiates into scatters,
+  # which cost more than the whole moment sum on an H100; selections are matmuls and slices.
+  x = jax.ShapeDtypeStruct((1, 16, 2, 4), jnp.float32)
+  for name in ("lla", "mesa", "linear"):
+    loss = lambda q, k, v: jnp.sum(pj.member(name, q, k, v, implementation="moments"))
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, x, x)), name
