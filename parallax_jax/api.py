@@ -248,7 +248,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
     window: keep only the `window` most recent keys (including the diagonal).
     segment_ids: [B, L] ints, or (q_ids [B, T], kv_ids [B, S]); keys of other segments masked.
     implementation: 'xla' (dense reference), 'chunked' (memory-efficient), 'pallas' (GPU
-      kernels), or None to choose by size and platform.
+      kernels), 'moments' (weighted moments: small heads, infinite bandwidths), or None to
+      choose by size, head dim and platform.
     block_sizes: `chunked.BlockSizes` override for the chunked implementation.
 
   Returns:

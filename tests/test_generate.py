@@ -50,6 +50,7 @@ CASES = {
     "parallax-scan": dict(scan_layers=True, remat_policy="full"),
     "lla": dict(attention="lla", ridge=0.1),
     "linear": dict(attention="linear"),
+    "mesa-moments": dict(attention="mesa", ridge=0.1, implementation="moments"),
 }
 
 

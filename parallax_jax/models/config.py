@@ -65,10 +65,10 @@ class ModelConfig:
     learnable_bandwidth: a per-head parameter `attn/log_bandwidth` [Hq] initialised at log(h).
     ridge, solver: for the 'solve' probe.
     window: sliding-window size (keys kept, including the diagonal) or None.
-    implementation: 'xla' | 'chunked' | 'pallas' | None (the family API chooses).
+    implementation: 'xla' | 'chunked' | 'pallas' | 'moments' | None (the family API chooses).
     decode_implementation: 'xla' | 'pallas' | None for a generation decode step
-      (`parallax_jax.decode_attention`); None follows `implementation` ('chunked' -> 'xla';
-      None: the Pallas decode kernel on GPU where it applies).
+      (`parallax_jax.decode_attention`); None follows `implementation` ('chunked' and
+      'moments' -> 'xla'; None: the Pallas decode kernel on GPU where it applies).
     r_init: 'zeros' (W_R = 0: exactly the softmax model at init) or 'like_q'.
     r_norm: per-head RMSNorm on r (`attn/r_norm/scale`), like Qwen3's QK-norm.
     r_scale: a fixed factor on r after its norm, before RoPE (1.0: none); e.g. to start a
@@ -221,7 +221,8 @@ class ModelConfig:
     """The `implementation` of `decode_attention` in a decode step."""
     if self.decode_implementation is not None:
       return self.decode_implementation
-    return "xla" if self.implementation == "chunked" else self.implementation
+    # the decode step has a dense and a kernel path; the other training forms decode densely
+    return "xla" if self.implementation in ("chunked", "moments") else self.implementation
 
   @property
   def has_probe_params(self) -> bool:
