@@ -13,7 +13,8 @@ take its time (CUPTI, GPU only), so the cost of the members without kernels (the
       [--optimizer adamw] [--runs 18] [--steps 20] [--out DIR]
 
 --solvers: the solve-probe members (lla, mesa) get a row per solver of their D x D systems.
---implementations: a row per attention implementation (auto: the library's choice).
+--implementations: a row per attention implementation (auto: the library's choice;
+moments-xla: the moment form with its weighted sum kept in XLA instead of the fused kernel).
 
 Compiles the members' programs concurrently, then times them one at a time.
 """
@@ -40,7 +41,8 @@ def parse_args(argv=None):
   ap.add_argument("--solvers", default="direct,cholesky,unrolled",
                   help="solvers the solve-probe members run with (a row each)")
   ap.add_argument("--implementations", default="auto",
-                  help="comma list of auto (the library's choice), xla, chunked, moments, pallas")
+                  help="comma list of auto (the library's choice), xla, chunked, moments, "
+                  "moments-xla, pallas")
   ap.add_argument("--task", default="in-context-recall")
   ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
   ap.add_argument("--runs", type=int, default=18, help="runs a program trains at once")
@@ -59,6 +61,7 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
+  from parallax_jax import moments
   from parallax_jax.mad import tasks, train
   from parallax_jax.mad.model import init_params, member_spec
 
@@ -77,14 +80,18 @@ def main(argv=None):
   members = [name for name, *_ in rows_spec]
   cfgs = {name: train.model_config_for(setting, width=a.width, num_heads=a.heads, dtype=dtype,
                                        member=m, solver=s,
-                                       implementation=None if i == "auto" else i)
+                                       implementation={"auto": None, "moments-xla": "moments"}
+                                       .get(i, i))
           for name, m, s, i in rows_spec}
+  kernel_on = {name: i != "moments-xla" for name, _, _, i in rows_spec}
   shapes = train.data_shapes(setting, 1, protocol)
   log(f"compiling {len(members)} programs: {a.runs} runs of {a.task}, {a.steps} steps")
   with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
     # fitted to the device's memory as the MAD runner does (fewer runs a call if needed)
-    progs = dict(zip(members, pool.map(lambda m: train.fitting_program(
-        cfgs[m], a.optimizer, protocol, shapes, a.runs, log=log), members)))
+    def build(m):
+      with moments.kernel_enabled(kernel_on[m]):  # traced in this thread
+        return train.fitting_program(cfgs[m], a.optimizer, protocol, shapes, a.runs, log=log)
+    progs = dict(zip(members, pool.map(build, members)))
   data = train.device_data(setting, (0,), protocol)
   rows = []
   for m in members:

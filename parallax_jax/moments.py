@@ -11,6 +11,12 @@ bytes. With an infinite bandwidth and a plain causal (or no) mask the weights ar
 over a prefix: A F is a cumulative sum over keys divided by the count, O(T w) with no [T, S]
 array at all (normalised linear attention and the Mesa-like ridge regression).
 
+On a GPU, A F runs on the fused softmax kernel (`pallas_kernels`): F is the value, q and k
+are zero-padded to F's width (the kernel takes one head dim; zero columns leave the scores as
+they are), and its backward returns dF, which XLA carries back through the features. No
+[T, S] array reaches memory; its float32 dots have an XLA float32 dot's precision (TF32 by
+default on the GPU, as the dense path's einsums).
+
 Same contract as the dense reference (`reference.family_core`): float32 (or float64)
 arithmetic, rows without keys are zero, a row that sees a non-finite entry is NaN and a
 constant. The moments are taken about zero and centred afterwards (E[kk^T] - kbar q^T - ...),
@@ -18,11 +24,30 @@ exactly as the dense direct solvers do.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from parallax_jax import masks
 from parallax_jax import reference as ref
+
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def kernel_enabled(enabled: bool):
+  """Within this block (this thread's traces), whether A F may run on the fused softmax
+  kernel on a GPU (the default) or stays in XLA: the A/B switch of bench/mad_step.py."""
+  before = getattr(_local, "kernel", True)
+  _local.kernel = enabled
+  try:
+    yield
+  finally:
+    _local.kernel = before
 
 
 def needed(probe: str, affine: str) -> frozenset[str]:
@@ -122,13 +147,45 @@ def _prefix_flags(q, k, v, rho, causal):
   return flag if rho is None else flag | bad(rho)[..., None]
 
 
+def _dense_sum(q, k, feats, scale, mask):
+  """A F with the weights materialised (XLA)."""
+  return jnp.einsum("bkgts,bksw->bkgtw", ref.weights(q, k, scale, mask), feats)
+
+
+def kernel_sum(q, k, feats, scale, *, causal, window, q_seg, kv_seg, interpret=False):
+  """A F on the fused softmax kernel, or None where it cannot run these shapes.
+
+  q [B,K,G,T,D]; k [B,K,S,D]; feats [B,K,S,w]; scale [K,G]. Returns [B,K,G,T,w].
+  """
+  try:
+    import pallas_kernels
+  except ImportError:  # pragma: no cover - depends on the install
+    return None
+  hkv, w = k.shape[1], feats.shape[-1]
+  width = max(w, q.shape[-1])
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  qp = pad(ref.merge_heads(q))
+  kp, fp = (pad(jnp.swapaxes(x, 1, 2)) for x in (k, feats))  # [B, S, K, width]
+  # the caller decided the platform (a GPU, or interpret mode): only the shapes are checked
+  ok, _ = pallas_kernels.is_supported(qp, kp, fp, window=window, q_segment_ids=q_seg,
+                                      kv_segment_ids=kv_seg, interpret=interpret, platform="gpu")
+  if not ok:
+    return None
+  out = pallas_kernels.parallax_flash_attention(
+      qp, kp, fp, scale=scale.reshape(-1), causal=causal, window=window, q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg, interpret=interpret)
+  return ref.split_heads(out, hkv)[..., :w]
+
+
 def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",
-                cg_iters=None, uniform_prefix=None):
+                cg_iters=None, uniform_prefix=None, weighted_sum=None):
   """All members from moments; arguments as `reference.family_core`.
 
   uniform_prefix: None (weights from scale and mask), or 'causal' / 'full' when the bandwidth
   is infinite and the mask is the plain end-aligned causal one / no mask (then `mask` is
   unused and may be None): cumulative sums, no [T, S] array.
+  weighted_sum: (q, k, feats, scale) -> A F or None (e.g. `kernel_sum` with the call's mask
+  arguments); None, or a None result, computes it in XLA from `mask`.
   """
   rho_in = {"query": q, "learned": r}.get(probe) if affine != "constant" else None
   t = q.shape[3]
@@ -143,8 +200,9 @@ def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
     return jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
   feats, at = _features(k, v, need)
   if uniform_prefix is None:
-    a = ref.weights(q, k, scale, mask)
-    mom = jnp.einsum("bkgts,bksw->bkgtw", a, feats)
+    mom = None if weighted_sum is None else weighted_sum(q, k, feats, scale)
+    if mom is None:
+      mom = _dense_sum(q, k, feats, scale, mask)
   else:
     mom, count = _prefix_means(feats, t, uniform_prefix == "causal")
     has_keys = count > 0
@@ -180,12 +238,21 @@ def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
 
 
 def moment_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iters, causal,
-                     window, q_seg, kv_seg, compute_dtype, uniform=False):
+                     window, q_seg, kv_seg, compute_dtype, uniform=False, kernel=None):
   """[B,T,Hq,D] layout wrapper around `moment_core` (validated inputs; see api.attention).
 
   uniform: the bandwidth is infinite for every head; with no window and no segments the
   moments are prefix means (no [T, S] mask or weights).
+  kernel: run A F on the fused softmax kernel: None (on a GPU, unless `kernel_enabled(False)`),
+  True, False, or 'interpret' (Pallas interpret mode, for tests off the GPU).
   """
+  if kernel is None:
+    kernel = jax.default_backend() in _GPU_PLATFORMS and getattr(_local, "kernel", True)
+  weighted_sum = None
+  if kernel:
+    weighted_sum = lambda q_, k_, f_, s_: kernel_sum(
+        q_, k_, f_, s_, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg,
+        interpret=kernel == "interpret")
   hkv = k.shape[2]
   prefix = None
   if uniform and window is None and q_seg is None:
@@ -199,5 +266,6 @@ def moment_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iter
       ref.split_heads(cast(q), hkv), ref.kv_heads_first(cast(k)), ref.kv_heads_first(cast(v)),
       None if r is None else ref.split_heads(cast(r), hkv),
       scale.astype(compute_dtype).reshape(hkv, -1), mask, probe=probe, affine=affine,
-      ridge=ridge, solver=solver, cg_iters=cg_iters, uniform_prefix=prefix)
+      ridge=ridge, solver=solver, cg_iters=cg_iters, uniform_prefix=prefix,
+      weighted_sum=weighted_sum)
   return ref.merge_heads(o).astype(q.dtype)

@@ -95,3 +95,35 @@ def test_gradient_has_no_scatter():
   for name in ("lla", "mesa", "linear"):
     loss = lambda q, k, v: jnp.sum(pj.member(name, q, k, v, implementation="moments"))
     assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, x, x)), name
+
+
+@pytest.mark.parametrize("masking", ["causal", "window-segments"])
+def test_kernel_weighted_sum_matches_xla(rng, masking):
+  """A F on the fused softmax kernel (interpret mode): F as the value, q and k zero-padded."""
+  q, k, v, _ = make(rng, b=1, t=13, s=13, hq=4, hkv=2, d=4, dtype=np.float32)
+  kw = dict(probe="solve", affine="boundary", ridge=0.1, solver="direct", cg_iters=None,
+            causal=True, window=None, q_seg=None, kv_seg=None, compute_dtype=jnp.float32)
+  if masking != "causal":
+    seg = jnp.asarray(rng.integers(0, 2, (1, 13)).cumsum(1) // 2)
+    kw.update(window=6, q_seg=seg, kv_seg=seg)
+  scale = jnp.full((4,), 0.5)
+  f = lambda kernel: lambda q, k, v: moments.moment_attention(q, k, v, None, scale,
+                                                              kernel=kernel, **kw)
+  loss = lambda g: lambda *a: jnp.sum(jnp.sin(g(*a)))
+  np.testing.assert_allclose(f("interpret")(q, k, v), f(False)(q, k, v), atol=1e-4, rtol=1e-4)
+  got = jax.grad(loss(f("interpret")), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(f(False)), (0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()), rtol=1e-4)
+
+
+def test_kernel_weighted_sum_lowers_for_the_gpu():
+  """MAD's lla (D = 8: 116 features, padded to 128) lowers to the Triton kernels for CUDA."""
+  from tests.kernels import lower_h100, triton_modules
+  x = jax.ShapeDtypeStruct((2, 128, 16, 8), jnp.float32)
+  kw = dict(probe="solve", affine="boundary", ridge=0.01, solver="direct", cg_iters=None,
+            causal=True, window=None, q_seg=None, kv_seg=None, compute_dtype=jnp.float32)
+  loss = lambda q, k, v: jnp.sum(moments.moment_attention(
+      q, k, v, None, jnp.full((16,), 8 ** -0.5), kernel=True, **kw))
+  names = [n for n, _ in triton_modules(lower_h100(jax.grad(loss, (0, 1, 2)), x, x, x))]
+  assert len(names) >= 3, names  # forward, dq and dk/dv
