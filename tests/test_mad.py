@@ -513,6 +513,22 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
     main(["--members", "transformer"])
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--heads", "3"], "--heads: must divide --width (128), got 3"),
+    (["--members", "lla", "--implementation", "pallas"], "--implementation: 'pallas' runs"),
+    (["--members", "lla", "--solver", "unrolled", "--width", "1024", "--heads", "2"],
+     "--solver: 'unrolled' is for head_dim <= 32"),
+    (["--lrs=-1"], "--lrs: need one or more values >= 0"),
+    (["--merge", "missing.json"], "--merge: no result file 'missing.json'"),
+])
+def test_cli_bad_input_is_one_line_before_any_compile(args, says, capsys):
+  from parallax_jax.mad.__main__ import main
+  with pytest.raises(SystemExit) as e:
+    main(args)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+
+
 def test_cli_rerun_resumes_and_refuses_another_setup(tmp_path, capsys):
   from parallax_jax.mad.__main__ import main
   args = ["--quick", "--tasks", "memorization", "--members", "softmax", "--seeds", "1",

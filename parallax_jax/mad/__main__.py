@@ -26,8 +26,9 @@ import time
 import jax
 
 from parallax_jax import api
+from parallax_jax._parser import Parser
 from parallax_jax.mad import report
-from parallax_jax.mad.model import R_INITS, member_spec
+from parallax_jax.mad.model import R_INITS, ModelConfig, member_spec
 from parallax_jax.mad.tasks import SETTING_CHOICES, TASKS, settings
 from parallax_jax.mad.train import OPTIMIZERS, Protocol, compile_program, device_data, run_setting
 
@@ -37,8 +38,8 @@ def _floats(s: str) -> tuple[float, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m parallax_jax.mad", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = Parser(prog="python -m parallax_jax.mad", description=__doc__,
+             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--members", default="softmax,parallax",
                  help=f"comma list: names of {tuple(api.MEMBERS)} or probe:affine[:bandwidth]")
   p.add_argument("--optimizers", default="adamw", help=f"comma list of {OPTIMIZERS}")
@@ -110,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
       member_spec(mem)
     except ValueError as e:
-      p.error(f"--members: {e}")
+      p.error(f"--members: {str(e).removeprefix('member: ')}")
   for o in args.optimizers:
     if o not in OPTIMIZERS:
       p.error(f"--optimizers: unknown optimizer {o!r}; expected some of {OPTIMIZERS}")
@@ -126,7 +127,40 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.task_epochs = task_epochs
   if args.seeds < 1:
     p.error(f"--seeds: need >= 1, got {args.seeds}")
+  for name, vals in (("--lrs", args.lrs), ("--wds", args.wds)):
+    if not vals or not all(v >= 0 for v in vals):
+      p.error(f"{name}: need one or more values >= 0, got {','.join(map(str, vals)) or 'none'}")
+  if args.dtype == "auto":
+    args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  args.model_kwargs = dict(
+      width=args.width, num_layers=args.layers, num_heads=args.heads, rope=not args.no_rope,
+      attn_bias=not args.no_attn_bias, r_init=args.r_init, r_norm=args.r_norm,
+      init_std=args.init_std, ridge=args.ridge, solver=args.solver, dtype=args.dtype,
+      implementation=None if args.implementation == "auto" else args.implementation)
+  for mem in args.members:  # the model's checks, before anything compiles
+    try:
+      ModelConfig(vocab_size=16, seq_len=16, member=mem, **args.model_kwargs)
+    except ValueError as e:
+      p.error(_as_flags(str(e)))
+  if not args.merge and os.path.exists(args.out) and not os.path.isdir(args.out):
+    p.error(f"--out: {args.out!r} is a file, not a directory")
+  for path in args.merge or ():
+    if not os.path.isfile(path):
+      p.error(f"--merge: no result file {path!r}")
   return args
+
+
+# ModelConfig's field names as the flags that set them, for its error messages
+_FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "width": "--width",
+          "init_std": "--init-std", "r_init": "--r-init", "rope": "--no-rope",
+          "implementation": "--implementation", "solver": "--solver", "ridge": "--ridge",
+          "dtype": "--dtype", "member": "--members"}
+
+
+def _as_flags(msg: str) -> str:
+  for field, flag in _FLAGS.items():
+    msg = msg.replace(f"ModelConfig.{field}:", f"{flag}:")
+  return msg.replace("must divide width (", "must divide --width (")
 
 
 def _meta(args, protocol: Protocol, model_kwargs: dict) -> dict:
@@ -185,7 +219,11 @@ def _job_key(task, label, member, optimizer) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
-    result = report.merge(args.merge, args.tag)
+    try:
+      result = report.merge(args.merge, args.tag)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise SystemExit(f"error: --merge: cannot combine {', '.join(args.merge)}: "
+                       f"{type(e).__name__}: {e}")
     paths = report.write(result, args.out, args.tag)
     print("wrote", ", ".join(paths.values()))
     return result
@@ -196,14 +234,7 @@ def main(argv=None) -> dict:
                       stop_acc=None if args.no_early_stop else 0.999, stop_sweep=args.sweep_stop,
                       steps_per_epoch=args.steps_per_epoch, num_train=args.train_examples,
                       num_test=args.test_examples, group_size=args.group_size)
-  dtype = args.dtype
-  if dtype == "auto":
-    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-  model_kwargs = dict(width=args.width, num_layers=args.layers, num_heads=args.heads,
-                      rope=not args.no_rope, attn_bias=not args.no_attn_bias, r_init=args.r_init,
-                      r_norm=args.r_norm, init_std=args.init_std, ridge=args.ridge,
-                      solver=args.solver, dtype=dtype,
-                      implementation=None if args.implementation == "auto" else args.implementation)
+  model_kwargs = args.model_kwargs
   result = {"meta": _meta(args, protocol, model_kwargs), "programs": [], "runs": []}
   seeds = tuple(range(args.seeds))
   jobs = [(s, mem, o) for t in args.tasks for s in settings(t, args.settings)

@@ -129,7 +129,10 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
     if self.init_std is not None and not self.init_std > 0:
       raise ValueError(f"ModelConfig.init_std: must be > 0 or None, got {self.init_std!r}")
-    member_spec(self.member)  # raises on a bad member
+    _, probe, affine = member_spec(self.member)  # raises on a bad member
+    if self.implementation == "pallas" and api._pallas_member(probe, affine) is None:
+      raise ValueError(f"ModelConfig.implementation: 'pallas' runs softmax and Parallax only, "
+                       f"got member {self.member!r}")
 
   @property
   def head_dim(self) -> int:

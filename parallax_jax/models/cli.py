@@ -35,7 +35,7 @@ import sys
 import jax
 import numpy as np
 
-from parallax_jax.models._parser import Parser, prog_name
+from parallax_jax._parser import Parser, prog_name
 
 
 def _tokenizer(path):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parallax_jax.models._parser import Parser, prog_name
+from parallax_jax._parser import Parser, prog_name
 
 FORMATS = ("hf", "fla")
 

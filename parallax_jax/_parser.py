@@ -1,4 +1,4 @@
-"""The argument parser of the `parallax-sample` and `parallax-export` commands."""
+"""The argument parser of the command-line tools (`parallax-sample`, `parallax-export`, MAD)."""
 from __future__ import annotations
 
 import argparse
