@@ -500,3 +500,16 @@ def test_two_runs_at_a_time_in_subprocesses(tmp_path):
   res = res_lib.load_results(out, "smoke")
   assert {r["status"] for r in res.values()} == {"done"} and len(res) == 2
   assert all(r["jobs"] == 2 for r in res.values())
+
+
+def test_cli_names_a_bad_out_in_one_line(tmp_path, capsys):
+  from train.study.__main__ import main
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  grid = os.path.join(REPO, "configs", "study", "smoke.py")
+  for args, says in ((["plan", "--grid", grid, "--out", str(afile)], "is a file"),
+                     (["pack", "--out", str(tmp_path / "no"), "--to", "x.tgz"], "no study dir"),
+                     (["report", "--out", str(tmp_path / "no")], "no study directory")):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out: ") and says in err[0], err

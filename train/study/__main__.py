@@ -17,6 +17,7 @@ pack: <out>'s results without checkpoints, as one .tar.gz (untar it in out's par
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -84,6 +85,10 @@ def main(argv=None) -> int:
   from train.study import grid as grid_lib
   from train.study import runner
   try:
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+      raise ValueError(f"--out: {a.out!r} is a file, not a study directory")
+    if cmd in ("pack", "report") and not os.path.isdir(a.out):
+      raise ValueError(f"--out: no study directory {a.out!r}")
     if cmd == "pack":
       runner.pack(a.out, a.to)
       return 0
