@@ -192,7 +192,7 @@ def test_out_of_device_memory_is_one_line(shards, tmp_path, capsys, monkeypatch)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, capfd):
   """A checkpoint write that fails in the background (here a file-size limit, failing like a
   full disk) stops the run at its next check with one error naming the failed step and the
   last committed checkpoint; the partial write is removed (on a full disk its bytes would
@@ -213,12 +213,16 @@ def test_failed_save_stops_the_run_and_the_rerun_resumes(shards, reference, tmp_
   try:
     with pytest.raises(CheckpointSaveError, match=r"checkpoints/4 could not be written: .*File "
                                                   r"too large.*last good checkpoint is "
-                                                  r".*checkpoints/2 \(a rerun resumes"):
+                                                  r".*checkpoints/2 \(a rerun resumes.*"
+                                                  r"writer's own reports: .*checkpoint_errors"):
       train(config(shards, out), log=quiet)
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     signal.signal(signal.SIGXFSZ, old_handler)
   monkeypatch.undo()
+  # the writer's own tracebacks went to the file the error names, not to the terminal
+  assert "Traceback" not in capfd.readouterr().err
+  assert "Traceback" in (out / "checkpoint_errors.log").read_text()
   assert sorted(os.listdir(out / "checkpoints")) == ["2"]
   res = train(config(shards, out), log=quiet)
   assert same_params(res["state"]["params"], reference[1])
@@ -470,3 +474,31 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys, override, message):
   assert main(["--config", str(preset), "--set", override.format(**fill)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message.format(**fill) in err[0], err
+
+
+def test_writer_error_diversion_keeps_other_errors_and_restores_hooks(tmp_path):
+  """Only orbax's reports are diverted; other threads' errors reach the previous hook; the
+  hooks are restored when the last diversion closes."""
+  import logging
+  import sys
+  import threading
+  from train.writer_errors import Diversion
+  before = (sys.unraisablehook, threading.excepthook)
+  seen = []
+  old_thread_hook = threading.excepthook
+  threading.excepthook = lambda args: seen.append(str(args.exc_value))
+  try:
+    with Diversion(str(tmp_path / "a.log")) as outer, Diversion(str(tmp_path / "b.log")) as d:
+      t = threading.Thread(target=lambda: (_ for _ in ()).throw(ValueError("not orbax")))
+      t.start()
+      t.join()
+      rec = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/m.py", 1, "boom",
+                              None, None)
+      assert not Diversion._filter.filter(rec)  # dropped from the terminal, kept in b.log
+      assert Diversion._filter.filter(logging.LogRecord(  # not orbax: printed as before
+          "absl", logging.ERROR, "/x/other.py", 1, "keep", None, None))
+    assert seen == ["not orbax"] and d.count == 1 and outer.count == 0
+    assert "boom" in (tmp_path / "b.log").read_text()
+  finally:
+    threading.excepthook = old_thread_hook
+  assert (sys.unraisablehook, threading.excepthook) == before

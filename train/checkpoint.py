@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from parallax_jax.models.checkpoint import few, fingerprint, verify_fingerprint
+from train.writer_errors import Diversion
 
 ITEMS = ("state", "data", "config", "integrity")
 QUARANTINE_SUFFIX = ".unreadable"
@@ -72,6 +73,13 @@ class Checkpointer:
                                               enable_async_checkpointing=async_save)
     self._set_aside_strays()
     self._open()
+    # the writer threads' own tracebacks of a failed save go to this file (the loop reports
+    # the failure in one line naming it)
+    rank = jax.process_index()
+    self._diversion = Diversion(os.path.join(
+        os.path.dirname(self.directory),
+        "checkpoint_errors.log" if rank == 0 else f"checkpoint_errors.process{rank}.log"))
+    self._diversion.__enter__()
 
   def _open(self):
     self.manager = ocp.CheckpointManager(self.directory, options=self._opts, item_names=ITEMS)
@@ -175,7 +183,9 @@ class Checkpointer:
     # failure of the one before it)
     failed = [s for s in self._issued if last is None or s > last]
     what = f"checkpoint {self.directory}/{failed[0]}" if failed else "a checkpoint"
-    return CheckpointSaveError(f"{what} could not be written: {cause}{free}; {good}")
+    logged = (f" (the writer's own reports: {self._diversion.path})"
+              if self._diversion.count else "")
+    return CheckpointSaveError(f"{what} could not be written: {cause}{free}; {good}{logged}")
 
   def wait(self):
     try:
@@ -244,7 +254,10 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      finally:
+        self._diversion.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- data states

@@ -1,0 +1,119 @@
+"""The checkpoint writer's own error reports: into a file, not over the terminal.
+
+When a background save fails (a full disk), orbax's writer threads each log the failure with
+its traceback, the threads that die print theirs, and asyncio callbacks that arrive after
+their event loop closed print one "Event loop is closed" traceback each: hundreds of lines
+on a full disk, above the one-line `CheckpointSaveError` the loop raises for the same
+failure. While a `Diversion` is open these reports go to a file instead (nothing is lost;
+the error line names the file), and everything else still prints as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+
+_ORBAX = os.sep + "orbax" + os.sep
+
+
+def _from_orbax(tb) -> bool:
+  return any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
+
+
+def _closed_loop(exc_type, exc, tb) -> bool:
+  """asyncio's "Event loop is closed", raised by a callback a dead writer left behind."""
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
+          and any(f.filename.endswith(os.path.join("asyncio", "base_events.py"))
+                  for f in traceback.extract_tb(tb)))
+
+
+class Diversion:
+  """While open: orbax's ERROR log records, exceptions of threads running orbax code, and
+  closed-event-loop tracebacks are appended to `path` instead of printed. Process-global
+  hooks, installed once however many are open (nested opens share them)."""
+
+  _lock = threading.Lock()
+  _open: list[Diversion] = []
+  _saved: tuple | None = None
+
+  def __init__(self, path: str):
+    self.path = path
+    self.count = 0  # reports diverted
+    self.unwritten: list[str] = []  # the first line of each report the file refused
+    self._why = ""
+
+  # ------------------------------------------------------------------ the file
+  def _write(self, text: str):
+    with Diversion._lock:
+      self.count += 1
+      try:
+        with open(self.path, "a") as f:
+          f.write(text.rstrip("\n") + "\n\n")
+      except OSError as e:  # the full disk that failed the save refuses this too
+        self._why = self._why or str(e)
+        self.unwritten.append(text.strip().splitlines()[0][:300] if text.strip() else "")
+
+  # ------------------------------------------------------------------ the hooks
+  @staticmethod
+  def _current() -> Diversion | None:
+    return Diversion._open[-1] if Diversion._open else None
+
+  class _Filter(logging.Filter):
+    def filter(self, record):
+      d = Diversion._current()
+      if d is None or record.levelno < logging.ERROR or _ORBAX not in record.pathname:
+        return True
+      text = record.getMessage()
+      if record.exc_info:
+        text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+      d._write(f"[{record.levelname} {record.pathname}:{record.lineno}] {text}")
+      return False
+
+  _filter = _Filter()
+
+  @staticmethod
+  def _thread_hook(args):
+    d = Diversion._current()
+    if d is not None and args.exc_traceback is not None and (
+        _from_orbax(args.exc_traceback)
+        or _closed_loop(args.exc_type, args.exc_value, args.exc_traceback)):
+      name = args.thread.name if args.thread is not None else "?"
+      d._write(f"[thread {name}] " + "".join(traceback.format_exception(
+          args.exc_type, args.exc_value, args.exc_traceback)))
+      return
+    Diversion._saved[1](args)
+
+  @staticmethod
+  def _unraisable_hook(args):  # how the late asyncio callbacks' errors reach Python
+    d = Diversion._current()
+    if d is not None and args.exc_traceback is not None and _closed_loop(
+        args.exc_type, args.exc_value, args.exc_traceback):
+      d._write("".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                  args.exc_traceback)))
+      return
+    Diversion._saved[0](args)
+
+  def __enter__(self) -> Diversion:
+    with Diversion._lock:
+      if not Diversion._open:
+        Diversion._saved = (sys.unraisablehook, threading.excepthook)
+        sys.unraisablehook = Diversion._unraisable_hook
+        threading.excepthook = Diversion._thread_hook
+        logging.getLogger("absl").addFilter(Diversion._filter)
+      Diversion._open.append(self)
+    return self
+
+  def __exit__(self, *exc):
+    with Diversion._lock:
+      Diversion._open.remove(self)
+      if not Diversion._open:
+        sys.unraisablehook, threading.excepthook = Diversion._saved
+        Diversion._saved = None
+        logging.getLogger("absl").removeFilter(Diversion._filter)
+    if self.unwritten:  # one line, not the hundreds the reports would print
+      sys.stderr.write(f"note: {len(self.unwritten)} reports of the checkpoint writer could not "
+                       f"be kept in {self.path} ({self._why}); the first: "
+                       f"{self.unwritten[0]}\n")
+    return False
