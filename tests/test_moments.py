@@ -18,7 +18,8 @@ UNIFORM = [("linear", "query", "linear"), ("mesa", "solve", "linear"),
            ("softmax", "none", "constant")]
 
 
-@pytest.mark.parametrize("t,s,causal", [(9, 13, True), (13, 9, True), (9, 9, False)])
+@pytest.mark.parametrize("t,s,causal", [
+    (9, 13, True), pytest.param(13, 9, True, marks=pytest.mark.slow), (9, 9, False)])
 def test_uniform_prefix_matches_brute_force(x64, rng, t, s, causal):
   # end-aligned causal with fewer and with more queries than keys (rows without keys), and
   # no mask; GQA 2
@@ -97,7 +98,8 @@ def test_gradient_has_no_scatter():
     assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, x, x)), name
 
 
-@pytest.mark.parametrize("masking", ["causal", "window-segments"])
+@pytest.mark.parametrize("masking", [pytest.param("causal", marks=pytest.mark.slow),
+                                     "window-segments"])
 def test_kernel_weighted_sum_matches_xla(rng, masking):
   """A F on the fused softmax kernel (interpret mode): F as the value, q and k zero-padded."""
   q, k, v, _ = make(rng, b=1, t=13, s=13, hq=4, hkv=2, d=4, dtype=np.float32)
