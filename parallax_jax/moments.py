@@ -222,7 +222,8 @@ def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="di
     kbar = get("k") if affine != "linear" else None
     rho = ref.solve_moments(q, kbar, ekk, has_keys, affine=affine, ridge=ridge, solver=solver,
                             cg_iters=cg_iters or d)
-  u = jnp.einsum("...de,...d->...e", ekv, rho)  # sum_j a_j (rho . k_j) v_j
+  # sum_j a_j (rho . k_j) v_j: a D x Dv contraction per row, exact (no TF32 on a GPU)
+  u = jnp.einsum("...de,...d->...e", ekv, rho, precision="highest")
   if affine == "linear":
     o = u
   else:

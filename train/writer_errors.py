@@ -41,7 +41,7 @@ class Diversion:
   def __init__(self, path: str):
     self.path = path
     self.count = 0  # reports diverted
-    self.unwritten: list[str] = []  # the first line of each report the file refused
+    self.unwritten: list[str] = []  # the last line of each report the file refused
     self._why = ""
 
   # ------------------------------------------------------------------ the file
@@ -53,7 +53,8 @@ class Diversion:
           f.write(text.rstrip("\n") + "\n\n")
       except OSError as e:  # the full disk that failed the save refuses this too
         self._why = self._why or str(e)
-        self.unwritten.append(text.strip().splitlines()[0][:300] if text.strip() else "")
+        lines = [x for x in text.strip().splitlines() if x.strip()]
+        self.unwritten.append(lines[-1].strip()[:300] if lines else "")  # the exception line
 
   # ------------------------------------------------------------------ the hooks
   @staticmethod
