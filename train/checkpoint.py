@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import shutil
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -80,6 +81,8 @@ class Checkpointer:
         os.path.dirname(self.directory),
         "checkpoint_errors.log" if rank == 0 else f"checkpoint_errors.process{rank}.log"))
     self._diversion.__enter__()
+    # closed by close(), or when an unclosed checkpointer is collected (the hooks are global)
+    self._end_diversion = weakref.finalize(self, self._diversion.__exit__, None, None, None)
 
   def _open(self):
     self.manager = ocp.CheckpointManager(self.directory, options=self._opts, item_names=ITEMS)
@@ -257,7 +260,7 @@ class Checkpointer:
       try:
         self.manager.close()
       finally:
-        self._diversion.__exit__(None, None, None)
+        self._end_diversion()
 
 
 # --------------------------------------------------------------------------- data states
