@@ -99,7 +99,7 @@ def mosaic_fwd_call(tcfg, q, k, v, r, scale, qseg, kseg, *,
   """Drop-in replacement for `attention_triton.fwd_call(cfg, q, k, v, r, scale, qseg, kseg)`
   (same arguments and (o, lse, tbar, vbar) result): the Mosaic GPU kernel when it supports
   the call, else the Triton forward. `_forward` calls it when `BlockSizes.mosaic_forward`."""
-  mg = tcfg.window is None and not tcfg.interpret
+  mg = tcfg.window is None and not tcfg.interpret and tcfg.Dv is None  # one head dim
   # padded keys would need masking; zero-padded head dims are harmless (Dp = D here anyway)
   mg = mg and tcfg.Tp == tcfg.T and tcfg.Sp == tcfg.S
   cfg = config or mgpu.default_config(q.shape[-1], tcfg.has_r)
@@ -136,7 +136,7 @@ def _mosaic_bwd_covers(kernel, tcfg, q, k, v, r, qseg, kseg, config, interpret) 
   """Whether a Mosaic GPU backward kernel module (`mgpu_dq`, `mgpu_dkv`) takes this call: no
   window, unpadded lengths (padded rows or keys would need masking), its `supported`; on
   the GPU only unless `interpret` (tests) is given."""
-  if tcfg.window is not None or (interpret is None and tcfg.interpret):
+  if tcfg.window is not None or (interpret is None and tcfg.interpret) or tcfg.Dv is not None:
     return False
   if tcfg.Tp != tcfg.T or tcfg.Sp != tcfg.S:
     return False
@@ -220,8 +220,11 @@ def _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"expected [B, L, H, D] inputs, got {q.shape=}, {k.shape=}, {v.shape=}")
   B, T, Hq, D = q.shape
-  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-    raise ValueError(f"k and v must be [B, S, Hkv, {D}], got {k.shape=}, {v.shape=}")
+  if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[3] != D:
+    raise ValueError(f"k must be [B, S, Hkv, {D}] and v [B, S, Hkv, Dv], got {k.shape=}, "
+                     f"{v.shape=}")
+  if v.shape[3] > MAX_HEAD_DIM:
+    raise ValueError(f"v head_dim {v.shape[3]} > {MAX_HEAD_DIM} is not supported")
   if r is not None and r.shape != q.shape:
     raise ValueError(f"r must have q's shape {q.shape}, got {r.shape}")
   Hkv = k.shape[2]
@@ -257,12 +260,12 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
                              interpret=False):
   """Fused Parallax attention (softmax attention when r is None), differentiable.
 
-  q, r: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (Hq a multiple of Hkv; q-head h reads kv-head
-  h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
+  q, r: [B, T, Hq, D]; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv] (Dv may differ from D: then the
+  Triton kernels run; Hq a multiple of Hkv; q-head h reads kv-head h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
   0 meaning uniform weights; an array scale gets a cotangent. causal: end-aligned (query i
   sees keys j <= S - T + i). window: keep keys with j > S - T + i - window (and
   j < S - T + i + window without causal). q_segment_ids [B, T], kv_segment_ids [B, S]: int
-  ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, D] in
+  ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, Dv] in
   q's dtype. block_sizes: `BlockSizes` override (default: heuristic table).
   """
   _check_inputs(q, k, v, r, window, q_segment_ids, kv_segment_ids)
@@ -274,9 +277,11 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
   else:
     need_dscale = True
     scale_arr = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (Hq,))
-  Dp = max(16, next_pow2(D))
-  bs = block_sizes if block_sizes is not None else default_block_sizes(Dp, r is not None,
-                                                                         q.dtype)
+  Dv = v.shape[3]
+  Dp, Dvp = max(16, next_pow2(D)), max(16, next_pow2(Dv))
+  # tiles for the wider of the two head dims (its accumulator or its q/k tiles dominate)
+  bs = block_sizes if block_sizes is not None else default_block_sizes(
+      max(Dp, Dvp), r is not None, q.dtype)
   bs = _fit_blocks(bs, T, S)
   Tp = round_up(T, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
   Sp = round_up(S, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
@@ -285,18 +290,19 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
                    window=None if window is None else int(window), has_r=r is not None,
                    has_seg=has_seg, need_dscale=need_dscale, blocks=bs,
                    interpret=bool(interpret),
-                   fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2))
+                   fp16_pv=(r is not None and jnp.dtype(q.dtype) == jnp.bfloat16 and bs.fp16_p2),
+                   Dv=Dvp if Dvp != Dp else None)
   qp = pad(pad(q, 1, Tp), 3, Dp)
   rp = None if r is None else pad(pad(r, 1, Tp), 3, Dp)
   kp = pad(pad(k, 1, Sp), 3, Dp)
-  vp = pad(pad(v, 1, Sp), 3, Dp)
+  vp = pad(pad(v, 1, Sp), 3, Dvp)
   qseg = kseg = None
   if has_seg:
     qseg = pad(jnp.asarray(q_segment_ids, jnp.int32), 1, Tp, -1)
     kseg = pad(jnp.asarray(kv_segment_ids, jnp.int32), 1, Sp, -2)
   o = _flash(cfg, qp, kp, vp, rp, scale_arr, qseg, kseg)
-  if Tp != T or Dp != D:
-    o = o[:, :T, :, :D]
+  if Tp != T or Dvp != Dv:
+    o = o[:, :T, :, :Dv]
   return o
 
 

@@ -154,6 +154,11 @@ class CallConfig:
   blocks: BlockSizes
   interpret: bool
   fp16_pv: bool = False  # forward PV products in fp16 (bf16 Parallax, see BlockSizes.fp16_p2)
+  Dv: int | None = None  # padded value head dim, when it differs from D
+
+  @property
+  def DV(self):
+    return self.Dv or self.D
 
   @property
   def G(self):
@@ -285,6 +290,8 @@ class _QueryTiles:
   qt: object
   q_spec: object
   kv_spec: object
+  v_spec: object     # V's blocks, and o's / dO's (their head dim is V's)
+  o_spec: object
   row_spec: object
   seg_specs: tuple   # q ids, kv ids, tile ranges (None each without segment ids)
   srng: object
@@ -297,6 +304,8 @@ def _query_tiles(cfg: CallConfig, B: int, bq: int, bk: int, qseg, kseg) -> _Quer
       grid=(cfg.Tp // bq, B, cfg.Hq), qt=qt,
       q_spec=pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qt(i), h, 0)),
       kv_spec=pl.BlockSpec((None, cfg.Sp, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+      v_spec=pl.BlockSpec((None, cfg.Sp, None, cfg.DV), lambda i, b, h: (b, 0, h // G, 0)),
+      o_spec=pl.BlockSpec((None, bq, None, cfg.DV), lambda i, b, h: (b, qt(i), h, 0)),
       row_spec=pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qt(i))),
       seg_specs=(
           pl.BlockSpec((None, bq), lambda i, b, h: (b, qt(i))) if seg else None,
@@ -356,7 +365,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
   q = q_ref[...]
   r = r_ref[...] if cfg.has_r else None
   qseg = qseg_ref[...] if cfg.has_seg else None
-  D = q.shape[-1]
+  Dv = v_ref.shape[-1]
   dt = v_ref.dtype  # fp16 when cfg.fp16_pv (v converted by the wrapper), else the input dtype
 
   def body(kb, carry, masked, careful=False):  # careful: masked tiles of the careful pass
@@ -400,7 +409,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, qseg_ref, kseg_ref, srng_
     return out + (flag,) if careful else out
 
   zrow = jnp.zeros((bq,), jnp.float32)
-  zacc = jnp.zeros((bq, D), jnp.float32)
+  zacc = jnp.zeros((bq, Dv), jnp.float32)
   init = (zrow + NEG_INF, zrow, zacc)
   if cfg.has_r:
     init = init + (zrow, zacc)
@@ -474,14 +483,15 @@ def fwd_call(cfg: CallConfig, q, k, v, r, scale, qseg, kseg, *, fixup=None, v_fp
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
   t = _query_tiles(cfg, B, bq, bk, qseg, kseg)
   grid, qt, q_spec, row_spec, srng = t.grid, t.qt, t.q_spec, t.row_spec, t.srng
-  in_specs = [pl.BlockSpec(scale.shape, lambda i, b, h: (0,)), q_spec, t.kv_spec, t.kv_spec,
+  in_specs = [pl.BlockSpec(scale.shape, lambda i, b, h: (0,)), q_spec, t.kv_spec, t.v_spec,
               q_spec if cfg.has_r else None, *t.seg_specs]
   rows = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp), jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
-  out_specs = [q_spec, row_spec]
+  o_shape = jax.ShapeDtypeStruct(q.shape[:3] + (cfg.DV,), q.dtype)
+  out_shape = [o_shape, rows]
+  out_specs = [t.o_spec, row_spec]
   if cfg.has_r:
-    out_shape += [rows, jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    out_specs += [row_spec, q_spec]
+    out_shape += [rows, o_shape]
+    out_specs += [row_spec, t.o_spec]
 
   args = [scale, q, k, v, r, qseg, kseg, srng]
   aliases = {}
@@ -653,8 +663,8 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   grid, qt, q_spec, row_spec, srng = t.grid, t.qt, t.q_spec, t.row_spec, t.srng
   flag_spec = _flag_spec(qt)
   pr = cfg.has_r
-  in_specs = [pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)), q_spec, t.kv_spec, t.kv_spec,
-              q_spec if pr else None, q_spec, row_spec, row_spec if pr else None,
+  in_specs = [pl.BlockSpec((cfg.Hq,), lambda i, b, h: (0,)), q_spec, t.kv_spec, t.v_spec,
+              q_spec if pr else None, t.o_spec, row_spec, row_spec if pr else None,
               *t.seg_specs]
   args = [scale, q, k, v, r, do, lse, tbar, qseg, kseg, srng]
   n_args = len(args)
@@ -677,7 +687,7 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
   if fixup is None:
     flags = jax.ShapeDtypeStruct((B, cfg.Hq, cfg.Tp // bq), jnp.float32)
     dq, dr, qdq, delta, gbar, flags = pl.pallas_call(
-        fast_kernel, grid=grid, in_specs=in_specs + [q_spec, q_spec if pr else None],
+        fast_kernel, grid=grid, in_specs=in_specs + [t.o_spec, t.o_spec if pr else None],
         out_specs=fix_specs + [row_spec, row_spec if pr else None, flag_spec],
         out_shape=fix_shape + [rows, rows if pr else None, flags],
         compiler_params=params, interpret=cfg.interpret, name=f"{kind}_bwd_dq",
@@ -702,7 +712,7 @@ def dq_call(cfg: CallConfig, q, k, v, r, do, o, vbar, lse, tbar, scale, qseg, ks
 
   dq, dr, qdq, delta, gbar = compact_fixup_call(
       fix_kernel, [*args, o, vbar, flags, *prev], grid=grid,
-      in_specs=in_specs + [q_spec, q_spec if pr else None, flag_spec] + out_specs,
+      in_specs=in_specs + [t.o_spec, t.o_spec if pr else None, flag_spec] + out_specs,
       out_specs=out_specs, out_shape=out_shape, mark=(n_args + 2, 1), tile_index=qt,
       input_output_aliases=aliases, compiler_params=params, interpret=cfg.interpret,
       name=f"{kind}_bwd_dq_fixup")
@@ -783,8 +793,8 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, r_ref, do_ref, lse_ref, delta_re
 
     return _loop3(ranges, body, carry)
 
-  zacc = jnp.zeros((bk, D), jnp.float32)
-  dk, dv = lax.fori_loop(0, cfg.G, head_body, (zacc, zacc))
+  dk, dv = lax.fori_loop(0, cfg.G, head_body, (jnp.zeros((bk, D), jnp.float32),
+                                               jnp.zeros((bk, v.shape[-1]), jnp.float32)))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   if not careful:
@@ -802,13 +812,15 @@ def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qse
   D = cfg.D
   grid = (cfg.Sp // bk, B, cfg.Hkv)
   qfull = pl.BlockSpec((None, cfg.Tp, cfg.Hq, D), lambda j, b, h: (b, 0, 0, 0))
+  dofull = pl.BlockSpec((None, cfg.Tp, cfg.Hq, cfg.DV), lambda j, b, h: (b, 0, 0, 0))
   kv_spec = pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))
+  v_spec = pl.BlockSpec((None, bk, None, cfg.DV), lambda j, b, h: (b, j, h, 0))
   rows = pl.BlockSpec((None, cfg.Hq, cfg.Tp), lambda j, b, h: (b, 0, 0))
   flag_spec = _flag_spec(lambda j: j)
   pr = cfg.has_r
   in_specs = [
       pl.BlockSpec((cfg.Hq,), lambda j, b, h: (0,)),
-      qfull, kv_spec, kv_spec, qfull if pr else None, qfull,
+      qfull, kv_spec, v_spec, qfull if pr else None, dofull,
       rows, rows, rows if pr else None, rows if pr else None,
       pl.BlockSpec((None, cfg.Tp), lambda j, b, h: (b, 0)) if cfg.has_seg else None,
       pl.BlockSpec((None, bk), lambda j, b, h: (b, j)) if cfg.has_seg else None,
@@ -818,7 +830,7 @@ def dkv_call(cfg: CallConfig, q, k, v, r, do, lse, delta, tbar, gbar, scale, qse
   srng = seg_ranges(kseg, qseg, cfg.S, cfg.T, bk, bq) if cfg.has_seg else None
   args = [scale, q, k, v, r, do, lse, delta, tbar, gbar, qseg, kseg, srng]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  out_specs = [kv_spec, kv_spec]
+  out_specs = [kv_spec, v_spec]
   params = compiler_params(cfg.blocks.num_warps_dkv, cfg.blocks.num_stages_dkv)
   kind = "parallax" if pr else "softmax"
   n_args = len(args)

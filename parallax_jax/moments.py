@@ -11,10 +11,9 @@ bytes. With an infinite bandwidth and a plain causal (or no) mask the weights ar
 over a prefix: A F is a cumulative sum over keys divided by the count, O(T w) with no [T, S]
 array at all (normalised linear attention and the Mesa-like ridge regression).
 
-On a GPU, A F runs on the fused softmax kernel (`pallas_kernels`): F is the value, q and k
-are zero-padded to F's width (the kernel takes one head dim; zero columns leave the scores as
-they are), and its backward returns dF, which XLA carries back through the features. No
-[T, S] array reaches memory; its float32 dots have an XLA float32 dot's precision (TF32 by
+On a GPU, A F runs on the fused softmax kernel (`pallas_kernels`) with F as its value (the
+kernel takes a value head dim other than q's), and its backward returns dF, which XLA carries
+back through the features. No [T, S] array reaches memory; its float32 dots have an XLA float32 dot's precision (TF32 by
 default on the GPU, as the dense path's einsums).
 
 Same contract as the dense reference (`reference.family_core`): float32 (or float64)
@@ -161,20 +160,18 @@ def kernel_sum(q, k, feats, scale, *, causal, window, q_seg, kv_seg, interpret=F
     import pallas_kernels
   except ImportError:  # pragma: no cover - depends on the install
     return None
-  hkv, w = k.shape[1], feats.shape[-1]
-  width = max(w, q.shape[-1])
-  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-  qp = pad(ref.merge_heads(q))
-  kp, fp = (pad(jnp.swapaxes(x, 1, 2)) for x in (k, feats))  # [B, S, K, width]
+  hkv = k.shape[1]
+  qs = ref.merge_heads(q)
+  ks, fs = (jnp.swapaxes(x, 1, 2) for x in (k, feats))  # [B, S, K, D] and [B, S, K, w]
   # the caller decided the platform (a GPU, or interpret mode): only the shapes are checked
-  ok, _ = pallas_kernels.is_supported(qp, kp, fp, window=window, q_segment_ids=q_seg,
+  ok, _ = pallas_kernels.is_supported(qs, ks, fs, window=window, q_segment_ids=q_seg,
                                       kv_segment_ids=kv_seg, interpret=interpret, platform="gpu")
   if not ok:
     return None
   out = pallas_kernels.parallax_flash_attention(
-      qp, kp, fp, scale=scale.reshape(-1), causal=causal, window=window, q_segment_ids=q_seg,
+      qs, ks, fs, scale=scale.reshape(-1), causal=causal, window=window, q_segment_ids=q_seg,
       kv_segment_ids=kv_seg, interpret=interpret)
-  return ref.split_heads(out, hkv)[..., :w]
+  return ref.split_heads(out, hkv)
 
 
 def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",

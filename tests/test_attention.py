@@ -86,13 +86,18 @@ class Case:
   blocks: BlockSizes = B32
   B: int = 2
   r_scale: float = 0.5
+  Dv: int | None = None  # v's head dim, when not D
+
+
+def o_shape(c: Case):
+  return (c.B, c.T, c.Hq, c.Dv or c.D)
 
 
 def make_inputs(c: Case, rng):
   n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   q = n(c.B, c.T, c.Hq, c.D).astype(c.dtype)
   k = n(c.B, c.S, c.Hkv, c.D).astype(c.dtype)
-  v = n(c.B, c.S, c.Hkv, c.D).astype(c.dtype)
+  v = n(c.B, c.S, c.Hkv, c.Dv or c.D).astype(c.dtype)
   r = (c.r_scale * n(c.B, c.T, c.Hq, c.D)).astype(c.dtype) if c.parallax else None
   if c.array_scale:
     scale = jnp.asarray(rng.uniform(0.02, 0.3, c.Hq), jnp.float32).at[0].set(0.0)
@@ -150,9 +155,9 @@ def check_case(c: Case, rng, *, interpret=True):
     return reference(*xs, sc, **kw)
 
   primals = args + ((scale,) if diff_scale else ())
-  do = jnp.asarray(rng.standard_normal(q.shape), jnp.float32).astype(c.dtype)
+  do = jnp.asarray(rng.standard_normal(o_shape(c)), jnp.float32).astype(c.dtype)
   o, grads = value_and_vjp(kern, primals, do)
-  assert o.dtype == q.dtype and o.shape == q.shape
+  assert o.dtype == q.dtype and o.shape == o_shape(c)
   o_ref, grads_ref = value_and_vjp(refn, primals, do.astype(jnp.float32))
   tol_o, tol_g = TOL[c.dtype]
   errs = {"o": rel_err(o, o_ref)}
@@ -196,6 +201,9 @@ CASES = {
                                  segments=True, blocks=B64),
     "fp16_causal": Case(T=80, S=80, dtype=jnp.float16),
     "bf16_softmax_gqa": Case(T=64, S=64, dtype=jnp.bfloat16, parallax=False, Hq=4, Hkv=1),
+    # a value head dim other than q's (the moment form's features; MLA-style heads)
+    "softmax_dv_wider_gqa": Case(T=45, S=70, D=16, Dv=116, parallax=False, Hq=4, Hkv=2),
+    "parallax_dv_narrower_window": Case(T=70, S=70, D=64, Dv=24, window=30, segments=True),
 }
 
 
@@ -217,6 +225,10 @@ GPU_CASES = {
                                    blocks=None),
     "f32_parallax_array_scale": Case(B=1, T=300, S=300, Hq=4, Hkv=2, D=64,
                                      array_scale=True, blocks=None),
+    "bf16_softmax_d16_dv128": Case(B=2, T=1000, S=1000, Hq=8, Hkv=4, D=16, Dv=128,
+                                   dtype=jnp.bfloat16, parallax=False, blocks=None),
+    "f32_softmax_d8_dv116_gqa": Case(B=2, T=128, S=128, Hq=16, Hkv=16, D=8, Dv=116,
+                                     parallax=False, blocks=None),
 }
 
 
@@ -239,7 +251,8 @@ class TestFlashAttentionInterpret(TestFlashAttention):
   CASES = CASES
   CI_CASES = ["causal_end_aligned_T<S_mqa", "segments_window_noncausal",
               "segments_docs_unsorted", "gqa2_d128_mixed", "softmax_array_scale_noncausal",
-              "head_dim_48_padded", "bf16_window_segments", "fp16_causal"]
+              "head_dim_48_padded", "bf16_window_segments", "fp16_causal",
+              "softmax_dv_wider_gqa", "parallax_dv_narrower_window"]
 
 
 def test_rows_without_keys_are_zero(rng):
