@@ -504,3 +504,13 @@ def test_writer_error_diversion_keeps_other_errors_and_restores_hooks(tmp_path):
   finally:
     threading.excepthook = old_thread_hook
   assert (sys.unraisablehook, threading.excepthook) == before
+
+
+def test_writer_reports_nobody_named_get_a_note_at_close(tmp_path, capfd):
+  import logging
+  from train.writer_errors import Diversion
+  with Diversion(str(tmp_path / "w.log")):
+    Diversion._filter.filter(logging.LogRecord("absl", logging.ERROR, "/x/orbax/m.py", 1,
+                                               "restore failed", None, None))
+  err = capfd.readouterr().err.strip().splitlines()
+  assert err == [f"note: 1 error reports of the checkpoint writer are in {tmp_path}/w.log"]

@@ -188,6 +188,7 @@ class Checkpointer:
     what = f"checkpoint {self.directory}/{failed[0]}" if failed else "a checkpoint"
     logged = (f" (the writer's own reports: {self._diversion.path})"
               if self._diversion.count else "")
+    self._diversion.named = bool(logged)
     return CheckpointSaveError(f"{what} could not be written: {cause}{free}; {good}{logged}")
 
   def wait(self):

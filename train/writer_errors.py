@@ -4,8 +4,9 @@ When a background save fails (a full disk), orbax's writer threads each log the 
 its traceback, the threads that die print theirs, and asyncio callbacks that arrive after
 their event loop closed print one "Event loop is closed" traceback each: hundreds of lines
 on a full disk, above the one-line `CheckpointSaveError` the loop raises for the same
-failure. While a `Diversion` is open these reports go to a file instead (nothing is lost;
-the error line names the file), and everything else still prints as before.
+failure. While a `Diversion` is open these reports go to a file instead, which the error
+line names (or, if nothing named it, a note when the diversion closes); everything else still
+prints as before.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Diversion:
   def __init__(self, path: str):
     self.path = path
     self.count = 0  # reports diverted
+    self.named = False  # an error message has pointed the user at `path`
     self.unwritten: list[str] = []  # the last line of each report the file refused
     self._why = ""
 
@@ -117,4 +119,7 @@ class Diversion:
       sys.stderr.write(f"note: {len(self.unwritten)} reports of the checkpoint writer could not "
                        f"be kept in {self.path} ({self._why}); the first: "
                        f"{self.unwritten[0]}\n")
+    elif self.count and not self.named:
+      sys.stderr.write(f"note: {self.count} error reports of the checkpoint writer are in "
+                       f"{self.path}\n")
     return False
