@@ -214,11 +214,25 @@ def rel_err(x, ref) -> float:
 # ----------------------------------------------------------------------------- results
 
 
+def _platform_of(path):
+  """The platform a results file records, or None."""
+  try:
+    with open(path) as f:
+      return json.load(f).get("environment", {}).get("platform")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def write_results(name, env, rows, table_md, notes="", out=None):
   """bench/results/<name>.json and .md (a header line from env, the table, notes); `out`: a
   directory to copy both into as well (e.g. $OUT on a device machine)."""
   os.makedirs(RESULTS, exist_ok=True)
   base = os.path.join(RESULTS, name)
+  if env.get("platform") != "gpu" and _platform_of(base + ".json") == "gpu":
+    # a CPU smoke run of a GPU bench must not replace the GPU's results of record
+    base += "." + str(env.get("platform"))
+    print(f"{name}: bench/results/{name}.json holds GPU results; writing this "
+          f"{env.get('platform')} run to {base}.json instead")
   with open(base + ".json", "w") as f:
     json.dump({"environment": env, "results": rows}, f, indent=1)
   with open(base + ".md", "w") as f:
