@@ -107,19 +107,24 @@ def _features(k, v, need):
   return jnp.concatenate(parts, axis=-1), slices
 
 
+def _prefix_count(t, s, causal, dtype):
+  """[T, 1] keys each row sees under a plain mask: query i sees keys 0 .. i + S - T (none
+  when that is negative: T > S) causally, every key otherwise."""
+  if not causal:
+    return jnp.full((t, 1), s, dtype)
+  return jnp.maximum(jnp.arange(t) + s - t + 1, 0).astype(dtype)[:, None]
+
+
 def _prefix_means(f, t, causal):
-  """Uniform weights: [B, K, 1, T, w] means of f [B, K, S, w] over each row's keys and the
-  row's key count [T, 1] (end-aligned causal prefix, or every key)."""
+  """Uniform weights under a plain mask: [B, K, 1, T, w] means of f [B, K, S, w] over each
+  row's keys (zero for a row without keys)."""
   s = f.shape[2]
   if not causal:
-    count = jnp.full((t, 1), s, f.dtype)
     mean = jnp.broadcast_to(jnp.mean(f, axis=2, keepdims=True), f.shape[:2] + (t, f.shape[-1]))
-    return mean[:, :, None], count
-  # query i sees keys 0 .. i + S - T (none when that is negative: T > S)
+    return mean[:, :, None]
   csum = _rows_of_prefix(jnp.cumsum(f, axis=2), t)
-  count = jnp.maximum(jnp.arange(t) + s - t + 1, 0).astype(f.dtype)[:, None]
-  mean = jnp.where(count > 0, csum / jnp.maximum(count, 1.0), 0.0)
-  return mean[:, :, None], count
+  count = _prefix_count(t, s, True, f.dtype)
+  return jnp.where(count > 0, csum / jnp.maximum(count, 1.0), 0.0)[:, :, None]
 
 
 def _rows_of_prefix(csum, t):
@@ -134,8 +139,8 @@ def _rows_of_prefix(csum, t):
 
 
 def _prefix_flags(q, k, v, rho, causal):
-  """`reference.row_flags` for uniform prefix weights without a [T, S] mask."""
-  bad = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
+  """`reference.row_flags` under a plain mask, from prefix counts instead of a [T, S] mask."""
+  bad = ref.nonfinite_rows
   t, s = q.shape[3], k.shape[2]
   bad_kv = (bad(k) | bad(v)).astype(jnp.int32)  # [B, K, S]
   if causal:
@@ -149,6 +154,11 @@ def _prefix_flags(q, k, v, rho, causal):
 def _dense_sum(q, k, feats, scale, mask):
   """A F with the weights materialised (XLA)."""
   return jnp.einsum("bkgts,bksw->bkgtw", ref.weights(q, k, scale, mask), feats)
+
+
+def _plain_mask(t, s, causal):
+  """The [1, 1, 1, T, S] mask of a plain (causal or no) mask, for the XLA weighted sum."""
+  return masks.full_mask(t, s, causal=causal, window=None)[None, None, None]
 
 
 def kernel_sum(q, k, feats, scale, *, causal, window, q_seg, kv_seg, interpret=False):
@@ -175,34 +185,36 @@ def kernel_sum(q, k, feats, scale, *, causal, window, q_seg, kv_seg, interpret=F
 
 
 def moment_core(q, k, v, r, scale, mask, *, probe, affine, ridge=0.0, solver="direct",
-                cg_iters=None, uniform_prefix=None, weighted_sum=None):
+                cg_iters=None, plain=None, uniform=False, weighted_sum=None):
   """All members from moments; arguments as `reference.family_core`.
 
-  uniform_prefix: None (weights from scale and mask), or 'causal' / 'full' when the bandwidth
-  is infinite and the mask is the plain end-aligned causal one / no mask (then `mask` is
-  unused and may be None): cumulative sums, no [T, S] array.
+  plain: None (the keys a row sees are given by `mask`), or 'causal' / 'full' for the plain
+  end-aligned causal mask / no mask (then `mask` may be None): which rows see a non-finite
+  key, and whether a row sees any key, come from prefix counts, with no [T, S] array.
+  uniform: the bandwidth is infinite; with a plain mask A F is then a prefix mean.
   weighted_sum: (q, k, feats, scale) -> A F or None (e.g. `kernel_sum` with the call's mask
-  arguments); None, or a None result, computes it in XLA from `mask`.
+  arguments); None, or a None result, computes it in XLA.
   """
   rho_in = {"query": q, "learned": r}.get(probe) if affine != "constant" else None
-  t = q.shape[3]
-  if uniform_prefix is None:
+  t, s = q.shape[3], k.shape[2]
+  if plain is None:
     flag = ref.row_flags(q, k, v, rho_in, mask)
     has_keys = jnp.any(mask, axis=-1)[..., None]
   else:
-    flag = _prefix_flags(q, k, v, rho_in, uniform_prefix == "causal")
+    flag = _prefix_flags(q, k, v, rho_in, plain == "causal")
+    has_keys = _prefix_count(t, s, plain == "causal", q.dtype) > 0
   q, k, v = ref.finite(q), ref.finite(k), ref.finite(v)
   need = needed(probe, affine)
   if not need:
     return jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
   feats, at = _features(k, v, need)
-  if uniform_prefix is None:
+  if uniform and plain is not None:
+    mom = _prefix_means(feats, t, plain == "causal")
+  else:
     mom = None if weighted_sum is None else weighted_sum(q, k, feats, scale)
     if mom is None:
-      mom = _dense_sum(q, k, feats, scale, mask)
-  else:
-    mom, count = _prefix_means(feats, t, uniform_prefix == "causal")
-    has_keys = count > 0
+      mom = _dense_sum(q, k, feats, scale,
+                       mask if mask is not None else _plain_mask(t, s, plain == "causal"))
   get = lambda name: mom[..., at[name]]
   if need == {"v"}:
     return jnp.where(has_keys, ref.nan_rows(get("v") + jnp.zeros_like(q[..., :1]), flag), 0.0)
@@ -252,9 +264,9 @@ def moment_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iter
         q_, k_, f_, s_, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg,
         interpret=kernel == "interpret")
   hkv = k.shape[2]
-  prefix = None
-  if uniform and window is None and q_seg is None:
-    prefix, mask = ("causal" if causal else "full"), None
+  plain, mask = None, None
+  if window is None and q_seg is None:  # no [T, S] mask is needed at all
+    plain = "causal" if causal else "full"
   else:
     mask = masks.full_mask(q.shape[1], k.shape[1], causal=causal, window=window, q_seg=q_seg,
                            kv_seg=kv_seg)
@@ -264,6 +276,6 @@ def moment_attention(q, k, v, r, scale, *, probe, affine, ridge, solver, cg_iter
       ref.split_heads(cast(q), hkv), ref.kv_heads_first(cast(k)), ref.kv_heads_first(cast(v)),
       None if r is None else ref.split_heads(cast(r), hkv),
       scale.astype(compute_dtype).reshape(hkv, -1), mask, probe=probe, affine=affine,
-      ridge=ridge, solver=solver, cg_iters=cg_iters, uniform_prefix=prefix,
+      ridge=ridge, solver=solver, cg_iters=cg_iters, plain=plain, uniform=uniform,
       weighted_sum=weighted_sum)
   return ref.merge_heads(o).astype(q.dtype)

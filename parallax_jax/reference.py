@@ -47,10 +47,15 @@ def weights(q, k, scale, mask):
   return p / jnp.where(d > 0, d, 1.0)
 
 
+def nonfinite_rows(x):
+  """x[..., D] -> [...] bool: whether a row holds a non-finite entry."""
+  return ~jnp.all(jnp.isfinite(x), axis=-1)
+
+
 def row_flags(q, k, v, rho, mask):
   """[B, K, G, T, 1] bool: rows whose own q (or probe rho) or a visible key/value holds a
   non-finite entry. q, rho [B,K,G,T,D]; k, v [B,K,S,D]; mask as in `family_core`."""
-  bad = lambda x: ~jnp.all(jnp.isfinite(x), axis=-1)
+  bad = nonfinite_rows
   bad_kv = (bad(k) | bad(v))[:, :, None, None, :]
   flag = jnp.any(mask & bad_kv, axis=-1, keepdims=True) | bad(q)[..., None]
   return flag if rho is None else flag | bad(rho)[..., None]
