@@ -196,13 +196,11 @@ def _resumable(path: str, meta: dict) -> dict | None:
                      "--tag or --out, or pass --fresh to overwrite it")
   now = json.loads(json.dumps(meta))  # tuples as the file stores them
   for key in ("protocol", "model", "seeds", "settings"):
-    if old.get(key) != now[key]:
-      diff = key
-      if isinstance(now[key], dict):
-        diff = ", ".join(f"{key}.{k}: {old.get(key, {}).get(k)!r} there, {now[key][k]!r} now"
-                         for k in now[key] if (old.get(key) or {}).get(k) != now[key][k])
-      else:
-        diff = f"{key}: {old.get(key)!r} there, {now[key]!r} now"
+    was, is_ = old.get(key), now[key]
+    if was != is_:
+      pairs = ([(f"{key}.{k}", (was or {}).get(k), v) for k, v in is_.items()]
+               if isinstance(is_, dict) else [(key, was, is_)])
+      diff = ", ".join(f"{name}: {a!r} there, {b!r} now" for name, a, b in pairs if a != b)
       raise SystemExit(f"error: {path} holds runs of another setup ({diff}); use another --tag "
                        "or --out, or pass --fresh to overwrite it")
   for task, n in now["task_epochs"].items():
