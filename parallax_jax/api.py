@@ -85,6 +85,15 @@ def _check_qkv(q, k, v, r):
     _fail(f"r must have q's shape {q.shape}, got {r.shape}")
 
 
+def unrolled_refusal(solver: str, probe: str, head_dim: int) -> str | None:
+  """Why `solver` cannot serve these heads ('unrolled' above UNROLLED_MAX_HEAD_DIM), else
+  None: the one rule the configs check early and `attention` checks at the call."""
+  if solver == "unrolled" and probe == "solve" and head_dim > UNROLLED_MAX_HEAD_DIM:
+    return (f"'unrolled' is for head_dim <= {UNROLLED_MAX_HEAD_DIM}, got head_dim {head_dim}; "
+            "use 'cholesky'")
+  return None
+
+
 def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, head_dim):
   if probe not in PROBES:
     _fail(f"unknown probe {probe!r}; expected one of {PROBES}")
@@ -96,9 +105,9 @@ def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, head_d
     _fail(f"r is only read by probe='learned', got probe={probe!r} with an r")
   if solver not in SOLVERS:
     _fail(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-  if solver == "unrolled" and probe == "solve" and head_dim > UNROLLED_MAX_HEAD_DIM:
-    _fail(f"solver='unrolled' is for head_dim <= {UNROLLED_MAX_HEAD_DIM}, got head_dim "
-          f"{head_dim}; use solver='cholesky'")
+  why = unrolled_refusal(solver, probe, head_dim)
+  if why:
+    _fail(f"solver={why}")
   if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int)
                                or cg_iters <= 0):
     _fail(f"cg_iters must be a positive int, got {cg_iters!r}")

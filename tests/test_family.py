@@ -204,9 +204,9 @@ def test_unrolled_float32_as_accurate_as_direct(rng):
 def test_unrolled_refuses_large_heads():
   d = pj.api.UNROLLED_MAX_HEAD_DIM + 1
   q = k = v = jnp.zeros((1, 4, 1, d))
-  with pytest.raises(ValueError, match=f"head_dim {d}; use solver='cholesky'"):
+  with pytest.raises(ValueError, match=f"head_dim {d}; use 'cholesky'"):
     pj.attention(q, k, v, probe="solve", affine="boundary", solver="unrolled")
-  with pytest.raises(ValueError, match=f"head_dim {d}; use solver='cholesky'"):
+  with pytest.raises(ValueError, match=f"head_dim {d}; use 'cholesky'"):
     pj.decode_attention(q[:, 0], k, v, lengths=jnp.array([4]), probe="solve",
                         affine="boundary", solver="unrolled")
   # members without a solve never run the solver

@@ -120,11 +120,9 @@ class ModelConfig:
     if self.solver not in api.SOLVERS:
       raise ValueError(f"ModelConfig.solver: expected one of {api.SOLVERS}, got "
                        f"{self.solver!r}")
-    if (self.solver == "unrolled" and member_spec(self.member)[1] == "solve"
-        and self.head_dim > api.UNROLLED_MAX_HEAD_DIM):
-      raise ValueError(f"ModelConfig.solver: 'unrolled' is for head_dim <= "
-                       f"{api.UNROLLED_MAX_HEAD_DIM}, got head_dim {self.head_dim}; "
-                       "use 'cholesky'")
+    why = api.unrolled_refusal(self.solver, member_spec(self.member)[1], self.head_dim)
+    if why:
+      raise ValueError(f"ModelConfig.solver: {why}")
     if not self.ridge >= 0:
       raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
     if self.init_std is not None and not self.init_std > 0:

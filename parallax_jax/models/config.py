@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from parallax_jax.api import (AFFINES, DECODE_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMBERS, PROBES,
-                              SOLVERS, UNROLLED_MAX_HEAD_DIM)
+                              SOLVERS, unrolled_refusal)
 
 # Per-layer rematerialisation policies (see `parallax_jax.nn.layers.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "qkv_attn_out",
@@ -147,10 +147,9 @@ class ModelConfig:
     _check_choice(self, "probe", PROBES, allow_none=True)
     _check_choice(self, "affine", AFFINES, allow_none=True)
     _check_choice(self, "solver", SOLVERS)
-    if (self.solver == "unrolled" and self.resolved_probe == "solve"
-        and self.resolved_head_dim > UNROLLED_MAX_HEAD_DIM):
-      _err("solver", f"'unrolled' is for head_dim <= {UNROLLED_MAX_HEAD_DIM}, got head_dim "
-           f"{self.resolved_head_dim}; use 'cholesky'")
+    why = unrolled_refusal(self.solver, self.resolved_probe, self.resolved_head_dim)
+    if why:
+      _err("solver", why)
     _check_choice(self, "implementation", IMPLEMENTATIONS, allow_none=True)
     _check_choice(self, "decode_implementation", DECODE_IMPLEMENTATIONS, allow_none=True)
     _check_choice(self, "r_init", R_INITS)
