@@ -10,7 +10,7 @@ take its time (CUPTI, GPU only), so the cost of the members without kernels (the
 
   PYTHONPATH=. python3 bench/mad_step.py [--members softmax,parallax,lla,mesa,linear]
       [--solvers direct,cholesky,unrolled] [--implementations auto] [--task in-context-recall]
-      [--optimizer adamw] [--runs 18] [--steps 20] [--out DIR]
+      [--optimizer adamw] [--runs 18] [--steps 20] [--name mad_step] [--out DIR]
 
 --solvers: the solve-probe members (lla, mesa) get a row per solver of their D x D systems.
 --implementations: a row per attention implementation (auto: the library's choice;
@@ -51,6 +51,8 @@ def parse_args(argv=None):
   ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--name", default="mad_step",
+                  help="results file name under bench/results (e.g. one per study of the cost)")
   ap.add_argument("--out", default=None, help="also copy the results into this directory")
   return ap.parse_args(argv)
 
@@ -93,6 +95,27 @@ def main(argv=None):
         return train.fitting_program(cfgs[m], a.optimizer, protocol, shapes, a.runs, log=log)
     progs = dict(zip(members, pool.map(build, members)))
   data = train.device_data(setting, (0,), protocol)
+  steps_per_epoch = -(-setting.num_train // protocol.batch_size)
+  env = common.environment()
+
+  def write(rows):  # after every row, so a call cut short keeps the rows it timed
+    lines = ["| member | attention | runs a call | compile s | plan GiB | timed call s (wall) | "
+             f"full epoch of {a.runs} runs, s ({steps_per_epoch} steps) | largest kernels (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+      tops = "; ".join(f"{k[:40]} {v:.1f}" for k, v in r["top_kernels_ms"][:3])
+      lines.append(f"| {r['member']} | {r['attention']} | {r['runs']} | {r['compile_s']} | "
+                   f"{r['need_gib']} | {r['epoch_wall_s']:.3f} | "
+                   f"{r['epoch_wall_s'] * r['calls'] * steps_per_epoch / a.steps:.2f} | "
+                   f"{tops or '-'} |")
+    notes = (f"Task {a.task} (baseline setting), optimizer {a.optimizer}, {a.runs} runs a "
+             f"program (fewer a call where they do not fit the device), {a.steps} training "
+             f"steps of batch {protocol.batch_size} plus the test set's evaluation per timed "
+             f"call (median of {a.iters}); the full-epoch column scales the call by "
+             f"{steps_per_epoch} / {a.steps} steps and by the calls "
+             "(evaluation included in both, so an upper bound).")
+    common.write_results(a.name, env, rows, "\n".join(lines), notes, a.out)
+
   rows = []
   for m in members:
     prog, cfg = progs[m], cfgs[m]
@@ -132,25 +155,7 @@ def main(argv=None):
     log(m, {k: v for k, v in row.items() if k != "top_kernels_ms"})
     for k, v in top:
       log(f"    {v:9.3f} ms  {100 * v / max(total, 1e-9):5.1f}%  {k[:90]}")
-
-  steps_per_epoch = -(-setting.num_train // protocol.batch_size)
-  lines = ["| member | attention | runs a call | compile s | plan GiB | timed call s (wall) | "
-           f"full epoch of {a.runs} runs, s ({steps_per_epoch} steps) | largest kernels (ms) |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    tops = "; ".join(f"{k[:40]} {v:.1f}" for k, v in r["top_kernels_ms"][:3])
-    lines.append(f"| {r['member']} | {r['attention']} | {r['runs']} | {r['compile_s']} | "
-                 f"{r['need_gib']} | {r['epoch_wall_s']:.3f} | "
-                 f"{r['epoch_wall_s'] * r['calls'] * steps_per_epoch / a.steps:.2f} | "
-                 f"{tops or '-'} |")
-  notes = (f"Task {a.task} (baseline setting), optimizer {a.optimizer}, {a.runs} runs a "
-           f"program (fewer a call where they do not fit the device), {a.steps} training "
-           f"steps of batch {protocol.batch_size} plus the test set's evaluation per timed "
-           f"call (median of {a.iters}); the full-epoch column scales the call by "
-           f"{steps_per_epoch} / {a.steps} steps and by the calls "
-           "(evaluation included in both, so an upper bound).")
-  env = common.environment()
-  common.write_results("mad_step", env, rows, "\n".join(lines), notes, a.out)
+    write(rows)
 
 
 if __name__ == "__main__":
