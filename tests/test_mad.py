@@ -310,6 +310,14 @@ def test_members_run_and_zero_probe_parallax_is_softmax(rng):
     assert out[m].shape == (2, 8, 11) and bool(jnp.isfinite(out[m]).all()), m
   np.testing.assert_array_equal(out["parallax"], out["softmax"])
   assert not np.allclose(out["linear"], out["softmax"])
+  # the probe's options: a scale on r and RoPE on r change a probe that is not zero
+  like_q = dict(vocab_size=11, seq_len=8, member="parallax", r_init="like_q", **TINY)
+  p = init_params(ModelConfig(**like_q), 0)
+  outs = [MADModel(ModelConfig(**like_q, **kw)).apply({"params": p}, tokens)
+          for kw in ({}, {"r_scale": 2.0}, {"r_rope": False})]
+  assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[0], outs[2])
+  with pytest.raises(ValueError, match="ModelConfig.r_scale"):
+    ModelConfig(**dict(like_q, r_scale=0.0))
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -344,6 +352,26 @@ def test_step_outside_the_optimizer_equals_decoupled_weight_decay(optimizer, rng
     p = jax.tree.map(lambda x, y: x + lr * y - lr * wd * x, p, d)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, p_ref)
 
+
+
+def test_w_r_ablations_route_and_scale_only_w_r(rng):
+  """--r-adamw moves W_R's kernel (only) to Muon's AdamW group; --r-lr-mult scales W_R's
+  kernel and bias (only); the defaults leave both as they were."""
+  params = init_params(ModelConfig(vocab_size=11, seq_len=8, member="parallax", **TINY), 0)
+  labels = lambda r_adamw: {rt.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(
+      rt.param_labels(params, train.muon_routing(r_adamw)))[0]}
+  base, moved = labels(False), labels(True)
+  assert base["layer_0/attn/r_proj/kernel"] == rt.MUON
+  assert moved["layer_0/attn/r_proj/kernel"] == rt.ADAM
+  assert {k for k in base if base[k] != moved[k]} == {"layer_0/attn/r_proj/kernel"}
+  mults = {rt.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+      train.lr_multipliers(params, train.Protocol(r_lr_mult=0.25)))[0]}
+  assert {k for k, m in mults.items() if m != 1.0} == {"layer_0/attn/r_proj/kernel",
+                                                       "layer_0/attn/r_proj/bias"}
+  assert mults["layer_0/attn/r_proj/kernel"] == 0.25
+  assert set(jax.tree.leaves(train.lr_multipliers(params, train.Protocol()))) == {1.0}
+  with pytest.raises(ValueError, match="Protocol.r_lr_mult"):
+    train.Protocol(r_lr_mult=-1.0)
 
 
 def test_a_program_over_the_memory_limit_trains_fewer_runs_a_call():
@@ -509,6 +537,13 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
                 "--out", str(tmp_path), "--tag", "again"])
   assert len(again["meta"]["commands"]) == 3 and None not in again["meta"]["commands"]
   assert again["meta"]["merged_from"] == ["mad_smoke.json", "other.json", "mad_smoke.json"]
+  # runs of another model would share a label in the table: refused
+  bad = dict(other, meta=dict(other["meta"], model=dict(other["meta"]["model"], r_scale=0.5)))
+  (tmp_path / "bad.json").write_text(json.dumps(bad))
+  with pytest.raises(SystemExit, match=r"mad_smoke.json and bad.json ran other setups "
+                     r"\(model.r_scale: 1.0 in mad_smoke.json, 0.5 in bad.json\)"):
+    main(["--merge", str(tmp_path / "mad_smoke.json"), str(tmp_path / "bad.json"),
+          "--out", str(tmp_path), "--tag", "bad"])
   with pytest.raises(SystemExit):
     main(["--members", "transformer"])
 
@@ -520,6 +555,9 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
      "--solver: 'unrolled' is for head_dim <= 32"),
     (["--lrs=-1"], "--lrs: need one or more values >= 0"),
     (["--merge", "missing.json"], "--merge: no result file 'missing.json'"),
+    (["--r-scale", "0"], "--r-scale: must be a finite number > 0"),
+    (["--r-lr-mult=-1"], "--r-lr-mult: must be a finite number >= 0"),
+    (["--r-adamw", "--optimizers", "adamw"], "--r-adamw: changes Muon's routing of W_R"),
 ])
 def test_cli_bad_input_is_one_line_before_any_compile(args, says, capsys):
   from parallax_jax.mad.__main__ import main
@@ -543,6 +581,16 @@ def test_cli_rerun_resumes_and_refuses_another_setup(tmp_path, capsys):
   assert second["meta"]["members"] == ["softmax", "parallax"]
   assert len(second["meta"]["commands"]) == 2
   assert main(args)["runs"] == second["runs"]  # nothing left to do
+  # a file written before the W_R options existed resumes: it ran with their defaults
+  path = tmp_path / "mad_r.json"
+  old = json.loads(path.read_text())
+  for key, sub in (("model", ("r_scale", "r_rope")), ("protocol", ("r_lr_mult", "r_adamw"))):
+    for k in sub:
+      del old["meta"][key][k]
+  path.write_text(json.dumps(old))
+  assert main(args)["runs"] == second["runs"]
+  with pytest.raises(SystemExit, match=r"model.r_scale: 1.0 there, 0.5 now"):
+    main(args + ["--r-scale", "0.5"])
   with pytest.raises(SystemExit, match=r"protocol.lrs: \[0.001\] there, \[0.002\] now"):
     main(args[:8] + ["2e-3"] + args[9:])
   assert len(main(args + ["--fresh"])["runs"]) == 1  # starts over

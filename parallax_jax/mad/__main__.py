@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -76,7 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   m.add_argument("--no-rope", action="store_true")
   m.add_argument("--no-attn-bias", action="store_true")
   m.add_argument("--r-init", default="zeros", choices=R_INITS)
-  m.add_argument("--r-norm", action="store_true")
+  m.add_argument("--r-norm", action="store_true", help="RMSNorm on r (learned probe)")
+  m.add_argument("--r-scale", type=float, default=1.0,
+                 help="a fixed factor on r after its norm (learned probe)")
+  m.add_argument("--no-r-rope", action="store_true", help="no RoPE on r (learned probe)")
+  m.add_argument("--r-lr-mult", type=float, default=1.0,
+                 help="W_R's learning rate (and decay) x this (learned probe)")
+  m.add_argument("--r-adamw", action="store_true",
+                 help="under Muon, train W_R with the AdamW group instead (learned probe)")
   m.add_argument("--init-std", type=float, default=None)
   m.add_argument("--ridge", type=float, default=1e-2, help="solve-probe members only")
   m.add_argument("--solver", default="direct", choices=api.SOLVERS,
@@ -130,11 +138,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name, vals in (("--lrs", args.lrs), ("--wds", args.wds)):
     if not vals or not all(v >= 0 for v in vals):
       p.error(f"{name}: need one or more values >= 0, got {','.join(map(str, vals)) or 'none'}")
+  if not 0 <= args.r_lr_mult < math.inf:
+    p.error(f"--r-lr-mult: must be a finite number >= 0, got {args.r_lr_mult}")
+  if args.r_adamw and "muon" not in args.optimizers:
+    p.error("--r-adamw: changes Muon's routing of W_R, but --optimizers has no muon")
   if args.dtype == "auto":
     args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   args.model_kwargs = dict(
       width=args.width, num_layers=args.layers, num_heads=args.heads, rope=not args.no_rope,
       attn_bias=not args.no_attn_bias, r_init=args.r_init, r_norm=args.r_norm,
+      r_scale=args.r_scale, r_rope=not args.no_r_rope,
       init_std=args.init_std, ridge=args.ridge, solver=args.solver, dtype=args.dtype,
       implementation=None if args.implementation == "auto" else args.implementation)
   for mem in args.members:  # the model's checks, before anything compiles
@@ -154,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 _FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "width": "--width",
           "init_std": "--init-std", "r_init": "--r-init", "rope": "--no-rope",
           "implementation": "--implementation", "solver": "--solver", "ridge": "--ridge",
-          "dtype": "--dtype", "member": "--members"}
+          "dtype": "--dtype", "member": "--members", "r_scale": "--r-scale",
+          "r_rope": "--no-r-rope"}
 
 
 def _as_flags(msg: str) -> str:
@@ -195,19 +209,63 @@ def _resumable(path: str, meta: dict) -> dict | None:
     raise SystemExit(f"error: {path} was written by --merge and cannot be resumed; use another "
                      "--tag or --out, or pass --fresh to overwrite it")
   now = json.loads(json.dumps(meta))  # tuples as the file stores them
-  for key in ("protocol", "model", "seeds", "settings"):
-    was, is_ = old.get(key), now[key]
-    if was != is_:
-      pairs = ([(f"{key}.{k}", (was or {}).get(k), v) for k, v in is_.items()]
-               if isinstance(is_, dict) else [(key, was, is_)])
-      diff = ", ".join(f"{name}: {a!r} there, {b!r} now" for name, a, b in pairs if a != b)
-      raise SystemExit(f"error: {path} holds runs of another setup ({diff}); use another --tag "
-                       "or --out, or pass --fresh to overwrite it")
+  diff = _setup_diff(old, now, ("there", "now"), ("seeds", "settings"))
+  if diff:
+    raise SystemExit(f"error: {path} holds runs of another setup ({diff}); use another --tag "
+                     "or --out, or pass --fresh to overwrite it")
   for task, n in now["task_epochs"].items():
     if task in (old.get("task_epochs") or {}) and old["task_epochs"][task] != n:
       raise SystemExit(f"error: {path} trained {task} for {old['task_epochs'][task]} epochs, "
                        f"this command for {n}; use another --tag or --out, or pass --fresh")
   return prev
+
+
+# protocol keys that may differ between the commands of one table: the sweep's grid (merged
+# as its union), --sweep-stop (the header says where), epochs (per task: task_epochs) and
+# the runs a call (memory)
+_MERGEABLE = ("lrs", "wds", "stop_sweep", "epochs", "group_size")
+
+
+def _setup_diff(was: dict, now: dict, names: tuple[str, str], keys=(), skip=()) -> str | None:
+  """Where two results' metas differ in protocol, model and `keys`, as 'name: value in one,
+  value in other' (`names`: how the two are called); None where they agree. A file written
+  before a field existed ran with that field's default."""
+  defaults = {"protocol": _field_defaults(Protocol), "model": _field_defaults(ModelConfig)}
+  pairs = []
+  for key in ("protocol", "model", *keys):
+    a, b = was.get(key), now.get(key)
+    if key in defaults:
+      both = {**(a or {}), **(b or {})}
+      a, b = ({**{k: v for k, v in defaults[key].items() if k in both}, **(x or {})}
+              for x in (a, b))
+      pairs += [(f"{key}.{k}", a.get(k), b.get(k)) for k in both if k not in skip]
+    else:
+      pairs.append((key, a, b))
+  diff = [f"{name}: {x!r} {names[0]}, {y!r} {names[1]}" for name, x, y in pairs if x != y]
+  return ", ".join(diff) or None
+
+
+def _field_defaults(cls) -> dict:
+  return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cls)
+                                if f.default is not dataclasses.MISSING}))
+
+
+def _check_mergeable(paths: list[str]) -> None:
+  """Refuse (one line) to merge results of different models or protocols: one table would
+  compare unlike runs under one label."""
+  metas = []
+  for path in paths:
+    try:
+      with open(path) as f:
+        metas.append(json.load(f)["meta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise SystemExit(f"error: --merge: {path} is not a MAD result ({type(e).__name__}: {e})")
+  for path, meta in zip(paths[1:], metas[1:]):
+    a, b = os.path.basename(paths[0]), os.path.basename(path)
+    diff = _setup_diff(metas[0], meta, (f"in {a}", f"in {b}"), skip=_MERGEABLE)
+    if diff:
+      raise SystemExit(f"error: --merge: {a} and {b} ran other setups ({diff}); merge runs "
+                       "of one model and protocol only")
 
 
 def _job_key(task, label, member, optimizer) -> str:
@@ -217,6 +275,7 @@ def _job_key(task, label, member, optimizer) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
+    _check_mergeable(args.merge)
     try:
       result = report.merge(args.merge, args.tag)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -231,7 +290,8 @@ def main(argv=None) -> dict:
   protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size, lrs=args.lrs, wds=args.wds,
                       stop_acc=None if args.no_early_stop else 0.999, stop_sweep=args.sweep_stop,
                       steps_per_epoch=args.steps_per_epoch, num_train=args.train_examples,
-                      num_test=args.test_examples, group_size=args.group_size)
+                      num_test=args.test_examples, group_size=args.group_size,
+                      r_lr_mult=args.r_lr_mult, r_adamw=args.r_adamw)
   model_kwargs = args.model_kwargs
   result = {"meta": _meta(args, protocol, model_kwargs), "programs": [], "runs": []}
   seeds = tuple(range(args.seeds))

@@ -10,8 +10,9 @@ The mixer is MAD's multi-head attention (q/k/v/o projections with bias, full-wid
 embeddings, 1/sqrt(head_dim) scale) with its softmax replaced by `parallax_jax.attention` with
 the member's (bandwidth, probe, affine). For the learned probe, r = W_R x (`r_proj`, shaped like
 q_proj, the same RoPE as q) follows the library's model convention: zero-initialised by default,
-so a new Parallax model computes exactly the softmax model, with `r_init='like_q'` and `r_norm`
-as options.
+so a new Parallax model computes exactly the softmax model, with `r_init='like_q'`, `r_norm`
+(RMSNorm on r), `r_scale` (a fixed factor on r after its norm) and `r_rope=False` (no RoPE on
+r) as options.
 
 Initialisation (`init_params`, on the host with NumPy: XLA's CPU compile of a jitted Flax init
 costs seconds per model, more than a whole smoke test) follows MAD: the language model keeps
@@ -93,6 +94,8 @@ class ModelConfig:
   attn_bias: bool = True
   r_init: str = "zeros"
   r_norm: bool = False
+  r_scale: float = 1.0
+  r_rope: bool = True
   init_std: float | None = None
   norm_eps: float = 1e-5
   dtype: str = "bfloat16"
@@ -125,6 +128,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.solver: {why}")
     if not self.ridge >= 0:
       raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
+    if isinstance(self.r_scale, bool) or not (isinstance(self.r_scale, (int, float))
+                                              and 0 < self.r_scale < math.inf):
+      raise ValueError(f"ModelConfig.r_scale: must be a finite number > 0, got {self.r_scale!r}")
     if self.init_std is not None and not self.init_std > 0:
       raise ValueError(f"ModelConfig.init_std: must be > 0 or None, got {self.init_std!r}")
     _, probe, affine = member_spec(self.member)  # raises on a bad member
@@ -212,9 +218,12 @@ class Mixer(nn.Module):
       r = proj("r_proj")
       if cfg.r_norm:
         r = RMSNorm(cfg.norm_eps, dt, name="r_norm")(r)
+      if cfg.r_scale != 1.0:
+        r = r * jnp.asarray(cfg.r_scale, r.dtype)
     if cfg.rope:
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      r = None if r is None else apply_rope(r, cos, sin)
+      if r is not None and cfg.r_rope:
+        r = apply_rope(r, cos, sin)
     bandwidth, probe, affine = cfg.spec
     o = api.attention(q, k, v, r, probe=probe, affine=affine, bandwidth=bandwidth,
                       ridge=cfg.ridge if probe == "solve" else 0.0, solver=cfg.solver,

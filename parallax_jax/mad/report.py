@@ -152,7 +152,9 @@ def markdown(result: dict[str, Any]) -> str:
       + {True: " (and the rest of its seed sweep: --sweep-stop)",
          "some": " (and, in the commands with --sweep-stop, the rest of its seed sweep)"}.get(
              proto.get("stop_sweep"), "") + "; "
-      f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
+      + (f"W_R's lr x {proto['r_lr_mult']}; " if proto.get("r_lr_mult", 1.0) != 1.0 else "")
+      + ("W_R in Muon's AdamW group; " if proto.get("r_adamw") else "")
+      + f"settings: {meta.get('settings')}; seeds {meta.get('seeds')}.",
       f"Model: {model}" + ("; implementation None is the library's choice, per program in "
                            "the wall-time table's attention column" if auto else "") + ".",
       *(f"Command: `python -m parallax_jax.mad {' '.join(a)}`" + (f" ({d})" if d else "")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import time
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ from parallax_jax.mad.model import (MUON_ROUTING, MADModel, ModelConfig, attenti
                                     init_params, param_shapes)
 from parallax_jax.mad.tasks import IGNORE, TaskSetting, make_dataset
 from parallax_jax.optim import muon
+from parallax_jax.optim import routing as rt
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -52,7 +54,11 @@ class Protocol:
 
   stop_sweep (off in MAD): once a run has stopped early with a score above stop_acc, stop the
   other runs of its seed too. The setting's score (the best of the sweep) then changes by at
-  most 1 - stop_acc, and the stopped runs' records are truncated (`sweep_stopped`)."""
+  most 1 - stop_acc, and the stopped runs' records are truncated (`sweep_stopped`).
+
+  W_R (the learned probe's `r_proj`; not MAD's, for the ablations): r_lr_mult multiplies its
+  learning rate (and so its decay, as a PyTorch parameter group's lr would); r_adamw trains its
+  kernel with Muon's AdamW group instead of Muon (its bias is there already)."""
   epochs: int = 200
   batch_size: int = 128
   lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3)
@@ -64,6 +70,8 @@ class Protocol:
   num_train: int | None = None
   num_test: int | None = None
   group_size: int | None = None
+  r_lr_mult: float = 1.0
+  r_adamw: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "lrs", tuple(float(x) for x in self.lrs))
@@ -84,15 +92,35 @@ class Protocol:
       raise ValueError(f"Protocol.min_lr: must be in [0, min(lrs)], got {self.min_lr}")
     if self.stop_sweep and self.stop_acc is None:
       raise ValueError("Protocol.stop_sweep: needs stop_acc (early stopping) set")
+    v = self.r_lr_mult
+    if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+      raise ValueError(f"Protocol.r_lr_mult: must be a finite number >= 0, got {v!r}")
 
 
-def direction(optimizer: str) -> optax.GradientTransformation:
-  """The unit-rate, decay-free update direction of `optimizer` (already negated)."""
+# W_R's parameters (kernel and bias) in the MAD model's tree
+_R_PROJ = r"(^|/)attn/r_proj/"
+
+
+def direction(optimizer: str, r_adamw: bool = False) -> optax.GradientTransformation:
+  """The unit-rate, decay-free update direction of `optimizer` (already negated); r_adamw:
+  under Muon, W_R's kernel in the AdamW group."""
   if optimizer == "adamw":
     return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.scale(-1.0))
   if optimizer == "muon":
-    return muon(1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, routing=MUON_ROUTING)
+    return muon(1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, routing=muon_routing(r_adamw))
   raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def muon_routing(r_adamw: bool = False) -> rt.Routing:
+  """The MAD model's Muon routing; r_adamw: W_R's kernel in the AdamW group."""
+  return MUON_ROUTING.with_rules(rt.Rule(_R_PROJ + "kernel$", rt.ADAM)) if r_adamw \
+      else MUON_ROUTING
+
+
+def lr_multipliers(params, protocol: Protocol):
+  """Per-leaf learning-rate factors (Python floats): r_lr_mult on W_R, 1 elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: protocol.r_lr_mult if re.search(_R_PROJ, rt.path_str(p)) else 1.0, params)
 
 
 def cosine_lr(lr, epoch, epochs, min_lr: float):
@@ -133,7 +161,7 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
   """Compile for `num_runs` runs; `data` may hold arrays or only their shapes (`data_shapes`),
   so programs can be compiled before (and concurrently with) anything else."""
   model = MADModel(cfg)
-  tx = direction(optimizer)
+  tx = direction(optimizer, protocol.r_adamw)
   n_train, length = data["train_x"].shape[1:]
   n_test = data["test_x"].shape[1]
   bs = protocol.batch_size
@@ -154,7 +182,8 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
       params, opt_state = carry
       loss, grads = jax.value_and_grad(loss_fn)(params, *_rows(train_x, train_y, seed_idx, idx))
       d, new_opt = tx.update(grads, opt_state, params)
-      new = jax.tree.map(lambda p, u: p + lr_t * u - (lr_t * wd) * p, params, d)
+      new = jax.tree.map(lambda p, u, m: p + (m * lr_t) * u - (m * lr_t * wd) * p, params, d,
+                         lr_multipliers(params, protocol))
       keep = lambda a, b: jnp.where(active, a, b)  # a stopped run stays where it stopped
       return (jax.tree.map(keep, new, params), jax.tree.map(keep, new_opt, opt_state)), loss
 
