@@ -490,6 +490,42 @@ def test_scores_best_of_sweep_then_mean_over_settings_and_seeds():
   assert s["compression"]["mean"] == pytest.approx(0.6)
   assert s["compression"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
   assert s["average"]["mean"] == pytest.approx(0.6)
+  # A sweep that only diverged (no finite perplexity, acc NaN) is a failed task, scored 0,
+  # not a missing one that would leave the average to the other tasks.
+  div = [dict(r, member="softmax", task="memorization", acc=math.nan) for r in runs] + \
+      [dict(r, member="softmax") for r in runs]
+  s = report.scores(div)["softmax/muon"]
+  assert s["memorization"]["mean"] == 0.0 and s["average"]["mean"] == pytest.approx(0.3)
+
+
+def test_results_are_replaced_whole_and_merge_refuses_other_setups(tmp_path):
+  from parallax_jax.mad import __main__ as cli
+  good = {"meta": {"tag": "t", "protocol": {}, "model": {}, "seeds": 1, "settings": "baseline",
+                   "task_epochs": {"memorization": 3}}, "programs": [], "runs": []}
+  report.write(good, str(tmp_path), "t", png=False)
+  with pytest.raises(TypeError):  # a write that fails leaves the last complete file
+    report.write(dict(good, meta={**good["meta"], "bad": object()}), str(tmp_path), "t",
+                 png=False)
+  assert json.loads((tmp_path / "mad_t.json").read_text())["meta"] == good["meta"]
+  for name, change, says in (("e", {"task_epochs": {"memorization": 1}},
+                              "task_epochs.memorization: 3 in mad_t.json, 1 in e.json"),
+                             ("s", {"seeds": 2}, "seeds: 1 in mad_t.json, 2 in s.json")):
+    (tmp_path / f"{name}.json").write_text(json.dumps(dict(good, meta={**good["meta"], **change})))
+    with pytest.raises(SystemExit, match=says):
+      cli.main(["--merge", str(tmp_path / "mad_t.json"), str(tmp_path / f"{name}.json"),
+                "--out", str(tmp_path), "--tag", "m"])
+
+
+def test_quick_fills_only_what_is_unset_and_settings_are_not_repeated(tmp_path):
+  from parallax_jax.mad import __main__ as cli
+  a = cli.parse_args(["--quick", "--epochs", "5", "--out", str(tmp_path)])
+  assert (a.epochs, a.batch_size, a.steps_per_epoch) == (5, 16, 2)
+  a = cli.parse_args(["--quick", "--settings", "all", "--out", str(tmp_path)])
+  kept = cli._distinct_settings("compression", a)
+  assert len(kept) < len(tasks.settings("compression", "all"))  # the num_train settings
+  assert not any(s.label.startswith("num_train") for s in kept)
+  assert len(cli._distinct_settings("compression", cli.parse_args(
+      ["--settings", "all", "--out", str(tmp_path)]))) == len(tasks.settings("compression", "all"))
 
 
 def test_lr_positions_count_edges_ties_and_solved_sweeps():
@@ -553,11 +589,21 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
     (["--members", "lla", "--implementation", "pallas"], "--implementation: 'pallas' runs"),
     (["--members", "lla", "--solver", "unrolled", "--width", "1024", "--heads", "2"],
      "--solver: 'unrolled' is for head_dim <= 32"),
-    (["--lrs=-1"], "--lrs: need one or more values >= 0"),
+    (["--lrs=-1"], "--lrs: need one or more finite values > 0"),
     (["--merge", "missing.json"], "--merge: no result file 'missing.json'"),
     (["--r-scale", "0"], "--r-scale: must be a finite number > 0"),
     (["--r-lr-mult=-1"], "--r-lr-mult: must be a finite number >= 0"),
     (["--r-adamw", "--optimizers", "adamw"], "--r-adamw: changes Muon's routing of W_R"),
+    (["--members", "softmax", "--r-norm"], "--r-norm: changes members with a learned probe"),
+    (["--epochs", "0"], "--epochs: must be an int >= 1, got 0"),
+    (["--group-size", "0"], "--group-size: must be an int >= 1 or None, got 0"),
+    (["--lrs", "0"], "--lrs: need one or more finite values > 0"),
+    (["--wds", "inf"], "--wds: need one or more finite values >= 0"),
+    (["--ridge", "inf"], "--ridge: must be finite"),
+    (["--members", ","], "--members: empty list"),
+    (["--tag", "a/b"], "--tag: a file name part"),
+    (["--members", "softmax", "--implementation", "pallas"], "--implementation: 'pallas' needs"),
+    (["--out", "/proc/no/such/dir"], "--out: cannot write in '/proc/no/such/dir'"),
 ])
 def test_cli_bad_input_is_one_line_before_any_compile(args, says, capsys):
   from parallax_jax.mad.__main__ import main
@@ -590,7 +636,7 @@ def test_cli_rerun_resumes_and_refuses_another_setup(tmp_path, capsys):
   path.write_text(json.dumps(old))
   assert main(args)["runs"] == second["runs"]
   with pytest.raises(SystemExit, match=r"model.r_scale: 1.0 there, 0.5 now"):
-    main(args + ["--r-scale", "0.5"])
+    main(args[:4] + ["softmax,parallax"] + args[5:] + ["--r-scale", "0.5"])
   with pytest.raises(SystemExit, match=r"protocol.lrs: \[0.001\] there, \[0.002\] now"):
     main(args[:8] + ["2e-3"] + args[9:])
   assert len(main(args + ["--fresh"])["runs"]) == 1  # starts over

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -51,10 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="runs/mad")
   p.add_argument("--tag", default="results", help="output files are mad_<tag>.*")
   g = p.add_argument_group("protocol (defaults: MAD's)")
-  g.add_argument("--epochs", type=int, default=200)
+  g.add_argument("--epochs", type=int, default=None, help="MAD's: 200 (--quick: 2)")
   g.add_argument("--task-epochs", default="",
                  help="per-task epochs overriding --epochs, e.g. memorization=200,compression=100")
-  g.add_argument("--batch-size", type=int, default=128)
+  g.add_argument("--batch-size", type=int, default=None, help="MAD's: 128 (--quick: 16)")
   g.add_argument("--lrs", type=_floats, default=(1e-4, 5e-4, 1e-3))
   g.add_argument("--wds", type=_floats, default=(0.0, 0.1))
   g.add_argument("--no-early-stop", action="store_true",
@@ -62,14 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--sweep-stop", action="store_true",
                  help="once a run of a seed has stopped above 0.999, stop that seed's other runs "
                       "(changes a setting's best-of-sweep score by at most 0.001; not MAD's)")
-  g.add_argument("--steps-per-epoch", type=int, default=None, help="cap (smoke runs)")
+  g.add_argument("--steps-per-epoch", type=int, default=None,
+                 help="cap (smoke runs; --quick: 2)")
   g.add_argument("--train-examples", type=int, default=None, help="override the setting's")
   g.add_argument("--test-examples", type=int, default=None, help="override the setting's")
   g.add_argument("--group-size", type=int, default=None,
                  help="runs per program call (default: the whole sweep x seeds at once, halved "
                  "until XLA's memory plan fits the device)")
   g.add_argument("--quick", action="store_true",
-                 help="CPU smoke: 2 epochs of 2 steps, batch 16, 64 train / 32 test examples")
+                 help="CPU smoke: 2 epochs of 2 steps, batch 16, 64 train / 32 test examples "
+                 "(each unless given)")
   m = p.add_argument_group("model (defaults: MAD's)")
   m.add_argument("--width", type=int, default=128)
   m.add_argument("--layers", type=int, default=2, help="[mixer, SwiGLU] pairs")
@@ -108,13 +111,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="ignore (and overwrite) an existing mad_<tag>.json instead of resuming it")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
-  if args.quick:
-    args.epochs, args.steps_per_epoch, args.batch_size = 2, 2, 16
-    args.train_examples = args.train_examples or 64
-    args.test_examples = args.test_examples or 32
-  args.members = [x for x in args.members.split(",") if x]
-  args.optimizers = [x for x in args.optimizers.split(",") if x]
-  args.tasks = list(TASKS) if args.tasks == "all" else [x for x in args.tasks.split(",") if x]
+  # --quick fills what the command leaves unset; MAD's values otherwise
+  for key, quick, mad in (("epochs", 2, 200), ("steps_per_epoch", 2, None),
+                          ("batch_size", 16, 128), ("train_examples", 64, None),
+                          ("test_examples", 32, None)):
+    if getattr(args, key) is None:
+      setattr(args, key, quick if args.quick else mad)
+  for key in ("members", "optimizers", "tasks"):  # in order, each once
+    items = list(dict.fromkeys(x for x in getattr(args, key).split(",") if x))
+    if not items:
+      p.error(f"--{key}: empty list")
+    setattr(args, key, items)
+  if args.tasks == ["all"]:
+    args.tasks = list(TASKS)
+  if not re.fullmatch(r"[\w.+-]+", args.tag):
+    p.error(f"--tag: a file name part (letters, digits, '_', '.', '+', '-'), got {args.tag!r}")
   for mem in args.members:
     try:
       member_spec(mem)
@@ -135,13 +146,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.task_epochs = task_epochs
   if args.seeds < 1:
     p.error(f"--seeds: need >= 1, got {args.seeds}")
-  for name, vals in (("--lrs", args.lrs), ("--wds", args.wds)):
-    if not vals or not all(v >= 0 for v in vals):
-      p.error(f"{name}: need one or more values >= 0, got {','.join(map(str, vals)) or 'none'}")
+  for name, vals, low in (("--lrs", args.lrs, "> 0"), ("--wds", args.wds, ">= 0")):
+    ok = (lambda v: 0 < v < math.inf) if low == "> 0" else (lambda v: 0 <= v < math.inf)
+    if not vals or not all(ok(v) for v in vals):
+      p.error(f"{name}: need one or more finite values {low}, got "
+              f"{','.join(map(str, vals)) or 'none'}")
+  for name, v in (("--ridge", args.ridge), ("--init-std", args.init_std)):
+    if v is not None and not math.isfinite(v):
+      p.error(f"{name}: must be finite, got {v}")
   if not 0 <= args.r_lr_mult < math.inf:
     p.error(f"--r-lr-mult: must be a finite number >= 0, got {args.r_lr_mult}")
   if args.r_adamw and "muon" not in args.optimizers:
     p.error("--r-adamw: changes Muon's routing of W_R, but --optimizers has no muon")
+  probe_flags = [f for f, on in (("--r-init", args.r_init != "zeros"), ("--r-norm", args.r_norm),
+                                 ("--r-scale", args.r_scale != 1.0), ("--no-r-rope", args.no_r_rope),
+                                 ("--r-lr-mult", args.r_lr_mult != 1.0), ("--r-adamw", args.r_adamw))
+                 if on]
+  if probe_flags and not any(ModelConfig(vocab_size=16, seq_len=16, member=m).has_probe
+                             for m in args.members):
+    p.error(f"{probe_flags[0]}: changes members with a learned probe (r = W_R x) only, and "
+            f"--members has none ({','.join(args.members)})")
+  try:  # the protocol's own checks (epochs, batch size, examples, group size), as flags
+    _protocol(args)
+  except ValueError as e:
+    p.error(_as_flags(str(e)))
   if args.dtype == "auto":
     args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   args.model_kwargs = dict(
@@ -160,6 +188,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   for path in args.merge or ():
     if not os.path.isfile(path):
       p.error(f"--merge: no result file {path!r}")
+  if args.implementation == "pallas" and jax.default_backend() != "gpu":
+    p.error(f"--implementation: 'pallas' needs a GPU (the platform here is "
+            f"{jax.default_backend()!r})")
+  try:  # the results are written after each program: a bad directory fails now, not then
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f".mad_{args.tag}.probe"), "w"):
+      pass
+    os.remove(os.path.join(args.out, f".mad_{args.tag}.probe"))
+  except OSError as e:
+    p.error(f"--out: cannot write in {args.out!r} ({e.strerror or e})")
   return args
 
 
@@ -169,11 +207,25 @@ _FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "width": "--width",
           "implementation": "--implementation", "solver": "--solver", "ridge": "--ridge",
           "dtype": "--dtype", "member": "--members", "r_scale": "--r-scale",
           "r_rope": "--no-r-rope"}
+_PROTOCOL_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lrs": "--lrs",
+                   "wds": "--wds", "steps_per_epoch": "--steps-per-epoch",
+                   "num_train": "--train-examples", "num_test": "--test-examples",
+                   "group_size": "--group-size", "r_lr_mult": "--r-lr-mult"}
+
+
+def _protocol(args) -> Protocol:
+  return Protocol(epochs=args.epochs, batch_size=args.batch_size, lrs=args.lrs, wds=args.wds,
+                  stop_acc=None if args.no_early_stop else 0.999, stop_sweep=args.sweep_stop,
+                  steps_per_epoch=args.steps_per_epoch, num_train=args.train_examples,
+                  num_test=args.test_examples, group_size=args.group_size,
+                  r_lr_mult=args.r_lr_mult, r_adamw=args.r_adamw)
 
 
 def _as_flags(msg: str) -> str:
   for field, flag in _FLAGS.items():
     msg = msg.replace(f"ModelConfig.{field}:", f"{flag}:")
+  for field, flag in _PROTOCOL_FLAGS.items():
+    msg = msg.replace(f"Protocol.{field}:", f"{flag}:")
   return msg.replace("must divide width (", "must divide --width (")
 
 
@@ -262,10 +314,29 @@ def _check_mergeable(paths: list[str]) -> None:
       raise SystemExit(f"error: --merge: {path} is not a MAD result ({type(e).__name__}: {e})")
   for path, meta in zip(paths[1:], metas[1:]):
     a, b = os.path.basename(paths[0]), os.path.basename(path)
-    diff = _setup_diff(metas[0], meta, (f"in {a}", f"in {b}"), skip=_MERGEABLE)
+    diff = _setup_diff(metas[0], meta, (f"in {a}", f"in {b}"), ("seeds", "settings"),
+                       skip=_MERGEABLE)
+    ea, eb = (m.get("task_epochs") or {} for m in (metas[0], meta))
+    epochs = [f"task_epochs.{t}: {ea[t]} in {a}, {eb[t]} in {b}" for t in ea
+              if t in eb and ea[t] != eb[t]]
+    diff = ", ".join(x for x in [diff, *epochs] if x)
     if diff:
       raise SystemExit(f"error: --merge: {a} and {b} ran other setups ({diff}); merge runs "
                        "of one model and protocol only")
+
+
+def _distinct_settings(task: str, args):
+  """The task's settings, less those that --train-examples / --test-examples (or --quick)
+  make copies of an earlier one (MAD's training-set-size settings): a copy would be trained
+  again and weigh twice in the task's mean."""
+  out, seen = [], set()
+  for s in settings(task, args.settings):
+    eff = dataclasses.replace(s, label="", num_train=args.train_examples or s.num_train,
+                              num_test=args.test_examples or s.num_test)
+    if eff not in seen:
+      seen.add(eff)
+      out.append(s)
+  return out
 
 
 def _job_key(task, label, member, optimizer) -> str:
@@ -287,15 +358,11 @@ def main(argv=None) -> dict:
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size, lrs=args.lrs, wds=args.wds,
-                      stop_acc=None if args.no_early_stop else 0.999, stop_sweep=args.sweep_stop,
-                      steps_per_epoch=args.steps_per_epoch, num_train=args.train_examples,
-                      num_test=args.test_examples, group_size=args.group_size,
-                      r_lr_mult=args.r_lr_mult, r_adamw=args.r_adamw)
+  protocol = _protocol(args)
   model_kwargs = args.model_kwargs
   result = {"meta": _meta(args, protocol, model_kwargs), "programs": [], "runs": []}
   seeds = tuple(range(args.seeds))
-  jobs = [(s, mem, o) for t in args.tasks for s in settings(t, args.settings)
+  jobs = [(s, mem, o) for t in args.tasks for s in _distinct_settings(t, args)
           for mem in args.members for o in args.optimizers]
   protocols = {t: dataclasses.replace(protocol, epochs=args.task_epochs.get(t, args.epochs))
                for t in args.tasks}

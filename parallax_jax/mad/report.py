@@ -39,13 +39,21 @@ def _mean_std(values: list[float]) -> dict[str, float]:
           "n": int(len(v))}
 
 
+def diverged(run: dict[str, Any], metric: str = "acc") -> bool:
+  v = run.get(metric)
+  return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def scores(runs: list[dict[str, Any]], metric: str = "acc") -> dict[str, Any]:
-  """{combo: {task: {mean, std, n, per_seed, best}, 'average': {...}}} from run records."""
+  """{combo: {task: {mean, std, n, per_seed, best}, 'average': {...}}} from run records.
+
+  A run with no finite metric (it diverged: no epoch had a finite test perplexity) scores 0,
+  so a sweep that only diverged is a failed task, not a missing one."""
   best: dict[tuple, dict[str, Any]] = {}
   for r in runs:
+    if diverged(r, metric):
+      r = dict(r, **{metric: 0.0})
     v = r[metric]
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-      continue
     key = (combo(r), r["task"], r["setting"], r["seed"])
     if key not in best or v > best[key][metric]:
       best[key] = r
@@ -84,9 +92,7 @@ def lr_positions(runs: list[dict[str, Any]], metric: str = "acc") -> dict[str, d
   per_lr: dict[tuple, dict[float, float]] = defaultdict(dict)
   grid: dict[str, set[float]] = defaultdict(set)
   for r in runs:
-    v = r[metric]
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-      continue
+    v = 0.0 if diverged(r, metric) else r[metric]  # as in `scores`
     c = combo(r)
     grid[c].add(r["lr"])
     key = (c, r["task"], r["setting"], r["seed"])
@@ -162,7 +168,12 @@ def markdown(result: dict[str, Any]) -> str:
                         meta.get("dates") or [None])),
       "Accuracy: MAD's (torchmetrics MulticlassAccuracy, average='macro', per test batch, "
       "batch-weighted mean), read at each run's lowest-test-perplexity epoch; task score = best "
-      "over the sweep, mean over settings; ± = sample std over seeds.", ""]
+      "over the sweep, mean over settings; ± = sample std over seeds."]
+  n_div = sum(diverged(r) for r in result["runs"])
+  if n_div:
+    lines.append(f"Diverged: {n_div} of {len(result['runs'])} runs had no epoch with a finite "
+                 "test perplexity; each scores 0.")
+  lines.append("")
   lines += table(result)
   lines += ["", f"Paper columns: {PAPER_SOURCE}; '-' where the value was not available to us. "
             "The paper's protocol details (epochs, optimizer) may differ from this run's.", "",
@@ -231,10 +242,13 @@ def write(result: dict[str, Any], out_dir: str, tag: str, png: bool = True) -> d
   os.makedirs(out_dir, exist_ok=True)
   finalize(result)
   paths = {ext: os.path.join(out_dir, f"mad_{tag}.{ext}") for ext in ("json", "md", "png")}
-  with open(paths["json"], "w") as f:
-    json.dump(result, f, indent=1)
-  with open(paths["md"], "w") as f:
-    f.write(markdown(result))
+  # through a temporary file and a rename: an interrupted write never leaves a half file
+  # where the last complete result (the one a rerun resumes) was
+  for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
+    tmp = paths[ext] + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, paths[ext])
   if png and result["runs"]:
     bar_chart(result, paths["png"])
   return paths
