@@ -513,3 +513,22 @@ def test_cli_names_a_bad_out_in_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --out: ") and says in err[0], err
+  study = tmp_path / "study"
+  (study / "g").mkdir(parents=True)
+  (study / "g" / "x.json").write_text("{}")
+  for args, says in ((["--grid", grid, "--out", str(study), "--set", "foo=1"],
+                      "--set: foo: unknown key 'foo'"),
+                     (["plan", "--grid", str(afile), "--out", str(study)],
+                      "is not a Python grid file"),
+                     (["pack", "--out", str(study), "--to", str(tmp_path)], "is a directory"),
+                     (["pack", "--out", str(study), "--to", str(afile / "x.tgz")],
+                      "a part of its path is a file")):
+    assert main(args) == 2, args
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+  assert not os.path.exists(str(tmp_path) + ".tmp")
+  # a pack written inside the study is never packed into the next one
+  for _ in range(2):
+    assert main(["pack", "--out", str(study), "--to", str(study / "p.tar.gz")]) == 0
+  with tarfile.open(study / "p.tar.gz") as tar:
+    assert sorted(tar.getnames()) == ["study", "study/g", "study/g/x.json"]

@@ -101,6 +101,12 @@ def main(argv=None) -> int:
     grids = [grid_lib.load_grid(p) for p in a.grid]
     paths = {g.name: p for g, p in zip(grids, a.grid)}
     extra = tuple(a.overrides)
+    if extra:  # a typo in --set is the command's error, not an arm that this version lacks
+      from train.config import apply_overrides
+      try:
+        apply_overrides(grids[0].arms[0].config, list(extra))
+      except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
     if cmd == "_run":
       g = grids[0]
       spec = grid_lib.RunSpec(g.name, a.arm, a.lr, a.seed, a.stage)

@@ -175,6 +175,8 @@ def load_grid(path: str) -> Grid:
     raise ValueError(f"--grid: no such file {path!r}")
   spec = importlib.util.spec_from_file_location(
       "_study_grid_" + os.path.basename(path).removesuffix(".py"), path)
+  if not path.endswith(".py") or spec is None:
+    raise ValueError(f"--grid: {path} is not a Python grid file (*.py with get_grid())")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   if not hasattr(mod, "get_grid"):

@@ -24,6 +24,7 @@ import glob
 import math
 import os
 import statistics
+import sys
 import time
 
 from train.study import grid as grid_lib
@@ -87,7 +88,12 @@ def _grid_files(out_grids: list[str], files: list[str]) -> dict[str, grid_lib.Gr
     try:
       g = grid_lib.load_grid(path)
     except ValueError:
+      if files:  # a file the command named must load; the defaults may be anything
+        raise
       continue
+    if files and g.name not in out_grids:
+      print(f"note: --grid {path} is grid {g.name!r}, which has no results under --out "
+            f"(grids there: {', '.join(out_grids) or 'none'})", file=sys.stderr)
     if g.name in out_grids:
       found[g.name] = g
   return found

@@ -521,20 +521,33 @@ def pack(out: str, to: str, log=print) -> str:
   """Everything under `out` but checkpoints, TensorBoard events, profiles and the compile
   cache, as a .tar.gz whose paths start with out's last component (untar it in out's
   parent). A study's metrics and results are a few MB."""
-  out = os.path.normpath(out)
+  out = os.path.abspath(out)  # '.' packs under the directory's own name
   base = os.path.basename(out)
+  to = os.path.abspath(to)
+  if os.path.isdir(to):
+    raise ValueError(f"--to: {to!r} is a directory; name the .tar.gz to write")
+  tmp = f"{to}.tmp"  # renamed when complete: a process killed mid-write leaves the last pack
+  # the pack itself may live under out (--pack-to inside the study): never packed into itself
+  own = {os.path.relpath(p, os.path.dirname(out)) for p in (to, tmp)}
 
   def keep(info: tarfile.TarInfo):
     parts = info.name.split("/")
-    if any(p in EXCLUDE_FROM_PACK for p in parts) or info.name.endswith(".tmp"):
+    if any(p in EXCLUDE_FROM_PACK for p in parts) or info.name.endswith(".tmp") \
+        or info.name in own:
       return None
     return info
 
-  os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
-  tmp = f"{to}.tmp"  # renamed when complete: a process killed mid-write leaves the last pack
-  with tarfile.open(tmp, "w:gz") as tar:
-    tar.add(out, arcname=base, filter=keep)
-  os.replace(tmp, to)
+  try:
+    os.makedirs(os.path.dirname(to), exist_ok=True)
+    with tarfile.open(tmp, "w:gz") as tar:
+      tar.add(out, arcname=base, filter=keep)
+    os.replace(tmp, to)
+  except OSError as e:
+    if os.path.isfile(tmp):
+      os.remove(tmp)
+    why = ("a part of its path is a file" if isinstance(e, (FileExistsError, NotADirectoryError))
+           else e.strerror or e)
+    raise ValueError(f"--to: cannot write {to!r} ({why})") from e
   log(f"packed {out} into {to} ({os.path.getsize(to) / 1e6:.2f} MB)")
   return to
 
@@ -545,7 +558,7 @@ def _repack(opts: RunOptions, log):
   if opts.pack_to:
     try:
       pack(opts.out, opts.pack_to, log)
-    except OSError as e:
+    except (OSError, ValueError) as e:
       log(f"study: could not pack into {opts.pack_to}: {e!r}")
 
 
