@@ -26,7 +26,7 @@ DENSE_MAX_PAIRS = 1 << 20
 # pass of A F moves fewer bytes than the dense formulas' several [T, S] passes.
 MOMENTS_MAX_WIDTH_PER_KEY = 2
 # Default ridge of the solve probe. At ridge 0 a row with fewer than head_dim + 1 keys has a
-# singular local system (NaN/inf outputs early in every sequence); 1e-3 keeps every row
+# singular local system (undefined outputs early in every sequence); 1e-3 keeps every row
 # finite in float32 and biases well-conditioned rows (moment eigenvalues ~ |k|^2) very little.
 SOLVE_RIDGE = 1e-3
 
@@ -112,10 +112,13 @@ def _check_member_args(r, probe, affine, ridge, solver, window, cg_iters, head_d
                                or cg_iters <= 0):
     _fail(f"cg_iters must be a positive int, got {cg_iters!r}")
   if ridge is not None:
+    if isinstance(ridge, (str, bytes, bool)):
+      _fail(f"ridge must be a number, got {ridge!r}")
     if np.ndim(ridge) != 0:
       _fail(f"ridge must be a scalar, got shape {np.shape(ridge)}")
-    if _is_concrete(ridge) and not float(ridge) >= 0.0:
-      _fail(f"ridge must be >= 0, got {ridge!r}")
+    # inf would make every solve-probe row NaN (the system's inverse is 0 times inf)
+    if _is_concrete(ridge) and not 0.0 <= float(ridge) < math.inf:
+      _fail(f"ridge must be finite and >= 0, got {ridge!r}")
   if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
                              or window <= 0):
     _fail(f"window must be a positive int (number of keys kept), got {window!r}")
@@ -148,6 +151,8 @@ def _scale(bandwidth, hq, d, dtype):
   """Per-q-head 1/h as an array [Hq] (0 for h = inf). Differentiable in `bandwidth`."""
   if bandwidth is None:
     return jnp.full((hq,), 1.0 / math.sqrt(d), dtype)
+  if isinstance(bandwidth, (str, bytes, bool)):
+    _fail(f"bandwidth must be a number or an array, got {bandwidth!r}")
   h = jnp.asarray(bandwidth, dtype)
   if h.ndim == 0:
     h = jnp.broadcast_to(h, (hq,))
@@ -246,7 +251,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
     bandwidth: h in exp(q.k / h): None (sqrt(head_dim)), a scalar, an array [q_heads]
       (learnable: gradients flow), or inf (uniform weights).
     ridge: lambda >= 0 for the solve probe; None (default) means `SOLVE_RIDGE` (1e-3). At
-      ridge=0 rows with fewer than head_dim + 1 keys have a singular system (NaN/inf).
+      ridge=0 rows with fewer than head_dim + 1 keys have a singular system: their output
+      is undefined (NaN, inf or finite garbage, which differs between implementations).
     solver: 'direct' (LU), 'cholesky' (the system is symmetric positive definite for
       ridge > 0: half the factorization work; a system that float32 rounding leaves
       indefinite makes its row NaN), 'unrolled' (the same Cholesky written out over the
@@ -271,6 +277,8 @@ def attention(q, k, v, r=None, *, probe: str, affine: str, bandwidth: Any = None
   """
   q_seg, kv_seg = _check_inputs(q, k, v, r, probe, affine, ridge, solver, window, segment_ids,
                                 implementation, cg_iters)
+  if not isinstance(causal, (bool, np.bool_)):  # a string or array would read as True
+    _fail(f"causal must be True or False, got {causal!r}")
   if block_sizes is not None and not isinstance(block_sizes, _chunked.BlockSizes):
     _fail(f"block_sizes must be a parallax_jax.BlockSizes, got {type(block_sizes).__name__}")
   compute_dtype = _compute_dtype(q.dtype)
