@@ -104,6 +104,15 @@ def test_unrolled_init_is_the_scanned_init_unstacked():
       nn.get_partition_spec(direct["params"])
 
 
+def test_solve_probe_models_are_finite_at_the_default_ridge():
+  """ridge 0.0 (the config's default) gives the attention the family's default ridge: at
+  exactly 0 the first positions' systems are singular and the whole model was NaN."""
+  cfg = small(attention="mesa")
+  assert cfg.ridge == 0.0 and cfg.attention_ridge is None
+  assert bool(jnp.isfinite(forward(cfg, rand_params(cfg, 2), jnp.ones((B, T), jnp.int32))).all())
+  assert small(attention="mesa", ridge=0.1).attention_ridge == 0.1
+
+
 @pytest.mark.parametrize("name,kw", [
     ("parallax", dict(r_norm=True, correction_gate=True)),
     pytest.param("parallax-chunked-window", dict(implementation="chunked", window=3),

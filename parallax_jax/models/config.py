@@ -63,7 +63,9 @@ class ModelConfig:
     bandwidth: h in exp(q.k / h); None means the member's default (sqrt(head_dim), or inf for
       the linear-attention end of the family). A float, or inf.
     learnable_bandwidth: a per-head parameter `attn/log_bandwidth` [Hq] initialised at log(h).
-    ridge, solver: for the 'solve' probe.
+    ridge, solver: for the 'solve' probe. ridge 0.0 (the default) means the family API's
+      default, `parallax_jax.api.SOLVE_RIDGE` (1e-3): at exactly 0 the first head_dim
+      positions' systems are singular in a causal model, which would make it NaN.
     window: sliding-window size (keys kept, including the diagonal) or None.
     implementation: 'xla' | 'chunked' | 'pallas' | 'moments' | None (the family API chooses).
     decode_implementation: 'xla' | 'pallas' | None for a generation decode step
@@ -163,8 +165,9 @@ class ModelConfig:
     v = self.r_scale
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
       _err("r_scale", f"must be a finite number > 0, got {v!r}")
-    if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or self.ridge < 0:
-      _err("ridge", f"must be a number >= 0, got {self.ridge!r}")
+    if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or \
+        not 0 <= self.ridge < math.inf:
+      _err("ridge", f"must be a finite number >= 0, got {self.ridge!r}")
     if self.correction_gate:
       if self.resolved_affine not in ("affine", "boundary"):
         _err("correction_gate", f"gates the covariance correction, which affine "
@@ -214,6 +217,11 @@ class ModelConfig:
     """The initial / fixed bandwidth h as a float (sqrt(head_dim) when unset)."""
     bw = self.bandwidth if self.bandwidth is not None else MEMBERS[self.attention][0]
     return float(bw) if bw is not None else math.sqrt(self.resolved_head_dim)
+
+  @property
+  def attention_ridge(self) -> float | None:
+    """The ridge the attention calls get: None (the family API's default) for 0.0."""
+    return self.ridge if self.ridge > 0 else None
 
   @property
   def resolved_decode_implementation(self) -> str | None:

@@ -317,7 +317,7 @@ class Attention(nn.Module):
         def call(q_, k_, v_, r_, len_, bw_, arr_=None):
           return _api.decode_attention(q_, k_, v_, r_, lengths=len_[:, 0], probe=probe_,
                                        affine=affine_, bandwidth=bw_, window=cfg.window,
-                                       ridge=cfg.ridge, solver=cfg.solver,
+                                       ridge=cfg.attention_ridge, solver=cfg.solver,
                                        implementation=cfg.resolved_decode_implementation,
                                        arrivals=arr_)
         if arrivals is None:
@@ -327,7 +327,8 @@ class Attention(nn.Module):
 
       def call(q_, k_, v_, r_, seg_, bw_):
         return _api.attention(q_, k_, v_, r_, probe=probe_, affine=affine_, bandwidth=bw_,
-                              ridge=cfg.ridge, solver=cfg.solver, causal=True, window=cfg.window,
+                              ridge=cfg.attention_ridge, solver=cfg.solver, causal=True,
+                              window=cfg.window,
                               segment_ids=seg_, implementation=cfg.implementation)
       return shard_attention(call, q, k, v, r_, segment_ids, bandwidth)
 
