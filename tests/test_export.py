@@ -244,7 +244,9 @@ def test_export_cli(tmp_path, capsys, monkeypatch):
   for argv, match in (
       (["--checkpoint", str(tmp_path / "nope"), "--format", "fla", "--out", out],
        "no such checkpoint directory"),
-      (["--checkpoint", src, "--format", "onnx", "--out", out], "argument --format: invalid")):
+      (["--checkpoint", src, "--format", "onnx", "--out", out], "argument --format: invalid"),
+      # a non-empty --out (here the checkpoint itself) is never written into
+      (["--checkpoint", src, "--format", "fla", "--out", src], "is not empty")):
     with pytest.raises(SystemExit) as e:
       export.main(argv)
     err = capsys.readouterr().err.splitlines()

@@ -23,6 +23,7 @@ checkpoint or bad arguments exit with status 2 and one line on stderr,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from parallax_jax._parser import Parser, prog_name
@@ -38,6 +39,14 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   src = ckpt.find_checkpoint(checkpoint, step)
+  # a non-empty directory could be a training run (whose config.json the export would
+  # replace) or an older export (whose shard index would outlive the new weights)
+  if os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f"--out: {out!r} is not empty ({', '.join(sorted(os.listdir(out))[:3])}"
+                     f"{', ...' if len(os.listdir(out)) > 3 else ''}); export into a new or "
+                     "empty directory")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out: {out!r} is a file, not a directory")
   if fmt == "fla":  # refuse before reading the weights
     fla.check_fla_exportable(src.config)
   config, params = ckpt.load_checkpoint(checkpoint, source=src)
@@ -57,7 +66,7 @@ def main(argv=None) -> int:
                   "directory")
   ap.add_argument("--step", type=int, help="step of a run directory (default: the newest)")
   ap.add_argument("--format", required=True, choices=FORMATS, help="hf (Qwen3) or fla (Parallax)")
-  ap.add_argument("--out", required=True, help="output directory (created)")
+  ap.add_argument("--out", required=True, help="output directory (created; new or empty)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                   help="tensor dtype (default: the checkpoint's, float32 for training runs)")
   ap.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer.json")
