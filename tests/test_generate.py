@@ -247,6 +247,9 @@ def _tiny():
     (dict(max_new_tokens=10), "prompt length 3 \\+ max_new_tokens 10 = 13 exceeds max_seq_len 12"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(temperature=-1.0), "temperature >= 0"),
+    (dict(temperature=math.nan), "finite temperature >= 0"),  # sampled token 0 before
+    (dict(top_k=2.5), "an int top_k >= 0"),
+    (dict(prompts=np.zeros((0, 3), np.int32)), "prompts hold no sequence"),
 ])
 def test_generate_refuses_bad_input(kw, match):
   """Each bad input raises one ValueError before anything runs (before: out-of-range ids
@@ -258,6 +261,13 @@ def test_generate_refuses_bad_input(kw, match):
   with pytest.raises(ValueError, match=match):
     generate(cfg, params, prompts, kw.pop("prompt_lengths", None),
              max_new_tokens=kw.pop("max_new_tokens", 3), **kw)
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy_and_top_k_may_exceed_the_vocabulary():
+  logits = jnp.array([[0.0, 1.0, 5.0, 2.0, -1.0]])
+  for i in range(4):  # 1e-40: every logit / t overflowed to inf, then NaN: token 0
+    assert int(sample_logits(jax.random.key(i), logits, temperature=1e-40)[0]) == 2
+  assert sample_logits(jax.random.key(0), logits, top_k=1000).shape == (1,)
 
 
 def test_prefill_and_decode_step_refuse_bad_input():

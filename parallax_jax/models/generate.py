@@ -15,6 +15,7 @@ place; `ModelConfig.decode_implementation`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -77,9 +78,19 @@ def _check_lengths(where: str, name: str, lengths, batch: int, t: int):
 
 
 def _check_sampling(temperature, top_p, top_k):
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, "
-                     f"{top_p}, {top_k}")
+  def number(x):
+    if isinstance(x, (bool, str, bytes)):
+      return math.nan
+    try:
+      return float(x)
+    except (TypeError, ValueError):
+      return math.nan
+  # written so that NaN fails every test (NaN < 0 is False: it used to sample token 0)
+  if not (0 <= number(temperature) < math.inf and 0 < number(top_p) <= 1
+          and isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool)
+          and top_k >= 0):
+    raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1 and an int top_k >= 0; "
+                     f"got {temperature!r}, {top_p!r}, {top_k!r}")
 
 
 def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache):
@@ -131,9 +142,11 @@ def sample_logits(rng, logits: Array, *, temperature: float = 1.0, top_p: float 
   logits = logits.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
+  # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf
+  # (greedy in the limit) instead of overflowing every logit to inf and NaN
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
   neg = jnp.finfo(jnp.float32).min
-  if top_k:
+  if top_k and top_k < logits.shape[-1]:  # top_k >= the vocabulary keeps every token
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, neg, logits)
   if top_p < 1.0:
@@ -203,6 +216,8 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
   if not hasattr(prompts, "dtype"):
     prompts = np.asarray(prompts)
   _check_ids("generate", "prompts", prompts, 2, cfg.vocab_size)
+  if np.shape(prompts)[0] == 0:
+    raise ValueError(f"generate: prompts hold no sequence (shape {tuple(np.shape(prompts))})")
   b, t = prompts.shape
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 1:
