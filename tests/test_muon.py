@@ -327,6 +327,8 @@ def test_rank_mismatch_is_a_clear_error():
     ({"ns_dtype": jnp.float16}, "ns_dtype"), ({"update_scale": "spectral"}, "update_scale"),
     ({"shard_strategy": "gather"}, "shard_strategy"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"adam_b2": 1.5}, "adam_b2"), ({"ns_safety": 0.9}, "ns_safety"), ({"routing": "default"}, "routing"),
+    ({"weight_decay": float("inf")}, "weight_decay"), ({"rms": float("inf")}, "rms"),
+    ({"weight_decay": "0.1"}, "weight_decay"), ({"mu_dtype": jnp.int32}, "mu_dtype"),
 ])
 def test_bad_config_raises_naming_the_key(kwargs, key):
   with pytest.raises(ValueError, match=key):
@@ -335,11 +337,29 @@ def test_bad_config_raises_naming_the_key(kwargs, key):
 
 @pytest.mark.parametrize("lr, adam_lr, key", [
     (-0.02, None, "learning_rate"), (float("nan"), None, "learning_rate"),
-    (0.02, float("inf"), "adam_learning_rate"), (0.02, -1.0, "adam_learning_rate")])
+    (0.02, float("inf"), "adam_learning_rate"), (0.02, -1.0, "adam_learning_rate"),
+    (None, None, "learning_rate"), ("0.1", None, "learning_rate"),  # None: gradient ascent
+    (np.float32(-1e-3), None, "learning_rate")])
 def test_bad_learning_rate_is_refused(lr, adam_lr, key):
   with pytest.raises(ValueError, match=f"^{key} must be a finite number >= 0"):
     muon(lr, adam_learning_rate=adam_lr)
   muon(optax.constant_schedule(0.02))  # schedules are not evaluated here
+
+
+def test_injected_hyperparameters_match_the_plain_optimizer():
+  """optax.inject_hyperparams(muon, static_args=MUON_STATIC_ARGS): lr and weight decay as
+  state (to log or change them), the same update under jit."""
+  from parallax_jax.optim import MUON_STATIC_ARGS
+  params = {"layers_0": {"attn": {"q_proj": {"kernel": jnp.full((D, H, DH), 0.1)}}},
+            "embed": {"embedding": jnp.full((5, D), 0.1)}}
+  grads = jax.tree.map(lambda x: 0.1 + jnp.arange(x.size).reshape(x.shape) * 1e-3, params)
+  tx = optax.inject_hyperparams(muon, static_args=MUON_STATIC_ARGS)(learning_rate=1e-2,
+                                                                    weight_decay=0.1)
+  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  ref = muon(1e-2, weight_decay=0.1)
+  want, _ = jax.jit(ref.update)(grads, ref.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), u, want)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
 
 
 def test_bad_rules_raise():

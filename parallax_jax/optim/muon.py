@@ -37,6 +37,26 @@ def _check(ok: bool, key: str, value: Any, want: str):
     raise ValueError(f"{key} must be {want}, got {value!r}")
 
 
+def _check_number(key: str, value: Any, ok: Callable[[float], bool], want: str):
+  """A real number (Python, NumPy or a concrete 0-d array) that is finite and `ok`; traced
+  values (e.g. `optax.inject_hyperparams` under jit) are the caller's to check."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    v = None if isinstance(value, (str, bytes, bool)) or value is None else float(value)
+  except (TypeError, ValueError):
+    v = None
+  _check(v is not None and math.isfinite(v) and ok(v), key, value, f"a finite number {want}")
+
+
+# The arguments of `muon` to list as static in `optax.inject_hyperparams(muon,
+# static_args=MUON_STATIC_ARGS)`: the ones that shape the program (iteration counts and
+# coefficients, dtypes, the routing) or that a Python check reads. What stays injectable:
+# learning_rate, weight_decay, adam_learning_rate, adam_weight_decay.
+MUON_STATIC_ARGS = ("ns_coeffs", "ns_steps", "ns_dtype", "ns_eps", "ns_safety", "beta", "rms",
+                    "adam_b1", "adam_b2", "adam_eps", "mu_dtype", "adam_weight_decay_mask")
+
+
 def _dtype_or_none(d):
   try:
     return jnp.dtype(d)
@@ -84,16 +104,18 @@ def scale_by_muon(
   shard_strategy: "distribute" | "replicate" | "none", see sharding.local_matrices.
   """
   coeffs = ns.ns_coefficients(ns_coeffs, ns_steps)
-  _check(0.0 <= beta < 1.0, "beta", beta, "in [0, 1)")
+  _check_number("beta", beta, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   _check(_dtype_or_none(ns_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)), "ns_dtype", ns_dtype,
          "bfloat16 or float32")
-  _check(ns_eps > 0, "ns_eps", ns_eps, "> 0")
-  _check(ns_safety >= 1.0, "ns_safety", ns_safety, ">= 1")
+  _check_number("ns_eps", ns_eps, lambda v: v > 0, "> 0")
+  _check_number("ns_safety", ns_safety, lambda v: v >= 1.0, ">= 1")
   _check(update_scale in UPDATE_SCALES, "update_scale", update_scale, f"one of {UPDATE_SCALES}")
-  _check(rms > 0, "rms", rms, "> 0")
+  _check_number("rms", rms, lambda v: v > 0, "> 0")
   _check(shard_strategy in SHARD_STRATEGIES, "shard_strategy", shard_strategy, f"one of {SHARD_STRATEGIES}")
   _check(routing is None or isinstance(routing, rt.Routing), "routing", routing, "a Routing or None")
-  _check(mu_dtype is None or _dtype_or_none(mu_dtype) is not None, "mu_dtype", mu_dtype, "a dtype or None")
+  _check(mu_dtype is None or (_dtype_or_none(mu_dtype) is not None
+                              and jnp.issubdtype(_dtype_or_none(mu_dtype), jnp.floating)),
+         "mu_dtype", mu_dtype, "a floating dtype or None")
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def view_of(path, x) -> rt.MatrixView:
@@ -207,13 +229,14 @@ def muon(
   if per_head is not None:
     routing = dataclasses.replace(routing, per_head=bool(per_head))
   for key, lr in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
-    if isinstance(lr, (int, float)):  # schedules and traced values are the caller's to check
-      _check(math.isfinite(lr) and lr >= 0, key, lr, "a finite number >= 0")
-  _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-  _check(adam_weight_decay >= 0, "adam_weight_decay", adam_weight_decay, ">= 0")
-  _check(0.0 <= adam_b1 < 1.0, "adam_b1", adam_b1, "in [0, 1)")
-  _check(0.0 <= adam_b2 < 1.0, "adam_b2", adam_b2, "in [0, 1)")
-  _check(adam_eps > 0, "adam_eps", adam_eps, "> 0")
+    if callable(lr) or (lr is None and key == "adam_learning_rate"):
+      continue  # a schedule (the caller's to check), or the Muon group's
+    _check_number(key, lr, lambda v: v >= 0, ">= 0 (or a schedule)")
+  _check_number("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+  _check_number("adam_weight_decay", adam_weight_decay, lambda v: v >= 0, ">= 0")
+  _check_number("adam_b1", adam_b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+  _check_number("adam_b2", adam_b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+  _check_number("adam_eps", adam_eps, lambda v: v > 0, "> 0")
   muon_tx = optax.chain(
       scale_by_muon(ns_coeffs=ns_coeffs, ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, ns_safety=ns_safety,
                     beta=beta, nesterov=nesterov, mu_dtype=mu_dtype, update_scale=update_scale, rms=rms,
