@@ -95,4 +95,7 @@ def stable_rank(w, *, fan_in_axes: int = 1):
     rows *= n
   m = w.reshape(rows, -1)
   sigma = jnp.linalg.svd(m, compute_uv=False)
-  return jnp.sum(sigma**2) / jnp.maximum(sigma[0] ** 2, jnp.finfo(jnp.float32).tiny)
+  # relative to the largest before squaring: scale-free (sigma^2 overflowed at |W| ~ 1e20 and
+  # underflowed at ~1e-20); a zero matrix gives 0
+  rel = sigma / jnp.maximum(sigma[0], jnp.finfo(jnp.float32).tiny)
+  return jnp.sum(rel * rel)

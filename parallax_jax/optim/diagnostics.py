@@ -32,7 +32,9 @@ def stable_rank(w: jax.Array, view: rt.MatrixView | None = None) -> jax.Array:
   view = view or rt.last_two_axes(w.ndim)
   mats = view.to_matrices(w.astype(jnp.float32))
   s = jnp.linalg.svd(mats, compute_uv=False)
-  return jnp.sum(s * s, axis=-1) / jnp.maximum(s[..., 0] ** 2, jnp.finfo(jnp.float32).tiny)
+  # relative to the largest before squaring: scale-free; a zero matrix gives 0
+  rel = s / jnp.maximum(s[..., :1], jnp.finfo(jnp.float32).tiny)
+  return jnp.sum(rel * rel, axis=-1)
 
 
 def stable_ranks(params, patterns: Sequence[str] = (r"attn/q_proj/kernel$", r"attn/r_proj/kernel$"),
