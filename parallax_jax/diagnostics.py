@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from parallax_jax import api
 from parallax_jax import masks
@@ -37,8 +38,8 @@ def effective_weights(q, k, r, *, bandwidth=None, causal=True, window=None, segm
     raise ValueError("effective_weights needs the learned probe r (shaped like q), got None")
   api._check_qkv(q, k, k, r)
   _nonempty("effective_weights", q, k)
-  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                             or window <= 0):
+  if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                             or window <= 0):  # as the attention functions accept
     raise ValueError(f"window must be a positive int (number of keys kept), got {window!r}")
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]

@@ -38,6 +38,14 @@ import numpy as np
 from parallax_jax._parser import Parser, prog_name
 
 
+def _seed(text: str) -> int:
+  """An argparse type: a seed JAX's PRNG keys take (an unsigned 32-bit int)."""
+  n = int(text)
+  if not 0 <= n < 2**32:
+    raise argparse.ArgumentTypeError(f"must be in [0, 2^32), got {text}")
+  return n
+
+
 def _tokenizer(path):
   if path is None or not os.path.exists(path):
     return None
@@ -106,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                   help="stop a sequence at this id (default: a training run's eos id; "
                   "-1: never stop)")
   ap.add_argument("--pad-id", type=int, default=0, help="id printed after a sequence's eos")
-  ap.add_argument("--seed", type=int, default=0, help="sampling (and --preset / W_R init) seed")
+  ap.add_argument("--seed", type=_seed, default=0, help="sampling (and --preset / W_R init) seed")
   ap.add_argument("--attention", help="override the attention member (e.g. softmax); "
                   "softmax on a Parallax checkpoint drops W_R, with a note")
   ap.add_argument("--dtype", help="override the compute dtype (e.g. float32)")

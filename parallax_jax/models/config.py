@@ -174,8 +174,9 @@ class ModelConfig:
              f"{self.resolved_affine!r} does not have (needs 'affine' or 'boundary')")
       if self.resolved_probe == "none":
         _err("correction_gate", "probe 'none' has no correction to gate")
-    if not isinstance(self.gate_bias_init, (int, float)) or isinstance(self.gate_bias_init, bool):
-      _err("gate_bias_init", f"must be a number, got {self.gate_bias_init!r}")
+    if not isinstance(self.gate_bias_init, (int, float)) or isinstance(self.gate_bias_init, bool) \
+        or not math.isfinite(self.gate_bias_init):
+      _err("gate_bias_init", f"must be a finite number, got {self.gate_bias_init!r}")
     # numerics
     _check_choice(self, "dtype", DTYPES)
     _check_choice(self, "param_dtype", DTYPES)
