@@ -158,10 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--r-lr-mult: must be a finite number >= 0, got {args.r_lr_mult}")
   if args.r_adamw and "muon" not in args.optimizers:
     p.error("--r-adamw: changes Muon's routing of W_R, but --optimizers has no muon")
-  probe_flags = [f for f, on in (("--r-init", args.r_init != "zeros"), ("--r-norm", args.r_norm),
-                                 ("--r-scale", args.r_scale != 1.0), ("--no-r-rope", args.no_r_rope),
-                                 ("--r-lr-mult", args.r_lr_mult != 1.0), ("--r-adamw", args.r_adamw))
-                 if on]
+  probe_flags = [f for f, on in (
+      ("--r-init", args.r_init != "zeros"), ("--r-norm", args.r_norm),
+      ("--r-scale", args.r_scale != 1.0), ("--no-r-rope", args.no_r_rope),
+      ("--r-lr-mult", args.r_lr_mult != 1.0), ("--r-adamw", args.r_adamw)) if on]
   if probe_flags and not any(ModelConfig(vocab_size=16, seq_len=16, member=m).has_probe
                              for m in args.members):
     p.error(f"{probe_flags[0]}: changes members with a learned probe (r = W_R x) only, and "

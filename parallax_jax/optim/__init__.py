@@ -8,7 +8,8 @@ from parallax_jax.optim.routing import (ADAM, DEFAULT_RULES, MUON, MatrixView, R
                                         param_labels)
 
 __all__ = [
-    "ADAM", "DEFAULT_RULES", "MUON", "MUON_STATIC_ARGS", "POLAR_EXPRESS", "QUINTIC", "MatrixView", "Routing", "Rule",
+    "ADAM", "DEFAULT_RULES", "MUON", "MUON_STATIC_ARGS", "POLAR_EXPRESS", "QUINTIC", "MatrixView",
+    "Routing", "Rule",
     "ScaleByMuonState", "add_decayed_weights", "describe", "matrix_views", "muon", "ns_coefficients",
     "orthogonalize", "param_labels", "scalar_map", "scale_by_muon", "singular_value_band", "stable_rank",
     "stable_ranks", "update_rms",
