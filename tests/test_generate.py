@@ -284,6 +284,11 @@ def test_prefill_and_decode_step_refuse_bad_input():
   full = cache.replace(lengths=jnp.array([4], jnp.int32))
   with pytest.raises(ValueError, match=r"cache.lengths \[4\] must be < 4"):
     decode_step(cfg, params, jnp.array([1]), full)
+  with pytest.raises(ValueError, match=r"cache.lengths \[-1\] must be >= 0"):
+    decode_step(cfg, params, jnp.array([1]), cache.replace(lengths=jnp.array([-1], jnp.int32)))
+  other = init_cache(cfg.replace(num_layers=cfg.num_layers + 1), 1, 4)  # another model's
+  with pytest.raises(ValueError, match=r"prefill: the cache has \(layers, kv heads, head dim\)"):
+    prefill(cfg, params, jnp.array([[1, 2, 3]]), None, other)
 
 
 @pytest.mark.parametrize("pad_id", [-1, pytest.param(V + 5, marks=pytest.mark.slow)])

@@ -49,6 +49,15 @@ def _values(x):
   return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
+def _check_cache(where: str, cfg, cache) -> None:
+  """The cache was built for this model: [num_layers, B, S, num_kv_heads, head_dim]."""
+  want = (cfg.num_layers, cfg.num_kv_heads, cfg.resolved_head_dim)
+  have = (cache.k.shape[0], cache.k.shape[3], cache.k.shape[4])
+  if have != want or cache.v.shape != cache.k.shape:
+    raise ValueError(f"{where}: the cache has (layers, kv heads, head dim) {have}, the model "
+                     f"{want}; build it with init_cache(config, ...)")
+
+
 def _check_ids(where: str, name: str, ids, ndim: int, vocab_size: int):
   shape = "[B, T]" if ndim == 2 else "[B]"
   if np.ndim(ids) != ndim:
@@ -105,6 +114,7 @@ def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache
   b, t = tokens.shape
   if t > cache.max_len:
     raise ValueError(f"prompt length {t} exceeds the cache length {cache.max_len}")
+  _check_cache("prefill", cfg, cache)
   if cache.k.shape[1] != b:
     raise ValueError(f"prefill: tokens have batch {b}, the cache {cache.k.shape[1]}")
   if lengths is not None:
@@ -124,8 +134,11 @@ def decode_step(config, params, tokens: Array, cache: KVCache):
   """
   cfg = _config(config)
   _check_ids("decode_step", "tokens", tokens, 1, cfg.vocab_size)
+  _check_cache("decode_step", cfg, cache)
   lens = _values(cache.lengths)
   limit = min(cache.max_len, cfg.max_seq_len)
+  if lens is not None and lens.size and lens.min() < 0:
+    raise ValueError(f"decode_step: cache.lengths {lens.tolist()} must be >= 0")
   if lens is not None and lens.size and lens.max() >= limit:
     raise ValueError(f"decode_step: cache.lengths {lens.tolist()} must be < {limit} "
                      f"(cache length {cache.max_len}, max_seq_len {cfg.max_seq_len})")
