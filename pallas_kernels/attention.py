@@ -261,8 +261,9 @@ def parallax_flash_attention(q, k, v, r=None, *, scale, causal=True, window=None
   """Fused Parallax attention (softmax attention when r is None), differentiable.
 
   q, r: [B, T, Hq, D]; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv] (Dv may differ from D: then the
-  Triton kernels run; Hq a multiple of Hkv; q-head h reads kv-head h // (Hq // Hkv)). scale: python float or an [Hq] (or scalar) float array = 1/bandwidth,
-  0 meaning uniform weights; an array scale gets a cotangent. causal: end-aligned (query i
+  Triton kernels run; Hq a multiple of Hkv; q-head h reads kv-head h // (Hq // Hkv)).
+  scale: python float or an [Hq] (or scalar) float array = 1/bandwidth, 0 meaning uniform
+  weights; an array scale gets a cotangent. causal: end-aligned (query i
   sees keys j <= S - T + i). window: keep keys with j > S - T + i - window (and
   j < S - T + i + window without causal). q_segment_ids [B, T], kv_segment_ids [B, S]: int
   ids, attend only within equal ids. Rows without keys output 0. Returns [B, T, Hq, Dv] in

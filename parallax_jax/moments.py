@@ -13,8 +13,8 @@ array at all (normalised linear attention and the Mesa-like ridge regression).
 
 On a GPU, A F runs on the fused softmax kernel (`pallas_kernels`) with F as its value (the
 kernel takes a value head dim other than q's), and its backward returns dF, which XLA carries
-back through the features. No [T, S] array reaches memory; its float32 dots have an XLA float32 dot's precision (TF32 by
-default on the GPU, as the dense path's einsums).
+back through the features. No [T, S] array reaches memory; its float32 dots have an XLA
+float32 dot's precision (TF32 by default on the GPU, as the dense path's einsums).
 
 Same contract as the dense reference (`reference.family_core`): float32 (or float64)
 arithmetic, rows without keys are zero, a row that sees a non-finite entry is NaN and a

@@ -372,6 +372,21 @@ def test_w_r_ablations_route_and_scale_only_w_r(rng):
   assert set(jax.tree.leaves(train.lr_multipliers(params, train.Protocol()))) == {1.0}
   with pytest.raises(ValueError, match="Protocol.r_lr_mult"):
     train.Protocol(r_lr_mult=-1.0)
+  # through a compiled epoch: at r_lr_mult=0 W_R stays where it started, the rest moves
+  setting = tasks.baseline("memorization")
+  proto = train.Protocol(epochs=1, batch_size=8, steps_per_epoch=2, num_train=16, num_test=8,
+                         lrs=(1e-2,), wds=(0.1,), r_lr_mult=0.0)
+  cfg = train.model_config_for(setting, member="parallax", r_init="like_q", **TINY)
+  data = train.device_data(setting, (0,), proto)
+  prog = train.build_program(cfg, "adamw", proto, data, 1)
+  p0 = jax.tree.map(lambda x: jnp.asarray(x)[None], init_params(cfg, 0))
+  p1, _, _ = prog.epoch(jax.tree.map(jnp.copy, p0), prog.init(p0),
+                        jax.random.split(jax.random.key(0), 1), jnp.zeros(1, jnp.int32),
+                        jnp.full(1, 1e-2), jnp.full(1, 0.1), jnp.ones(1, bool), jnp.int32(0),
+                        jnp.float32(1), *data.values())
+  attn = lambda p: p["layer_0"]["attn"]
+  np.testing.assert_array_equal(attn(p1)["r_proj"]["kernel"], attn(p0)["r_proj"]["kernel"])
+  assert not np.allclose(attn(p1)["q_proj"]["kernel"], attn(p0)["q_proj"]["kernel"])
 
 
 def test_a_program_over_the_memory_limit_trains_fewer_runs_a_call():
@@ -589,7 +604,7 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
     (["--members", "lla", "--implementation", "pallas"], "--implementation: 'pallas' runs"),
     (["--members", "lla", "--solver", "unrolled", "--width", "1024", "--heads", "2"],
      "--solver: 'unrolled' is for head_dim <= 32"),
-    (["--lrs=-1"], "--lrs: need one or more finite values > 0"),
+    (["--lrs=-1"], "--lrs: must be a non-empty list of finite rates > 0"),
     (["--merge", "missing.json"], "--merge: no result file 'missing.json'"),
     (["--r-scale", "0"], "--r-scale: must be a finite number > 0"),
     (["--r-lr-mult=-1"], "--r-lr-mult: must be a finite number >= 0"),
@@ -597,9 +612,9 @@ def test_cli_smoke_writes_json_table_and_chart(tmp_path):
     (["--members", "softmax", "--r-norm"], "--r-norm: changes members with a learned probe"),
     (["--epochs", "0"], "--epochs: must be an int >= 1, got 0"),
     (["--group-size", "0"], "--group-size: must be an int >= 1 or None, got 0"),
-    (["--lrs", "0"], "--lrs: need one or more finite values > 0"),
-    (["--wds", "inf"], "--wds: need one or more finite values >= 0"),
-    (["--ridge", "inf"], "--ridge: must be finite"),
+    (["--lrs", "0"], "--lrs: must be a non-empty list of finite rates > 0"),
+    (["--wds", "inf"], "--wds: must be a non-empty list of finite decays >= 0"),
+    (["--ridge", "inf"], "--ridge: must be a finite number >= 0"),
     (["--members", ","], "--members: empty list"),
     (["--tag", "a/b"], "--tag: a file name part"),
     (["--members", "softmax", "--implementation", "pallas"], "--implementation: 'pallas' needs"),

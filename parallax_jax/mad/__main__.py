@@ -18,7 +18,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -146,16 +145,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.task_epochs = task_epochs
   if args.seeds < 1:
     p.error(f"--seeds: need >= 1, got {args.seeds}")
-  for name, vals, low in (("--lrs", args.lrs, "> 0"), ("--wds", args.wds, ">= 0")):
-    ok = (lambda v: 0 < v < math.inf) if low == "> 0" else (lambda v: 0 <= v < math.inf)
-    if not vals or not all(ok(v) for v in vals):
-      p.error(f"{name}: need one or more finite values {low}, got "
-              f"{','.join(map(str, vals)) or 'none'}")
-  for name, v in (("--ridge", args.ridge), ("--init-std", args.init_std)):
-    if v is not None and not math.isfinite(v):
-      p.error(f"{name}: must be finite, got {v}")
-  if not 0 <= args.r_lr_mult < math.inf:
-    p.error(f"--r-lr-mult: must be a finite number >= 0, got {args.r_lr_mult}")
   if args.r_adamw and "muon" not in args.optimizers:
     p.error("--r-adamw: changes Muon's routing of W_R, but --optimizers has no muon")
   probe_flags = [f for f, on in (
@@ -166,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              for m in args.members):
     p.error(f"{probe_flags[0]}: changes members with a learned probe (r = W_R x) only, and "
             f"--members has none ({','.join(args.members)})")
-  try:  # the protocol's own checks (epochs, batch size, examples, group size), as flags
+  try:  # the protocol's own checks (epochs, batch size, lrs, wds, ...), as flags
     _protocol(args)
   except ValueError as e:
     p.error(_as_flags(str(e)))

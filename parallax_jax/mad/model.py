@@ -126,13 +126,14 @@ class ModelConfig:
     why = api.unrolled_refusal(self.solver, member_spec(self.member)[1], self.head_dim)
     if why:
       raise ValueError(f"ModelConfig.solver: {why}")
-    if not self.ridge >= 0:
-      raise ValueError(f"ModelConfig.ridge: must be >= 0, got {self.ridge!r}")
+    if not 0 <= self.ridge < math.inf:
+      raise ValueError(f"ModelConfig.ridge: must be a finite number >= 0, got {self.ridge!r}")
     if isinstance(self.r_scale, bool) or not (isinstance(self.r_scale, (int, float))
                                               and 0 < self.r_scale < math.inf):
       raise ValueError(f"ModelConfig.r_scale: must be a finite number > 0, got {self.r_scale!r}")
-    if self.init_std is not None and not self.init_std > 0:
-      raise ValueError(f"ModelConfig.init_std: must be > 0 or None, got {self.init_std!r}")
+    if self.init_std is not None and not 0 < self.init_std < math.inf:
+      raise ValueError(f"ModelConfig.init_std: must be a finite number > 0 or None, got "
+                       f"{self.init_std!r}")
     _, probe, affine = member_spec(self.member)  # raises on a bad member
     if self.implementation == "pallas" and api._pallas_member(probe, affine) is None:
       raise ValueError(f"ModelConfig.implementation: 'pallas' runs softmax and Parallax only, "

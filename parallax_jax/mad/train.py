@@ -84,10 +84,12 @@ class Protocol:
       v = getattr(self, key)
       if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"Protocol.{key}: must be an int >= 1 or None, got {v!r}")
-    if not self.lrs or not all(x > 0 for x in self.lrs):
-      raise ValueError(f"Protocol.lrs: must be a non-empty list of rates > 0, got {self.lrs}")
-    if not self.wds or not all(x >= 0 for x in self.wds):
-      raise ValueError(f"Protocol.wds: must be a non-empty list of decays >= 0, got {self.wds}")
+    if not self.lrs or not all(0 < x < math.inf for x in self.lrs):
+      raise ValueError(f"Protocol.lrs: must be a non-empty list of finite rates > 0, got "
+                       f"{self.lrs}")
+    if not self.wds or not all(0 <= x < math.inf for x in self.wds):
+      raise ValueError(f"Protocol.wds: must be a non-empty list of finite decays >= 0, got "
+                       f"{self.wds}")
     if not 0 <= self.min_lr <= min(self.lrs):
       raise ValueError(f"Protocol.min_lr: must be in [0, min(lrs)], got {self.min_lr}")
     if self.stop_sweep and self.stop_acc is None:
@@ -182,8 +184,10 @@ def build_program(cfg: ModelConfig, optimizer: str, protocol: Protocol, data: di
       params, opt_state = carry
       loss, grads = jax.value_and_grad(loss_fn)(params, *_rows(train_x, train_y, seed_idx, idx))
       d, new_opt = tx.update(grads, opt_state, params)
-      new = jax.tree.map(lambda p, u, m: p + (m * lr_t) * u - (m * lr_t * wd) * p, params, d,
-                         lr_multipliers(params, protocol))
+      def apply(p, u, m):  # m: W_R's lr multiplier (1 elsewhere: the step as it was)
+        lr_p = lr_t if m == 1.0 else m * lr_t
+        return p + lr_p * u - (lr_p * wd) * p
+      new = jax.tree.map(apply, params, d, lr_multipliers(params, protocol))
       keep = lambda a, b: jnp.where(active, a, b)  # a stopped run stays where it stopped
       return (jax.tree.map(keep, new, params), jax.tree.map(keep, new_opt, opt_state)), loss
 

@@ -41,12 +41,12 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
   src = ckpt.find_checkpoint(checkpoint, step)
   # a non-empty directory could be a training run (whose config.json the export would
   # replace) or an older export (whose shard index would outlive the new weights)
-  if os.path.isdir(out) and os.listdir(out):
-    raise ValueError(f"--out: {out!r} is not empty ({', '.join(sorted(os.listdir(out))[:3])}"
-                     f"{', ...' if len(os.listdir(out)) > 3 else ''}); export into a new or "
-                     "empty directory")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out: {out!r} is a file, not a directory")
+  held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if held:
+    raise ValueError(f"--out: {out!r} is not empty ({', '.join(held[:3])}"
+                     f"{', ...' if len(held) > 3 else ''}); export into a new or empty directory")
   if fmt == "fla":  # refuse before reading the weights
     fla.check_fla_exportable(src.config)
   config, params = ckpt.load_checkpoint(checkpoint, source=src)
