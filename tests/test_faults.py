@@ -485,7 +485,7 @@ def test_writer_error_diversion_keeps_other_errors_and_restores_hooks(tmp_path):
   import sys
   import threading
   from train.writer_errors import Diversion
-  before = (sys.unraisablehook, threading.excepthook)
+  before = threading.excepthook
   seen = []
   old_thread_hook = threading.excepthook
   threading.excepthook = lambda args: seen.append(str(args.exc_value))
@@ -503,7 +503,80 @@ def test_writer_error_diversion_keeps_other_errors_and_restores_hooks(tmp_path):
     assert "boom" in (tmp_path / "b.log").read_text()
   finally:
     threading.excepthook = old_thread_hook
-  assert (sys.unraisablehook, threading.excepthook) == before
+  assert threading.excepthook == before
+
+
+def _closed_loop_report():
+  """The report an abandoned orbax callback makes: asyncio's "Event loop is closed"."""
+  import asyncio
+  import types
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(lambda: None)
+  except RuntimeError as e:
+    return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e,
+                                 exc_traceback=e.__traceback__, err_msg=None, object=None)
+
+
+def test_orbax_leftovers_are_dropped_during_and_after_a_failed_read(monkeypatch):
+  """A closed-loop report is dropped while a read runs and after one failed, and reaches the
+  previous hook otherwise; any other report always reaches it."""
+  import types
+  from parallax_jax.models import orbax_errors
+  seen = []
+  monkeypatch.setattr(orbax_errors, "_quiet", False)
+  monkeypatch.setattr(orbax_errors, "_sinks", [])
+  with orbax_errors.quiet_reads():  # installs the hook
+    monkeypatch.setattr(orbax_errors, "_previous", lambda args: seen.append(args))
+    orbax_errors._hook(_closed_loop_report())
+  assert seen == []
+  late, other = _closed_loop_report(), types.SimpleNamespace(
+      exc_type=ValueError, exc_value=ValueError("mine"), exc_traceback=None, object=None)
+  orbax_errors._hook(late)
+  orbax_errors._hook(other)
+  assert seen == [late, other]
+  with pytest.raises(OSError), orbax_errors.quiet_reads():
+    raise OSError("a damaged file")
+  orbax_errors._hook(_closed_loop_report())
+  orbax_errors._hook(other)
+  assert seen == [late, other, other] and orbax_errors._quiet
+
+
+def test_read_error_is_the_innermost_cause_in_one_line():
+  from parallax_jax.models.orbax_errors import read_error
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database')
+    except ValueError as inner:
+      raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). See "
+                      "full TensorStore details: <bound method spec of TensorStore({\n "
+                      "'driver': 'zarr',\n})>.") from inner
+  except Exception as e:  # noqa: BLE001
+    assert read_error(e) == 'ValueError: OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database'
+  assert read_error(Exception("a\nb. See full TensorStore details: x")) == "Exception: a"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_metadata"])
+def test_damaged_checkpoint_is_one_line_from_the_sample_cli(reference, tmp_path, damage):
+  """The CLI prints one line naming the damage, and nothing after it: the failed read's
+  abandoned coroutines report late (up to exit), and those reports are dropped."""
+  run = copy_run(reference, tmp_path)
+  state = run / "checkpoints" / "6" / "state"
+  if damage == "truncated":
+    for f in glob.glob(str(state / "ocdbt.process_0" / "d" / "*")):
+      with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+  else:
+    os.remove(state / "_METADATA")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  p = subprocess.run([sys.executable, "-m", "parallax_jax.models.cli", "--checkpoint", str(run),
+                      "--prompt-ids", "1", "--max-new-tokens", "1"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  err = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
+  assert {"truncated": "the parameters do not read back (ValueError: ",
+          "no_metadata": "its _METADATA, the list of stored arrays, is missing"}[damage] in err[0]
 
 
 def test_writer_reports_nobody_named_get_a_note_at_close(tmp_path, capfd):

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from parallax_jax.models.checkpoint import few, fingerprint, verify_fingerprint
+from parallax_jax.models.orbax_errors import quiet_leftovers, quiet_reads, read_error
 from train.writer_errors import Diversion
 
 ITEMS = ("state", "data", "config", "integrity")
@@ -168,13 +169,14 @@ class Checkpointer:
 
   def _save_failed(self, e: BaseException) -> CheckpointSaveError:
     self._remove_partial_saves()
+    quiet_leftovers()  # reported here; the writer's late callbacks would only repeat it
     text = str(e)
     if "No space left on device" in text or getattr(e, "errno", None) == errno.ENOSPC:
       cause = "no space left on device"
     elif "File too large" in text or getattr(e, "errno", None) == errno.EFBIG:
       cause = "a file exceeded the size limit (File too large)"
     else:
-      cause = _short(e)
+      cause = read_error(e, 160)
     try:
       free = f"; {shutil.disk_usage(self.directory).free / 2**20:,.0f} MiB free there"
     except OSError:
@@ -209,11 +211,12 @@ class Checkpointer:
     Raises CheckpointMismatchError (from check) for a checkpoint of another run,
     CheckpointCorruptError for one that cannot be read back as written."""
     try:
-      head = self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+      with quiet_reads():
+        head = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any read failure means unreadable
       raise CheckpointCorruptError(f"its config or data record does not read back: "
-                                   f"{_short(e)}") from e
+                                   f"{read_error(e)}") from e
     if check is not None:
       check(head["config"], head["data"], step)
     has_fp = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
@@ -221,9 +224,10 @@ class Checkpointer:
     if has_fp:
       items["integrity"] = ocp.args.JsonRestore()
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+      with quiet_reads():  # an abandoned read's late reports would repeat the error
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointCorruptError(f"it does not read back: {_short(e)}") from e
+      raise CheckpointCorruptError(f"it does not read back: {read_error(e)}") from e
     problem = verify_fingerprint(out["state"], out["integrity"] if has_fp else None)
     if problem:
       raise CheckpointCorruptError(problem)
@@ -284,11 +288,6 @@ def gather_data_states(local: dict) -> dict:
   rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(pc, width)
   return {"process_count": pc,
           "per_process": [json.loads(rows[i, :int(n)].tobytes()) for i, n in enumerate(lens)]}
-
-
-def _short(e: BaseException, n: int = 160) -> str:
-  text = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
-  return text if len(text) <= n else text[:n - 3] + "..."
 
 
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",

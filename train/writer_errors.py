@@ -16,6 +16,9 @@ import sys
 import threading
 import traceback
 
+from parallax_jax.models import orbax_errors
+from parallax_jax.models.orbax_errors import closed_loop
+
 _ORBAX = os.sep + "orbax" + os.sep
 
 
@@ -23,21 +26,15 @@ def _from_orbax(tb) -> bool:
   return any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
 
 
-def _closed_loop(exc_type, exc, tb) -> bool:
-  """asyncio's "Event loop is closed", raised by a callback a dead writer left behind."""
-  return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
-          and any(f.filename.endswith(os.path.join("asyncio", "base_events.py"))
-                  for f in traceback.extract_tb(tb)))
-
-
 class Diversion:
   """While open: orbax's ERROR log records, exceptions of threads running orbax code, and
-  closed-event-loop tracebacks are appended to `path` instead of printed. Process-global
-  hooks, installed once however many are open (nested opens share them)."""
+  the late reports of its abandoned tasks (`parallax_jax.models.orbax_errors`) are appended
+  to `path` instead of printed. Process-global hooks, installed once however many are open
+  (nested opens share them)."""
 
   _lock = threading.Lock()
   _open: list[Diversion] = []
-  _saved: tuple | None = None
+  _saved = None  # threading.excepthook before the first open
 
   def __init__(self, path: str):
     self.path = path
@@ -81,29 +78,25 @@ class Diversion:
     d = Diversion._current()
     if d is not None and args.exc_traceback is not None and (
         _from_orbax(args.exc_traceback)
-        or _closed_loop(args.exc_type, args.exc_value, args.exc_traceback)):
+        or closed_loop(args.exc_type, args.exc_value, args.exc_traceback)):
       name = args.thread.name if args.thread is not None else "?"
       d._write(f"[thread {name}] " + "".join(traceback.format_exception(
           args.exc_type, args.exc_value, args.exc_traceback)))
       return
-    Diversion._saved[1](args)
+    Diversion._saved(args)
 
   @staticmethod
-  def _unraisable_hook(args):  # how the late asyncio callbacks' errors reach Python
+  def _leftover(text: str):  # a late report of the writer's abandoned tasks (orbax_errors)
     d = Diversion._current()
-    if d is not None and args.exc_traceback is not None and _closed_loop(
-        args.exc_type, args.exc_value, args.exc_traceback):
-      d._write("".join(traceback.format_exception(args.exc_type, args.exc_value,
-                                                  args.exc_traceback)))
-      return
-    Diversion._saved[0](args)
+    if d is not None:
+      d._write(text)
 
   def __enter__(self) -> Diversion:
     with Diversion._lock:
       if not Diversion._open:
-        Diversion._saved = (sys.unraisablehook, threading.excepthook)
-        sys.unraisablehook = Diversion._unraisable_hook
+        Diversion._saved = threading.excepthook
         threading.excepthook = Diversion._thread_hook
+        orbax_errors.divert(Diversion._leftover)
         logging.getLogger("absl").addFilter(Diversion._filter)
       Diversion._open.append(self)
     return self
@@ -112,8 +105,9 @@ class Diversion:
     with Diversion._lock:
       Diversion._open.remove(self)
       if not Diversion._open:
-        sys.unraisablehook, threading.excepthook = Diversion._saved
+        threading.excepthook = Diversion._saved
         Diversion._saved = None
+        orbax_errors.divert(None, remove=Diversion._leftover)
         logging.getLogger("absl").removeFilter(Diversion._filter)
     if self.unwritten:  # one line, not the hundreds the reports would print
       sys.stderr.write(f"note: {len(self.unwritten)} reports of the checkpoint writer could not "

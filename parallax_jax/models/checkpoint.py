@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallax_jax.models.config import ModelConfig
+from parallax_jax.models.orbax_errors import quiet_reads, read_error
 from parallax_jax.models.qwen3 import CONFIG_FILE, abstract_params
 
 __all__ = ["CheckpointSource", "find_checkpoint", "load_checkpoint", "checkpoint_data",
@@ -167,10 +168,10 @@ def _step_config(step_dir: str) -> dict:
   if os.path.isdir(item):
     import orbax.checkpoint as ocp
     try:
-      return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+      with quiet_reads():
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
     except Exception as e:  # noqa: BLE001 - any read failure: say which file
-      raise ValueError(f"{item}: the step's config does not read back "
-                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+      raise ValueError(f"{item}: the step's config does not read back ({read_error(e)})"
                        ) from None
   run_cfg = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")
   if os.path.isfile(run_cfg):
@@ -244,10 +245,13 @@ class UnusedParametersError(ValueError):
 class _NoStepMetadataNote(logging.Filter):
   """Drops orbax's note that an item directory has no `_CHECKPOINT_METADATA`: a run's step
   keeps that file one level up (beside `state/`), so reading the item alone always logs it,
-  for a complete checkpoint."""
+  for a complete checkpoint. Also its warning that an item's metadata did not read: the
+  error raised for it here says more."""
 
   def filter(self, record):
-    return not record.getMessage().startswith("Metadata file does not exist")
+    m = record.getMessage()
+    return not (m.startswith("Metadata file does not exist")
+                or m.startswith("Failed to get item metadata"))
 
 
 @contextlib.contextmanager
@@ -265,15 +269,17 @@ def _tree_metadata(params_dir: str) -> dict:
   """{path tuple: shape} of every array stored under an orbax pytree directory."""
   import orbax.checkpoint as ocp
   try:
-    with _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
+    with quiet_reads(), _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
       md = ck.metadata(params_dir)
   except Exception as e:  # noqa: BLE001 - a missing or corrupt item
-    raise ValueError(f"{params_dir}: not a readable orbax checkpoint "
-                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise ValueError(f"{params_dir}: not a readable orbax checkpoint ({read_error(e)})"
                      ) from None
   tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+  if not flat:  # orbax reads a missing or empty _METADATA as "no arrays", with a warning
+    raise ValueError(f"{params_dir}: not a readable orbax checkpoint (its _METADATA, the list "
+                     "of stored arrays, is missing or lists none)")
   return {tuple(str(getattr(k, "key", k)) for k in p): tuple(m.shape) for p, m in flat}
 
 
@@ -324,16 +330,20 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
   args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                      dtype=a.dtype), item)
   try:
-    with _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
+    with quiet_reads(), _quiet_item_reads(), ocp.PyTreeCheckpointer() as ck:
       out = ck.restore(src.params_dir, args=ocp.args.PyTreeRestore(
           item, restore_args=args, partial_restore=True))
   except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
-    raise ValueError(f"{where}: the parameters do not read back ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise ValueError(f"{where}: the parameters do not read back ({read_error(e)})") from None
   saved = None
   integrity = os.path.join(os.path.dirname(src.params_dir), "integrity")
   if src.prefix and os.path.isdir(integrity):
-    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(integrity)
+    try:
+      with quiet_reads():
+        saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(integrity)
+    except Exception as e:  # noqa: BLE001 - a damaged fingerprint file
+      raise ValueError(f"{integrity}: the step's fingerprint does not read back "
+                       f"({read_error(e)})") from None
   problem = verify_fingerprint(out, saved)  # paths like the saved state's: params/...
   if problem:
     raise ValueError(f"{where}: {problem}")
