@@ -333,17 +333,29 @@ def main(argv=None) -> int:
                        max_bytes=a.max_bytes, max_mb=a.max_mb)
     if a.prepare and not a.tokenizer:
       raise ValueError("--prepare: needs --tokenizer (the study's is configs/study/tokenizer.json)")
+    # checked before the corpus is built, which can take minutes
+    if a.prepare and not 0 < a.val_fraction < 1:
+      raise ValueError(f"--val-fraction {a.val_fraction}: must be in (0, 1)")
+    if a.prepare and not os.path.isfile(a.tokenizer):
+      raise ValueError(f"--tokenizer {a.tokenizer!r}: no such file")
+    if a.train_tokenizer:
+      from train.prepare import check_vocab_size
+      check_vocab_size(a.vocab_size)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  build(cfg, a.out)
-  if a.train_tokenizer:
-    t0 = time.perf_counter()
-    train_tokenizer(a.out, a.train_tokenizer, a.vocab_size)
-    print(f"tokenizer {a.train_tokenizer}: vocab {a.vocab_size}, trained in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
-  if a.prepare:
-    prepare_shards(a.out, a.prepare, a.tokenizer, val_fraction=a.val_fraction)
+  try:
+    build(cfg, a.out)
+    if a.train_tokenizer:
+      t0 = time.perf_counter()
+      train_tokenizer(a.out, a.train_tokenizer, a.vocab_size)
+      print(f"tokenizer {a.train_tokenizer}: vocab {a.vocab_size}, trained in "
+            f"{time.perf_counter() - t0:.1f} s", flush=True)
+    if a.prepare:
+      prepare_shards(a.out, a.prepare, a.tokenizer, val_fraction=a.val_fraction)
+  except (ValueError, OSError) as e:  # no filtered text, a bad --out, an unreadable file
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

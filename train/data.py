@@ -127,6 +127,24 @@ def read_meta(path: str) -> dict[str, Any]:
   for k in ("dtype", "vocab_size", "eos_id", "splits"):
     if k not in meta:
       raise DataError(f"{meta_path}: missing key {k!r}")
+  # A hand-edited file: one line naming the key, not a TypeError deep in the pipeline.
+  is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+  if meta["dtype"] not in ("uint16", "uint32"):
+    raise DataError(f"{meta_path}: dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+  if not is_int(meta["vocab_size"]) or meta["vocab_size"] < 1:
+    raise DataError(f"{meta_path}: vocab_size {meta['vocab_size']!r} is not a positive integer")
+  if not is_int(meta["eos_id"]) or not 0 <= meta["eos_id"] < meta["vocab_size"]:
+    raise DataError(f"{meta_path}: eos_id {meta['eos_id']!r} is not an id below vocab_size")
+  splits = meta["splits"]
+  if not isinstance(splits, dict) or not all(
+      isinstance(v, list) and all(isinstance(s, str) for s in v) for v in splits.values()):
+    raise DataError(f"{meta_path}: splits must map split names to lists of shard names")
+  sums = meta.get("checksums", {})
+  if not isinstance(sums, dict) or not all(
+      isinstance(c, dict) and is_int(c.get("bin")) and is_int(c.get("offsets"))
+      for c in sums.values()):
+    raise DataError(f"{meta_path}: checksums must map shard names to "
+                    f"{{'bin': int, 'offsets': int}}")
   return meta
 
 

@@ -58,10 +58,14 @@ def iter_documents(paths: list[str], jsonl_key: str = "text",
           if not line.strip():
             continue
           try:
-            docs.append(json.loads(line)[jsonl_key])
+            d = json.loads(line)[jsonl_key]
           except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{f}:{n}: not a JSON object with a {jsonl_key!r} field "
                              f"({type(e).__name__}: {e})") from None
+          if not isinstance(d, str):
+            raise ValueError(f"{f}:{n}: field {jsonl_key!r} is {type(d).__name__}, not a "
+                             f"string")
+          docs.append(d)
     else:
       with open(f, encoding="utf-8", errors="replace") as fh:
         docs = [fh.read()]
@@ -78,8 +82,21 @@ def default_corpus() -> list[str]:
   return [sysconfig.get_paths()["stdlib"]]
 
 
+# A byte-level BPE holds the 256 bytes and the end-of-text token; the trainer reserves
+# memory for the whole vocabulary up front (~45 bytes an entry: 2**24 takes ~0.8 GB).
+MIN_VOCAB, MAX_VOCAB = 257, 1 << 24
+
+
+def check_vocab_size(vocab_size) -> None:
+  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
+      or not MIN_VOCAB <= vocab_size <= MAX_VOCAB):
+    raise ValueError(f"--vocab-size {vocab_size!r}: a byte-level BPE needs an integer from "
+                     f"{MIN_VOCAB} (256 bytes + end-of-text) to {MAX_VOCAB}")
+
+
 def train_bpe(docs: list[str], vocab_size: int):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  check_vocab_size(vocab_size)
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -112,31 +129,72 @@ def _is_val(i: int, fraction: float) -> bool:
   return (zlib.crc32(str(i).encode()) % 10_000) < fraction * 10_000
 
 
+def _write_atomic(path: str, write) -> None:
+  """write(file) into a temporary file, then rename it over `path`: a reader never sees a
+  half-written file, and one still holding the old file (a memory map) keeps its bytes."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def load_tokenizer(path: str):
+  from tokenizers import Tokenizer
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+    raise ValueError(f"--tokenizer {path!r}: not a readable tokenizer.json ({e})") from None
+
+
 def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None = None,
             vocab_size: int = 1024, val_fraction: float = 0.02, shard_tokens: int = 50_000_000,
             jsonl_key: str = "text", max_mb: float | None = None, quiet: bool = False) -> dict:
-  """Write shards + meta.json into `out`; returns the meta dict."""
-  from tokenizers import Tokenizer
+  """Write shards + meta.json into `out`; returns the meta dict.
+
+  Everything that can be refused (arguments, inputs, tokenizer) is checked before `out` is
+  touched; an existing meta.json there is removed before any file is replaced, so a run
+  stopped half way never leaves a directory that reads as complete."""
+  # Bad arguments fail here, not after minutes of tokenizing.
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out!r} is a file, not a directory")
+  if not 0 < val_fraction < 1:  # NaN too
+    raise ValueError(f"--val-fraction {val_fraction}: must be in (0, 1): training needs both "
+                     f"a train and a validation split")
+  if shard_tokens < 1:
+    raise ValueError(f"--shard-tokens {shard_tokens}: must be >= 1")
+  if max_mb is not None and not max_mb > 0:
+    raise ValueError(f"--max-mb {max_mb}: must be > 0")
+  if tokenizer:
+    tok = load_tokenizer(tokenizer)
+  else:
+    check_vocab_size(vocab_size)
   inputs = inputs or default_corpus()
   max_bytes = None if max_mb is None else int(max_mb * 1e6)
   docs = list(iter_documents(inputs, jsonl_key, max_bytes))
   if not docs:
     raise ValueError(f"no documents found in {inputs}")
-  os.makedirs(out, exist_ok=True)
   val = {i for i in range(len(docs)) if _is_val(i, val_fraction)}
-  if not val and len(docs) >= 2 and val_fraction > 0:
+  if not val and len(docs) >= 2:
     val = {len(docs) - 1}  # a small corpus still gets a held-out document
-  if tokenizer:
-    tok = Tokenizer.from_file(tokenizer)
-  else:
+  if not val or len(val) == len(docs):
+    raise ValueError(f"{len(docs)} document(s) in {inputs} leave no "
+                     f"{'validation' if not val else 'training'} split; add input or change "
+                     f"--val-fraction")
+  if not tokenizer:
     tok = train_bpe([d for i, d in enumerate(docs) if i not in val], vocab_size)
-  eos_id = tok.token_to_id(EOS)
-  if eos_id is None:
-    eos_id = tok.get_vocab_size()
+  if tok.token_to_id(EOS) is None:
     tok.add_special_tokens([EOS])
-  tok.save(os.path.join(out, "tokenizer.json"))
-  vocab = tok.get_vocab_size()
+  eos_id = tok.token_to_id(EOS)
+  # Ids need not be contiguous (a tokenizer file may skip some): the vocabulary, and so the
+  # shard dtype, must cover the largest id, not just count them.
+  vocab = max(tok.get_vocab_size(), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
   dtype = np.uint16 if vocab <= 65535 else np.uint32
+  os.makedirs(out, exist_ok=True)
+  meta_path = os.path.join(out, "meta.json")
+  if os.path.exists(meta_path):
+    os.remove(meta_path)  # the old data stops reading as complete before any of it changes
+  _write_atomic(os.path.join(out, "tokenizer.json"),
+                lambda f: f.write(tok.to_str(pretty=True).encode("utf-8")))
   splits: dict[str, list[str]] = {"train": [], "val": []}
   buffers: dict[str, list[np.ndarray]] = {"train": [], "val": []}
   counts = {"train": 0, "val": 0}
@@ -150,9 +208,9 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
     arrs = buffers[split]
     offsets = np.zeros(len(arrs) + 1, np.int64)
     offsets[1:] = np.cumsum([len(a) for a in arrs])
-    np.concatenate(arrs).astype(np.dtype(dtype).newbyteorder("<")).tofile(
-        os.path.join(out, name + ".bin"))
-    np.save(os.path.join(out, name + ".offsets.npy"), offsets)
+    ids = np.concatenate(arrs).astype(np.dtype(dtype).newbyteorder("<"))
+    _write_atomic(os.path.join(out, name + ".bin"), ids.tofile)
+    _write_atomic(os.path.join(out, name + ".offsets.npy"), lambda f: np.save(f, offsets))
     checksums[name] = {"bin": crc32_file(os.path.join(out, name + ".bin")),
                        "offsets": crc32_file(os.path.join(out, name + ".offsets.npy"))}
     splits[split].append(name)
@@ -180,10 +238,8 @@ def prepare(out: str, inputs: list[str] | None = None, *, tokenizer: str | None 
   meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
           "eos_id": int(eos_id), "tokenizer": "tokenizer.json", "splits": splits,
           "checksums": checksums, "num_documents": len(docs), "inputs": inputs}
-  tmp = os.path.join(out, "meta.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, os.path.join(out, "meta.json"))  # meta.json last: a complete dataset
+  # meta.json last: a complete dataset
+  _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
   if not quiet:
     print(f"prepared {out}: {len(docs)} documents, vocab {vocab}, tokens {totals}", flush=True)
     # Documents, not tokens, are split: a corpus of a few large documents can hold out far
@@ -200,7 +256,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output directory")
-  ap.add_argument("--input", nargs="*", default=None,
+  ap.add_argument("--input", nargs="+", default=None,
                   help="text/JSONL files or directories (default: Python stdlib sources)")
   ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use (default: train BPE)")
   ap.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size (default 1024)")
