@@ -297,23 +297,30 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
   """Parameters of a new run from init.from_hf / init.from_checkpoint (None: random init)."""
   ic = cfg.init
   if ic.from_hf:
-    from parallax_jax.models.hf import config_from_hf, convert_hf_weights, read_hf_weights
+    from parallax_jax.models.hf import convert_hf_weights, read_hf_config, read_hf_weights
     path = ic.from_hf
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-      raise FileNotFoundError(f"init.from_hf: no config.json in {path!r}")
-    with open(cfg_path) as f:
-      hf = config_from_hf(json.load(f))
-    keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "intermediate_size", "tie_embeddings")
-    diff = [f"model.{k}: config {getattr(cfg.model, k)!r} vs checkpoint {getattr(hf, k)!r}"
-            for k in keys if getattr(cfg.model, k) != getattr(hf, k)]
-    if cfg.model.resolved_head_dim != hf.resolved_head_dim:
-      diff.append(f"model.head_dim: config {cfg.model.resolved_head_dim} vs checkpoint "
-                  f"{hf.resolved_head_dim}")
+    try:
+      hf = read_hf_config(path)
+    except (OSError, ValueError) as e:
+      raise type(e)(f"init.from_hf: {e}") from None
+    differ = lambda keys: [  # noqa: E731
+        f"model.{k.removeprefix('resolved_')}: config {getattr(cfg.model, k)!r} vs checkpoint "
+        f"{getattr(hf, k)!r}" for k in keys if getattr(cfg.model, k) != getattr(hf, k)]
+    diff = differ(("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                   "intermediate_size", "tie_embeddings", "resolved_head_dim"))
     if diff:
       raise ValueError(f"init.from_hf: {path} does not fit the model ({'; '.join(diff)})")
-    params = convert_hf_weights(read_hf_weights(path), cfg.model, seed=cfg.run.seed)
+    # Same shapes, another function: a deliberate change (a longer context's rope_theta, a
+    # window) is allowed, but the run does not start from the checkpoint's logits.
+    diff = differ(("rope_theta", "rms_norm_eps", "resolved_head_norm_eps", "window"))
+    if diff:
+      log(f"warning: init.from_hf: the model computes another function than {path} "
+          f"({'; '.join(diff)}); set those keys to start from the checkpoint's logits")
+    try:
+      params = convert_hf_weights(read_hf_weights(path), cfg.model, seed=cfg.run.seed,
+                                  source=path)
+    except (OSError, ValueError) as e:
+      raise type(e)(f"init.from_hf: {e}") from None
     log(f"init: parameters from Hugging Face checkpoint {path}")
     return jax.device_put(params, trainer.param_shardings)
   if ic.from_checkpoint:

@@ -152,6 +152,13 @@ def _load(args, overrides, note):
     return config, params, args.tokenizer or data["tokenizer"], data["eos_id"]
   if args.hf:
     config, params = hf.load_hf_checkpoint(args.hf, seed=args.seed, **overrides)
+    # softmax, or a learned probe with W_R = 0, at Qwen3's scale is the checkpoint's function
+    same = (np.isclose(config.resolved_bandwidth, config.resolved_head_dim ** 0.5) and (
+        config.resolved_affine == "constant" or config.resolved_probe == "learned"))
+    if not same:
+      note(f"note: --attention {args.attention} is not this softmax Qwen3's attention: the "
+           "samples are from its weights under another function, not from the model")
+    note(f"loaded {args.hf}")
     return config, params, args.tokenizer or os.path.join(args.hf, "tokenizer.json"), None
   config = presets.get_preset(args.preset, **overrides)
   return config, qwen3.init_params(config, jax.random.key(args.seed)), args.tokenizer, None

@@ -78,6 +78,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     except (KeyError, TypeError, ValueError):
       raise ValueError(f"{path}: tensor {name!r}: header entry {info!r} needs dtype, shape and "
                        "data_offsets [start, end]") from None
+    if not (isinstance(dtype, str) and all(type(k) is int and k >= 0 for k in shape)):
+      raise ValueError(f"{path}: tensor {name!r}: header entry {info!r} needs a dtype name and "
+                       "a shape of non-negative ints (corrupt header)")
     if dtype not in _ST_DTYPES:
       raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
     dt = np.dtype(_ST_DTYPES[dtype])
@@ -131,6 +134,9 @@ def read_hf_weights(path: str) -> dict[str, np.ndarray]:
     if not isinstance(wm, dict) or not isinstance(wm.get("weight_map"), dict):
       raise ValueError(f"{index}: weight_map: missing or not an object")
     files = sorted(set(wm["weight_map"].values()))
+    bad = [f for f in files if not isinstance(f, str) or not f]
+    if bad:
+      raise ValueError(f"{index}: weight_map: file names must be strings, got {bad[0]!r}")
     for name in files:
       if not os.path.isfile(os.path.join(path, name)):
         raise FileNotFoundError(f"{os.path.join(path, name)}: no such file (listed in {index})")
@@ -176,25 +182,37 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "Hugging Face config.jso
   if act != "silu":
     err("hidden_act", f"only 'silu' (SwiGLU) is supported, got {act!r}")
   rope = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling")
-  rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or rope.get(
-      "rope_type", "default")
+  scaling = hf.get("rope_scaling") or {}
+  for key, v in (("rope_parameters", rope), ("rope_scaling", scaling)):
+    if not isinstance(v, dict):
+      err(key, f"must be an object, got {v!r}")
+  rope_type = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
   if rope_type != "default":
     err("rope_scaling", f"only default RoPE is supported, got rope_type {rope_type!r}")
   # transformers >= 5 nests it in rope_parameters; its Qwen3Config default is 10000
   theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
+  heads, layers = num("num_attention_heads", int), num("num_hidden_layers", int)
   window = None
-  if hf.get("use_sliding_window", False):
-    layer_types = hf.get("layer_types") or []
-    if any(lt != "sliding_attention" for lt in layer_types):
-      err("use_sliding_window", "mixed sliding / full layers are not supported")
-    window = num("sliding_window", int)
-  heads = num("num_attention_heads", int)
+  # transformers: a layer slides iff use_sliding_window, sliding_window is not null (4096 if
+  # absent) and its layer_types entry says so (absent: the layers from max_window_layers on)
+  if hf.get("use_sliding_window", False) and hf.get("sliding_window", 4096) is not None:
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+      first = num("max_window_layers", int, 28)
+      layer_types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != layers:
+      err("layer_types", f"must be a list of {layers} layer types, got {layer_types!r}")
+    sliding = {lt == "sliding_attention" for lt in layer_types}
+    if len(sliding) > 1:
+      err("layer_types", "mixed sliding / full layers are not supported")
+    if sliding == {True}:
+      window = num("sliding_window", int, 4096)
   kw = dict(
       vocab_size=num("vocab_size", int), hidden_size=num("hidden_size", int),
-      num_layers=num("num_hidden_layers", int), num_heads=heads,
+      num_layers=layers, num_heads=heads,
       num_kv_heads=num("num_key_value_heads", int, heads),
-      head_dim=num("head_dim", int) if hf.get("head_dim") else None,
+      head_dim=num("head_dim", int, 128),  # Qwen3Config's default, not hidden / heads
       intermediate_size=num("intermediate_size", int),
       max_seq_len=num("max_position_embeddings", int, 40960), rope_theta=float(theta),
       rms_norm_eps=num("rms_norm_eps", float, 1e-6),
@@ -283,10 +301,13 @@ def layer_specs(config: ModelConfig) -> list[Spec]:
   return specs
 
 
-def _check_shape(name, arr, shape):
+def _check_shape(name, arr, shape, source="checkpoint"):
   if tuple(arr.shape) != tuple(shape):
-    raise ValueError(f"checkpoint tensor {name}: shape {tuple(arr.shape)} does not match the "
-                     f"config's {tuple(shape)} (check head_dim / num_heads / num_kv_heads)")
+    # the embedding / lm_head rows are the vocabulary: name the key that sets them
+    keys = ("vocab_size / hidden_size" if "embed" in name or "lm_head" in name
+            else "head_dim / num_heads / num_kv_heads")
+    raise ValueError(f"{source}: tensor {name}: shape {tuple(arr.shape)} does not match the "
+                     f"config's {tuple(shape)} (check {keys})")
 
 
 def _lookup(tree, key):
@@ -310,7 +331,7 @@ def weights_to_params(weights: dict[str, np.ndarray], config: ModelConfig, layer
     if name not in weights:
       raise ValueError(f"{source}: no tensor {name!r} (the config needs it)")
     arr = np.asarray(weights[name])
-    _check_shape(name, arr, shape)
+    _check_shape(name, arr, shape, source)
     used.add(name)
     return arr.astype(np.float32)
 
@@ -362,7 +383,7 @@ def weights_to_params(weights: dict[str, np.ndarray], config: ModelConfig, layer
       out.append(fresh[key])
     else:
       arr = _lookup(loaded, key)
-      _check_shape("/".join(key), arr, ab.shape)
+      _check_shape("/".join(key), arr, ab.shape, source)
       out.append(jnp.asarray(arr, cfg.weight_dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -379,6 +400,14 @@ def convert_hf_weights(weights: dict[str, np.ndarray], config: ModelConfig, *,
                            source=source)
 
 
+def read_hf_config(path: str, **overrides) -> ModelConfig:
+  """ModelConfig of a Hugging Face Qwen3 directory's config.json (+ overrides); errors name
+  the file."""
+  cfg_path = os.path.join(path, "config.json")
+  return config_from_hf(_read_json(cfg_path, "Hugging Face config"), source=cfg_path,
+                        **overrides)
+
+
 def load_hf_checkpoint(path: str, *, seed: int = 0, **overrides):
   """(config, params) from a Hugging Face Qwen3 directory; overrides go to ModelConfig
   (default attention='parallax' with W_R = 0, i.e. exactly the softmax model).
@@ -387,9 +416,7 @@ def load_hf_checkpoint(path: str, *, seed: int = 0, **overrides):
   transformers' float32 ones by about 3e-2 (tiny test models; more for deep ones); pass
   dtype='float32' to compare (observed ~3e-6). Bad files raise a one-line error naming the
   file and the key or tensor."""
-  cfg_path = os.path.join(path, "config.json")
-  config = config_from_hf(_read_json(cfg_path, "Hugging Face config"), source=cfg_path,
-                          **overrides)
+  config = read_hf_config(path, **overrides)
   return config, convert_hf_weights(read_hf_weights(path), config, seed=seed, source=path)
 
 
