@@ -557,7 +557,7 @@ def test_read_error_is_the_innermost_cause_in_one_line():
   assert read_error(Exception("a\nb. See full TensorStore details: x")) == "Exception: a"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no_metadata"])
+@pytest.mark.parametrize("damage", ["truncated", "no_metadata", "no_manifest"])
 def test_damaged_checkpoint_is_one_line_from_the_sample_cli(reference, tmp_path, damage):
   """The CLI prints one line naming the damage, and nothing after it: the failed read's
   abandoned coroutines report late (up to exit), and those reports are dropped."""
@@ -567,8 +567,11 @@ def test_damaged_checkpoint_is_one_line_from_the_sample_cli(reference, tmp_path,
     for f in glob.glob(str(state / "ocdbt.process_0" / "d" / "*")):
       with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
-  else:
+  elif damage == "no_metadata":
     os.remove(state / "_METADATA")
+  else:
+    for f in glob.glob(str(state / "**" / "manifest.ocdbt"), recursive=True):
+      os.remove(f)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   p = subprocess.run([sys.executable, "-m", "parallax_jax.models.cli", "--checkpoint", str(run),
                       "--prompt-ids", "1", "--max-new-tokens", "1"], cwd=REPO, env=env,
@@ -576,7 +579,8 @@ def test_damaged_checkpoint_is_one_line_from_the_sample_cli(reference, tmp_path,
   err = p.stderr.strip().splitlines()
   assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
   assert {"truncated": "the parameters do not read back (ValueError: ",
-          "no_metadata": "its _METADATA, the list of stored arrays, is missing"}[damage] in err[0]
+          "no_metadata": "it lists no arrays: its _METADATA or manifest.ocdbt",
+          "no_manifest": "it lists no arrays: its _METADATA or manifest.ocdbt"}[damage] in err[0]
 
 
 def test_writer_reports_nobody_named_get_a_note_at_close(tmp_path, capfd):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallax_jax.models.config import ModelConfig
-from parallax_jax.models.orbax_errors import quiet_reads, read_error
+from parallax_jax.models.orbax_errors import quiet_leftovers, quiet_reads, read_error
 from parallax_jax.models.qwen3 import CONFIG_FILE, abstract_params
 
 __all__ = ["CheckpointSource", "find_checkpoint", "load_checkpoint", "checkpoint_data",
@@ -277,9 +277,10 @@ def _tree_metadata(params_dir: str) -> dict:
   tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-  if not flat:  # orbax reads a missing or empty _METADATA as "no arrays", with a warning
-    raise ValueError(f"{params_dir}: not a readable orbax checkpoint (its _METADATA, the list "
-                     "of stored arrays, is missing or lists none)")
+  if not flat:  # orbax reads a missing _METADATA or manifest as "no arrays", with a warning
+    quiet_leftovers()  # the read failed inside orbax: its abandoned tasks report late
+    raise ValueError(f"{params_dir}: not a readable orbax checkpoint (it lists no arrays: its "
+                     "_METADATA or manifest.ocdbt is missing or damaged)")
   return {tuple(str(getattr(k, "key", k)) for k in p): tuple(m.shape) for p, m in flat}
 
 
