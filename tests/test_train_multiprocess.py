@@ -12,6 +12,7 @@ allgather); one real run trains in two CPU processes joined by `jax.distributed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -31,6 +32,51 @@ from train.checkpoint import CheckpointMismatchError, gather_data_states
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHERE = "runs/x/checkpoints/4"
+
+
+# --------------------------------------------------------------------------- data
+@pytest.mark.parametrize("shared", [True, False])
+def test_auto_prepare_waits_for_process_0(monkeypatch, tmp_path, shared):
+  """Two simulated processes (threads) with data.auto_prepare: process 0 prepares while the
+  other waits (it read the missing meta.json at once and stopped); one on a disk of its own
+  (another path here) prepares its own copy."""
+  from jax.experimental import multihost_utils
+
+  from tests.test_train import small_config
+  from train import loop, prepare as prepare_lib
+  n, barrier, me = 2, threading.Barrier(2, timeout=120), threading.local()
+  monkeypatch.setattr(jax, "process_count", lambda: n)
+  monkeypatch.setattr(jax, "process_index", lambda: me.i)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: barrier.wait())
+  calls, real = [], prepare_lib.prepare
+
+  def prepare(path, *a, **kw):
+    calls.append(me.i)
+    time.sleep(0.5)  # the other process reaches its check meanwhile
+    return real(path, *a, **kw, quiet=True)
+  monkeypatch.setattr(prepare_lib, "prepare", prepare)
+  out, errors = [None] * n, []
+
+  def run(i):
+    me.i = i
+    data = str(tmp_path / ("data" if shared else f"data{i}"))
+    cfg = small_config(data, str(tmp_path / "run"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, auto_prepare=True, vocab_size=300, max_corpus_mb=0.05))
+    try:
+      out[i] = loop.ensure_data(cfg, log=lambda s: None)
+    except BaseException as e:  # noqa: BLE001
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert sorted(calls) == ([0] if shared else [0, 1])
+  assert out[0]["vocab_size"] == out[1]["vocab_size"] == 300
 
 
 # --------------------------------------------------------------------------- gather

@@ -193,15 +193,36 @@ class _Progress:
 
 
 def ensure_data(cfg: TrainConfig, log=print):
+  """The data's meta.json; with data.auto_prepare, the demo corpus is prepared first where
+  it is missing. Several processes: process 0 prepares while the others wait; one that then
+  still finds no meta.json has a disk of its own and prepares its own copy (the same
+  deterministic corpus)."""
   path = cfg.data.path
-  if not os.path.exists(os.path.join(path, "meta.json")):
-    if not cfg.data.auto_prepare:
+  meta_path = os.path.join(path, "meta.json")
+  if not cfg.data.auto_prepare:
+    if not os.path.exists(meta_path):
       raise FileNotFoundError(f"data.path {path!r} has no meta.json; run python -m "
                               f"train.prepare --out {path} (or set data.auto_prepare=true)")
-    from train.prepare import prepare
-    if jax.process_index() == 0:
+  else:
+    def prep():
+      from train.prepare import prepare
       log(f"preparing {path} from the Python standard library sources ...")
       prepare(path, None, vocab_size=cfg.data.vocab_size, max_mb=cfg.data.max_corpus_mb)
+    failed = None
+    if jax.process_index() == 0 and not os.path.exists(meta_path):
+      try:
+        prep()
+      except Exception as e:  # noqa: BLE001 - raised after the barrier, which all must reach
+        failed = e
+    if jax.process_count() > 1:
+      # every process passes here whatever it found, so the barrier cannot wait for one that
+      # skipped it
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("train.ensure_data")
+    if failed is not None:
+      raise failed
+    if jax.process_count() > 1 and not os.path.exists(meta_path):
+      prep()
   meta = data_lib.read_meta(path)
   if meta["vocab_size"] > cfg.model.vocab_size:
     raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
@@ -338,6 +359,8 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
       raise ValueError(f"init.from_checkpoint: {e.where}: the config leaves out stored "
                        f"parameters ({e.listed()}); set the model.* keys to the checkpoint's "
                        "model (the loop starts from every stored parameter)") from None
+    except ValueError as e:  # another model's shapes, a damaged step: say which key it was
+      raise ValueError(f"init.from_checkpoint: {e}") from None
     log(f"init: parameters from {src.path}" + (f" (step {src.step})" if src.step else ""))
     return params
   return None
