@@ -124,6 +124,10 @@ def test_generate_stops_at_eos_and_pads():
       assert np.all(np.asarray(out.tokens[b, k + 1:]) == V - 1)
       assert out.lengths[b] == k + 1
   assert out.lengths[0] <= 2
+  # a list of ids stops at any of them (one that never appears changes nothing)
+  both = generate(cfg, params, prompts, max_new_tokens=5, eos_id=[V + 7, eos], pad_id=V - 1)
+  np.testing.assert_array_equal(both.tokens, out.tokens)
+  np.testing.assert_array_equal(both.lengths, out.lengths)
 
 
 def test_sampling_temperature_top_k_top_p():
@@ -250,6 +254,8 @@ def _tiny():
     (dict(temperature=math.nan), "finite temperature >= 0"),  # sampled token 0 before
     (dict(top_k=2.5), "an int top_k >= 0"),
     (dict(prompts=np.zeros((0, 3), np.int32)), "prompts hold no sequence"),
+    (dict(eos_id=[]), r"eos_id must be None, an int or a list of ints, got \[\]"),
+    (dict(eos_id=2.0), "eos_id must be None, an int or a list of ints"),
 ])
 def test_generate_refuses_bad_input(kw, match):
   """Each bad input raises one ValueError before anything runs (before: out-of-range ids

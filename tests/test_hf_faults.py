@@ -181,3 +181,20 @@ def test_sample_hf_notes_an_attention_that_changes_the_function(tmp_path, capsys
   err = capsys.readouterr().err
   assert (f"note: --attention {attention} is not this softmax Qwen3's attention" in err) == noted
   assert f"loaded {path}" in err
+
+
+def test_sample_hf_stops_at_the_directory_eos_ids(tmp_path, capsys):
+  """generation_config.json's eos_token_id (a list, as chat models have), else config.json's,
+  stops a sequence. (before: a Hugging Face model never stopped)"""
+  from parallax_jax.models import cli
+  path = _hf_dir(tmp_path / "ckpt")
+  argv = ["--hf", path, "--prompt-ids", "1,2", "--max-new-tokens", "4", "--json"]
+  assert cli.main(argv + ["--eos-id", "-1"]) == 0
+  first = json.loads(capsys.readouterr().out.splitlines()[-1])["new_ids"][0]
+  json.dump({"eos_token_id": [31, first]}, open(f"{path}/generation_config.json", "w"))
+  assert hf.read_hf_eos_ids(path) == [31, first]
+  assert cli.main(argv) == 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1])["new_ids"] == [first]
+  json.dump({"eos_token_id": "x"}, open(f"{path}/generation_config.json", "w"))
+  with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id: expected an id"):
+    hf.read_hf_eos_ids(path)

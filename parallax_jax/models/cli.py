@@ -11,8 +11,8 @@ run directory: its newest step, or --step; one step `<run>/checkpoints/<step>`; 
 Qwen3 directory; W_R added at zero), or --preset (random init, for smoke tests). Prompts:
 --prompt-ids (comma-separated ids; repeat for a batch of different lengths) or --prompt
 (text; needs the `tokenizers` package and a tokenizer.json: a run's data directory, the one
-beside the checkpoint, or --tokenizer). A training run's eos id (its data's meta.json) stops a
-sequence unless --eos-id says otherwise.
+beside the checkpoint, or --tokenizer). A training run's eos id (its data's meta.json), or a
+Hugging Face directory's eos_token_id, stops a sequence unless --eos-id says otherwise.
 
 Output, one sequence per prompt, numbered from 0 in the order given (--prompt-ids first, then
 --prompt):
@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
   ap.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
   ap.add_argument("--eos-id", type=int, default=None,
-                  help="stop a sequence at this id (default: a training run's eos id; "
-                  "-1: never stop)")
+                  help="stop a sequence at this id (default: a training run's eos id, or a "
+                  "Hugging Face directory's eos_token_id; -1: never stop)")
   ap.add_argument("--pad-id", type=int, default=0, help="id printed after a sequence's eos")
   ap.add_argument("--seed", type=_seed, default=0, help="sampling (and --preset / W_R init) seed")
   ap.add_argument("--attention", help="override the attention member (e.g. softmax); "
@@ -159,7 +159,8 @@ def _load(args, overrides, note):
       note(f"note: --attention {args.attention} is not this softmax Qwen3's attention: the "
            "samples are from its weights under another function, not from the model")
     note(f"loaded {args.hf}")
-    return config, params, args.tokenizer or os.path.join(args.hf, "tokenizer.json"), None
+    return (config, params, args.tokenizer or os.path.join(args.hf, "tokenizer.json"),
+            hf.read_hf_eos_ids(args.hf))
   config = presets.get_preset(args.preset, **overrides)
   return config, qwen3.init_params(config, jax.random.key(args.seed)), args.tokenizer, None
 

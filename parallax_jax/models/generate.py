@@ -191,7 +191,7 @@ def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, c
 
   def finish(tok, done):
     out = jnp.where(done, pad_id, tok)
-    new_done = done if eos_id is None else done | (out == eos_id)
+    new_done = done if eos_id is None else done | jnp.isin(out, jnp.asarray(eos_id, out.dtype))
     return out, new_done
 
   # A finished sequence keeps feeding its sampled (in-vocabulary) token to the model, never
@@ -212,16 +212,29 @@ def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, c
   return GenerateOutput(tokens=tokens, lengths=count, cache=cache)
 
 
+def _eos_ids(eos_id) -> tuple[int, ...] | None:
+  """eos_id (None, an int, or a list of ints: chat models end turns with one of several) as
+  a tuple, the static argument of the compiled loop."""
+  if eos_id is None:
+    return None
+  is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # noqa: E731
+  ids = (eos_id,) if is_int(eos_id) else tuple(eos_id) if isinstance(eos_id, (list, tuple)) \
+      else ()
+  if not ids or not all(is_int(i) for i in ids):
+    raise ValueError(f"eos_id must be None, an int or a list of ints, got {eos_id!r}")
+  return tuple(int(i) for i in ids)
+
+
 def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: int,
              rng=None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             eos_id: int | None = None, pad_id: int = 0, cache_len: int | None = None
-             ) -> GenerateOutput:
+             eos_id: int | list[int] | None = None, pad_id: int = 0,
+             cache_len: int | None = None) -> GenerateOutput:
   """Generate `max_new_tokens` per sequence after right-padded `prompts` [B, T].
 
   prompt_lengths [B] (default: all T) gives each prompt's true length, in [1, T]. Every id of
   `prompts`, the padding included, must be in [0, vocab_size), and the longest prompt plus
   `max_new_tokens` must fit in `max_seq_len`. temperature 0 is greedy. A sequence stops at
-  `eos_id` (later tokens are `pad_id`, any int). The cache holds `cache_len` (default
+  `eos_id` (an int or a list of ints; later tokens are `pad_id`, any int). The cache holds `cache_len` (default
   T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
   Bad input raises a one-line ValueError (checked eagerly, before anything is compiled).
   """
@@ -236,6 +249,7 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   _check_sampling(temperature, top_p, top_k)
+  eos_id = _eos_ids(eos_id)
   cache_len = t + max_new_tokens if cache_len is None else cache_len
   if cache_len < t + max_new_tokens - 1:
     raise ValueError(f"cache_len {cache_len} < prompt length {t} + max_new_tokens - 1")

@@ -408,6 +408,24 @@ def read_hf_config(path: str, **overrides) -> ModelConfig:
                         **overrides)
 
 
+def read_hf_eos_ids(path: str) -> list[int] | None:
+  """The ids that end a sequence: `eos_token_id` (an int or a list) of generation_config.json,
+  else of config.json; None where neither names one."""
+  for name in ("generation_config.json", "config.json"):
+    f = os.path.join(path, name)
+    if not os.path.isfile(f):
+      continue
+    eos = _read_json(f, "Hugging Face config").get("eos_token_id")
+    if eos is None:
+      continue
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                          for i in ids):
+      raise ValueError(f"{f}: eos_token_id: expected an id or a list of ids, got {eos!r}")
+    return ids
+  return None
+
+
 def load_hf_checkpoint(path: str, *, seed: int = 0, **overrides):
   """(config, params) from a Hugging Face Qwen3 directory; overrides go to ModelConfig
   (default attention='parallax' with W_R = 0, i.e. exactly the softmax model).
