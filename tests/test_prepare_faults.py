@@ -173,3 +173,13 @@ def test_vocab_size_above_uint16_prepares_uint32_shards(tmp_path):
   src = data_lib.DocumentSource(str(tmp_path / "d"), "train")
   assert all(t[-1] == 70_000 and 65_536 in t.tolist() for t in (src[i] for i in range(len(src))))
   assert np.asarray(src[0]).dtype == np.int32
+
+
+def test_a_prepared_dataset_under_the_input_is_not_read_as_text(tmp_path):
+  """--out inside --input (a rerun over the same tree): its meta.json and tokenizer.json are
+  .json files, which were tokenized as documents of the next dataset."""
+  docs = _texts(tmp_path / "docs")
+  out = os.path.join(docs, "data")
+  first = prep.prepare(out, [docs], vocab_size=300, val_fraction=0.2, quiet=True)
+  again = prep.prepare(out, [docs], vocab_size=300, val_fraction=0.2, quiet=True)
+  assert again["num_documents"] == first["num_documents"] == 30

@@ -36,6 +36,9 @@ def _walk(paths: list[str]) -> list[str]:
   for p in paths:
     if os.path.isdir(p):
       for root, dirs, names in os.walk(p):
+        if {"meta.json", "tokenizer.json"} <= set(names):
+          dirs[:] = []  # a prepared dataset (--out's own on a rerun): its JSON is not text
+          continue
         dirs.sort()
         dirs[:] = [d for d in dirs if d not in ("__pycache__", "test", "tests", "idlelib",
                                                 "site-packages")]
@@ -257,7 +260,8 @@ def main(argv=None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--input", nargs="+", default=None,
-                  help="text/JSONL files or directories (default: Python stdlib sources)")
+                  help="text/JSONL files or directories (default: Python stdlib sources); "
+                  "directories holding a prepared dataset are skipped")
   ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use (default: train BPE)")
   ap.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size (default 1024)")
   ap.add_argument("--val-fraction", type=float, default=0.02, help="held-out fraction (0.02)")
