@@ -351,9 +351,14 @@ def initial_params(cfg: TrainConfig, trainer: Trainer, log):
       src = find_checkpoint(ic.from_checkpoint)
     except (FileNotFoundError, ValueError) as e:
       raise type(e)(f"init.from_checkpoint: {e}") from None
+    def fresh(missing):  # parameters the source lacks start as a new run's (W_R = 0)
+      log(f"init: {len(missing)} parameter(s) not in {src.path} start from their "
+          f"initialisation: {', '.join('/'.join(k) for k in missing[:4])}"
+          + (" ..." if len(missing) > 4 else ""))
+      return trainer.fresh_params(cfg.run.seed)
     try:
       _, params = load_checkpoint(ic.from_checkpoint, cfg.model, source=src,
-                                  shardings=trainer.param_shardings)
+                                  shardings=trainer.param_shardings, fill_missing=fresh)
     except UnusedParametersError as e:
       # the API's way out (drop_unused) is not a config key: say what to change here
       raise ValueError(f"init.from_checkpoint: {e.where}: the config leaves out stored "

@@ -146,6 +146,12 @@ class Trainer:
     with self.context():
       return self._init(jax.random.key(seed))
 
+  def fresh_params(self, seed: int):
+    """The parameters `init_state(seed)` starts from, without the optimizer state."""
+    with self.context():
+      return jax.jit(functools.partial(init_params, self.cfg.model),
+                     out_shardings=self.param_shardings)(jax.random.key(seed))
+
   def _from_params_impl(self, params):
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params)}

@@ -292,12 +292,15 @@ def param_paths(tree) -> dict[tuple[str, ...], Any]:
 
 def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int | None = None,
                     drop_unused: bool = False, source: CheckpointSource | None = None,
-                    shardings=None):
+                    shardings=None, fill_missing=None):
   """(config, params) from a run directory, one step, or a `save_checkpoint` directory.
 
   config: replaces the stored config (its parameters must be stored with the same shapes).
   step: the step of a run directory (default: the newest committed). drop_unused: allow a
-  config that leaves some stored parameters out (listed in the error otherwise). Params
+  config that leaves some stored parameters out (listed in the error otherwise).
+  fill_missing: for a config with parameters the checkpoint lacks (W_R of a Parallax model
+  from a softmax run), `fill_missing(paths)` returns a params tree of the config's, whose
+  leaves at those paths (tuples of names) are taken; without it they raise. Params
   are restored in `config.param_dtype`, on the first device or with `shardings` (a tree of
   shardings like the params). Only the parameters are read, and checked: finite, and equal
   to what was saved where the step holds a fingerprint (`integrity`, written by the loop)."""
@@ -309,12 +312,12 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
   want = param_paths(abstract_params(config))
   where = src.params_dir
   missing = [k for k in want if k not in stored]
-  if missing:
+  if missing and fill_missing is None:
     raise ValueError(f"{where}: has no parameter {'/'.join(missing[0])} (needed by the config"
                      f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); was it "
                      "written for another model config?")
   for k, a in want.items():
-    if tuple(stored[k]) != tuple(a.shape):
+    if k in stored and tuple(stored[k]) != tuple(a.shape):
       raise ValueError(f"{where}: parameter {'/'.join(k)} has shape {tuple(stored[k])}, the "
                        f"config's is {tuple(a.shape)}")
   extra = sorted("/".join(k) for k in stored if k not in want)
@@ -325,6 +328,8 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
     shardings = jax.tree.map(lambda a: dev, abstract_params(config))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params(config), shardings)
+  if missing:
+    target = _without(target, missing)
   item = target
   for k in reversed(src.prefix):
     item = {k: item}
@@ -350,7 +355,35 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
     raise ValueError(f"{where}: {problem}")
   for k in src.prefix:
     out = out[k]
+  if missing:
+    fill = param_paths(fill_missing(missing))
+    for k in missing:
+      _set(out, k, fill[k])
   return config, out
+
+
+def _without(tree: dict, paths: list[tuple[str, ...]]) -> dict:
+  """A copy of a nested-dict tree without the leaves at `paths`."""
+  drop = set(paths)
+
+  def walk(node, at):
+    out = {}
+    for k, v in node.items():
+      p = at + (str(k),)
+      if isinstance(v, dict):
+        sub = walk(v, p)
+        if sub:
+          out[k] = sub
+      elif p not in drop:
+        out[k] = v
+    return out
+  return walk(tree, ())
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
 
 
 def _data_dir(src: CheckpointSource) -> tuple[str | None, list[str]]:
