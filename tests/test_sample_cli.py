@@ -265,3 +265,17 @@ def test_load_checkpoint_of_a_sharded_run_onto_one_device(tmp_path):
   assert emb.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
   np.testing.assert_array_equal(emb, np.load(tmp_path / "embedding.npy"))
   assert cfg.vocab_size == 64
+
+
+def test_cli_attention_parallax_adds_wr_at_zero_with_a_note(tmp_path, capsys):
+  """A softmax checkpoint sampled as Parallax: W_R starts at its initialisation (zeros), so
+  the samples are the softmax model's. (before: refused, 'has no parameter ... r_proj')"""
+  from parallax_jax.models import qwen3
+  cfg = presets.tiny(vocab_size=64, max_seq_len=32, implementation="xla", attention="softmax")
+  params = qwen3.init_params(cfg, jax.random.key(3))
+  qwen3.save_checkpoint(str(tmp_path / "soft"), params, cfg)
+  lines, err = _sample(["--checkpoint", str(tmp_path / "soft"), "--prompt-ids", "5,6,7",
+                        "--max-new-tokens", "4", "--attention", "parallax"], capsys)
+  assert "note: --attention parallax adds attn/r_proj/kernel, not in this softmax " in err
+  ref = generate(cfg, params, np.array([[5, 6, 7]]), max_new_tokens=4)
+  assert lines[0]["new_ids"] == np.asarray(ref.tokens)[0].tolist()

@@ -144,8 +144,14 @@ def _load(args, overrides, note):
       note(f"note: --attention {args.attention} leaves out {', '.join(dropped)} of this "
            f"{src.config.attention} checkpoint{wr}: the samples are from what remains, not "
            "from the trained model")
+    def fresh(missing):  # e.g. W_R of a Parallax model from a softmax run: r_init (zeros)
+      note(f"note: --attention {args.attention} adds "
+           f"{', '.join(sorted(names(config) - names(src.config)))}, not in this "
+           f"{src.config.attention} checkpoint, at its initialisation (r_init="
+           f"{config.r_init!r})")
+      return qwen3.init_params(config, jax.random.key(args.seed))
     config, params = checkpoint.load_checkpoint(args.checkpoint, config, drop_unused=True,
-                                                source=src)
+                                                source=src, fill_missing=fresh)
     data = checkpoint.checkpoint_data(src)
     where = f"{src.path}" + (f" (step {src.step})" if src.step is not None else "")
     note(f"loaded {where}")
