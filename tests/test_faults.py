@@ -553,7 +553,8 @@ def test_read_error_is_the_innermost_cause_in_one_line():
                       "full TensorStore details: <bound method spec of TensorStore({\n "
                       "'driver': 'zarr',\n})>.") from inner
   except Exception as e:  # noqa: BLE001
-    assert read_error(e) == 'ValueError: OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database'
+    assert read_error(e) == ('ValueError: OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT '
+                             'database')
   assert read_error(Exception("a\nb. See full TensorStore details: x")) == "Exception: a"
 
 

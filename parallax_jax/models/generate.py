@@ -234,8 +234,8 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
   prompt_lengths [B] (default: all T) gives each prompt's true length, in [1, T]. Every id of
   `prompts`, the padding included, must be in [0, vocab_size), and the longest prompt plus
   `max_new_tokens` must fit in `max_seq_len`. temperature 0 is greedy. A sequence stops at
-  `eos_id` (an int or a list of ints; later tokens are `pad_id`, any int). The cache holds `cache_len` (default
-  T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
+  `eos_id` (an int or a list of ints; later tokens are `pad_id`, any int). The cache holds
+  `cache_len` (default T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
   Bad input raises a one-line ValueError (checked eagerly, before anything is compiled).
   """
   cfg = _config(config)
