@@ -26,8 +26,13 @@ def correction_to_output_ratio(q, k, v, r, **kwargs):
   _nonempty("correction_to_output_ratio", q, k)
   vbar = api.softmax_attention(q, k, v, **kwargs).astype(jnp.float32)
   o = api.parallax_attention(q, k, v, r, **kwargs).astype(jnp.float32)
-  corr = jnp.linalg.norm(vbar - o, axis=-1).mean(axis=(0, 1))
-  base = jnp.linalg.norm(vbar, axis=-1).mean(axis=(0, 1))
+  # One common scale (it cancels in the ratio) before squaring: |v| ~ 1e-20 made every norm
+  # underflow to a COR of 0, and |v| ~ 1e20 overflow to NaN.
+  corr, base = vbar - o, vbar
+  s = jnp.maximum(jnp.max(jnp.abs(corr)), jnp.max(jnp.abs(base)))
+  s = jnp.where(jnp.isfinite(s) & (s > 0), s, 1.0)
+  corr = jnp.linalg.norm(corr / s, axis=-1).mean(axis=(0, 1))
+  base = jnp.linalg.norm(base / s, axis=-1).mean(axis=(0, 1))
   return corr / jnp.maximum(base, jnp.finfo(jnp.float32).tiny)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.attention import ATTN_RESIDUALS
@@ -100,7 +101,7 @@ def shard_attention(call: Callable, q, k, v, r, seg, bandwidth, state=None):
 def remat_policy(name: str):
   """jax.checkpoint policy for a config name (None for 'none', which means no remat)."""
   cp = jax.checkpoint_policies
-  return {
+  policies = {
       "none": None,
       "full": cp.nothing_saveable,
       "dots": cp.checkpoint_dots,
@@ -111,7 +112,10 @@ def remat_policy(name: str):
       # then skips rerunning the forward attention kernel.
       "dots_attn": cp.save_from_both_policies(
           cp.checkpoint_dots, cp.save_only_these_names(ATTN_RESIDUALS)),
-  }[name]
+  }
+  if name not in policies:
+    raise ValueError(f"remat policy must be one of {tuple(policies)}, got {name!r}")
+  return policies[name]
 
 
 class Projection(nn.Module):
@@ -159,6 +163,8 @@ def _logits_spec(x, w_layout):
 def _logits_fwd(x, w, dtype, w_layout):
   if w_layout not in ("dv", "vd"):
     raise ValueError(f"w_layout must be 'dv' or 'vd', got {w_layout!r}")
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):  # an int dtype would truncate x and w
+    raise ValueError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
   spec, _ = _logits_spec(x, w_layout)
   y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
   return y, (x, w)
@@ -197,6 +203,9 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
   """cos, sin [B, T, Dh] (float32) for rotate-half RoPE at integer `positions` [B, T]."""
+  if (isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2
+      or head_dim % 2):
+    raise ValueError(f"head_dim must be an even int >= 2 for rotate-half RoPE, got {head_dim!r}")
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -205,6 +214,15 @@ def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   """Rotate-half RoPE on x [B, T, H, Dh] with cos/sin [B, T, Dh]; computed in float32."""
+  # Checked here: a mismatch otherwise fails deep in broadcasting, or (cos of one position
+  # against T > 1 tokens) silently rotates every token by the same angle.
+  if x.ndim != 4:
+    raise ValueError(f"apply_rope: x must be [batch, length, heads, head_dim], got {x.shape}")
+  if (cos.shape != sin.shape or cos.ndim != 3 or cos.shape[1:] != (x.shape[1], x.shape[3])
+      or cos.shape[0] not in (1, x.shape[0])):
+    raise ValueError(f"apply_rope: cos and sin must be [batch, length, head_dim] = "
+                     f"{(x.shape[0], x.shape[1], x.shape[3])} (from positions [batch, length]), "
+                     f"got cos {cos.shape}, sin {sin.shape}")
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -232,6 +250,8 @@ class Attention(nn.Module):
     over the first cache_lengths[b] + 1 slots (and the window) through
     `parallax_jax.decode_attention` (the Pallas split-KV kernel reading the cache in place on
     GPU, `config.decode_implementation`). Only k and v are cached; r is recomputed.
+    cache_lengths must be ints [B] in [0, S): outside, a ValueError where concrete; traced,
+    nothing is written and that row's output is NaN.
   """
   config: ModelConfig
 
@@ -296,11 +316,18 @@ class Attention(nn.Module):
       ck, cv, *arrivals = cache  # (k, v) or (k, v, arrivals): see `KVCache`
       arrivals = arrivals[0] if arrivals else None
       t = x.shape[1]
+      _check_cache(ck, cv, k.shape, t)
       if t == 1:  # decode step
         decode = True
+        slots = ck.shape[1]
+        cache_lengths = _check_cache_lengths(cache_lengths, x.shape[0], slots)
+        # A slot outside the cache is never written (a negative index would wrap to the end)
+        # and its row's output is NaN below, not attention that silently misses the token.
+        outside = (cache_lengths < 0) | (cache_lengths >= slots)
         b = jnp.arange(x.shape[0])
-        ck = ck.at[b, cache_lengths].set(k[:, 0].astype(ck.dtype))
-        cv = cv.at[b, cache_lengths].set(v[:, 0].astype(cv.dtype))
+        slot = jnp.where(outside, slots, cache_lengths)
+        ck = ck.at[b, slot].set(k[:, 0].astype(ck.dtype), mode="drop")
+        cv = cv.at[b, slot].set(v[:, 0].astype(cv.dtype), mode="drop")
         # The cache is read in place, in its stored dtype (no per-step copy or cast); valid
         # slots are j <= cache_lengths[b] (and, with a window, the `window` latest of them).
         k, v = ck, cv
@@ -344,12 +371,39 @@ class Attention(nn.Module):
       base = family("none", "constant", None)
       full = family(probe, affine, r)
       out = base + gate[..., None].astype(base.dtype) * (full - base)
+    if decode:
+      out = jnp.where(outside[:, None, None, None], jnp.nan, out)
     out = checkpoint_name(constrain(out, BLHD_Q), "attn_out")
     y = Projection((cfg.hidden_size,), ("q_heads", "head_dim", "embed"), in_dims=2,
                    kernel_init=self._init(), dtype=dt, param_dtype=pdt, name="o_proj")(out)
     if new_cache is not None and arrivals is not None:
       new_cache = new_cache + (arrivals,)
     return constrain(y, BLD), new_cache
+
+
+def _check_cache(ck, cv, k_shape, t):
+  """The cache must be [B, S, Hkv, Dh] like k, and a prefill must fit in its S slots."""
+  want = (k_shape[0], ck.shape[1], k_shape[2], k_shape[3])
+  if ck.ndim != 4 or ck.shape != want or cv.shape != ck.shape:
+    raise ValueError(f"cache (k, v) must be [batch, slots, kv_heads, head_dim] = {want}, got "
+                     f"{ck.shape} and {cv.shape}")
+  if t > ck.shape[1]:
+    raise ValueError(f"prefill of {t} tokens does not fit the cache's {ck.shape[1]} slots")
+
+
+def _check_cache_lengths(cache_lengths, batch, slots):
+  """A decode step's cache_lengths: ints [B], each a slot in [0, slots) where concrete."""
+  if (cache_lengths is None or jnp.shape(cache_lengths) != (batch,)
+      or not jnp.issubdtype(jnp.result_type(cache_lengths), jnp.integer)):
+    got = None if cache_lengths is None else (jnp.shape(cache_lengths),
+                                              jnp.result_type(cache_lengths))
+    raise ValueError(f"a decode step (T == 1 with a cache) needs cache_lengths: ints of shape "
+                     f"[batch]=({batch},), the slot each new token is written to; got {got}")
+  if _api._is_concrete(cache_lengths):
+    n = np.asarray(cache_lengths)
+    if n.size and (n.min() < 0 or n.max() >= slots):
+      raise ValueError(f"cache_lengths {n.tolist()} must be in [0, {slots}) (the cache's slots)")
+  return jnp.asarray(cache_lengths)
 
 
 class _Gate(nn.Module):

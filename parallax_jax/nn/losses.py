@@ -36,7 +36,11 @@ from jax.custom_derivatives import SymbolicZero
 __all__ = ["fused_cross_entropy", "chunked_cross_entropy"]
 
 
-def _check(x, w, targets, mask, w_layout, chunk_tokens):
+def _check(x, w, targets, mask, w_layout, chunk_tokens, z_loss, dtype):
+  if isinstance(z_loss, jax.core.Tracer):  # float() below would fail deep inside the loss
+    raise ValueError(f"z_loss must be a python number (static), got the traced {z_loss!r}")
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):  # an int dtype would truncate x and w
+    raise ValueError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
   if w_layout not in ("dv", "vd"):
     raise ValueError(f"w_layout must be 'dv' or 'vd', got {w_layout!r}")
   if w.ndim != 2 or w.shape[1 if w_layout == "vd" else 0] != x.shape[-1]:
@@ -144,7 +148,7 @@ def chunked_cross_entropy(x, w, targets, mask, *, z_loss: float = 0.0, dtype=jnp
   Same signature and outputs. Do not differentiate it: autodiff through its scan would save
   every chunk's logits; use `fused_cross_entropy` for gradients.
   """
-  _check(x, w, targets, mask, w_layout, chunk_tokens)
+  _check(x, w, targets, mask, w_layout, chunk_tokens, z_loss, dtype)
   mask = mask != 0 if mask.dtype != jnp.bool_ else mask
   (nll, zsq, cnt), _, _ = _forward(x, w, targets, mask, float(z_loss), dtype, w_layout,
                                    int(chunk_tokens), False, False)
@@ -158,7 +162,7 @@ def fused_cross_entropy(x, w, targets, mask, *, z_loss: float = 0.0, dtype=jnp.b
   Differentiable in x and w through loss_sum only. z_loss, dtype, w_layout and chunk_tokens
   are static (python values).
   """
-  _check(x, w, targets, mask, w_layout, chunk_tokens)
+  _check(x, w, targets, mask, w_layout, chunk_tokens, z_loss, dtype)
   # bool mask and int32 targets: no cotangents to define for them
   mask = mask != 0 if mask.dtype != jnp.bool_ else mask
   return _fused(x, w, targets.astype(jnp.int32), mask, float(z_loss), jnp.dtype(dtype),
