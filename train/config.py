@@ -65,7 +65,11 @@ class MeshConfig:
       if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
         _err("mesh", k, f"must be an int >= 1 or -1 (use the remaining devices), got {v!r}")
     if sizes.count(-1) > 1:
-      _err("mesh", "data", "at most one mesh axis may be -1")
+      # name an axis that is -1 (not always data) and show all three: which one to fix
+      # depends on what the preset set
+      last = [k for k, v in zip(("data", "fsdp", "tensor"), sizes) if v == -1][-1]
+      _err("mesh", last, f"at most one mesh axis may be -1 (the remaining devices), got "
+           f"data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}")
 
 
 @dataclasses.dataclass(frozen=True)
