@@ -406,9 +406,18 @@ def test_scanned_remat_model_step_and_diagnostics(shards, tmp_path):
   for _ in range(3):
     st, m = tr.train_step(st, tr.device_batch(next(it), accum=1))
   assert np.isfinite(float(m["loss"]))
-  d = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(next(it))))
+  host = next(it)
+  d = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(host)))
   assert {"cor/layer_0", "cor/layer_1"} <= set(d)
   assert float(d["cor/layer_0"]) > 0 and float(d["stable_rank/layers_1/attn/r_proj"]) > 0
+  # In micro-batches (as the loop runs them under grad_accum, so that every layer's q, k, v,
+  # r are held for B / A sequences, not B): the mean of each half's diagnostics.
+  halves = [jax.device_get(tr.diagnostics(st["params"], tr.device_batch(
+      {k: v[i * 2:(i + 1) * 2] for k, v in host.items()}))) for i in range(2)]
+  d2 = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(host, accum=2)))
+  assert set(d2) == set(d)
+  for k in d:
+    np.testing.assert_allclose(d2[k], (halves[0][k] + halves[1][k]) / 2, rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("extra", [{}, {"correction_gate": True, "learnable_bandwidth": True}])

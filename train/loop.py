@@ -618,7 +618,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
         t_part = time.perf_counter()
         diag_batch = trainer.device_batch(next(iter(data_lib.make_dataset(
             cfg.data.path, split="val", seq_len=cfg.data.seq_len, batch_size=local_b,
-            shuffle=False, prefetch=0, verify=cfg.data.verify))))
+            shuffle=False, prefetch=0, verify=cfg.data.verify))), cfg.data.grad_accum)
         d = {k: float(v) for k, v in jax.device_get(
             trainer.diagnostics(state["params"], diag_batch)).items()}
         writer.write(step, d)
