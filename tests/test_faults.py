@@ -476,6 +476,8 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys, override, message):
   assert main(["--config", str(preset), "--set", override.format(**fill)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message.format(**fill) in err[0], err
+  if override.startswith("mesh."):  # refused before the run directory is made
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_writer_error_diversion_keeps_other_errors_and_restores_hooks(tmp_path):

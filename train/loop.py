@@ -421,19 +421,22 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=None) -> dict[
   (train/run_lock.py)."""
   is_main = jax.process_index() == 0
   log = log or (lambda s: print(s, flush=True) if is_main else None)
+  t_enter = time.perf_counter()
+  # the mesh and the batch split first: refused, they leave no run directory and prepare no
+  # data
+  mesh = make_mesh(cfg.mesh)
+  check_batch(cfg, mesh)
   check_run_dir(cfg.run.out_dir)
   with run_dir_lock(cfg.run.out_dir, warn=log):
-    return _train(cfg, stop_after, log)
+    return _train(cfg, mesh, stop_after, log, t_enter)
 
 
-def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict[str, Any]:
-  t_enter = time.perf_counter()
+def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
+           ) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   rc = cfg.run
   meta = ensure_data(cfg, log)
   data_id = data_lib.shards_identity(meta)
-  mesh = make_mesh(cfg.mesh)
-  check_batch(cfg, mesh)
   trainer = Trainer(cfg, mesh)
   ckpt = Checkpointer(os.path.join(rc.out_dir, "checkpoints"), keep=rc.keep_checkpoints,
                       async_save=rc.async_checkpoint, warn=log)
