@@ -38,3 +38,20 @@ def test_mesh_that_does_not_fit_the_devices_says_both_counts():
     mesh_shape(MeshConfig(data=2, fsdp=4, tensor=2), 8)
   with pytest.raises(ValueError, match=r"8 devices are not divisible .* \(product 3\)"):
     mesh_shape(MeshConfig(data=-1, tensor=3), 8)
+
+
+def test_grad_accum_must_split_each_process_rows(monkeypatch):
+  """Each process reshapes its own rows into grad_accum micro-batches: 6 rows over 2
+  processes leave 3 a process, which 2 micro-batches do not split (a NumPy reshape error
+  before), even though the 3 rows a micro-batch split over the mesh."""
+  import jax
+  from train.loop import check_batch
+  from train.mesh import make_mesh
+  from train.config import DataConfig
+  cfg = TrainConfig(data=DataConfig(global_batch_size=6, grad_accum=2))
+  mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  check_batch(cfg, mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"^data.grad_accum: 2 does not split the 3 rows of each "
+                     r"of 2 processes"):
+    check_batch(cfg, mesh)

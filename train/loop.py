@@ -306,6 +306,10 @@ def check_batch(cfg: TrainConfig, mesh):
   if d.global_batch_size % pc:
     raise ValueError(f"data.global_batch_size: {d.global_batch_size} does not split over "
                      f"{pc} processes")
+  if (d.global_batch_size // pc) % d.grad_accum:  # each process splits its rows itself
+    raise ValueError(f"data.grad_accum: {d.grad_accum} does not split the "
+                     f"{d.global_batch_size // pc} rows of each of {pc} processes "
+                     f"(data.global_batch_size {d.global_batch_size})")
   micro = d.global_batch_size // d.grad_accum
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if micro % shards:
