@@ -198,3 +198,11 @@ def test_sample_hf_stops_at_the_directory_eos_ids(tmp_path, capsys):
   json.dump({"eos_token_id": "x"}, open(f"{path}/generation_config.json", "w"))
   with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id: expected an id"):
     hf.read_hf_eos_ids(path)
+
+
+def test_a_bad_override_is_not_blamed_on_config_json(tmp_path):
+  """(before: '.../config.json: ModelConfig.attention: ...', a file with no such value)"""
+  path = _hf_dir(tmp_path / "ckpt")
+  with pytest.raises(ValueError, match=r"^attention='bogus' \(an override of .*config.json\): "
+                     r"unknown value 'bogus'"):
+    hf.read_hf_config(path, attention="bogus")

@@ -223,6 +223,10 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "Hugging Face config.jso
   try:
     return ModelConfig(**kw)
   except ValueError as e:
+    key, _, rest = str(e).partition(": ")
+    key = key.removeprefix("ModelConfig.")
+    if key in overrides:  # the caller's value, not the file's: do not blame the file
+      raise ValueError(f"{key}={overrides[key]!r} (an override of {source}): {rest}") from None
     raise ValueError(f"{source}: {e}") from None
 
 
