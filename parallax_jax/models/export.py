@@ -15,8 +15,10 @@ run directory: its newest step, or --step; one step; a save_checkpoint directory
   fla  a flash-linear-attention Parallax directory (fla.models.parallax,
        ParallaxForCausalLM); `parallax_jax.models.fla.save_fla_checkpoint`.
 Both write config.json + model.safetensors (numpy writer, no torch needed), copy the run's
-tokenizer.json, and set eos_token_id from the run's data, then print the output directory.
-Approximations are printed to stderr as notes. What the format cannot represent, a bad
+tokenizer.json (a note when none is found), and set eos_token_id from the run's data, then
+print the output directory. The files are written beside --out and renamed into place last, so
+a failed or interrupted export leaves no --out. Approximations are printed to stderr as
+notes. What the format cannot represent, a bad
 checkpoint or bad arguments exit with status 2 and one line on stderr,
 `parallax-export: error: <message>`.
 """
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import uuid
 
 from parallax_jax._parser import Parser, prog_name
 
@@ -52,8 +56,35 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
   config, params = ckpt.load_checkpoint(checkpoint, source=src)
   data = ckpt.checkpoint_data(src)
   save = hf.save_hf_checkpoint if fmt == "hf" else fla.save_fla_checkpoint
-  return save(out, config, params, dtype=dtype, eos_id=data["eos_id"],
-              tokenizer=data["tokenizer"] if tokenizer else None)
+  # write beside --out and rename at the end: an interrupted or failed export leaves no
+  # --out that looks complete (and none that blocks a rerun)
+  parent = os.path.dirname(os.path.abspath(out))
+  made, p = [], parent
+  while not os.path.exists(p):
+    made.append(p)
+    p = os.path.dirname(p)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-"
+                     f"{uuid.uuid4().hex[:8]}")
+  os.mkdir(tmp)
+  try:
+    notes = save(tmp, config, params, dtype=dtype, eos_id=data["eos_id"],
+                 tokenizer=data["tokenizer"] if tokenizer else None)
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty (checked above)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in made:  # deepest first; only directories this call created
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
+    raise
+  if tokenizer and data["tokenizer"] is None:  # a serving stack needs one: say it is missing
+    notes.append(f"no tokenizer.json found (looked at {data['searched'] or 'no data.path'}): "
+                 "none copied")
+  return notes
 
 
 def main(argv=None) -> int:

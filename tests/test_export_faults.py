@@ -1,0 +1,63 @@
+"""parallax-export faults: what a failed export leaves behind, and what it says is missing."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from parallax_jax.models import export, hf, qwen3
+from tests.test_export import cfg_of
+from tests.test_generate import rand_params
+
+
+def softmax_ckpt(tmp_path):
+  cfg = cfg_of(attention="softmax")
+  return qwen3.save_checkpoint(str(tmp_path / "ckpt"), rand_params(cfg, 1), cfg)
+
+
+def test_interrupted_export_leaves_no_out(tmp_path, monkeypatch):
+  """An export stopped mid-write used to leave --out with config.json and a truncated
+  model.safetensors: names that look complete, and a directory that refuses the rerun."""
+  src, out = softmax_ckpt(tmp_path), tmp_path / "a" / "hf"
+  real = hf.write_safetensors
+
+  def stop(path, tensors, metadata=None):
+    open(path, "wb").write(b"\0" * 64)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(hf, "write_safetensors", stop)
+  with pytest.raises(KeyboardInterrupt):
+    export.export(src, "hf", str(out))
+  assert not os.path.exists(tmp_path / "a")  # neither --out nor its new parent, nor a tmp dir
+  monkeypatch.setattr(hf, "write_safetensors", real)
+  export.export(src, "hf", str(out))  # the rerun is not refused
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path / "a")) == ["hf"]
+
+
+def test_refused_export_into_empty_out(tmp_path):
+  """A refusal found after the weights are read (non-zero W_R) keeps an empty --out as it
+  was, so the same directory takes the next export."""
+  cfg = cfg_of(r_norm=True)
+  src = qwen3.save_checkpoint(str(tmp_path / "ckpt"), rand_params(cfg, 2), cfg)
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(ValueError, match="W_R"):
+    export.export(src, "hf", str(out))
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"] and not os.listdir(out)
+  assert export.export(src, "fla", str(out)) is not None
+  assert "model.safetensors" in os.listdir(out)
+
+
+def test_missing_tokenizer_is_noted(tmp_path):
+  """The docs promise the run's tokenizer.json; when none is found the export says so
+  instead of silently writing a directory a serving stack cannot tokenize for."""
+  src = softmax_ckpt(tmp_path)
+  notes = export.export(src, "hf", str(tmp_path / "a"))
+  assert any("no tokenizer.json found" in n for n in notes), notes
+  assert not any("tokenizer" in n for n in export.export(src, "hf", str(tmp_path / "b"),
+                                                         tokenizer=False))
+  open(os.path.join(src, "tokenizer.json"), "w").write("{}")
+  notes = export.export(src, "hf", str(tmp_path / "c"))
+  assert not any("tokenizer" in n for n in notes)
+  assert "tokenizer.json" in os.listdir(tmp_path / "c")
