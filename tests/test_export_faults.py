@@ -61,3 +61,13 @@ def test_missing_tokenizer_is_noted(tmp_path):
   notes = export.export(src, "hf", str(tmp_path / "c"))
   assert not any("tokenizer" in n for n in notes)
   assert "tokenizer.json" in os.listdir(tmp_path / "c")
+  # a params export has no data meta: no eos id, said once (generation would not stop)
+  assert sum("eos_token_id written as null" in n for n in notes) == 1
+
+
+def test_bad_model_config_json_names_the_file_once(tmp_path):
+  src = softmax_ckpt(tmp_path)
+  open(os.path.join(src, "model_config.json"), "w").write("{nope")
+  with pytest.raises(ValueError) as e:
+    export.export(src, "hf", str(tmp_path / "a"))
+  assert str(e.value).count("model_config.json") == 1 and "not valid JSON" in str(e.value)

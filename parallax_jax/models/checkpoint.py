@@ -189,8 +189,9 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointSource:
       raise ValueError(f"{path}: step={step} given, but this is a params export (one set of "
                        "parameters, no steps)")
     cfg_path = os.path.join(path, CONFIG_FILE)
+    d = _json(cfg_path, "model config")  # its errors name the file already
     try:
-      config = ModelConfig.from_dict(_json(cfg_path, "model config"))
+      config = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:
       raise ValueError(f"{cfg_path}: {e}") from None
     return CheckpointSource("params", path, os.path.join(path, "params"), (), config)

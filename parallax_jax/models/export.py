@@ -15,12 +15,11 @@ run directory: its newest step, or --step; one step; a save_checkpoint directory
   fla  a flash-linear-attention Parallax directory (fla.models.parallax,
        ParallaxForCausalLM); `parallax_jax.models.fla.save_fla_checkpoint`.
 Both write config.json + model.safetensors (numpy writer, no torch needed), copy the run's
-tokenizer.json (a note when none is found), and set eos_token_id from the run's data, then
-print the output directory. The files are written beside --out and renamed into place last, so
-a failed or interrupted export leaves no --out. Approximations are printed to stderr as
-notes. What the format cannot represent, a bad
-checkpoint or bad arguments exit with status 2 and one line on stderr,
-`parallax-export: error: <message>`.
+tokenizer.json (a note when none is found), and set eos_token_id from the run's data (a note
+when there is none), then print the output directory. The files are written beside --out and
+renamed into place last, so a failed or interrupted export leaves no --out. Approximations are
+printed to stderr as notes. What the format cannot represent, a bad checkpoint or bad
+arguments exit with status 2 and one line on stderr, `parallax-export: error: <message>`.
 """
 from __future__ import annotations
 
@@ -81,6 +80,8 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
       except OSError:
         break
     raise
+  if data["eos_id"] is None:  # generation in torch would not stop: say so
+    notes.append("no eos id found (the run's data meta.json): eos_token_id written as null")
   if tokenizer and data["tokenizer"] is None:  # a serving stack needs one: say it is missing
     notes.append(f"no tokenizer.json found (looked at {data['searched'] or 'no data.path'}): "
                  "none copied")
