@@ -35,6 +35,29 @@ WHERE = "runs/x/checkpoints/4"
 
 
 # --------------------------------------------------------------------------- data
+def _as_processes(n, me, barrier, fn, timeout=None) -> list:
+  """fn(i) for i < n, each in a thread standing for process i (`me.i`): their results in
+  process order. An error in one aborts the barrier (the others would wait forever) and is
+  raised."""
+  out, errors = [None] * n, []
+
+  def run(i):
+    me.i = i
+    try:
+      out[i] = fn(i)
+    except BaseException as e:  # noqa: BLE001
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout)
+  assert not errors, errors
+  return out
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_auto_prepare_waits_for_process_0(monkeypatch, tmp_path, shared):
   """Two simulated processes (threads) with data.auto_prepare: process 0 prepares while the
@@ -55,26 +78,15 @@ def test_auto_prepare_waits_for_process_0(monkeypatch, tmp_path, shared):
     time.sleep(0.5)  # the other process reaches its check meanwhile
     return real(path, *a, **kw, quiet=True)
   monkeypatch.setattr(prepare_lib, "prepare", prepare)
-  out, errors = [None] * n, []
 
   def run(i):
-    me.i = i
     data = str(tmp_path / ("data" if shared else f"data{i}"))
     cfg = small_config(data, str(tmp_path / "run"))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, auto_prepare=True, vocab_size=300, max_corpus_mb=0.05))
-    try:
-      out[i] = loop.ensure_data(cfg, log=lambda s: None)
-    except BaseException as e:  # noqa: BLE001
-      errors.append(e)
-      barrier.abort()
+    return loop.ensure_data(cfg, log=lambda s: None)
 
-  threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert not errors, errors
+  out = _as_processes(n, me, barrier, run)
   assert sorted(calls) == ([0] if shared else [0, 1])
   assert out[0]["vocab_size"] == out[1]["vocab_size"] == 300
 
@@ -110,22 +122,7 @@ def test_every_process_gathers_every_state(monkeypatch):
 
   monkeypatch.setattr(jax, "process_count", lambda: n)
   monkeypatch.setattr(ckpt_lib.multihost_utils, "process_allgather", allgather)
-  out, errors = [None] * n, []
-
-  def run(i):
-    me.i = i
-    try:
-      out[i] = gather_data_states(states[i])
-    except BaseException as e:  # noqa: BLE001
-      errors.append(e)
-      barrier.abort()
-
-  threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(30)
-  assert not errors, errors
+  out = _as_processes(n, me, barrier, lambda i: gather_data_states(states[i]), timeout=30)
   want = {"process_count": n, "per_process": states}
   assert out == [want] * n
   assert json.loads(json.dumps(want)) == want  # what JsonSave writes

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from parallax_jax.models.config import ModelConfig
 from parallax_jax.models.orbax_errors import quiet_leftovers, quiet_reads, read_error
@@ -329,8 +330,9 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
     shardings = jax.tree.map(lambda a: dev, abstract_params(config))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params(config), shardings)
-  if missing:
-    target = _without(target, missing)
+  if missing:  # restore what is stored; the rest comes from fill_missing below
+    flat = traverse_util.flatten_dict(target)
+    target = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in missing})
   item = target
   for k in reversed(src.prefix):
     item = {k: item}
@@ -358,33 +360,9 @@ def load_checkpoint(path: str, config: ModelConfig | None = None, *, step: int |
     out = out[k]
   if missing:
     fill = param_paths(fill_missing(missing))
-    for k in missing:
-      _set(out, k, fill[k])
+    out = traverse_util.unflatten_dict(
+        {**traverse_util.flatten_dict(out), **{k: fill[k] for k in missing}})
   return config, out
-
-
-def _without(tree: dict, paths: list[tuple[str, ...]]) -> dict:
-  """A copy of a nested-dict tree without the leaves at `paths`."""
-  drop = set(paths)
-
-  def walk(node, at):
-    out = {}
-    for k, v in node.items():
-      p = at + (str(k),)
-      if isinstance(v, dict):
-        sub = walk(v, p)
-        if sub:
-          out[k] = sub
-      elif p not in drop:
-        out[k] = v
-    return out
-  return walk(tree, ())
-
-
-def _set(tree: dict, path: tuple[str, ...], value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def _data_dir(src: CheckpointSource) -> tuple[str | None, list[str]]:
