@@ -85,6 +85,13 @@ for name in ["single"] + meshes:
   ev = jax.device_get(tr.eval_step(st["params"], tr.device_batch(batches[0])))
   ls.append([float(d["cor/layer_0"]), float(ev["nll"]), float(ev["nll_repeat"]),
              float(ev["tokens_repeat"])])
+  if accum > 1:  # the loop's diagnostics: micro-batch by micro-batch, their mean
+    da = jax.device_get(tr.diagnostics(st["params"], tr.device_batch(batches[0], accum=accum)))
+    per = [jax.device_get(tr.diagnostics(st["params"], tr.device_batch(
+        {k: v[i * 8 // accum:(i + 1) * 8 // accum] for k, v in batches[0].items()})))
+           for i in range(accum)]
+    res["accum_diag"] = max(abs(float(da[k]) - sum(float(x[k]) for x in per) / accum)
+                            / max(abs(float(da[k])), 1e-12) for k in da)
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
@@ -167,6 +174,7 @@ def run_meshes(tmp_path, meshes, loop):
     assert n == ref_n > 0 and abs(rep - ref_rep) <= 1e-3 * ref_rep, name  # the repeat split
   if "tensor_accum" in meshes:
     assert "tensor" in res["tensor_accum"]["e_spec"]
+    assert res["accum_diag"] < 1e-4, res["accum_diag"]
   return res
 
 
