@@ -92,6 +92,10 @@ for name in ["single"] + meshes:
            for i in range(accum)]
     res["accum_diag"] = max(abs(float(da[k]) - sum(float(x[k]) for x in per) / accum)
                             / max(abs(float(da[k])), 1e-12) for k in da)
+    # eval micro-batch by micro-batch (the loop's): the whole batch's sums
+    ea = jax.device_get(tr.eval_step(st["params"], tr.device_batch(batches[0], accum=accum)))
+    res["accum_eval"] = max(abs(float(ea[k]) - float(ev[k])) / max(abs(float(ev[k])), 1e-12)
+                            for k in ev)
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
@@ -175,6 +179,7 @@ def run_meshes(tmp_path, meshes, loop):
   if "tensor_accum" in meshes:
     assert "tensor" in res["tensor_accum"]["e_spec"]
     assert res["accum_diag"] < 1e-4, res["accum_diag"]
+    assert res["accum_eval"] < 1e-5, res["accum_eval"]
   return res
 
 

@@ -263,7 +263,10 @@ def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
   it = iter(ds)
   sums: dict[str, float] = {}
   for _ in range(cfg.data.eval_batches):
-    out = jax.device_get(trainer.eval_step(params, trainer.device_batch(next(it))))
+    # micro-batches as training splits the batch: a full batch at once can exceed the memory
+    # that grad_accum was chosen to fit
+    out = jax.device_get(trainer.eval_step(
+        params, trainer.device_batch(next(it), accum=cfg.data.grad_accum)))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
   loss = sums["nll"] / max(sums["tokens"], 1.0)

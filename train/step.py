@@ -13,7 +13,8 @@
                 (bfloat16 for the GPU presets); parameters and optimizer state stay float32.
                 The LM head + loss run fused and chunked (`optimizer.loss_chunk_tokens`;
                 parallax_jax.nn.losses), so no [tokens, vocab] logits are materialized.
-  eval_step     summed NLL and token count of one batch.
+  eval_step     summed NLL and token count of one batch, [A, B/A, T] micro-batch by micro-batch
+                as training splits it (so evaluation never needs more memory than a step).
   diagnostics   COR per layer, stable ranks of W_Q / W_R and the mean correction gate per
                 layer (when the gate is on), on one batch.
 """
@@ -110,13 +111,13 @@ class Trainer:
     self.state_abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract,
                            "opt_state": opt_abstract}
     self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
-    self.eval_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    self.flat_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     self._train_step = jax.jit(self._train_step_impl,
                                in_shardings=(self.state_shardings, self.batch_shardings, rep),
                                out_shardings=(self.state_shardings, rep),
                                donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval_step_impl,
-                              in_shardings=(self.param_shardings, self.eval_batch_shardings),
+                              in_shardings=(self.param_shardings, self.batch_shardings),
                               out_shardings=rep)
     self._diag = jax.jit(self._diag_impl,
                          in_shardings=(self.param_shardings, self.batch_shardings),
@@ -217,6 +218,13 @@ class Trainer:
       return self._train_step(state, batch, self.peak_lr)
 
   def _eval_step_impl(self, params, batch):
+    """The sums of `_eval_sums` over the micro-batches of batch [A, B/A, T], one at a time."""
+    if batch["inputs"].shape[0] == 1:
+      return self._eval_sums(params, jax.tree.map(lambda x: x[0], batch))
+    per = jax.lax.map(functools.partial(self._eval_sums, params), batch)
+    return {k: jnp.sum(v, axis=0) for k, v in per.items()}
+
+  def _eval_sums(self, params, batch):
     """Summed NLL and token count, and the same over the targets that repeat an earlier
     bigram of their document (`repeat_targets`; rows up to REPEAT_SPLIT_MAX_LEN)."""
     valid = batch["segment_ids"] != 0
@@ -244,6 +252,10 @@ class Trainer:
     return out
 
   def eval_step(self, params, batch):
+    """`batch`: [B, T] arrays, or [A, B/A, T] (`device_batch(..., accum)`: A micro-batches,
+    one at a time, their sums added)."""
+    if batch["inputs"].ndim == 2:
+      batch = {k: v[None] for k, v in batch.items()}
     with self.context():
       return self._eval_step(params, batch)
 
@@ -332,6 +344,6 @@ class Trainer:
         x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
         sh = self.batch_shardings[k]
       else:
-        sh = self.eval_batch_shardings[k]
+        sh = self.flat_batch_shardings[k]
       out[k] = jax.make_array_from_process_local_data(sh, x)
     return out
