@@ -73,8 +73,13 @@ def test_cached_decoding_equals_full_forward(case):
   logits, cache = prefill(cfg, params, jnp.asarray(prompts), jnp.asarray(lengths), cache)
   np.testing.assert_array_equal(cache.lengths, lengths)
   np.testing.assert_allclose(logits, full[np.arange(2), lengths - 1], **tol)
-  for s in range(t_total - p):
-    pos = lengths + s
+  # two tokens at once continue each row from its own length (a chunked prefill / second turn)
+  pos = lengths[:, None] + np.arange(2)
+  logits, cache = qwen3.Qwen3Model(cfg).apply({"params": params},
+                                              toks[np.arange(2)[:, None], pos], cache=cache)
+  np.testing.assert_allclose(logits, full[np.arange(2)[:, None], pos], **tol)
+  for s in range(t_total - p - 2):
+    pos = lengths + 2 + s
     logits, cache = decode_step(cfg, params, toks[np.arange(2), pos], cache)
     np.testing.assert_allclose(logits, full[np.arange(2), pos], **tol, err_msg=f"step {s}")
   np.testing.assert_array_equal(cache.lengths, lengths + t_total - p)
@@ -292,9 +297,34 @@ def test_prefill_and_decode_step_refuse_bad_input():
     decode_step(cfg, params, jnp.array([1]), full)
   with pytest.raises(ValueError, match=r"cache.lengths \[-1\] must be >= 0"):
     decode_step(cfg, params, jnp.array([1]), cache.replace(lengths=jnp.array([-1], jnp.int32)))
+  held = cache.replace(lengths=jnp.array([2], jnp.int32))
+  with pytest.raises(ValueError, match=r"prefill: 3 tokens after cache.lengths \[2\] do not fit"):
+    prefill(cfg, params, jnp.array([[1, 2, 3]]), None, held)
+  with pytest.raises(ValueError, match="prefill=True on a cache that is not empty"):
+    prefill(cfg, params, jnp.array([[1, 2]]), None, held, empty=True)
+  once = jax.jit(lambda c: prefill(cfg, params, jnp.array([[1, 2]]), None, c, empty=True)[0])
+  assert np.isnan(once(held)).all() and np.isfinite(once(cache)).all()  # traced: NaN, not junk
   other = init_cache(cfg.replace(num_layers=cfg.num_layers + 1), 1, 4)  # another model's
   with pytest.raises(ValueError, match=r"prefill: the cache has \(layers, kv heads, head dim\)"):
     prefill(cfg, params, jnp.array([[1, 2, 3]]), None, other)
+
+
+def test_a_next_turn_continues_the_cache_generate_returns():
+  """prefill on generate's cache (lengths set as GenerateOutput says) equals the whole
+  conversation run from scratch; it used to write the new turn over slots [0, T)."""
+  cfg = small(r_norm=True)
+  params = rand_params(cfg, 5)
+  prompts, plen = np.array([[5, 7, 9, 0], [1, 2, 3, 4]]), np.array([3, 4])
+  out = generate(cfg, params, prompts, plen, max_new_tokens=3, cache_len=12)
+  toks = np.asarray(out.tokens)
+  cache = out.cache.replace(lengths=jnp.asarray(plen + np.asarray(out.lengths) - 1))
+  turn = np.concatenate([toks[:, -1:], [[11, 12], [13, 14]]], axis=1)  # last token + new text
+  last, cache = prefill(cfg, params, jnp.asarray(turn), None, cache)
+  for i in range(2):
+    conv = np.concatenate([prompts[i, :plen[i]], toks[i], turn[i, 1:]])
+    np.testing.assert_allclose(last[i], forward(cfg, params, jnp.asarray(conv[None]))[0, -1],
+                               rtol=1e-5, atol=1e-5)
+    assert int(cache.lengths[i]) == len(conv)
 
 
 @pytest.mark.parametrize("pad_id", [-1, pytest.param(V + 5, marks=pytest.mark.slow)])

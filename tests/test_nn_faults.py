@@ -65,6 +65,10 @@ def test_decode_cache_arguments_are_checked():
   cos, sin = L.rope_cos_sin(jnp.broadcast_to(jnp.arange(6), (B, 6)), DH, 1e6)
   with pytest.raises(ValueError, match="does not fit"):
     mod.apply({"params": params}, x, cos, sin, None, cache, None)
+  x = jnp.ones((B, 2, D))  # two tokens continuing the cache need two free slots
+  cos, sin = L.rope_cos_sin(jnp.broadcast_to(jnp.arange(2), (B, 2)), DH, 1e6)
+  with pytest.raises(ValueError, match=r"must be in \[0, 3\) \(the cache's 4 slots, 2 new"):
+    mod.apply({"params": params}, x, cos, sin, None, cache, jnp.asarray([0, 3, 1]))
 
 
 def test_decode_slot_outside_cache_is_nan_under_jit():

@@ -102,28 +102,38 @@ def _check_sampling(temperature, top_p, top_k):
                      f"got {temperature!r}, {top_p!r}, {top_k!r}")
 
 
-def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache):
-  """Run the (right-padded) prompts [B, T] through the model into an EMPTY cache.
+def prefill(config, params, tokens: Array, lengths: Array | None, cache: KVCache, *,
+            empty: bool | None = None):
+  """Run right-padded tokens [B, T] through the model after what the cache holds.
 
-  Returns (logits [B, V] at each sequence's last prompt token, cache with lengths set).
-  Every id of `tokens`, the padding included, must be in [0, vocab_size); `lengths` in
-  [1, T] (checked where concrete).
+  Sequence b's tokens continue it from slot cache.lengths[b] (an empty cache: a prompt; a
+  cache that `generate` or an earlier call returned: the next turn). Returns (logits [B, V]
+  at each sequence's last new token, the cache with lengths advanced by `lengths`). Every id
+  of `tokens`, the padding included, must be in [0, vocab_size); `lengths` in [1, T], and
+  cache.lengths + T within the cache and max_seq_len (checked where concrete). empty=True
+  promises an empty cache (the training attention runs over the T tokens: the fast path for
+  a prompt); None decides from concrete lengths; a non-empty cache is read through
+  `parallax_jax.decode_attention`.
   """
   cfg = _config(config)
   _check_ids("prefill", "tokens", tokens, 2, cfg.vocab_size)
   b, t = tokens.shape
-  if t > cache.max_len:
-    raise ValueError(f"prompt length {t} exceeds the cache length {cache.max_len}")
   _check_cache("prefill", cfg, cache)
   if cache.k.shape[1] != b:
     raise ValueError(f"prefill: tokens have batch {b}, the cache {cache.k.shape[1]}")
   if lengths is not None:
     _check_lengths("prefill", "lengths", lengths, b, t)
+  start = _values(cache.lengths)
+  limit = min(cache.max_len, cfg.max_seq_len)
+  if start is not None and start.size and (start.min() < 0 or start.max() + t > limit):
+    raise ValueError(f"prefill: {t} tokens after cache.lengths {start.tolist()} do not fit "
+                     f"min(cache length {cache.max_len}, max_seq_len {cfg.max_seq_len}) = "
+                     f"{limit} slots (a padded chunk writes all T slots of every row)")
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-  logits, cache = Qwen3Model(cfg).apply({"params": params}, tokens, cache=cache)
-  cache = cache.replace(lengths=lengths)
+  logits, new = Qwen3Model(cfg).apply({"params": params}, tokens, cache=cache, prefill=empty)
+  new = new.replace(lengths=cache.lengths + lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache
+  return last, new
 
 
 def decode_step(config, params, tokens: Array, cache: KVCache):
@@ -176,6 +186,10 @@ def sample_logits(rng, logits: Array, *, temperature: float = 1.0, top_p: float 
 class GenerateOutput:
   tokens: Array   # [B, max_new_tokens] int32, pad_id after a sequence's eos
   lengths: Array  # [B] number of generated tokens (including the eos)
+  # The KVCache after the loop: each prompt and every generated token but the last, whose k, v
+  # no step wrote. Its lengths count tokens decoded past an eos too; to continue a sequence
+  # (a next turn), `cache.replace(lengths=prompt_lengths + lengths - 1)` keeps what it said,
+  # and `prefill` of its last token followed by the new text goes on from there.
   cache: Any = None
 
 
@@ -185,7 +199,7 @@ def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, c
               temperature, top_p, top_k, eos_id, pad_id):
   b = prompts.shape[0]
   cache = KVCache.init(config, b, cache_len)
-  logits, cache = prefill(config, params, prompts, prompt_lengths, cache)
+  logits, cache = prefill(config, params, prompts, prompt_lengths, cache, empty=True)
   sample = functools.partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k)
   rngs = jax.random.split(rng, max_new_tokens)
 

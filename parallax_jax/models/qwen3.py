@@ -20,6 +20,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parallax_jax.models.config import ModelConfig
 from parallax_jax.nn.layers import (BLD, RMSNorm, block_class, constrain, logits_dot,
@@ -89,37 +90,44 @@ class LMHead(nn.Module):
 class Qwen3Model(nn.Module):
   """Qwen3 decoder LM. See `parallax_jax.nn.layers.Attention` for the cache modes.
 
-  __call__(tokens [B,T] int, positions [B,T] (default arange, or cache.lengths when decoding),
-           segment_ids [B,T] (packed sequences; training/prefill only), cache: KVCache | None,
-           return_hidden: bool = False)
+  __call__(tokens [B,T] int, positions [B,T] (default arange; with a cache, cache.lengths +
+           arange), segment_ids [B,T] (packed sequences; no cache only), cache: KVCache | None,
+           return_hidden: bool = False, prefill: bool | None = None)
   -> logits [B,T,V] float32, or (logits, new_cache) when a cache is given.
   return_hidden=True (no cache) skips the LM head and returns (hidden, w, w_layout): the final
   hidden state [B,T,d] (after final_norm, compute dtype) and the head weight, the tied
   embedding [V,d] ("vd") or the lm_head kernel [d,V] ("dv"), for a fused loss
   (`parallax_jax.nn.losses.fused_cross_entropy`) that never materializes all the logits.
-  With a cache, T > 1 is a prefill into an empty cache and T == 1 a decode step; both advance
-  `cache.lengths` by T (set it to the true prompt lengths after a padded prefill).
+  With a cache, the T tokens continue each sequence b: written at slots cache.lengths[b] +
+  [0, T), each attending over its sequence's earlier slots and itself; `cache.lengths`
+  advances by T (set it to the true lengths after a right-padded chunk). T == 1 is a decode
+  step; T > 1 into an empty cache (`prefill=True` promises every cache.lengths is 0, or
+  prefill=None and the lengths are concrete zeros) runs the training attention over the T
+  tokens; otherwise `parallax_jax.decode_attention` with T tokens a sequence reads the cache
+  (a chunked prefill, a second turn, a multi-token speculative decode). prefill=True on a
+  non-empty cache is a ValueError where the lengths are concrete; traced, those rows' logits
+  are NaN.
   """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, prefill: bool | None = None):
     cfg = self.config
     if return_hidden and cache is not None:
       raise ValueError("return_hidden is for training / scoring; not supported with a cache")
-    b, t = tokens.shape
-    if positions is None:
-      if cache is not None and t == 1:
-        positions = cache.lengths[:, None]
-      else:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if cache is not None and segment_ids is not None:
       raise ValueError("segment_ids are not supported together with a KV cache")
+    b, t = tokens.shape
+    empty = cache is not None and _empty_cache(cache, t, prefill)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if cache is not None and not empty:
+        positions = positions + cache.lengths[:, None].astype(jnp.int32)
     embed = Embed(cfg, name="embed")
     x = constrain(embed(tokens), BLD)
     cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
-    lengths = None if cache is None else cache.lengths
+    lengths = None if cache is None or empty else cache.lengths  # None: the empty prefill
 
     if cfg.scan_layers:
       block = block_class(cfg, cfg.layer_remat_policy(0), scan=True)
@@ -151,8 +159,24 @@ class Qwen3Model(nn.Module):
                        ("activation_batch", "activation_length", "activation_vocab"))
     if cache is None:
       return logits
+    if empty and prefill:  # promised empty, traced: a row that was not is NaN, not garbage
+      logits = jnp.where((cache.lengths != 0)[:, None, None], jnp.nan, logits)
     return logits, cache.replace(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + t,
                                  arrivals=new_kv[2] if len(new_kv) > 2 else cache.arrivals)
+
+
+def _empty_cache(cache: KVCache, t: int, prefill: bool | None) -> bool:
+  """Whether T tokens go to an empty cache through the prefill path (see Qwen3Model)."""
+  lengths = cache.lengths
+  concrete = not isinstance(lengths, jax.core.Tracer)
+  if prefill and concrete and np.any(np.asarray(lengths) != 0):
+    raise ValueError(f"prefill=True on a cache that is not empty: cache.lengths "
+                     f"{np.asarray(lengths).tolist()} (prefill=None continues it)")
+  if prefill is not None:
+    if prefill and t == 1:
+      return False  # one token: the decode step is the same computation
+    return bool(prefill)
+  return t > 1 and concrete and not np.any(np.asarray(lengths) != 0)
 
 
 def _layer_cache(cache: KVCache) -> tuple:

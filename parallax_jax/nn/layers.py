@@ -244,14 +244,17 @@ class Attention(nn.Module):
   Call: `(x [B,T,d], cos, sin, segment_ids, cache, cache_lengths) -> (y, new_cache)`.
   - cache None: training / full forward (causal over x, optional packed `segment_ids`).
   - cache (k, v) [B,S,Hkv,Dh] (or (k, v, arrivals), arrivals the decode kernel's zeroed
-    [B, Hkv] int32 counter, carried through and returned) and T > 1: prefill from an empty
-    cache: causal attention over x, k and v written to slots [0, T).
-  - cache and T == 1: one decode step: k, v written at slot cache_lengths[b]; the query attends
-    over the first cache_lengths[b] + 1 slots (and the window) through
-    `parallax_jax.decode_attention` (the Pallas split-KV kernel reading the cache in place on
-    GPU, `config.decode_implementation`). Only k and v are cached; r is recomputed.
-    cache_lengths must be ints [B] in [0, S): outside, a ValueError where concrete; traced,
-    nothing is written and that row's output is NaN.
+    [B, Hkv] int32 counter, carried through and returned) and cache_lengths None: prefill of
+    an empty cache: causal attention over x (the training kernels), k and v written to slots
+    [0, T).
+  - cache and cache_lengths: the T tokens continue each sequence: k, v written at slots
+    cache_lengths[b] + [0, T); token t attends over the first cache_lengths[b] + t + 1 slots
+    (and the window) through `parallax_jax.decode_attention` (on GPU the Pallas split-KV
+    kernel reading the cache in place, `config.decode_implementation`): T == 1 is a decode
+    step, T > 1 a chunked prefill or a multi-token (speculative) decode. Only k and v are
+    cached; r is recomputed. cache_lengths must be ints [B] with cache_lengths[b] + T <= S:
+    outside, a ValueError where concrete; traced, nothing is written and that row's output
+    is NaN.
   """
   config: ModelConfig
 
@@ -317,21 +320,22 @@ class Attention(nn.Module):
       arrivals = arrivals[0] if arrivals else None
       t = x.shape[1]
       _check_cache(ck, cv, k.shape, t)
-      if t == 1:  # decode step
+      if t == 1 or cache_lengths is not None:  # decode step / continuation of the cache
         decode = True
         slots = ck.shape[1]
-        cache_lengths = _check_cache_lengths(cache_lengths, x.shape[0], slots)
-        # A slot outside the cache is never written (a negative index would wrap to the end)
-        # and its row's output is NaN below, not attention that silently misses the token.
-        outside = (cache_lengths < 0) | (cache_lengths >= slots)
-        b = jnp.arange(x.shape[0])
-        slot = jnp.where(outside, slots, cache_lengths)
-        ck = ck.at[b, slot].set(k[:, 0].astype(ck.dtype), mode="drop")
-        cv = cv.at[b, slot].set(v[:, 0].astype(cv.dtype), mode="drop")
-        # The cache is read in place, in its stored dtype (no per-step copy or cast); valid
-        # slots are j <= cache_lengths[b] (and, with a window, the `window` latest of them).
+        cache_lengths = _check_cache_lengths(cache_lengths, x.shape[0], slots, t)
+        # A row whose tokens do not all fit writes nothing (a negative index would wrap to the
+        # end) and its output is NaN below, not attention that silently misses tokens.
+        outside = (cache_lengths < 0) | (cache_lengths > slots - t)
+        b = jnp.arange(x.shape[0])[:, None]
+        slot = jnp.where(outside[:, None], slots, cache_lengths[:, None] + jnp.arange(t))
+        ck = ck.at[b, slot].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[b, slot].set(v.astype(cv.dtype), mode="drop")
+        # The cache is read in place, in its stored dtype (no per-step copy or cast); token t
+        # of row b sees slots j <= cache_lengths[b] + t (and, with a window, the `window`
+        # latest of them).
         k, v = ck, cv
-        lengths = (cache_lengths.astype(jnp.int32) + 1)[:, None]  # [B, 1]: shards like seg ids
+        lengths = (cache_lengths.astype(jnp.int32) + t)[:, None]  # [B, 1]: shards like seg ids
       else:  # prefill from an empty cache
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
@@ -391,8 +395,9 @@ def _check_cache(ck, cv, k_shape, t):
     raise ValueError(f"prefill of {t} tokens does not fit the cache's {ck.shape[1]} slots")
 
 
-def _check_cache_lengths(cache_lengths, batch, slots):
-  """A decode step's cache_lengths: ints [B], each a slot in [0, slots) where concrete."""
+def _check_cache_lengths(cache_lengths, batch, slots, t=1):
+  """cache_lengths of a decode step or continuation: ints [B], each with room for the T new
+  tokens (in [0, slots - T]) where concrete."""
   if (cache_lengths is None or jnp.shape(cache_lengths) != (batch,)
       or not jnp.issubdtype(jnp.result_type(cache_lengths), jnp.integer)):
     got = None if cache_lengths is None else (jnp.shape(cache_lengths),
@@ -401,8 +406,9 @@ def _check_cache_lengths(cache_lengths, batch, slots):
                      f"[batch]=({batch},), the slot each new token is written to; got {got}")
   if _api._is_concrete(cache_lengths):
     n = np.asarray(cache_lengths)
-    if n.size and (n.min() < 0 or n.max() >= slots):
-      raise ValueError(f"cache_lengths {n.tolist()} must be in [0, {slots}) (the cache's slots)")
+    if n.size and (n.min() < 0 or n.max() > slots - t):
+      raise ValueError(f"cache_lengths {n.tolist()} must be in [0, {slots - t + 1}) (the "
+                       f"cache's {slots} slots, {t} new token{'s' * (t > 1)})")
   return jnp.asarray(cache_lengths)
 
 
