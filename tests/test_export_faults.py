@@ -35,6 +35,20 @@ def test_interrupted_export_leaves_no_out(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path / "a")) == ["hf"]
 
 
+def test_a_killed_exports_leftovers_are_removed(tmp_path):
+  """A hard-killed export (SIGKILL, out of memory) can clean nothing up: its hidden partial
+  directory, a model's size, stayed beside --out for good. The next export of that --out
+  removes those of processes that no longer run, and keeps a running one's."""
+  src = softmax_ckpt(tmp_path)
+  dead = tmp_path / f".hf.partial-{2**22 + 12345}-0a1b2c3d"  # above Linux's pid_max default
+  live = tmp_path / f".hf.partial-{os.getppid()}-0a1b2c3d"
+  for d in (dead, live):
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+  export.export(src, "hf", str(tmp_path / "hf"))
+  assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "hf", live.name])
+
+
 def test_refused_export_into_empty_out(tmp_path):
   """A refusal found after the weights are read (non-zero W_R) keeps an empty --out as it
   was, so the same directory takes the next export."""

@@ -17,7 +17,8 @@ run directory: its newest step, or --step; one step; a save_checkpoint directory
 Both write config.json + model.safetensors (numpy writer, no torch needed), copy the run's
 tokenizer.json (a note when none is found), and set eos_token_id from the run's data (a note
 when there is none), then print the output directory. The files are written beside --out and
-renamed into place last, so a failed or interrupted export leaves no --out. Approximations are
+renamed into place last, so a failed or interrupted export leaves no --out (what a killed
+one leaves, a hidden `.<out>.partial-<pid>-*` beside it, the next export of --out removes). Approximations are
 printed to stderr as notes. What the format cannot represent, a bad checkpoint or bad
 arguments exit with status 2 and one line on stderr, `parallax-export: error: <message>`.
 """
@@ -32,6 +33,24 @@ import uuid
 from parallax_jax._parser import Parser, prog_name
 
 FORMATS = ("hf", "fla")
+
+
+def _remove_stale_partials(parent: str, base: str):
+  """Remove what killed exports of `base` left (`.{base}.partial-{pid}-{id}`, a model's size
+  of hidden files): those whose process no longer runs on this host."""
+  prefix = f".{base}.partial-"
+  for name in os.listdir(parent):
+    pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+      continue  # still running (another export of the same --out)
+    except ProcessLookupError:
+      pass
+    except OSError:  # running under another user
+      continue
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
@@ -63,8 +82,9 @@ def export(checkpoint: str, fmt: str, out: str, *, step: int | None = None,
     made.append(p)
     p = os.path.dirname(p)
   os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-"
-                     f"{uuid.uuid4().hex[:8]}")
+  base = os.path.basename(os.path.abspath(out))
+  _remove_stale_partials(parent, base)
+  tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.mkdir(tmp)
   try:
     notes = save(tmp, config, params, dtype=dtype, eos_id=data["eos_id"],
