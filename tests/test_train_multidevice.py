@@ -29,7 +29,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(r"""
-import json, sys
+import collections, json, sys
 import jax, numpy as np
 from parallax_jax.models import presets
 from train.config import DataConfig, MeshConfig, OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -96,6 +96,15 @@ for name in ["single"] + meshes:
     ea = jax.device_get(tr.eval_step(st["params"], tr.device_batch(batches[0], accum=accum)))
     res["accum_eval"] = max(abs(float(ea[k]) - float(ev[k])) / max(abs(float(ev[k])), 1e-12)
                             for k in ev)
+  # one process per device: those holding the same batch shard read the same data slice
+  from train.mesh import batch_groups
+  groups = [batch_groups(tr.mesh, lambda d: d.id, d.id) for d in tr.mesh.devices.flat]
+  res[name + "_groups"] = sorted(collections.Counter(groups).items())
+  if name == "tensor_accum":  # processes of 3 and 5 devices: overlapping shard sets
+    try:
+      batch_groups(tr.mesh, lambda d: int(d.id < 3), 0)
+    except ValueError as err:
+      res["groups_refused"] = str(err)
   q = st["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
   e = st["params"]["embed"]["embedding"]
   res[name] = {"losses": ls, "q_spec": str(q.sharding.spec), "e_spec": str(e.sharding.spec),
@@ -180,6 +189,10 @@ def run_meshes(tmp_path, meshes, loop):
     assert "tensor" in res["tensor_accum"]["e_spec"]
     assert res["accum_diag"] < 1e-4, res["accum_diag"]
     assert res["accum_eval"] < 1e-5, res["accum_eval"]
+    assert res["tensor_accum_groups"] == [[[i, 4], 2] for i in range(4)], res
+    assert "overlap or differ in size" in res.get("groups_refused", ""), res
+  if "all3" in meshes:
+    assert res["all3_groups"] == [[[i, 4], 2] for i in range(4)], res
   return res
 
 

@@ -259,26 +259,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
-  """Two CPU processes (one device each, mesh data = 2): the checkpoint holds both data
-  states, each process resumes from its own, and the resumed run's losses equal the
-  uninterrupted two-process run's. One process resuming that checkpoint is refused.
-  (Handing process 0's position to both, as before, fails here: process 1's offset lies past
-  the end of its own piece, a ValueError in the packer, and process 0 waits in a collective;
-  elsewhere the other processes silently skip or repeat data.)"""
+def _two_processes(tmp_path, script: str, *args: str) -> list[dict]:
+  """Run `script` as processes 0 and 1 (argv: process id, coordinator port, *args), one CPU
+  device each; their RESULT lines, parsed."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=1").strip(),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  shards = _short_document_shards(str(tmp_path / "shards"))
-  root, port = str(tmp_path), str(_free_port())
+  port = str(_free_port())
   procs, logs = [], [tmp_path / f"process_{i}.log" for i in range(2)]
   for i in range(2):
     with open(logs[i], "w") as log:
-      procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port, shards, root,
-                                     compile_cache], env=env, cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True))
+      procs.append(subprocess.Popen([sys.executable, "-c", script, str(i), port, *args],
+                                    env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    text=True))
   try:  # one process failing leaves the other waiting in a collective: stop it
     t0 = time.time()
     while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
@@ -294,8 +288,21 @@ def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
   for i in sorted(range(2), key=lambda i: killed[i]):  # the one that failed first
     rc = procs[i].returncode
     assert rc == 0, f"process {i} exited with {rc}: {outs[i][-4000:]}"
-  res = [json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][6:])
-         for out in outs]
+  return [json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][6:])
+          for out in outs]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
+  """Two CPU processes (one device each, mesh data = 2): the checkpoint holds both data
+  states, each process resumes from its own, and the resumed run's losses equal the
+  uninterrupted two-process run's. One process resuming that checkpoint is refused.
+  (Handing process 0's position to both, as before, fails here: process 1's offset lies past
+  the end of its own piece, a ValueError in the packer, and process 0 waits in a collective;
+  elsewhere the other processes silently skip or repeat data.)"""
+  shards = _short_document_shards(str(tmp_path / "shards"))
+  root = str(tmp_path)
+  res = _two_processes(tmp_path, SCRIPT, shards, root, compile_cache)
   a, b = res
   # each process saved its own position at the stop, and they differ (one slice each)
   assert a["at_stop"] != b["at_stop"], (a["at_stop"], b["at_stop"])
@@ -319,3 +326,56 @@ def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
   with pytest.raises(CheckpointMismatchError,
                      match=r"checkpoints/6 was written by 2 processes, this run has 1: "):
     train(cfg, log=lambda s: None)
+
+
+# One process of a run whose tensor axis spans the two processes (one device each): argv =
+# process id, coordinator port, shards, run dir.
+TENSOR_SCRIPT = textwrap.dedent(r"""
+import json, sys
+import jax
+pid, port, shards, out = int(sys.argv[1]), *sys.argv[2:5]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid, initialization_timeout=120)
+from tests.test_train_multiprocess import tensor_config
+from train.loop import train
+try:
+  r = train(tensor_config(shards, out, tensor=2), log=lambda s: None)
+  print("RESULT" + json.dumps({str(k): v for k, v in r["losses"].items()}), flush=True)
+except BaseException:  # exit now: a normal exit would wait for the other process forever
+  import os, traceback
+  traceback.print_exc()
+  sys.stdout.flush(); sys.stderr.flush()
+  os._exit(1)
+""")
+
+
+def tensor_config(shards, out, tensor):
+  from parallax_jax.models import presets
+  from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig,
+                            ScheduleConfig, TrainConfig)
+  return TrainConfig(
+      name="test", model=presets.tiny(vocab_size=320, max_seq_len=64, implementation="xla"),
+      mesh=MeshConfig(data=1, fsdp=1, tensor=tensor),
+      data=DataConfig(path=shards, seq_len=32, global_batch_size=4, prefetch=0,
+                      eval_batches=1, auto_prepare=False),
+      optimizer=OptimizerConfig(name="muon", lr=1e-2),
+      schedule=ScheduleConfig(warmup_steps=1, decay_fraction=0.5),
+      run=RunConfig(steps=3, out_dir=out, log_every=1, eval_every=3, diag_every=0,
+                    checkpoint_every=0, progress=False, sample_lines=0))
+
+
+@pytest.mark.slow
+def test_a_tensor_axis_across_processes_reads_one_batch(tmp_path):
+  """mesh.tensor = 2 over two processes of one device each (one process per GPU is a common
+  launch): both devices hold the whole batch, so both processes must read the same rows.
+  Each read its own slice by process index, and the two halves of every layer saw different
+  data as one array, silently. The run now equals the same run on one device."""
+  from train.loop import train
+  shards = _short_document_shards(str(tmp_path / "shards"))
+  res = _two_processes(tmp_path, TENSOR_SCRIPT, shards, str(tmp_path / "two"))
+  one = train(tensor_config(shards, str(tmp_path / "one"), tensor=1), log=lambda s: None)
+  ref = {str(k): v for k, v in one["losses"].items()}
+  assert res[0] == res[1] and sorted(res[0]) == sorted(ref) == ["1", "2", "3"], (res, ref)
+  for k in ref:
+    assert abs(res[0][k] - ref[k]) <= 1e-4 * abs(ref[k]), (k, res[0], ref)

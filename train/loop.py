@@ -52,7 +52,7 @@ from train import data as data_lib
 from train import resume as resume_lib
 from train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteStateError
 from train.config import TrainConfig
-from train.mesh import make_mesh
+from train.mesh import batch_groups, make_mesh
 from train.run_lock import run_dir_lock
 from train.step import Trainer
 
@@ -255,11 +255,16 @@ def sample(cfg: TrainConfig, params, meta: dict, n: int, max_new: int, temperatu
   return texts
 
 
+def local_dataset(trainer: Trainer, cfg: TrainConfig, split: str, **kw):
+  """This process's slice of a split, in batches of its rows of the global batch."""
+  return data_lib.make_dataset(
+      cfg.data.path, split=split, seq_len=cfg.data.seq_len,
+      batch_size=cfg.data.global_batch_size // trainer.data_count, verify=cfg.data.verify,
+      process_index=trainer.data_index, process_count=trainer.data_count, **kw)
+
+
 def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
-  local_b = cfg.data.global_batch_size // jax.process_count()
-  ds = data_lib.make_dataset(cfg.data.path, split="val", seq_len=cfg.data.seq_len,
-                             batch_size=local_b, shuffle=False, prefetch=0,
-                             verify=cfg.data.verify)
+  ds = local_dataset(trainer, cfg, "val", shuffle=False, prefetch=0)
   it = iter(ds)
   sums: dict[str, float] = {}
   for _ in range(cfg.data.eval_batches):
@@ -305,14 +310,14 @@ def warn_if_disk_short(directory: str, state, keep: int, log):
 def check_batch(cfg: TrainConfig, mesh):
   """The batch splits over processes and over the data x fsdp devices."""
   d = cfg.data
-  pc = jax.process_count()
+  _, pc = batch_groups(mesh)  # the processes reading distinct rows
   if d.global_batch_size % pc:
     raise ValueError(f"data.global_batch_size: {d.global_batch_size} does not split over "
-                     f"{pc} processes")
+                     f"the {pc} processes that read distinct rows")
   if (d.global_batch_size // pc) % d.grad_accum:  # each process splits its rows itself
     raise ValueError(f"data.grad_accum: {d.grad_accum} does not split the "
-                     f"{d.global_batch_size // pc} rows of each of {pc} processes "
-                     f"(data.global_batch_size {d.global_batch_size})")
+                     f"{d.global_batch_size // pc} rows of each of {pc} processes reading "
+                     f"distinct rows (data.global_batch_size {d.global_batch_size})")
   micro = d.global_batch_size // d.grad_accum
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if micro % shards:
@@ -449,10 +454,7 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
                       async_save=rc.async_checkpoint, warn=log)
   cfg_dict = cfg.to_dict()
   accum = cfg.data.grad_accum
-  local_b = cfg.data.global_batch_size // jax.process_count()
-  ds = data_lib.make_dataset(cfg.data.path, split="train", seq_len=cfg.data.seq_len,
-                             batch_size=local_b, seed=cfg.data.seed, prefetch=cfg.data.prefetch,
-                             verify=cfg.data.verify)
+  ds = local_dataset(trainer, cfg, "train", seed=cfg.data.seed, prefetch=cfg.data.prefetch)
   it = iter(ds)
   try:
     start, state = _resume_or_init(cfg, cfg_dict, trainer, ckpt, it, data_id, log)
@@ -626,9 +628,8 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
       t_extra = time.perf_counter()
       if rc.diag_every and (step % rc.diag_every == 0 or last):
         t_part = time.perf_counter()
-        diag_batch = trainer.device_batch(next(iter(data_lib.make_dataset(
-            cfg.data.path, split="val", seq_len=cfg.data.seq_len, batch_size=local_b,
-            shuffle=False, prefetch=0, verify=cfg.data.verify))), cfg.data.grad_accum)
+        diag_batch = trainer.device_batch(next(iter(local_dataset(
+            trainer, cfg, "val", shuffle=False, prefetch=0))), cfg.data.grad_accum)
         d = {k: float(v) for k, v in jax.device_get(
             trainer.diagnostics(state["params"], diag_batch)).items()}
         writer.write(step, d)

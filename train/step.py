@@ -110,6 +110,9 @@ class Trainer:
                             "opt_state": self.opt_shardings}
     self.state_abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract,
                            "opt_state": opt_abstract}
+    # which slice of the data this process reads: processes holding the same batch shards
+    # (a tensor axis across processes) read the same rows
+    self.data_index, self.data_count = mesh_lib.batch_groups(mesh)
     self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
     self.flat_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     self._train_step = jax.jit(self._train_step_impl,
@@ -336,14 +339,16 @@ class Trainer:
 
   # ------------------------------------------------------------------ batches
   def device_batch(self, host_batch: dict, accum: int | None = None):
-    """Per-process numpy batch [B_local, T] -> global arrays; [A, B/A, T] when accum given."""
+    """Per-process numpy batch [B_local, T] (this process's data slice, `data_index`) ->
+    global arrays [B_local * data_count, T]; [A, B/A, T] when accum given."""
     out = {}
     for k in BATCH_KEYS:
       x = host_batch[k]
       if accum is not None:
         x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-        sh = self.batch_shardings[k]
+        sh, rows = self.batch_shardings[k], 1
       else:
-        sh = self.flat_batch_shardings[k]
-      out[k] = jax.make_array_from_process_local_data(sh, x)
+        sh, rows = self.flat_batch_shardings[k], 0
+      shape = x.shape[:rows] + (x.shape[rows] * self.data_count,) + x.shape[rows + 1:]
+      out[k] = jax.make_array_from_process_local_data(sh, x, shape)
     return out
