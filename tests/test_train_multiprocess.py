@@ -341,7 +341,8 @@ from tests.test_train_multiprocess import tensor_config
 from train.loop import train
 try:
   r = train(tensor_config(shards, out, tensor=2), log=lambda s: None)
-  print("RESULT" + json.dumps({str(k): v for k, v in r["losses"].items()}), flush=True)
+  print("RESULT" + json.dumps({"losses": {str(k): v for k, v in r["losses"].items()},
+                               "samples": r["samples"]}), flush=True)
 except BaseException:  # exit now: a normal exit would wait for the other process forever
   import os, traceback
   traceback.print_exc()
@@ -362,7 +363,7 @@ def tensor_config(shards, out, tensor):
       optimizer=OptimizerConfig(name="muon", lr=1e-2),
       schedule=ScheduleConfig(warmup_steps=1, decay_fraction=0.5),
       run=RunConfig(steps=3, out_dir=out, log_every=1, eval_every=3, diag_every=0,
-                    checkpoint_every=0, progress=False, sample_lines=0))
+                    checkpoint_every=0, progress=False, sample_lines=1, sample_tokens=4))
 
 
 @pytest.mark.slow
@@ -372,10 +373,15 @@ def test_a_tensor_axis_across_processes_reads_one_batch(tmp_path):
   Each read its own slice by process index, and the two halves of every layer saw different
   data as one array, silently. The run now equals the same run on one device."""
   from train.loop import train
-  shards = _short_document_shards(str(tmp_path / "shards"))
+  from train.prepare import prepare
+  shards = str(tmp_path / "shards")  # with a tokenizer: the run ends with samples
+  prepare(shards, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
   res = _two_processes(tmp_path, TENSOR_SCRIPT, shards, str(tmp_path / "two"))
   one = train(tensor_config(shards, str(tmp_path / "one"), tensor=1), log=lambda s: None)
   ref = {str(k): v for k, v in one["losses"].items()}
-  assert res[0] == res[1] and sorted(res[0]) == sorted(ref) == ["1", "2", "3"], (res, ref)
+  got = res[0]["losses"]
+  assert got == res[1]["losses"] and sorted(got) == sorted(ref) == ["1", "2", "3"], (res, ref)
   for k in ref:
-    assert abs(res[0][k] - ref[k]) <= 1e-4 * abs(ref[k]), (k, res[0], ref)
+    assert abs(got[k] - ref[k]) <= 1e-4 * abs(ref[k]), (k, got, ref)
+  # the end's samples: parameters split over both processes are gathered for process 0
+  assert len(res[0]["samples"]) == 1 and res[1]["samples"] == [], res

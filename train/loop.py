@@ -46,6 +46,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from parallax_jax.models.qwen3 import flops_per_token
 from train import data as data_lib
@@ -217,7 +218,6 @@ def ensure_data(cfg: TrainConfig, log=print):
     if jax.process_count() > 1:
       # every process passes here whatever it found, so the barrier cannot wait for one that
       # skipped it
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("train.ensure_data")
     if failed is not None:
       raise failed
@@ -689,12 +689,16 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
     except Exception as e:  # noqa: BLE001 - a plot never fails a finished run
       log(f"loss plot: not written ({type(e).__name__}: {e})")
   samples = []
-  if stopped_by is None and stop["signal"] is None and rc.sample_lines > 0 and is_main:
-    samples = sample(cfg, state["params"], meta, rc.sample_lines, rc.sample_tokens,
-                     rc.sample_temperature, rc.seed)
-    log("samples:")
-    for s in samples:
-      log("  | " + s.replace("\n", "\n  | "))
+  if stopped_by is None and stop["signal"] is None and rc.sample_lines > 0:
+    params = state["params"]
+    if jax.process_count() > 1:  # parameters split over processes: a collective, every
+      params = multihost_utils.process_allgather(params, tiled=True)  # process takes part
+    if is_main:
+      samples = sample(cfg, params, meta, rc.sample_lines, rc.sample_tokens,
+                       rc.sample_temperature, rc.seed)
+      log("samples:")
+      for s in samples:
+        log("  | " + s.replace("\n", "\n  | "))
   timings["steps"] = (t_end - t_loop) - timings["eval"] - timings["diag"] - timings["save"]
   timings["finish"] = time.perf_counter() - t_end
   return {"losses": losses, "history": history, "eval": eval_metrics, "final_step": step,
