@@ -259,9 +259,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(tmp_path, script: str, *args: str) -> list[dict]:
+def _two_processes(tmp_path, script: str, *args: str, poke=None) -> list[dict]:
   """Run `script` as processes 0 and 1 (argv: process id, coordinator port, *args), one CPU
-  device each; their RESULT lines, parsed."""
+  device each; their RESULT lines, parsed. poke(procs, logs) runs at every poll."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=1").strip(),
@@ -277,6 +277,8 @@ def _two_processes(tmp_path, script: str, *args: str) -> list[dict]:
     t0 = time.time()
     while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
       assert time.time() - t0 < 300, "the two processes did not finish in 300 s"
+      if poke is not None:
+        poke(procs, logs)
       time.sleep(0.2)
   finally:
     killed = [p.poll() is None for p in procs]
@@ -351,7 +353,7 @@ except BaseException:  # exit now: a normal exit would wait for the other proces
 """)
 
 
-def tensor_config(shards, out, tensor):
+def tensor_config(shards, out, tensor, **run):
   from parallax_jax.models import presets
   from train.config import (DataConfig, MeshConfig, OptimizerConfig, RunConfig,
                             ScheduleConfig, TrainConfig)
@@ -362,8 +364,9 @@ def tensor_config(shards, out, tensor):
                       eval_batches=1, auto_prepare=False),
       optimizer=OptimizerConfig(name="muon", lr=1e-2),
       schedule=ScheduleConfig(warmup_steps=1, decay_fraction=0.5),
-      run=RunConfig(steps=3, out_dir=out, log_every=1, eval_every=3, diag_every=0,
-                    checkpoint_every=0, progress=False, sample_lines=1, sample_tokens=4))
+      run=RunConfig(**{**dict(steps=3, out_dir=out, log_every=1, eval_every=3, diag_every=0,
+                               checkpoint_every=0, progress=False, sample_lines=1,
+                               sample_tokens=4), **run}))
 
 
 @pytest.mark.slow
@@ -385,3 +388,51 @@ def test_a_tensor_axis_across_processes_reads_one_batch(tmp_path):
     assert abs(got[k] - ref[k]) <= 1e-4 * abs(ref[k]), (k, got, ref)
   # the end's samples: parameters split over both processes are gathered for process 0
   assert len(res[0]["samples"]) == 1 and res[1]["samples"] == [], res
+
+
+# One process of a run that one SIGTERM reaches: argv = process id, port, shards, run dir.
+TERM_SCRIPT = textwrap.dedent(r"""
+import json, sys
+import jax
+pid, port, shards, out = int(sys.argv[1]), *sys.argv[2:5]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid, initialization_timeout=120)
+from tests.test_train_multiprocess import tensor_config
+from train.loop import train
+try:
+  r = train(tensor_config(shards, out, tensor=2, steps=400, eval_every=0, sample_lines=0),
+            log=lambda s: print(s, flush=True))
+  print("RESULT" + json.dumps({"final": r["final_step"], "stopped_by": r["stopped_by"]}),
+        flush=True)
+except BaseException:  # exit now: a normal exit would wait for the other process forever
+  import os, traceback
+  traceback.print_exc()
+  sys.stdout.flush(); sys.stderr.flush()
+  os._exit(1)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path, sig):
+  """A scheduler's SIGTERMs reach a job's processes at different times, here process 1 alone:
+  the processes must agree on one step to save at and stop. Each stopped where its own signal
+  came: the save's collectives then mismatched ("Is there a distributed collective mismatch
+  in your code?"), both processes died, and the save was lost. They now agree through jax's
+  preemption service, which a SIGINT reaches as a SIGTERM."""
+  import signal
+  from train.prepare import prepare
+  shards = str(tmp_path / "shards")
+  prepare(shards, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
+  sent = []
+
+  def poke(procs, logs):
+    if not sent and "step      3" in open(logs[1]).read():
+      procs[1].send_signal(getattr(signal, sig))
+      sent.append(True)
+
+  res = _two_processes(tmp_path, TERM_SCRIPT, shards, str(tmp_path / "run"), poke=poke)
+  assert sent and res[0] == res[1] and res[0]["stopped_by"] == "SIGTERM", res
+  assert 3 <= res[0]["final"] < 400, res
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / str(res[0]["final"]))

@@ -286,6 +286,18 @@ def evaluate(trainer: Trainer, cfg: TrainConfig, params) -> dict[str, float]:
   return metrics
 
 
+def _preemption_service() -> bool:
+  """Whether jax's preemption service runs: several processes under jax.distributed (it is
+  on by default there; `jax_enable_preemption_service`)."""
+  if jax.process_count() == 1:
+    return False
+  try:
+    from jax._src import distributed
+  except ImportError:
+    return False
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
 def check_run_dir(out_dir: str):
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f"run.out_dir: {out_dir!r} is a file, not a directory")
@@ -482,11 +494,18 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
 
   stop = {"signal": None}
   old_handlers = {}
+  # Several processes must stop at one step (the save is a collective), but a scheduler's
+  # SIGTERMs reach them at different steps: jax's preemption service (jax.distributed) takes
+  # SIGTERM and agrees on the step. A SIGINT is handed to it as a SIGTERM.
+  agree = _preemption_service()
 
   def on_signal(signum, frame):
-    stop["signal"] = signum
+    if agree:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      stop["signal"] = signum
 
-  for sig in (signal.SIGTERM, signal.SIGINT):
+  for sig in (signal.SIGINT,) if agree else (signal.SIGTERM, signal.SIGINT):
     try:
       old_handlers[sig] = signal.signal(sig, on_signal)
     except ValueError:  # not the main thread
@@ -612,6 +631,8 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
       drain()
       step += 1
       pending = (step, metrics)
+      if agree and multihost_utils.reached_preemption_sync_point(step):
+        stop["signal"] = signal.SIGTERM  # the step every process stops at
       if prof["on"] and step == prof_last:
         jax.block_until_ready((state, metrics))  # so this step's device work is in the trace
         t_prof = time.perf_counter()
