@@ -142,6 +142,28 @@ def test_each_process_resumes_from_its_own_state():
   assert resume_lib.data_state(one, "auto", WHERE) == (states[1], [])  # this process: 1 of 1
 
 
+def test_processes_reading_other_slices_are_refused_or_restart_the_streams():
+  """Two processes that read one slice (a tensor axis across them) and then two (a mesh
+  without it) walk different streams: the same process count must not hand the old
+  positions over. A record without slices was read by process index."""
+  states = [{"index": 6, "offset": 0}, {"index": 6, "offset": 0}]
+  shared, own = [[0, 1], [0, 1]], [[0, 2], [1, 2]]
+  rec = {"process_count": 2, "per_process": states, "slices": shared}
+  assert resume_lib.data_state(rec, "auto", WHERE, process_index=1, process_count=2,
+                               slices=shared) == (states[1], [])
+  with pytest.raises(CheckpointMismatchError, match=r"reading the data in slices \[\[0, 1\], "
+                     r"\[0, 1\]\] .*this run's mesh has them read \[\[0, 2\], \[1, 2\]\]"):
+    resume_lib.data_state(rec, "auto", WHERE, process_index=1, process_count=2, slices=own)
+  got, notes = resume_lib.data_state(rec, "override", WHERE, process_index=1, process_count=2,
+                                     slices=own)
+  assert got is None and "restarts from the start of its slice" in notes[0], notes
+  old = {"process_count": 2, "per_process": states}
+  assert resume_lib.data_state(old, "auto", WHERE, process_index=1, process_count=2,
+                               slices=own) == (states[1], [])
+  with pytest.raises(CheckpointMismatchError):
+    resume_lib.data_state(old, "auto", WHERE, process_index=1, process_count=2, slices=shared)
+
+
 def test_an_older_checkpoint_resumes_every_process_from_its_one_state():
   old = {"index": 6, "offset": 0}  # a bare iterator state, as older versions saved
   assert resume_lib.data_state(old, "auto", WHERE, process_index=0, process_count=1) == \
@@ -311,6 +333,7 @@ def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
   with open(os.path.join(root, "part", "checkpoints", "3", "data", "metadata")) as f:
     record = json.load(f)
   assert record.pop("data_id")  # the identity of the shards the positions index
+  assert record.pop("slices") == [[0, 2], [1, 2]]  # mesh data = 2: a slice each
   assert record == {"process_count": 2, "per_process": [a["at_stop"], b["at_stop"]]}
   # the fresh runs restored nothing; the resumed one each process's own state
   assert a["restored"] == [a["at_stop"]] and b["restored"] == [b["at_stop"]], (a, b)

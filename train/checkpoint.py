@@ -140,10 +140,12 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state, data_state: dict, config: dict,
-           data_id: str | None = None):
+           data_id: str | None = None, slices: list | None = None):
     """Save asynchronously after checking that every state array is finite. data_state: this
     process's data iterator state; every process calls save (the states are gathered).
-    data_id: the identity of the data those states index (`train.data.shards_identity`)."""
+    data_id: the identity of the data those states index (`train.data.shards_identity`);
+    slices: each process's [data index, data count] (`Trainer.data_slices`), which slice of
+    the data stream its state walks."""
     fp = fingerprint(state)
     if fp["nonfinite"]:
       raise NonFiniteStateError(
@@ -151,6 +153,8 @@ class Checkpointer:
     data = gather_data_states(data_state)  # JsonSave writes on the primary process only
     if data_id is not None:
       data["data_id"] = data_id
+    if slices is not None:
+      data["slices"] = slices
     self.check_saves()  # the previous save's failure, named as such, before this one starts
     self._issued.append(step)
     try:

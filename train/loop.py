@@ -416,7 +416,8 @@ def _resume_or_init(cfg: TrainConfig, cfg_dict: dict, trainer: Trainer, ckpt: Ch
             f"run.steps: {rc.steps} is before the checkpoint's step {step} ({where}); nothing "
             f"to train: raise run.steps to train further, or use a new run.out_dir")
       notes[:] = resume_lib.check(stored, cfg_dict, rc.resume, where)
-      data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where, data_id=data_id)]
+      data_choice[:] = [resume_lib.data_state(data_record, rc.resume, where, data_id=data_id,
+                                              slices=trainer.data_slices)]
 
     restored = ckpt.restore_latest(trainer.abstract_state_with_shardings(), check)
   if restored is None:
@@ -577,7 +578,8 @@ def _train(cfg: TrainConfig, mesh, stop_after: int | None, log, t_enter: float
     nonlocal last_saved
     try:
       # this process's data position; save gathers every process's (a collective)
-      ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict, data_id=data_id)
+      ckpt.save(step_no, state, data_lib.iterator_state(it), cfg_dict, data_id=data_id,
+                slices=trainer.data_slices)
     except NonFiniteStateError as e:
       raise NonFiniteLossError(f"{e}: {last_good()}") from None
     last_saved = step_no

@@ -87,12 +87,14 @@ def check(stored: dict, current: dict, mode: str, where: str) -> list[str]:
 
 
 def data_state(record: dict, mode: str, where: str, *, process_index: int | None = None,
-               process_count: int | None = None,
-               data_id: str | None = None) -> tuple[dict | None, list[str]]:
+               process_count: int | None = None, data_id: str | None = None,
+               slices: list | None = None) -> tuple[dict | None, list[str]]:
   """(this process's data iterator state, or None for a fresh stream; notes to print) from a
   checkpoint's data record (train/checkpoint.py `gather_data_states`). Raise
   CheckpointMismatchError for a record of other data (`data_id`: the identity of the data
-  at data.path now) or another process count unless mode is override."""
+  at data.path now), another process count, or processes reading other slices of the data
+  (`slices`: each process's [data index, data count] now, `Trainer.data_slices`; a record
+  without them read by process index) unless mode is override."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   stored_id = record.get("data_id")
@@ -111,11 +113,19 @@ def data_state(record: dict, mode: str, where: str, *, process_index: int | None
                     f"an older version); all {pc} processes continue from it, as older "
                     f"versions did, so processes other than 0 may skip or repeat some data"]
   states = record["per_process"]
-  if len(states) == pc:
+  stored = record.get("slices", [[i, len(states)] for i in range(len(states))])
+  now = [[i, pc] for i in range(pc)] if slices is None else [list(x) for x in slices]
+  if len(states) == pc and stored == now:
     return states[pi], []
-  why = (f"checkpoint {where} was written by {len(states)} processes, this run has {pc}: "
-         f"each process's slice of the data depends on the process count, so the data "
-         f"streams cannot continue")
+  if len(states) == pc:
+    why = (f"checkpoint {where} was written by processes reading the data in slices "
+           f"{stored} ([index, count] per process), this run's mesh has them read {now} "
+           f"(which processes share batch shards changed), so the data streams cannot "
+           f"continue")
+  else:
+    why = (f"checkpoint {where} was written by {len(states)} processes, this run has {pc}: "
+           f"each process's slice of the data depends on the process count, so the data "
+           f"streams cannot continue")
   if mode != "override":
     raise CheckpointMismatchError(
         f"{why}; to resume anyway with every process's data stream restarted from the start "
