@@ -108,6 +108,23 @@ def _static_ranges(ranges, st: _Static, n):
   return jnp.asarray(r[:, 0]), jnp.asarray(count), int(count.max(initial=0))
 
 
+def _varying(x) -> frozenset:
+  mat = getattr(x if hasattr(x, "manual_axis_type") else jax.typeof(x), "manual_axis_type", None)
+  return getattr(mat, "varying", frozenset())
+
+
+def _vary_as(step, init):
+  """init with each leaf marked varying over the manual mesh axes that `step(init)`'s leaf
+  varies over. Inside `jax.shard_map` (check_vma) a loop's carry must keep its type, and a
+  carry built from constants (zeros, -inf) is invariant while the step's output, made from
+  the sharded q, k, v, is not; elsewhere nothing varies and init comes back as it is."""
+  out = jax.eval_shape(step, init)
+  def cast(x, o):
+    missing = tuple(sorted(_varying(o) - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(cast, init, out)
+
+
 def _skip_loop(body, lo, count, max_count, init):
   """body(lo + i, carry) for i < count, as a loop of `max_count` steps.
 
@@ -115,6 +132,7 @@ def _skip_loop(body, lo, count, max_count, init):
   reverse mode and transposable (see `_streaming_jvp`); steps past `count` are skipped.
   Each step is rematerialised, so a transposed loop keeps no per-step [bq, bk] values.
   """
+  init = _vary_as(lambda c: body(lo, c), init)
   step = jax.checkpoint(lambda i, carry: jax.lax.cond(
       i < count, lambda c: body(lo + i, c), lambda c: c, carry), prevent_cse=False)
   return jax.lax.fori_loop(0, max_count, step, init)
@@ -292,7 +310,8 @@ def _backward(st: _Static, res, do):
   q_lo, q_count, max_count = _static_ranges(_q_range, st, st.nk)
 
   dr0 = jnp.zeros_like(q) if st.has_rho else jnp.zeros((), q.dtype)
-  (dq_u, dr), (dk, dv) = jax.lax.scan(kv_block, (jnp.zeros_like(q), dr0), jnp.arange(st.nk))
+  init = _vary_as(lambda c: kv_block(c, 0)[0], (jnp.zeros_like(q), dr0))
+  (dq_u, dr), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(st.nk))
   b, nkv = k.shape[:2]
   dk = jnp.moveaxis(dk, 0, 2).reshape(b, nkv, st.nk * st.bk, k.shape[-1])
   dv = jnp.moveaxis(dv, 0, 2).reshape(b, nkv, st.nk * st.bk, v.shape[-1])
@@ -325,13 +344,13 @@ def _streaming_jvp(st, primals, tangents):
   zero = lambda x: x is None or isinstance(x, jax.custom_derivatives.SymbolicZero)
   live = [i for i, x in enumerate(tangents[:5]) if not zero(x)]
   if not live:
-    return o, jnp.zeros_like(o)
+    return o, _vary_as(lambda _: o, jnp.zeros_like(o))
 
   def bwd(do):  # the cotangents of the inputs whose tangents are not zero
     grads = _backward(st, res, do)
     return tuple(grads[i] for i in live)
 
-  tangent_map = jax.linear_transpose(bwd, jax.ShapeDtypeStruct(o.shape, o.dtype))
+  tangent_map = jax.linear_transpose(bwd, o)  # o: its type, varying axes under shard_map
   (do,) = tangent_map(tuple(tangents[i] for i in live))
   return o, do
 

@@ -52,7 +52,8 @@ def test_grad_accum_must_split_each_process_rows(monkeypatch):
   mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
   check_batch(cfg, mesh)
   from train import loop
-  monkeypatch.setattr(loop, "batch_groups", lambda mesh: (0, 2))  # 2 processes, own rows each
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(loop, "batch_groups", lambda mesh: (0, 2))  # both read their own rows
   with pytest.raises(ValueError, match=r"^data.grad_accum: 2 does not split the 3 rows of each "
                      r"of 2 processes reading distinct rows"):
     check_batch(cfg, mesh)

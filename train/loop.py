@@ -322,7 +322,8 @@ def warn_if_disk_short(directory: str, state, keep: int, log):
 def check_batch(cfg: TrainConfig, mesh):
   """The batch splits over processes and over the data x fsdp devices."""
   d = cfg.data
-  _, pc = batch_groups(mesh)  # the processes reading distinct rows
+  # the processes reading distinct rows
+  pc = batch_groups(mesh)[1] if jax.process_count() > 1 else 1
   if d.global_batch_size % pc:
     raise ValueError(f"data.global_batch_size: {d.global_batch_size} does not split over "
                      f"the {pc} processes that read distinct rows")
