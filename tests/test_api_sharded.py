@@ -1,6 +1,6 @@
 """The family functions inside `jax.shard_map` (batch and heads split over a 4 x 2 mesh of
 simulated CPU devices, default `check_vma`) equal the unsharded call, gradients included
-(the streaming members; xla, moments and the solve probe's paths passed as they were).
+(the streaming members; the xla and moments paths and the solve probe passed as they were).
 
 The chunked implementation's loop carries start from constants (zeros, -inf), which
 shard_map's type check holds invariant while each step's output varies over the mesh: every
@@ -43,6 +43,8 @@ for name, impl in CASES:
       return pj.parallax_attention(q, k, v, r, **kw)
     if name == "linear":
       return pj.linear_attention(q, k, v, **kw)
+    if name == "lla":  # the solve probe: dense formulas a query block at a time
+      return pj.lla_attention(q, k, v, ridge=0.1, **kw)
     return pj.softmax_attention(q, k, v, **kw)
   sharded = jax.shard_map(attn, mesh=mesh, in_specs=(spec,) * 4 + (P("data", None),),
                           out_specs=spec)
@@ -59,7 +61,7 @@ print("RESULT" + json.dumps(res))
 
 @pytest.mark.parametrize("cases", [
     "parallax/chunked",
-    pytest.param("softmax/chunked,linear/chunked,parallax/xla,parallax/moments",
+    pytest.param("softmax/chunked,linear/chunked,lla/chunked,parallax/xla,parallax/moments",
                  marks=pytest.mark.slow)])
 def test_family_inside_shard_map_equals_unsharded(cases):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -71,5 +73,5 @@ def test_family_inside_shard_map_equals_unsharded(cases):
   assert p.returncode == 0, p.stderr[-3000:]
   res = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
   assert sorted(res) == sorted(cases.split(",")), res
-  for case, errs in res.items():
-    assert len(errs) >= 4 and max(errs) < 1e-5, (case, errs)
+  for case, errs in res.items():  # the solve's float32 conditioning: reduction order shows
+    assert len(errs) >= 3 and max(errs) < (1e-3 if case.startswith("lla") else 1e-5), (case, errs)
