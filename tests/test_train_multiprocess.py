@@ -354,20 +354,21 @@ def test_two_processes_resume_their_own_data_streams(tmp_path, compile_cache):
 
 
 # One process of a run whose tensor axis spans the two processes (one device each): argv =
-# process id, coordinator port, shards, run dir.
+# process id, coordinator port, shards, run dir, run overrides (JSON). Prints every line.
 TENSOR_SCRIPT = textwrap.dedent(r"""
 import json, sys
 import jax
-pid, port, shards, out = int(sys.argv[1]), *sys.argv[2:5]
+pid, port, shards, out, run = int(sys.argv[1]), *sys.argv[2:5], json.loads(sys.argv[5])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=pid, initialization_timeout=120)
 from tests.test_train_multiprocess import tensor_config
 from train.loop import train
 try:
-  r = train(tensor_config(shards, out, tensor=2), log=lambda s: None)
+  r = train(tensor_config(shards, out, tensor=2, **run), log=lambda s: print(s, flush=True))
   print("RESULT" + json.dumps({"losses": {str(k): v for k, v in r["losses"].items()},
-                               "samples": r["samples"]}), flush=True)
+                               "samples": r["samples"], "final": r["final_step"],
+                               "stopped_by": r["stopped_by"]}), flush=True)
 except BaseException:  # exit now: a normal exit would wait for the other process forever
   import os, traceback
   traceback.print_exc()
@@ -402,7 +403,7 @@ def test_a_tensor_axis_across_processes_reads_one_batch(tmp_path):
   from train.prepare import prepare
   shards = str(tmp_path / "shards")  # with a tokenizer: the run ends with samples
   prepare(shards, None, vocab_size=320, max_mb=0.15, val_fraction=0.1, quiet=True)
-  res = _two_processes(tmp_path, TENSOR_SCRIPT, shards, str(tmp_path / "two"))
+  res = _two_processes(tmp_path, TENSOR_SCRIPT, shards, str(tmp_path / "two"), "{}")
   one = train(tensor_config(shards, str(tmp_path / "one"), tensor=1), log=lambda s: None)
   ref = {str(k): v for k, v in one["losses"].items()}
   got = res[0]["losses"]
@@ -411,29 +412,6 @@ def test_a_tensor_axis_across_processes_reads_one_batch(tmp_path):
     assert abs(got[k] - ref[k]) <= 1e-4 * abs(ref[k]), (k, got, ref)
   # the end's samples: parameters split over both processes are gathered for process 0
   assert len(res[0]["samples"]) == 1 and res[1]["samples"] == [], res
-
-
-# One process of a run that one SIGTERM reaches: argv = process id, port, shards, run dir.
-TERM_SCRIPT = textwrap.dedent(r"""
-import json, sys
-import jax
-pid, port, shards, out = int(sys.argv[1]), *sys.argv[2:5]
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                           process_id=pid, initialization_timeout=120)
-from tests.test_train_multiprocess import tensor_config
-from train.loop import train
-try:
-  r = train(tensor_config(shards, out, tensor=2, steps=400, eval_every=0, sample_lines=0),
-            log=lambda s: print(s, flush=True))
-  print("RESULT" + json.dumps({"final": r["final_step"], "stopped_by": r["stopped_by"]}),
-        flush=True)
-except BaseException:  # exit now: a normal exit would wait for the other process forever
-  import os, traceback
-  traceback.print_exc()
-  sys.stdout.flush(); sys.stderr.flush()
-  os._exit(1)
-""")
 
 
 @pytest.mark.slow
@@ -455,7 +433,9 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path, sig):
       procs[1].send_signal(getattr(signal, sig))
       sent.append(True)
 
-  res = _two_processes(tmp_path, TERM_SCRIPT, shards, str(tmp_path / "run"), poke=poke)
+  run = json.dumps(dict(steps=400, eval_every=0, sample_lines=0))
+  res = _two_processes(tmp_path, TENSOR_SCRIPT, shards, str(tmp_path / "run"), run, poke=poke)
+  res = [{k: r[k] for k in ("final", "stopped_by")} for r in res]
   assert sent and res[0] == res[1] and res[0]["stopped_by"] == "SIGTERM", res
   assert 3 <= res[0]["final"] < 400, res
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / str(res[0]["final"]))
