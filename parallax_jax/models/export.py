@@ -18,8 +18,8 @@ Both write config.json + model.safetensors (numpy writer, no torch needed), copy
 tokenizer.json (a note when none is found), and set eos_token_id from the run's data (a note
 when there is none), then print the output directory. The files are written beside --out and
 renamed into place last, so a failed or interrupted export leaves no --out (what a killed
-one leaves, a hidden `.<out>.partial-<pid>-*` beside it, the next export of --out removes). Approximations are
-printed to stderr as notes. What the format cannot represent, a bad checkpoint or bad
+one leaves, a hidden `.<out>.partial-<pid>-*` beside it, the next export of --out removes).
+Approximations are printed to stderr as notes. What the format cannot represent, a bad checkpoint or bad
 arguments exit with status 2 and one line on stderr, `parallax-export: error: <message>`.
 """
 from __future__ import annotations
