@@ -103,18 +103,17 @@ def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
 
 
-def batch_groups(mesh: Mesh, process_of=None, me: int | None = None) -> tuple[int, int]:
-  """(this process's data index, data count): which slice of the data stream this process
-  reads (`data.make_dataset(process_index=, process_count=)`), and how many slices there are.
+def batch_slices(mesh: Mesh, process_of=None) -> dict[int, tuple[int, int]]:
+  """{process: (data index, data count)}: which slice of the data stream each process reads
+  (`data.make_dataset(process_index=, process_count=)`), and how many slices there are.
 
   The batch is split over data x fsdp, so processes whose devices hold the same batch shards
   (a tensor axis across processes: one process per GPU with mesh.tensor > 1, or tensor wider
   than a host) must read the SAME rows, and the others different ones; reading by process
   index fed such devices different data as one replicated array, silently. A layout where
   processes hold overlapping but different shard sets cannot be fed: a ValueError.
-  process_of(device) -> process and `me` are for tests (default: the devices' processes)."""
+  process_of(device) -> process is for tests (default: the devices' processes)."""
   process_of = process_of or (lambda d: d.process_index)
-  me = jax.process_index() if me is None else me
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   held: dict[int, set[int]] = {}
   for d, idx in batch_sharding(mesh, 1).devices_indices_map((shards,)).items():
@@ -126,7 +125,12 @@ def batch_groups(mesh: Mesh, process_of=None, me: int | None = None) -> tuple[in
                      f"fsdp = {shards}) {where}: sets that overlap or differ in size cannot be "
                      f"fed one data slice each; order the devices or axes so each process "
                      f"holds whole shards")
-  return groups.index(frozenset(held[me])), len(groups)
+  return {p: (groups.index(frozenset(v)), len(groups)) for p, v in held.items()}
+
+
+def batch_groups(mesh: Mesh, process_of=None, me: int | None = None) -> tuple[int, int]:
+  """This process's (data index, data count) of `batch_slices` (`me`: another process)."""
+  return batch_slices(mesh, process_of)[jax.process_index() if me is None else me]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -112,10 +112,10 @@ class Trainer:
                            "opt_state": opt_abstract}
     # which slice of the data this process reads: processes holding the same batch shards
     # (a tensor axis across processes) read the same rows
-    self.data_index, self.data_count = mesh_lib.batch_groups(mesh)
-    # every process's (index, count), recorded with the data states a checkpoint holds
-    self.data_slices = [list(mesh_lib.batch_groups(mesh, me=p))
-                        for p in range(jax.process_count())]
+    slices = mesh_lib.batch_slices(mesh)
+    self.data_index, self.data_count = slices[jax.process_index()]
+    # every process's [index, count], recorded with the data states a checkpoint holds
+    self.data_slices = [list(slices[p]) for p in range(jax.process_count())]
     self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
     self.flat_batch_shardings = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     self._train_step = jax.jit(self._train_step_impl,
