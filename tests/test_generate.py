@@ -310,21 +310,31 @@ def test_prefill_and_decode_step_refuse_bad_input():
 
 
 def test_a_next_turn_continues_the_cache_generate_returns():
-  """prefill on generate's cache (lengths set as GenerateOutput says) equals the whole
-  conversation run from scratch; it used to write the new turn over slots [0, T)."""
+  """generate's cache holds each prompt and its tokens up to the eos, and a next turn through
+  prefill or generate(cache=...) equals the whole conversation run from scratch (prefill
+  used to write the new turn over slots [0, T); the cache lacked the last token)."""
   cfg = small(r_norm=True)
-  params = rand_params(cfg, 5)
+  params = rand_params(cfg, 6)
   prompts, plen = np.array([[5, 7, 9, 0], [1, 2, 3, 4]]), np.array([3, 4])
-  out = generate(cfg, params, prompts, plen, max_new_tokens=3, cache_len=12)
-  toks = np.asarray(out.tokens)
-  cache = out.cache.replace(lengths=jnp.asarray(plen + np.asarray(out.lengths) - 1))
-  turn = np.concatenate([toks[:, -1:], [[11, 12], [13, 14]]], axis=1)  # last token + new text
-  last, cache = prefill(cfg, params, jnp.asarray(turn), None, cache)
+  eos = 26  # greedy: row 0 says [36, 26, ...] and stops there, row 1 [17, 14, 30]
+  out = generate(cfg, params, prompts, plen, max_new_tokens=3, eos_id=eos, cache_len=16)
+  toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
+  assert n.tolist() == [2, 3] and int(toks[1, :2].tolist().count(eos)) == 0, (toks, eos)
+  np.testing.assert_array_equal(out.cache.lengths, plen + n)
+  said = [np.concatenate([prompts[i, :plen[i]], toks[i, :n[i]]]) for i in range(2)]
+  turn = np.array([[11, 12], [13, 14]])
+  last, _ = prefill(cfg, params, jnp.asarray(turn), None, out.cache)
+  nxt = generate(cfg, params, turn, None, max_new_tokens=2, cache=out.cache)
   for i in range(2):
-    conv = np.concatenate([prompts[i, :plen[i]], toks[i], turn[i, 1:]])
+    conv = np.concatenate([said[i], turn[i]])
     np.testing.assert_allclose(last[i], forward(cfg, params, jnp.asarray(conv[None]))[0, -1],
                                rtol=1e-5, atol=1e-5)
-    assert int(cache.lengths[i]) == len(conv)
+    ref = generate(cfg, params, conv[None], None, max_new_tokens=2)
+    np.testing.assert_array_equal(nxt.tokens[i], ref.tokens[0])
+  np.testing.assert_array_equal(nxt.cache.lengths, [len(c) + 4 for c in said])
+  with pytest.raises(ValueError, match=r"cache_len 16 < cache.lengths 7 \+ prompt length 2 "
+                                       r"\+ max_new_tokens 8"):
+    generate(cfg, params, turn, None, max_new_tokens=8, cache=out.cache)
 
 
 @pytest.mark.parametrize("pad_id", [-1, pytest.param(V + 5, marks=pytest.mark.slow)])

@@ -186,20 +186,24 @@ def sample_logits(rng, logits: Array, *, temperature: float = 1.0, top_p: float 
 class GenerateOutput:
   tokens: Array   # [B, max_new_tokens] int32, pad_id after a sequence's eos
   lengths: Array  # [B] number of generated tokens (including the eos)
-  # The KVCache after the loop: each prompt and every generated token but the last, whose k, v
-  # no step wrote. Its lengths count tokens decoded past an eos too; to continue a sequence
-  # (a next turn), `cache.replace(lengths=prompt_lengths + lengths - 1)` keeps what it said,
-  # and `prefill` of its last token followed by the new text goes on from there.
+  # The KVCache after generation: what it held before (generate(cache=...)), each prompt and
+  # its generated tokens up to and including the eos; lengths count exactly those (slots
+  # past them hold what a finished sequence decoded after its eos, never attended to). Pass
+  # it as generate(..., cache=out.cache) or to `prefill` to continue (a next turn).
   cache: Any = None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len",
                                              "temperature", "top_p", "top_k", "eos_id", "pad_id"))
-def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, cache_len,
-              temperature, top_p, top_k, eos_id, pad_id):
+def _generate(params, prompts, prompt_lengths, rng, cache, *, config, max_new_tokens,
+              cache_len, temperature, top_p, top_k, eos_id, pad_id):
   b = prompts.shape[0]
-  cache = KVCache.init(config, b, cache_len)
-  logits, cache = prefill(config, params, prompts, prompt_lengths, cache, empty=True)
+  if cache is None:
+    cache = KVCache.init(config, b, cache_len)
+    logits, cache = prefill(config, params, prompts, prompt_lengths, cache, empty=True)
+  else:  # a next turn: the prompts continue what the cache holds
+    logits, cache = prefill(config, params, prompts, prompt_lengths, cache, empty=False)
+  held = cache.lengths  # each sequence's tokens before the first generated one
   sample = functools.partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k)
   rngs = jax.random.split(rng, max_new_tokens)
 
@@ -221,9 +225,12 @@ def _generate(params, prompts, prompt_lengths, rng, *, config, max_new_tokens, c
     out, new_done = finish(tok, done)
     return (tok, new_done, count + (~done).astype(jnp.int32), cache), out
 
-  (_, _, count, cache), rest = jax.lax.scan(step, (tok, done, count, cache), rngs[1:])
+  (tok, _, count, cache), rest = jax.lax.scan(step, (tok, done, count, cache), rngs[1:])
   tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-  return GenerateOutput(tokens=tokens, lengths=count, cache=cache)
+  # the last token's k, v too, so the cache holds each sequence up to its eos (or its last
+  # token) and lengths say exactly that: the next turn continues it as it is
+  _, cache = decode_step(config, params, tok, cache)
+  return GenerateOutput(tokens=tokens, lengths=count, cache=cache.replace(lengths=held + count))
 
 
 def _eos_ids(eos_id) -> tuple[int, ...] | None:
@@ -242,15 +249,18 @@ def _eos_ids(eos_id) -> tuple[int, ...] | None:
 def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: int,
              rng=None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              eos_id: int | list[int] | None = None, pad_id: int = 0,
-             cache_len: int | None = None) -> GenerateOutput:
+             cache_len: int | None = None, cache: KVCache | None = None) -> GenerateOutput:
   """Generate `max_new_tokens` per sequence after right-padded `prompts` [B, T].
 
   prompt_lengths [B] (default: all T) gives each prompt's true length, in [1, T]. Every id of
   `prompts`, the padding included, must be in [0, vocab_size), and the longest prompt plus
   `max_new_tokens` must fit in `max_seq_len`. temperature 0 is greedy. A sequence stops at
   `eos_id` (an int or a list of ints; later tokens are `pad_id`, any int). The cache holds
-  `cache_len` (default T + max_new_tokens) slots. Returns GenerateOutput(tokens, lengths, cache).
-  Bad input raises a one-line ValueError (checked eagerly, before anything is compiled).
+  `cache_len` (default T + max_new_tokens) slots. `cache` (a GenerateOutput's, or one `prefill`
+  filled) makes the prompts a next turn: each continues its sequence there (cache_len is then
+  the cache's; cache.lengths + T + max_new_tokens must fit it and max_seq_len). Returns
+  GenerateOutput(tokens, lengths, cache). Bad input raises a one-line ValueError (checked
+  eagerly, before anything is compiled).
   """
   cfg = _config(config)
   if not hasattr(prompts, "dtype"):
@@ -264,9 +274,22 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   _check_sampling(temperature, top_p, top_k)
   eos_id = _eos_ids(eos_id)
+  start = 0
+  if cache is not None:
+    _check_cache("generate", cfg, cache)
+    if cache.k.shape[1] != b:
+      raise ValueError(f"generate: prompts have batch {b}, the cache {cache.k.shape[1]}")
+    if cache_len is not None and cache_len != cache.max_len:
+      raise ValueError(f"generate: cache_len {cache_len} but the cache given has "
+                       f"{cache.max_len} slots")
+    cache_len = cache.max_len
+    held = _values(cache.lengths)
+    start = 0 if held is None or not held.size else int(held.max())
   cache_len = t + max_new_tokens if cache_len is None else cache_len
-  if cache_len < t + max_new_tokens - 1:
-    raise ValueError(f"cache_len {cache_len} < prompt length {t} + max_new_tokens - 1")
+  if cache_len < start + t + max_new_tokens:
+    raise ValueError(f"cache_len {cache_len} < "
+                     + (f"cache.lengths {start} + " if cache is not None else "")
+                     + f"prompt length {t} + max_new_tokens {max_new_tokens}")
   if prompt_lengths is None:
     prompt_lengths = np.full((b,), t, np.int32)
   elif not hasattr(prompt_lengths, "dtype"):
@@ -274,16 +297,18 @@ def generate(config, params, prompts, prompt_lengths=None, *, max_new_tokens: in
   _check_lengths("generate", "prompt_lengths", prompt_lengths, b, t)
   longest = _values(prompt_lengths)
   longest = t if longest is None else int(longest.max())
-  if longest + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} = "
-                     f"{longest + max_new_tokens} exceeds max_seq_len {cfg.max_seq_len}")
+  if start + longest + max_new_tokens > cfg.max_seq_len:
+    before = f"cache.lengths {start} + " if start else ""
+    raise ValueError(f"generate: {before}prompt length {longest} + max_new_tokens "
+                     f"{max_new_tokens} = {start + longest + max_new_tokens} exceeds "
+                     f"max_seq_len {cfg.max_seq_len}")
   prompts = jnp.asarray(prompts, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
   if rng is None:
     if temperature > 0:
       raise ValueError("sampling with temperature > 0 needs rng")
     rng = jax.random.key(0)
-  return _generate(params, prompts, prompt_lengths, rng, config=cfg,
+  return _generate(params, prompts, prompt_lengths, rng, cache, config=cfg,
                    max_new_tokens=int(max_new_tokens), cache_len=int(cache_len),
                    temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                    eos_id=eos_id, pad_id=int(pad_id))
