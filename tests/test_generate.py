@@ -311,8 +311,9 @@ def test_prefill_and_decode_step_refuse_bad_input():
 
 def test_a_next_turn_continues_the_cache_generate_returns():
   """generate's cache holds each prompt and its tokens up to the eos, and a next turn through
-  prefill or generate(cache=...) equals the whole conversation run from scratch (prefill
-  used to write the new turn over slots [0, T); the cache lacked the last token)."""
+  generate(cache=...) (prefill into the held cache, then decoding) equals generating from
+  the whole conversation (prefill used to write the new turn over slots [0, T); the cache
+  lacked the last token)."""
   cfg = small(r_norm=True)
   params = rand_params(cfg, 6)
   prompts, plen = np.array([[5, 7, 9, 0], [1, 2, 3, 4]]), np.array([3, 4])
@@ -323,14 +324,14 @@ def test_a_next_turn_continues_the_cache_generate_returns():
   np.testing.assert_array_equal(out.cache.lengths, plen + n)
   said = [np.concatenate([prompts[i, :plen[i]], toks[i, :n[i]]]) for i in range(2)]
   turn = np.array([[11, 12], [13, 14]])
-  last, _ = prefill(cfg, params, jnp.asarray(turn), None, out.cache)
-  nxt = generate(cfg, params, turn, None, max_new_tokens=2, cache=out.cache)
-  for i in range(2):
-    conv = np.concatenate([said[i], turn[i]])
-    np.testing.assert_allclose(last[i], forward(cfg, params, jnp.asarray(conv[None]))[0, -1],
-                               rtol=1e-5, atol=1e-5)
-    ref = generate(cfg, params, conv[None], None, max_new_tokens=2)
-    np.testing.assert_array_equal(nxt.tokens[i], ref.tokens[0])
+  nxt = generate(cfg, params, turn, None, max_new_tokens=2, cache=out.cache)  # via prefill
+  convs = [np.concatenate([said[i], turn[i]]) for i in range(2)]
+  ends = np.array([len(c) for c in convs])
+  padded = np.zeros((2, ends.max()), np.int32)  # right-padded, with the true lengths
+  for i, c in enumerate(convs):
+    padded[i, :len(c)] = c
+  ref = generate(cfg, params, padded, ends, max_new_tokens=2)
+  np.testing.assert_array_equal(nxt.tokens, ref.tokens)
   np.testing.assert_array_equal(nxt.cache.lengths, [len(c) + 4 for c in said])
   with pytest.raises(ValueError, match=r"cache_len 16 < cache.lengths 7 \+ prompt length 2 "
                                        r"\+ max_new_tokens 8"):
