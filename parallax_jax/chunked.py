@@ -118,6 +118,8 @@ def _vary_as(step, init):
   varies over. Inside `jax.shard_map` (check_vma) a loop's carry must keep its type, and a
   carry built from constants (zeros, -inf) is invariant while the step's output, made from
   the sharded q, k, v, is not; elsewhere nothing varies and init comes back as it is."""
+  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    return init  # not inside shard_map: no second trace of the step
   out = jax.eval_shape(step, init)
   def cast(x, o):
     missing = tuple(sorted(_varying(o) - _varying(x)))

@@ -260,8 +260,7 @@ class Trainer:
   def eval_step(self, params, batch):
     """`batch`: [B, T] arrays, or [A, B/A, T] (`device_batch(..., accum)`: A micro-batches,
     one at a time, their sums added)."""
-    if batch["inputs"].ndim == 2:
-      batch = {k: v[None] for k, v in batch.items()}
+    batch = _micro_batches(batch)
     with self.context():
       return self._eval_step(params, batch)
 
@@ -335,8 +334,7 @@ class Trainer:
   def diagnostics(self, params, batch):
     """`batch`: [B, T] arrays, or [A, B/A, T] (`device_batch(..., accum)`: A micro-batches,
     one at a time)."""
-    if batch["inputs"].ndim == 2:
-      batch = {k: v[None] for k, v in batch.items()}
+    batch = _micro_batches(batch)
     with self.context():
       return self._diag(params, batch)
 
@@ -355,3 +353,8 @@ class Trainer:
       shape = x.shape[:rows] + (x.shape[rows] * self.data_count,) + x.shape[rows + 1:]
       out[k] = jax.make_array_from_process_local_data(sh, x, shape)
     return out
+
+
+def _micro_batches(batch: dict) -> dict:
+  """[B, T] arrays as one micro-batch [1, B, T]; [A, B/A, T] as they are."""
+  return {k: v[None] for k, v in batch.items()} if batch["inputs"].ndim == 2 else batch

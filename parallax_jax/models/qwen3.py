@@ -167,16 +167,13 @@ class Qwen3Model(nn.Module):
 
 def _empty_cache(cache: KVCache, t: int, prefill: bool | None) -> bool:
   """Whether T tokens go to an empty cache through the prefill path (see Qwen3Model)."""
-  lengths = cache.lengths
-  concrete = not isinstance(lengths, jax.core.Tracer)
-  if prefill and concrete and np.any(np.asarray(lengths) != 0):
+  held = None if isinstance(cache.lengths, jax.core.Tracer) else np.asarray(cache.lengths)
+  if prefill and held is not None and held.any():
     raise ValueError(f"prefill=True on a cache that is not empty: cache.lengths "
-                     f"{np.asarray(lengths).tolist()} (prefill=None continues it)")
-  if prefill is not None:
-    if prefill and t == 1:
-      return False  # one token: the decode step is the same computation
-    return bool(prefill)
-  return t > 1 and concrete and not np.any(np.asarray(lengths) != 0)
+                     f"{held.tolist()} (prefill=None continues it)")
+  if prefill is None:
+    return t > 1 and held is not None and not held.any()
+  return prefill and t > 1  # one token: the decode step is the same computation
 
 
 def _layer_cache(cache: KVCache) -> tuple:
